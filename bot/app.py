@@ -1,0 +1,167 @@
+"""Assembling and running the bot: settings -> database -> tools -> policy -> model -> core ->
+channels -> HTTP server -> sweeper, and shutting it all down in reverse order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from aiohttp import web
+
+from bot.channels import Channel
+from bot.config import Settings
+from bot.context import AppContext
+from bot.core import Core
+from bot.errors import StorageError
+from bot.model import ModelClient
+from bot.policy import Policy
+from bot.sweeper import Sweeper
+from storage.audit import AuditLog
+from storage.engine import Database
+from storage.migrate import upgrade
+from storage.redact import Redactor
+from tools.builtin import builtin_toolsets
+from tools.context import ToolContext
+from tools.registry import ToolRegistry
+
+log = logging.getLogger("chatops")
+
+
+class Adapter(Channel, Protocol):
+    """A channel adapter with a lifecycle (Slack, Feishu). The terminal has its own loop."""
+
+    def routes(self) -> list[web.RouteDef]:
+        """HTTP routes to mount on the shared server (empty when not in HTTP mode)."""
+
+    async def start(self) -> None:
+        """Connect (Socket Mode, long connection) or prepare clients. Called after the server is up."""
+
+    async def stop(self) -> None:
+        """Disconnect and release clients."""
+
+
+def load_policy(settings: Settings) -> Policy:
+    """The policy file when `CHATOPS_POLICY` is set, else the default."""
+    if settings.policy_file is None:
+        return Policy()
+    from bot.policy_file import load_policy_file
+
+    return load_policy_file(settings.policy_file)
+
+
+@dataclass
+class App:
+    """A running bot. `build_app` creates it; `start`/`stop` run it."""
+
+    settings: Settings
+    ctx: AppContext
+    core: Core
+    sweeper: Sweeper
+    adapters: list[Adapter] = field(default_factory=list)
+    closers: list[Callable[[], Any]] = field(default_factory=list)
+    runner: web.AppRunner | None = None
+    _sweep_task: asyncio.Task[None] | None = None
+
+    def add_adapter(self, adapter: Adapter) -> None:
+        self.adapters.append(adapter)
+        self.ctx.channels[adapter.platform] = adapter
+
+    def web_app(self) -> web.Application:
+        application = web.Application(client_max_size=1024 * 1024)
+
+        async def healthz(_: web.Request) -> web.Response:
+            return web.json_response({"ok": True, "replica": self.ctx.replica_id})
+
+        application.router.add_get("/healthz", healthz)
+        for adapter in self.adapters:
+            application.router.add_routes(adapter.routes())
+        return application
+
+    async def start(self, *, serve_http: bool = True) -> None:
+        await self.sweeper.sweep()  # recover what a previous process left behind
+        if serve_http:
+            self.runner = web.AppRunner(self.web_app(), access_log=None)
+            await self.runner.setup()
+            site = web.TCPSite(self.runner, self.settings.host, self.settings.port)
+            await site.start()
+            log.info("listening on http://%s:%s", self.settings.host, self.port)
+        for adapter in self.adapters:
+            await adapter.start()
+        self._sweep_task = asyncio.create_task(self.sweeper.run_forever(), name="sweeper")
+
+    @property
+    def port(self) -> int:
+        """The bound port (useful with CHATOPS_PORT=0 in tests)."""
+        if self.runner is None or not self.runner.addresses:
+            return self.settings.port
+        return int(self.runner.addresses[0][1])
+
+    async def stop(self) -> None:
+        self.sweeper.stop()
+        if self._sweep_task is not None:
+            await self._sweep_task
+        for adapter in reversed(self.adapters):
+            await adapter.stop()
+        await self.ctx.tasks.drain(timeout=10)
+        if self.runner is not None:
+            await self.runner.cleanup()
+        try:
+            await self.sweeper.leave()
+        except Exception:  # noqa: BLE001 - best effort on the way out
+            log.warning("could not deregister this replica")
+        for close in reversed(self.closers):
+            result = close()
+            if asyncio.iscoroutine(result):
+                await result
+        await self.ctx.model.close()
+        await self.ctx.db.dispose()
+
+
+async def build_app(settings: Settings, *, migrate: bool = True, services: dict[str, Any] | None = None) -> App:
+    """Wire every component from settings. Raises ChatopsError subclasses with clear messages."""
+    redactor = Redactor(settings.secret_values())
+    if migrate:
+        try:
+            await asyncio.to_thread(upgrade, settings.database_url)
+        except Exception as exc:  # noqa: BLE001 - reported to the operator in one line
+            raise StorageError(f"DATABASE_URL: cannot open or migrate the database ({redactor.redact_text(str(exc).splitlines()[0])})") from None
+    db = Database(settings.database_url)
+    registry = ToolRegistry()
+    for toolset in builtin_toolsets(settings):
+        for spec in toolset.specs:
+            registry.add(spec)
+    closers: list[Callable[[], Any]] = []
+    tool_problems: dict[str, str] = {}
+    if settings.mcp_config is not None:
+        from tools.mcp.manager import McpManager
+
+        manager = McpManager.from_file(settings.mcp_config)
+        for spec in await manager.start():
+            registry.add(spec)
+        tool_problems.update(manager.problems)
+        closers.append(manager.close)
+    model = ModelClient(
+        model=settings.model or "unset",
+        api_key=settings.openai_api_key.get_secret_value() if settings.openai_api_key else None,
+        base_url=settings.openai_base_url,
+        timeout=settings.model_timeout,
+        retries=settings.model_retries,
+        redactor=redactor,
+    )
+    ctx = AppContext(
+        settings=settings,
+        db=db,
+        audit=AuditLog(redactor),
+        redactor=redactor,
+        registry=registry,
+        policy=load_policy(settings),
+        model=model,
+        tool_context=ToolContext(settings=settings, db=db, services=dict(services or {})),
+        tool_problems=tool_problems,
+    )
+    core = Core(ctx)
+    return App(settings=settings, ctx=ctx, core=core, sweeper=Sweeper(core), closers=closers)

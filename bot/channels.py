@@ -1,0 +1,67 @@
+"""The contract between the core and the channel adapters (Slack, Feishu, terminal).
+
+The core only speaks in `Thread`, `CardView` and plain text; each adapter renders them in its
+own platform's terms. Nothing here imports a platform SDK.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Protocol
+
+from bot.events import Thread
+
+
+@dataclass(frozen=True)
+class CardField:
+    """One argument of the frozen call, already cut to a safe length by the card builder."""
+
+    label: str
+    value: str
+
+
+@dataclass(frozen=True)
+class CardView:
+    """An approval card, platform-neutral, built by code from the stored approval."""
+
+    approval_id: str
+    tool: str
+    summary: str
+    fields: tuple[CardField, ...]
+    requester: str
+    requester_id: str
+    expires_at: datetime
+    status: str
+    rule: str
+    warnings: tuple[str, ...] = ()
+    preview: tuple[str, ...] = ()
+    decided_by: str | None = None
+    decided_by_id: str | None = None
+    decided_at: datetime | None = None
+    reason: str | None = None
+    outcome: str | None = None
+    votes: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def actionable(self) -> bool:
+        """Buttons are shown only while the approval is pending."""
+        return self.status == "pending"
+
+
+class Channel(Protocol):
+    """What the core needs from a platform adapter. All methods are safe to retry-free call once."""
+
+    platform: str
+
+    async def post_reply(self, thread: Thread, text: str) -> None:
+        """Post the bot's answer (or a notice) in the thread."""
+
+    async def show_working(self, thread: Thread) -> None:
+        """Show at once that the bot is on it (a reaction or a status message)."""
+
+    async def post_card(self, thread: Thread, card: CardView) -> str | None:
+        """Post an approval card in the thread; returns the platform message id."""
+
+    async def update_card(self, thread: Thread, message_id: str, card: CardView) -> None:
+        """Replace a posted card in place (buttons gone once decided)."""

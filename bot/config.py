@@ -1,0 +1,143 @@
+"""Configuration: every variable the bot reads, validated once at start-up.
+
+Values come from the environment and from a `.env` file (python-dotenv); a real environment
+variable always wins. A bad value stops start-up with one line naming the variable.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from dotenv import dotenv_values
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+
+from bot.errors import ConfigError
+
+
+class Settings(BaseModel):
+    """All settings. Field aliases are the environment variable names."""
+
+    model_config = ConfigDict(populate_by_name=True, extra="ignore", frozen=True)
+
+    # The model
+    openai_api_key: SecretStr | None = Field(None, alias="OPENAI_API_KEY")
+    openai_base_url: str | None = Field(None, alias="OPENAI_BASE_URL")
+    model: str | None = Field(None, alias="CHATOPS_MODEL")
+    model_timeout: float = Field(60.0, alias="CHATOPS_MODEL_TIMEOUT", gt=0)
+    model_retries: int = Field(2, alias="CHATOPS_MODEL_RETRIES", ge=0, le=10)
+    system_prompt: str | None = Field(None, alias="CHATOPS_SYSTEM_PROMPT")
+
+    # Core
+    database_url: str = Field("sqlite:///chatops.db", alias="DATABASE_URL")
+    host: str = Field("127.0.0.1", alias="CHATOPS_HOST")
+    port: int = Field(3000, alias="CHATOPS_PORT", ge=0, le=65535)
+    policy_file: Path | None = Field(None, alias="CHATOPS_POLICY")
+    mcp_config: Path | None = Field(None, alias="CHATOPS_MCP_CONFIG")
+    approval_ttl: float = Field(24 * 3600.0, alias="CHATOPS_APPROVAL_TTL", gt=0)
+    max_steps: int = Field(8, alias="CHATOPS_MAX_STEPS", ge=1, le=100)
+    history_limit: int = Field(60, alias="CHATOPS_HISTORY_LIMIT", ge=4)
+    tool_timeout: float = Field(60.0, alias="CHATOPS_TOOL_TIMEOUT", gt=0)
+    sweep_interval: float = Field(5.0, alias="CHATOPS_SWEEP_INTERVAL", gt=0)
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", alias="CHATOPS_LOG_LEVEL")
+
+    # Slack
+    slack_bot_token: SecretStr | None = Field(None, alias="SLACK_BOT_TOKEN")
+    slack_signing_secret: SecretStr | None = Field(None, alias="SLACK_SIGNING_SECRET")
+    slack_app_token: SecretStr | None = Field(None, alias="SLACK_APP_TOKEN")
+    slack_api_url: str = Field("https://slack.com/api/", alias="SLACK_API_URL")
+
+    # Feishu / Lark
+    feishu_app_id: str | None = Field(None, alias="FEISHU_APP_ID")
+    feishu_app_secret: SecretStr | None = Field(None, alias="FEISHU_APP_SECRET")
+    feishu_verification_token: SecretStr | None = Field(None, alias="FEISHU_VERIFICATION_TOKEN")
+    feishu_encrypt_key: SecretStr | None = Field(None, alias="FEISHU_ENCRYPT_KEY")
+    feishu_domain: str = Field("https://open.feishu.cn", alias="FEISHU_DOMAIN")
+    feishu_mode: Literal["ws", "webhook"] = Field("ws", alias="FEISHU_MODE")
+    feishu_webhook_url: str | None = Field(None, alias="FEISHU_WEBHOOK_URL")
+    feishu_webhook_secret: SecretStr | None = Field(None, alias="FEISHU_WEBHOOK_SECRET")
+
+    # E-mail
+    smtp_host: str | None = Field(None, alias="SMTP_HOST")
+    smtp_port: int | None = Field(None, alias="SMTP_PORT", ge=1, le=65535)
+    smtp_username: str | None = Field(None, alias="SMTP_USERNAME")
+    smtp_password: SecretStr | None = Field(None, alias="SMTP_PASSWORD")
+    smtp_from: str | None = Field(None, alias="SMTP_FROM")
+    smtp_security: Literal["starttls", "ssl", "none"] = Field("starttls", alias="SMTP_SECURITY")
+    smtp_timeout: float = Field(30.0, alias="SMTP_TIMEOUT", gt=0)
+    email_allowed_domains: str | None = Field(None, alias="CHATOPS_EMAIL_ALLOWED_DOMAINS")
+
+    # CRM
+    crm_backend: Literal["builtin", "hubspot"] = Field("builtin", alias="CHATOPS_CRM")
+    hubspot_token: SecretStr | None = Field(None, alias="HUBSPOT_TOKEN")
+    hubspot_base_url: str = Field("https://api.hubapi.com", alias="HUBSPOT_BASE_URL")
+
+    @field_validator("openai_base_url", "slack_api_url", "feishu_domain", "hubspot_base_url", "feishu_webhook_url")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        return value
+
+    # ---- derived facts -------------------------------------------------
+    @property
+    def model_configured(self) -> bool:
+        return bool(self.model and (self.openai_api_key or self.openai_base_url))
+
+    @property
+    def slack_enabled(self) -> bool:
+        return self.slack_bot_token is not None
+
+    @property
+    def feishu_enabled(self) -> bool:
+        return bool(self.feishu_app_id and self.feishu_app_secret)
+
+    @property
+    def allowed_email_domains(self) -> frozenset[str]:
+        raw = self.email_allowed_domains or ""
+        return frozenset(d.strip().lower().lstrip("@") for d in raw.split(",") if d.strip())
+
+    def secret_values(self) -> list[str]:
+        """Every configured secret, for the redactor."""
+        values = [v.get_secret_value() for v in self.__dict__.values() if isinstance(v, SecretStr)]
+        return [v for v in values if v]
+
+    def check_channels(self) -> None:
+        """Fail fast when a channel is half-configured (a missing secret would fail open)."""
+        if self.slack_enabled and self.slack_app_token is None and self.slack_signing_secret is None:
+            raise ConfigError("SLACK_SIGNING_SECRET", "is required for HTTP mode (or set SLACK_APP_TOKEN for Socket Mode)")
+        if self.slack_app_token is not None and self.slack_bot_token is None:
+            raise ConfigError("SLACK_BOT_TOKEN", "is required when SLACK_APP_TOKEN is set")
+        if bool(self.feishu_app_id) != bool(self.feishu_app_secret):
+            missing = "FEISHU_APP_SECRET" if self.feishu_app_id else "FEISHU_APP_ID"
+            raise ConfigError(missing, "is required when the other Feishu credential is set")
+        if self.feishu_enabled and self.feishu_mode == "webhook":
+            if not (self.feishu_verification_token or self.feishu_encrypt_key):
+                raise ConfigError(
+                    "FEISHU_VERIFICATION_TOKEN", "or FEISHU_ENCRYPT_KEY is required in webhook mode (FEISHU_MODE=webhook)"
+                )
+        if self.crm_backend == "hubspot" and self.hubspot_token is None:
+            raise ConfigError("HUBSPOT_TOKEN", "is required when CHATOPS_CRM=hubspot")
+
+
+_FIELD_BY_ALIAS = {f.alias: name for name, f in Settings.model_fields.items()}
+
+
+def load_settings(env_file: Path | None = Path(".env"), environ: dict[str, str] | None = None) -> Settings:
+    """Read `.env` (if any), overlay the real environment, validate. Raises ConfigError."""
+    values: dict[str, str] = {}
+    if env_file is not None and env_file.is_file():
+        values.update({k: v for k, v in dotenv_values(env_file).items() if v is not None})
+    source = os.environ if environ is None else environ
+    values.update({k: v for k, v in source.items() if k in _FIELD_BY_ALIAS})
+    values = {k: v for k, v in values.items() if k in _FIELD_BY_ALIAS and v != ""}
+    try:
+        settings = Settings.model_validate(values)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = str(first["loc"][0]) if first["loc"] else "configuration"
+        alias = Settings.model_fields[field].alias if field in Settings.model_fields else field
+        raise ConfigError(alias or field, f"{first['msg'].lower()} (got {values.get(alias or field, '')!r})") from None
+    settings.check_channels()
+    return settings

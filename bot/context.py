@@ -1,0 +1,93 @@
+"""`AppContext`: the explicit bundle of dependencies every core component receives.
+
+There are no module-level singletons: tests build a context against their own fakes, and two
+contexts (two "replicas") can live in one process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import uuid
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from bot.channels import Channel
+from bot.config import Settings
+from bot.model import ModelClient
+from bot.policy import Policy
+from storage.audit import AuditLog
+from storage.engine import Database
+from storage.models import utcnow
+from storage.redact import Redactor
+from tools.context import ToolContext
+from tools.registry import ToolRegistry
+
+log = logging.getLogger("chatops")
+
+
+class TaskSet:
+    """Background tasks started after an ack; tracked so shutdown can wait for them."""
+
+    def __init__(self) -> None:
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    def spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
+        task = asyncio.create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._done)
+        return task
+
+    def _done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            exc = task.exception()
+            log.error("background task %s failed: %s", task.get_name(), type(exc).__name__, exc_info=exc)
+
+    def __len__(self) -> int:
+        return len(self._tasks)
+
+    async def drain(self, timeout: float) -> None:
+        """Wait for running tasks (bounded), then cancel what is left."""
+        if not self._tasks:
+            return
+        _, pending = await asyncio.wait(set(self._tasks), timeout=timeout)
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.wait(pending, timeout=1)
+
+    async def idle(self) -> None:
+        """Wait until no background task is running (tests use this instead of sleeping)."""
+        while self._tasks:
+            await asyncio.wait(set(self._tasks))
+
+
+def new_replica_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+@dataclass(kw_only=True)
+class AppContext:
+    """Everything the core needs, passed explicitly."""
+
+    settings: Settings
+    db: Database
+    audit: AuditLog
+    redactor: Redactor
+    registry: ToolRegistry
+    policy: Policy
+    model: ModelClient
+    tool_context: ToolContext
+    channels: dict[str, Channel] = field(default_factory=dict)
+    replica_id: str = field(default_factory=new_replica_id)
+    clock: Callable[[], datetime] = utcnow
+    tasks: TaskSet = field(default_factory=TaskSet)
+    tool_problems: dict[str, str] = field(default_factory=dict)
+
+    def channel(self, platform: str) -> Channel | None:
+        return self.channels.get(platform)

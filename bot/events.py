@@ -1,0 +1,98 @@
+"""The small, platform-neutral event types that channel adapters hand to the core.
+
+Adapters translate Slack/Feishu/terminal payloads into these and never pass platform types on.
+Everything here is JSON-serialisable, because it is stored (inbox, runs, approvals).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class User:
+    """A person (or bot) on a platform, identified by immutable ids, never by display name."""
+
+    platform: str
+    id: str
+    tenant: str | None = None
+    name: str | None = None
+    is_bot: bool = False
+    groups: tuple[str, ...] = ()
+
+    @property
+    def key(self) -> str:
+        """A globally unique identity: platform, tenant and id."""
+        return f"{self.platform}:{self.tenant or '-'}:{self.id}"
+
+    @property
+    def label(self) -> str:
+        return self.name or self.id
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["groups"] = list(self.groups)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> User:
+        return cls(**{**data, "groups": tuple(data.get("groups") or ())})
+
+
+@dataclass(frozen=True)
+class Thread:
+    """Where replies go: a platform plus adapter-owned coordinates (channel, thread ts, chat id...)."""
+
+    platform: str
+    coords: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"platform": self.platform, "coords": dict(self.coords)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Thread:
+        return cls(platform=data["platform"], coords=dict(data.get("coords") or {}))
+
+
+@dataclass(frozen=True)
+class IncomingMessage:
+    """A user message addressed to the bot."""
+
+    user: User
+    text: str
+    thread: Thread
+    conversation_key: str
+    dedupe_keys: tuple[str, ...]
+    channel_id: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "user": self.user.to_dict(),
+            "text": self.text,
+            "thread": self.thread.to_dict(),
+            "conversation_key": self.conversation_key,
+            "dedupe_keys": list(self.dedupe_keys),
+            "channel_id": self.channel_id,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> IncomingMessage:
+        return cls(
+            user=User.from_dict(data["user"]),
+            text=data["text"],
+            thread=Thread.from_dict(data["thread"]),
+            conversation_key=data["conversation_key"],
+            dedupe_keys=tuple(data["dedupe_keys"]),
+            channel_id=data.get("channel_id"),
+        )
+
+
+@dataclass(frozen=True)
+class DecisionRequest:
+    """A click on Approve or Reject (or a typed decision in the terminal)."""
+
+    approval_id: str
+    user: User
+    approve: bool
+    reason: str | None = None

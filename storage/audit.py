@@ -1,0 +1,136 @@
+"""The audit log: append-only rows, each chained to the previous one by SHA-256.
+
+`AuditLog.record` is the only writer. It serialises appends (PostgreSQL advisory lock; SQLite's
+`BEGIN IMMEDIATE` write lock) so concurrent writers, threads, processes or replicas, never fork
+the chain. `verify_chain` walks the whole chain and names the first bad row; anchors let a
+later truncation or rewrite be detected.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from storage.models import AuditEvent, utcnow
+from storage.redact import Redactor
+
+GENESIS_HASH = "0" * 64
+_ADVISORY_LOCK_KEY = 7_240_001  # any constant shared by every replica
+
+
+def canonical_json(value: Any) -> str:
+    """Sorted keys, compact separators, UTF-8 kept: the exact bytes the hash covers."""
+    return json.dumps(value, sort_keys=True, ensure_ascii=False, separators=(",", ":"), default=str)
+
+
+def row_content(row: AuditEvent | dict[str, Any]) -> dict[str, Any]:
+    """The hashed fields of a row (everything but `hash` itself)."""
+    get = row.get if isinstance(row, dict) else (lambda k: getattr(row, k))
+    at = get("at")
+    return {
+        "seq": get("seq"),
+        "at": at.isoformat() if isinstance(at, datetime) else at,
+        "kind": get("kind"),
+        "run_id": get("run_id"),
+        "approval_id": get("approval_id"),
+        "platform": get("platform"),
+        "actor": get("actor"),
+        "tool": get("tool"),
+        "status": get("status"),
+        "data": get("data"),
+        "prev_hash": get("prev_hash"),
+    }
+
+
+def compute_hash(row: AuditEvent | dict[str, Any]) -> str:
+    return hashlib.sha256(canonical_json(row_content(row)).encode("utf-8")).hexdigest()
+
+
+class AuditLog:
+    """Appends audit rows inside the caller's transaction."""
+
+    def __init__(self, redactor: Redactor) -> None:
+        self.redactor = redactor
+
+    async def record(
+        self,
+        session: AsyncSession,
+        kind: str,
+        *,
+        run_id: str | None = None,
+        approval_id: str | None = None,
+        platform: str | None = None,
+        actor: str | None = None,
+        tool: str | None = None,
+        status: str | None = None,
+        **data: Any,
+    ) -> AuditEvent:
+        """Append one row. Secrets are redacted from `data` before it is hashed and stored."""
+        dialect = session.bind.dialect.name if session.bind is not None else ""
+        if dialect == "postgresql":
+            await session.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": _ADVISORY_LOCK_KEY})
+        last = (
+            await session.execute(sa.select(AuditEvent.seq, AuditEvent.hash).order_by(AuditEvent.seq.desc()).limit(1))
+        ).first()
+        seq, prev = (last[0] + 1, last[1]) if last else (1, GENESIS_HASH)
+        # Microsecond precision survives every backend, so the hash recomputes identically.
+        event = AuditEvent(
+            seq=seq,
+            at=utcnow(),
+            kind=kind,
+            run_id=run_id,
+            approval_id=approval_id,
+            platform=platform,
+            actor=actor,
+            tool=tool,
+            status=status,
+            data=json.loads(canonical_json(self.redactor.redact(data))),
+            prev_hash=prev,
+            hash="",
+        )
+        event.hash = compute_hash(event)
+        session.add(event)
+        await session.flush()
+        return event
+
+
+@dataclass(frozen=True)
+class ChainProblem:
+    """The first row at which the chain stops verifying, and why."""
+
+    seq: int
+    reason: str
+
+
+def verify_chain(rows: Iterable[AuditEvent], *, start_hash: str = GENESIS_HASH, start_seq: int = 1) -> ChainProblem | None:
+    """Check every link of rows ordered by seq. Returns the first problem, or None when intact."""
+    expected_prev, expected_seq = start_hash, start_seq
+    for row in rows:
+        if row.seq != expected_seq:
+            return ChainProblem(expected_seq if row.seq > expected_seq else row.seq, f"expected row {expected_seq}, found row {row.seq}")
+        if row.prev_hash != expected_prev:
+            return ChainProblem(row.seq, "prev_hash does not match the previous row")
+        if compute_hash(row) != row.hash:
+            return ChainProblem(row.seq, "content does not match its hash")
+        expected_prev, expected_seq = row.hash, row.seq + 1
+    return None
+
+
+def iter_rows(session: sa.orm.Session, batch: int = 2000) -> Iterator[AuditEvent]:
+    """All audit rows in order, read in batches (sync session, for the CLI)."""
+    last = 0
+    while True:
+        chunk = session.execute(
+            sa.select(AuditEvent).where(AuditEvent.seq > last).order_by(AuditEvent.seq).limit(batch)
+        ).scalars().all()
+        if not chunk:
+            return
+        yield from chunk
+        last = chunk[-1].seq

@@ -1,0 +1,179 @@
+"""SQLModel tables: every piece of state the bot shares between processes and replicas.
+
+Nothing that must survive a restart or be seen by another replica lives anywhere else.
+Schema changes go through an Alembic migration in `storage/migrations/versions/`.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.types import TypeDecorator
+from sqlmodel import Field, SQLModel
+
+
+def utcnow() -> datetime:
+    """The current time, timezone-aware in UTC."""
+    return datetime.now(UTC)
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """A timestamp stored in UTC and always read back timezone-aware (SQLite drops the zone)."""
+
+    impl = sa.DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: sa.Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to a UTC column")
+        return value.astimezone(UTC)
+
+    def process_result_value(self, value: datetime | None, dialect: sa.Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def _ts(*, nullable: bool = False, index: bool = False) -> Any:
+    return Field(
+        default=None if nullable else None,
+        sa_column=sa.Column(UTCDateTime(), nullable=nullable, index=index),
+    )
+
+
+def _json(*, nullable: bool = False) -> Any:
+    return Field(default=None, sa_column=sa.Column(sa.JSON(), nullable=nullable))
+
+
+class SeenKey(SQLModel, table=True):
+    """One delivery key (`slack:evt:Ev1`, `slack:msg:C1:1712.3`, `feishu:msg:om_1`) already recorded."""
+
+    __tablename__ = "seen_key"
+    key: str = Field(primary_key=True, max_length=300)
+    inbox_id: str = Field(index=True, max_length=40)
+    created_at: datetime = _ts(index=True)
+
+
+class InboxEvent(SQLModel, table=True):
+    """An inbound user message, recorded before the platform gets its ack; processed exactly once."""
+
+    __tablename__ = "inbox_event"
+    id: str = Field(primary_key=True, max_length=40)
+    platform: str = Field(max_length=20)
+    conversation_key: str = Field(index=True, max_length=300)
+    payload: dict[str, Any] = _json()
+    status: str = Field(default="queued", index=True, max_length=20)
+    run_id: str | None = Field(default=None, max_length=40)
+    created_at: datetime = _ts()
+    updated_at: datetime = _ts()
+
+
+class Conversation(SQLModel, table=True):
+    """The memory of one thread or DM; `active_run_id` is the per-conversation lock."""
+
+    __tablename__ = "conversation"
+    key: str = Field(primary_key=True, max_length=300)
+    platform: str = Field(max_length=20)
+    messages: list[dict[str, Any]] = _json()
+    active_run_id: str | None = Field(default=None, max_length=40)
+    version: int = 0
+    updated_at: datetime = _ts()
+
+
+class Run(SQLModel, table=True):
+    """One agent turn: from a user message to the final answer, possibly paused on approvals."""
+
+    __tablename__ = "run"
+    id: str = Field(primary_key=True, max_length=40)
+    conversation_key: str = Field(index=True, max_length=300)
+    platform: str = Field(max_length=20)
+    requester: dict[str, Any] = _json()
+    thread: dict[str, Any] = _json()
+    status: str = Field(default="running", index=True, max_length=20)
+    step: int = 0
+    owner: str | None = Field(default=None, max_length=80)
+    pending_results: dict[str, Any] = _json()
+    created_at: datetime = _ts()
+    updated_at: datetime = _ts()
+
+
+class Approval(SQLModel, table=True):
+    """A frozen write call waiting for (or past) a human decision. Transitions are conditional UPDATEs."""
+
+    __tablename__ = "approval"
+    id: str = Field(primary_key=True, max_length=40)
+    run_id: str = Field(index=True, max_length=40)
+    step: int = 0
+    tool_call_id: str = Field(max_length=200)
+    tool_name: str = Field(index=True, max_length=200)
+    args: dict[str, Any] = _json()
+    args_sha256: str = Field(max_length=64)
+    status: str = Field(default="pending", index=True, max_length=20)
+    version: int = 0
+    platform: str = Field(max_length=20)
+    requester_id: str = Field(index=True, max_length=200)
+    requester: dict[str, Any] = _json()
+    thread: dict[str, Any] = _json()
+    card: dict[str, Any] = _json()
+    card_message_id: str | None = Field(default=None, max_length=200)
+    rule: str = Field(default="confirm", max_length=40)
+    votes: list[dict[str, Any]] = _json()
+    expires_at: datetime = _ts(index=True)
+    decided_by: str | None = Field(default=None, max_length=200)
+    decided_by_name: str | None = Field(default=None, max_length=200)
+    decided_at: datetime | None = _ts(nullable=True)
+    decision_reason: str | None = Field(default=None, sa_column=sa.Column(sa.Text(), nullable=True))
+    executor: str | None = Field(default=None, max_length=80)
+    exec_started_at: datetime | None = _ts(nullable=True)
+    finished_at: datetime | None = _ts(nullable=True)
+    outcome: str | None = Field(default=None, sa_column=sa.Column(sa.Text(), nullable=True))
+    created_at: datetime = _ts()
+
+
+class AuditEvent(SQLModel, table=True):
+    """One step of the audit trail, chained to the previous row by SHA-256."""
+
+    __tablename__ = "audit_event"
+    seq: int = Field(primary_key=True)
+    at: datetime = _ts(index=True)
+    kind: str = Field(index=True, max_length=40)
+    run_id: str | None = Field(default=None, index=True, max_length=40)
+    approval_id: str | None = Field(default=None, index=True, max_length=40)
+    platform: str | None = Field(default=None, max_length=20)
+    actor: str | None = Field(default=None, index=True, max_length=200)
+    tool: str | None = Field(default=None, index=True, max_length=200)
+    status: str | None = Field(default=None, index=True, max_length=40)
+    data: dict[str, Any] = _json()
+    prev_hash: str = Field(max_length=64)
+    hash: str = Field(max_length=64)
+
+
+class Replica(SQLModel, table=True):
+    """A running bot process; its heartbeat tells the others whether its work is orphaned."""
+
+    __tablename__ = "replica"
+    id: str = Field(primary_key=True, max_length=80)
+    host: str = Field(max_length=200)
+    pid: int
+    started_at: datetime = _ts()
+    heartbeat_at: datetime = _ts()
+
+
+class CrmLead(SQLModel, table=True):
+    """A lead in the built-in CRM; one row per (lower-cased) e-mail address."""
+
+    __tablename__ = "crm_lead"
+    id: int | None = Field(default=None, primary_key=True)
+    name: str = Field(max_length=200)
+    email: str = Field(sa_column=sa.Column(sa.String(320), nullable=False, unique=True))
+    need: str = Field(default="", sa_column=sa.Column(sa.Text(), nullable=False))
+    company: str | None = Field(default=None, max_length=200)
+    status: str = Field(default="new", max_length=40)
+    owner: str | None = Field(default=None, max_length=200)
+    source_approval_id: str | None = Field(default=None, max_length=40)
+    created_at: datetime = _ts()
+    updated_at: datetime = _ts()

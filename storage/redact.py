@@ -1,0 +1,53 @@
+"""Secret redaction for every sink: log records, audit rows, model requests and chat messages.
+
+Two nets: the exact values of the secrets the bot was configured with, and the shapes of
+well-known tokens (Slack, OpenAI, Feishu, bearer headers, passwords in URLs).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from typing import Any
+
+MASK = "[REDACTED]"
+
+_TOKEN_SHAPES = re.compile(
+    r"(xox[abposre]-[A-Za-z0-9-]{6,}"  # Slack bot/user/refresh tokens
+    r"|xoxe\.[A-Za-z0-9.-]{6,}"  # Slack config tokens
+    r"|xapp-[A-Za-z0-9-]{6,}"  # Slack app-level tokens
+    r"|sk-(?:proj-)?[A-Za-z0-9_-]{12,}"  # OpenAI-style keys
+    r"|\bt-[A-Za-z0-9_]{20,}"  # Feishu tenant access tokens
+    r"|(?i:bearer)\s+[A-Za-z0-9._~+/=-]{8,})"
+)
+_URL_PASSWORD = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<user>[^:/@\s]*):(?P<pw>[^@/\s]+)@", re.I)
+_MIN_SECRET_LEN = 6
+
+
+class Redactor:
+    """Replaces secrets in strings and nested JSON-like values."""
+
+    def __init__(self, secrets: Iterable[str] = ()) -> None:
+        self._secrets: list[str] = []
+        self.add(secrets)
+
+    def add(self, secrets: Iterable[str]) -> None:
+        """Register exact secret values (short or empty values are ignored: they would mask noise)."""
+        found = {s for s in secrets if s and len(s) >= _MIN_SECRET_LEN}
+        self._secrets = sorted(set(self._secrets) | found, key=len, reverse=True)
+
+    def redact_text(self, text: str) -> str:
+        for secret in self._secrets:
+            if secret in text:
+                text = text.replace(secret, MASK)
+        text = _URL_PASSWORD.sub(lambda m: f"{m['scheme']}{m['user']}:{MASK}@", text)
+        return _TOKEN_SHAPES.sub(MASK, text)
+
+    def redact(self, value: Any) -> Any:
+        if isinstance(value, str):
+            return self.redact_text(value)
+        if isinstance(value, dict):
+            return {k: self.redact(v) for k, v in value.items()}
+        if isinstance(value, list | tuple):
+            return [self.redact(v) for v in value]
+        return value
