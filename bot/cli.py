@@ -1,0 +1,183 @@
+"""The `chatops` command line: serve, shell, tools, audit, db, policy.
+
+Every failure an operator can cause (configuration, database, policy file) ends in one line on
+stderr naming the problem and exit status 2; no traceback is printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from bot.config import Settings, load_settings
+from bot.errors import ChatopsError
+from bot.logsetup import setup_logging
+from storage.redact import Redactor
+
+log = logging.getLogger("chatops")
+
+NO_MODEL = (
+    "no language model is configured. Set CHATOPS_MODEL (e.g. gpt-4o-mini) and OPENAI_API_KEY, "
+    "or OPENAI_BASE_URL for a local OpenAI-compatible server (Ollama, vLLM...). See .env.example."
+)
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    settings = load_settings(env_file=args.env_file)
+    setup_logging(settings.log_level, Redactor(settings.secret_values()))
+    return settings
+
+
+async def _serve(settings: Settings, *, force_terminal: bool) -> None:
+    from bot.app import build_app
+
+    if not settings.model_configured:
+        raise ChatopsError(NO_MODEL)
+    app = await build_app(settings, services={})
+    chat_channels = []
+    if not force_terminal and settings.slack_enabled:
+        from bot.slack import SlackAdapter
+
+        slack = SlackAdapter(app.core, settings)
+        app.add_adapter(slack)
+        app.ctx.tool_context.services["slack"] = slack.client  # type: ignore[index]
+        chat_channels.append("Slack")
+    if not force_terminal and settings.feishu_enabled:
+        from bot.feishu import FeishuAdapter
+
+        app.add_adapter(FeishuAdapter(app.core, settings))
+        chat_channels.append("Feishu")
+    if chat_channels:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await app.start(serve_http=True)
+        log.info("chatops is up: %s", ", ".join(chat_channels))
+        try:
+            await stop.wait()
+        finally:
+            await app.stop()
+        return
+    from bot.terminal import TerminalAdapter
+
+    terminal = TerminalAdapter(app.core)
+    app.ctx.channels["terminal"] = terminal
+    await app.start(serve_http=False)
+    try:
+        await terminal.run()
+    finally:
+        await app.stop()
+
+
+async def _tools(settings: Settings) -> None:
+    from bot.app import build_app
+
+    app = await build_app(settings, migrate=False)
+    try:
+        rows = [(s.name, s.source, "read" if s.read_only else "write", app.ctx.policy.describe(s)) for s in app.ctx.registry]
+        widths = [max(len(r[i]) for r in [("tool", "source", "kind", "rule"), *rows]) for i in range(4)]
+        print("  ".join(h.ljust(w) for h, w in zip(("tool", "source", "kind", "rule"), widths, strict=True)))
+        for row in sorted(rows, key=lambda r: (r[1], r[0])):
+            print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)))
+        for server, problem in sorted(app.ctx.tool_problems.items()):
+            print(f"! MCP server {server!r} failed to start: {problem}")
+    finally:
+        for close in app.closers:
+            result = close()
+            if asyncio.iscoroutine(result):
+                await result
+        await app.ctx.model.close()
+        await app.ctx.db.dispose()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="chatops", description="A chat-ops bot whose write actions wait for human approval.")
+    parser.add_argument("--env-file", type=Path, default=Path(".env"), help="dotenv file to read (default: ./.env)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub.add_parser("serve", help="run every configured channel (the terminal chat when none is configured)")
+    sub.add_parser("shell", help="chat with the bot in this terminal")
+    sub.add_parser("tools", help="list every tool with its source, read/write and approval rule")
+
+    audit = sub.add_parser("audit", help="read and check the audit trail").add_subparsers(dest="audit_command", required=True, metavar="ACTION")
+    lst = audit.add_parser("list", help="recent audit rows, filtered")
+    lst.add_argument("--user", help="actor id (substring match)")
+    lst.add_argument("--tool", help="tool name")
+    lst.add_argument("--status", help="status, e.g. pending, approved, succeeded, refused")
+    lst.add_argument("--since", help="2h, 3d, or an ISO date/time")
+    lst.add_argument("--limit", type=int, default=200, help="at most this many rows (default 200)")
+    show = audit.add_parser("show", help="the whole trail of one run (or of an approval's run)")
+    show.add_argument("run_id", metavar="RUN_ID")
+    export = audit.add_parser("export", help="every row with its hashes, as JSON lines or CSV")
+    export.add_argument("--format", choices=("jsonl", "csv"), default="jsonl")
+    export.add_argument("--output", type=Path, help="file to write (default: stdout)")
+    verify = audit.add_parser("verify", help="check the hash chain (and anchors); names the first bad row")
+    verify.add_argument("--anchors", type=Path, help="anchor file written by `chatops audit anchor --append`")
+    anchor = audit.add_parser("anchor", help="print the chain head (seq, hash) to keep outside the database")
+    anchor.add_argument("--append", type=Path, help="also append it to this file")
+
+    db = sub.add_parser("db", help="database maintenance").add_subparsers(dest="db_command", required=True, metavar="ACTION")
+    db.add_parser("upgrade", help="apply schema migrations (also done automatically at start-up)")
+    policy = sub.add_parser("policy", help="policy file tools").add_subparsers(dest="policy_command", required=True, metavar="ACTION")
+    check = policy.add_parser("check", help="validate a policy file")
+    check.add_argument("file", type=Path, metavar="FILE")
+    return parser
+
+
+def run(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from bot import cli_audit
+
+    if args.command in ("serve", "shell"):
+        settings = _settings(args)
+        with contextlib.suppress(KeyboardInterrupt):
+            asyncio.run(_serve(settings, force_terminal=args.command == "shell"))
+        return 0
+    if args.command == "tools":
+        asyncio.run(_tools(_settings(args)))
+        return 0
+    if args.command == "policy":
+        from bot.policy_file import load_policy_file
+
+        policy = load_policy_file(args.file)
+        print(f"OK: {args.file} is a valid policy ({policy.source})")
+        return 0
+    settings = _settings(args)
+    if args.command == "db":
+        from storage.migrate import current_revision, upgrade
+
+        upgrade(settings.database_url)
+        print(f"database is at revision {current_revision(settings.database_url)}")
+        return 0
+    url = settings.database_url
+    match args.audit_command:
+        case "list":
+            cli_audit.audit_list(url, user=args.user, tool=args.tool, status=args.status, since=args.since, limit=args.limit)
+        case "show":
+            cli_audit.audit_show(url, args.run_id)
+        case "export":
+            cli_audit.audit_export(url, args.format, args.output)
+        case "verify":
+            return 0 if cli_audit.audit_verify(url, args.anchors) else 1
+        case "anchor":
+            cli_audit.audit_anchor(url, args.append)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    try:
+        code = run(argv)
+    except ChatopsError as exc:
+        print(f"chatops: error: {exc}", file=sys.stderr)
+        code = 2
+    except Exception as exc:  # noqa: BLE001 - never show a traceback to the person at the terminal
+        log.debug("unexpected failure", exc_info=True)
+        print(f"chatops: internal error ({type(exc).__name__}); run with CHATOPS_LOG_LEVEL=DEBUG for details", file=sys.stderr)
+        code = 1
+    sys.exit(code)

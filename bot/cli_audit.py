@@ -1,0 +1,155 @@
+"""`chatops audit ...`: list, show, export, verify and anchor the audit trail (sync, read-only)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+import sys
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, TextIO
+
+import sqlalchemy as sa
+from sqlalchemy.orm import Session
+
+from bot.errors import ChatopsError
+from storage.audit import GENESIS_HASH, iter_rows, verify_chain
+from storage.engine import make_sync_engine, normalise_url
+from storage.models import AuditEvent, InboxEvent
+
+_DURATION = re.compile(r"^(\d+)([smhdw])$")
+_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
+
+
+def parse_since(value: str) -> datetime:
+    """`2h`, `3d`, `2026-11-20` or a full ISO timestamp (UTC unless it says otherwise)."""
+    if match := _DURATION.match(value.strip()):
+        return datetime.now(UTC) - timedelta(**{_UNITS[match[2]]: int(match[1])})
+    try:
+        parsed = datetime.fromisoformat(value.strip())
+    except ValueError:
+        raise ChatopsError(f"--since: {value!r} is neither a duration like 2h/3d nor an ISO date") from None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+def _session(database_url: str) -> Session:
+    return Session(make_sync_engine(normalise_url(database_url)))
+
+
+def row_dict(row: AuditEvent) -> dict[str, Any]:
+    return {
+        "seq": row.seq, "at": row.at.isoformat(), "kind": row.kind, "run_id": row.run_id, "approval_id": row.approval_id,
+        "platform": row.platform, "actor": row.actor, "tool": row.tool, "status": row.status, "data": row.data,
+        "prev_hash": row.prev_hash, "hash": row.hash,
+    }
+
+
+def _line(row: AuditEvent) -> str:
+    return "  ".join(
+        str(x) for x in (row.seq, row.at.strftime("%Y-%m-%d %H:%M:%S"), row.kind, row.run_id or "-", row.approval_id or "-",
+                         row.actor or "-", row.tool or "-", row.status or "-")
+    )
+
+
+def audit_list(database_url: str, *, user: str | None, tool: str | None, status: str | None, since: str | None,
+               limit: int, out: TextIO = sys.stdout) -> None:
+    query = sa.select(AuditEvent).order_by(AuditEvent.seq.desc()).limit(limit)
+    if user:
+        query = query.where(AuditEvent.actor.contains(user))
+    if tool:
+        query = query.where(AuditEvent.tool == tool)
+    if status:
+        query = query.where(AuditEvent.status == status)
+    if since:
+        query = query.where(AuditEvent.at >= parse_since(since))
+    with _session(database_url) as session:
+        rows = list(reversed(session.execute(query).scalars().all()))
+    out.write("seq  at  kind  run  approval  actor  tool  status\n")
+    for row in rows:
+        out.write(_line(row) + "\n")
+
+
+def audit_show(database_url: str, ref: str, out: TextIO = sys.stdout) -> None:
+    """Every row of one run (or of the run an approval id belongs to), request included."""
+    with _session(database_url) as session:
+        run_id = ref
+        if ref.startswith("ap-"):
+            owner = session.execute(sa.select(AuditEvent.run_id).where(AuditEvent.approval_id == ref).limit(1)).scalar()
+            run_id = owner or ref
+        inbox_ids = session.execute(sa.select(InboxEvent.id).where(InboxEvent.run_id == run_id)).scalars().all()
+        rows = session.execute(sa.select(AuditEvent).where(AuditEvent.run_id == run_id).order_by(AuditEvent.seq)).scalars().all()
+        requests = [
+            r for r in session.execute(sa.select(AuditEvent).where(AuditEvent.kind == "request_received")).scalars()
+            if (r.data or {}).get("inbox_id") in inbox_ids
+        ] if inbox_ids else []
+    if not rows:
+        raise ChatopsError(f"no audit rows for {ref!r}")
+    for row in sorted([*requests, *rows], key=lambda r: r.seq):
+        out.write(_line(row) + "\n")
+        if row.data:
+            out.write("    " + json.dumps(row.data, ensure_ascii=False, sort_keys=True) + "\n")
+
+
+def audit_export(database_url: str, fmt: str, output: Path | None) -> None:
+    stream: TextIO = output.open("w", encoding="utf-8", newline="") if output else sys.stdout
+    try:
+        with _session(database_url) as session:
+            if fmt == "jsonl":
+                for row in iter_rows(session):
+                    stream.write(json.dumps(row_dict(row), ensure_ascii=False) + "\n")
+            else:
+                writer = csv.writer(stream)
+                header = ["seq", "at", "kind", "run_id", "approval_id", "platform", "actor", "tool", "status", "data",
+                          "prev_hash", "hash"]
+                writer.writerow(header)
+                for row in iter_rows(session):
+                    d = row_dict(row)
+                    d["data"] = json.dumps(d["data"], ensure_ascii=False, sort_keys=True)
+                    writer.writerow([d[h] for h in header])
+    finally:
+        if output:
+            stream.close()
+
+
+def audit_verify(database_url: str, anchor: Path | None, out: TextIO = sys.stdout) -> bool:
+    """Check the whole chain, and that every anchor in `anchor` is still part of it."""
+    with _session(database_url) as session:
+        problem = verify_chain(iter_rows(session))
+        last = session.execute(sa.select(AuditEvent.seq, AuditEvent.hash).order_by(AuditEvent.seq.desc()).limit(1)).first()
+        anchors_ok = True
+        if anchor is not None:
+            for number, line in enumerate(anchor.read_text(encoding="utf-8").splitlines(), 1):
+                if not line.strip():
+                    continue
+                try:
+                    seq, digest = int(json.loads(line)["seq"]), json.loads(line)["hash"]
+                except (ValueError, KeyError, TypeError):
+                    raise ChatopsError(f"{anchor}:{number}: not an anchor line from `chatops audit anchor`") from None
+                if seq == 0:
+                    continue  # anchored while the log was empty
+                stored = session.execute(sa.select(AuditEvent.hash).where(AuditEvent.seq == seq)).scalar()
+                if stored != digest:
+                    why = "is missing (truncated?)" if stored is None else "has a different hash (rewritten?)"
+                    out.write(f"FAILED: anchored row {seq} {why}\n")
+                    anchors_ok = False
+                    break
+    if problem is not None:
+        out.write(f"FAILED: first bad row is {problem.seq}: {problem.reason}\n")
+        return False
+    if anchors_ok:
+        count, head = (last[0], last[1]) if last else (0, GENESIS_HASH)
+        out.write(f"OK: {count} rows, chain intact, head {head}\n")
+    return anchors_ok
+
+
+def audit_anchor(database_url: str, append: Path | None, out: TextIO = sys.stdout) -> None:
+    """Print (or append to a file kept outside the database) the current head of the chain."""
+    with _session(database_url) as session:
+        last = session.execute(sa.select(AuditEvent.seq, AuditEvent.hash).order_by(AuditEvent.seq.desc()).limit(1)).first()
+    seq, digest = (last[0], last[1]) if last else (0, GENESIS_HASH)
+    line = json.dumps({"seq": seq, "hash": digest, "at": datetime.now(UTC).isoformat()})
+    if append is not None:
+        with append.open("a", encoding="utf-8") as fh:
+            fh.write(line + "\n")
+    out.write(line + "\n")

@@ -1,0 +1,162 @@
+"""The terminal adapter (like Hubot's shell): chat with the bot on stdin/stdout.
+
+Approval cards are printed as text and answered with `approve <id>` or `reject <id> [reason]`.
+The conversation key is stable per OS user, so a new `chatops shell` picks up where the last
+one stopped (pending approvals included); `/new` starts a fresh conversation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import getpass
+import sys
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import TextIO
+
+from bot import texts
+from bot.cards import status_lines
+from bot.channels import CardView
+from bot.core import Core
+from bot.errors import StorageError
+from bot.events import DecisionRequest, IncomingMessage, Thread, User
+
+HELP = """Type a request for the bot, or:
+  approve <id>            approve a pending action
+  reject <id> [reason]    reject it (the reason goes to the assistant)
+  /pending                list actions waiting for a decision
+  /new                    start a new conversation
+  /help                   this help
+  /quit                   leave (Ctrl-D also works)"""
+
+
+def render_card(card: CardView) -> str:
+    """An approval card as plain text."""
+    lines = [f"┌─ {texts.CARD_TITLE} [{card.approval_id}] ─ {card.tool}", f"│ {card.summary}"]
+    lines += [f"│   {f.label}: {f.value}".replace("\n", "\n│     ") for f in card.fields]
+    lines += [f"│ ⚠ {w}" for w in card.warnings]
+    lines += [f"│ • {p}" for p in card.preview]
+    lines.append(f"│ {texts.CARD_WHY.format(reason=card.rule)}")
+    lines.append(f"│ {texts.CARD_REQUESTED_BY.format(who=card.requester)} · {texts.CARD_EXPIRES.format(at=texts.when(card.expires_at))}")
+    if card.actionable:
+        lines.append(f"└─ type: approve {card.approval_id}   or   reject {card.approval_id} <reason>")
+    else:
+        lines += [f"│ {line}" for line in status_lines(card)]
+        lines.append("└─")
+    return "\n".join(lines)
+
+
+class TerminalAdapter:
+    """A `Channel` on a text stream, plus the input loop."""
+
+    platform = "terminal"
+
+    def __init__(self, core: Core, *, out: TextIO | None = None, user: User | None = None, session: str | None = None) -> None:
+        self.core = core
+        self.out = out or sys.stdout
+        name = getpass.getuser()
+        self.user = user or User(platform="terminal", id=name, tenant="local", name=name)
+        self.session = session or self.user.id
+        self.quit = asyncio.Event()
+        self._shown: dict[str, set[str]] = {}
+
+    @property
+    def conversation_key(self) -> str:
+        return f"terminal:{self.session}"
+
+    def _print(self, text: str) -> None:
+        self.out.write(text + "\n")
+        self.out.flush()
+
+    # ---- Channel ------------------------------------------------------
+    async def post_reply(self, thread: Thread, text: str) -> None:
+        self._print(f"bot> {text}")
+
+    async def show_working(self, thread: Thread) -> None:
+        self._print(f"bot> {texts.WORKING}")
+
+    async def post_card(self, thread: Thread, card: CardView) -> str | None:
+        self._print(render_card(card))
+        return card.approval_id
+
+    async def update_card(self, thread: Thread, message_id: str, card: CardView) -> None:
+        shown = self._shown.setdefault(card.approval_id, set())
+        for line in status_lines(card):
+            if line not in shown:
+                shown.add(line)
+                self._print(f"bot> [{card.approval_id}] {line}")
+
+    # ---- input --------------------------------------------------------
+    async def handle_line(self, line: str) -> None:
+        """One line typed by the user."""
+        line = line.strip()
+        if not line:
+            return
+        word, _, rest = line.partition(" ")
+        command = word.lower()
+        if command in ("approve", "reject"):
+            approval_id, _, reason = rest.strip().partition(" ")
+            if not approval_id:
+                self._print(f"bot> usage: {command} <id>{' [reason]' if command == 'reject' else ''}")
+                return
+            outcome = await self.core.decide(
+                DecisionRequest(approval_id=approval_id, user=self.user, approve=command == "approve", reason=reason.strip() or None)
+            )
+            self._print(f"bot> {outcome.message}")
+        elif command == "/pending":
+            pending = await self.core.pending_for(self.conversation_key)
+            self._print("bot> nothing is waiting" if not pending else "\n".join(f"bot> {a.id}: {a.tool_name}" for a in pending))
+        elif command == "/new":
+            self.session = f"{self.user.id}-{uuid.uuid4().hex[:6]}"
+            self._print("bot> new conversation started")
+        elif command == "/help":
+            self._print(HELP)
+        elif command in ("/quit", "/exit"):
+            self.quit.set()
+        else:
+            await self.send(line)
+
+    async def send(self, text: str) -> None:
+        msg_id = uuid.uuid4().hex
+        msg = IncomingMessage(
+            user=self.user,
+            text=text,
+            thread=Thread("terminal", {"session": self.session}),
+            conversation_key=self.conversation_key,
+            dedupe_keys=(f"terminal:{msg_id}",),
+        )
+        try:
+            await self.core.accept_message(msg)
+        except StorageError as exc:
+            self._print(f"bot> {exc}")
+
+    async def run(self, read_line: Callable[[], Awaitable[str]] | None = None) -> None:
+        """Read lines until /quit or end of input, then let running work settle."""
+        reader = read_line or _stdin_reader()
+        self._print(f"chatops terminal: you are {self.user.label}. /help for commands.")
+        while not self.quit.is_set():
+            line = await reader()
+            if line == "":
+                break
+            await self.handle_line(line)
+        await self.core.ctx.tasks.idle()
+
+
+def _stdin_reader() -> Callable[[], Awaitable[str]]:
+    """Lines from stdin without blocking the event loop (pipes and TTYs; plain files read directly)."""
+    stream = asyncio.StreamReader()
+    mode: dict[str, str] = {}
+
+    async def read() -> str:
+        if "kind" not in mode:
+            loop = asyncio.get_running_loop()
+            try:
+                await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(stream), sys.stdin)
+                mode["kind"] = "pipe"
+            except (ValueError, OSError):
+                mode["kind"] = "file"
+        if mode["kind"] == "file":
+            return sys.stdin.readline()
+        return (await stream.readline()).decode("utf-8", errors="replace")
+
+    return read

@@ -1,0 +1,107 @@
+"""What every CRM backend offers the CRM tools, and the choice between them (CHATOPS_CRM).
+
+A backend speaks in `Lead`s and `LeadFields`; it never sees the model or the approval flow.
+Both backends keep one lead per (lower-cased) e-mail address: `upsert` updates the existing
+lead instead of creating a duplicate, so re-running an approved creation is harmless.
+"""
+
+from __future__ import annotations
+
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from collections.abc import AsyncIterator
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any, Literal, Protocol
+
+from tools.errors import ToolUnavailable
+
+if TYPE_CHECKING:
+    from tools.context import ToolContext
+
+Outcome = Literal["created", "updated", "unchanged"]
+STATUSES = ("new", "open", "in_progress", "open_deal", "unqualified", "attempted_to_contact", "connected", "bad_timing")
+SEARCH_LIMIT = 20
+
+
+@dataclass(frozen=True, kw_only=True)
+class Lead:
+    """A lead as the tools show it, whatever the backend."""
+
+    id: int
+    name: str
+    email: str
+    need: str = ""
+    company: str | None = None
+    status: str | None = None
+    owner: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def label(self) -> str:
+        return f"#{self.id} ({self.name} <{self.email}>)"
+
+
+@dataclass(frozen=True, kw_only=True)
+class LeadFields:
+    """The fields a creation sets; `None` means "leave as it is" for an existing lead."""
+
+    name: str
+    email: str
+    need: str
+    company: str | None = None
+
+    def changes_for(self, lead: Lead) -> dict[str, str]:
+        """The fields that would change if these values were written over `lead`."""
+        wanted = {"name": self.name, "need": self.need, "company": self.company}
+        return {k: v for k, v in wanted.items() if v is not None and v != getattr(lead, k)}
+
+
+class CrmBackend(Protocol):
+    """The operations the CRM tools need. Errors are `ToolError`s the model can read."""
+
+    name: str
+
+    async def get(self, lead_id: int) -> Lead | None:
+        """The lead with this id, or None."""
+
+    async def find_by_email(self, email: str) -> Lead | None:
+        """The lead with this (normalised) e-mail address, or None."""
+
+    async def search(self, query: str) -> list[Lead]:
+        """Leads whose name, e-mail, company or need contain `query` (at most SEARCH_LIMIT)."""
+
+    async def upsert(self, fields: LeadFields, *, approval_id: str | None) -> tuple[Outcome, Lead]:
+        """Create the lead, or update the one with the same e-mail. Never makes a duplicate."""
+
+    async def update(self, lead_id: int, changes: dict[str, str]) -> Lead:
+        """Apply `changes` (status, need, owner) to an existing lead."""
+
+
+def normalise_email(email: str) -> str:
+    return email.strip().lower()
+
+
+def open_backend(ctx: ToolContext) -> AbstractAsyncContextManager[CrmBackend]:
+    """The configured backend, open for the duration of one tool call."""
+    settings = ctx.settings
+    if settings.crm_backend == "hubspot":
+        return _hubspot(ctx)
+    return _builtin(ctx)
+
+
+@asynccontextmanager
+async def _builtin(ctx: ToolContext) -> AsyncIterator[CrmBackend]:
+    from tools.crm.builtin import BuiltinCrm
+
+    yield BuiltinCrm(ctx.db)
+
+
+@asynccontextmanager
+async def _hubspot(ctx: ToolContext) -> AsyncIterator[CrmBackend]:
+    from tools.crm.hubspot import HubSpotCrm
+
+    token = ctx.settings.hubspot_token
+    if token is None:
+        raise ToolUnavailable("The HubSpot CRM is selected (CHATOPS_CRM=hubspot) but HUBSPOT_TOKEN is not set.")
+    async with HubSpotCrm.connect(ctx.settings.hubspot_base_url, token.get_secret_value()) as crm:
+        yield crm

@@ -1,0 +1,96 @@
+"""The built-in CRM: leads in the bot's own database (the `crm_lead` table), SQLite or PostgreSQL.
+
+The unique index on `crm_lead.email` is what guarantees one lead per address. Two creations
+racing for the same address (two replicas on PostgreSQL) both read "absent"; the loser's INSERT
+hits the index, its transaction rolls back, and it retries once as an update. On SQLite the
+race cannot happen (`BEGIN IMMEDIATE` serialises writers) but the same code path holds.
+`source_approval_id` records which approval created a lead: re-running that approval is a no-op.
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import col, select
+
+from storage.engine import Database
+from storage.models import CrmLead, utcnow
+from tools.crm.backend import SEARCH_LIMIT, Lead, LeadFields, Outcome, normalise_email
+from tools.errors import ToolError
+
+UPSERT_ATTEMPTS = 2
+
+
+def _lead(row: CrmLead) -> Lead:
+    assert row.id is not None
+    return Lead(id=row.id, name=row.name, email=row.email, need=row.need, company=row.company, status=row.status,
+                owner=row.owner)
+
+
+class BuiltinCrm:
+    """`CrmBackend` over the `crm_lead` table."""
+
+    name = "built-in CRM"
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    async def get(self, lead_id: int) -> Lead | None:
+        async with self.db.transaction() as session:
+            row = await session.get(CrmLead, lead_id)
+            return _lead(row) if row is not None else None
+
+    async def find_by_email(self, email: str) -> Lead | None:
+        async with self.db.transaction() as session:
+            row = (await session.execute(select(CrmLead).where(CrmLead.email == normalise_email(email)))).scalar_one_or_none()
+            return _lead(row) if row is not None else None
+
+    async def search(self, query: str) -> list[Lead]:
+        text = query.strip()
+        columns = (col(CrmLead.name), col(CrmLead.email), col(CrmLead.company), col(CrmLead.need))
+        statement = select(CrmLead).order_by(col(CrmLead.id)).limit(SEARCH_LIMIT)
+        if text:
+            statement = statement.where(sa.or_(*(c.icontains(text, autoescape=True) for c in columns)))
+        async with self.db.transaction() as session:
+            return [_lead(row) for row in (await session.execute(statement)).scalars()]
+
+    async def upsert(self, fields: LeadFields, *, approval_id: str | None) -> tuple[Outcome, Lead]:
+        for attempt in range(1, UPSERT_ATTEMPTS + 1):
+            try:
+                return await self._upsert_once(fields, approval_id)
+            except IntegrityError:
+                if attempt == UPSERT_ATTEMPTS:
+                    raise ToolError(f"Could not save the lead for {fields.email}: it kept changing concurrently.") from None
+        raise AssertionError("unreachable")
+
+    async def _upsert_once(self, fields: LeadFields, approval_id: str | None) -> tuple[Outcome, Lead]:
+        email = normalise_email(fields.email)
+        now = utcnow()
+        async with self.db.transaction() as session:
+            row = (await session.execute(select(CrmLead).where(CrmLead.email == email))).scalar_one_or_none()
+            if row is None:
+                row = CrmLead(name=fields.name, email=email, need=fields.need, company=fields.company, status="new",
+                              source_approval_id=approval_id, created_at=now, updated_at=now)
+                session.add(row)
+                await session.flush()  # the unique index speaks here, inside our transaction
+                return "created", _lead(row)
+            if approval_id is not None and row.source_approval_id == approval_id:
+                return "unchanged", _lead(row)  # this approval already created it: a re-run does nothing
+            changes = fields.changes_for(_lead(row))
+            if not changes:
+                return "unchanged", _lead(row)
+            for key, value in changes.items():
+                setattr(row, key, value)
+            row.updated_at = now
+            return "updated", _lead(row)
+
+    async def update(self, lead_id: int, changes: dict[str, str]) -> Lead:
+        async with self.db.transaction() as session:
+            row = await session.get(CrmLead, lead_id)
+            if row is None:
+                raise ToolError(f"There is no lead #{lead_id}. Search for the lead first to get its id.")
+            for key, value in changes.items():
+                setattr(row, key, value)
+            if changes:
+                row.updated_at = utcnow()
+            return _lead(row)

@@ -1,0 +1,184 @@
+"""The HubSpot backend: leads are HubSpot contacts, reached through the CRM v3 REST API.
+
+Why HubSpot: its CRM API is plain REST + JSON with a bearer token (a private-app token), it is
+the de-facto standard small-team CRM with a free tier, and the base URL is configurable
+(HUBSPOT_BASE_URL), so a proxy, a sandbox or a local fake can stand in for it.
+
+Mapping: name -> `firstname` + `lastname` (split at the last space), need -> `message`,
+company -> `company`, status -> `hs_lead_status` (upper-case enum), owner -> `hubspot_owner_id`
+(an owner id, or an owner's e-mail looked up through `/crm/v3/owners`).
+
+HubSpot enforces one contact per e-mail and answers a duplicate creation with 409 naming the
+existing id; we then update that contact, so creating is idempotent without extra state.
+Rate limits: a 429 is retried at most `ATTEMPTS` times, waiting `Retry-After` (capped); a
+request that was sent but got no answer is `ToolInDoubt` for a write, never resent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import httpx
+
+from tools.crm.backend import SEARCH_LIMIT, Lead, LeadFields, Outcome, normalise_email
+from tools.errors import ToolError, ToolInDoubt, ToolUnavailable
+
+CONTACTS = "/crm/v3/objects/contacts"
+PROPERTIES = ("email", "firstname", "lastname", "company", "message", "hs_lead_status", "hubspot_owner_id")
+REQUEST_TIMEOUT = 15.0
+ATTEMPTS = 3
+MAX_RETRY_AFTER = 10.0
+_EXISTING_ID = re.compile(r"Existing ID:\s*(\d+)")
+
+
+def _lead(obj: dict[str, Any]) -> Lead:
+    props = obj.get("properties") or {}
+    name = " ".join(p for p in (props.get("firstname"), props.get("lastname")) if p)
+    status = props.get("hs_lead_status")
+    return Lead(id=int(obj["id"]), name=name, email=props.get("email") or "", need=props.get("message") or "",
+                company=props.get("company") or None, status=status.lower() if status else None,
+                owner=props.get("hubspot_owner_id") or None)
+
+
+def _split_name(name: str) -> dict[str, str]:
+    first, _, last = name.strip().rpartition(" ")
+    return {"firstname": first, "lastname": last} if first else {"firstname": last, "lastname": ""}
+
+
+def _message(response: httpx.Response) -> str:
+    try:
+        body = response.json()
+    except ValueError:
+        return response.text[:300]
+    return str(body.get("message") or body)[:300] if isinstance(body, dict) else str(body)[:300]
+
+
+class HubSpotCrm:
+    """`CrmBackend` over HubSpot contacts. Use `HubSpotCrm.connect(...)` to get one."""
+
+    name = "HubSpot"
+
+    def __init__(self, client: httpx.AsyncClient) -> None:
+        self.client = client
+
+    @classmethod
+    @asynccontextmanager
+    async def connect(cls, base_url: str, token: str) -> AsyncIterator[HubSpotCrm]:
+        headers = {"Authorization": f"Bearer {token}", "Accept": "application/json"}
+        async with httpx.AsyncClient(base_url=base_url.rstrip("/"), headers=headers, timeout=REQUEST_TIMEOUT) as client:
+            yield cls(client)
+
+    async def _call(self, method: str, path: str, *, write: bool, **kwargs: Any) -> httpx.Response:
+        """One API call: 429 retried (bounded), transport failures mapped, other statuses returned."""
+        for attempt in range(1, ATTEMPTS + 1):
+            try:
+                response = await self.client.request(method, path, **kwargs)
+            except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
+                raise ToolUnavailable(f"HubSpot cannot be reached ({type(exc).__name__}). Nothing was changed.") from None
+            except httpx.HTTPError as exc:
+                if write:
+                    raise ToolInDoubt(f"HubSpot did not answer ({type(exc).__name__}); the change may or may not "
+                                      "have been applied") from None
+                raise ToolUnavailable(f"HubSpot did not answer ({type(exc).__name__}).") from None
+            if response.status_code != 429:
+                return self._check_status(response, write=write)
+            wait = self._retry_after(response, attempt)
+            if wait > MAX_RETRY_AFTER or attempt == ATTEMPTS:
+                raise ToolUnavailable(f"HubSpot is rate-limiting us; try again in {wait:g} seconds. Nothing was changed.")
+            await asyncio.sleep(wait)
+        raise AssertionError("unreachable")
+
+    @staticmethod
+    def _retry_after(response: httpx.Response, attempt: int) -> float:
+        try:
+            return max(0.0, float(response.headers.get("Retry-After", "")))
+        except ValueError:
+            return float(attempt)
+
+    @staticmethod
+    def _check_status(response: httpx.Response, *, write: bool) -> httpx.Response:
+        status = response.status_code
+        if status in (401, 403):
+            raise ToolUnavailable(f"HubSpot refused our token ({status}: {_message(response)}). Check HUBSPOT_TOKEN and its scopes.")
+        if status >= 500:
+            if write:
+                raise ToolInDoubt(f"HubSpot failed with {status}; the change may or may not have been applied")
+            raise ToolUnavailable(f"HubSpot failed with {status}. Try again later.")
+        if status >= 400 and status not in (404, 409):
+            raise ToolError(f"HubSpot rejected the request ({status}): {_message(response)}")
+        return response
+
+    async def _search(self, body: dict[str, Any]) -> list[Lead]:
+        response = await self._call("POST", f"{CONTACTS}/search", write=False, json={**body, "properties": list(PROPERTIES)})
+        return [_lead(obj) for obj in response.json().get("results", [])]
+
+    async def get(self, lead_id: int) -> Lead | None:
+        response = await self._call("GET", f"{CONTACTS}/{lead_id}", write=False, params={"properties": ",".join(PROPERTIES)})
+        return None if response.status_code == 404 else _lead(response.json())
+
+    async def find_by_email(self, email: str) -> Lead | None:
+        flt = {"propertyName": "email", "operator": "EQ", "value": normalise_email(email)}
+        found = await self._search({"filterGroups": [{"filters": [flt]}], "limit": 1})
+        return found[0] if found else None
+
+    async def search(self, query: str) -> list[Lead]:
+        body: dict[str, Any] = {"limit": SEARCH_LIMIT}
+        if query.strip():
+            body["query"] = query.strip()
+        return await self._search(body)
+
+    async def upsert(self, fields: LeadFields, *, approval_id: str | None) -> tuple[Outcome, Lead]:
+        existing = await self.find_by_email(fields.email)
+        if existing is None:
+            props = {"email": normalise_email(fields.email), **_split_name(fields.name), "message": fields.need}
+            if fields.company is not None:
+                props["company"] = fields.company
+            response = await self._call("POST", CONTACTS, write=True, json={"properties": props})
+            if response.status_code != 409:
+                return "created", _lead(response.json())
+            # The search index lags behind creations: HubSpot itself tells us who already has this e-mail.
+            match = _EXISTING_ID.search(_message(response))
+            if match is None:
+                raise ToolError(f"HubSpot says a contact with {fields.email} exists but did not say which.")
+            existing = await self.get(int(match.group(1)))
+            if existing is None:
+                raise ToolError(f"HubSpot says contact {match.group(1)} has {fields.email} but cannot find it.")
+        changes = fields.changes_for(existing)
+        if not changes:
+            return "unchanged", existing
+        return "updated", await self.update(existing.id, changes)
+
+    async def update(self, lead_id: int, changes: dict[str, str]) -> Lead:
+        props: dict[str, str] = {}
+        for key, value in changes.items():
+            if key == "name":
+                props.update(_split_name(value))
+            elif key == "need":
+                props["message"] = value
+            elif key == "status":
+                props["hs_lead_status"] = value.upper()
+            elif key == "owner":
+                props["hubspot_owner_id"] = await self.owner_id(value)
+            else:
+                props[key] = value
+        response = await self._call("PATCH", f"{CONTACTS}/{lead_id}", write=True, json={"properties": props})
+        if response.status_code == 404:
+            raise ToolError(f"There is no lead #{lead_id} in HubSpot. Search for the lead first to get its id.")
+        return _lead(response.json())
+
+    async def owner_id(self, owner: str) -> str:
+        """A HubSpot owner id from an id or an owner's e-mail address."""
+        owner = owner.strip()
+        if owner.isdigit():
+            return owner
+        if "@" not in owner:
+            raise ToolError("In HubSpot the owner must be an owner id or the owner's e-mail address.")
+        response = await self._call("GET", "/crm/v3/owners/", write=False, params={"email": owner, "limit": 1})
+        results = response.json().get("results", []) if response.status_code == 200 else []
+        if not results:
+            raise ToolError(f"No HubSpot owner has the e-mail address {owner}.")
+        return str(results[0]["id"])
