@@ -10,7 +10,7 @@ from __future__ import annotations
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol, get_args
 
 from tools.errors import ToolUnavailable
 
@@ -18,7 +18,9 @@ if TYPE_CHECKING:
     from tools.context import ToolContext
 
 Outcome = Literal["created", "updated", "unchanged"]
-STATUSES = ("new", "open", "in_progress", "open_deal", "unqualified", "attempted_to_contact", "connected", "bad_timing")
+Status = Literal["new", "open", "in_progress", "open_deal", "unqualified", "attempted_to_contact", "connected", "bad_timing"]
+"""Lead statuses: HubSpot's `hs_lead_status` values, lower-cased; the built-in CRM uses the same set."""
+STATUSES: tuple[str, ...] = get_args(Status)
 SEARCH_LIMIT = 20
 
 

@@ -1,0 +1,137 @@
+"""The Slack channel adapter: `SlackAdapter(core, settings)`.
+
+Layout of the package (each module says what belongs in it):
+- `events.py`    Slack payloads -> `IncomingMessage` / `DecisionRequest` (pure functions);
+- `blocks.py`    `CardView` -> Block Kit, the reject-reason modal, safe message text;
+- `client.py`    the `AsyncWebClient` (base URL, bounded 429 retries), `auth.test`, user names;
+- `handlers.py`  the Bolt listeners, one core call each;
+- `transport.py` the Bolt app and its two doors: `POST /slack/events` and Socket Mode.
+
+This module is the `Channel` the core talks to (post a reply, react, post and update a card)
+plus the adapter's lifecycle. Socket Mode is used when SLACK_APP_TOKEN is set; otherwise the
+HTTP route is mounted and SLACK_SIGNING_SECRET verifies every request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Coroutine
+from typing import Any
+
+from aiohttp import web
+from slack_sdk.errors import SlackApiError
+from slack_sdk.web.async_client import AsyncWebClient
+
+from bot.channels import CardView
+from bot.config import Settings
+from bot.core import Core
+from bot.events import Thread
+from bot.slack.blocks import card_blocks, card_text, safe_message, split_message
+from bot.slack.client import BotIdentity, SlackUnavailable, UserDirectory, make_client
+from bot.slack.handlers import SlackHandlers
+from bot.slack.transport import HttpDoor, SocketDoor, build_bolt_app
+
+__all__ = ["SlackAdapter"]
+
+log = logging.getLogger("chatops.slack")
+
+WORKING_REACTION = "eyes"
+STOP_TIMEOUT = 10.0
+
+
+class SlackAdapter:
+    """Slack for the core: translates in (through Bolt) and renders out (through the Web API)."""
+
+    platform = "slack"
+
+    def __init__(self, core: Core, settings: Settings, *, client: AsyncWebClient | None = None) -> None:
+        self.core = core
+        self.client = client or make_client(settings)
+        self.identity = BotIdentity(self.client)
+        self.users = UserDirectory(self.client)
+        secret = settings.slack_signing_secret.get_secret_value() if settings.slack_signing_secret else None
+        self.bolt = build_bolt_app(self.client, self.identity, secret)
+        SlackHandlers(core, self.client, self.identity, self.users, self._spawn).register(self.bolt)
+        app_token = settings.slack_app_token.get_secret_value() if settings.slack_app_token else None
+        self.socket = SocketDoor(self.bolt, app_token) if app_token else None
+        self.http = HttpDoor(self.bolt, secret) if self.socket is None and secret else None
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    @property
+    def mode(self) -> str:
+        """"socket" or "http" (or "off" when neither an app token nor a signing secret is set)."""
+        return "socket" if self.socket else "http" if self.http else "off"
+
+    # ------------------------------------------------------------------ lifecycle
+    def routes(self) -> list[web.RouteDef]:
+        return self.http.routes() if self.http is not None else []
+
+    async def start(self) -> None:
+        """Learn who the bot is (a rejected token stops start-up), then connect Socket Mode if used."""
+        try:
+            identity = await self.identity.load()
+            log.info("slack: connected as %s in team %s (%s mode)", identity.bot_user_id, identity.team_id, self.mode)
+        except SlackUnavailable as exc:
+            log.warning("slack: %s; will ask again on the first request", exc)
+        if self.socket is not None:
+            await self.socket.start()
+
+    async def stop(self) -> None:
+        if self.socket is not None:
+            await self.socket.stop()
+        await self.idle(STOP_TIMEOUT)
+
+    async def idle(self, timeout: float | None = None) -> None:
+        """Wait for the adapter's own background calls (ephemeral answers, modals)."""
+        while self._tasks:
+            _, pending = await asyncio.wait(set(self._tasks), timeout=timeout)
+            if pending and timeout is not None:
+                for task in pending:
+                    task.cancel()
+                return
+
+    def _spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> None:
+        task = asyncio.create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("slack: %s failed: %s", task.get_name(), _describe(task.exception()))
+
+    # ------------------------------------------------------------------ Channel
+    async def post_reply(self, thread: Thread, text: str) -> None:
+        coords = thread.coords
+        for part in split_message(safe_message(text)):
+            await self.client.chat_postMessage(
+                channel=coords["channel"], thread_ts=coords.get("thread_ts"), text=part, unfurl_links=False
+            )
+
+    async def show_working(self, thread: Thread) -> None:
+        coords = thread.coords
+        try:
+            await self.client.reactions_add(channel=coords["channel"], timestamp=coords["ts"], name=WORKING_REACTION)
+        except SlackApiError as exc:
+            if exc.response.get("error") != "already_reacted":
+                raise
+
+    async def post_card(self, thread: Thread, card: CardView) -> str | None:
+        coords = thread.coords
+        response = await self.client.chat_postMessage(
+            channel=coords["channel"], thread_ts=coords.get("thread_ts"), text=card_text(card), blocks=card_blocks(card)
+        )
+        ts = response.get("ts")
+        return str(ts) if ts else None
+
+    async def update_card(self, thread: Thread, message_id: str, card: CardView) -> None:
+        await self.client.chat_update(
+            channel=thread.coords["channel"], ts=message_id, text=card_text(card), blocks=card_blocks(card)
+        )
+
+
+def _describe(exc: BaseException | None) -> str:
+    if isinstance(exc, SlackApiError):
+        return f"Slack answered {exc.response.get('error', 'an error')}"
+    return type(exc).__name__

@@ -1,0 +1,154 @@
+"""Slack payloads -> our small event types. Pure functions: no I/O, no Bolt, no core calls.
+
+What belongs here: deciding which Slack events are messages for the bot (and which are noise:
+our own posts, other bots, edits, channel chatter without a mention), stripping the bot's
+mention, choosing the conversation and the reply coordinates, the dedupe keys, and reading the
+clicker and the approval id out of `block_actions` / `view_submission` payloads.
+
+The conversation rule (documented in docs/slack.md):
+- in a channel the bot only hears `app_mention`; the conversation is the thread of the mention
+  (`thread_ts or ts`) and every reply goes into that thread; a follow-up needs a new mention;
+- in a DM every plain message counts; top-level DM messages form one conversation per DM and
+  are answered top-level; a message inside a DM thread belongs to (and is answered in) that thread.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from bot.events import DecisionRequest, IncomingMessage, Thread, User
+
+PLATFORM = "slack"
+APPROVE_ACTION = "chatops_approve"
+REJECT_ACTION = "chatops_reject"
+REJECT_VIEW = "chatops_reject_reason"
+REASON_BLOCK = "reason"
+REASON_INPUT = "reason"
+
+# Message subtypes that are still a person talking (everything else is an edit, a join, a bot...).
+_HUMAN_SUBTYPES = frozenset({"file_share", "thread_broadcast"})
+
+
+@dataclass(frozen=True)
+class Author:
+    """What we could learn about a message's author beyond the payload (users.info), if anything."""
+
+    name: str | None = None
+    is_bot: bool = False
+
+
+def mention_pattern(bot_user_id: str) -> re.Pattern[str]:
+    """`<@UBOT>` and `<@UBOT|name>` as Slack writes a mention of the bot."""
+    return re.compile(rf"<@{re.escape(bot_user_id)}(?:\|[^>]*)?>")
+
+
+def strip_mention(text: str, bot_user_id: str | None) -> str:
+    """The text with every mention of the bot removed and the whitespace tidied."""
+    if bot_user_id:
+        text = mention_pattern(bot_user_id).sub(" ", text)
+    return re.sub(r"[ \t]+", " ", text).strip()
+
+
+def team_of(body: dict[str, Any]) -> str:
+    """The workspace the event was delivered for (one app install = one team)."""
+    team = body.get("team_id") or (body.get("team") or {}).get("id") or body.get("event", {}).get("team")
+    return str(team or "-")
+
+
+def author_id(event: dict[str, Any]) -> str | None:
+    """The human author of a message event, or None when it is not a person's message."""
+    if event.get("bot_id") or event.get("bot_profile"):
+        return None
+    subtype = event.get("subtype")
+    if subtype is not None and subtype not in _HUMAN_SUBTYPES:
+        return None
+    user = event.get("user")
+    return str(user) if user else None
+
+
+def is_for_bot(event: dict[str, Any], bot_user_id: str | None) -> bool:
+    """An `app_mention` anywhere, or a DM; never our own message nor another bot's."""
+    user = author_id(event)
+    if user is None or (bot_user_id is not None and user == bot_user_id):
+        return False
+    if event.get("type") == "app_mention":
+        return True
+    return event.get("type") == "message" and event.get("channel_type") == "im"
+
+
+def dedupe_keys(body: dict[str, Any], event: dict[str, Any]) -> tuple[str, ...]:
+    """The delivery (`event_id`) and the message itself (one message can arrive as two events)."""
+    keys = [f"slack:msg:{team_of(body)}:{event.get('channel')}:{event.get('ts')}"]
+    if body.get("event_id"):
+        keys.insert(0, f"slack:evt:{body['event_id']}")
+    return tuple(keys)
+
+
+def thread_for(body: dict[str, Any], event: dict[str, Any]) -> tuple[Thread, str]:
+    """Where to answer (coordinates stored with the run) and the conversation key."""
+    team, channel, ts = team_of(body), str(event.get("channel")), str(event.get("ts"))
+    in_dm = event.get("channel_type") == "im"
+    thread_ts = event.get("thread_ts") or (None if in_dm else ts)
+    coords = {"team": team, "channel": channel, "thread_ts": thread_ts, "ts": ts, "dm": in_dm}
+    key = f"slack:{team}:{channel}:{thread_ts}" if thread_ts else f"slack:{team}:{channel}"
+    return Thread(PLATFORM, coords), key
+
+
+def message_from_event(
+    body: dict[str, Any], event: dict[str, Any], bot_user_id: str | None, author: Author | None = None
+) -> IncomingMessage | None:
+    """The message for the core, or None when the event is not addressed to the bot."""
+    if not is_for_bot(event, bot_user_id):
+        return None
+    user_id = str(author_id(event))
+    who = author or Author()
+    tenant = event.get("user_team") or event.get("team") or team_of(body)
+    user = User(PLATFORM, user_id, tenant=str(tenant), name=who.name, is_bot=who.is_bot)
+    thread, key = thread_for(body, event)
+    return IncomingMessage(
+        user=user,
+        text=strip_mention(str(event.get("text") or ""), bot_user_id),
+        thread=thread,
+        conversation_key=key,
+        dedupe_keys=dedupe_keys(body, event),
+        channel_id=str(event.get("channel")),
+    )
+
+
+def clicker(body: dict[str, Any]) -> User:
+    """The person who clicked or submitted (ids only decide; the name is for display)."""
+    user = body.get("user") or {}
+    tenant = user.get("team_id") or team_of(body)
+    name = user.get("name") or user.get("username")
+    return User(PLATFORM, str(user.get("id")), tenant=str(tenant), name=name)
+
+
+def decision_from_action(body: dict[str, Any], action: dict[str, Any]) -> DecisionRequest:
+    """An Approve click (the button's value is the approval id, nothing else)."""
+    return DecisionRequest(approval_id=str(action.get("value") or ""), user=clicker(body), approve=True)
+
+
+def click_place(body: dict[str, Any]) -> dict[str, str | None]:
+    """Where the clicked card lives: channel and thread, for ephemeral answers and the modal."""
+    message = body.get("message") or {}
+    container = body.get("container") or {}
+    channel = (body.get("channel") or {}).get("id") or container.get("channel_id")
+    return {"channel": channel, "thread_ts": message.get("thread_ts") or container.get("thread_ts")}
+
+
+def decision_from_view(body: dict[str, Any]) -> tuple[DecisionRequest, dict[str, Any]]:
+    """A submitted reject-reason modal: the decision, and the place stored in the modal."""
+    view = body.get("view") or {}
+    try:
+        meta = json.loads(view.get("private_metadata") or "{}")
+    except json.JSONDecodeError:
+        meta = {}
+    values = (view.get("state") or {}).get("values") or {}
+    reason = ((values.get(REASON_BLOCK) or {}).get(REASON_INPUT) or {}).get("value")
+    reason = reason.strip() if isinstance(reason, str) else None
+    request = DecisionRequest(approval_id=str(meta.get("approval_id") or ""), user=clicker(body), approve=False,
+                              reason=reason or None)
+    return request, meta

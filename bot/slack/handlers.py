@@ -1,0 +1,119 @@
+"""The Bolt listeners: Slack requests in, one core call each, nothing else.
+
+What belongs here: the event listener (a mention or a DM -> `core.accept_message`), the button
+listeners (Approve -> `core.decide`; Reject -> the reason modal), the modal submission
+(-> `core.decide` with the reason), and the error hook. The app runs with
+`process_before_response=True`, so a listener finishes before Slack gets its answer: an
+acknowledged message is always recorded, and one that could not be recorded (StorageError)
+is answered 500 (HTTP) or left unacknowledged (Socket Mode), so Slack delivers it again.
+Retries are never dropped by their headers; the core's dedupe keys make them harmless.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from slack_bolt.async_app import AsyncAck, AsyncApp
+from slack_bolt.request.async_request import AsyncBoltRequest
+from slack_sdk.web.async_client import AsyncWebClient
+
+from bot import texts
+from bot.core import Core
+from bot.errors import StorageError
+from bot.slack import events
+from bot.slack.blocks import reject_modal
+from bot.slack.client import BotIdentity, SlackUnavailable, UserDirectory
+
+log = logging.getLogger("chatops.slack")
+
+Spawn = Callable[[Coroutine[Any, Any, Any], str], None]
+# Outcomes the card already shows; anything else is told privately to the clicker.
+_SHOWN_ON_CARD = frozenset({"approved", "rejected"})
+
+
+class SlackHandlers:
+    """Listeners bound to one core; `register` attaches them to a Bolt app."""
+
+    def __init__(
+        self, core: Core, client: AsyncWebClient, identity: BotIdentity, users: UserDirectory, spawn: Spawn
+    ) -> None:
+        self.core = core
+        self.client = client
+        self.identity = identity
+        self.users = users
+        self.spawn = spawn
+
+    def register(self, app: AsyncApp) -> None:
+        app.event("app_mention")(self.on_event)
+        app.event("message")(self.on_event)
+        app.action(events.APPROVE_ACTION)(self.on_approve)
+        app.action(events.REJECT_ACTION)(self.on_reject)
+        app.view(events.REJECT_VIEW)(self.on_reject_submit)
+        app.error(self.on_error)
+
+    # ------------------------------------------------------------------ messages
+    async def on_event(self, body: dict[str, Any], event: dict[str, Any], request: AsyncBoltRequest) -> None:
+        """A mention or a DM: record it (the core runs the agent in the background)."""
+        bot_user_id = self.identity.bot_user_id
+        if not events.is_for_bot(event, bot_user_id):
+            return
+        author = await self.users.author(str(events.author_id(event)))
+        msg = events.message_from_event(body, event, bot_user_id, author)
+        if msg is None:
+            return
+        if not msg.text:
+            self.spawn(self._post(msg.thread.coords, texts.EMPTY_MESSAGE), "slack-empty-message")
+            return
+        accepted = await self.core.accept_message(msg)  # StorageError -> 500 / no ack -> Slack redelivers
+        retry = (request.headers.get("x-slack-retry-num") or ["0"])[0]
+        log.debug("slack event %s (retry %s): %s", body.get("event_id"), retry, "recorded" if accepted else "duplicate")
+
+    async def _post(self, coords: dict[str, Any], text: str) -> None:
+        await self.client.chat_postMessage(channel=coords["channel"], thread_ts=coords.get("thread_ts"), text=text)
+
+    # ------------------------------------------------------------------ approvals
+    async def on_approve(self, ack: AsyncAck, body: dict[str, Any], action: dict[str, Any]) -> None:
+        """Approve: decide now (a fast, conditional DB update); the core updates the card and runs the tool."""
+        await ack()
+        request = events.decision_from_action(body, action)
+        outcome = await self.core.decide(request)
+        log.info("slack click on %s by %s: %s", request.approval_id, request.user.key, outcome.kind)
+        if outcome.kind not in _SHOWN_ON_CARD:
+            place = events.click_place(body)
+            self.spawn(self._tell(place, request.user.id, outcome.message), "slack-ephemeral")
+
+    async def on_reject(self, ack: AsyncAck, body: dict[str, Any], action: dict[str, Any]) -> None:
+        """Reject: open the modal asking why; the decision happens when it is submitted."""
+        await ack()
+        view = reject_modal(str(action.get("value") or ""), events.click_place(body))
+        self.spawn(self._open(str(body.get("trigger_id")), view), "slack-reject-modal")
+
+    async def on_reject_submit(self, ack: AsyncAck, body: dict[str, Any]) -> None:
+        """The modal was submitted: reject with the reason; refusals are shown inside the modal."""
+        request, _ = events.decision_from_view(body)
+        outcome = await self.core.decide(request)
+        log.info("slack reject of %s by %s: %s", request.approval_id, request.user.key, outcome.kind)
+        if outcome.kind in _SHOWN_ON_CARD:
+            await ack()
+        else:
+            await ack(response_action="errors", errors={events.REASON_BLOCK: outcome.message})
+
+    async def _tell(self, place: dict[str, Any], user_id: str, text: str) -> None:
+        if not place.get("channel"):
+            return
+        await self.client.chat_postEphemeral(channel=place["channel"], user=user_id, text=text,
+                                             thread_ts=place.get("thread_ts"))
+
+    async def _open(self, trigger_id: str, view: dict[str, Any]) -> None:
+        await self.client.views_open(trigger_id=trigger_id, view=view)
+
+    # ------------------------------------------------------------------ errors
+    async def on_error(self, error: Exception, body: dict[str, Any]) -> None:
+        """Log one line (never the payload); Bolt answers 500 so Slack redelivers events."""
+        what = body.get("event_id") or body.get("type") or "request"
+        if isinstance(error, StorageError | SlackUnavailable):
+            log.warning("slack %s not processed, Slack will redeliver it: %s", what, error)
+        else:
+            log.error("slack %s failed: %s", what, type(error).__name__, exc_info=error)

@@ -1,0 +1,101 @@
+"""How Slack requests reach the listeners: one Bolt `AsyncApp`, two doors.
+
+What belongs here: building the `AsyncApp` (our client, our `authorize`, `process_before_response`),
+the HTTP door (`POST /slack/events` on the shared aiohttp server, for Events API and
+interactivity alike) and the Socket Mode door (`AsyncSocketModeHandler`). Both doors dispatch into
+the same app, so there is exactly one copy of the handling logic.
+
+The HTTP door checks the signature itself before Bolt sees the request (Bolt checks it again):
+a missing, forged, stale (> 5 minutes) or malformed (`X-Slack-Request-Timestamp: abc`) signature
+gets 401 with no side effect, and the body is never logged (Bolt's own verifier logs it at INFO,
+so its message is filtered out).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+
+from aiohttp import web
+from slack_bolt.adapter.aiohttp import to_aiohttp_response, to_bolt_request
+from slack_bolt.adapter.socket_mode.aiohttp import AsyncSocketModeHandler
+from slack_bolt.async_app import AsyncApp
+from slack_sdk.signature import SignatureVerifier
+from slack_sdk.web.async_client import AsyncWebClient
+
+from bot.slack.client import BotIdentity
+
+log = logging.getLogger("chatops.slack")
+
+EVENTS_PATH = "/slack/events"
+_BOLT_VERIFIER_LOGGER = "slack_bolt.RequestVerification"
+
+
+class _NoSignatureBodies(logging.Filter):
+    """Drops Bolt's 'Invalid request signature detected (... body: ...)' records."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Invalid request signature")
+
+
+def _silence_bolt_verifier_log() -> None:
+    logger = logging.getLogger(_BOLT_VERIFIER_LOGGER)
+    if not any(isinstance(f, _NoSignatureBodies) for f in logger.filters):
+        logger.addFilter(_NoSignatureBodies())
+
+
+def build_bolt_app(client: AsyncWebClient, identity: BotIdentity, signing_secret: str | None) -> AsyncApp:
+    """The Bolt app. Listeners run to completion before the response (`process_before_response`)."""
+    _silence_bolt_verifier_log()
+    return AsyncApp(
+        name="chatops.slack.app",
+        client=client,
+        authorize=identity.authorize,
+        signing_secret=signing_secret or "",
+        process_before_response=True,
+        logger=logging.getLogger("chatops.slack.bolt"),
+    )
+
+
+def signature_ok(verifier: SignatureVerifier, body: bytes, headers: Mapping[str, str]) -> bool:
+    """Slack's v0 HMAC over `v0:<timestamp>:<body>`, within 5 minutes; any malformed input is False."""
+    timestamp = headers.get("X-Slack-Request-Timestamp")
+    signature = headers.get("X-Slack-Signature")
+    if not timestamp or not signature or not timestamp.strip().isdigit():
+        return False
+    try:
+        return verifier.is_valid(body=body, timestamp=timestamp.strip(), signature=signature)
+    except (ValueError, UnicodeDecodeError):
+        return False
+
+
+class HttpDoor:
+    """`POST /slack/events`: verify, then hand the request to Bolt and return Bolt's answer."""
+
+    def __init__(self, app: AsyncApp, signing_secret: str) -> None:
+        self.app = app
+        self.verifier = SignatureVerifier(signing_secret)
+
+    def routes(self) -> list[web.RouteDef]:
+        return [web.post(EVENTS_PATH, self.handle)]
+
+    async def handle(self, request: web.Request) -> web.Response:
+        body = await request.read()
+        if not signature_ok(self.verifier, body, request.headers):
+            log.warning("slack: rejected a request with a missing, invalid or stale signature")
+            return web.json_response({"error": "invalid request"}, status=401)
+        bolt_response = await self.app.async_dispatch(await to_bolt_request(request))
+        return await to_aiohttp_response(bolt_response)
+
+
+class SocketDoor:
+    """Socket Mode: Slack pushes the same payloads over a WebSocket opened with the app token."""
+
+    def __init__(self, app: AsyncApp, app_token: str) -> None:
+        self.handler = AsyncSocketModeHandler(app, app_token, logger=logging.getLogger("chatops.slack.socket"))
+
+    async def start(self) -> None:
+        await self.handler.connect_async()
+
+    async def stop(self) -> None:
+        await self.handler.close_async()
