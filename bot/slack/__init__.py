@@ -60,7 +60,7 @@ class SlackAdapter:
 
     @property
     def mode(self) -> str:
-        """"socket" or "http" (or "off" when neither an app token nor a signing secret is set)."""
+        """The transport in use: socket, http, or off (neither an app token nor a signing secret)."""
         return "socket" if self.socket else "http" if self.http else "off"
 
     # ------------------------------------------------------------------ lifecycle
@@ -80,16 +80,17 @@ class SlackAdapter:
     async def stop(self) -> None:
         if self.socket is not None:
             await self.socket.stop()
-        await self.idle(STOP_TIMEOUT)
+        try:
+            async with asyncio.timeout(STOP_TIMEOUT):
+                await self.idle()
+        except TimeoutError:
+            for task in list(self._tasks):
+                task.cancel()
 
-    async def idle(self, timeout: float | None = None) -> None:
+    async def idle(self) -> None:
         """Wait for the adapter's own background calls (ephemeral answers, modals)."""
         while self._tasks:
-            _, pending = await asyncio.wait(set(self._tasks), timeout=timeout)
-            if pending and timeout is not None:
-                for task in pending:
-                    task.cancel()
-                return
+            await asyncio.wait(set(self._tasks))
 
     def _spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> None:
         task = asyncio.create_task(coro, name=name)

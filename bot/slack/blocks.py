@@ -76,9 +76,7 @@ def _field_sections(card: CardView) -> list[dict[str, Any]]:
     for field in card.fields:
         cells.append(mrkdwn(f"*{escape(field.label)}*", FIELD_LIMIT))
         cells.append(plain(field.value, FIELD_LIMIT))
-    return [
-        {"type": "section", "fields": cells[i : i + FIELDS_PER_SECTION]} for i in range(0, len(cells), FIELDS_PER_SECTION)
-    ]
+    return [{"type": "section", "fields": cells[i : i + FIELDS_PER_SECTION]} for i in range(0, len(cells), FIELDS_PER_SECTION)]
 
 
 def _status(card: CardView) -> list[str]:
@@ -137,8 +135,13 @@ def card_blocks(card: CardView) -> list[dict[str, Any]]:
 
 
 def _button(label: str, action_id: str, approval_id: str, style: str) -> dict[str, Any]:
-    return {"type": "button", "text": plain(label, BUTTON_LIMIT), "action_id": action_id, "value": approval_id[:2000],
-            "style": style}
+    return {
+        "type": "button",
+        "text": plain(label, BUTTON_LIMIT),
+        "action_id": action_id,
+        "value": approval_id[:2000],
+        "style": style,
+    }
 
 
 def card_text(card: CardView) -> str:

@@ -80,9 +80,7 @@ class BotIdentity:
                     raise SlackUnavailable(f"auth.test failed: {error}") from None
                 except Exception as exc:  # noqa: BLE001 - network trouble: the caller answers non-2xx
                     raise SlackUnavailable(f"auth.test failed: {type(exc).__name__}") from None
-                self._result = AuthorizeResult.from_auth_test_response(
-                    auth_test_response=response, bot_token=self.client.token
-                )
+                self._result = AuthorizeResult.from_auth_test_response(auth_test_response=response, bot_token=self.client.token)
         return self._result
 
     async def authorize(self, **_: Any) -> AuthorizeResult:

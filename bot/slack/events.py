@@ -149,6 +149,7 @@ def decision_from_view(body: dict[str, Any]) -> tuple[DecisionRequest, dict[str,
     values = (view.get("state") or {}).get("values") or {}
     reason = ((values.get(REASON_BLOCK) or {}).get(REASON_INPUT) or {}).get("value")
     reason = reason.strip() if isinstance(reason, str) else None
-    request = DecisionRequest(approval_id=str(meta.get("approval_id") or ""), user=clicker(body), approve=False,
-                              reason=reason or None)
+    request = DecisionRequest(
+        approval_id=str(meta.get("approval_id") or ""), user=clicker(body), approve=False, reason=reason or None
+    )
     return request, meta

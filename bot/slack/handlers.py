@@ -36,9 +36,7 @@ _SHOWN_ON_CARD = frozenset({"approved", "rejected"})
 class SlackHandlers:
     """Listeners bound to one core; `register` attaches them to a Bolt app."""
 
-    def __init__(
-        self, core: Core, client: AsyncWebClient, identity: BotIdentity, users: UserDirectory, spawn: Spawn
-    ) -> None:
+    def __init__(self, core: Core, client: AsyncWebClient, identity: BotIdentity, users: UserDirectory, spawn: Spawn) -> None:
         self.core = core
         self.client = client
         self.identity = identity
@@ -103,8 +101,7 @@ class SlackHandlers:
     async def _tell(self, place: dict[str, Any], user_id: str, text: str) -> None:
         if not place.get("channel"):
             return
-        await self.client.chat_postEphemeral(channel=place["channel"], user=user_id, text=text,
-                                             thread_ts=place.get("thread_ts"))
+        await self.client.chat_postEphemeral(channel=place["channel"], user=user_id, text=text, thread_ts=place.get("thread_ts"))
 
     async def _open(self, trigger_id: str, view: dict[str, Any]) -> None:
         await self.client.views_open(trigger_id=trigger_id, view=view)

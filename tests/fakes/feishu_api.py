@@ -1,0 +1,278 @@
+"""A fake Feishu Open API: a real aiohttp server on 127.0.0.1:0 the real lark-oapi client talks to.
+
+Point `lark.Client` (FEISHU_DOMAIN) at `fake.url`. It serves the tenant token, bot info, message
+create / reply / PATCH and reactions, honours `uuid` idempotency keys, keeps every message
+(so tests can read a card after it was patched) and records each call. `fail_token_once()`
+makes the next API call answer 99991663 (the token is rotated), `rate_limit_once()` answers
+429/99991400 once. It also speaks the long-connection protocol: `/callback/ws/endpoint` plus a
+websocket carrying pbbp2 frames, and `push()` sends an event frame and returns the ack.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import itertools
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import WSMsgType, web
+from lark_oapi.ws.pb.pbbp2_pb2 import Frame
+
+BOT_OPEN_ID = "ou_bot_chatops"
+CARD_LIMIT = 30 * 1024
+
+
+@dataclass
+class Call:
+    """One API request as the fake saw it."""
+
+    method: str
+    path: str
+    query: dict[str, str]
+    body: dict[str, Any]
+    token: str | None
+
+
+@dataclass
+class Message:
+    """A message the bot sent, as Feishu would store it."""
+
+    message_id: str
+    chat_id: str | None
+    msg_type: str
+    content: str
+    reply_to: str | None = None
+    in_thread: bool = False
+    patches: list[str] = field(default_factory=list)
+
+    @property
+    def json(self) -> dict[str, Any]:
+        return json.loads(self.content)
+
+
+class FakeFeishu:
+    """Start with `await fake.start()`; stop with `await fake.stop()`."""
+
+    def __init__(self, *, bot_open_id: str = BOT_OPEN_ID) -> None:
+        self.bot_open_id = bot_open_id
+        self.calls: list[Call] = []
+        self.messages: dict[str, Message] = {}
+        self.reactions: list[tuple[str, str]] = []
+        self.acks: list[dict[str, Any]] = []
+        self._ids = itertools.count(1)
+        self._token = "t-1"
+        self._tokens = itertools.count(2)
+        self._by_uuid: dict[str, str] = {}
+        self._fail_token = 0
+        self._rate_limit = 0
+        self._changed = asyncio.Condition()
+        self._ws: web.WebSocketResponse | None = None
+        self._ws_ready = asyncio.Event()
+        self._acks: dict[str, asyncio.Future[dict[str, Any]]] = {}
+        self._runner: web.AppRunner | None = None
+        self.url = ""
+
+    # ------------------------------------------------------------------ lifecycle
+    async def start(self) -> FakeFeishu:
+        app = web.Application()
+        app.router.add_post("/open-apis/auth/v3/tenant_access_token/internal", self._token_endpoint)
+        app.router.add_get("/open-apis/bot/v3/info", self._bot_info)
+        app.router.add_post("/open-apis/im/v1/messages", self._create)
+        app.router.add_post("/open-apis/im/v1/messages/{mid}/reply", self._reply)
+        app.router.add_patch("/open-apis/im/v1/messages/{mid}", self._patch)
+        app.router.add_post("/open-apis/im/v1/messages/{mid}/reactions", self._react)
+        app.router.add_post("/callback/ws/endpoint", self._ws_endpoint)
+        app.router.add_get("/ws", self._ws_handler)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        self.url = f"http://127.0.0.1:{self._runner.addresses[0][1]}"
+        return self
+
+    async def stop(self) -> None:
+        if self._ws is not None:
+            await self._ws.close()
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    # ------------------------------------------------------------------ test controls
+    def fail_token_once(self) -> None:
+        self._fail_token += 1
+
+    def rate_limit_once(self) -> None:
+        self._rate_limit += 1
+
+    def calls_to(self, kind: str) -> list[Call]:
+        """Calls by kind: token, bot_info, create, reply, patch, reaction."""
+        return [c for c in self.calls if _kind(c) == kind]
+
+    def sent(self) -> list[Message]:
+        return [m for m in self.messages.values()]
+
+    def cards(self) -> list[Message]:
+        return [m for m in self.messages.values() if m.msg_type == "interactive"]
+
+    def texts(self) -> list[str]:
+        return [m.json["text"] for m in self.messages.values() if m.msg_type == "text"]
+
+    async def wait_for(self, predicate: Any, timeout: float = 10.0) -> None:
+        """Wait (no sleeps) until `predicate()` is true after some call."""
+        async with self._changed:
+            await asyncio.wait_for(self._changed.wait_for(predicate), timeout)
+
+    # ------------------------------------------------------------------ API handlers
+    async def _record(self, request: web.Request) -> tuple[Call, web.Response | None]:
+        raw = await request.read()
+        body = json.loads(raw) if raw else {}
+        auth = request.headers.get("Authorization", "")
+        call = Call(request.method, request.path, dict(request.query), body, auth.removeprefix("Bearer ") or None)
+        self.calls.append(call)
+        if _kind(call) == "token":
+            return call, None
+        if self._rate_limit:
+            self._rate_limit -= 1
+            problem = {"code": 99991400, "msg": "request trigger frequency limit"}
+            return call, web.json_response(problem, status=429, headers={"x-ogw-ratelimit-reset": "0"})
+        if self._fail_token:
+            self._fail_token -= 1
+            self._token = f"t-{next(self._tokens)}"
+        if call.token != self._token:
+            problem = {"code": 99991663, "msg": "Invalid access token for authorization."}
+            return call, web.json_response(problem, status=400)
+        return call, None
+
+    async def _done(self, response: web.Response) -> web.Response:
+        async with self._changed:
+            self._changed.notify_all()
+        return response
+
+    async def _token_endpoint(self, request: web.Request) -> web.Response:
+        await self._record(request)
+        return await self._done(
+            web.json_response({"code": 0, "msg": "ok", "tenant_access_token": self._token, "expire": 7200})
+        )
+
+    async def _bot_info(self, request: web.Request) -> web.Response:
+        _, problem = await self._record(request)
+        bot = {"activate_status": 2, "app_name": "chatops", "open_id": self.bot_open_id}
+        return await self._done(problem or web.json_response({"code": 0, "msg": "ok", "bot": bot}))
+
+    def _store(self, body: dict[str, Any], *, chat_id: str | None, reply_to: str | None) -> web.Response:
+        if body.get("msg_type") == "interactive":
+            size = len(body.get("content", "").encode())
+            card = json.loads(body.get("content") or "{}")
+            if size > CARD_LIMIT or card.get("schema") != "2.0":
+                return web.json_response({"code": 230099, "msg": "card content is invalid"}, status=400)
+        key = body.get("uuid")
+        if key and key in self._by_uuid:
+            return web.json_response({"code": 0, "msg": "ok", "data": {"message_id": self._by_uuid[key]}})
+        if reply_to is not None and reply_to in self.messages:
+            chat_id = self.messages[reply_to].chat_id
+        message = Message(
+            message_id=f"om_fake_{next(self._ids)}",
+            chat_id=chat_id,
+            msg_type=body.get("msg_type", ""),
+            content=body.get("content", ""),
+            reply_to=reply_to,
+            in_thread=bool(body.get("reply_in_thread")),
+        )
+        self.messages[message.message_id] = message
+        if key:
+            self._by_uuid[key] = message.message_id
+        return web.json_response({"code": 0, "msg": "ok", "data": {"message_id": message.message_id}})
+
+    async def _create(self, request: web.Request) -> web.Response:
+        call, problem = await self._record(request)
+        if problem is not None:
+            return await self._done(problem)
+        return await self._done(self._store(call.body, chat_id=call.body.get("receive_id"), reply_to=None))
+
+    async def _reply(self, request: web.Request) -> web.Response:
+        call, problem = await self._record(request)
+        if problem is not None:
+            return await self._done(problem)
+        return await self._done(self._store(call.body, chat_id=None, reply_to=request.match_info["mid"]))
+
+    async def _patch(self, request: web.Request) -> web.Response:
+        call, problem = await self._record(request)
+        message = self.messages.get(request.match_info["mid"])
+        if problem is None and (message is None or message.msg_type != "interactive"):
+            problem = web.json_response({"code": 230001, "msg": "invalid message_id"}, status=400)
+        if problem is None and len(call.body.get("content", "").encode()) > CARD_LIMIT:
+            problem = web.json_response({"code": 230099, "msg": "card too large"}, status=400)
+        if problem is not None:
+            return await self._done(problem)
+        assert message is not None
+        message.patches.append(call.body["content"])
+        message.content = call.body["content"]
+        return await self._done(web.json_response({"code": 0, "msg": "ok", "data": {}}))
+
+    async def _react(self, request: web.Request) -> web.Response:
+        call, problem = await self._record(request)
+        if problem is not None:
+            return await self._done(problem)
+        self.reactions.append((request.match_info["mid"], call.body["reaction_type"]["emoji_type"]))
+        data = {"reaction_id": f"r{len(self.reactions)}"}
+        return await self._done(web.json_response({"code": 0, "msg": "ok", "data": data}))
+
+    # ------------------------------------------------------------------ long connection
+    async def _ws_endpoint(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        if body.get("AppSecret") in (None, ""):
+            return web.json_response({"code": 514, "msg": "auth failed"})
+        host = request.host
+        config = {"ReconnectCount": 0, "ReconnectInterval": 1, "ReconnectNonce": 0, "PingInterval": 120}
+        url = f"ws://{host}/ws?device_id=dev1&service_id=7"
+        return web.json_response({"code": 0, "msg": "ok", "data": {"URL": url, "ClientConfig": config}})
+
+    async def _ws_handler(self, request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        self._ws = ws
+        self._ws_ready.set()
+        async for msg in ws:
+            if msg.type != WSMsgType.BINARY:
+                continue
+            frame = Frame()
+            frame.ParseFromString(msg.data)
+            headers = {h.key: h.value for h in frame.headers}
+            waiter = self._acks.pop(headers.get("message_id", ""), None)
+            if waiter is not None and frame.method == 1 and not waiter.done():
+                waiter.set_result(json.loads(frame.payload))
+        return ws
+
+    async def push(self, payload: dict[str, Any], *, frame_type: str = "event", timeout: float = 10.0) -> dict[str, Any]:
+        """Send one data frame over the long connection; returns the client's ack (data decoded)."""
+        await asyncio.wait_for(self._ws_ready.wait(), timeout)
+        assert self._ws is not None
+        frame_id = f"frame-{next(self._ids)}"
+        frame = Frame(SeqID=1, LogID=1, service=7, method=1, payload=json.dumps(payload).encode())
+        for key, value in (("type", frame_type), ("message_id", frame_id), ("trace_id", "tr"), ("sum", "1"), ("seq", "0")):
+            header = frame.headers.add()
+            header.key, header.value = key, value
+        waiter: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._acks[frame_id] = waiter
+        await self._ws.send_bytes(frame.SerializeToString())
+        ack = await asyncio.wait_for(waiter, timeout)
+        if ack.get("data"):
+            ack["data"] = json.loads(base64.b64decode(ack["data"]))
+        self.acks.append(ack)
+        return ack
+
+
+def _kind(call: Call) -> str:
+    path = call.path
+    if path.endswith("/tenant_access_token/internal"):
+        return "token"
+    if path.endswith("/bot/v3/info"):
+        return "bot_info"
+    if path.endswith("/reply"):
+        return "reply"
+    if path.endswith("/reactions"):
+        return "reaction"
+    if call.method == "PATCH":
+        return "patch"
+    return "create"

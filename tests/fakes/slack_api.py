@@ -1,0 +1,213 @@
+"""A fake Slack: the Web API over real HTTP on 127.0.0.1, plus a Socket Mode WebSocket.
+
+The bot's real `AsyncWebClient` talks to it through SLACK_API_URL. Every call is recorded as an
+`ApiCall` (method name, parsed parameters, token, HTTP status) and answered the way Slack does for
+the methods the bot uses (`auth.test`, `chat.postMessage` returns a fresh `ts`, `chat.update`,
+`chat.postEphemeral`, `reactions.add`, `conversations.replies`, `views.open`, `users.info`,
+`apps.connections.open`...). A test can make a method answer 429 with Retry-After, or a Slack
+error, a number of times. `wait_for` waits on calls instead of sleeping.
+
+Socket Mode: `apps.connections.open` hands out `ws://127.0.0.1:<port>/socket`; `push` sends an
+envelope to the connected client and `wait_ack` waits for the client's acknowledgement.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import WSMsgType, web
+
+TEAM_ID = "T0CHATOPS"
+BOT_USER_ID = "U0BOT"
+BOT_ID = "B0BOT"
+
+
+@dataclass
+class ApiCall:
+    """One request the bot made."""
+
+    method: str
+    params: dict[str, Any]
+    token: str | None
+    status: int = 200
+
+
+@dataclass
+class FakeSlackApi:
+    """Use as an async context manager; `url` is the value for SLACK_API_URL."""
+
+    calls: list[ApiCall] = field(default_factory=list)
+    users: dict[str, dict[str, Any]] = field(default_factory=dict)
+    messages: dict[str, dict[str, Any]] = field(default_factory=dict)
+    acks: dict[str, dict[str, Any]] = field(default_factory=dict)
+    port: int = 0
+    _limits: dict[str, list[int]] = field(default_factory=dict)
+    _errors: dict[str, list[Any]] = field(default_factory=dict)
+    _ts: Any = field(default_factory=lambda: itertools.count(1))
+    _changed: asyncio.Condition = field(default_factory=asyncio.Condition)
+    _sockets: list[web.WebSocketResponse] = field(default_factory=list)
+    _runner: web.AppRunner | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/api/"
+
+    # ------------------------------------------------------------------ scripting
+    def rate_limit(self, method: str, times: int = 1, retry_after: int = 1) -> None:
+        """The next `times` calls of `method` answer HTTP 429 with `Retry-After: retry_after`."""
+        self._limits[method] = [times, retry_after]
+
+    def fail(self, method: str, error: str, times: int = 1) -> None:
+        """The next `times` calls of `method` answer `{"ok": false, "error": error}`."""
+        self._errors[method] = [times, error]
+
+    def add_user(self, user_id: str, name: str, *, is_bot: bool = False, team: str = TEAM_ID) -> None:
+        self.users[user_id] = {"id": user_id, "team_id": team, "name": name.lower(), "real_name": name, "is_bot": is_bot,
+                               "profile": {"display_name": name, "real_name": name}}
+
+    # ------------------------------------------------------------------ inspection
+    def calls_to(self, method: str, *, ok_only: bool = True) -> list[ApiCall]:
+        return [c for c in self.calls if c.method == method and (c.status == 200 or not ok_only)]
+
+    async def wait_for(self, method: str, count: int = 1, timeout: float = 10.0) -> list[ApiCall]:
+        """Wait until `method` was answered successfully at least `count` times."""
+        async with asyncio.timeout(timeout), self._changed:
+            await self._changed.wait_for(lambda: len(self.calls_to(method)) >= count)
+        return self.calls_to(method)
+
+    # ------------------------------------------------------------------ Web API
+    async def _api(self, request: web.Request) -> web.Response:
+        method = request.match_info["method"]
+        params: dict[str, Any] = dict(request.query)
+        if request.content_type == "application/json":
+            params.update(await request.json())
+        elif request.can_read_body:
+            params.update(dict(await request.post()))
+        auth = request.headers.get("Authorization", "")
+        token = auth.removeprefix("Bearer ") if auth.startswith("Bearer ") else params.pop("token", None)
+        call = ApiCall(method, params, token)
+        response = self._answer(call)
+        self.calls.append(call)
+        async with self._changed:
+            self._changed.notify_all()
+        return response
+
+    def _answer(self, call: ApiCall) -> web.Response:
+        limit = self._limits.get(call.method)
+        if limit and limit[0] > 0:
+            limit[0] -= 1
+            call.status = 429
+            return web.json_response({"ok": False, "error": "ratelimited"}, status=429, headers={"Retry-After": str(limit[1])})
+        expected = "xapp-" if call.method == "apps.connections.open" else "xoxb-"
+        if not call.token or not call.token.startswith(expected):
+            return web.json_response({"ok": False, "error": "not_authed" if not call.token else "invalid_auth"})
+        error = self._errors.get(call.method)
+        if error and error[0] > 0:
+            error[0] -= 1
+            return web.json_response({"ok": False, "error": error[1]})
+        handler = getattr(self, "_m_" + call.method.replace(".", "_"), None)
+        body = handler(call.params) if handler else {}
+        return web.json_response({"ok": True, **body})
+
+    def _new_ts(self) -> str:
+        return f"1700000000.{next(self._ts):06d}"
+
+    def _m_auth_test(self, _: dict[str, Any]) -> dict[str, Any]:
+        return {"url": "https://fake.slack.test/", "team": "Fake", "user": "chatops", "team_id": TEAM_ID,
+                "user_id": BOT_USER_ID, "bot_id": BOT_ID, "is_enterprise_install": False}
+
+    def _m_chat_postMessage(self, p: dict[str, Any]) -> dict[str, Any]:
+        ts = self._new_ts()
+        self.messages[ts] = {"channel": p.get("channel"), "text": p.get("text"), "blocks": p.get("blocks"),
+                             "thread_ts": p.get("thread_ts"), "ts": ts}
+        return {"channel": p.get("channel"), "ts": ts, "message": self.messages[ts]}
+
+    def _m_chat_update(self, p: dict[str, Any]) -> dict[str, Any]:
+        message = self.messages.get(str(p.get("ts")))
+        if message is not None:
+            message.update(text=p.get("text"), blocks=p.get("blocks"))
+        return {"channel": p.get("channel"), "ts": p.get("ts"), "text": p.get("text")}
+
+    def _m_chat_postEphemeral(self, _: dict[str, Any]) -> dict[str, Any]:
+        return {"message_ts": self._new_ts()}
+
+    def _m_conversations_replies(self, p: dict[str, Any]) -> dict[str, Any]:
+        root = str(p.get("ts"))
+        thread = [m for m in self.messages.values() if root in (m["ts"], m.get("thread_ts"))]
+        return {"messages": thread, "has_more": False}
+
+    def _m_views_open(self, p: dict[str, Any]) -> dict[str, Any]:
+        view = p.get("view")
+        view = json.loads(view) if isinstance(view, str) else view
+        return {"view": {"id": "V" + uuid.uuid4().hex[:10].upper(), **(view or {})}}
+
+    def _m_users_info(self, p: dict[str, Any]) -> dict[str, Any]:
+        user_id = str(p.get("user"))
+        default = {"id": user_id, "team_id": TEAM_ID, "name": user_id.lower(), "is_bot": False, "profile": {}}
+        return {"user": self.users.get(user_id, default)}
+
+    def _m_apps_connections_open(self, _: dict[str, Any]) -> dict[str, Any]:
+        return {"url": f"ws://127.0.0.1:{self.port}/socket"}
+
+    # ------------------------------------------------------------------ Socket Mode
+    async def _socket(self, request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse(autoping=True)
+        await ws.prepare(request)
+        self._sockets.append(ws)
+        await ws.send_json({"type": "hello", "num_connections": 1, "connection_info": {"app_id": "A0CHATOPS"}})
+        async with self._changed:
+            self._changed.notify_all()
+        async for message in ws:
+            if message.type == WSMsgType.TEXT:
+                data = json.loads(message.data)
+                if "envelope_id" in data:
+                    self.acks[data["envelope_id"]] = data
+                    async with self._changed:
+                        self._changed.notify_all()
+        self._sockets.remove(ws)
+        return ws
+
+    async def wait_connected(self, timeout: float = 10.0) -> None:
+        async with asyncio.timeout(timeout), self._changed:
+            await self._changed.wait_for(lambda: bool(self._sockets))
+
+    async def push(self, kind: str, payload: dict[str, Any], *, retry_attempt: int = 0, retry_reason: str = "") -> str:
+        """Send an envelope (`events_api`, `interactive`) to the connected client; returns its id."""
+        envelope_id = str(uuid.uuid4())
+        envelope = {"envelope_id": envelope_id, "type": kind, "payload": payload,
+                    "accepts_response_payload": kind == "interactive", "retry_attempt": retry_attempt,
+                    "retry_reason": retry_reason}
+        await self._sockets[-1].send_json(envelope)
+        return envelope_id
+
+    async def wait_ack(self, envelope_id: str, timeout: float = 10.0) -> dict[str, Any] | None:
+        """The client's acknowledgement of an envelope, or None if none came within `timeout`."""
+        try:
+            async with asyncio.timeout(timeout), self._changed:
+                await self._changed.wait_for(lambda: envelope_id in self.acks)
+        except TimeoutError:
+            return None
+        return self.acks[envelope_id]
+
+    # ------------------------------------------------------------------ lifecycle
+    async def __aenter__(self) -> FakeSlackApi:
+        app = web.Application()
+        app.router.add_route("*", "/api/{method}", self._api)
+        app.router.add_get("/socket", self._socket)
+        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=1)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        self.port = int(self._runner.addresses[0][1])
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        for ws in list(self._sockets):
+            await ws.close()
+        if self._runner is not None:
+            await self._runner.cleanup()
