@@ -106,7 +106,7 @@ class App:
             await self._sweep_task
         for adapter in reversed(self.adapters):
             await adapter.stop()
-        await self.ctx.tasks.drain(timeout=10)
+        await self.ctx.tasks.drain(grace=10)
         if self.runner is not None:
             await self.runner.cleanup()
         try:
@@ -128,7 +128,9 @@ async def build_app(settings: Settings, *, migrate: bool = True, services: dict[
         try:
             await asyncio.to_thread(upgrade, settings.database_url)
         except Exception as exc:  # noqa: BLE001 - reported to the operator in one line
-            raise StorageError(f"DATABASE_URL: cannot open or migrate the database ({redactor.redact_text(str(exc).splitlines()[0])})") from None
+            raise StorageError(
+                f"DATABASE_URL: cannot open or migrate the database ({redactor.redact_text(str(exc).splitlines()[0])})"
+            ) from None
     db = Database(settings.database_url)
     registry = ToolRegistry()
     for toolset in builtin_toolsets(settings):

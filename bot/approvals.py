@@ -74,7 +74,9 @@ def _already(approval: Approval) -> DecisionOutcome:
     if approval.decided_by and approval.status != "cancelled":
         shown = {"executing": "approved", "succeeded": "approved", "failed": "approved", "in_doubt": "approved"}
         status = shown.get(approval.status, approval.status)
-        return DecisionOutcome("already", texts.ALREADY_DECIDED.format(status=status, who=_who(approval)), card_view(approval), approval)
+        return DecisionOutcome(
+            "already", texts.ALREADY_DECIDED.format(status=status, who=_who(approval)), card_view(approval), approval
+        )
     return DecisionOutcome("already", texts.ALREADY_FINISHED.format(status=approval.status), card_view(approval), approval)
 
 
@@ -84,11 +86,22 @@ async def decide(ctx: AppContext, req: DecisionRequest, rule_for: Any) -> Decisi
         async with ctx.db.transaction() as session:
             approval = await session.get(Approval, req.approval_id)
             if approval is None:
-                await ctx.audit.record(session, "click_refused", approval_id=req.approval_id, platform=req.user.platform,
-                                       actor=req.user.key, status="not_found")
+                await ctx.audit.record(
+                    session,
+                    "click_refused",
+                    approval_id=req.approval_id,
+                    platform=req.user.platform,
+                    actor=req.user.key,
+                    status="not_found",
+                )
                 return DecisionOutcome("not_found", texts.NOT_FOUND.format(approval_id=req.approval_id))
-            common = {"run_id": approval.run_id, "approval_id": approval.id, "platform": req.user.platform,
-                      "actor": req.user.key, "tool": approval.tool_name}
+            common = {
+                "run_id": approval.run_id,
+                "approval_id": approval.id,
+                "platform": req.user.platform,
+                "actor": req.user.key,
+                "tool": approval.tool_name,
+            }
             if approval.status != "pending":
                 await ctx.audit.record(session, "click_refused", status=approval.status, reason="already decided", **common)
                 return _already(approval)
@@ -97,17 +110,26 @@ async def decide(ctx: AppContext, req: DecisionRequest, rule_for: Any) -> Decisi
                 if await transition(session, approval.id, "pending", expect_version=approval.version, status="expired"):
                     await ctx.audit.record(session, "approval_expired", status="expired", **common)
                     approval.status = "expired"
-                    return DecisionOutcome("expired", texts.EXPIRED.format(at=texts.when(approval.expires_at)),
-                                           card_view(approval), approval)
+                    return DecisionOutcome(
+                        "expired", texts.EXPIRED.format(at=texts.when(approval.expires_at)), card_view(approval), approval
+                    )
                 continue
             rule: CallRule = rule_for(approval)
             requester = User.from_dict(approval.requester)
             verdict = ctx.policy.may_decide(rule, requester, req.user, list(approval.votes or []))
             if not verdict.allowed:
                 await ctx.audit.record(session, "click_refused", status="not_allowed", reason=verdict.reason, **common)
-                return DecisionOutcome("not_allowed", texts.NOT_ALLOWED.format(reason=verdict.reason), card_view(approval), approval)
-            vote = {"id": req.user.id, "key": req.user.key, "name": req.user.label, "user": req.user.to_dict(),
-                    "approve": req.approve, "at": now.isoformat()}
+                return DecisionOutcome(
+                    "not_allowed", texts.NOT_ALLOWED.format(reason=verdict.reason), card_view(approval), approval
+                )
+            vote = {
+                "id": req.user.id,
+                "key": req.user.key,
+                "name": req.user.label,
+                "user": req.user.to_dict(),
+                "approve": req.approve,
+                "at": now.isoformat(),
+            }
             votes = list(approval.votes or [])
             if req.approve and any(v.get("key") == req.user.key for v in votes):
                 await ctx.audit.record(session, "click_refused", status="duplicate_vote", **common)
@@ -122,12 +144,22 @@ async def decide(ctx: AppContext, req: DecisionRequest, rule_for: Any) -> Decisi
                 status = "pending"
             values: dict[str, Any] = {"status": status, "votes": votes}
             if status != "pending":
-                values.update(decided_by=req.user.id, decided_by_name=req.user.label, decided_at=now,
-                              decision_reason=(req.reason or None) if not req.approve else None)
+                values.update(
+                    decided_by=req.user.id,
+                    decided_by_name=req.user.label,
+                    decided_at=now,
+                    decision_reason=(req.reason or None) if not req.approve else None,
+                )
             if not await transition(session, approval.id, "pending", expect_version=approval.version, **values):
                 continue
-            await ctx.audit.record(session, "approval_decided" if status != "pending" else "approval_vote",
-                                   status=status, reason=req.reason, votes_needed=rule.votes_needed, **common)
+            await ctx.audit.record(
+                session,
+                "approval_decided" if status != "pending" else "approval_vote",
+                status=status,
+                reason=req.reason,
+                votes_needed=rule.votes_needed,
+                **common,
+            )
             approval = await session.get(Approval, approval.id, populate_existing=True)
             assert approval is not None
         if status == "approved":

@@ -33,9 +33,7 @@ def _show(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False)
 
 
-def card_content(
-    summary: str, args: dict[str, Any], warnings: list[str], preview: list[str], reason: str
-) -> dict[str, Any]:
+def card_content(summary: str, args: dict[str, Any], warnings: list[str], preview: list[str], reason: str) -> dict[str, Any]:
     """The frozen part of a card, stored with the approval when it is created."""
     shown = [(k, v) for k, v in args.items() if v is not None]
     fields = [{"label": k, "value": cut(_show(v), FIELD_LIMIT)} for k, v in shown[:MAX_FIELDS]]
@@ -86,7 +84,11 @@ def status_lines(card: CardView) -> list[str]:
     if card.status in ("approved", "executing", "succeeded", "failed", "in_doubt"):
         lines.append(texts.CARD_APPROVED.format(who=who, at=at))
     if card.status == "rejected":
-        lines.append(texts.CARD_REJECTED.format(who=who, reason=card.reason) if card.reason else texts.CARD_REJECTED_NO_REASON.format(who=who))
+        lines.append(
+            texts.CARD_REJECTED.format(who=who, reason=card.reason)
+            if card.reason
+            else texts.CARD_REJECTED_NO_REASON.format(who=who)
+        )
     if card.status == "expired":
         lines.append(texts.CARD_EXPIRED.format(at=texts.when(card.expires_at)))
     if card.status == "cancelled":

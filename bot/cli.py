@@ -105,7 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("shell", help="chat with the bot in this terminal")
     sub.add_parser("tools", help="list every tool with its source, read/write and approval rule")
 
-    audit = sub.add_parser("audit", help="read and check the audit trail").add_subparsers(dest="audit_command", required=True, metavar="ACTION")
+    audit = sub.add_parser("audit", help="read and check the audit trail").add_subparsers(
+        dest="audit_command", required=True, metavar="ACTION"
+    )
     lst = audit.add_parser("list", help="recent audit rows, filtered")
     lst.add_argument("--user", help="actor id (substring match)")
     lst.add_argument("--tool", help="tool name")
@@ -124,7 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     db = sub.add_parser("db", help="database maintenance").add_subparsers(dest="db_command", required=True, metavar="ACTION")
     db.add_parser("upgrade", help="apply schema migrations (also done automatically at start-up)")
-    policy = sub.add_parser("policy", help="policy file tools").add_subparsers(dest="policy_command", required=True, metavar="ACTION")
+    policy = sub.add_parser("policy", help="policy file tools").add_subparsers(
+        dest="policy_command", required=True, metavar="ACTION"
+    )
     check = policy.add_parser("check", help="validate a policy file")
     check.add_argument("file", type=Path, metavar="FILE")
     return parser
@@ -176,7 +180,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     except ChatopsError as exc:
         print(f"chatops: error: {exc}", file=sys.stderr)
         code = 2
-    except Exception as exc:  # noqa: BLE001 - never show a traceback to the person at the terminal
+    except Exception as exc:
         log.debug("unexpected failure", exc_info=True)
         print(f"chatops: internal error ({type(exc).__name__}); run with CHATOPS_LOG_LEVEL=DEBUG for details", file=sys.stderr)
         code = 1

@@ -39,21 +39,47 @@ def _session(database_url: str) -> Session:
 
 def row_dict(row: AuditEvent) -> dict[str, Any]:
     return {
-        "seq": row.seq, "at": row.at.isoformat(), "kind": row.kind, "run_id": row.run_id, "approval_id": row.approval_id,
-        "platform": row.platform, "actor": row.actor, "tool": row.tool, "status": row.status, "data": row.data,
-        "prev_hash": row.prev_hash, "hash": row.hash,
+        "seq": row.seq,
+        "at": row.at.isoformat(),
+        "kind": row.kind,
+        "run_id": row.run_id,
+        "approval_id": row.approval_id,
+        "platform": row.platform,
+        "actor": row.actor,
+        "tool": row.tool,
+        "status": row.status,
+        "data": row.data,
+        "prev_hash": row.prev_hash,
+        "hash": row.hash,
     }
 
 
 def _line(row: AuditEvent) -> str:
     return "  ".join(
-        str(x) for x in (row.seq, row.at.strftime("%Y-%m-%d %H:%M:%S"), row.kind, row.run_id or "-", row.approval_id or "-",
-                         row.actor or "-", row.tool or "-", row.status or "-")
+        str(x)
+        for x in (
+            row.seq,
+            row.at.strftime("%Y-%m-%d %H:%M:%S"),
+            row.kind,
+            row.run_id or "-",
+            row.approval_id or "-",
+            row.actor or "-",
+            row.tool or "-",
+            row.status or "-",
+        )
     )
 
 
-def audit_list(database_url: str, *, user: str | None, tool: str | None, status: str | None, since: str | None,
-               limit: int, out: TextIO = sys.stdout) -> None:
+def audit_list(
+    database_url: str,
+    *,
+    user: str | None,
+    tool: str | None,
+    status: str | None,
+    since: str | None,
+    limit: int,
+    out: TextIO = sys.stdout,
+) -> None:
     query = sa.select(AuditEvent).order_by(AuditEvent.seq.desc()).limit(limit)
     if user:
         query = query.where(AuditEvent.actor.contains(user))
@@ -79,10 +105,15 @@ def audit_show(database_url: str, ref: str, out: TextIO = sys.stdout) -> None:
             run_id = owner or ref
         inbox_ids = session.execute(sa.select(InboxEvent.id).where(InboxEvent.run_id == run_id)).scalars().all()
         rows = session.execute(sa.select(AuditEvent).where(AuditEvent.run_id == run_id).order_by(AuditEvent.seq)).scalars().all()
-        requests = [
-            r for r in session.execute(sa.select(AuditEvent).where(AuditEvent.kind == "request_received")).scalars()
-            if (r.data or {}).get("inbox_id") in inbox_ids
-        ] if inbox_ids else []
+        requests = (
+            [
+                r
+                for r in session.execute(sa.select(AuditEvent).where(AuditEvent.kind == "request_received")).scalars()
+                if (r.data or {}).get("inbox_id") in inbox_ids
+            ]
+            if inbox_ids
+            else []
+        )
     if not rows:
         raise ChatopsError(f"no audit rows for {ref!r}")
     for row in sorted([*requests, *rows], key=lambda r: r.seq):
@@ -100,8 +131,20 @@ def audit_export(database_url: str, fmt: str, output: Path | None) -> None:
                     stream.write(json.dumps(row_dict(row), ensure_ascii=False) + "\n")
             else:
                 writer = csv.writer(stream)
-                header = ["seq", "at", "kind", "run_id", "approval_id", "platform", "actor", "tool", "status", "data",
-                          "prev_hash", "hash"]
+                header = [
+                    "seq",
+                    "at",
+                    "kind",
+                    "run_id",
+                    "approval_id",
+                    "platform",
+                    "actor",
+                    "tool",
+                    "status",
+                    "data",
+                    "prev_hash",
+                    "hash",
+                ]
                 writer.writerow(header)
                 for row in iter_rows(session):
                     d = row_dict(row)

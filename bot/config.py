@@ -112,11 +112,14 @@ class Settings(BaseModel):
         if bool(self.feishu_app_id) != bool(self.feishu_app_secret):
             missing = "FEISHU_APP_SECRET" if self.feishu_app_id else "FEISHU_APP_ID"
             raise ConfigError(missing, "is required when the other Feishu credential is set")
-        if self.feishu_enabled and self.feishu_mode == "webhook":
-            if not (self.feishu_verification_token or self.feishu_encrypt_key):
-                raise ConfigError(
-                    "FEISHU_VERIFICATION_TOKEN", "or FEISHU_ENCRYPT_KEY is required in webhook mode (FEISHU_MODE=webhook)"
-                )
+        if (
+            self.feishu_enabled
+            and self.feishu_mode == "webhook"
+            and not (self.feishu_verification_token or self.feishu_encrypt_key)
+        ):
+            raise ConfigError(
+                "FEISHU_VERIFICATION_TOKEN", "or FEISHU_ENCRYPT_KEY is required in webhook mode (FEISHU_MODE=webhook)"
+            )
         if self.crm_backend == "hubspot" and self.hubspot_token is None:
             raise ConfigError("HUBSPOT_TOKEN", "is required when CHATOPS_CRM=hubspot")
 

@@ -57,12 +57,27 @@ class Core:
                 session.add_all([SeenKey(key=k[:300], inbox_id=inbox_id, created_at=now) for k in msg.dedupe_keys])
                 await session.flush()
                 session.add(
-                    InboxEvent(id=inbox_id, platform=msg.thread.platform, conversation_key=msg.conversation_key,
-                               payload=msg.to_dict(), status="queued", created_at=now, updated_at=now)
+                    InboxEvent(
+                        id=inbox_id,
+                        platform=msg.thread.platform,
+                        conversation_key=msg.conversation_key,
+                        payload=msg.to_dict(),
+                        status="queued",
+                        created_at=now,
+                        updated_at=now,
+                    )
                 )
-                await ctx.audit.record(session, "request_received", platform=msg.user.platform, actor=msg.user.key,
-                                       status="queued", inbox_id=inbox_id, conversation=msg.conversation_key,
-                                       text=msg.text, keys=list(msg.dedupe_keys))
+                await ctx.audit.record(
+                    session,
+                    "request_received",
+                    platform=msg.user.platform,
+                    actor=msg.user.key,
+                    status="queued",
+                    inbox_id=inbox_id,
+                    conversation=msg.conversation_key,
+                    text=msg.text,
+                    keys=list(msg.dedupe_keys),
+                )
         except IntegrityError:
             return False
         except OperationalError as exc:

@@ -8,7 +8,6 @@ import asyncio
 import logging
 from collections.abc import Callable
 
-from bot import texts
 from bot.approvals import args_digest, transition
 from bot.context import AppContext
 from bot.events import User
@@ -34,8 +33,12 @@ class Executor:
             approval = await session.get(Approval, approval_id)
             if approval is None or approval.status != "approved":
                 return False
-            common = {"run_id": approval.run_id, "approval_id": approval.id, "platform": approval.platform,
-                      "tool": approval.tool_name}
+            common = {
+                "run_id": approval.run_id,
+                "approval_id": approval.id,
+                "platform": approval.platform,
+                "tool": approval.tool_name,
+            }
             spec = ctx.registry.get(approval.tool_name)
             rule: CallRule = self.rule_for(approval)
             approvers = [User.from_dict(v["user"]) for v in approval.votes or [] if v.get("approve")]
@@ -48,15 +51,18 @@ class Executor:
             elif args_digest(approval.args) != approval.args_sha256:
                 problem = "the stored arguments no longer match what was approved"
             if problem is not None:
-                if await transition(session, approval.id, "approved", status="cancelled", decision_reason=problem,
-                                    finished_at=ctx.clock()):
+                if await transition(
+                    session, approval.id, "approved", status="cancelled", decision_reason=problem, finished_at=ctx.clock()
+                ):
                     await ctx.audit.record(session, "execution_blocked", status="cancelled", reason=problem, **common)
                 return False
-            if not await transition(session, approval.id, "approved", status="executing", executor=ctx.replica_id,
-                                    exec_started_at=ctx.clock()):
+            if not await transition(
+                session, approval.id, "approved", status="executing", executor=ctx.replica_id, exec_started_at=ctx.clock()
+            ):
                 return False
-            await ctx.audit.record(session, "execution_started", status="executing", actor=ctx.replica_id,
-                                   args_sha256=approval.args_sha256, **common)
+            await ctx.audit.record(
+                session, "execution_started", status="executing", actor=ctx.replica_id, args_sha256=approval.args_sha256, **common
+            )
         assert spec is not None
         tool_ctx = ctx.tool_context.for_call(approval_id=approval.id, requester=User.from_dict(approval.requester))
         try:
@@ -68,7 +74,7 @@ class Executor:
             status, outcome = "failed", exc.message
         except TimeoutError:
             status, outcome = "in_doubt", f"no answer within {ctx.settings.tool_timeout:g}s"
-        except Exception as exc:  # noqa: BLE001 - unknown failure of a write: the effect may have happened
+        except Exception as exc:
             log.exception("write tool %s crashed", approval.tool_name)
             status, outcome = "in_doubt", f"the tool crashed ({type(exc).__name__})"
         outcome = ctx.redactor.redact_text(outcome)
@@ -76,4 +82,3 @@ class Executor:
             await transition(session, approval.id, "executing", status=status, outcome=outcome, finished_at=ctx.clock())
             await ctx.audit.record(session, "tool_executed", status=status, result=outcome[:4000], **common)
         return True
-

@@ -43,8 +43,7 @@ class ModelReply:
         message: dict[str, Any] = {"role": "assistant", "content": self.content}
         if self.tool_calls:
             message["tool_calls"] = [
-                {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
-                for c in self.tool_calls
+                {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}} for c in self.tool_calls
             ]
         return message
 
@@ -57,9 +56,7 @@ class ModelClient:
     ) -> None:
         self.model = model
         self._redactor = redactor
-        self._client = AsyncOpenAI(
-            api_key=api_key or _PLACEHOLDER_KEY, base_url=base_url, timeout=timeout, max_retries=retries
-        )
+        self._client = AsyncOpenAI(api_key=api_key or _PLACEHOLDER_KEY, base_url=base_url, timeout=timeout, max_retries=retries)
 
     async def complete(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]]) -> ModelReply:
         started = time.perf_counter()

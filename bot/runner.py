@@ -69,12 +69,16 @@ class Runner:
         admitted = False
         async with ctx.db.transaction() as session:
             queued = (
-                await session.execute(
-                    sa.select(InboxEvent)
-                    .where(InboxEvent.conversation_key == key, InboxEvent.status == "queued")
-                    .order_by(InboxEvent.created_at, InboxEvent.id)
+                (
+                    await session.execute(
+                        sa.select(InboxEvent)
+                        .where(InboxEvent.conversation_key == key, InboxEvent.status == "queued")
+                        .order_by(InboxEvent.created_at, InboxEvent.id)
+                    )
                 )
-            ).scalars().all()
+                .scalars()
+                .all()
+            )
             if not queued:
                 return None
             conv = await session.get(Conversation, key)
@@ -87,17 +91,27 @@ class Runner:
                 if active is not None and active.status == "waiting":
                     # A new message supersedes the proposals still waiting for a decision.
                     rows = (
-                        await session.execute(
-                            sa.update(Approval)
-                            .where(Approval.run_id == active.id, Approval.status == "pending")
-                            .values(status="cancelled", decision_reason=texts.SUPERSEDED, version=Approval.version + 1)
-                            .returning(Approval.id)
+                        (
+                            await session.execute(
+                                sa.update(Approval)
+                                .where(Approval.run_id == active.id, Approval.status == "pending")
+                                .values(status="cancelled", decision_reason=texts.SUPERSEDED, version=Approval.version + 1)
+                                .returning(Approval.id)
+                            )
                         )
-                    ).scalars().all()
+                        .scalars()
+                        .all()
+                    )
                     superseded = list(rows)
                     for approval_id in superseded:
-                        await ctx.audit.record(session, "approval_cancelled", run_id=active.id, approval_id=approval_id,
-                                               status="cancelled", reason=texts.SUPERSEDED)
+                        await ctx.audit.record(
+                            session,
+                            "approval_cancelled",
+                            run_id=active.id,
+                            approval_id=approval_id,
+                            status="cancelled",
+                            reason=texts.SUPERSEDED,
+                        )
                     waiting_run = active.id
                 elif active is None or active.status in ("done", "failed"):
                     conv.active_run_id = None  # a stale lock; take the conversation
@@ -106,9 +120,17 @@ class Runner:
             if queued:
                 first = IncomingMessage.from_dict(queued[0].payload)
                 run = Run(
-                    id="run-" + uuid.uuid4().hex[:16], conversation_key=key, platform=first.thread.platform,
-                    requester=first.user.to_dict(), thread=first.thread.to_dict(), status="running", step=0,
-                    owner=ctx.replica_id, pending_results={}, created_at=ctx.clock(), updated_at=ctx.clock(),
+                    id="run-" + uuid.uuid4().hex[:16],
+                    conversation_key=key,
+                    platform=first.thread.platform,
+                    requester=first.user.to_dict(),
+                    thread=first.thread.to_dict(),
+                    status="running",
+                    step=0,
+                    owner=ctx.replica_id,
+                    pending_results={},
+                    created_at=ctx.clock(),
+                    updated_at=ctx.clock(),
                 )
                 claimed = await session.execute(
                     sa.update(Conversation)
@@ -144,15 +166,31 @@ class Runner:
             event.status, event.run_id, event.updated_at = "running", run.id, ctx.clock()
             if not verdict.allowed:
                 event.status = "refused"
-                await ctx.audit.record(session, "request_refused", run_id=run.id, platform=msg.user.platform,
-                                       actor=msg.user.key, status="refused", reason=verdict.reason)
-                ctx.tasks.spawn(self._notify(msg.thread, texts.NOT_ALLOWED_TO_USE.format(reason=verdict.reason)),
-                                name="notify-refused")
+                await ctx.audit.record(
+                    session,
+                    "request_refused",
+                    run_id=run.id,
+                    platform=msg.user.platform,
+                    actor=msg.user.key,
+                    status="refused",
+                    reason=verdict.reason,
+                )
+                ctx.tasks.spawn(
+                    self._notify(msg.thread, texts.NOT_ALLOWED_TO_USE.format(reason=verdict.reason)), name="notify-refused"
+                )
                 continue
             admitted = True
             messages.append({"role": "user", "content": msg.text, "name": _safe_name(msg.user)})
-            await ctx.audit.record(session, "run_started", run_id=run.id, platform=msg.user.platform,
-                                   actor=msg.user.key, status="running", inbox_id=event.id, text=msg.text)
+            await ctx.audit.record(
+                session,
+                "run_started",
+                run_id=run.id,
+                platform=msg.user.platform,
+                actor=msg.user.key,
+                status="running",
+                inbox_id=event.id,
+                text=msg.text,
+            )
         conv.messages = trim_history(messages, ctx.settings.history_limit)
         conv.updated_at = ctx.clock()
         return admitted
@@ -201,8 +239,14 @@ class Runner:
             run.step += 1
             run.updated_at = ctx.clock()
             await ctx.audit.record(
-                session, "model_call", run_id=run_id, status="ok", model=reply.model, latency_ms=reply.latency_ms,
-                usage=reply.usage, tool_calls=[{"id": c.id, "name": c.name} for c in reply.tool_calls],
+                session,
+                "model_call",
+                run_id=run_id,
+                status="ok",
+                model=reply.model,
+                latency_ms=reply.latency_ms,
+                usage=reply.usage,
+                tool_calls=[{"id": c.id, "name": c.name} for c in reply.tool_calls],
             )
             if reply.tool_calls:
                 conv = await session.get(Conversation, run.conversation_key)
@@ -224,13 +268,28 @@ class Runner:
             if isinstance(prepared, CallProblem):
                 results[call.id] = prepared.as_tool_result()
                 async with ctx.db.transaction() as session:
-                    await ctx.audit.record(session, "tool_call_invalid", run_id=run_id, tool=call.name, status=prepared.kind,
-                                           message=prepared.message, details=prepared.details)
+                    await ctx.audit.record(
+                        session,
+                        "tool_call_invalid",
+                        run_id=run_id,
+                        tool=call.name,
+                        status=prepared.kind,
+                        message=prepared.message,
+                        details=prepared.details,
+                    )
                 continue
             rule = ctx.policy.rule_for(prepared.spec, prepared.args)
             async with ctx.db.transaction() as session:
-                await ctx.audit.record(session, "tool_proposed", run_id=run_id, tool=call.name, status=rule.rule,
-                                       args=prepared.args, args_sha256=args_digest(prepared.args), tool_call_id=call.id)
+                await ctx.audit.record(
+                    session,
+                    "tool_proposed",
+                    run_id=run_id,
+                    tool=call.name,
+                    status=rule.rule,
+                    args=prepared.args,
+                    args_sha256=args_digest(prepared.args),
+                    tool_call_id=call.id,
+                )
             if rule.rule == "deny":
                 results[call.id] = texts.MODEL_DENIED.format(reason=rule.reason)
             elif rule.rule == "auto":
@@ -249,18 +308,41 @@ class Runner:
                 tool_ctx = ctx.tool_context.for_call(approval_id=None, requester=requester)
                 preview = await prepared.spec.preview(tool_ctx, prepared.args) if prepared.spec.preview else []
                 approval = Approval(
-                    id=new_approval_id(), run_id=run_id, step=step, tool_call_id=call_id, tool_name=prepared.spec.name,
-                    args=prepared.args, args_sha256=args_digest(prepared.args), status="pending", platform=thread.platform,
-                    requester_id=requester.id, requester=requester.to_dict(), thread=thread.to_dict(),
-                    card=card_content(prepared.spec.sentence(prepared.args), prepared.args, list(rule.risks), preview, rule.reason),
-                    rule=rule.rule, votes=[], expires_at=expiry(now, rule, ctx.settings.approval_ttl), created_at=now,
+                    id=new_approval_id(),
+                    run_id=run_id,
+                    step=step,
+                    tool_call_id=call_id,
+                    tool_name=prepared.spec.name,
+                    args=prepared.args,
+                    args_sha256=args_digest(prepared.args),
+                    status="pending",
+                    platform=thread.platform,
+                    requester_id=requester.id,
+                    requester=requester.to_dict(),
+                    thread=thread.to_dict(),
+                    card=card_content(
+                        prepared.spec.sentence(prepared.args), prepared.args, list(rule.risks), preview, rule.reason
+                    ),
+                    rule=rule.rule,
+                    votes=[],
+                    expires_at=expiry(now, rule, ctx.settings.approval_ttl),
+                    created_at=now,
                 )
                 session.add(approval)
                 created.append(approval.id)
-                await ctx.audit.record(session, "approval_requested", run_id=run_id, approval_id=approval.id,
-                                       platform=thread.platform, actor=requester.key, tool=approval.tool_name,
-                                       status="pending", args_sha256=approval.args_sha256, rule=rule.rule,
-                                       expires_at=approval.expires_at.isoformat())
+                await ctx.audit.record(
+                    session,
+                    "approval_requested",
+                    run_id=run_id,
+                    approval_id=approval.id,
+                    platform=thread.platform,
+                    actor=requester.key,
+                    tool=approval.tool_name,
+                    status="pending",
+                    args_sha256=approval.args_sha256,
+                    rule=rule.rule,
+                    expires_at=approval.expires_at.isoformat(),
+                )
             run.status = "waiting"
             run.pending_results = results
             run.updated_at = now
@@ -280,12 +362,20 @@ class Runner:
             text, status = texts.MODEL_FAILED_TOOL.format(detail=exc.message), "failed"
         except TimeoutError:
             text, status = texts.MODEL_FAILED_TOOL.format(detail=f"timed out after {ctx.settings.tool_timeout:g}s"), "failed"
-        except Exception as exc:  # noqa: BLE001 - a tool bug must not kill the run; the operator sees it logged
+        except Exception as exc:
             log.exception("read tool %s crashed", prepared.spec.name)
             text, status = texts.MODEL_FAILED_TOOL.format(detail=f"internal error ({type(exc).__name__})"), "failed"
         async with ctx.db.transaction() as session:
-            await ctx.audit.record(session, "tool_executed", run_id=run_id, tool=prepared.spec.name, status=status,
-                                   result=text[:2000], args=prepared.args, rule="auto")
+            await ctx.audit.record(
+                session,
+                "tool_executed",
+                run_id=run_id,
+                tool=prepared.spec.name,
+                status=status,
+                result=text[:2000],
+                args=prepared.args,
+                rule="auto",
+            )
         return text
 
     async def _append_tool_results(self, run_id: str, reply: ModelReply, results: dict[str, str]) -> None:
@@ -307,12 +397,15 @@ class Runner:
             if run is None or run.status != "waiting":
                 return
             approvals = (
-                await session.execute(sa.select(Approval).where(Approval.run_id == run_id, Approval.step == run.step))
-            ).scalars().all()
+                (await session.execute(sa.select(Approval).where(Approval.run_id == run_id, Approval.step == run.step)))
+                .scalars()
+                .all()
+            )
             if any(a.status not in TERMINAL for a in approvals):
                 return
             claimed = await session.execute(
-                sa.update(Run).where(Run.id == run_id, Run.status == "waiting")
+                sa.update(Run)
+                .where(Run.id == run_id, Run.status == "waiting")
                 .values(status="running", owner=ctx.replica_id, updated_at=ctx.clock())
             )
             if claimed.rowcount != 1:  # type: ignore[attr-defined]
@@ -324,23 +417,33 @@ class Runner:
             last_calls = next((m for m in reversed(conv.messages) if m.get("role") == "assistant" and m.get("tool_calls")), None)
             calls = last_calls["tool_calls"] if last_calls else []
             tool_messages = [
-                {"role": "tool", "tool_call_id": c["id"], "content": results.get(c["id"], texts.MODEL_CANCELLED.format(reason="lost"))}
+                {
+                    "role": "tool",
+                    "tool_call_id": c["id"],
+                    "content": results.get(c["id"], texts.MODEL_CANCELLED.format(reason="lost")),
+                }
                 for c in calls
             ]
             messages = [*conv.messages, *tool_messages]
             # Messages that arrived while the run waited join it now.
             queued = (
-                await session.execute(
-                    sa.select(InboxEvent).where(InboxEvent.conversation_key == conv.key, InboxEvent.status == "queued")
-                    .order_by(InboxEvent.created_at, InboxEvent.id)
+                (
+                    await session.execute(
+                        sa.select(InboxEvent)
+                        .where(InboxEvent.conversation_key == conv.key, InboxEvent.status == "queued")
+                        .order_by(InboxEvent.created_at, InboxEvent.id)
+                    )
                 )
-            ).scalars().all()
+                .scalars()
+                .all()
+            )
             conv.messages = messages
             if queued:
                 await self._admit(session, run, list(queued), conv)
             run.pending_results = {}
-            await ctx.audit.record(session, "run_resumed", run_id=run_id, status="running",
-                                   decided={a.id: a.status for a in approvals})
+            await ctx.audit.record(
+                session, "run_resumed", run_id=run_id, status="running", decided={a.id: a.status for a in approvals}
+            )
         await self.advance(run_id)
 
     async def _finish(self, run_id: str, text: str, *, status: str) -> None:
@@ -358,16 +461,18 @@ class Runner:
             conv = await session.get(Conversation, run.conversation_key)
             if conv is not None:
                 if status == "done":
-                    conv.messages = trim_history([*conv.messages, {"role": "assistant", "content": text}],
-                                                 ctx.settings.history_limit)
+                    conv.messages = trim_history(
+                        [*conv.messages, {"role": "assistant", "content": text}], ctx.settings.history_limit
+                    )
                 conv.active_run_id = None if conv.active_run_id == run_id else conv.active_run_id
                 conv.version += 1
             run.status, run.updated_at = status, ctx.clock()
             await session.execute(
                 sa.update(InboxEvent).where(InboxEvent.run_id == run_id, InboxEvent.status == "running").values(status="done")
             )
-            await ctx.audit.record(session, "reply_posted", run_id=run_id, platform=run.platform, status=status,
-                                   text=text, delivered=posted)
+            await ctx.audit.record(
+                session, "reply_posted", run_id=run_id, platform=run.platform, status=status, text=text, delivered=posted
+            )
         if conv is not None:
             ctx.tasks.spawn(self.process_conversation(conv.key), name=f"conversation-{conv.key}")
 
@@ -384,15 +489,22 @@ class Runner:
         thread = Thread.from_dict(approval.thread)
         try:
             message_id = await channel.post_card(thread, card_view(approval))
-        except Exception:  # noqa: BLE001 - a platform outage must not lose the approval; it stays decidable
+        except Exception:
             log.exception("posting the card for %s failed", approval_id)
             message_id = None
         async with ctx.db.transaction() as session:
             if message_id:
                 await session.execute(sa.update(Approval).where(Approval.id == approval_id).values(card_message_id=message_id))
-            await ctx.audit.record(session, "card_posted", run_id=approval.run_id, approval_id=approval_id,
-                                   platform=approval.platform, tool=approval.tool_name,
-                                   status="posted" if message_id else "not_posted", message_id=message_id)
+            await ctx.audit.record(
+                session,
+                "card_posted",
+                run_id=approval.run_id,
+                approval_id=approval_id,
+                platform=approval.platform,
+                tool=approval.tool_name,
+                status="posted" if message_id else "not_posted",
+                message_id=message_id,
+            )
         if message_id:
             # The decision may have raced ahead of the post: make the card show the current state.
             async with ctx.db.transaction() as session:
@@ -412,7 +524,7 @@ class Runner:
             return
         try:
             await channel.update_card(Thread.from_dict(approval.thread), approval.card_message_id, card_view(approval))
-        except Exception:  # noqa: BLE001
+        except Exception:
             log.exception("updating the card for %s failed", approval_id)
 
     async def _notify(self, thread: Thread, text: str) -> bool:
@@ -423,7 +535,7 @@ class Runner:
         try:
             await channel.post_reply(thread, self.ctx.redactor.redact_text(text))
             return True
-        except Exception:  # noqa: BLE001
+        except Exception:
             log.exception("posting a reply on %s failed", thread.platform)
             return False
 

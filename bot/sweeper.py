@@ -9,6 +9,7 @@ approvals are all decided; start conversations with queued messages nobody is pr
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import socket
@@ -59,9 +60,7 @@ class Sweeper:
             rows = (await session.execute(sa.select(Replica))).scalars().all()
         alive = set()
         for r in rows:
-            if r.id == ctx.replica_id:
-                alive.add(r.id)
-            elif r.heartbeat_at >= cutoff and not (r.host == host and not _pid_running(r.pid)):
+            if r.id == ctx.replica_id or (r.heartbeat_at >= cutoff and not (r.host == host and not _pid_running(r.pid))):
                 alive.add(r.id)
         return alive
 
@@ -72,27 +71,42 @@ class Sweeper:
         alive = await self._alive()
         now = ctx.clock()
         async with ctx.db.transaction() as session:
-            overdue = (await session.execute(
-                sa.select(Approval.id).where(Approval.status == "pending", Approval.expires_at <= now)
-            )).scalars().all()
-            orphaned_exec = (await session.execute(
-                sa.select(Approval).where(Approval.status == "executing")
-            )).scalars().all()
-            approved = (await session.execute(
-                sa.select(Approval.id).where(Approval.status == "approved", Approval.decided_at <= now - timedelta(seconds=2))
-            )).scalars().all()
+            overdue = (
+                (await session.execute(sa.select(Approval.id).where(Approval.status == "pending", Approval.expires_at <= now)))
+                .scalars()
+                .all()
+            )
+            orphaned_exec = (await session.execute(sa.select(Approval).where(Approval.status == "executing"))).scalars().all()
+            approved = (
+                (
+                    await session.execute(
+                        sa.select(Approval.id).where(
+                            Approval.status == "approved", Approval.decided_at <= now - timedelta(seconds=2)
+                        )
+                    )
+                )
+                .scalars()
+                .all()
+            )
             runs = (await session.execute(sa.select(Run).where(Run.status.in_(("running", "waiting"))))).scalars().all()
-            queued_convs = (await session.execute(
-                sa.select(InboxEvent.conversation_key).where(
-                    InboxEvent.status == "queued", InboxEvent.created_at <= now - timedelta(seconds=2)
-                ).distinct()
-            )).scalars().all()
+            queued_convs = (
+                (
+                    await session.execute(
+                        sa.select(InboxEvent.conversation_key)
+                        .where(InboxEvent.status == "queued", InboxEvent.created_at <= now - timedelta(seconds=2))
+                        .distinct()
+                    )
+                )
+                .scalars()
+                .all()
+            )
         for approval_id in overdue:
             async with ctx.db.transaction() as session:
                 a = await session.get(Approval, approval_id)
                 if a and await transition(session, approval_id, "pending", expect_version=a.version, status="expired"):
-                    await ctx.audit.record(session, "approval_expired", run_id=a.run_id, approval_id=a.id,
-                                           tool=a.tool_name, status="expired")
+                    await ctx.audit.record(
+                        session, "approval_expired", run_id=a.run_id, approval_id=a.id, tool=a.tool_name, status="expired"
+                    )
                 else:
                     continue
             await core.runner.refresh_card(approval_id)
@@ -104,11 +118,20 @@ class Sweeper:
             async with ctx.db.transaction() as session:
                 if not await transition(session, a.id, "executing", status="in_doubt", outcome=detail, finished_at=now):
                     continue
-                await ctx.audit.record(session, "execution_in_doubt", run_id=a.run_id, approval_id=a.id,
-                                       tool=a.tool_name, status="in_doubt", executor=a.executor)
+                await ctx.audit.record(
+                    session,
+                    "execution_in_doubt",
+                    run_id=a.run_id,
+                    approval_id=a.id,
+                    tool=a.tool_name,
+                    status="in_doubt",
+                    executor=a.executor,
+                )
             log.warning("approval %s (%s) was left executing by %s: marked in_doubt, not re-run", a.id, a.tool_name, a.executor)
             await core.runner.refresh_card(a.id)
-            await core.runner._notify(Thread.from_dict(a.thread), texts.IN_DOUBT_REPORT.format(tool=a.tool_name, approval_id=a.id))
+            await core.runner._notify(
+                Thread.from_dict(a.thread), texts.IN_DOUBT_REPORT.format(tool=a.tool_name, approval_id=a.id)
+            )
             await core.runner.resume_if_ready(a.run_id)
         for approval_id in approved:
             if await core.executor.execute(approval_id):
@@ -119,7 +142,8 @@ class Sweeper:
             elif run.owner not in alive:
                 async with ctx.db.transaction() as session:
                     took = await session.execute(
-                        sa.update(Run).where(Run.id == run.id, Run.status == "running", Run.owner == run.owner)
+                        sa.update(Run)
+                        .where(Run.id == run.id, Run.status == "running", Run.owner == run.owner)
                         .values(owner=ctx.replica_id, updated_at=now)
                     )
                     if took.rowcount != 1:  # type: ignore[attr-defined]
@@ -136,12 +160,10 @@ class Sweeper:
         while not self._stop.is_set():
             try:
                 await self.sweep()
-            except Exception:  # noqa: BLE001 - the sweeper must survive a database hiccup
+            except Exception:
                 log.exception("sweep failed; retrying next interval")
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), self.ctx.settings.sweep_interval)
-            except TimeoutError:
-                pass
 
     def stop(self) -> None:
         self._stop.set()

@@ -37,7 +37,9 @@ def render_card(card: CardView) -> str:
     lines += [f"│ ⚠ {w}" for w in card.warnings]
     lines += [f"│ • {p}" for p in card.preview]
     lines.append(f"│ {texts.CARD_WHY.format(reason=card.rule)}")
-    lines.append(f"│ {texts.CARD_REQUESTED_BY.format(who=card.requester)} · {texts.CARD_EXPIRES.format(at=texts.when(card.expires_at))}")
+    lines.append(
+        f"│ {texts.CARD_REQUESTED_BY.format(who=card.requester)} · {texts.CARD_EXPIRES.format(at=texts.when(card.expires_at))}"
+    )
     if card.actionable:
         lines.append(f"└─ type: approve {card.approval_id}   or   reject {card.approval_id} <reason>")
     else:
@@ -100,7 +102,9 @@ class TerminalAdapter:
                 self._print(f"bot> usage: {command} <id>{' [reason]' if command == 'reject' else ''}")
                 return
             outcome = await self.core.decide(
-                DecisionRequest(approval_id=approval_id, user=self.user, approve=command == "approve", reason=reason.strip() or None)
+                DecisionRequest(
+                    approval_id=approval_id, user=self.user, approve=command == "approve", reason=reason.strip() or None
+                )
             )
             self._print(f"bot> {outcome.message}")
         elif command == "/pending":

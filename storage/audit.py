@@ -114,7 +114,9 @@ def verify_chain(rows: Iterable[AuditEvent], *, start_hash: str = GENESIS_HASH, 
     expected_prev, expected_seq = start_hash, start_seq
     for row in rows:
         if row.seq != expected_seq:
-            return ChainProblem(expected_seq if row.seq > expected_seq else row.seq, f"expected row {expected_seq}, found row {row.seq}")
+            return ChainProblem(
+                expected_seq if row.seq > expected_seq else row.seq, f"expected row {expected_seq}, found row {row.seq}"
+            )
         if row.prev_hash != expected_prev:
             return ChainProblem(row.seq, "prev_hash does not match the previous row")
         if compute_hash(row) != row.hash:
@@ -127,9 +129,11 @@ def iter_rows(session: sa.orm.Session, batch: int = 2000) -> Iterator[AuditEvent
     """All audit rows in order, read in batches (sync session, for the CLI)."""
     last = 0
     while True:
-        chunk = session.execute(
-            sa.select(AuditEvent).where(AuditEvent.seq > last).order_by(AuditEvent.seq).limit(batch)
-        ).scalars().all()
+        chunk = (
+            session.execute(sa.select(AuditEvent).where(AuditEvent.seq > last).order_by(AuditEvent.seq).limit(batch))
+            .scalars()
+            .all()
+        )
         if not chunk:
             return
         yield from chunk

@@ -40,7 +40,7 @@ class UTCDateTime(TypeDecorator[datetime]):
 
 def _ts(*, nullable: bool = False, index: bool = False) -> Any:
     return Field(
-        default=None if nullable else None,
+        default=None,
         sa_column=sa.Column(UTCDateTime(), nullable=nullable, index=index),
     )
 

@@ -31,9 +31,9 @@ CLOSED_MODEL_URL = "http://127.0.0.1:9/v1"
 def _isolated_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """No developer .env, no real model endpoint, no inherited chatops variables."""
     for name in list(os.environ):
-        if name.startswith(("CHATOPS_", "SLACK_", "FEISHU_", "SMTP_", "HUBSPOT_", "OPENAI_")) or name == "DATABASE_URL":
-            if name != "CHATOPS_TEST_POSTGRES_URL":
-                monkeypatch.delenv(name, raising=False)
+        ours = name.startswith(("CHATOPS_", "SLACK_", "FEISHU_", "SMTP_", "HUBSPOT_", "OPENAI_")) or name == "DATABASE_URL"
+        if ours and name != "CHATOPS_TEST_POSTGRES_URL":
+            monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("OPENAI_BASE_URL", CLOSED_MODEL_URL)
     monkeypatch.chdir(tmp_path)
 
@@ -75,8 +75,14 @@ def db_url(request: pytest.FixtureRequest) -> str:
 
 def make_settings(model_url: str, database_url: str, **env: str) -> Settings:
     """Settings exactly as load_settings builds them, from an explicit environment."""
-    environ = {"OPENAI_BASE_URL": model_url, "CHATOPS_MODEL": "scripted-model", "OPENAI_API_KEY": "sk-test-not-a-real-key",
-               "DATABASE_URL": database_url, "CHATOPS_PORT": "0", **env}
+    environ = {
+        "OPENAI_BASE_URL": model_url,
+        "CHATOPS_MODEL": "scripted-model",
+        "OPENAI_API_KEY": "sk-test-not-a-real-key",
+        "DATABASE_URL": database_url,
+        "CHATOPS_PORT": "0",
+        **env,
+    }
     return load_settings(env_file=None, environ=environ)
 
 

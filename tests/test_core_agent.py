@@ -56,9 +56,17 @@ async def test_two_write_calls_in_one_turn_each_get_a_card_and_run_after_approva
     results = tool_results(model.requests[-1])
     assert results == ["note 2 stored", "note 1 stored"]  # in call order, matched by id, not by click order
     statuses = {(r.kind, r.status) for r in await audit_rows(bot.app)}
-    for expected in [("request_received", "queued"), ("model_call", "ok"), ("tool_proposed", "confirm"),
-                     ("approval_requested", "pending"), ("card_posted", "posted"), ("approval_decided", "approved"),
-                     ("execution_started", "executing"), ("tool_executed", "succeeded"), ("reply_posted", "done")]:
+    for expected in [
+        ("request_received", "queued"),
+        ("model_call", "ok"),
+        ("tool_proposed", "confirm"),
+        ("approval_requested", "pending"),
+        ("card_posted", "posted"),
+        ("approval_decided", "approved"),
+        ("execution_started", "executing"),
+        ("tool_executed", "succeeded"),
+        ("reply_posted", "done"),
+    ]:
         assert expected in statuses
 
 
@@ -73,7 +81,9 @@ async def test_read_tools_run_at_once_without_a_card(terminal_bot, model):
 
 async def test_reject_with_reason_runs_nothing_and_the_model_reads_the_reason(terminal_bot, model):
     ledger = Ledger()
-    model.script(calls(("write_note", {"topic": "a", "text": "x"})), text("OK, I did not write it."), text("Sure, anything else?"))
+    model.script(
+        calls(("write_note", {"topic": "a", "text": "x"})), text("OK, I did not write it."), text("Sure, anything else?")
+    )
     bot = await terminal_bot(toolsets=[notes_toolset(ledger)])
     await bot.say("write a note")
     (approval_id,) = approval_ids(bot.transcript())
@@ -148,7 +158,9 @@ async def test_concurrent_clicks_execute_exactly_once(terminal_bot, model):
     await bot.say("write a note")
     (approval_id,) = approval_ids(bot.transcript())
     alice = bot.adapter.user
-    outcomes = await asyncio.gather(*[bot.core.decide(DecisionRequest(approval_id, alice, approve=i % 3 != 0)) for i in range(10)])
+    outcomes = await asyncio.gather(
+        *[bot.core.decide(DecisionRequest(approval_id, alice, approve=i % 3 != 0)) for i in range(10)]
+    )
     await bot.app.ctx.tasks.idle()
     winners = [o for o in outcomes if o.kind in ("approved", "rejected")]
     assert len(winners) == 1
@@ -158,8 +170,13 @@ async def test_concurrent_clicks_execute_exactly_once(terminal_bot, model):
 async def test_bad_tool_calls_are_fed_back_to_the_model_and_run_nothing(terminal_bot, model):
     ledger = Ledger()
     model.script(
-        calls(("write_note", {"topic": "a"}), ("drop_database", {}), ("write_note", '{"topic": "a", "text": '),
-              ("write_note", {"topic": "a", "text": "x", "priority": "high"}), ("write_note", '["not", "an", "object"]')),
+        calls(
+            ("write_note", {"topic": "a"}),
+            ("drop_database", {}),
+            ("write_note", '{"topic": "a", "text": '),
+            ("write_note", {"topic": "a", "text": "x", "priority": "high"}),
+            ("write_note", '["not", "an", "object"]'),
+        ),
         text("I could not do that."),
     )
     bot = await terminal_bot(toolsets=[notes_toolset(ledger)])
@@ -203,8 +220,10 @@ async def test_model_timeout_is_bounded(terminal_bot, model):
 
 async def test_tool_failures_and_doubt_reach_the_model(terminal_bot, model):
     ledger = Ledger()
-    model.script(calls(("write_note", {"topic": "fail", "text": "x"}), ("write_note", {"topic": "doubt", "text": "y"})),
-                 text("One failed, one is unknown."))
+    model.script(
+        calls(("write_note", {"topic": "fail", "text": "x"}), ("write_note", {"topic": "doubt", "text": "y"})),
+        text("One failed, one is unknown."),
+    )
     bot = await terminal_bot(toolsets=[notes_toolset(ledger)])
     await bot.say("write two notes")
     first, second = approval_ids(bot.transcript())
@@ -250,11 +269,14 @@ async def test_executing_left_by_a_dead_process_becomes_in_doubt_and_is_never_re
     await bot.say("write a note")
     (approval_id,) = approval_ids(bot.transcript())
     async with bot.app.ctx.db.transaction() as session:  # what a crash mid-execution leaves behind
-        await session.execute(sa.update(Approval).where(Approval.id == approval_id).values(
-            status="executing", executor="gone-host:1:dead", decided_by="alice", decided_at=utcnow()))
+        await session.execute(
+            sa.update(Approval)
+            .where(Approval.id == approval_id)
+            .values(status="executing", executor="gone-host:1:dead", decided_by="alice", decided_at=utcnow())
+        )
     await bot.app.sweeper.sweep()
     await bot.app.ctx.tasks.idle()
     assert (await approval(bot.app, approval_id)).status == "in_doubt"
     assert ledger.effects == []
     assert "was interrupted while running; its outcome is unknown and it was NOT retried" in bot.transcript()
-    assert (await audit_rows(bot.app, kind="execution_in_doubt"))
+    assert await audit_rows(bot.app, kind="execution_in_doubt")

@@ -31,7 +31,10 @@ def test_sqlite_connections_use_wal_full_sync_busy_timeout_and_foreign_keys(sqli
     upgrade(sqlite_url)
     engine = make_sync_engine(normalise_url(sqlite_url))
     with engine.connect() as conn:
-        pragmas = {p: conn.exec_driver_sql(f"PRAGMA {p}").scalar() for p in ("journal_mode", "synchronous", "busy_timeout", "foreign_keys")}
+        pragmas = {
+            p: conn.exec_driver_sql(f"PRAGMA {p}").scalar()
+            for p in ("journal_mode", "synchronous", "busy_timeout", "foreign_keys")
+        }
     assert pragmas == {"journal_mode": "wal", "synchronous": 2, "busy_timeout": 10000, "foreign_keys": 1}
 
 
@@ -95,7 +98,9 @@ async def test_two_replicas_on_one_database_run_a_clicked_write_once(bots, db_ur
     """Replica A posts the card; the same click reaches A and B at once; exactly one execution."""
     ledger = Ledger()
     model.responder = lambda body: (
-        text("done") if body["messages"][-1]["role"] == "tool" else calls(("write_note", {"topic": last_user_text(body), "text": "x"}))
+        text("done")
+        if body["messages"][-1]["role"] == "tool"
+        else calls(("write_note", {"topic": last_user_text(body), "text": "x"}))
     )
     replicas = []
     for _ in range(2):
@@ -110,9 +115,9 @@ async def test_two_replicas_on_one_database_run_a_clicked_write_once(bots, db_ur
     async with a.ctx.db.transaction() as session:
         ids = (await session.execute(sa.select(Approval.id).where(Approval.status == "pending"))).scalars().all()
     assert len(ids) == 5
-    outcomes = await asyncio.gather(*[
-        app.core.decide(DecisionRequest(approval_id, alice, approve=True)) for approval_id in ids for app in (a, b, a, b)
-    ])
+    outcomes = await asyncio.gather(
+        *[app.core.decide(DecisionRequest(approval_id, alice, approve=True)) for approval_id in ids for app in (a, b, a, b)]
+    )
     await asyncio.gather(a.ctx.tasks.idle(), b.ctx.tasks.idle())
     assert sum(o.kind == "approved" for o in outcomes) == 5
     assert sorted(e["approval_id"] for e in ledger.effects) == sorted(ids)
@@ -124,16 +129,17 @@ async def test_a_duplicate_delivery_is_recorded_once_across_replicas(bots, db_ur
     b = await bots.start(database_url=db_url)
     msg = IncomingMessage(User("slack", "U1", "T1"), "hello", Thread("terminal", {}), "c1", ("slack:evt:Ev1", "slack:msg:C1:1.0"))
     same_message_other_event = IncomingMessage(msg.user, "hello", msg.thread, "c1", ("slack:evt:Ev2", "slack:msg:C1:1.0"))
-    results = await asyncio.gather(a.core.accept_message(msg), b.core.accept_message(msg),
-                                   b.core.accept_message(same_message_other_event))
+    results = await asyncio.gather(
+        a.core.accept_message(msg), b.core.accept_message(msg), b.core.accept_message(same_message_other_event)
+    )
     assert sorted(results) == [False, False, True]
     await asyncio.gather(a.ctx.tasks.idle(), b.ctx.tasks.idle())
     assert len(model.requests) == 1
 
 
 def test_the_database_url_password_never_reaches_an_error(tmp_path):
-    from bot.errors import StorageError
     from bot.app import build_app
+    from bot.errors import StorageError
     from tests.conftest import make_settings
 
     settings = make_settings("http://127.0.0.1:9/v1", "postgresql://bob:s3cr3t-pass@127.0.0.1:1/nodb")

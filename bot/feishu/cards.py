@@ -64,9 +64,7 @@ def _button(label: str, kind: str, verb: str, approval_id: str) -> dict[str, Any
                 "text": {"tag": "plain_text", "content": label},
                 "type": kind,
                 "form_action_type": "submit",
-                "behaviors": [
-                    {"type": "callback", "value": {"action": verb, "approval_id": approval_id}}
-                ],
+                "behaviors": [{"type": "callback", "value": {"action": verb, "approval_id": approval_id}}],
             }
         ],
     }

@@ -134,9 +134,7 @@ def to_decision(payload: dict[str, Any]) -> DecisionRequest:
     value = _obj(action.get("value"))
     open_id = _str(operator.get("open_id")) or _str(event.get("open_id"))
     tenant = (
-        _str(operator.get("tenant_key"))
-        or _str(event.get("tenant_key"))
-        or _str(_obj(payload.get("header")).get("tenant_key"))
+        _str(operator.get("tenant_key")) or _str(event.get("tenant_key")) or _str(_obj(payload.get("header")).get("tenant_key"))
     )
     verb = value.get("action")
     approval_id = _str(value.get("approval_id"))

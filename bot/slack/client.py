@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any
+from collections.abc import Awaitable, Callable
 
 from slack_bolt.authorization import AuthorizeResult
 from slack_sdk.errors import SlackApiError
@@ -83,12 +83,16 @@ class BotIdentity:
                 self._result = AuthorizeResult.from_auth_test_response(auth_test_response=response, bot_token=self.client.token)
         return self._result
 
-    async def authorize(self, **_: Any) -> AuthorizeResult:
-        """Bolt's `authorize` hook. Raising (not returning None) makes Bolt answer 500, so Slack retries."""
-        try:
-            return await self.load()
-        except ConfigError as exc:
-            raise SlackUnavailable(str(exc)) from None
+    def authorize_hook(self) -> Callable[..., Awaitable[AuthorizeResult]]:
+        """Bolt's `authorize` function. Raising (not returning None) makes Bolt answer 500, so Slack retries."""
+
+        async def authorize(enterprise_id: str | None, team_id: str | None) -> AuthorizeResult:
+            try:
+                return await self.load()
+            except ConfigError as exc:
+                raise SlackUnavailable(str(exc)) from None
+
+        return authorize
 
 
 class UserDirectory:

@@ -47,10 +47,13 @@ def _silence_bolt_verifier_log() -> None:
 def build_bolt_app(client: AsyncWebClient, identity: BotIdentity, signing_secret: str | None) -> AsyncApp:
     """The Bolt app. Listeners run to completion before the response (`process_before_response`)."""
     _silence_bolt_verifier_log()
+    # Bolt gets a token-less twin of our client: it copies base URL and retries into its per-request
+    # clients and sets the token from `authorize` (our cached auth.test), never calling auth.test itself.
+    twin = AsyncWebClient(base_url=client.base_url, timeout=client.timeout, retry_handlers=client.retry_handlers)
     return AsyncApp(
         name="chatops.slack.app",
-        client=client,
-        authorize=identity.authorize,
+        client=twin,
+        authorize=identity.authorize_hook(),
         signing_secret=signing_secret or "",
         process_before_response=True,
         logger=logging.getLogger("chatops.slack.bolt"),

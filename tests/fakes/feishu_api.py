@@ -151,9 +151,7 @@ class FakeFeishu:
 
     async def _token_endpoint(self, request: web.Request) -> web.Response:
         await self._record(request)
-        return await self._done(
-            web.json_response({"code": 0, "msg": "ok", "tenant_access_token": self._token, "expire": 7200})
-        )
+        return await self._done(web.json_response({"code": 0, "msg": "ok", "tenant_access_token": self._token, "expire": 7200}))
 
     async def _bot_info(self, request: web.Request) -> web.Response:
         _, problem = await self._record(request)

@@ -88,7 +88,10 @@ class ScriptedModel:
                 {
                     "id": f"call_{n}_{i}",
                     "type": "function",
-                    "function": {"name": name, "arguments": args if isinstance(args, str) else json.dumps(args, ensure_ascii=False)},
+                    "function": {
+                        "name": name,
+                        "arguments": args if isinstance(args, str) else json.dumps(args, ensure_ascii=False),
+                    },
                 }
                 for i, (name, args) in enumerate(reply.calls)
             ]

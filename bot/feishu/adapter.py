@@ -1,0 +1,214 @@
+"""`FeishuAdapter`: Feishu/Lark in and out, around the one channel-agnostic `Core`.
+
+In: the webhook route (`POST /feishu/events`, FEISHU_MODE=webhook) and the long connection
+(FEISHU_MODE=ws, the default) both end in `dispatch(payload)`, which translates the JSON with
+`events` and calls `core.accept_message` or `core.decide`. Nothing slow happens there: the
+core records and returns; runs, tools and card patches happen in the core's background tasks.
+Out: the `Channel` methods (reply in the thread, "OnIt" reaction, card post and patch) through
+`FeishuApi`. No lark type crosses into the core.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+
+from bot import texts
+from bot.cards import cut
+from bot.channels import CardView
+from bot.config import Settings
+from bot.core import Core
+from bot.errors import StorageError
+from bot.events import Thread
+from bot.feishu import cards, events
+from bot.feishu.client import FeishuApi, FeishuApiError
+from bot.feishu.longconn import LongConnection
+from bot.feishu.webhook import Rejected, open_envelope
+
+log = logging.getLogger("chatops.feishu")
+
+ROUTE = "/feishu/events"
+WORKING_EMOJI = "OnIt"
+TEXT_LIMIT = 20_000
+HANDLER_BUDGET = 2.5  # seconds; Feishu wants an answer within 3
+BOT_ID_RETRY = 60.0
+
+
+@dataclass(frozen=True)
+class Answer:
+    """What to send back to Feishu for one payload; `approval_id` is set for card clicks."""
+
+    body: dict[str, Any]
+    approval_id: str | None = None
+
+
+def _secret(value: Any) -> str | None:
+    return value.get_secret_value() if value is not None else None
+
+
+class FeishuAdapter:
+    """The Feishu channel. `FeishuAdapter(core, settings)`; the App calls start/stop/routes."""
+
+    platform = "feishu"
+
+    def __init__(self, core: Core, settings: Settings, *, clock: Callable[[], float] = time.time) -> None:
+        assert settings.feishu_app_id and settings.feishu_app_secret, "Feishu is not configured"
+        self.core = core
+        self.settings = settings
+        self.clock = clock
+        self.api = FeishuApi(
+            app_id=settings.feishu_app_id,
+            app_secret=settings.feishu_app_secret.get_secret_value(),
+            domain=settings.feishu_domain,
+        )
+        self.bot_open_id: str | None = None
+        self._bot_id_tried = float("-inf")
+        self._bot_id_lock = asyncio.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._long: LongConnection | None = None
+        self._answering: dict[str, asyncio.Event] = {}
+
+    # ------------------------------------------------------------------ lifecycle
+    def routes(self) -> list[web.RouteDef]:
+        if self.settings.feishu_mode != "webhook":
+            return []
+        return [web.post(ROUTE, self._webhook)]
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        await self.api.open()
+        await self._bot_id()
+        if self.settings.feishu_mode == "ws":
+            self._long = LongConnection(
+                app_id=self.api.app_id,
+                app_secret=_secret(self.settings.feishu_app_secret) or "",
+                domain=self.api.domain,
+                handler=self._from_long_connection,
+            )
+            await self._long.start()
+
+    async def stop(self) -> None:
+        if self._long is not None:
+            await self._long.stop()
+            self._long = None
+
+    async def _bot_id(self) -> str | None:
+        """The bot's open_id (fetched at start; retried at most once a minute if that failed)."""
+        async with self._bot_id_lock:
+            if self.bot_open_id is None and time.monotonic() - self._bot_id_tried > BOT_ID_RETRY:
+                self._bot_id_tried = time.monotonic()
+                try:
+                    self.bot_open_id = await self.api.bot_open_id()
+                except FeishuApiError as exc:
+                    log.error("feishu: cannot read the bot's identity (%s); group @mentions wait for it", exc)
+        return self.bot_open_id
+
+    # ------------------------------------------------------------------ inbound
+    async def dispatch(self, payload: dict[str, Any]) -> Answer:
+        """Handle one verified payload. Raises BadPayload, or StorageError (Feishu must redeliver)."""
+        kind = events.event_type(payload)
+        if kind == "im.message.receive_v1":
+            msg = events.to_message(payload, bot_open_id=await self._bot_id())
+            if msg is not None and not await self.core.accept_message(msg):
+                log.debug("feishu: duplicate delivery %s", msg.dedupe_keys)
+            return Answer({})
+        if kind == "card.action.trigger" or (kind is None and "action" in payload):
+            request = events.to_decision(payload)
+            self._answering.setdefault(request.approval_id, asyncio.Event())
+            outcome = await self.core.decide(request)
+            return Answer(cards.callback_response(outcome), request.approval_id)
+        return Answer({})  # another subscribed event: acknowledge, never 500
+
+    def _answered(self, approval_id: str | None) -> None:
+        if approval_id is not None and (event := self._answering.pop(approval_id, None)):
+            event.set()
+
+    async def _webhook(self, request: web.Request) -> web.StreamResponse:
+        body = await request.read()
+        try:
+            envelope = open_envelope(
+                request.headers,
+                body,
+                encrypt_key=_secret(self.settings.feishu_encrypt_key),
+                verification_token=_secret(self.settings.feishu_verification_token),
+                now=self.clock(),
+            )
+        except Rejected as exc:
+            log.warning("feishu webhook refused (%d): %s", exc.status, exc.reason)
+            return web.json_response({"msg": exc.reason}, status=exc.status)
+        if envelope.challenge is not None:
+            return web.json_response({"challenge": envelope.challenge})
+        try:
+            answer = await self.dispatch(envelope.payload)
+        except events.BadPayload as exc:
+            log.warning("feishu webhook: unreadable event (%s)", exc)
+            return web.json_response({"msg": "unreadable event"}, status=400)
+        except StorageError:
+            return web.json_response({"msg": "try again"}, status=503)
+        response = web.json_response(answer.body)
+        try:
+            await response.prepare(request)
+            await response.write_eof()
+        finally:
+            self._answered(answer.approval_id)
+        return response
+
+    def _from_long_connection(self, raw: bytes) -> dict[str, Any] | None:
+        """Runs on the SDK's thread: hand the payload to the main loop, wait (bounded), answer."""
+        try:
+            payload = json.loads(raw)
+        except (ValueError, RecursionError):
+            log.warning("feishu long connection: a frame is not JSON; ignored")
+            return None
+        if not isinstance(payload, dict) or self._loop is None:
+            return None
+        future = asyncio.run_coroutine_threadsafe(self.dispatch(payload), self._loop)
+        try:
+            answer = future.result(timeout=HANDLER_BUDGET)
+        except events.BadPayload as exc:
+            log.warning("feishu long connection: unreadable event (%s)", exc)
+            return None
+        self._loop.call_soon_threadsafe(self._answered, answer.approval_id)
+        return answer.body if answer.approval_id is not None else None
+
+    # ------------------------------------------------------------------ Channel
+    async def post_reply(self, thread: Thread, text: str) -> None:
+        safe = cut(text, TEXT_LIMIT).replace("<at", "<\u200bat")  # no @all from model output
+        await self._post(thread, "text", json.dumps({"text": safe}, ensure_ascii=False), key=None)
+
+    async def show_working(self, thread: Thread) -> None:
+        try:
+            await self.api.react(thread.coords["message_id"], WORKING_EMOJI)
+        except FeishuApiError as exc:
+            log.warning("feishu: reaction failed (%s); saying it instead", exc.code)
+            await self.post_reply(thread, texts.WORKING)
+
+    async def post_card(self, thread: Thread, card: CardView) -> str | None:
+        content = json.dumps(cards.render_card(card), ensure_ascii=False)
+        return await self._post(thread, "interactive", content, key=card.approval_id)
+
+    async def update_card(self, thread: Thread, message_id: str, card: CardView) -> None:
+        pending = self._answering.get(card.approval_id)
+        if pending is not None:  # let the click's own answer land first, then patch over it
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(pending.wait(), 3)
+            self._answering.pop(card.approval_id, None)
+        await self.api.patch(message_id, json.dumps(cards.render_card(card), ensure_ascii=False))
+
+    async def _post(self, thread: Thread, msg_type: str, content: str, *, key: str | None) -> str:
+        coords = thread.coords
+        try:
+            return await self.api.reply(coords["message_id"], msg_type, content, in_thread=bool(coords.get("in_thread")), key=key)
+        except FeishuApiError as exc:
+            if exc.code is None:
+                raise  # the network, not the message: do not post a second copy elsewhere
+            log.warning("feishu: reply failed (code %s); posting in the chat instead", exc.code)
+            return await self.api.send(coords["chat_id"], msg_type, content, key=f"{key}-chat" if key else None)

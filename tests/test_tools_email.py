@@ -1,0 +1,133 @@
+"""send_email against a real SMTP server (aiosmtpd): encoding, retries, refusals and the in-doubt window."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from bot.config import load_settings
+from storage.engine import Database
+from tests.fakes.smtp_server import DROP, FakeSmtp
+from tools import email as email_tools
+from tools.context import ToolContext
+from tools.errors import ArgumentError, ToolError, ToolInDoubt, ToolUnavailable
+from tools.registry import PreparedCall, ToolRegistry
+
+SPEC = email_tools.toolset.specs[0]
+SUBJECT = "季度报告 Q3 — 请查收"
+BODY = "你好，\n附件是第三季度的报告。\n.以点开头的一行\n祝好！"
+
+
+@pytest.fixture
+async def smtp() -> AsyncIterator[FakeSmtp]:
+    async with FakeSmtp() as server:
+        yield server
+
+
+@pytest.fixture
+async def db(sqlite_url: str) -> AsyncIterator[Database]:
+    database = Database(sqlite_url)  # the e-mail tool never touches it
+    yield database
+    await database.dispose()
+
+
+def context(db: Database, approval_id: str | None = "ap_mail1", **env: str) -> ToolContext:
+    return ToolContext(settings=load_settings(env_file=None, environ=env), db=db, approval_id=approval_id)
+
+
+def smtp_env(smtp: FakeSmtp, **extra: str) -> dict[str, str]:
+    return {"SMTP_HOST": "127.0.0.1", "SMTP_PORT": str(smtp.port), "SMTP_SECURITY": "none",
+            "SMTP_FROM": "运维机器人 <bot@example.com>", "SMTP_TIMEOUT": "10", **extra}
+
+
+async def send(ctx: ToolContext, args: dict[str, Any]) -> Any:
+    """As the bot does it: validate, check (before the card), then run the approved call."""
+    prepared = ToolRegistry([SPEC]).prepare("send_email", json.dumps(args))
+    assert isinstance(prepared, PreparedCall), prepared
+    assert SPEC.check is not None
+    await SPEC.check(ctx, prepared.args)
+    return await SPEC.run(ctx, prepared.args)
+
+
+async def test_delivers_utf8_subject_and_body(smtp: FakeSmtp, db: Database) -> None:
+    args = {"to": "Zhang@Example.com", "cc": ["li@example.cn"], "subject": SUBJECT, "body": BODY}
+    result = await send(context(db, **smtp_env(smtp)), args)
+    assert result["result"] == "sent" and result["message_id"] == "<ap_mail1@example.com>"
+    (received,) = smtp.delivered
+    assert received.mail_from == "bot@example.com"
+    assert received.rcpt_tos == ["Zhang@example.com", "li@example.cn"]
+    assert b"Subject: =?utf-8?" in received.data  # RFC 2047 encoded on the wire
+    assert received.data.isascii()  # 7bit-clean: no 8BITMIME or SMTPUTF8 needed
+    msg = received.message()
+    assert msg["Subject"] == SUBJECT
+    # MIME canonical form has CRLF line breaks; dot-stuffing was undone by the server; the text is intact
+    assert msg.get_content().replace("\r\n", "\n") == BODY + "\n"
+    assert msg["Message-ID"] == "<ap_mail1@example.com>"
+    assert msg["From"] == "运维机器人 <bot@example.com>"
+    assert msg["Cc"] == "li@example.cn"
+
+
+async def test_internationalised_address_uses_smtputf8(smtp: FakeSmtp, db: Database) -> None:
+    await send(context(db, **smtp_env(smtp)), {"to": "用户@例子.中国", "subject": "你好", "body": "测试"})
+    (received,) = smtp.delivered
+    assert received.smtputf8 and received.rcpt_tos == ["用户@例子.中国"]
+
+
+async def test_temporary_failure_is_retried(smtp: FakeSmtp, db: Database) -> None:
+    smtp.answer("451 4.3.0 Mailbox busy, try later", "250 2.0.0 OK")
+    result = await send(context(db, **smtp_env(smtp)), {"to": "a@example.com", "subject": "s", "body": "b"})
+    assert result["result"] == "sent"
+    assert len(smtp.attempts) == 2 and len(smtp.delivered) == 1
+
+
+async def test_temporary_failures_are_bounded(smtp: FakeSmtp, db: Database) -> None:
+    smtp.answer(*["451 4.3.0 Mailbox busy"] * 5)
+    with pytest.raises(ToolUnavailable, match="451 4.3.0 Mailbox busy"):
+        await send(context(db, **smtp_env(smtp)), {"to": "a@example.com", "subject": "s", "body": "b"})
+    assert len(smtp.attempts) == email_tools.ATTEMPTS
+
+
+async def test_permanent_failure_fails_at_once(smtp: FakeSmtp, db: Database) -> None:
+    smtp.answer("554 5.7.1 Message rejected by policy")
+    with pytest.raises(ToolError, match="554 5.7.1 Message rejected by policy") as caught:
+        await send(context(db, **smtp_env(smtp)), {"to": "a@example.com", "subject": "s", "body": "b"})
+    assert type(caught.value) is ToolError
+    assert len(smtp.attempts) == 1 and smtp.delivered == []
+
+
+async def test_connection_lost_after_data_is_in_doubt(smtp: FakeSmtp, db: Database) -> None:
+    smtp.answer(DROP)
+    with pytest.raises(ToolInDoubt, match="may have been delivered"):
+        await send(context(db, **smtp_env(smtp)), {"to": "a@example.com", "subject": "s", "body": "b"})
+    assert smtp.dropped.is_set()
+    assert len(smtp.attempts) == 1  # exactly one delivery attempt: never resent
+
+
+async def test_refusals_before_the_card(smtp: FakeSmtp, db: Database) -> None:
+    ctx = context(db, **smtp_env(smtp, CHATOPS_EMAIL_ALLOWED_DOMAINS="example.com, @corp.example"))
+    with pytest.raises(ArgumentError, match="'not an address' is not a valid e-mail address"):
+        await send(ctx, {"to": ["a@example.com", "not an address"], "subject": "s", "body": "b"})
+    with pytest.raises(ArgumentError, match=r"E-mail to gmail.com is not allowed here; allowed domains: corp.example, example.com"):
+        await send(ctx, {"to": "a@example.com", "cc": "x@gmail.com", "subject": "s", "body": "b"})
+    with pytest.raises(ArgumentError, match="single line"):
+        await send(ctx, {"to": "a@example.com", "subject": "s\nBcc: evil@example.com", "body": "b"})
+    with pytest.raises(ArgumentError, match="Too many recipients"):
+        await send(ctx, {"to": [f"u{i}@example.com" for i in range(51)], "subject": "s", "body": "b"})
+    with pytest.raises(ToolUnavailable, match="set SMTP_HOST"):
+        await send(context(db), {"to": "a@example.com", "subject": "s", "body": "b"})
+    with pytest.raises(ToolUnavailable, match="set SMTP_FROM"):
+        await send(context(db, SMTP_HOST="127.0.0.1"), {"to": "a@example.com", "subject": "s", "body": "b"})
+    assert smtp.attempts == []
+    await send(ctx, {"to": "a@example.com; b@corp.example", "subject": "s", "body": "b"})
+    assert smtp.delivered[0].rcpt_tos == ["a@example.com", "b@corp.example"]
+
+
+def test_card_summary_names_recipients_and_subject() -> None:
+    args = {"to": ["a@example.com", "b@example.com"], "cc": "c@example.com", "subject": SUBJECT, "body": BODY}
+    assert SPEC.sentence(args) == f"Send an e-mail to a@example.com, b@example.com (cc c@example.com) with the subject “{SUBJECT}”"
+    assert not SPEC.read_only
+    schema = SPEC.openai_tool()["function"]["parameters"]
+    assert schema["required"] == ["to", "subject", "body"]
