@@ -15,6 +15,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from sqlalchemy.exc import SQLAlchemyError
+
 from bot.config import Settings, load_settings
 from bot.errors import ChatopsError
 from bot.logsetup import setup_logging
@@ -179,6 +181,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         code = run(argv)
     except ChatopsError as exc:
         print(f"chatops: error: {exc}", file=sys.stderr)
+        code = 2
+    except SQLAlchemyError as exc:
+        detail = Redactor().redact_text(str(exc).splitlines()[0])[:300]
+        print(f"chatops: error: DATABASE_URL: the database cannot be used ({detail})", file=sys.stderr)
         code = 2
     except Exception as exc:
         log.debug("unexpected failure", exc_info=True)

@@ -20,6 +20,7 @@ from bot.errors import ModelUnavailable
 from bot.events import IncomingMessage, Thread, User
 from bot.model import ModelReply
 from storage.models import Approval, Conversation, InboxEvent, Run
+from tools.context import ToolContext
 from tools.errors import ToolError
 from tools.registry import CallProblem, PreparedCall, result_text
 
@@ -300,13 +301,13 @@ class Runner:
             await self._append_tool_results(run_id, reply, results)
             return True
         created: list[str] = []
+        tool_ctx = ctx.tool_context.for_call(approval_id=None, requester=requester)
+        previews = [await self._preview(tool_ctx, prepared) for _, prepared, _ in proposals]  # outside the write lock
         async with ctx.db.transaction() as session:
             run = await session.get(Run, run_id)
             assert run is not None
             now = ctx.clock()
-            for call_id, prepared, rule in proposals:
-                tool_ctx = ctx.tool_context.for_call(approval_id=None, requester=requester)
-                preview = await prepared.spec.preview(tool_ctx, prepared.args) if prepared.spec.preview else []
+            for (call_id, prepared, rule), preview in zip(proposals, previews, strict=True):
                 approval = Approval(
                     id=new_approval_id(),
                     run_id=run_id,
@@ -351,6 +352,16 @@ class Runner:
         # Decisions may already have landed (or expired) while cards were being posted.
         await self.resume_if_ready(run_id)
         return False
+
+    async def _preview(self, tool_ctx: ToolContext, prepared: PreparedCall) -> list[str]:
+        """The tool's code-computed preview for the card; a failing preview says so instead of blocking."""
+        if prepared.spec.preview is None:
+            return []
+        try:
+            return await asyncio.wait_for(prepared.spec.preview(tool_ctx, prepared.args), self.ctx.settings.tool_timeout)
+        except Exception as exc:  # noqa: BLE001 - the card must still be shown
+            log.warning("preview of %s failed: %s", prepared.spec.name, type(exc).__name__)
+            return [f"(preview unavailable: {type(exc).__name__})"]
 
     async def _run_now(self, run_id: str, prepared: PreparedCall, requester: User) -> str:
         ctx = self.ctx

@@ -194,5 +194,6 @@ async def feishu_bot(bots: Any, fake_feishu: FakeFeishu) -> AsyncIterator[Callab
         return bot
 
     yield start
+    await bots.stop_all()  # before the fake Feishu goes away (fixtures tear down in reverse order)
     for bot in started:
         await bot.http.close()

@@ -67,6 +67,7 @@ class FakeFeishu:
         self._by_uuid: dict[str, str] = {}
         self._fail_token = 0
         self._rate_limit = 0
+        self._stalls: list[float] = []
         self._changed = asyncio.Condition()
         self._ws: web.WebSocketResponse | None = None
         self._ws_ready = asyncio.Event()
@@ -104,6 +105,10 @@ class FakeFeishu:
 
     def rate_limit_once(self) -> None:
         self._rate_limit += 1
+
+    def stall_once(self, seconds: float) -> None:
+        """The next API call is handled (and stored), but answered only after `seconds`."""
+        self._stalls.append(seconds)
 
     def calls_to(self, kind: str) -> list[Call]:
         """Calls by kind: token, bot_info, create, reply, patch, reaction."""
@@ -147,6 +152,8 @@ class FakeFeishu:
     async def _done(self, response: web.Response) -> web.Response:
         async with self._changed:
             self._changed.notify_all()
+        if self._stalls and response.status == 200:
+            await asyncio.sleep(self._stalls.pop(0))
         return response
 
     async def _token_endpoint(self, request: web.Request) -> web.Response:

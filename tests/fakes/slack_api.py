@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,6 +36,7 @@ class ApiCall:
     params: dict[str, Any]
     token: str | None
     status: int = 200
+    at: float = field(default_factory=time.monotonic)
 
 
 @dataclass

@@ -1,0 +1,178 @@
+"""The `chatops` command as a user runs it: real processes, a real database file, the scripted model."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import sys
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from storage.engine import make_sync_engine, normalise_url
+from storage.models import CrmLead
+from tests.fakes.openai_server import ScriptedModel, calls, text, tool_results
+
+CHATOPS = [sys.executable, "-c", "from bot.cli import main; main()"]
+
+
+async def chatops(
+    *args: str, stdin: str = "", env: dict[str, str] | None = None, cwd: Path | None = None
+) -> tuple[int, str, str]:
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith(("CHATOPS_", "OPENAI_", "SLACK_", "FEISHU_"))}
+    full_env.update(env or {})
+    proc = await asyncio.create_subprocess_exec(
+        *CHATOPS,
+        *args,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=full_env,
+        cwd=cwd,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(stdin.encode()), timeout=120)
+    return proc.returncode or 0, out.decode(), err.decode()
+
+
+def bot_env(model: ScriptedModel, tmp_path: Path) -> dict[str, str]:
+    return {
+        "OPENAI_BASE_URL": model.url,
+        "OPENAI_API_KEY": "sk-test-cli-key-0000000000",
+        "CHATOPS_MODEL": "scripted",
+        "DATABASE_URL": f"sqlite:///{tmp_path / 'bot.db'}",
+        "USER": "alice",
+        "LOGNAME": "alice",
+    }
+
+
+async def test_a_pending_approval_survives_a_restart(model, tmp_path):
+    """Process 1 proposes a write and exits; process 2 approves it and finishes the conversation."""
+    model.script(
+        calls(("create_crm_lead", {"name": "张三", "email": "zhangsan@example.com", "need": "了解产品"})),
+        text("线索已创建。"),
+    )
+    env = bot_env(model, tmp_path)
+    code, out, err = await chatops(
+        "shell", stdin="客户张三想了解产品，邮箱是 zhangsan@example.com，请创建线索\n", env=env, cwd=tmp_path
+    )
+    assert code == 0, err
+    (approval_id,) = set(re.findall(r"approve (ap-[a-z0-9]+)", out))
+    assert "Approval needed" in out and "create_crm_lead" in out and "will create a new lead" in out, out
+    assert len(model.requests) == 1
+
+    code, out, err = await chatops("shell", stdin=f"approve {approval_id}\n", env=env, cwd=tmp_path)
+    assert code == 0, err
+    assert "Approved. Running create_crm_lead now." in out and "bot> 线索已创建。" in out
+    assert tool_results(model.requests[-1])[0].startswith("{") or "lead" in tool_results(model.requests[-1])[0].lower()
+    with sa.orm.Session(make_sync_engine(normalise_url(env["DATABASE_URL"]))) as session:
+        leads = session.execute(sa.select(CrmLead)).scalars().all()
+    assert [(lead.name, lead.email, lead.source_approval_id) for lead in leads] == [("张三", "zhangsan@example.com", approval_id)]
+
+    code, out, _ = await chatops("audit", "export", "--format", "jsonl", env=env, cwd=tmp_path)
+    rows = [json.loads(line) for line in out.splitlines()]
+    kinds = [r["kind"] for r in rows]
+    for kind in (
+        "request_received",
+        "run_started",
+        "model_call",
+        "tool_proposed",
+        "approval_requested",
+        "card_posted",
+        "approval_decided",
+        "execution_started",
+        "tool_executed",
+        "run_resumed",
+        "reply_posted",
+    ):
+        assert kind in kinds, kind
+    assert "sk-test-cli-key" not in out
+    code, out, _ = await chatops("audit", "verify", env=env, cwd=tmp_path)
+    assert code == 0 and out.startswith("OK: ")
+    run_id = next(r["run_id"] for r in rows if r["kind"] == "approval_decided")
+    code, out, _ = await chatops("audit", "show", run_id, env=env, cwd=tmp_path)
+    assert code == 0 and "request_received" in out and "tool_executed" in out
+    code, out, _ = await chatops("audit", "list", "--tool", "create_crm_lead", "--status", "succeeded", env=env, cwd=tmp_path)
+    assert code == 0 and "tool_executed" in out and "approval_requested" not in out
+    code, out, _ = await chatops("audit", "export", "--format", "csv", env=env, cwd=tmp_path)
+    assert out.splitlines()[0].startswith("seq,at,kind,")
+
+
+async def test_serve_without_a_model_says_which_variables_to_set(tmp_path):
+    code, out, err = await chatops("serve", env={"DATABASE_URL": f"sqlite:///{tmp_path / 'x.db'}"}, cwd=tmp_path)
+    assert code == 2
+    assert "CHATOPS_MODEL" in err and "OPENAI_API_KEY" in err and "OPENAI_BASE_URL" in err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("CHATOPS_PORT", "abc"),
+        ("CHATOPS_MAX_STEPS", "0"),
+        ("OPENAI_BASE_URL", "ftp://x"),
+        ("SMTP_SECURITY", "tls"),
+        ("FEISHU_MODE", "socket"),
+    ],
+)
+async def test_a_bad_variable_stops_start_up_with_one_line_naming_it(tmp_path, variable, value):
+    code, _, err = await chatops("serve", env={variable: value, "CHATOPS_MODEL": "m"}, cwd=tmp_path)
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"chatops: error: {variable} ")
+
+
+async def test_a_half_configured_channel_fails_closed(tmp_path):
+    code, _, err = await chatops("serve", env={"CHATOPS_MODEL": "m", "SLACK_BOT_TOKEN": "xoxb-1-2-3"}, cwd=tmp_path)
+    assert code == 2 and "SLACK_SIGNING_SECRET" in err
+
+
+async def test_dotenv_is_read_but_the_environment_wins(tmp_path, model):
+    (tmp_path / ".env").write_text("CHATOPS_PORT=abc\nCHATOPS_MODEL=from-dotenv\n", encoding="utf-8")
+    code, _, err = await chatops("tools", env={"DATABASE_URL": f"sqlite:///{tmp_path / 'x.db'}"}, cwd=tmp_path)
+    assert code == 2 and "CHATOPS_PORT" in err  # .env was read
+    code, out, err = await chatops("tools", env={"CHATOPS_PORT": "3001"}, cwd=tmp_path)
+    assert code == 0, err  # the real environment variable won
+
+
+async def test_tools_lists_every_tool_with_kind_and_rule(tmp_path):
+    code, out, err = await chatops("tools", cwd=tmp_path)
+    assert code == 0, err
+    lines = {line.split()[0]: line for line in out.splitlines()[1:]}
+    assert "read" in lines["search_crm_leads"] and "auto" in lines["search_crm_leads"]
+    for name in ("create_crm_lead", "update_crm_lead", "send_email", "notify_feishu", "notify_slack"):
+        assert "write" in lines[name] and "confirm" in lines[name]
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        [],
+        ["serve"],
+        ["shell"],
+        ["tools"],
+        ["audit"],
+        ["audit", "list"],
+        ["audit", "show"],
+        ["audit", "export"],
+        ["audit", "verify"],
+        ["audit", "anchor"],
+        ["db"],
+        ["db", "upgrade"],
+        ["policy"],
+        ["policy", "check"],
+    ],
+)
+async def test_every_command_has_help(command, tmp_path):
+    code, out, _ = await chatops(*command, "--help", cwd=tmp_path)
+    assert code == 0 and out.startswith("usage: chatops")
+
+
+async def test_db_upgrade_and_audit_on_an_unreachable_database_fail_cleanly(tmp_path):
+    code, out, _ = await chatops("db", "upgrade", env={"DATABASE_URL": f"sqlite:///{tmp_path / 'y.db'}"}, cwd=tmp_path)
+    assert code == 0 and "revision" in out
+    env = {"DATABASE_URL": "postgresql://u:hunter2-secret@127.0.0.1:1/none"}
+    code, _, err = await chatops("audit", "list", env=env, cwd=tmp_path)
+    assert code == 2 and "hunter2-secret" not in err and "Traceback" not in err and "database" in err.lower()

@@ -1,0 +1,135 @@
+"""Slack delivery guarantees over real HTTP: retries run once, a failed first delivery is processed on
+its retry, bad signatures do nothing at all, and a 429 from Slack is waited out, not doubled."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+import sqlite3
+import time
+
+import pytest
+
+from tests.fakes.openai_server import text
+from tests.slack_helpers import (  # noqa: F401 - fixtures
+    CHANNEL,
+    SIGNING_SECRET,
+    encode,
+    fake_slack,
+    mention,
+    next_ts,
+    signed,
+    slack_bot,
+)
+
+STORM_EVENTS = 200
+DELIVERIES = 4
+
+
+async def test_a_retry_storm_runs_each_event_exactly_once(slack_bot, fake_slack, model):
+    model.responder = lambda body: text("done")
+    bot = await slack_bot()
+    events = [mention(f"task {i}", ts=next_ts()) for i in range(STORM_EVENTS)]
+    deliveries = [(event, retry) for event in events for retry in (None, 1, 2, 3)]
+    random.Random(7).shuffle(deliveries)
+    gate = asyncio.Semaphore(16)
+
+    async def deliver(event: dict, retry: int | None) -> int:
+        async with gate:
+            return (await bot.send(event, retry_num=retry))[0]
+
+    statuses = await asyncio.gather(*(deliver(e, r) for e, r in deliveries))
+    assert statuses == [200] * (STORM_EVENTS * DELIVERIES)
+    await bot.settle()
+    assert await bot.count("inbox_event") == STORM_EVENTS
+    assert await bot.count("run") == STORM_EVENTS
+    assert len(model.requests) == STORM_EVENTS
+    replies = bot.replies()
+    assert len(replies) == STORM_EVENTS
+    assert {r["thread_ts"] for r in replies} == {e["event"]["ts"] for e in events}
+
+
+async def test_a_first_delivery_that_could_not_be_recorded_is_answered_500_and_its_retry_is_processed(
+    slack_bot, fake_slack, model, caplog
+):
+    model.script(text("done"))
+    bot = await slack_bot()
+    database = bot.app.settings.database_url.removeprefix("sqlite:///")
+    event = mention("do it", ts=next_ts())
+
+    with sqlite3.connect(database) as db:  # the inbox's dedupe table vanishes: recording fails for real
+        db.execute("ALTER TABLE seen_key RENAME TO seen_key_gone")
+    caplog.set_level(logging.DEBUG)
+    status, _ = await bot.send(event)
+    assert status == 500  # not acknowledged: Slack will deliver it again
+    await bot.settle()
+    assert model.requests == []
+    assert "do it" not in caplog.text  # the payload is never logged
+
+    with sqlite3.connect(database) as db:
+        db.execute("ALTER TABLE seen_key_gone RENAME TO seen_key")
+    status, _ = await bot.send(event, retry_num=1)
+    assert status == 200
+    await bot.settle()
+    assert await bot.count("inbox_event") == 1
+    assert len(model.requests) == 1
+    assert bot.replies()[-1]["text"] == "done"
+
+
+def _bad_headers(body: str) -> dict[str, dict[str, str]]:
+    now = int(time.time())
+    good = signed(body)
+    return {
+        "missing": {},
+        "no signature": {"X-Slack-Request-Timestamp": str(now)},
+        "no timestamp": {"X-Slack-Signature": good["X-Slack-Signature"]},
+        "forged": signed(body, secret="not-the-secret"),
+        "stale": signed(body, timestamp=str(now - 301)),
+        "from the future": signed(body, timestamp=str(now + 301)),
+        "non-numeric timestamp": {**good, "X-Slack-Request-Timestamp": "abc"},
+        "garbage signature": {**good, "X-Slack-Signature": "v0=zz"},
+        "other body": signed(body + " "),
+    }
+
+
+@pytest.mark.parametrize("case", list(_bad_headers("{}")))
+async def test_bad_signatures_get_401_and_have_no_effect(slack_bot, fake_slack, model, caplog, case):
+    model.script(text("must not be called"))
+    bot = await slack_bot()
+    payload = mention("secret plans 7c1f", ts=next_ts())
+    body, _ = encode(payload)
+    calls_before = len(fake_slack.calls)
+    caplog.set_level(logging.DEBUG)
+
+    status, answer = await bot.send(payload, headers=_bad_headers(body)[case])
+    assert status == 401
+    assert json.loads(answer) == {"error": "invalid request"}
+    await bot.settle()
+    assert await bot.count("inbox_event") == 0
+    assert await bot.count("seen_key") == 0
+    assert model.requests == []
+    assert fake_slack.calls[calls_before:] == []
+    assert "secret plans" not in caplog.text
+
+
+async def test_url_verification_needs_a_valid_signature(slack_bot):
+    bot = await slack_bot()
+    challenge = {"type": "url_verification", "token": "legacy", "challenge": "c-123"}
+    status, body = await bot.send(challenge)
+    assert status == 200 and "c-123" in body
+    assert (await bot.send(challenge, headers=signed("{}", secret=SIGNING_SECRET + "x")))[0] == 401
+
+
+async def test_a_429_on_post_message_is_waited_out_and_the_reply_posted_once(slack_bot, fake_slack, model):
+    model.script(text("the answer"))
+    bot = await slack_bot()
+    fake_slack.rate_limit("chat.postMessage", times=1, retry_after=1)
+    root = next_ts()
+    await bot.send(mention("question", ts=root))
+    await bot.settle()
+    limited, posted = fake_slack.calls_to("chat.postMessage", ok_only=False)
+    assert (limited.status, posted.status) == (429, 200)
+    assert posted.at - limited.at >= 1.0  # Retry-After was honoured
+    assert [(r["text"], r["channel"], r["thread_ts"]) for r in bot.replies()] == [("the answer", CHANNEL, root)]

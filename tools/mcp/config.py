@@ -1,0 +1,142 @@
+"""The MCP configuration file (CHATOPS_MCP_CONFIG): the common `mcpServers` JSON format plus our keys.
+
+```json
+{"mcpServers": {
+  "git": {"command": "uvx", "args": ["mcp-server-git", "--repository", "/srv/repo"], "env": {"TOKEN": "${GIT_TOKEN}"},
+          "trusted": true, "allow": ["git_*"], "deny": ["git_reset"], "tools": {"git_log": {"read_only": true}}},
+  "docs": {"url": "https://mcp.example.com/mcp", "headers": {"Authorization": "Bearer ${DOCS_TOKEN}"}}
+}}
+```
+
+A stdio server has `command` (+ `args`, `env`, `cwd`); a remote one has `url` (streamable HTTP,
++ `headers`). Ours: `trusted` (default false: the server's readOnlyHint/destructiveHint are
+believed only when true), `allow`/`deny` (tool names or shell-style globs; deny wins), `tools`
+(per-tool `read_only`/`destructive` overrides, which win over every hint), `disabled`.
+`${NAME}` in env, headers, args and url is replaced by the bot's environment variable NAME, so
+secrets stay out of the file. Unknown keys are errors: a misspelt `deny` must not pass silently.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from bot.errors import ConfigError
+
+VARIABLE = "CHATOPS_MCP_CONFIG"
+_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+class ToolOverride(BaseModel):
+    """The operator's word on one tool; wins over the server's annotations."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    read_only: bool | None = None
+    destructive: bool | None = None
+
+
+class ServerConfig(BaseModel):
+    """One entry of `mcpServers`."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    command: str | None = Field(None, min_length=1)
+    args: list[str] = Field(default_factory=list)
+    env: dict[str, str] = Field(default_factory=dict)
+    cwd: str | None = None
+    url: str | None = None
+    headers: dict[str, str] = Field(default_factory=dict)
+    type: Literal["stdio", "http", "streamable-http", "streamableHttp"] | None = None
+    trusted: bool = False
+    allow: list[str] | None = None
+    deny: list[str] = Field(default_factory=list)
+    tools: dict[str, ToolOverride] = Field(default_factory=dict)
+    disabled: bool = False
+
+    @model_validator(mode="after")
+    def _one_transport(self) -> ServerConfig:
+        if (self.command is None) == (self.url is None):
+            raise ValueError("give either `command` (a stdio server) or `url` (a streamable HTTP server)")
+        if self.url is not None and not self.url.startswith(("http://", "https://")):
+            raise ValueError("`url` must start with http:// or https://")
+        if (self.type == "stdio" and self.command is None) or (self.type not in (None, "stdio") and self.url is None):
+            raise ValueError(f"`type` is {self.type!r} but the entry has {'url' if self.url else 'command'}")
+        return self
+
+    def offers(self, tool: str) -> bool:
+        """Whether `tool` passes this server's allow and deny lists."""
+        if any(fnmatch.fnmatchcase(tool, pattern) for pattern in self.deny):
+            return False
+        return self.allow is None or any(fnmatch.fnmatchcase(tool, pattern) for pattern in self.allow)
+
+
+class McpConfig(BaseModel):
+    """The whole file."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    servers: dict[str, ServerConfig] = Field(alias="mcpServers")
+
+    @model_validator(mode="after")
+    def _names(self) -> McpConfig:
+        for name in self.servers:
+            if not name.strip() or len(name) > 64:
+                raise ValueError(f"server name {name!r} must be 1 to 64 characters")
+        return self
+
+
+def _expand(value: Any, where: str) -> Any:
+    """Replace `${NAME}` references in strings (recursively) with environment variables."""
+    if isinstance(value, str):
+
+        def lookup(match: re.Match[str]) -> str:
+            if match.group(1) not in os.environ:
+                raise ConfigError(VARIABLE, f"{where} uses ${{{match.group(1)}}}, which is not set in the environment")
+            return os.environ[match.group(1)]
+
+        return _REFERENCE.sub(lookup, value)
+    if isinstance(value, list):
+        return [_expand(v, where) for v in value]
+    if isinstance(value, dict):
+        return {k: _expand(v, where) for k, v in value.items()}
+    return value
+
+
+def _describe(error: dict[str, Any]) -> str:
+    loc = [str(part) for part in error["loc"]]
+    message = error["msg"].removeprefix("Value error, ")
+    if len(loc) >= 2 and loc[0] == "mcpServers":
+        key = ".".join(loc[2:])
+        return f"server {loc[1]!r}: {f'key {key!r}: ' if key else ''}{message}"
+    return f"{'.'.join(loc) or 'the file'}: {message}"
+
+
+def parse_config(data: Any, *, source: str = "the MCP configuration") -> McpConfig:
+    """Validate already-loaded JSON. Raises ConfigError naming the server and key at fault."""
+    try:
+        config = McpConfig.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(_describe(e) for e in exc.errors(include_url=False)[:3])
+        raise ConfigError(VARIABLE, f"({source}) is invalid: {problems}") from None
+    for name, server in config.servers.items():
+        for key in ("command", "args", "env", "cwd", "url", "headers"):
+            setattr(server, key, _expand(getattr(server, key), f"({source}) server {name!r}: key {key!r}"))
+    return config
+
+
+def load_config(path: Path) -> McpConfig:
+    """Read and validate the file at `path`."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(VARIABLE, f"cannot be read ({path}: {exc.strerror or exc})") from None
+    except json.JSONDecodeError as exc:
+        raise ConfigError(VARIABLE, f"({path}) is not valid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}") from None
+    return parse_config(data, source=str(path))
