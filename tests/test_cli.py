@@ -101,7 +101,7 @@ async def test_a_pending_approval_survives_a_restart(model, tmp_path):
 
 
 async def test_serve_without_a_model_says_which_variables_to_set(tmp_path):
-    code, out, err = await chatops("serve", env={"DATABASE_URL": f"sqlite:///{tmp_path / 'x.db'}"}, cwd=tmp_path)
+    code, _, err = await chatops("serve", env={"DATABASE_URL": f"sqlite:///{tmp_path / 'x.db'}"}, cwd=tmp_path)
     assert code == 2
     assert "CHATOPS_MODEL" in err and "OPENAI_API_KEY" in err and "OPENAI_BASE_URL" in err
     assert "Traceback" not in err
@@ -133,7 +133,7 @@ async def test_dotenv_is_read_but_the_environment_wins(tmp_path, model):
     (tmp_path / ".env").write_text("CHATOPS_PORT=abc\nCHATOPS_MODEL=from-dotenv\n", encoding="utf-8")
     code, _, err = await chatops("tools", env={"DATABASE_URL": f"sqlite:///{tmp_path / 'x.db'}"}, cwd=tmp_path)
     assert code == 2 and "CHATOPS_PORT" in err  # .env was read
-    code, out, err = await chatops("tools", env={"CHATOPS_PORT": "3001"}, cwd=tmp_path)
+    code, _, err = await chatops("tools", env={"CHATOPS_PORT": "3001"}, cwd=tmp_path)
     assert code == 0, err  # the real environment variable won
 
 
