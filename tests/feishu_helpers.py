@@ -149,6 +149,9 @@ class FeishuBot:
     async def send(self, payload: dict[str, Any], **kwargs: Any) -> tuple[int, Any]:
         """POST `payload` the way Feishu does (encrypted and signed with the bot's key)."""
         kwargs.setdefault("key", self.key)
+        msg = payload.get("event", {}).get("message")
+        if msg:
+            self.fake.user_message(msg["message_id"], msg["chat_id"], msg.get("root_id"))
         body, headers = wire(payload, **kwargs)
         return await self.post(body, headers)
 

@@ -60,6 +60,7 @@ class FakeFeishu:
         self.calls: list[Call] = []
         self.messages: dict[str, Message] = {}
         self.reactions: list[tuple[str, str]] = []
+        self.users_messages: dict[str, Message] = {}
         self.acks: list[dict[str, Any]] = []
         self._ids = itertools.count(1)
         self._token = "t-1"
@@ -109,6 +110,10 @@ class FakeFeishu:
     def stall_once(self, seconds: float) -> None:
         """The next API call is handled (and stored), but answered only after `seconds`."""
         self._stalls.append(seconds)
+
+    def user_message(self, message_id: str, chat_id: str, root_id: str | None = None) -> None:
+        """Tell the fake about a message a user sent (so replies to it land in its chat)."""
+        self.users_messages[message_id] = Message(message_id, chat_id, "user", "{}", reply_to=root_id)
 
     def calls_to(self, kind: str) -> list[Call]:
         """Calls by kind: token, bot_info, create, reply, patch, reaction."""
@@ -174,8 +179,9 @@ class FakeFeishu:
         key = body.get("uuid")
         if key and key in self._by_uuid:
             return web.json_response({"code": 0, "msg": "ok", "data": {"message_id": self._by_uuid[key]}})
-        if reply_to is not None and reply_to in self.messages:
-            chat_id = self.messages[reply_to].chat_id
+        target = self.messages.get(reply_to or "") or self.users_messages.get(reply_to or "")
+        if target is not None:
+            chat_id = target.chat_id
         message = Message(
             message_id=f"om_fake_{next(self._ids)}",
             chat_id=chat_id,

@@ -1,0 +1,182 @@
+"""The approval flow through Feishu webhooks: real `/feishu/events`, real lark-oapi client, fake Feishu.
+
+Every request is encrypted and signed the way Feishu does it (`tests.feishu_helpers.wire`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import timedelta
+
+import sqlalchemy as sa
+
+from bot import texts
+from storage.models import Approval, utcnow
+from tests.fakes.feishu_api import BOT_OPEN_ID
+from tests.fakes.openai_server import calls, text
+from tests.feishu_helpers import ALICE, BOB, GROUP, approval_id_of, at_bot, card_text, click, dm, fake_feishu, feishu_bot, message
+from tests.support_tools import Ledger, notes_toolset
+
+__all__ = ["fake_feishu", "feishu_bot"]  # fixtures used by this module
+
+LEAD = {"name": "Zhang San", "email": "zhangsan@example.com", "need": "a product demo", "company": "Acme"}
+
+
+async def test_seed_scenario_group_mention_to_final_reply_in_the_thread(feishu_bot, model):
+    model.script(calls(("create_crm_lead", LEAD)), text("Created the lead for Zhang San."))
+    bot = await feishu_bot()
+    status, body = await bot.send(at_bot("create a lead for Zhang San, zhangsan@example.com, Acme, wants a demo",
+                                         message_id="om_ask"))
+    assert (status, body) == (200, {})
+    await bot.settle()
+    assert model.requests[0]["messages"][-1]["content"] == "create a lead for Zhang San, zhangsan@example.com, Acme, wants a demo"
+    assert bot.fake.reactions == [("om_ask", "OnIt")]  # the user saw at once that the bot is on it
+    card = bot.card()
+    assert card.reply_to == "om_ask" and card.in_thread and card.chat_id == GROUP
+    shown = card_text(card)
+    for expected in ["create_crm_lead", "Zhang San", "zhangsan@example.com", "a product demo", "<at id=ou_alice></at>"]:
+        assert expected in shown
+    approval_id = approval_id_of(card)
+
+    status, answer = await bot.send(click(approval_id, "approve", card_message_id=card.message_id))
+    assert status == 200
+    assert answer["toast"] == {"type": "success", "content": texts.DECIDED_APPROVED.format(tool="create_crm_lead")}
+    assert answer["card"]["type"] == "raw"
+    assert not any(e["tag"] == "form" for e in answer["card"]["data"]["body"]["elements"])
+    await bot.settle()
+
+    assert await bot.count("crm_lead", "email = 'zhangsan@example.com'") == 1
+    final = bot.fake.cards()[-1].json
+    assert final["header"]["template"] == "green"
+    assert any(texts.CARD_SUCCEEDED.split(":")[0] in e.get("text", {}).get("content", "") for e in final["body"]["elements"])
+    assert bot.fake.messages[card.message_id].patches  # the outcome was patched into the card
+    replies = [m for m in bot.fake.sent() if m.msg_type == "text"]
+    assert [m.json["text"] for m in replies] == ["Created the lead for Zhang San."]
+    assert replies[0].reply_to == "om_ask" and replies[0].in_thread
+
+
+async def test_seed_scenario_in_a_dm(feishu_bot, model):
+    ledger = Ledger()
+    model.script(calls(("write_note", {"topic": "lead", "text": "call Zhang San"})), text("Noted."))
+    bot = await feishu_bot(toolsets=[notes_toolset(ledger)])
+    assert (await bot.send(dm("note: call Zhang San", message_id="om_dm1")))[0] == 200
+    await bot.settle()
+    card = bot.card()
+    assert card.reply_to == "om_dm1" and not card.in_thread
+    await bot.send(click(approval_id_of(card)))
+    await bot.settle()
+    assert [e["approval_id"] for e in ledger.effects] == [approval_id_of(card)]
+    assert bot.fake.texts() == ["Noted."]
+    assert not [m for m in bot.fake.sent() if m.msg_type == "text"][0].in_thread
+
+
+async def test_follow_up_in_the_thread_continues_the_conversation(feishu_bot, model):
+    model.script(text("Hello!"), text("Still here."))
+    bot = await feishu_bot()
+    await bot.send(at_bot("hi", message_id="om_root"))
+    await bot.settle()
+    await bot.send(at_bot("are you there?", message_id="om_next", root_id="om_root"))
+    await bot.settle()
+    assert [m["content"] for m in model.requests[-1]["messages"] if m["role"] != "system"] == ["hi", "Hello!", "are you there?"]
+
+
+async def test_group_message_mentioning_someone_else_starts_no_run(feishu_bot, model):
+    bot = await feishu_bot()
+    status, _ = await bot.send(message("@_user_1 can you check this?", mentions=[(BOB, "Bob")]))
+    await bot.send(message("@_all standup in 5"))
+    await bot.settle()
+    assert status == 200
+    assert model.requests == [] and bot.fake.sent() == [] and bot.fake.reactions == []
+    assert await bot.count("inbox_event") == 0
+
+
+async def test_reject_with_a_reason_from_the_card_form(feishu_bot, model):
+    ledger = Ledger()
+    model.script(calls(("write_note", {"topic": "x", "text": "y"})), text("Understood, I did not write it."))
+    bot = await feishu_bot(toolsets=[notes_toolset(ledger)])
+    await bot.send(at_bot("write a note"))
+    await bot.settle()
+    approval_id = approval_id_of(bot.card())
+    status, answer = await bot.send(click(approval_id, "reject", reason="not this topic"))
+    assert status == 200 and answer["toast"] == {"type": "info", "content": texts.DECIDED_REJECTED}
+    await bot.settle()
+    assert ledger.effects == []
+    assert "Rejected by ou_alice: not this topic" in card_text(bot.fake.cards()[-1])
+    assert any("not this topic" in str(m.get("content")) for m in model.requests[-1]["messages"] if m["role"] == "tool")
+    assert bot.fake.texts() == ["Understood, I did not write it."]
+
+
+async def test_unauthorized_click_gets_a_toast_and_changes_nothing(feishu_bot, model):
+    ledger = Ledger()
+    model.script(calls(("write_note", {"topic": "x", "text": "y"})), text("done"))
+    bot = await feishu_bot(toolsets=[notes_toolset(ledger)])
+    await bot.send(at_bot("write a note"))
+    await bot.settle()
+    card = bot.card()
+    status, answer = await bot.send(click(approval_id_of(card), operator=BOB))
+    await bot.settle()
+    assert status == 200 and answer["toast"]["type"] == "error" and "card" not in answer
+    assert texts.NOT_ALLOWED.split(":")[0] in answer["toast"]["content"]
+    assert ledger.effects == [] and bot.fake.messages[card.message_id].patches == []
+    async with bot.app.ctx.db.transaction() as session:
+        assert (await session.get(Approval, approval_id_of(card))).status == "pending"
+    assert await bot.count("audit_event", "kind = 'click_refused' AND status = 'not_allowed'") == 1
+
+
+async def test_double_click_runs_the_tool_once(feishu_bot, model):
+    ledger = Ledger()
+    model.script(calls(("write_note", {"topic": "x", "text": "y"})), text("done"))
+    bot = await feishu_bot(toolsets=[notes_toolset(ledger)])
+    await bot.send(at_bot("write a note"))
+    await bot.settle()
+    approval_id = approval_id_of(bot.card())
+    answers = await asyncio.gather(*(bot.send(click(approval_id)) for _ in range(2)))
+    answers += [await bot.send(click(approval_id))]
+    await bot.settle()
+    assert len(ledger.effects) == 1
+    kinds = sorted(a["toast"]["type"] for _, a in answers)
+    assert kinds == ["success", "warning", "warning"]
+    assert texts.ALREADY_DECIDED.format(status="approved", who="ou_alice") in [a["toast"]["content"] for _, a in answers]
+
+
+async def test_click_after_expiry_says_so_and_runs_nothing(feishu_bot, model):
+    ledger = Ledger()
+    model.script(calls(("write_note", {"topic": "x", "text": "y"})), text("It expired."))
+    bot = await feishu_bot(toolsets=[notes_toolset(ledger)])
+    await bot.send(at_bot("write a note"))
+    await bot.settle()
+    approval_id = approval_id_of(bot.card())
+    async with bot.app.ctx.db.transaction() as session:
+        await session.execute(sa.update(Approval).where(Approval.id == approval_id).values(expires_at=utcnow() - timedelta(seconds=1)))
+    status, answer = await bot.send(click(approval_id))
+    await bot.settle()
+    assert status == 200 and answer["toast"]["type"] == "warning"
+    assert answer["toast"]["content"].startswith(texts.EXPIRED.split("{")[0])
+    assert answer["card"]["data"]["header"]["template"] == "grey"
+    assert ledger.effects == []
+    again = (await bot.send(click(approval_id)))[1]
+    assert again["toast"]["content"].startswith(texts.EXPIRED.split("{")[0])
+
+
+async def test_bot_identity_comes_from_bot_info_at_start(feishu_bot):
+    bot = await feishu_bot()
+    assert bot.adapter.bot_open_id == BOT_OPEN_ID
+    assert len(bot.fake.calls_to("bot_info")) == 1
+
+
+async def test_reply_text_cannot_mention_everyone(feishu_bot, model):
+    model.script(text('Sure <at user_id="all"></at> done'))
+    bot = await feishu_bot()
+    await bot.send(dm("say hi to all"))
+    await bot.settle()
+    assert bot.fake.texts() == ['Sure <\u200bat user_id="all"></at> done']
+
+
+async def test_a_token_invalid_answer_mid_flow_is_recovered(feishu_bot, model):
+    model.script(text("pong"))
+    bot = await feishu_bot()
+    bot.fake.fail_token_once()
+    await bot.send(dm("ping", sender=ALICE))
+    await bot.settle()
+    assert bot.fake.texts() == ["pong"]
+    assert len(bot.fake.calls_to("token")) == 2

@@ -1,0 +1,146 @@
+"""Block Kit rendering of the approval card: what the approver reads is exact, inert and within limits."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import replace
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+
+from bot import texts
+from bot.channels import CardField, CardView
+from bot.slack import blocks
+from bot.slack.events import APPROVE_ACTION, REASON_BLOCK, REJECT_ACTION, REJECT_VIEW
+
+EXPIRES = datetime(2030, 1, 2, 3, 4, tzinfo=UTC)
+CARD = CardView(
+    approval_id="ap-abc",
+    tool="write_note",
+    summary="Write a note about <!channel> ops",
+    fields=(CardField("topic", "ops"), CardField("text", "restart <!here> *web-1* :fire: <https://x.test|click>")),
+    requester="Alice",
+    requester_id="U0ALICE",
+    expires_at=EXPIRES,
+    status="pending",
+    rule="write tool: the requester confirms",
+)
+
+
+def texts_of(rendered: list[dict[str, Any]]) -> str:
+    return json.dumps(rendered, ensure_ascii=False)
+
+
+def assert_within_limits(rendered: list[dict[str, Any]]) -> None:
+    assert len(rendered) <= blocks.MAX_BLOCKS
+    for block in rendered:
+        if block["type"] == "header":
+            assert len(block["text"]["text"]) <= blocks.HEADER_LIMIT and block["text"]["type"] == "plain_text"
+        if block["type"] == "section":
+            assert "text" in block or "fields" in block
+            if "text" in block:
+                assert 0 < len(block["text"]["text"]) <= blocks.TEXT_LIMIT
+            fields = block.get("fields", [])
+            assert len(fields) <= blocks.FIELDS_PER_SECTION
+            assert all(0 < len(f["text"]) <= blocks.FIELD_LIMIT for f in fields)
+        if block["type"] == "context":
+            assert all(len(e["text"]) <= blocks.TEXT_LIMIT for e in block["elements"])
+        if block["type"] == "actions":
+            assert all(len(e["text"]["text"]) <= blocks.BUTTON_LIMIT for e in block["elements"])
+
+
+def test_a_pending_card_shows_everything_and_two_buttons():
+    rendered = blocks.card_blocks(CARD)
+    assert_within_limits(rendered)
+    assert rendered[0] == {"type": "header", "text": {"type": "plain_text", "text": texts.CARD_TITLE, "emoji": False}}
+    assert rendered[1] == {"type": "section", "text": {"type": "plain_text", "text": CARD.summary, "emoji": False}}
+    actions = rendered[-1]
+    assert actions["type"] == "actions"
+    approve, reject = actions["elements"]
+    assert (approve["action_id"], approve["style"], approve["value"], approve["text"]["text"]) == (
+        APPROVE_ACTION, "primary", "ap-abc", texts.APPROVE)
+    assert (reject["action_id"], reject["style"], reject["value"], reject["text"]["text"]) == (
+        REJECT_ACTION, "danger", "ap-abc", texts.REJECT)
+    everything = texts_of(rendered)
+    assert "<@U0ALICE>" in everything
+    assert f"<!date^{int(EXPIRES.timestamp())}^" in everything and "2030-01-02 03:04 UTC" in everything
+    assert "write_note" in everything and texts.CARD_WHY.format(reason=CARD.rule) in everything
+
+
+def test_argument_values_are_shown_exactly_as_frozen_and_cannot_ping_or_link():
+    rendered = blocks.card_blocks(CARD)
+    cells = [f for b in rendered if b["type"] == "section" for f in b.get("fields", [])]
+    assert cells[0] == {"type": "mrkdwn", "text": "*topic*"}
+    assert cells[3] == {"type": "plain_text", "text": CARD.fields[1].value, "emoji": False}
+    mrkdwn = [t["text"] for b in rendered for t in [b.get("text", {}), *b.get("elements", [])] if t.get("type") == "mrkdwn"]
+    assert not any(re.search(r"<!(?!date\^)|<http", t) for t in mrkdwn)  # only our own <!date^…> token
+
+
+def test_huge_cards_are_cut_to_block_kit_limits():
+    big = "x" * 9000
+    card = replace(
+        CARD,
+        tool="t" * 400,
+        summary=big,
+        fields=tuple(CardField(f"label{i}" * 50, big) for i in range(12)),
+        warnings=tuple(big for _ in range(8)),
+        preview=tuple(big for _ in range(8)),
+        rule=big,
+    )
+    rendered = blocks.card_blocks(card)
+    assert_within_limits(rendered)
+    assert "[cut:" in texts_of(rendered)
+    assert rendered[-1]["type"] == "actions"
+    assert len(blocks.card_text(card)) <= blocks.TEXT_LIMIT
+
+
+@pytest.mark.parametrize(
+    ("status", "extra", "expected"),
+    [
+        ("succeeded", {"outcome": "note <!here> stored"}, ["Approved by <@U0BOB> at 2030-01-01 00:00 UTC",
+                                                           "Done: note &lt;!here&gt; stored"]),
+        ("rejected", {"reason": "<!channel> not now"}, ["Rejected by <@U0BOB>: &lt;!channel&gt; not now"]),
+        ("rejected", {}, ["Rejected by <@U0BOB>"]),
+        ("expired", {}, ["Expired at 2030-01-02 03:04 UTC: nothing was run"]),
+        ("failed", {"outcome": "refused"}, ["Approved by <@U0BOB> at 2030-01-01 00:00 UTC", "Failed: refused"]),
+    ],
+)
+def test_a_decided_card_has_no_buttons_and_says_who_decided_and_what_happened(status, extra, expected):
+    decided = replace(CARD, status=status, decided_by="bob", decided_by_id="U0BOB",
+                      decided_at=datetime(2030, 1, 1, tzinfo=UTC), **extra)
+    rendered = blocks.card_blocks(decided)
+    assert_within_limits(rendered)
+    assert not [b for b in rendered if b["type"] == "actions"]
+    status_block = rendered[-1]
+    assert status_block == {"type": "section", "text": {"type": "mrkdwn", "text": "\n".join(expected)}}
+    assert blocks.card_text(decided).endswith(expected[-1])
+
+
+def test_the_fallback_text_is_escaped():
+    assert blocks.card_text(CARD) == "Approval needed: Write a note about &lt;!channel&gt; ops"
+
+
+def test_model_replies_keep_user_mentions_but_lose_pings_and_disguised_links():
+    text = "Hi <@U0ALICE>, done <!channel> see <https://evil.test|the docs> & more"
+    assert blocks.safe_message(text) == "Hi <@U0ALICE>, done &lt;!channel&gt; see &lt;https://evil.test|the docs&gt; &amp; more"
+
+
+def test_long_replies_are_split_at_line_breaks():
+    text = "\n".join("line %04d" % i for i in range(2000))
+    parts = blocks.split_message(text, limit=1000)
+    assert all(len(p) <= 1000 for p in parts)
+    assert "\n".join(parts) == text
+    assert blocks.split_message("short") == ["short"]
+
+
+def test_the_reject_modal_asks_for_an_optional_reason_and_remembers_the_place():
+    view = blocks.reject_modal("ap-abc", {"channel": "C0OPS", "thread_ts": "1.0"})
+    assert view["type"] == "modal" and view["callback_id"] == REJECT_VIEW
+    assert json.loads(view["private_metadata"]) == {"approval_id": "ap-abc", "channel": "C0OPS", "thread_ts": "1.0"}
+    assert len(view["title"]["text"]) <= 24 and len(view["submit"]["text"]) <= 24
+    (field,) = view["blocks"]
+    assert field["type"] == "input" and field["block_id"] == REASON_BLOCK and field["optional"] is True
+    assert field["label"]["text"] == texts.REJECT_REASON_PROMPT
+    assert field["element"]["type"] == "plain_text_input"

@@ -1,0 +1,124 @@
+"""`McpManager`: connects the configured MCP servers, offers their tools, calls them, keeps them alive.
+
+Each server lives in its own long-lived asyncio task (`_Connection.supervise`), because the
+SDK's context managers (the stdio process, the HTTP client, the session) must be entered and
+exited in one task. Tool calls come from other tasks and only send requests on the session.
+
+- Start-up: every server is connected and listed in parallel, each within `connect_timeout`.
+  A server that fails then is left out (its tools are not offered) and reported in `problems`.
+- A server that dies later (process exit, broken HTTP transport) is reconnected in the
+  background with exponential backoff and jitter. Meanwhile its tools answer `ToolUnavailable`.
+- A call never is re-sent. A connection lost during a write is `ToolInDoubt`; during a read,
+  `ToolUnavailable`. Every call has a timeout (CHATOPS_TOOL_TIMEOUT); a write that times out is
+  in doubt too. Protocol errors (unknown tool, invalid params) are `ToolError`: nothing ran.
+- Tools and their classification are fixed at start-up; a reconnection does not change them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from pathlib import Path
+from typing import Any
+
+import mcp_types
+from jsonschema.exceptions import SchemaError
+from mcp.shared.exceptions import MCPError
+from pydantic import ValidationError
+
+from tools.context import ToolContext
+from tools.errors import ArgumentError, ToolError, ToolInDoubt, ToolUnavailable
+from tools.mcp.config import McpConfig, load_config
+from tools.mcp.connection import Connection
+from tools.mcp.specs import build_spec, result_of
+from tools.registry import ToolSpec
+
+log = logging.getLogger("chatops.mcp")
+
+
+class McpManager:
+    """All configured MCP servers. `start()` once, `close()` once."""
+
+    def __init__(self, config: McpConfig, *, connect_timeout: float = 30.0, backoff_initial: float = 1.0,
+                 backoff_max: float = 60.0) -> None:
+        self.config = config
+        self.problems: dict[str, str] = {}
+        self._connections = {
+            name: Connection(name, server, connect_timeout=connect_timeout, backoff_initial=backoff_initial,
+                             backoff_max=backoff_max, jitter=random.random)
+            for name, server in config.servers.items() if not server.disabled
+        }
+
+    @classmethod
+    def from_file(cls, path: Path, **options: Any) -> McpManager:
+        """A manager for the servers in the CHATOPS_MCP_CONFIG file. Raises ConfigError."""
+        return cls(load_config(Path(path)), **options)
+
+    def connection(self, server: str) -> Connection:
+        return self._connections[server]
+
+    async def start(self) -> list[ToolSpec]:
+        """Connect every server and return the tools they offer. Failures land in `problems`."""
+        listed = await asyncio.gather(*(c.start() for c in self._connections.values()))
+        specs: list[ToolSpec] = []
+        names: set[str] = set()
+        for connection, tools in zip(self._connections.values(), listed, strict=True):
+            if tools is None:
+                self.problems[connection.name] = connection.problem or "could not connect"
+                continue
+            skipped: list[str] = []
+            for tool in tools:
+                if not connection.config.offers(tool.name):
+                    continue
+                try:
+                    spec = build_spec(connection.name, connection.config, tool, self._call)
+                except SchemaError as exc:
+                    skipped.append(f"{tool.name} (unusable input schema: {exc.message})")
+                    continue
+                if spec.name in names:
+                    skipped.append(f"{tool.name} (its name {spec.name} is already taken)")
+                    continue
+                names.add(spec.name)
+                specs.append(spec)
+            if skipped:
+                self.problems[connection.name] = "tools left out: " + "; ".join(skipped)
+        return specs
+
+    async def _call(self, ctx: ToolContext, server: str, tool: str, args: dict[str, Any], write: bool) -> str:
+        connection = self._connections[server]
+        client = connection.client
+        if client is None:
+            raise ToolUnavailable(f"The MCP server {server} is down ({connection.problem or 'reconnecting'}); "
+                                  "it is being reconnected. Nothing was run; try again later.")
+        timeout = ctx.settings.tool_timeout
+        try:
+            result = await client.call_tool(tool, args, read_timeout_seconds=timeout)
+        except MCPError as exc:
+            if exc.code == mcp_types.CONNECTION_CLOSED:
+                connection.lost()
+                if write:
+                    raise ToolInDoubt(f"the MCP server {server} disconnected during the call; {tool} may or may not "
+                                      "have run") from None
+                raise ToolUnavailable(f"The MCP server {server} disconnected during the call; try again once it is back.") from None
+            if exc.code == mcp_types.REQUEST_TIMEOUT:
+                if write:
+                    raise ToolInDoubt(f"no answer from the MCP server {server} within {timeout:g}s; {tool} may or may "
+                                      "not have run") from None
+                raise ToolUnavailable(f"The MCP server {server} did not answer within {timeout:g}s.") from None
+            raise ToolError(f"The MCP server {server} refused the call ({exc.code}): {exc.message}") from None
+        except ValidationError as exc:
+            if write:
+                raise ToolInDoubt(f"the MCP server {server} sent an unreadable answer; {tool} may have run") from None
+            raise ToolError(f"The MCP server {server} sent an unreadable answer ({exc.error_count()} problems).") from None
+        text = result_of(result)
+        if result.is_error:
+            raise ToolError(text or f"{tool} failed (the server gave no reason)")
+        return text
+
+    async def close(self) -> None:
+        """Disconnect every server (stdio processes are stopped)."""
+        await asyncio.gather(*(c.close() for c in self._connections.values()))
+
+
+__all__ = ["ArgumentError", "McpManager"]
