@@ -19,6 +19,8 @@ from bot.context import AppContext
 from bot.errors import ModelUnavailable
 from bot.events import IncomingMessage, Thread, User
 from bot.model import ModelReply
+from bot.policy import CallRule
+from storage.audit import Entry, entry
 from storage.models import Approval, Conversation, InboxEvent, Run
 from tools.context import ToolContext
 from tools.errors import ToolError
@@ -198,18 +200,21 @@ class Runner:
 
     # ------------------------------------------------------------------ the loop
     async def advance(self, run_id: str) -> None:
-        """Call the model until a final answer, a pause on approvals, or the step limit."""
+        """Call the model until a final answer, a pause on approvals, or the step limit.
+
+        While a run is `running`, its owner is the only writer of its conversation, so the messages
+        are loaded once and carried in memory; each step ends in one transaction that re-checks
+        ownership, appends the step's messages and audit rows, and (on a pause) the approvals.
+        """
         ctx = self.ctx
+        async with ctx.db.transaction() as session:
+            run = await session.get(Run, run_id)
+            if run is None or run.status != "running" or run.owner != ctx.replica_id:
+                return
+            conv = await session.get(Conversation, run.conversation_key)
+            messages = list(conv.messages) if conv else []
+        step, thread, requester = run.step, Thread.from_dict(run.thread), User.from_dict(run.requester)
         while True:
-            async with ctx.db.transaction() as session:
-                run = await session.get(Run, run_id)
-                if run is None or run.status != "running" or run.owner != ctx.replica_id:
-                    return
-                conv = await session.get(Conversation, run.conversation_key)
-                messages = list(conv.messages) if conv else []
-                step = run.step
-            thread = Thread.from_dict(run.thread)
-            requester = User.from_dict(run.requester)
             if step >= ctx.settings.max_steps:
                 await self._finish(run_id, texts.MAX_STEPS.format(steps=step), status="failed")
                 return
@@ -219,28 +224,15 @@ class Runner:
                     ctx.registry.openai_tools(),
                 )
             except ModelUnavailable as exc:
-                async with ctx.db.transaction() as session:
-                    await ctx.audit.record(session, "model_error", run_id=run_id, status="error", error=str(exc))
-                await self._finish(run_id, texts.MODEL_FAILED, status="failed")
+                await self._finish(
+                    run_id,
+                    texts.MODEL_FAILED,
+                    status="failed",
+                    audit=[entry("model_error", run_id=run_id, status="error", error=str(exc))],
+                )
                 return
-            if not await self._record_reply(run_id, reply):
-                return
-            if not reply.tool_calls:
-                await self._finish(run_id, reply.content or "", status="done")
-                return
-            if not await self._handle_tool_calls(run_id, step + 1, reply, requester, thread):
-                return  # paused on approvals
-
-    async def _record_reply(self, run_id: str, reply: ModelReply) -> bool:
-        ctx = self.ctx
-        async with ctx.db.transaction() as session:
-            run = await session.get(Run, run_id)
-            if run is None or run.status != "running" or run.owner != ctx.replica_id:
-                return False
-            run.step += 1
-            run.updated_at = ctx.clock()
-            await ctx.audit.record(
-                session,
+            step += 1
+            model_row = entry(
                 "model_call",
                 run_id=run_id,
                 status="ok",
@@ -249,28 +241,31 @@ class Runner:
                 usage=reply.usage,
                 tool_calls=[{"id": c.id, "name": c.name} for c in reply.tool_calls],
             )
-            if reply.tool_calls:
-                conv = await session.get(Conversation, run.conversation_key)
-                assert conv is not None
-                conv.messages = [*conv.messages, reply.assistant_message()]
-                conv.updated_at = ctx.clock()
-        return True
+            if not reply.tool_calls:
+                await self._finish(run_id, reply.content or "", status="done", audit=[model_row])
+                return
+            outcome = await self._handle_tool_calls(run_id, step, reply, requester, thread, model_row)
+            if outcome is None:
+                return  # paused on approvals, or the run was taken from us
+            messages = [*messages, reply.assistant_message(), *outcome]
 
-    async def _handle_tool_calls(self, run_id: str, step: int, reply: ModelReply, requester: User, thread: Thread) -> bool:
-        """Returns True when every call has a result (continue), False when paused on approvals."""
+    async def _handle_tool_calls(
+        self, run_id: str, step: int, reply: ModelReply, requester: User, thread: Thread, model_row: Entry
+    ) -> list[dict[str, Any]] | None:
+        """Run read calls, freeze write calls. Returns the tool messages to continue with, or None when paused."""
         ctx = self.ctx
+        tool_ctx = ctx.tool_context.for_call(approval_id=None, requester=requester)
         results: dict[str, str] = {}
-        proposals: list[tuple[str, PreparedCall, Any]] = []
+        rows: list[Entry] = [model_row]
+        proposals: list[tuple[str, PreparedCall, CallRule]] = []
         for call in reply.tool_calls:
             prepared = ctx.registry.prepare(call.name, call.arguments)
             if isinstance(prepared, PreparedCall) and not prepared.spec.read_only:
-                problem = await ctx.registry.check(ctx.tool_context.for_call(approval_id=None, requester=requester), prepared)
-                prepared = problem or prepared
+                prepared = await ctx.registry.check(tool_ctx, prepared) or prepared
             if isinstance(prepared, CallProblem):
                 results[call.id] = prepared.as_tool_result()
-                async with ctx.db.transaction() as session:
-                    await ctx.audit.record(
-                        session,
+                rows.append(
+                    entry(
                         "tool_call_invalid",
                         run_id=run_id,
                         tool=call.name,
@@ -278,11 +273,11 @@ class Runner:
                         message=prepared.message,
                         details=prepared.details,
                     )
+                )
                 continue
             rule = ctx.policy.rule_for(prepared.spec, prepared.args)
-            async with ctx.db.transaction() as session:
-                await ctx.audit.record(
-                    session,
+            rows.append(
+                entry(
                     "tool_proposed",
                     run_id=run_id,
                     tool=call.name,
@@ -291,22 +286,33 @@ class Runner:
                     args_sha256=args_digest(prepared.args),
                     tool_call_id=call.id,
                 )
+            )
             if rule.rule == "deny":
                 results[call.id] = texts.MODEL_DENIED.format(reason=rule.reason)
             elif rule.rule == "auto":
-                results[call.id] = await self._run_now(run_id, prepared, requester)
+                results[call.id], status = await self._run_now(tool_ctx, prepared)
+                rows.append(
+                    entry(
+                        "tool_executed", run_id=run_id, tool=call.name, status=status, result=results[call.id][:2000], rule="auto"
+                    )
+                )
             else:
                 proposals.append((call.id, prepared, rule))
-        if not proposals:
-            await self._append_tool_results(run_id, reply, results)
-            return True
-        created: list[str] = []
-        tool_ctx = ctx.tool_context.for_call(approval_id=None, requester=requester)
         previews = [await self._preview(tool_ctx, prepared) for _, prepared, _ in proposals]  # outside the write lock
+        created: list[str] = []
         async with ctx.db.transaction() as session:
             run = await session.get(Run, run_id)
-            assert run is not None
+            if run is None or run.status != "running" or run.owner != ctx.replica_id:
+                return None
+            conv = await session.get(Conversation, run.conversation_key)
+            assert conv is not None
             now = ctx.clock()
+            run.step, run.updated_at = step, now
+            tool_messages = [
+                {"role": "tool", "tool_call_id": c.id, "content": results[c.id]} for c in reply.tool_calls if c.id in results
+            ]
+            conv.messages = [*conv.messages, reply.assistant_message(), *([] if proposals else tool_messages)]
+            conv.updated_at = now
             for (call_id, prepared, rule), preview in zip(proposals, previews, strict=True):
                 approval = Approval(
                     id=new_approval_id(),
@@ -331,27 +337,30 @@ class Runner:
                 )
                 session.add(approval)
                 created.append(approval.id)
-                await ctx.audit.record(
-                    session,
-                    "approval_requested",
-                    run_id=run_id,
-                    approval_id=approval.id,
-                    platform=thread.platform,
-                    actor=requester.key,
-                    tool=approval.tool_name,
-                    status="pending",
-                    args_sha256=approval.args_sha256,
-                    rule=rule.rule,
-                    expires_at=approval.expires_at.isoformat(),
+                rows.append(
+                    entry(
+                        "approval_requested",
+                        run_id=run_id,
+                        approval_id=approval.id,
+                        platform=thread.platform,
+                        actor=requester.key,
+                        tool=approval.tool_name,
+                        status="pending",
+                        args_sha256=approval.args_sha256,
+                        rule=rule.rule,
+                        expires_at=approval.expires_at.isoformat(),
+                    )
                 )
-            run.status = "waiting"
-            run.pending_results = results
-            run.updated_at = now
+            if proposals:
+                run.status, run.pending_results = "waiting", results
+            await ctx.audit.record_many(session, rows)
+        if not proposals:
+            return tool_messages
         for approval_id in created:
             await self.post_card(approval_id)
         # Decisions may already have landed (or expired) while cards were being posted.
         await self.resume_if_ready(run_id)
-        return False
+        return None
 
     async def _preview(self, tool_ctx: ToolContext, prepared: PreparedCall) -> list[str]:
         """The tool's code-computed preview for the card; a failing preview says so instead of blocking."""
@@ -363,41 +372,19 @@ class Runner:
             log.warning("preview of %s failed: %s", prepared.spec.name, type(exc).__name__)
             return [f"(preview unavailable: {type(exc).__name__})"]
 
-    async def _run_now(self, run_id: str, prepared: PreparedCall, requester: User) -> str:
-        ctx = self.ctx
-        tool_ctx = ctx.tool_context.for_call(approval_id=None, requester=requester)
+    async def _run_now(self, tool_ctx: ToolContext, prepared: PreparedCall) -> tuple[str, str]:
+        """Run a call that needs no approval. Returns (result text for the model, status)."""
+        timeout = self.ctx.settings.tool_timeout
         try:
-            value = await asyncio.wait_for(prepared.spec.run(tool_ctx, prepared.args), ctx.settings.tool_timeout)
-            text, status = result_text(value), "succeeded"
+            value = await asyncio.wait_for(prepared.spec.run(tool_ctx, prepared.args), timeout)
+            return result_text(value), "succeeded"
         except ToolError as exc:
-            text, status = texts.MODEL_FAILED_TOOL.format(detail=exc.message), "failed"
+            return texts.MODEL_FAILED_TOOL.format(detail=exc.message), "failed"
         except TimeoutError:
-            text, status = texts.MODEL_FAILED_TOOL.format(detail=f"timed out after {ctx.settings.tool_timeout:g}s"), "failed"
+            return texts.MODEL_FAILED_TOOL.format(detail=f"timed out after {timeout:g}s"), "failed"
         except Exception as exc:
             log.exception("read tool %s crashed", prepared.spec.name)
-            text, status = texts.MODEL_FAILED_TOOL.format(detail=f"internal error ({type(exc).__name__})"), "failed"
-        async with ctx.db.transaction() as session:
-            await ctx.audit.record(
-                session,
-                "tool_executed",
-                run_id=run_id,
-                tool=prepared.spec.name,
-                status=status,
-                result=text[:2000],
-                args=prepared.args,
-                rule="auto",
-            )
-        return text
-
-    async def _append_tool_results(self, run_id: str, reply: ModelReply, results: dict[str, str]) -> None:
-        ctx = self.ctx
-        async with ctx.db.transaction() as session:
-            run = await session.get(Run, run_id)
-            assert run is not None
-            conv = await session.get(Conversation, run.conversation_key)
-            assert conv is not None
-            tool_messages = [{"role": "tool", "tool_call_id": c.id, "content": results[c.id]} for c in reply.tool_calls]
-            conv.messages = [*conv.messages, *tool_messages]
+            return texts.MODEL_FAILED_TOOL.format(detail=f"internal error ({type(exc).__name__})"), "failed"
 
     # ------------------------------------------------------------------ resuming
     async def resume_if_ready(self, run_id: str) -> None:
@@ -457,15 +444,14 @@ class Runner:
             )
         await self.advance(run_id)
 
-    async def _finish(self, run_id: str, text: str, *, status: str) -> None:
-        """Post the final text, then close the run and release the conversation."""
+    async def _finish(self, run_id: str, text: str, *, status: str, audit: list[Entry] = ()) -> None:  # type: ignore[assignment]
+        """Post the final text, then close the run and release the conversation in one transaction."""
         ctx = self.ctx
         async with ctx.db.transaction() as session:
             run = await session.get(Run, run_id)
-            if run is None:
-                return
-            thread = Thread.from_dict(run.thread)
-        posted = await self._notify(thread, text)
+        if run is None or run.status not in ("running",) or run.owner != ctx.replica_id:
+            return
+        posted = await self._notify(Thread.from_dict(run.thread), text)
         async with ctx.db.transaction() as session:
             run = await session.get(Run, run_id)
             assert run is not None
@@ -478,12 +464,15 @@ class Runner:
                 conv.active_run_id = None if conv.active_run_id == run_id else conv.active_run_id
                 conv.version += 1
             run.status, run.updated_at = status, ctx.clock()
+            run.step += sum(1 for row in audit if row.kind == "model_call")
             await session.execute(
                 sa.update(InboxEvent).where(InboxEvent.run_id == run_id, InboxEvent.status == "running").values(status="done")
             )
-            await ctx.audit.record(
-                session, "reply_posted", run_id=run_id, platform=run.platform, status=status, text=text, delivered=posted
-            )
+            rows = [
+                *audit,
+                entry("reply_posted", run_id=run_id, platform=run.platform, status=status, text=text, delivered=posted),
+            ]
+            await ctx.audit.record_many(session, rows)
         if conv is not None:
             ctx.tasks.spawn(self.process_conversation(conv.key), name=f"conversation-{conv.key}")
 

@@ -53,6 +53,33 @@ def compute_hash(row: AuditEvent | dict[str, Any]) -> str:
     return hashlib.sha256(canonical_json(row_content(row)).encode("utf-8")).hexdigest()
 
 
+@dataclass(frozen=True)
+class Entry:
+    """One audit row to append: its kind, indexed fields (run_id, tool, status...) and free data."""
+
+    kind: str
+    fields: dict[str, Any]
+    data: dict[str, Any]
+
+
+def entry(
+    kind: str,
+    *,
+    run_id: str | None = None,
+    approval_id: str | None = None,
+    platform: str | None = None,
+    actor: str | None = None,
+    tool: str | None = None,
+    status: str | None = None,
+    **data: Any,
+) -> Entry:
+    return Entry(
+        kind,
+        {"run_id": run_id, "approval_id": approval_id, "platform": platform, "actor": actor, "tool": tool, "status": status},
+        data,
+    )
+
+
 class AuditLog:
     """Appends audit rows inside the caller's transaction."""
 
@@ -73,6 +100,21 @@ class AuditLog:
         **data: Any,
     ) -> AuditEvent:
         """Append one row. Secrets are redacted from `data` before it is hashed and stored."""
+        fields = {
+            "run_id": run_id,
+            "approval_id": approval_id,
+            "platform": platform,
+            "actor": actor,
+            "tool": tool,
+            "status": status,
+        }
+        (event,) = await self.record_many(session, [Entry(kind, fields, data)])
+        return event
+
+    async def record_many(self, session: AsyncSession, entries: list[Entry]) -> list[AuditEvent]:
+        """Append several rows in order, reading the chain head once."""
+        if not entries:
+            return []
         dialect = session.bind.dialect.name if session.bind is not None else ""
         if dialect == "postgresql":
             await session.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": _ADVISORY_LOCK_KEY})
@@ -80,24 +122,32 @@ class AuditLog:
             await session.execute(sa.select(AuditEvent.seq, AuditEvent.hash).order_by(AuditEvent.seq.desc()).limit(1))
         ).first()
         seq, prev = (last[0] + 1, last[1]) if last else (1, GENESIS_HASH)
-        # Microsecond precision survives every backend, so the hash recomputes identically.
+        events = []
+        for entry in entries:
+            event = self._event(seq, prev, entry)
+            session.add(event)
+            events.append(event)
+            seq, prev = seq + 1, event.hash
+        await session.flush()
+        return events
+
+    def _event(self, seq: int, prev: str, entry: Entry) -> AuditEvent:
+        fields = entry.fields
         event = AuditEvent(
             seq=seq,
             at=utcnow(),
-            kind=kind,
-            run_id=run_id,
-            approval_id=approval_id,
-            platform=platform,
-            actor=actor,
-            tool=tool,
-            status=status,
-            data=json.loads(canonical_json(self.redactor.redact(data))),
+            kind=entry.kind,
+            run_id=fields.get("run_id"),
+            approval_id=fields.get("approval_id"),
+            platform=fields.get("platform"),
+            actor=fields.get("actor"),
+            tool=fields.get("tool"),
+            status=fields.get("status"),
+            data=json.loads(canonical_json(self.redactor.redact(entry.data))),
             prev_hash=prev,
             hash="",
         )
         event.hash = compute_hash(event)
-        session.add(event)
-        await session.flush()
         return event
 
 

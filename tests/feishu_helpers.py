@@ -64,25 +64,51 @@ def wire(payload: dict[str, Any], *, key: str | None = ENCRYPT_KEY, timestamp: i
 
 # ---------------------------------------------------------------------- payloads
 def envelope(event_type: str, event: dict[str, Any], *, event_id: str | None = None, token: str = TOKEN) -> dict[str, Any]:
-    header = {"event_id": event_id or f"evt-{next(_ids)}", "token": token, "create_time": str(int(time.time() * 1000)),
-              "event_type": event_type, "tenant_key": TENANT, "app_id": "cli_test"}
+    header = {
+        "event_id": event_id or f"evt-{next(_ids)}",
+        "token": token,
+        "create_time": str(int(time.time() * 1000)),
+        "event_type": event_type,
+        "tenant_key": TENANT,
+        "app_id": "cli_test",
+    }
     return {"schema": "2.0", "header": header, "event": event}
 
 
-def message(text: str, *, chat_type: str = "group", chat_id: str = GROUP, sender: str = ALICE,
-            mentions: list[tuple[str, str]] = (), message_id: str | None = None, root_id: str | None = None,  # type: ignore[assignment]
-            event_id: str | None = None, sender_type: str = "user", msg_type: str = "text",
-            content: dict[str, Any] | None = None) -> dict[str, Any]:
+def message(
+    text: str,
+    *,
+    chat_type: str = "group",
+    chat_id: str = GROUP,
+    sender: str = ALICE,
+    mentions: list[tuple[str, str]] = (),
+    message_id: str | None = None,
+    root_id: str | None = None,  # type: ignore[assignment]
+    event_id: str | None = None,
+    sender_type: str = "user",
+    msg_type: str = "text",
+    content: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """`im.message.receive_v1`; `mentions` are (open_id, name) for `@_user_1`, `@_user_2`... in `text`."""
-    msg = {"message_id": message_id or f"om_{next(_ids)}", "create_time": str(int(time.time() * 1000)),
-           "chat_id": chat_id, "chat_type": chat_type, "message_type": msg_type,
-           "content": json.dumps(content if content is not None else {"text": text}, ensure_ascii=False),
-           "mentions": [{"key": f"@_user_{i}", "id": {"open_id": oid, "union_id": "on_x", "user_id": ""},
-                         "name": name, "tenant_key": TENANT} for i, (oid, name) in enumerate(mentions, 1)]}
+    msg = {
+        "message_id": message_id or f"om_{next(_ids)}",
+        "create_time": str(int(time.time() * 1000)),
+        "chat_id": chat_id,
+        "chat_type": chat_type,
+        "message_type": msg_type,
+        "content": json.dumps(content if content is not None else {"text": text}, ensure_ascii=False),
+        "mentions": [
+            {"key": f"@_user_{i}", "id": {"open_id": oid, "union_id": "on_x", "user_id": ""}, "name": name, "tenant_key": TENANT}
+            for i, (oid, name) in enumerate(mentions, 1)
+        ],
+    }
     if root_id:
         msg.update(root_id=root_id, parent_id=root_id, thread_id=f"omt_{root_id}")
-    sender_obj = {"sender_id": {"open_id": sender, "union_id": "on_" + sender, "user_id": ""}, "sender_type": sender_type,
-                  "tenant_key": TENANT}
+    sender_obj = {
+        "sender_id": {"open_id": sender, "union_id": "on_" + sender, "user_id": ""},
+        "sender_type": sender_type,
+        "tenant_key": TENANT,
+    }
     return envelope("im.message.receive_v1", {"sender": sender_obj, "message": msg}, event_id=event_id)
 
 
@@ -95,14 +121,24 @@ def dm(text: str, **kwargs: Any) -> dict[str, Any]:
     return message(text, chat_type="p2p", chat_id=DM, **kwargs)
 
 
-def click(approval_id: str, action: str = "approve", *, operator: str = ALICE, reason: str | None = None,
-          card_message_id: str = "om_card") -> dict[str, Any]:
+def click(
+    approval_id: str,
+    action: str = "approve",
+    *,
+    operator: str = ALICE,
+    reason: str | None = None,
+    card_message_id: str = "om_card",
+) -> dict[str, Any]:
     """`card.action.trigger` for a click on the card's Approve or Reject submit button."""
     act: dict[str, Any] = {"value": {"action": action, "approval_id": approval_id}, "tag": "button", "name": action}
     act["form_value"] = {"reject_reason": reason} if reason is not None else {}
-    event = {"operator": {"tenant_key": TENANT, "open_id": operator, "union_id": "on_" + operator, "user_id": ""},
-             "token": f"c-{next(_ids)}", "action": act, "host": "im_message",
-             "context": {"open_message_id": card_message_id, "open_chat_id": GROUP}}
+    event = {
+        "operator": {"tenant_key": TENANT, "open_id": operator, "union_id": "on_" + operator, "user_id": ""},
+        "token": f"c-{next(_ids)}",
+        "action": act,
+        "host": "im_message",
+        "context": {"open_message_id": card_message_id, "open_chat_id": GROUP},
+    }
     return envelope("card.action.trigger", event)
 
 
@@ -119,9 +155,15 @@ def card_text(card: Message) -> str:
 
 
 # ---------------------------------------------------------------------- a running bot
-def feishu_env(fake: FakeFeishu, *, mode: str = "webhook", key: str | None = ENCRYPT_KEY, token: str | None = TOKEN) -> dict[str, str]:
-    env = {"FEISHU_APP_ID": f"cli_{uuid.uuid4().hex[:12]}", "FEISHU_APP_SECRET": "test-app-secret",
-           "FEISHU_DOMAIN": fake.url, "FEISHU_MODE": mode}
+def feishu_env(
+    fake: FakeFeishu, *, mode: str = "webhook", key: str | None = ENCRYPT_KEY, token: str | None = TOKEN
+) -> dict[str, str]:
+    env = {
+        "FEISHU_APP_ID": f"cli_{uuid.uuid4().hex[:12]}",
+        "FEISHU_APP_SECRET": "test-app-secret",
+        "FEISHU_DOMAIN": fake.url,
+        "FEISHU_MODE": mode,
+    }
     env.update({"FEISHU_ENCRYPT_KEY": key} if key else {})
     env.update({"FEISHU_VERIFICATION_TOKEN": token} if token else {})
     return env
@@ -168,8 +210,9 @@ class FeishuBot:
         return cards[-1]
 
 
-async def start_feishu_bot(bots: Any, fake: FakeFeishu, *, mode: str = "webhook", key: str | None = ENCRYPT_KEY,
-                           token: str | None = TOKEN, **kwargs: Any) -> FeishuBot:
+async def start_feishu_bot(
+    bots: Any, fake: FakeFeishu, *, mode: str = "webhook", key: str | None = ENCRYPT_KEY, token: str | None = TOKEN, **kwargs: Any
+) -> FeishuBot:
     env = {**feishu_env(fake, mode=mode, key=key, token=token), **kwargs.pop("env", {})}
     app = await bots.start(serve_http=True, **kwargs, **env)
     adapter = FeishuAdapter(app.core, app.settings)

@@ -47,15 +47,36 @@ def slack_env(fake: FakeSlackApi, *, socket: bool = False) -> dict[str, str]:
 
 # ---------------------------------------------------------------------- payloads
 def event_body(event: dict[str, Any], event_id: str | None = None) -> dict[str, Any]:
-    return {"token": "legacy", "team_id": TEAM_ID, "api_app_id": "A0CHATOPS", "type": "event_callback",
-            "event_id": event_id or f"Ev{next(_ids):08d}", "event_time": int(time.time()), "event": event}
+    return {
+        "token": "legacy",
+        "team_id": TEAM_ID,
+        "api_app_id": "A0CHATOPS",
+        "type": "event_callback",
+        "event_id": event_id or f"Ev{next(_ids):08d}",
+        "event_time": int(time.time()),
+        "event": event,
+    }
 
 
-def mention(text: str, *, user: str = ALICE, channel: str = CHANNEL, ts: str | None = None,
-            thread_ts: str | None = None, event_id: str | None = None) -> dict[str, Any]:
+def mention(
+    text: str,
+    *,
+    user: str = ALICE,
+    channel: str = CHANNEL,
+    ts: str | None = None,
+    thread_ts: str | None = None,
+    event_id: str | None = None,
+) -> dict[str, Any]:
     """An `app_mention` event callback; the text gets the bot's mention in front."""
-    event = {"type": "app_mention", "user": user, "team": TEAM_ID, "text": f"<@U0BOT> {text}", "channel": channel,
-             "ts": ts or next_ts(), "event_ts": ts or next_ts()}
+    event = {
+        "type": "app_mention",
+        "user": user,
+        "team": TEAM_ID,
+        "text": f"<@U0BOT> {text}",
+        "channel": channel,
+        "ts": ts or next_ts(),
+        "event_ts": ts or next_ts(),
+    }
     if thread_ts:
         event["thread_ts"] = thread_ts
     return event_body(event, event_id)
@@ -63,8 +84,16 @@ def mention(text: str, *, user: str = ALICE, channel: str = CHANNEL, ts: str | N
 
 def dm(text: str, *, user: str = ALICE, channel: str = DM, ts: str | None = None, **extra: Any) -> dict[str, Any]:
     """A `message` event in a DM (`channel_type: im`)."""
-    event = {"type": "message", "channel_type": "im", "user": user, "team": TEAM_ID, "text": text, "channel": channel,
-             "ts": ts or next_ts(), **extra}
+    event = {
+        "type": "message",
+        "channel_type": "im",
+        "user": user,
+        "team": TEAM_ID,
+        "text": text,
+        "channel": channel,
+        "ts": ts or next_ts(),
+        **extra,
+    }
     return event_body(event)
 
 
@@ -87,24 +116,39 @@ def click(message: dict[str, Any], *, user: str = ALICE, approve: bool = True) -
     """A `block_actions` payload for a click on the card's Approve or Reject button."""
     action_id = APPROVE_ACTION if approve else REJECT_ACTION
     return {
-        "type": "block_actions", "team": {"id": TEAM_ID, "domain": "fake"},
+        "type": "block_actions",
+        "team": {"id": TEAM_ID, "domain": "fake"},
         "user": {"id": user, "username": user.lower(), "name": user.lower(), "team_id": TEAM_ID},
-        "api_app_id": "A0CHATOPS", "token": "legacy", "trigger_id": f"trigger-{next(_ids)}",
+        "api_app_id": "A0CHATOPS",
+        "token": "legacy",
+        "trigger_id": f"trigger-{next(_ids)}",
         "container": {"type": "message", "message_ts": message["ts"], "channel_id": message["channel"]},
         "channel": {"id": message["channel"], "name": "ops"},
         "message": {"ts": message["ts"], "thread_ts": message.get("thread_ts"), "blocks": message["blocks"]},
-        "actions": [{"type": "button", "action_id": action_id, "block_id": "chatops_decide",
-                     "value": approval_id_of(message), "action_ts": str(time.time())}],
+        "actions": [
+            {
+                "type": "button",
+                "action_id": action_id,
+                "block_id": "chatops_decide",
+                "value": approval_id_of(message),
+                "action_ts": str(time.time()),
+            }
+        ],
     }
 
 
 def reject_submission(view: dict[str, Any], reason: str | None, *, user: str = ALICE) -> dict[str, Any]:
     """A `view_submission` of the reject-reason modal the bot opened."""
     state = {"values": {REASON_BLOCK: {REASON_INPUT: {"type": "plain_text_input", "value": reason}}}}
-    return {"type": "view_submission", "team": {"id": TEAM_ID, "domain": "fake"},
-            "user": {"id": user, "username": user.lower(), "name": user.lower(), "team_id": TEAM_ID},
-            "api_app_id": "A0CHATOPS", "token": "legacy", "trigger_id": f"trigger-{next(_ids)}",
-            "view": {**view, "callback_id": REJECT_VIEW, "state": state}}
+    return {
+        "type": "view_submission",
+        "team": {"id": TEAM_ID, "domain": "fake"},
+        "user": {"id": user, "username": user.lower(), "name": user.lower(), "team_id": TEAM_ID},
+        "api_app_id": "A0CHATOPS",
+        "token": "legacy",
+        "trigger_id": f"trigger-{next(_ids)}",
+        "view": {**view, "callback_id": REJECT_VIEW, "state": state},
+    }
 
 
 # ---------------------------------------------------------------------- signing
@@ -135,8 +179,9 @@ class SlackBot:
     def events_url(self) -> str:
         return f"http://127.0.0.1:{self.app.port}/slack/events"
 
-    async def send(self, payload: dict[str, Any], *, retry_num: int | None = None,
-                   headers: dict[str, str] | None = None) -> tuple[int, str]:
+    async def send(
+        self, payload: dict[str, Any], *, retry_num: int | None = None, headers: dict[str, str] | None = None
+    ) -> tuple[int, str]:
         """POST a signed payload (or with `headers` replacing the signature headers); (status, body)."""
         body, content_type = encode(payload)
         sent = {"Content-Type": content_type, **(signed(body) if headers is None else headers)}
@@ -170,15 +215,16 @@ async def start_slack_bot(bots: Any, fake: FakeSlackApi, *, socket: bool = False
     return SlackBot(app, adapter, fake, aiohttp.ClientSession())
 
 
-# ---------------------------------------------------------------------- fixtures (import them into a test module)
-@pytest.fixture
-async def fake_slack() -> AsyncIterator[FakeSlackApi]:
+# ---------------------------------------------------------------------- fixtures
+# A test module imports `fake_slack_fixture` / `slack_bot_fixture`; tests ask for `fake_slack` / `slack_bot`.
+@pytest.fixture(name="fake_slack")
+async def fake_slack_fixture() -> AsyncIterator[FakeSlackApi]:
     async with FakeSlackApi() as fake:
         yield fake
 
 
-@pytest.fixture
-async def slack_bot(bots: Any, fake_slack: FakeSlackApi) -> AsyncIterator[Callable[..., Awaitable[SlackBot]]]:
+@pytest.fixture(name="slack_bot")
+async def slack_bot_fixture(bots: Any, fake_slack: FakeSlackApi) -> AsyncIterator[Callable[..., Awaitable[SlackBot]]]:
     """`await slack_bot(toolsets=[...], socket=False, env={...})` -> a started `SlackBot`."""
     started: list[SlackBot] = []
 

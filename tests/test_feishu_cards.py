@@ -48,9 +48,15 @@ def test_pending_card_shows_everything_and_two_buttons():
     assert card["header"]["title"]["content"] == texts.CARD_TITLE
     assert card["header"]["subtitle"]["content"] == "create_crm_lead"
     shown = "\n".join(plain_texts(card))
-    for expected in ["Create the CRM lead Zhang San", "name: Zhang San", "email: zs@example.com", "destructive tool",
-                     "No lead with this e-mail yet", texts.CARD_WHY.format(reason="write tool: the requester confirms"),
-                     texts.CARD_EXPIRES.format(at="2026-01-03 03:04 UTC")]:
+    for expected in [
+        "Create the CRM lead Zhang San",
+        "name: Zhang San",
+        "email: zs@example.com",
+        "destructive tool",
+        "No lead with this e-mail yet",
+        texts.CARD_WHY.format(reason="write tool: the requester confirms"),
+        texts.CARD_EXPIRES.format(at="2026-01-03 03:04 UTC"),
+    ]:
         assert expected in shown
     requester = next(e for e in elements(card) if e["tag"] == "markdown")
     assert requester["content"] == texts.CARD_REQUESTED_BY.format(who="<at id=ou_alice></at>")

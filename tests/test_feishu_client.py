@@ -101,7 +101,9 @@ async def test_other_errors_are_raised_with_code_and_log_id(api, fake):
 
 
 async def test_unreachable_feishu_fails_after_bounded_attempts():
-    client = FeishuApi(app_id=f"cli_{uuid.uuid4().hex[:10]}", app_secret="s", domain="http://127.0.0.1:9", timeout=0.5, attempts=2)
+    client = FeishuApi(
+        app_id=f"cli_{uuid.uuid4().hex[:10]}", app_secret="s", domain="http://127.0.0.1:9", timeout=0.5, attempts=2
+    )
     await client.open()
     with pytest.raises(FeishuApiError) as info:
         await client.bot_open_id()

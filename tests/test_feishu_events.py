@@ -108,8 +108,12 @@ def test_click_becomes_a_decision_with_the_form_reason():
 
 
 def test_legacy_card_frame_shape_is_understood():
-    legacy = {"open_id": ALICE, "tenant_key": TENANT, "open_message_id": "om_card",
-              "action": {"value": {"action": "approve", "approval_id": "ap-1"}, "tag": "button"}}
+    legacy = {
+        "open_id": ALICE,
+        "tenant_key": TENANT,
+        "open_message_id": "om_card",
+        "action": {"value": {"action": "approve", "approval_id": "ap-1"}, "tag": "button"},
+    }
     assert event_type(legacy) is None
     request = to_decision(legacy)
     assert request.approve and request.user.id == ALICE and request.user.tenant == TENANT

@@ -25,8 +25,9 @@ LEAD = {"name": "Zhang San", "email": "zhangsan@example.com", "need": "a product
 async def test_seed_scenario_group_mention_to_final_reply_in_the_thread(feishu_bot, model):
     model.script(calls(("create_crm_lead", LEAD)), text("Created the lead for Zhang San."))
     bot = await feishu_bot()
-    status, body = await bot.send(at_bot("create a lead for Zhang San, zhangsan@example.com, Acme, wants a demo",
-                                         message_id="om_ask"))
+    status, body = await bot.send(
+        at_bot("create a lead for Zhang San, zhangsan@example.com, Acme, wants a demo", message_id="om_ask")
+    )
     assert (status, body) == (200, {})
     await bot.settle()
     assert model.requests[0]["messages"][-1]["content"] == "create a lead for Zhang San, zhangsan@example.com, Acme, wants a demo"
@@ -63,11 +64,12 @@ async def test_seed_scenario_in_a_dm(feishu_bot, model):
     await bot.settle()
     card = bot.card()
     assert card.reply_to == "om_dm1" and not card.in_thread
-    await bot.send(click(approval_id_of(card)))
+    approval_id = approval_id_of(card)
+    await bot.send(click(approval_id))
     await bot.settle()
-    assert [e["approval_id"] for e in ledger.effects] == [approval_id_of(card)]
+    assert [e["approval_id"] for e in ledger.effects] == [approval_id]
     assert bot.fake.texts() == ["Noted."]
-    assert not [m for m in bot.fake.sent() if m.msg_type == "text"][0].in_thread
+    assert not next(m for m in bot.fake.sent() if m.msg_type == "text").in_thread
 
 
 async def test_follow_up_in_the_thread_continues_the_conversation(feishu_bot, model):
@@ -113,13 +115,14 @@ async def test_unauthorized_click_gets_a_toast_and_changes_nothing(feishu_bot, m
     await bot.send(at_bot("write a note"))
     await bot.settle()
     card = bot.card()
-    status, answer = await bot.send(click(approval_id_of(card), operator=BOB))
+    approval_id = approval_id_of(card)
+    status, answer = await bot.send(click(approval_id, operator=BOB))
     await bot.settle()
     assert status == 200 and answer["toast"]["type"] == "error" and "card" not in answer
     assert texts.NOT_ALLOWED.split(":")[0] in answer["toast"]["content"]
     assert ledger.effects == [] and bot.fake.messages[card.message_id].patches == []
     async with bot.app.ctx.db.transaction() as session:
-        assert (await session.get(Approval, approval_id_of(card))).status == "pending"
+        assert (await session.get(Approval, approval_id)).status == "pending"
     assert await bot.count("audit_event", "kind = 'click_refused' AND status = 'not_allowed'") == 1
 
 
@@ -147,7 +150,9 @@ async def test_click_after_expiry_says_so_and_runs_nothing(feishu_bot, model):
     await bot.settle()
     approval_id = approval_id_of(bot.card())
     async with bot.app.ctx.db.transaction() as session:
-        await session.execute(sa.update(Approval).where(Approval.id == approval_id).values(expires_at=utcnow() - timedelta(seconds=1)))
+        await session.execute(
+            sa.update(Approval).where(Approval.id == approval_id).values(expires_at=utcnow() - timedelta(seconds=1))
+        )
     status, answer = await bot.send(click(approval_id))
     await bot.settle()
     assert status == 200 and answer["toast"]["type"] == "warning"
@@ -180,3 +185,22 @@ async def test_a_token_invalid_answer_mid_flow_is_recovered(feishu_bot, model):
     await bot.settle()
     assert bot.fake.texts() == ["pong"]
     assert len(bot.fake.calls_to("token")) == 2
+
+
+async def test_group_messages_wait_for_the_bots_identity_dms_do_not(feishu_bot, fake_feishu, model):
+    model.script(text("dm answer"), text("group answer"))
+    fake_feishu.bot_open_id = ""  # bot info answers without an open_id (Feishu trouble at boot)
+    bot = await feishu_bot()
+    assert bot.adapter.bot_open_id is None
+    assert (await bot.send(dm("hello")))[0] == 200
+    mention = at_bot("hello group", message_id="om_g1", event_id="evt-g1")
+    assert (await bot.send(mention))[0] == 503  # Feishu redelivers later
+    await bot.adapter._bot_id_task
+    fake_feishu.bot_open_id = BOT_OPEN_ID
+    bot.adapter._bot_id_next = 0.0
+    assert (await bot.send(mention))[0] == 503
+    await bot.adapter._bot_id_task
+    assert bot.adapter.bot_open_id == BOT_OPEN_ID
+    assert (await bot.send(mention))[0] == 200  # the redelivery is handled once the identity is known
+    await bot.settle()
+    assert sorted(bot.fake.texts()) == ["dm answer", "group answer"]

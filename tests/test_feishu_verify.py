@@ -60,7 +60,7 @@ def test_forged_signature_refused():
 
 
 def test_body_changed_after_signing_refused():
-    body, headers = wire(at_bot("x"))
+    _body, headers = wire(at_bot("x"))
     other, _ = wire(at_bot("y"))
     refused(401, other, headers)
 
@@ -114,7 +114,12 @@ def test_plaintext_refused_when_an_encrypt_key_is_configured():
 
 @pytest.mark.parametrize(
     "ciphertext",
-    ["not base64!!", base64.b64encode(b"short").decode(), base64.b64encode(b"x" * 33).decode(), base64.b64encode(b"\0" * 48).decode()],
+    [
+        "not base64!!",
+        base64.b64encode(b"short").decode(),
+        base64.b64encode(b"x" * 33).decode(),
+        base64.b64encode(b"\0" * 48).decode(),
+    ],
 )
 def test_bad_ciphertext_refused_with_400(ciphertext):
     body = json.dumps({"encrypt": ciphertext}).encode()

@@ -60,9 +60,17 @@ def test_a_pending_card_shows_everything_and_two_buttons():
     assert actions["type"] == "actions"
     approve, reject = actions["elements"]
     assert (approve["action_id"], approve["style"], approve["value"], approve["text"]["text"]) == (
-        APPROVE_ACTION, "primary", "ap-abc", texts.APPROVE)
+        APPROVE_ACTION,
+        "primary",
+        "ap-abc",
+        texts.APPROVE,
+    )
     assert (reject["action_id"], reject["style"], reject["value"], reject["text"]["text"]) == (
-        REJECT_ACTION, "danger", "ap-abc", texts.REJECT)
+        REJECT_ACTION,
+        "danger",
+        "ap-abc",
+        texts.REJECT,
+    )
     everything = texts_of(rendered)
     assert "<@U0ALICE>" in everything
     assert f"<!date^{int(EXPIRES.timestamp())}^" in everything and "2030-01-02 03:04 UTC" in everything
@@ -99,8 +107,11 @@ def test_huge_cards_are_cut_to_block_kit_limits():
 @pytest.mark.parametrize(
     ("status", "extra", "expected"),
     [
-        ("succeeded", {"outcome": "note <!here> stored"}, ["Approved by <@U0BOB> at 2030-01-01 00:00 UTC",
-                                                           "Done: note &lt;!here&gt; stored"]),
+        (
+            "succeeded",
+            {"outcome": "note <!here> stored"},
+            ["Approved by <@U0BOB> at 2030-01-01 00:00 UTC", "Done: note &lt;!here&gt; stored"],
+        ),
         ("rejected", {"reason": "<!channel> not now"}, ["Rejected by <@U0BOB>: &lt;!channel&gt; not now"]),
         ("rejected", {}, ["Rejected by <@U0BOB>"]),
         ("expired", {}, ["Expired at 2030-01-02 03:04 UTC: nothing was run"]),
@@ -108,8 +119,9 @@ def test_huge_cards_are_cut_to_block_kit_limits():
     ],
 )
 def test_a_decided_card_has_no_buttons_and_says_who_decided_and_what_happened(status, extra, expected):
-    decided = replace(CARD, status=status, decided_by="bob", decided_by_id="U0BOB",
-                      decided_at=datetime(2030, 1, 1, tzinfo=UTC), **extra)
+    decided = replace(
+        CARD, status=status, decided_by="bob", decided_by_id="U0BOB", decided_at=datetime(2030, 1, 1, tzinfo=UTC), **extra
+    )
     rendered = blocks.card_blocks(decided)
     assert_within_limits(rendered)
     assert not [b for b in rendered if b["type"] == "actions"]
@@ -128,7 +140,7 @@ def test_model_replies_keep_user_mentions_but_lose_pings_and_disguised_links():
 
 
 def test_long_replies_are_split_at_line_breaks():
-    text = "\n".join("line %04d" % i for i in range(2000))
+    text = "\n".join(f"line {i:04d}" for i in range(2000))
     parts = blocks.split_message(text, limit=1000)
     assert all(len(p) <= 1000 for p in parts)
     assert "\n".join(parts) == text

@@ -11,17 +11,18 @@ import sqlite3
 import time
 
 import pytest
+from slack_bolt.request.async_request import AsyncBoltRequest
 
 from tests.fakes.openai_server import text
 from tests.slack_helpers import (  # noqa: F401 - fixtures
     CHANNEL,
     SIGNING_SECRET,
     encode,
-    fake_slack,
+    fake_slack_fixture,
     mention,
     next_ts,
     signed,
-    slack_bot,
+    slack_bot_fixture,
 )
 
 STORM_EVENTS = 200
@@ -133,3 +134,14 @@ async def test_a_429_on_post_message_is_waited_out_and_the_reply_posted_once(sla
     assert (limited.status, posted.status) == (429, 200)
     assert posted.at - limited.at >= 1.0  # Retry-After was honoured
     assert [(r["text"], r["channel"], r["thread_ts"]) for r in bot.replies()] == [("the answer", CHANNEL, root)]
+
+
+async def test_bolts_own_signature_check_behind_ours_also_refuses_without_logging_the_body(slack_bot, caplog):
+    bot = await slack_bot()
+    body = json.dumps(mention("secret plans 9e2"))
+    caplog.set_level(logging.DEBUG)
+    headers = {"content-type": "application/json", **signed(body, secret="not-the-secret")}
+    response = await bot.adapter.bolt.async_dispatch(AsyncBoltRequest(body=body, headers=headers))
+    assert response.status == 401
+    assert "secret plans" not in caplog.text
+    assert await bot.count("inbox_event") == 0

@@ -84,8 +84,13 @@ def test_a_bot_author_found_by_users_info_is_marked():
 
 
 def test_an_approve_click_carries_the_approval_id_and_the_clicker_identity():
-    body = {"type": "block_actions", "team": {"id": TEAM_ID}, "user": {"id": BOB, "name": "bob", "team_id": TEAM_ID},
-            "channel": {"id": CHANNEL}, "message": {"ts": "5.0", "thread_ts": "1.0"}}
+    body = {
+        "type": "block_actions",
+        "team": {"id": TEAM_ID},
+        "user": {"id": BOB, "name": "bob", "team_id": TEAM_ID},
+        "channel": {"id": CHANNEL},
+        "message": {"ts": "5.0", "thread_ts": "1.0"},
+    }
     request = events.decision_from_action(body, {"action_id": events.APPROVE_ACTION, "value": "ap-123"})
     assert (request.approval_id, request.approve, request.reason) == ("ap-123", True, None)
     assert request.user.key == f"slack:{TEAM_ID}:{BOB}" and request.user.name == "bob" and not request.user.is_bot
@@ -94,9 +99,14 @@ def test_an_approve_click_carries_the_approval_id_and_the_clicker_identity():
 
 def test_a_submitted_reject_modal_carries_the_reason_and_the_place():
     meta = {"approval_id": "ap-9", "channel": CHANNEL, "thread_ts": "1.0"}
-    body = {"type": "view_submission", "user": {"id": ALICE, "team_id": TEAM_ID},
-            "view": {"private_metadata": json.dumps(meta),
-                     "state": {"values": {"reason": {"reason": {"type": "plain_text_input", "value": "  too risky "}}}}}}
+    body = {
+        "type": "view_submission",
+        "user": {"id": ALICE, "team_id": TEAM_ID},
+        "view": {
+            "private_metadata": json.dumps(meta),
+            "state": {"values": {"reason": {"reason": {"type": "plain_text_input", "value": "  too risky "}}}},
+        },
+    }
     request, place = events.decision_from_view(body)
     assert (request.approval_id, request.approve, request.reason) == ("ap-9", False, "too risky")
     assert place == meta

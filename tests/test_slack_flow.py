@@ -22,11 +22,11 @@ from tests.slack_helpers import (  # noqa: F401 - fixtures
     card_message,
     click,
     dm,
-    fake_slack,
+    fake_slack_fixture,
     mention,
     next_ts,
     reject_submission,
-    slack_bot,
+    slack_bot_fixture,
 )
 from tests.support_tools import Ledger, notes_toolset
 
@@ -85,8 +85,13 @@ async def test_mention_card_approve_runs_the_tool_updates_the_card_and_answers_i
     assert (final["text"], final["channel"], final["thread_ts"]) == ("Stored the note.", CHANNEL, root)
     assert fake_slack.calls_to("chat.postEphemeral") == []
     kinds = await audit_kinds(bot.app)
-    for expected in [("request_received", "queued"), ("card_posted", "posted"), ("approval_decided", "approved"),
-                     ("tool_executed", "succeeded"), ("reply_posted", "done")]:
+    for expected in [
+        ("request_received", "queued"),
+        ("card_posted", "posted"),
+        ("approval_decided", "approved"),
+        ("tool_executed", "succeeded"),
+        ("reply_posted", "done"),
+    ]:
         assert expected in kinds
 
 
@@ -231,3 +236,10 @@ async def test_one_message_delivered_as_mention_and_dm_event_runs_once(slack_bot
     await bot.settle()
     assert await bot.count("inbox_event") == 1
     assert len(model.requests) == 1
+
+
+async def test_events_the_bot_does_not_use_are_acknowledged_so_slack_does_not_retry_them(slack_bot, model):
+    bot = await slack_bot()
+    status, _ = await bot.send({**mention("x"), "event": {"type": "reaction_added", "user": ALICE, "reaction": "tada"}})
+    assert status == 200
+    assert await bot.count("inbox_event") == 0

@@ -15,10 +15,10 @@ from tests.slack_helpers import (  # noqa: F401 - fixtures
     approval_id_of,
     card_message,
     click,
-    fake_slack,
+    fake_slack_fixture,
     mention,
     next_ts,
-    slack_bot,
+    slack_bot_fixture,
 )
 from tests.support_tools import Ledger, notes_toolset
 
@@ -52,9 +52,7 @@ async def test_socket_mode_runs_the_whole_flow_through_the_same_handlers(slack_b
     assert "Approved by" in str(fake_slack.messages[card["ts"]]["blocks"])
 
 
-async def test_socket_mode_leaves_an_unrecorded_event_unacknowledged_and_processes_its_redelivery(
-    slack_bot, fake_slack, model
-):
+async def test_socket_mode_leaves_an_unrecorded_event_unacknowledged_and_processes_its_redelivery(slack_bot, fake_slack, model):
     model.script(text("done"))
     bot = await slack_bot(socket=True)
     await fake_slack.wait_connected()

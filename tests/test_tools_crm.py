@@ -93,7 +93,9 @@ async def test_builtin_create_then_same_email_updates(db_url: str, db: Database)
 
 async def test_builtin_concurrent_creations_make_one_lead(db_url: str, db: Database) -> None:
     contexts = [tool_context(db_url, db, approval_id=f"ap_{i}") for i in range(6)]
-    results = await asyncio.gather(*(call(c, "create_crm_lead", {**NEW_LEAD, "need": f"need {i}"}) for i, c in enumerate(contexts)))
+    results = await asyncio.gather(
+        *(call(c, "create_crm_lead", {**NEW_LEAD, "need": f"need {i}"}) for i, c in enumerate(contexts))
+    )
     assert sorted(r["result"] for r in results).count("created") == 1
     assert len({r["lead"]["id"] for r in results}) == 1
     assert len(await lead_rows(db)) == 1
@@ -102,8 +104,11 @@ async def test_builtin_concurrent_creations_make_one_lead(db_url: str, db: Datab
 async def test_builtin_search_and_update(db_url: str, db: Database) -> None:
     ctx = tool_context(db_url, db, approval_id="ap_1")
     await call(ctx, "create_crm_lead", NEW_LEAD)
-    await call(tool_context(db_url, db, approval_id="ap_2"), "create_crm_lead",
-               {"name": "李四", "email": "lisi@example.cn", "need": "需要报价"})
+    await call(
+        tool_context(db_url, db, approval_id="ap_2"),
+        "create_crm_lead",
+        {"name": "李四", "email": "lisi@example.cn", "need": "需要报价"},
+    )
     found = await call(ctx, "search_crm_leads", {"query": "acme"})
     assert [lead["name"] for lead in found["leads"]] == ["Zhang San"]
     assert (await call(ctx, "search_crm_leads", {"query": "报价"}))["leads"][0]["email"] == "lisi@example.cn"
@@ -113,7 +118,9 @@ async def test_builtin_search_and_update(db_url: str, db: Database) -> None:
     lead_id = found["leads"][0]["id"]
     args = {"lead_id": lead_id, "status": "connected", "owner": "bob"}
     assert await preview(ctx, "update_crm_lead", args) == [
-        f"Lead #{lead_id} (Zhang San <zhangsan@example.com>):", "status: “new” → “connected”", "owner: (empty) → “bob”",
+        f"Lead #{lead_id} (Zhang San <zhangsan@example.com>):",
+        "status: “new” → “connected”",
+        "owner: (empty) → “bob”",
     ]
     assert SPECS["update_crm_lead"].sentence(args) == f"Update CRM lead #{lead_id}: set status to “connected”, owner to “bob”"
     result = await call(ctx, "update_crm_lead", args)
@@ -151,8 +158,14 @@ async def local_db(sqlite_url: str) -> AsyncIterator[Database]:
 
 
 def hubspot_ctx(hubspot: FakeHubSpot, db: Database, token: str | None = None) -> ToolContext:
-    return tool_context("sqlite://", db, approval_id="ap_h1", CHATOPS_CRM="hubspot", HUBSPOT_BASE_URL=hubspot.url,
-                        HUBSPOT_TOKEN=token or hubspot.token)
+    return tool_context(
+        "sqlite://",
+        db,
+        approval_id="ap_h1",
+        CHATOPS_CRM="hubspot",
+        HUBSPOT_BASE_URL=hubspot.url,
+        HUBSPOT_TOKEN=token or hubspot.token,
+    )
 
 
 async def test_hubspot_create_new_contact(hubspot: FakeHubSpot, local_db: Database) -> None:
@@ -164,11 +177,20 @@ async def test_hubspot_create_new_contact(hubspot: FakeHubSpot, local_db: Databa
     search, create = hubspot.requests
     assert (search.method, search.path) == ("POST", f"{CONTACTS}/search")
     assert search.headers["Authorization"] == "Bearer pat-test-token"
-    assert search.body["filterGroups"] == [{"filters": [{"propertyName": "email", "operator": "EQ", "value": "zhangsan@example.com"}]}]
+    assert search.body["filterGroups"] == [
+        {"filters": [{"propertyName": "email", "operator": "EQ", "value": "zhangsan@example.com"}]}
+    ]
     assert (create.method, create.path) == ("POST", CONTACTS)
     assert create.headers["Authorization"] == "Bearer pat-test-token"
-    assert create.body == {"properties": {"email": "zhangsan@example.com", "firstname": "Zhang", "lastname": "San",
-                                          "message": "a demo of the API", "company": "ACME"}}
+    assert create.body == {
+        "properties": {
+            "email": "zhangsan@example.com",
+            "firstname": "Zhang",
+            "lastname": "San",
+            "message": "a demo of the API",
+            "company": "ACME",
+        }
+    }
 
 
 async def test_hubspot_existing_email_is_patched(hubspot: FakeHubSpot, local_db: Database) -> None:
@@ -191,7 +213,10 @@ async def test_hubspot_conflict_when_search_lags(hubspot: FakeHubSpot, local_db:
     result = await call(hubspot_ctx(hubspot, local_db), "create_crm_lead", NEW_LEAD)
     assert result["result"] == "updated" and result["lead"]["id"] == int(contact)
     assert [(r.method, r.path) for r in hubspot.requests] == [
-        ("POST", f"{CONTACTS}/search"), ("POST", CONTACTS), ("GET", f"{CONTACTS}/{contact}"), ("PATCH", f"{CONTACTS}/{contact}"),
+        ("POST", f"{CONTACTS}/search"),
+        ("POST", CONTACTS),
+        ("GET", f"{CONTACTS}/{contact}"),
+        ("PATCH", f"{CONTACTS}/{contact}"),
     ]
     assert len(hubspot.contacts) == 1
 

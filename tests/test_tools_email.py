@@ -39,8 +39,14 @@ def context(db: Database, approval_id: str | None = "ap_mail1", **env: str) -> T
 
 
 def smtp_env(smtp: FakeSmtp, **extra: str) -> dict[str, str]:
-    return {"SMTP_HOST": "127.0.0.1", "SMTP_PORT": str(smtp.port), "SMTP_SECURITY": "none",
-            "SMTP_FROM": "运维机器人 <bot@example.com>", "SMTP_TIMEOUT": "10", **extra}
+    return {
+        "SMTP_HOST": "127.0.0.1",
+        "SMTP_PORT": str(smtp.port),
+        "SMTP_SECURITY": "none",
+        "SMTP_FROM": "运维机器人 <bot@example.com>",
+        "SMTP_TIMEOUT": "10",
+        **extra,
+    }
 
 
 async def send(ctx: ToolContext, args: dict[str, Any]) -> Any:
@@ -85,14 +91,14 @@ async def test_temporary_failure_is_retried(smtp: FakeSmtp, db: Database) -> Non
 
 async def test_temporary_failures_are_bounded(smtp: FakeSmtp, db: Database) -> None:
     smtp.answer(*["451 4.3.0 Mailbox busy"] * 5)
-    with pytest.raises(ToolUnavailable, match="451 4.3.0 Mailbox busy"):
+    with pytest.raises(ToolUnavailable, match=r"451 4\.3\.0 Mailbox busy"):
         await send(context(db, **smtp_env(smtp)), {"to": "a@example.com", "subject": "s", "body": "b"})
     assert len(smtp.attempts) == email_tools.ATTEMPTS
 
 
 async def test_permanent_failure_fails_at_once(smtp: FakeSmtp, db: Database) -> None:
     smtp.answer("554 5.7.1 Message rejected by policy")
-    with pytest.raises(ToolError, match="554 5.7.1 Message rejected by policy") as caught:
+    with pytest.raises(ToolError, match=r"554 5\.7\.1 Message rejected by policy") as caught:
         await send(context(db, **smtp_env(smtp)), {"to": "a@example.com", "subject": "s", "body": "b"})
     assert type(caught.value) is ToolError
     assert len(smtp.attempts) == 1 and smtp.delivered == []
@@ -110,7 +116,9 @@ async def test_refusals_before_the_card(smtp: FakeSmtp, db: Database) -> None:
     ctx = context(db, **smtp_env(smtp, CHATOPS_EMAIL_ALLOWED_DOMAINS="example.com, @corp.example"))
     with pytest.raises(ArgumentError, match="'not an address' is not a valid e-mail address"):
         await send(ctx, {"to": ["a@example.com", "not an address"], "subject": "s", "body": "b"})
-    with pytest.raises(ArgumentError, match=r"E-mail to gmail.com is not allowed here; allowed domains: corp.example, example.com"):
+    with pytest.raises(
+        ArgumentError, match=r"E-mail to gmail.com is not allowed here; allowed domains: corp.example, example.com"
+    ):
         await send(ctx, {"to": "a@example.com", "cc": "x@gmail.com", "subject": "s", "body": "b"})
     with pytest.raises(ArgumentError, match="single line"):
         await send(ctx, {"to": "a@example.com", "subject": "s\nBcc: evil@example.com", "body": "b"})
@@ -127,7 +135,9 @@ async def test_refusals_before_the_card(smtp: FakeSmtp, db: Database) -> None:
 
 def test_card_summary_names_recipients_and_subject() -> None:
     args = {"to": ["a@example.com", "b@example.com"], "cc": "c@example.com", "subject": SUBJECT, "body": BODY}
-    assert SPEC.sentence(args) == f"Send an e-mail to a@example.com, b@example.com (cc c@example.com) with the subject “{SUBJECT}”"
+    assert (
+        SPEC.sentence(args) == f"Send an e-mail to a@example.com, b@example.com (cc c@example.com) with the subject “{SUBJECT}”"
+    )
     assert not SPEC.read_only
     schema = SPEC.openai_tool()["function"]["parameters"]
     assert schema["required"] == ["to", "subject", "body"]

@@ -60,7 +60,7 @@ async def test_feishu_signed_post(db: Database) -> None:
 async def test_feishu_wrong_secret_is_refused_with_feishu_error(db: Database) -> None:
     async with FakeFeishuRobot() as robot:
         ctx = context(db, FEISHU_WEBHOOK_URL=robot.url, FEISHU_WEBHOOK_SECRET="not-the-secret")
-        with pytest.raises(ToolError, match="code 19021.*sign match fail"):
+        with pytest.raises(ToolError, match=r"code 19021.*sign match fail"):
             await call(ctx, "notify_feishu", {"message": MESSAGE})
     assert robot.messages == [] and len(robot.requests) == 1
 

@@ -107,8 +107,9 @@ def _describe(args: dict[str, Any]) -> str:
     return f"Send an e-mail to {', '.join(_addresses(args['to']))}{copy} with the subject “{args['subject']}”"
 
 
-def _message(settings: Settings, to: list[str], cc: list[str], subject: str, body: str, approval_id: str | None,
-             smtputf8: bool) -> EmailMessage:
+def _message(
+    settings: Settings, to: list[str], cc: list[str], subject: str, body: str, approval_id: str | None, smtputf8: bool
+) -> EmailMessage:
     domain = parseaddr(settings.smtp_from or "")[1].rpartition("@")[2] or "chatops"
     msg = EmailMessage(policy=email.policy.SMTPUTF8 if smtputf8 else ASCII_POLICY)
     msg["From"] = settings.smtp_from
@@ -151,7 +152,9 @@ def _deliver(settings: Settings, host: str, envelope: _Envelope) -> str:
         try:
             _before_data(settings, smtp, envelope)
         except smtplib.SMTPAuthenticationError as exc:
-            raise ToolUnavailable(f"The mail server refused our login ({exc.smtp_code}); check SMTP_USERNAME and SMTP_PASSWORD.") from None
+            raise ToolUnavailable(
+                f"The mail server refused our login ({exc.smtp_code}); check SMTP_USERNAME and SMTP_PASSWORD."
+            ) from None
         except smtplib.SMTPNotSupportedError as exc:
             raise ToolUnavailable(f"The mail server does not support {exc}; check SMTP_SECURITY.") from None
         except smtplib.SMTPResponseException as exc:
@@ -162,8 +165,9 @@ def _deliver(settings: Settings, host: str, envelope: _Envelope) -> str:
             smtp.send(_data_block(envelope.payload))
             code, reply = smtp.getreply()
         except (OSError, smtplib.SMTPServerDisconnected) as exc:
-            raise ToolInDoubt(f"the connection to the mail server was lost after the message was sent ({exc}); "
-                              "it may have been delivered") from None
+            raise ToolInDoubt(
+                f"the connection to the mail server was lost after the message was sent ({exc}); it may have been delivered"
+            ) from None
         if code != 250:
             raise _refused(code, reply, "end of DATA")
         return reply.decode("utf-8", "replace")
@@ -225,13 +229,22 @@ async def send_email(
     smtputf8 = any(needs for _, needs in everyone)
     msg = _message(settings, [a for a, _ in to_checked], [a for a, _ in cc_checked], subject, body, ctx.approval_id, smtputf8)
     envelope = _Envelope(sender, [a for a, _ in everyone], msg.as_bytes(), smtputf8)
-    retrying = AsyncRetrying(stop=stop_after_attempt(ATTEMPTS), wait=wait_exponential_jitter(initial=1, max=8),
-                             retry=retry_if_exception_type(_Temporary), reraise=True)
+    retrying = AsyncRetrying(
+        stop=stop_after_attempt(ATTEMPTS),
+        wait=wait_exponential_jitter(initial=1, max=8),
+        retry=retry_if_exception_type(_Temporary),
+        reraise=True,
+    )
     try:
         async for attempt in retrying:
             with attempt:
                 reply = await asyncio.to_thread(_deliver, settings, host, envelope)
     except _Temporary as exc:
         raise ToolUnavailable(f"The mail server failed temporarily {ATTEMPTS} times ({exc}); nothing was sent.") from None
-    return {"result": "sent", "message_id": msg["Message-ID"], "to": [a for a, _ in to_checked],
-            "cc": [a for a, _ in cc_checked], "server_reply": reply}
+    return {
+        "result": "sent",
+        "message_id": msg["Message-ID"],
+        "to": [a for a, _ in to_checked],
+        "cc": [a for a, _ in cc_checked],
+        "server_reply": reply,
+    }

@@ -15,6 +15,7 @@ import json
 import typing
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import docstring_parser
@@ -46,11 +47,15 @@ class ToolSpec:
     check: Check | None = None
     parameters_schema: dict[str, Any] | None = None
 
-    def openai_tool(self) -> dict[str, Any]:
-        """The tool as sent in the Chat Completions `tools` list."""
+    @cached_property
+    def _openai_tool(self) -> dict[str, Any]:
         schema = self.parameters_schema or self.args_model.model_json_schema()
         schema = {k: v for k, v in schema.items() if k != "title"}
         return {"type": "function", "function": {"name": self.name, "description": self.description, "parameters": schema}}
+
+    def openai_tool(self) -> dict[str, Any]:
+        """The tool as sent in the Chat Completions `tools` list (computed once per tool)."""
+        return self._openai_tool
 
     def sentence(self, args: dict[str, Any]) -> str:
         """What will happen, in plain words built by code from the arguments."""
@@ -158,6 +163,7 @@ class ToolRegistry:
 
     def __init__(self, specs: Iterable[ToolSpec] = ()) -> None:
         self._specs: dict[str, ToolSpec] = {}
+        self._openai_tools: list[dict[str, Any]] | None = None
         for spec in specs:
             self.add(spec)
 
@@ -165,6 +171,7 @@ class ToolRegistry:
         if spec.name in self._specs:
             raise ValueError(f"two tools are named {spec.name!r}")
         self._specs[spec.name] = spec
+        self._openai_tools = None
 
     def get(self, name: str) -> ToolSpec | None:
         return self._specs.get(name)
@@ -176,7 +183,9 @@ class ToolRegistry:
         return len(self._specs)
 
     def openai_tools(self) -> list[dict[str, Any]]:
-        return [spec.openai_tool() for spec in self._specs.values()]
+        if self._openai_tools is None:
+            self._openai_tools = [spec.openai_tool() for spec in self._specs.values()]
+        return self._openai_tools
 
     def prepare(self, name: str, raw_arguments: str | None) -> PreparedCall | CallProblem:
         """Resolve and validate one tool call from the model. Nothing runs here."""

@@ -39,7 +39,12 @@ ROUTE = "/feishu/events"
 WORKING_EMOJI = "OnIt"
 TEXT_LIMIT = 20_000
 HANDLER_BUDGET = 2.5  # seconds; Feishu wants an answer within 3
-BOT_ID_RETRY = 60.0
+START_BUDGET = 15.0  # seconds start() waits for the bot's identity
+BOT_ID_RETRY = 30.0  # seconds between two attempts to learn it
+
+
+class NotReady(Exception):
+    """A group message arrived before the bot knows its own open_id: answer non-2xx, Feishu redelivers."""
 
 
 @dataclass(frozen=True)
@@ -70,8 +75,8 @@ class FeishuAdapter:
             domain=settings.feishu_domain,
         )
         self.bot_open_id: str | None = None
-        self._bot_id_tried = float("-inf")
-        self._bot_id_lock = asyncio.Lock()
+        self._bot_id_task: asyncio.Task[None] | None = None
+        self._bot_id_next = 0.0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._long: LongConnection | None = None
         self._answering: dict[str, asyncio.Event] = {}
@@ -85,7 +90,9 @@ class FeishuAdapter:
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         await self.api.open()
-        await self._bot_id()
+        self._learn_bot_id()
+        if self._bot_id_task is not None:  # Feishu down at boot: start anyway, learn it later
+            await asyncio.wait({self._bot_id_task}, timeout=START_BUDGET)
         if self.settings.feishu_mode == "ws":
             self._long = LongConnection(
                 app_id=self.api.app_id,
@@ -99,24 +106,32 @@ class FeishuAdapter:
         if self._long is not None:
             await self._long.stop()
             self._long = None
+        if self._bot_id_task is not None:
+            self._bot_id_task.cancel()
 
-    async def _bot_id(self) -> str | None:
-        """The bot's open_id (fetched at start; retried at most once a minute if that failed)."""
-        async with self._bot_id_lock:
-            if self.bot_open_id is None and time.monotonic() - self._bot_id_tried > BOT_ID_RETRY:
-                self._bot_id_tried = time.monotonic()
-                try:
-                    self.bot_open_id = await self.api.bot_open_id()
-                except FeishuApiError as exc:
-                    log.error("feishu: cannot read the bot's identity (%s); group @mentions wait for it", exc)
-        return self.bot_open_id
+    def _learn_bot_id(self) -> None:
+        """Fetch the bot's open_id in the background (once; again on demand while unknown)."""
+        idle = self._bot_id_task is None or self._bot_id_task.done()
+        if self.bot_open_id is None and idle and time.monotonic() >= self._bot_id_next:
+            self._bot_id_next = time.monotonic() + BOT_ID_RETRY  # bot info counts against the API quota
+            self._bot_id_task = asyncio.get_running_loop().create_task(self._fetch_bot_id(), name="feishu-bot-info")
+
+    async def _fetch_bot_id(self) -> None:
+        try:
+            self.bot_open_id = await self.api.bot_open_id()
+            log.info("feishu: the bot is %s", self.bot_open_id)
+        except FeishuApiError as exc:
+            log.error("feishu: cannot read the bot's identity (%s); group messages are refused until it is known", exc)
 
     # ------------------------------------------------------------------ inbound
     async def dispatch(self, payload: dict[str, Any]) -> Answer:
-        """Handle one verified payload. Raises BadPayload, or StorageError (Feishu must redeliver)."""
+        """Handle one verified payload. Raises BadPayload, or StorageError/NotReady (Feishu must redeliver)."""
         kind = events.event_type(payload)
         if kind == "im.message.receive_v1":
-            msg = events.to_message(payload, bot_open_id=await self._bot_id())
+            if self.bot_open_id is None and not events.is_direct(payload):
+                self._learn_bot_id()
+                raise NotReady("the bot's own open_id is not known yet, so @mentions cannot be checked")
+            msg = events.to_message(payload, bot_open_id=self.bot_open_id)
             if msg is not None and not await self.core.accept_message(msg):
                 log.debug("feishu: duplicate delivery %s", msg.dedupe_keys)
             return Answer({})
@@ -151,7 +166,7 @@ class FeishuAdapter:
         except events.BadPayload as exc:
             log.warning("feishu webhook: unreadable event (%s)", exc)
             return web.json_response({"msg": "unreadable event"}, status=400)
-        except StorageError:
+        except (StorageError, NotReady):
             return web.json_response({"msg": "try again"}, status=503)
         response = web.json_response(answer.body)
         try:

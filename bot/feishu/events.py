@@ -36,6 +36,11 @@ def event_type(payload: dict[str, Any]) -> str | None:
     return _str(_obj(payload.get("header")).get("event_type"))
 
 
+def is_direct(payload: dict[str, Any]) -> bool:
+    """Whether a message event comes from a one-to-one chat (every message there counts)."""
+    return _obj(_obj(payload.get("event")).get("message")).get("chat_type") == "p2p"
+
+
 def _post_text(content: dict[str, Any]) -> str:
     """Flatten a `post` message: title plus paragraphs; `at` nodes keep their mention key."""
     body = content if "content" in content else next(iter(content.values()), {})
@@ -103,7 +108,7 @@ def to_message(payload: dict[str, Any], *, bot_open_id: str | None) -> IncomingM
     tenant = _str(sender.get("tenant_key")) or _str(header.get("tenant_key"))
     mentions = [_obj(m) for m in message.get("mentions") or [] if isinstance(m, dict)]
     text, mentioned = _readable(_raw_text(message), mentions, bot_open_id)
-    is_dm = message.get("chat_type") == "p2p"
+    is_dm = is_direct(payload)
     if not is_dm and not mentioned:
         return None
     root_id = _str(message.get("root_id")) or message_id

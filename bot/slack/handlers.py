@@ -12,6 +12,7 @@ Retries are never dropped by their headers; the core's dedupe keys make them har
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -49,6 +50,7 @@ class SlackHandlers:
         app.action(events.APPROVE_ACTION)(self.on_approve)
         app.action(events.REJECT_ACTION)(self.on_reject)
         app.view(events.REJECT_VIEW)(self.on_reject_submit)
+        app.event(re.compile(".*"))(self.on_other_event)  # last: any other event is acknowledged, not retried
         app.error(self.on_error)
 
     # ------------------------------------------------------------------ messages
@@ -67,6 +69,10 @@ class SlackHandlers:
         accepted = await self.core.accept_message(msg)  # StorageError -> 500 / no ack -> Slack redelivers
         retry = (request.headers.get("x-slack-retry-num") or ["0"])[0]
         log.debug("slack event %s (retry %s): %s", body.get("event_id"), retry, "recorded" if accepted else "duplicate")
+
+    async def on_other_event(self, event: dict[str, Any]) -> None:
+        """An event type we do not use (a subscription added by hand): acknowledge it so Slack stops sending it again."""
+        log.debug("slack: ignored a %s event", event.get("type"))
 
     async def _post(self, coords: dict[str, Any], text: str) -> None:
         await self.client.chat_postMessage(channel=coords["channel"], thread_ts=coords.get("thread_ts"), text=text)

@@ -64,7 +64,7 @@ def signature_ok(verifier: SignatureVerifier, body: bytes, headers: Mapping[str,
     """Slack's v0 HMAC over `v0:<timestamp>:<body>`, within 5 minutes; any malformed input is False."""
     timestamp = headers.get("X-Slack-Request-Timestamp")
     signature = headers.get("X-Slack-Signature")
-    if not timestamp or not signature or not timestamp.strip().isdigit():
+    if not timestamp or not signature or not (timestamp.strip().isascii() and timestamp.strip().isdigit()):
         return False
     try:
         return verifier.is_valid(body=body, timestamp=timestamp.strip(), signature=signature)

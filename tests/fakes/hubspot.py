@@ -85,16 +85,17 @@ class FakeHubSpot:
         body = await request.json() if request.can_read_body else None
         self.requests.append(Recorded(request.method, request.path, dict(request.query), dict(request.headers), body))
         if request.headers.get("Authorization") != f"Bearer {self.token}":
-            return web.json_response({"status": "error", "category": "INVALID_AUTHENTICATION",
-                                      "message": "Authentication credentials not found."}, status=401)
+            return web.json_response(
+                {"status": "error", "category": "INVALID_AUTHENTICATION", "message": "Authentication credentials not found."},
+                status=401,
+            )
         if self._canned:
             canned = self._canned.popleft()
             return web.json_response(canned.body, status=canned.status, headers=canned.headers)
         return await handler(request)
 
     def _object(self, contact_id: str) -> dict[str, Any]:
-        return {"id": contact_id, "properties": {"hs_object_id": contact_id, **self.contacts[contact_id]},
-                "archived": False}
+        return {"id": contact_id, "properties": {"hs_object_id": contact_id, **self.contacts[contact_id]}, "archived": False}
 
     def _by_email(self, email: str) -> str | None:
         return next((cid for cid, props in self.contacts.items() if props.get("email") == email.lower()), None)
@@ -104,8 +105,10 @@ class FakeHubSpot:
         props["email"] = props.get("email", "").lower()
         existing = self._by_email(props["email"])
         if existing is not None:
-            return web.json_response({"status": "error", "category": "CONFLICT",
-                                      "message": f"Contact already exists. Existing ID: {existing}"}, status=409)
+            return web.json_response(
+                {"status": "error", "category": "CONFLICT", "message": f"Contact already exists. Existing ID: {existing}"},
+                status=409,
+            )
         contact_id = self.add_contact(**props)
         return web.json_response(self._object(contact_id), status=201)
 

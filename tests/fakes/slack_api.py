@@ -69,8 +69,14 @@ class FakeSlackApi:
         self._errors[method] = [times, error]
 
     def add_user(self, user_id: str, name: str, *, is_bot: bool = False, team: str = TEAM_ID) -> None:
-        self.users[user_id] = {"id": user_id, "team_id": team, "name": name.lower(), "real_name": name, "is_bot": is_bot,
-                               "profile": {"display_name": name, "real_name": name}}
+        self.users[user_id] = {
+            "id": user_id,
+            "team_id": team,
+            "name": name.lower(),
+            "real_name": name,
+            "is_bot": is_bot,
+            "profile": {"display_name": name, "real_name": name},
+        }
 
     # ------------------------------------------------------------------ inspection
     def calls_to(self, method: str, *, ok_only: bool = True) -> list[ApiCall]:
@@ -120,13 +126,25 @@ class FakeSlackApi:
         return f"1700000000.{next(self._ts):06d}"
 
     def _m_auth_test(self, _: dict[str, Any]) -> dict[str, Any]:
-        return {"url": "https://fake.slack.test/", "team": "Fake", "user": "chatops", "team_id": TEAM_ID,
-                "user_id": BOT_USER_ID, "bot_id": BOT_ID, "is_enterprise_install": False}
+        return {
+            "url": "https://fake.slack.test/",
+            "team": "Fake",
+            "user": "chatops",
+            "team_id": TEAM_ID,
+            "user_id": BOT_USER_ID,
+            "bot_id": BOT_ID,
+            "is_enterprise_install": False,
+        }
 
     def _m_chat_postMessage(self, p: dict[str, Any]) -> dict[str, Any]:
         ts = self._new_ts()
-        self.messages[ts] = {"channel": p.get("channel"), "text": p.get("text"), "blocks": p.get("blocks"),
-                             "thread_ts": p.get("thread_ts"), "ts": ts}
+        self.messages[ts] = {
+            "channel": p.get("channel"),
+            "text": p.get("text"),
+            "blocks": p.get("blocks"),
+            "thread_ts": p.get("thread_ts"),
+            "ts": ts,
+        }
         return {"channel": p.get("channel"), "ts": ts, "message": self.messages[ts]}
 
     def _m_chat_update(self, p: dict[str, Any]) -> dict[str, Any]:
@@ -181,9 +199,14 @@ class FakeSlackApi:
     async def push(self, kind: str, payload: dict[str, Any], *, retry_attempt: int = 0, retry_reason: str = "") -> str:
         """Send an envelope (`events_api`, `interactive`) to the connected client; returns its id."""
         envelope_id = str(uuid.uuid4())
-        envelope = {"envelope_id": envelope_id, "type": kind, "payload": payload,
-                    "accepts_response_payload": kind == "interactive", "retry_attempt": retry_attempt,
-                    "retry_reason": retry_reason}
+        envelope = {
+            "envelope_id": envelope_id,
+            "type": kind,
+            "payload": payload,
+            "accepts_response_payload": kind == "interactive",
+            "retry_attempt": retry_attempt,
+            "retry_reason": retry_reason,
+        }
         await self._sockets[-1].send_json(envelope)
         return envelope_id
 

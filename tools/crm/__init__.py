@@ -80,8 +80,9 @@ async def create_crm_lead(
         company: The person's company, if known.
     """
     async with open_backend(ctx) as crm:
-        outcome, lead = await crm.upsert(_fields({"name": name, "email": email, "need": need, "company": company}),
-                                         approval_id=ctx.approval_id)
+        outcome, lead = await crm.upsert(
+            _fields({"name": name, "email": email, "need": need, "company": company}), approval_id=ctx.approval_id
+        )
     said = {"created": "Created lead", "updated": "Updated the existing lead", "unchanged": "The lead already had these values:"}
     return {"result": outcome, "message": f"{said[outcome]} #{lead.id} in the {crm.name}.", "lead": lead.as_dict()}
 

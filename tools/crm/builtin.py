@@ -23,8 +23,7 @@ UPSERT_ATTEMPTS = 2
 
 def _lead(row: CrmLead) -> Lead:
     assert row.id is not None
-    return Lead(id=row.id, name=row.name, email=row.email, need=row.need, company=row.company, status=row.status,
-                owner=row.owner)
+    return Lead(id=row.id, name=row.name, email=row.email, need=row.need, company=row.company, status=row.status, owner=row.owner)
 
 
 class BuiltinCrm:
@@ -69,8 +68,16 @@ class BuiltinCrm:
         async with self.db.transaction() as session:
             row = (await session.execute(select(CrmLead).where(CrmLead.email == email))).scalar_one_or_none()
             if row is None:
-                row = CrmLead(name=fields.name, email=email, need=fields.need, company=fields.company, status="new",
-                              source_approval_id=approval_id, created_at=now, updated_at=now)
+                row = CrmLead(
+                    name=fields.name,
+                    email=email,
+                    need=fields.need,
+                    company=fields.company,
+                    status="new",
+                    source_approval_id=approval_id,
+                    created_at=now,
+                    updated_at=now,
+                )
                 session.add(row)
                 await session.flush()  # the unique index speaks here, inside our transaction
                 return "created", _lead(row)

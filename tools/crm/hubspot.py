@@ -39,9 +39,17 @@ def _lead(obj: dict[str, Any]) -> Lead:
     props = obj.get("properties") or {}
     name = " ".join(p for p in (props.get("firstname"), props.get("lastname")) if p)
     status = props.get("hs_lead_status")
-    return Lead(id=int(obj["id"]), name=name, email=props.get("email") or "", need=props.get("message") or "",
-                company=props.get("company") or None, status=status.lower() if status else None,
-                owner=props.get("hubspot_owner_id") or None)
+    if not str(obj.get("id", "")).isdigit():
+        raise ToolError(f"HubSpot sent a contact without a usable id: {str(obj)[:200]}")
+    return Lead(
+        id=int(obj["id"]),
+        name=name,
+        email=props.get("email") or "",
+        need=props.get("message") or "",
+        company=props.get("company") or None,
+        status=status.lower() if status else None,
+        owner=props.get("hubspot_owner_id") or None,
+    )
 
 
 def _split_name(name: str) -> dict[str, str]:
@@ -72,8 +80,10 @@ class HubSpotCrm:
         async with httpx.AsyncClient(base_url=base_url.rstrip("/"), headers=headers, timeout=REQUEST_TIMEOUT) as client:
             yield cls(client)
 
-    async def _call(self, method: str, path: str, *, write: bool, **kwargs: Any) -> httpx.Response:
-        """One API call: 429 retried (bounded), transport failures mapped, other statuses returned."""
+    async def _call(
+        self, method: str, path: str, *, write: bool, allow: tuple[int, ...] = (), **kwargs: Any
+    ) -> tuple[int, dict[str, Any]]:
+        """One API call -> (status, JSON body). 429 is retried (bounded); a status >= 400 not in `allow` raises."""
         for attempt in range(1, ATTEMPTS + 1):
             try:
                 response = await self.client.request(method, path, **kwargs)
@@ -81,11 +91,13 @@ class HubSpotCrm:
                 raise ToolUnavailable(f"HubSpot cannot be reached ({type(exc).__name__}). Nothing was changed.") from None
             except httpx.HTTPError as exc:
                 if write:
-                    raise ToolInDoubt(f"HubSpot did not answer ({type(exc).__name__}); the change may or may not "
-                                      "have been applied") from None
+                    raise ToolInDoubt(
+                        f"HubSpot did not answer ({type(exc).__name__}); the change may or may not have been applied"
+                    ) from None
                 raise ToolUnavailable(f"HubSpot did not answer ({type(exc).__name__}).") from None
             if response.status_code != 429:
-                return self._check_status(response, write=write)
+                self._check_status(response, write=write, allow=allow)
+                return response.status_code, self._body(response, write=write)
             wait = self._retry_after(response, attempt)
             if wait > MAX_RETRY_AFTER or attempt == ATTEMPTS:
                 raise ToolUnavailable(f"HubSpot is rate-limiting us; try again in {wait:g} seconds. Nothing was changed.")
@@ -100,25 +112,41 @@ class HubSpotCrm:
             return float(attempt)
 
     @staticmethod
-    def _check_status(response: httpx.Response, *, write: bool) -> httpx.Response:
+    def _body(response: httpx.Response, *, write: bool) -> dict[str, Any]:
+        try:
+            body = response.json()
+        except ValueError:
+            body = None
+        if isinstance(body, dict):
+            return body
+        if response.is_success and write:
+            raise ToolInDoubt(f"HubSpot answered {response.status_code} with an unreadable body; the change was probably applied")
+        if response.is_success:
+            raise ToolError(f"HubSpot answered {response.status_code} with an unreadable body.")
+        return {}
+
+    @staticmethod
+    def _check_status(response: httpx.Response, *, write: bool, allow: tuple[int, ...]) -> None:
         status = response.status_code
         if status in (401, 403):
-            raise ToolUnavailable(f"HubSpot refused our token ({status}: {_message(response)}). Check HUBSPOT_TOKEN and its scopes.")
+            raise ToolUnavailable(
+                f"HubSpot refused our token ({status}: {_message(response)}). Check HUBSPOT_TOKEN and its scopes."
+            )
         if status >= 500:
             if write:
                 raise ToolInDoubt(f"HubSpot failed with {status}; the change may or may not have been applied")
             raise ToolUnavailable(f"HubSpot failed with {status}. Try again later.")
-        if status >= 400 and status not in (404, 409):
+        if status >= 400 and status not in allow:
             raise ToolError(f"HubSpot rejected the request ({status}): {_message(response)}")
-        return response
 
     async def _search(self, body: dict[str, Any]) -> list[Lead]:
-        response = await self._call("POST", f"{CONTACTS}/search", write=False, json={**body, "properties": list(PROPERTIES)})
-        return [_lead(obj) for obj in response.json().get("results", [])]
+        _, answer = await self._call("POST", f"{CONTACTS}/search", write=False, json={**body, "properties": list(PROPERTIES)})
+        return [_lead(obj) for obj in answer.get("results", [])]
 
     async def get(self, lead_id: int) -> Lead | None:
-        response = await self._call("GET", f"{CONTACTS}/{lead_id}", write=False, params={"properties": ",".join(PROPERTIES)})
-        return None if response.status_code == 404 else _lead(response.json())
+        params = {"properties": ",".join(PROPERTIES)}
+        status, answer = await self._call("GET", f"{CONTACTS}/{lead_id}", write=False, allow=(404,), params=params)
+        return None if status == 404 else _lead(answer)
 
     async def find_by_email(self, email: str) -> Lead | None:
         flt = {"propertyName": "email", "operator": "EQ", "value": normalise_email(email)}
@@ -137,11 +165,11 @@ class HubSpotCrm:
             props = {"email": normalise_email(fields.email), **_split_name(fields.name), "message": fields.need}
             if fields.company is not None:
                 props["company"] = fields.company
-            response = await self._call("POST", CONTACTS, write=True, json={"properties": props})
-            if response.status_code != 409:
-                return "created", _lead(response.json())
+            status, answer = await self._call("POST", CONTACTS, write=True, allow=(409,), json={"properties": props})
+            if status != 409:
+                return "created", _lead(answer)
             # The search index lags behind creations: HubSpot itself tells us who already has this e-mail.
-            match = _EXISTING_ID.search(_message(response))
+            match = _EXISTING_ID.search(str(answer.get("message", "")))
             if match is None:
                 raise ToolError(f"HubSpot says a contact with {fields.email} exists but did not say which.")
             existing = await self.get(int(match.group(1)))
@@ -165,10 +193,10 @@ class HubSpotCrm:
                 props["hubspot_owner_id"] = await self.owner_id(value)
             else:
                 props[key] = value
-        response = await self._call("PATCH", f"{CONTACTS}/{lead_id}", write=True, json={"properties": props})
-        if response.status_code == 404:
+        status, answer = await self._call("PATCH", f"{CONTACTS}/{lead_id}", write=True, allow=(404,), json={"properties": props})
+        if status == 404:
             raise ToolError(f"There is no lead #{lead_id} in HubSpot. Search for the lead first to get its id.")
-        return _lead(response.json())
+        return _lead(answer)
 
     async def owner_id(self, owner: str) -> str:
         """A HubSpot owner id from an id or an owner's e-mail address."""
@@ -177,8 +205,8 @@ class HubSpotCrm:
             return owner
         if "@" not in owner:
             raise ToolError("In HubSpot the owner must be an owner id or the owner's e-mail address.")
-        response = await self._call("GET", "/crm/v3/owners/", write=False, params={"email": owner, "limit": 1})
-        results = response.json().get("results", []) if response.status_code == 200 else []
+        _, answer = await self._call("GET", "/crm/v3/owners/", write=False, params={"email": owner, "limit": 1})
+        results = answer.get("results") or []
         if not results:
             raise ToolError(f"No HubSpot owner has the e-mail address {owner}.")
         return str(results[0]["id"])

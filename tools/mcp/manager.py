@@ -28,11 +28,13 @@ from mcp.shared.exceptions import MCPError
 from pydantic import ValidationError
 
 from tools.context import ToolContext
-from tools.errors import ArgumentError, ToolError, ToolInDoubt, ToolUnavailable
+from tools.errors import ToolError, ToolInDoubt, ToolUnavailable
 from tools.mcp.config import McpConfig, load_config
 from tools.mcp.connection import Connection
 from tools.mcp.specs import build_spec, result_of
 from tools.registry import ToolSpec
+
+__all__ = ["McpManager"]
 
 log = logging.getLogger("chatops.mcp")
 
@@ -40,14 +42,22 @@ log = logging.getLogger("chatops.mcp")
 class McpManager:
     """All configured MCP servers. `start()` once, `close()` once."""
 
-    def __init__(self, config: McpConfig, *, connect_timeout: float = 30.0, backoff_initial: float = 1.0,
-                 backoff_max: float = 60.0) -> None:
+    def __init__(
+        self, config: McpConfig, *, connect_timeout: float = 30.0, backoff_initial: float = 1.0, backoff_max: float = 60.0
+    ) -> None:
         self.config = config
         self.problems: dict[str, str] = {}
         self._connections = {
-            name: Connection(name, server, connect_timeout=connect_timeout, backoff_initial=backoff_initial,
-                             backoff_max=backoff_max, jitter=random.random)
-            for name, server in config.servers.items() if not server.disabled
+            name: Connection(
+                name,
+                server,
+                connect_timeout=connect_timeout,
+                backoff_initial=backoff_initial,
+                backoff_max=backoff_max,
+                jitter=random.random,
+            )
+            for name, server in config.servers.items()
+            if not server.disabled
         }
 
     @classmethod
@@ -89,8 +99,10 @@ class McpManager:
         connection = self._connections[server]
         client = connection.client
         if client is None:
-            raise ToolUnavailable(f"The MCP server {server} is down ({connection.problem or 'reconnecting'}); "
-                                  "it is being reconnected. Nothing was run; try again later.")
+            raise ToolUnavailable(
+                f"The MCP server {server} is down ({connection.problem or 'reconnecting'}); "
+                "it is being reconnected. Nothing was run; try again later."
+            )
         timeout = ctx.settings.tool_timeout
         try:
             result = await client.call_tool(tool, args, read_timeout_seconds=timeout)
@@ -98,13 +110,17 @@ class McpManager:
             if exc.code == mcp_types.CONNECTION_CLOSED:
                 connection.lost()
                 if write:
-                    raise ToolInDoubt(f"the MCP server {server} disconnected during the call; {tool} may or may not "
-                                      "have run") from None
-                raise ToolUnavailable(f"The MCP server {server} disconnected during the call; try again once it is back.") from None
+                    raise ToolInDoubt(
+                        f"the MCP server {server} disconnected during the call; {tool} may or may not have run"
+                    ) from None
+                raise ToolUnavailable(
+                    f"The MCP server {server} disconnected during the call; try again once it is back."
+                ) from None
             if exc.code == mcp_types.REQUEST_TIMEOUT:
                 if write:
-                    raise ToolInDoubt(f"no answer from the MCP server {server} within {timeout:g}s; {tool} may or may "
-                                      "not have run") from None
+                    raise ToolInDoubt(
+                        f"no answer from the MCP server {server} within {timeout:g}s; {tool} may or may not have run"
+                    ) from None
                 raise ToolUnavailable(f"The MCP server {server} did not answer within {timeout:g}s.") from None
             raise ToolError(f"The MCP server {server} refused the call ({exc.code}): {exc.message}") from None
         except ValidationError as exc:
@@ -119,6 +135,3 @@ class McpManager:
     async def close(self) -> None:
         """Disconnect every server (stdio processes are stopped)."""
         await asyncio.gather(*(c.close() for c in self._connections.values()))
-
-
-__all__ = ["ArgumentError", "McpManager"]

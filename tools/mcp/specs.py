@@ -21,9 +21,10 @@ import mcp_types
 from jsonschema.exceptions import SchemaError
 from jsonschema.protocols import Validator
 from jsonschema.validators import validator_for
-from pydantic import BaseModel, ConfigDict, model_validator
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
 from tools.context import ToolContext
+from tools.errors import ArgumentError
 from tools.mcp.config import ServerConfig
 from tools.registry import RESULT_LIMIT, ToolSpec, result_text
 
@@ -122,6 +123,10 @@ def build_spec(server: str, config: ServerConfig, tool: mcp_types.Tool, call: Ca
     tool_name = tool.name
 
     async def run(ctx: ToolContext, args: dict[str, Any]) -> str:
+        try:
+            args_model.model_validate(args)  # approved arguments are re-checked, as for built-in tools
+        except ValidationError as exc:
+            raise ArgumentError(f"The arguments for {tool_name} do not match its schema: {exc.errors()[0]['msg']}") from None
         return await call(ctx, server, tool_name, args, not kind.read_only)
 
     return ToolSpec(

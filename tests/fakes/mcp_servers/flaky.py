@@ -1,10 +1,11 @@
 """A small MCP server (stdio, or streamable HTTP with `--http PORT`) whose tools misbehave on purpose.
 
-Run as a script: `python flaky.py [--http PORT]`. State lives in the directory named by the
-FLAKY_STATE environment variable: every start appends a line to `starts.log`, every call of a
-write tool appends to `calls.log` *before* doing anything else (so a test can count how many
-times the server received a call, across crashes), and while a file named `refuse_start` exists
-the server exits at once (so it stays down until the test removes it).
+Run as a script: `python flaky.py [--http PORT]` (with `--http` it first prints the port it
+listens on). State lives in the directory named by the FLAKY_STATE environment variable: every
+start appends a line to `starts.log`, every call of a write tool appends to `calls.log` *before*
+doing anything else (so a test can count how many times the server received a call, across
+crashes), and while a file named `refuse_start` exists the server exits at once (so it stays
+down until the test removes it).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import socket
 import sys
 from pathlib import Path
 
@@ -19,13 +21,16 @@ from mcp.server.mcpserver import MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
 from mcp.types import ToolAnnotations
 
-STATE = Path(os.environ.get("FLAKY_STATE", "."))
 READ_ONLY = ToolAnnotations(read_only_hint=True, destructive_hint=False)
 server = MCPServer("flaky")
 
 
+def _state() -> Path:
+    return Path(os.environ.get("FLAKY_STATE", "."))
+
+
 def _log(name: str, line: str) -> None:
-    with (STATE / name).open("a", encoding="utf-8") as f:
+    with (_state() / name).open("a", encoding="utf-8") as f:
         f.write(line + "\n")
 
 
@@ -75,17 +80,30 @@ def crash_during(text: str) -> str:
     os._exit(4)
 
 
+def _serve_http(port: int) -> None:
+    """Listen first, then print the port: a client may connect as soon as it reads the line."""
+    import uvicorn
+
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", port))
+    sock.listen(64)
+    print(sock.getsockname()[1], flush=True)
+    config = uvicorn.Config(server.streamable_http_app(host="127.0.0.1"), log_level="warning")
+    asyncio.run(uvicorn.Server(config).serve(sockets=[sock]))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--http", type=int, default=None)
+    parser.add_argument("--http", type=int, default=None, metavar="PORT", help="serve streamable HTTP (0: any free port)")
     port = parser.parse_args().http
-    if (STATE / "refuse_start").exists():
+    if (_state() / "refuse_start").exists():
         sys.exit(5)
     _log("starts.log", str(os.getpid()))
     if port is None:
         asyncio.run(server.run_stdio_async())
     else:
-        asyncio.run(server.run_streamable_http_async(host="127.0.0.1", port=port))
+        _serve_http(port)
 
 
 if __name__ == "__main__":

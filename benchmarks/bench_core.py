@@ -1,0 +1,146 @@
+"""Core benchmarks: ack latency, 200 concurrent conversations with a slow model, and the bot's own
+time per turn. Run: `.venv/bin/python benchmarks/bench_core.py [--db sqlite|postgres] [--conversations 200]`.
+
+Everything runs on 127.0.0.1: the scripted OpenAI-compatible server from the tests plays the model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bot.app import build_app  # noqa: E402
+from bot.events import IncomingMessage, Thread, User  # noqa: E402
+from tests.conftest import make_settings  # noqa: E402
+from tests.fakes.openai_server import ScriptedModel, calls, text  # noqa: E402
+from tests.support_tools import Ledger, notes_toolset  # noqa: E402
+
+
+class NullChannel:
+    """Swallows output so the benchmark measures the bot, not a terminal."""
+
+    platform = "bench"
+
+    async def post_reply(self, thread: Thread, text: str) -> None:
+        return None
+
+    async def show_working(self, thread: Thread) -> None:
+        return None
+
+    async def post_card(self, thread, card) -> str:  # type: ignore[no-untyped-def]
+        return card.approval_id
+
+    async def update_card(self, thread, message_id, card) -> None:  # type: ignore[no-untyped-def]
+        return None
+
+
+def pct(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(p / 100 * (len(ordered) - 1))))]
+
+
+def message(i: int, run: str) -> IncomingMessage:
+    user = User("bench", f"U{i}", "T1", f"user{i}")
+    return IncomingMessage(user, f"hello {i}", Thread("bench", {"i": i}), f"bench:{run}:{i}", (f"bench:{run}:{i}",))
+
+
+async def concurrent_conversations(db_url: str, n: int, model_delay: float) -> None:
+    async with ScriptedModel() as model:
+        model.responder = lambda body: text("ok", delay=model_delay)
+        app = await build_app(make_settings(model.url, db_url))
+        app.ctx.channels["bench"] = NullChannel()
+        await app.start(serve_http=False)
+        try:
+            run = uuid.uuid4().hex[:6]
+            acks: list[float] = []
+
+            async def deliver(i: int) -> None:
+                started = time.perf_counter()
+                await app.core.accept_message(message(i, run))
+                acks.append((time.perf_counter() - started) * 1000)
+
+            started = time.perf_counter()
+            await asyncio.gather(*(deliver(i) for i in range(n)))
+            await app.ctx.tasks.idle()
+            wall = time.perf_counter() - started
+        finally:
+            await app.stop()
+    print(f"{n} conversations at once, model latency {model_delay:.1f}s: all answered in {wall:.2f}s "
+          f"({len(model.requests)} model calls)")
+    print(f"  accept (record + dedupe + audit, the work before an ack): p50 {pct(acks, 50):.1f} ms, "
+          f"p99 {pct(acks, 99):.1f} ms, max {max(acks):.1f} ms")
+
+
+async def overhead_per_turn(db_url: str, turns: int) -> None:
+    """Serial turns with an instant model and one read tool call: wall time minus model time = the bot's own time."""
+    ledger = Ledger()
+    async with ScriptedModel() as model:
+        model.responder = lambda body: text("done") if body["messages"][-1]["role"] == "tool" else calls(("count_notes", {"topic": "x"}))
+        app = await build_app(make_settings(model.url, db_url))
+        for spec in notes_toolset(ledger).specs:
+            app.ctx.registry.add(spec)
+        app.ctx.channels["bench"] = NullChannel()
+        await app.start(serve_http=False)
+        model_ms: list[float] = []
+        totals: list[float] = []
+        try:
+            run = uuid.uuid4().hex[:6]
+            for i in range(turns):
+                before = len(model.requests)
+                started = time.perf_counter()
+                await app.core.accept_message(message(i, run))
+                await app.ctx.tasks.idle()
+                totals.append((time.perf_counter() - started) * 1000)
+                assert len(model.requests) == before + 2
+            # Time the model round trip alone (same client, same server) to subtract it.
+            for _ in range(turns):
+                started = time.perf_counter()
+                await app.ctx.model.complete([{"role": "user", "content": "x"}], [])
+                model_ms.append((time.perf_counter() - started) * 1000)
+        finally:
+            await app.stop()
+    per_model_call = statistics.median(model_ms)
+    own = [t - 2 * per_model_call for t in totals]
+    print(f"bot's own time per turn (2 model calls + 1 read tool, model round trips subtracted), {turns} turns: "
+          f"median {statistics.median(own):.1f} ms, p90 {pct(own, 90):.1f} ms")
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--db", choices=("sqlite", "postgres"), default="sqlite")
+    parser.add_argument("--postgres-url", default="postgresql://postgres@127.0.0.1:5432/test")
+    parser.add_argument("--conversations", type=int, default=200)
+    parser.add_argument("--model-delay", type=float, default=2.0)
+    parser.add_argument("--turns", type=int, default=50)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.db == "sqlite":
+            db_url = f"sqlite:///{Path(tmp) / 'bench.db'}"
+        else:
+            import sqlalchemy as sa
+
+            schema = f"bench_{uuid.uuid4().hex[:8]}"
+            engine = sa.create_engine(sa.make_url(args.postgres_url).set(drivername="postgresql+psycopg"))
+            with engine.begin() as conn:
+                conn.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
+            db_url = f"{args.postgres_url}?options=-csearch_path%3D{schema}"
+        print(f"database: {args.db}")
+        try:
+            await concurrent_conversations(db_url, args.conversations, args.model_delay)
+            await overhead_per_turn(db_url, args.turns)
+        finally:
+            if args.db == "postgres":
+                with engine.begin() as conn:
+                    conn.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

@@ -1,0 +1,252 @@
+"""One MCP server's connection, owned by one long-lived task that connects, waits, and reconnects.
+
+The task enters the transport (a stdio child process or a streamable HTTP client) and the SDK
+`Client`, lists the tools, publishes the client, then waits until the connection is lost (the
+read stream ends, a call saw the connection close, or the transport failed) or the manager
+closes it; it always leaves the SDK's context managers in the task that entered them.
+A stdio server's stderr is read through a pipe: logged at DEBUG, its last line explains a failure.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import os
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager, suppress
+from typing import IO, Any
+
+import anyio
+import httpx2
+import mcp_types
+from mcp import Client, StdioServerParameters
+from mcp.client.stdio import stdio_client
+from mcp.client.streamable_http import streamable_http_client
+from mcp.shared.exceptions import MCPError
+
+from tools.mcp.config import ServerConfig
+
+log = logging.getLogger("chatops.mcp")
+
+CLIENT_INFO = mcp_types.Implementation(name="chatops-agent", version="0.1.0")
+MAX_PAGES = 20
+CLOSE_TIMEOUT = 10.0
+
+
+class _WatchedStream:
+    """A read stream that sets `lost` when it ends; otherwise a transparent proxy of the transport's."""
+
+    def __init__(self, inner: Any, lost: asyncio.Event) -> None:
+        self._inner, self._lost = inner, lost
+
+    @property
+    def last_context(self) -> Any:
+        return getattr(self._inner, "last_context", None)
+
+    async def receive(self) -> Any:
+        try:
+            return await self._inner.receive()
+        except (anyio.EndOfStream, anyio.ClosedResourceError, anyio.BrokenResourceError):
+            self._lost.set()
+            raise
+
+    def __aiter__(self) -> _WatchedStream:
+        return self
+
+    async def __anext__(self) -> Any:
+        try:
+            return await self.receive()
+        except anyio.EndOfStream:
+            raise StopAsyncIteration from None
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+    async def __aenter__(self) -> _WatchedStream:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+
+@asynccontextmanager
+async def _transport(config: ServerConfig, errlog: IO[str] | None, lost: asyncio.Event) -> AsyncIterator[Any]:
+    if config.url is not None:
+        timeout = httpx2.Timeout(30.0, read=300.0)
+        async with (
+            httpx2.AsyncClient(headers=config.headers, timeout=timeout) as http,
+            streamable_http_client(config.url, http_client=http) as (read, write),
+        ):
+            yield _WatchedStream(read, lost), write
+        return
+    assert config.command is not None and errlog is not None
+    params = StdioServerParameters(command=config.command, args=config.args, env=config.env or None, cwd=config.cwd)
+    async with stdio_client(params, errlog=errlog) as (read, write):
+        yield _WatchedStream(read, lost), write
+
+
+def _leaf(exc: BaseException) -> BaseException:
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]
+    return exc
+
+
+class _StderrTail:
+    """A stdio server's stderr: each line logged at DEBUG, the last few kept to explain a failure."""
+
+    def __init__(self, server: str) -> None:
+        self._server = server
+        read_fd, write_fd = os.pipe()
+        self._reader = os.fdopen(read_fd, "rb")
+        self.file = os.fdopen(write_fd, "w", encoding="utf-8", errors="replace")  # the child's stderr
+        self.lines: deque[str] = deque(maxlen=10)
+        self._pump: asyncio.Task[None] | None = None
+        self._transport: asyncio.BaseTransport | None = None
+
+    async def __aenter__(self) -> _StderrTail:
+        stream = asyncio.StreamReader()
+        loop = asyncio.get_running_loop()
+        self._transport, _ = await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(stream), self._reader)
+        self._pump = asyncio.create_task(self._read(stream), name=f"mcp-stderr:{self._server}")
+        return self
+
+    async def _read(self, stream: asyncio.StreamReader) -> None:
+        while line := await stream.readline():
+            if text := line.decode("utf-8", "replace").strip():
+                self.lines.append(text)
+                log.debug("MCP server %s: %s", self._server, text)
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.file.close()  # with the child gone, the pipe ends and the pump drains what is left
+        if self._pump is not None:
+            with suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self._pump), 1.0)
+            self._pump.cancel()
+        if self._transport is not None:
+            self._transport.close()
+
+    def last(self) -> str:
+        return f" (stderr: {self.lines[-1][:300]})" if self.lines else ""
+
+
+class Connection:
+    """The state of one server, and the task that keeps it connected."""
+
+    def __init__(
+        self,
+        name: str,
+        config: ServerConfig,
+        *,
+        connect_timeout: float,
+        backoff_initial: float,
+        backoff_max: float,
+        jitter: Callable[[], float],
+    ) -> None:
+        self.name, self.config = name, config
+        self.connect_timeout, self.backoff_initial, self.backoff_max = connect_timeout, backoff_initial, backoff_max
+        self._jitter = jitter
+        self.client: Client | None = None
+        self.state = "new"  # connecting, up, down (reconnecting), failed (at start-up), closed
+        self.problem: str | None = None
+        self.connects = 0
+        self._lost = asyncio.Event()
+        self._closing = asyncio.Event()
+        self._changed = asyncio.Condition()
+        self._first: asyncio.Future[list[mcp_types.Tool] | None] | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> list[mcp_types.Tool] | None:
+        """Connect once; the tools, or None (see `problem`). On success the task stays, reconnecting as needed."""
+        self._first = asyncio.get_running_loop().create_future()
+        self._task = asyncio.create_task(self._supervise(), name=f"mcp:{self.name}")
+        return await self._first
+
+    def lost(self) -> None:
+        """A caller saw the connection close: reconnect now."""
+        self._lost.set()
+
+    async def wait_for(self, predicate: Callable[[Connection], bool]) -> None:
+        """Wait until `predicate(self)` holds, e.g. `lambda c: c.state == "up"` (bound it with `asyncio.timeout`)."""
+        async with self._changed:
+            await self._changed.wait_for(lambda: predicate(self))
+
+    async def _set_state(self, state: str, problem: str | None = None) -> None:
+        self.state, self.problem = state, problem
+        async with self._changed:
+            self._changed.notify_all()
+
+    async def _supervise(self) -> None:
+        failures = 0
+        while not self._closing.is_set():
+            self._lost = asyncio.Event()
+            await self._set_state("connecting", self.problem)
+            async with _StderrTail(self.name) as stderr:
+                try:
+                    await self._session(stderr.file)
+                    problem = "the server exited" if self.config.command else "the connection was lost"
+                except Exception as exc:  # noqa: BLE001 - any failure of a server is reported, then retried
+                    problem = self._explain(_leaf(exc))
+            problem += stderr.last()
+            if self._closing.is_set():
+                break
+            if self._first is not None and not self._first.done():
+                await self._set_state("failed", problem)
+                self._first.set_result(None)
+                return
+            failures = 0 if self.state == "up" else failures + 1  # "up": it was connected, then lost
+            delay = min(self.backoff_max, self.backoff_initial * 2 ** max(0, failures - 1)) * (0.5 + self._jitter() / 2)
+            log.warning("MCP server %s is down (%s); reconnecting in %.1fs", self.name, problem, delay)
+            await self._set_state("down", problem)
+            with suppress(TimeoutError):
+                await asyncio.wait_for(self._closing.wait(), delay)
+        await self._set_state("closed")
+
+    async def _session(self, errlog: IO[str]) -> None:
+        scope = anyio.CancelScope(deadline=anyio.current_time() + self.connect_timeout)
+        with scope:
+            async with Client(_transport(self.config, errlog, self._lost), cache=None, client_info=CLIENT_INFO) as client:
+                tools: list[mcp_types.Tool] = []
+                cursor: str | None = None
+                for _ in range(MAX_PAGES):
+                    page = await client.list_tools(cursor=cursor)
+                    tools += page.tools
+                    if (cursor := page.next_cursor) is None:
+                        break
+                scope.deadline = math.inf  # connected: the start-up deadline no longer applies
+                self.client, self.connects = client, self.connects + 1
+                await self._set_state("up")
+                if self._first is not None and not self._first.done():
+                    self._first.set_result(tools)
+                try:
+                    await self._lost.wait()
+                finally:
+                    self.client = None
+        if scope.cancelled_caught:
+            raise TimeoutError(f"no answer within {self.connect_timeout:g}s")
+
+    def _explain(self, exc: BaseException) -> str:
+        if isinstance(exc, MCPError):
+            if exc.code == mcp_types.CONNECTION_CLOSED:
+                return "the server closed the connection"
+            return f"{exc.message} (MCP error {exc.code})"
+        if isinstance(exc, TimeoutError):
+            return str(exc) or "timed out"
+        if isinstance(exc, FileNotFoundError) and self.config.command:
+            return f"cannot start {self.config.command!r}: command not found"
+        if isinstance(exc, httpx2.HTTPError):
+            return f"cannot reach {self.config.url} ({type(exc).__name__}: {exc})"
+        return f"{type(exc).__name__}: {exc}"
+
+    async def close(self) -> None:
+        self._closing.set()
+        self._lost.set()
+        if self._task is None:
+            return
+        try:
+            await asyncio.wait_for(asyncio.shield(self._task), CLOSE_TIMEOUT)
+        except TimeoutError:
+            self._task.cancel()
+            with suppress(asyncio.CancelledError):
+                await self._task
