@@ -48,9 +48,9 @@ def load_policy(settings: Settings) -> Policy:
     """The policy file when `CHATOPS_POLICY` is set, else the default."""
     if settings.policy_file is None:
         return Policy()
-    from bot.policy_file import load_policy_file
+    from bot.policy_file import ReloadingPolicy
 
-    return load_policy_file(settings.policy_file)
+    return ReloadingPolicy(settings.policy_file)
 
 
 @dataclass

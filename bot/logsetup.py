@@ -42,5 +42,5 @@ def setup_logging(level: str, redactor: Redactor) -> None:
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level)
-    for noisy in ("slack_bolt.middleware.request_verification", "aiohttp.access", "httpx", "httpcore"):
+    for noisy in ("slack_bolt.middleware.request_verification", "aiohttp.access", "httpx", "httpcore", "alembic"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLevelName(level)))

@@ -1,19 +1,25 @@
 """Policy: who may use the bot, which rule each tool call falls under, and who may decide.
 
-This module is the one place approval is enforced; tools never check it themselves.
-`Policy()` with no file is the default: read tools run at once (`auto`), write tools need
-the requester's confirmation (`confirm`), unknown tools are writes.
+This module is the one place approval rules are evaluated; tools never check them. `Policy()`
+with no file is the default: read tools run at once (`auto`), write tools need the requester's
+confirmation (`confirm`), unknown tools are writes. `bot/policy_file.py` builds a `Policy` from
+a TOML file. Identities are matched by platform ids (never names):
+`slack:U123`, `slack:T1:U123` (tenant-qualified), `feishu:ou_x`, `terminal:alice`,
+`slack-group:S123`, `feishu-dept:od_x`, `feishu-group:oc_x` (memberships the adapter resolved).
 """
 
 from __future__ import annotations
 
+import fnmatch
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from bot import texts
 from bot.events import User
 from tools.registry import ToolSpec
 
 Rule = Literal["auto", "confirm", "approve", "two_person", "deny"]
+RULE_STRENGTH: dict[str, int] = {"auto": 0, "confirm": 1, "approve": 2, "two_person": 3, "deny": 4}
 
 
 @dataclass(frozen=True)
@@ -40,46 +46,191 @@ class Verdict:
     reason: str = ""
 
 
+@dataclass(frozen=True)
+class RecipientRule:
+    """Escalate a call whose e-mail recipients fall outside `allowed_domains`."""
+
+    allowed_domains: tuple[str, ...]
+    fields: tuple[str, ...] = ("to", "cc")
+    rule: Rule = "approve"
+
+
+@dataclass(frozen=True)
+class ToolRule:
+    """One `[[tools]]` entry of the policy file."""
+
+    match: str
+    rule: Rule
+    approvers: tuple[str, ...] = ()
+    separate: bool = False
+    force: bool = False
+    ttl: float | None = None
+    recipients: RecipientRule | None = None
+
+    def matches(self, name: str) -> bool:
+        return fnmatch.fnmatchcase(name, self.match)
+
+
+@dataclass(frozen=True)
+class Access:
+    tenants: dict[str, tuple[str, ...]] = field(default_factory=dict)  # platform -> allowed tenants
+    channels: tuple[str, ...] = ()
+    users: tuple[str, ...] = ()
+    deny_users: tuple[str, ...] = ()
+
+
+def identity_matches(entry: str, user: User) -> bool:
+    """Does one approver/user entry name this user (by id, tenant-qualified id, or group)?"""
+    kind, _, rest = entry.partition(":")
+    if kind in ("slack-group", "feishu-dept", "feishu-group"):
+        return entry in user.groups
+    if kind != user.platform:
+        return False
+    tenant, _, ident = rest.rpartition(":")
+    if ident == "*":
+        return not tenant or tenant == user.tenant
+    return ident == user.id and (not tenant or tenant == user.tenant)
+
+
+def _recipients(args: dict[str, Any], fields: tuple[str, ...]) -> list[str]:
+    found: list[str] = []
+    for name in fields:
+        value = args.get(name)
+        if isinstance(value, str):
+            found += [v.strip() for v in value.split(",") if v.strip()]
+        elif isinstance(value, list):
+            found += [str(v).strip() for v in value]
+    return found
+
+
 @dataclass
 class Policy:
-    """The default policy. A policy file (issue #6) produces a richer subclass of the same interface."""
+    """Evaluates access, rules and decisions. The default instance is the built-in policy."""
 
     source: str = "built-in default"
-    limits: dict[str, Any] = field(default_factory=dict)
+    access: Access = field(default_factory=Access)
+    tools: tuple[ToolRule, ...] = ()
+    groups: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    requests_per_minute: int | None = None
+    max_pending_approvals: int | None = None
+
+    # ---- access ----------------------------------------------------------------
+    def tenant_allowed(self, user: User) -> bool:
+        allowed = self.access.tenants.get(user.platform)
+        return not allowed or user.tenant in allowed
 
     def may_use(self, user: User, channel_id: str | None) -> Verdict:
         """May this user talk to the bot here? Bots never may."""
         if user.is_bot:
             return Verdict(False, "bots cannot use chatops")
+        if not self.tenant_allowed(user):
+            return Verdict(False, "your workspace or tenant is not allowed")
+        if any(identity_matches(e, user) for e in self.access.deny_users):
+            return Verdict(False, "you are not allowed to use chatops")
+        if self.access.users and not any(identity_matches(e, user) for e in self._expand(self.access.users)):
+            return Verdict(False, "you are not on the list of chatops users")
+        if self.access.channels and channel_id is not None:
+            here = f"{user.platform}:{channel_id}"
+            if not any(fnmatch.fnmatchcase(here, c) for c in self.access.channels):
+                return Verdict(False, "chatops is not enabled in this channel")
         return Verdict(True)
+
+    def request_limit(self) -> int | None:
+        """Requests per user per minute (None: unlimited)."""
+        return self.requests_per_minute
+
+    def pending_limit(self) -> int | None:
+        """Pending approvals per requester (None: unlimited)."""
+        return self.max_pending_approvals
+
+    # ---- rules -------------------------------------------------------------------
+    def tool_rule(self, spec: ToolSpec) -> ToolRule | None:
+        return next((t for t in self.tools if t.matches(spec.name)), None)
 
     def rule_for(self, spec: ToolSpec, args: dict[str, Any]) -> CallRule:
         """The rule for one call of `spec` with these (validated) arguments."""
-        risks = ("destructive tool",) if spec.destructive else ()
-        if spec.read_only:
-            return CallRule("auto", "read-only tool", risks=risks)
-        return CallRule("confirm", "write tool: the requester confirms", risks=risks)
+        risks: list[str] = ["destructive tool"] if spec.destructive else []
+        entry = self.tool_rule(spec)
+        if entry is None:
+            if spec.read_only:
+                return CallRule("auto", "read-only tool", risks=tuple(risks))
+            return CallRule("confirm", "write tool: the requester confirms", risks=tuple(risks))
+        rule: Rule = entry.rule
+        reason = f"policy rule for {entry.match!r}: {rule}"
+        if rule == "auto" and not spec.read_only and not entry.force:
+            rule, reason = "confirm", f"policy says auto for {entry.match!r}, but it is a write tool (set force = true)"
+        if entry.recipients is not None:
+            outside = [
+                a
+                for a in _recipients(args, entry.recipients.fields)
+                if a.rpartition("@")[2].lower() not in entry.recipients.allowed_domains
+            ]
+            if outside:
+                risks.append("external recipients: " + ", ".join(outside[:5]))
+                if RULE_STRENGTH[entry.recipients.rule] > RULE_STRENGTH[rule]:
+                    rule, reason = entry.recipients.rule, "recipients outside " + ", ".join(entry.recipients.allowed_domains)
+        return CallRule(rule, reason, self._expand(entry.approvers), entry.separate, entry.ttl, tuple(risks))
 
+    def _expand(self, names: tuple[str, ...]) -> tuple[str, ...]:
+        out: list[str] = []
+        for name in names:
+            out += self.groups.get(name, (name,))
+        return tuple(out)
+
+    # ---- decisions -----------------------------------------------------------------
     def may_decide(self, rule: CallRule, requester: User, user: User, votes: list[dict[str, Any]]) -> Verdict:
         """May `user` approve or reject a call under `rule` requested by `requester`?"""
         if user.is_bot:
             return Verdict(False, "bots cannot decide approvals")
+        if not self.tenant_allowed(user) or (
+            requester.tenant and user.platform == requester.platform and user.tenant != requester.tenant
+        ):
+            return Verdict(False, "you belong to another workspace or tenant")
         if rule.rule == "deny":
             return Verdict(False, "this action is denied by policy")
-        if rule.rule == "confirm":
-            if user.key == requester.key:
+        is_requester = user.key == requester.key
+        listed = any(identity_matches(e, user) for e in rule.approvers)
+        if rule.rule in ("auto", "confirm"):
+            if is_requester or listed:
                 return Verdict(True)
-            return Verdict(False, f"only {requester.label}, who asked, can decide this")
-        return Verdict(False, "no approvers are configured for this action")
-
-    def still_authorised(self, rule: CallRule, requester: User, approvers: list[User]) -> Verdict:
-        """Re-checked just before execution: every approving vote must still be allowed."""
-        for approver in approvers:
-            verdict = self.may_decide(rule, requester, approver, [])
-            if not verdict.allowed:
-                return Verdict(False, f"{approver.label} may no longer approve: {verdict.reason}")
+            return Verdict(
+                False, f"only {requester.label}, who asked{', or a listed approver' if rule.approvers else ''}, can decide this"
+            )
+        if is_requester and (rule.separate or rule.rule == "two_person"):
+            return Verdict(False, texts.REQUESTER_CANNOT_APPROVE)
+        if not rule.approvers:
+            return Verdict(False, "no approvers are configured for this action")
+        if not listed:
+            return Verdict(False, "you are not a listed approver for this action")
         return Verdict(True)
 
+    def still_authorised(self, rule: CallRule, requester: User, approvers: list[User]) -> Verdict:
+        """Re-checked just before execution: enough approving votes must still be allowed."""
+        if rule.rule == "deny":
+            return Verdict(False, "this action is now denied by policy")
+        valid = {a.key for a in approvers if self.may_decide(rule, requester, a, []).allowed}
+        if len(valid) >= rule.votes_needed:
+            return Verdict(True)
+        revoked = [a.label for a in approvers if a.key not in valid]
+        return Verdict(False, f"{', '.join(revoked) or 'an approver'} may no longer approve this action")
+
     def describe(self, spec: ToolSpec) -> str:
-        """The effective rule of a tool, for `chatops tools`."""
-        return "auto" if spec.read_only else "confirm (requester)"
+        """The effective rule of a tool (for arguments that trigger no escalation), for `chatops tools`."""
+        entry = self.tool_rule(spec)
+        call_rule = self.rule_for(spec, {})
+        text = {
+            "auto": "auto",
+            "confirm": "confirm (requester)",
+            "approve": "approve",
+            "two_person": "two_person",
+            "deny": "deny",
+        }[call_rule.rule]
+        if call_rule.approvers:
+            text += " by " + ", ".join(call_rule.approvers)
+        if call_rule.separate:
+            text += " (separate)"
+        if entry is not None and entry.recipients is not None:
+            text += f"; external recipients -> {entry.recipients.rule}"
+        if entry is not None and entry.ttl:
+            text += f"; ttl {entry.ttl:g}s"
+        return text

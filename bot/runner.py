@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
+from datetime import timedelta
 from typing import Any
 
 import sqlalchemy as sa
@@ -19,9 +20,9 @@ from bot.context import AppContext
 from bot.errors import ModelUnavailable
 from bot.events import IncomingMessage, Thread, User
 from bot.model import ModelReply
-from bot.policy import CallRule
+from bot.policy import CallRule, Verdict
 from storage.audit import Entry, entry
-from storage.models import Approval, Conversation, InboxEvent, Run
+from storage.models import Approval, AuditEvent, Conversation, InboxEvent, Run
 from tools.context import ToolContext
 from tools.errors import ToolError
 from tools.registry import CallProblem, PreparedCall, result_text
@@ -166,6 +167,20 @@ class Runner:
         for event in queued:
             msg = IncomingMessage.from_dict(event.payload)
             verdict = ctx.policy.may_use(msg.user, msg.channel_id)
+            if verdict.allowed and (limit := ctx.policy.request_limit()) is not None:
+                recent = (
+                    await session.execute(
+                        sa.select(sa.func.count())
+                        .select_from(AuditEvent)
+                        .where(
+                            AuditEvent.kind == "run_started",
+                            AuditEvent.actor == msg.user.key,
+                            AuditEvent.at >= ctx.clock() - timedelta(minutes=1),
+                        )
+                    )
+                ).scalar_one()
+                if recent >= limit:
+                    verdict = Verdict(False, texts.RATE_LIMITED.format(limit=limit))
             event.status, event.run_id, event.updated_at = "running", run.id, ctx.clock()
             if not verdict.allowed:
                 event.status = "refused"
@@ -178,9 +193,12 @@ class Runner:
                     status="refused",
                     reason=verdict.reason,
                 )
-                ctx.tasks.spawn(
-                    self._notify(msg.thread, texts.NOT_ALLOWED_TO_USE.format(reason=verdict.reason)), name="notify-refused"
+                notice = (
+                    verdict.reason
+                    if verdict.reason.startswith("You ")
+                    else texts.NOT_ALLOWED_TO_USE.format(reason=verdict.reason)
                 )
+                ctx.tasks.spawn(self._notify(msg.thread, notice), name="notify-refused")
                 continue
             admitted = True
             messages.append({"role": "user", "content": msg.text, "name": _safe_name(msg.user)})
@@ -298,6 +316,37 @@ class Runner:
                 )
             else:
                 proposals.append((call.id, prepared, rule))
+        if proposals and (limit := ctx.policy.pending_limit()) is not None:
+            async with ctx.db.transaction() as session:
+                waiting = (
+                    await session.execute(
+                        sa.select(sa.func.count())
+                        .select_from(Approval)
+                        .where(
+                            Approval.status == "pending",
+                            Approval.requester_id == requester.id,
+                            Approval.platform == thread.platform,
+                        )
+                    )
+                ).scalar_one()
+            if waiting + len(proposals) > limit:
+                for call_id, prepared, _ in proposals:
+                    results[call_id] = texts.MODEL_DENIED.format(
+                        reason=f"{requester.label} already has {waiting} approvals waiting"
+                    )
+                    rows.append(
+                        entry(
+                            "approval_refused",
+                            run_id=run_id,
+                            tool=prepared.spec.name,
+                            actor=requester.key,
+                            status="too_many_pending",
+                            waiting=waiting,
+                            limit=limit,
+                        )
+                    )
+                proposals = []
+                ctx.tasks.spawn(self._notify(thread, texts.TOO_MANY_PENDING.format(count=waiting)), name="notify-flood")
         previews = [await self._preview(tool_ctx, prepared) for _, prepared, _ in proposals]  # outside the write lock
         created: list[str] = []
         async with ctx.db.transaction() as session:

@@ -86,6 +86,15 @@ async def test_redelivered_frames_start_one_run(feishu_bot, model):
     assert len(model.requests) == 1 and bot.fake.texts() == ["once"]
 
 
+async def test_fragmented_frames_are_reassembled(feishu_bot, model):
+    model.script(text("whole"))
+    bot = await ws_bot(feishu_bot)
+    assert await bot.fake.push(dm("a message split over three frames " * 20), parts=3) == {"code": 200}
+    await bot.settle()
+    assert model.requests[0]["messages"][-1]["content"].startswith("a message split over three frames")
+    assert bot.fake.texts() == ["whole"]
+
+
 async def test_storage_failure_is_acked_as_500_so_feishu_redelivers(feishu_bot, model, monkeypatch):
     bot = await ws_bot(feishu_bot)
 

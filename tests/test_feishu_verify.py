@@ -147,3 +147,16 @@ def test_malformed_json_refused_with_400(body):
 def test_nothing_configured_refuses_everything():
     body, headers = wire(at_bot("x"), key=None)
     refused(401, body, headers, key=None, token=None)
+
+
+def test_token_only_mode_still_refuses_a_stale_timestamp():
+    body, headers = wire(at_bot("x"), key=None, timestamp=int(NOW) - 600)
+    refused(401, body, headers, key=None)
+    body, headers = wire(at_bot("x"), key=None)
+    assert opened(body, headers, key=None).payload["event"]["message"]["chat_type"] == "group"
+
+
+def test_incomplete_signature_headers_refused():
+    body, headers = wire(at_bot("x"))
+    del headers["X-Lark-Request-Nonce"]
+    assert refused(401, body, headers) == "signature headers are incomplete"

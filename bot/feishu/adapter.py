@@ -138,7 +138,11 @@ class FeishuAdapter:
         if kind == "card.action.trigger" or (kind is None and "action" in payload):
             request = events.to_decision(payload)
             self._answering.setdefault(request.approval_id, asyncio.Event())
-            outcome = await self.core.decide(request)
+            try:
+                outcome = await self.core.decide(request)
+            except BaseException:
+                self._answered(request.approval_id)
+                raise
             return Answer(cards.callback_response(outcome), request.approval_id)
         return Answer({})  # another subscribed event: acknowledge, never 500
 
@@ -167,6 +171,9 @@ class FeishuAdapter:
             log.warning("feishu webhook: unreadable event (%s)", exc)
             return web.json_response({"msg": "unreadable event"}, status=400)
         except (StorageError, NotReady):
+            return web.json_response({"msg": "try again"}, status=503)
+        except Exception:
+            log.exception("feishu webhook: handling a verified event failed")
             return web.json_response({"msg": "try again"}, status=503)
         response = web.json_response(answer.body)
         try:

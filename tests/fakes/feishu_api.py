@@ -255,18 +255,24 @@ class FakeFeishu:
                 waiter.set_result(json.loads(frame.payload))
         return ws
 
-    async def push(self, payload: dict[str, Any], *, frame_type: str = "event", timeout: float = 10.0) -> dict[str, Any]:
-        """Send one data frame over the long connection; returns the client's ack (data decoded)."""
+    async def push(
+        self, payload: dict[str, Any], *, frame_type: str = "event", parts: int = 1, timeout: float = 10.0
+    ) -> dict[str, Any]:
+        """Send a data frame (split into `parts` fragments) over the long connection; returns the ack."""
         await asyncio.wait_for(self._ws_ready.wait(), timeout)
         assert self._ws is not None
         frame_id = f"frame-{next(self._ids)}"
-        frame = Frame(SeqID=1, LogID=1, service=7, method=1, payload=json.dumps(payload).encode())
-        for key, value in (("type", frame_type), ("message_id", frame_id), ("trace_id", "tr"), ("sum", "1"), ("seq", "0")):
-            header = frame.headers.add()
-            header.key, header.value = key, value
+        data = json.dumps(payload).encode()
+        size = -(-len(data) // parts)
         waiter: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._acks[frame_id] = waiter
-        await self._ws.send_bytes(frame.SerializeToString())
+        for seq in range(parts):
+            frame = Frame(SeqID=1, LogID=1, service=7, method=1, payload=data[seq * size : (seq + 1) * size])
+            headers = (("type", frame_type), ("message_id", frame_id), ("trace_id", "tr"), ("sum", str(parts)), ("seq", str(seq)))
+            for key, value in headers:
+                header = frame.headers.add()
+                header.key, header.value = key, value
+            await self._ws.send_bytes(frame.SerializeToString())
         ack = await asyncio.wait_for(waiter, timeout)
         if ack.get("data"):
             ack["data"] = json.loads(base64.b64decode(ack["data"]))
