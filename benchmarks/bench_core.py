@@ -17,11 +17,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bot.app import build_app  # noqa: E402
-from bot.events import IncomingMessage, Thread, User  # noqa: E402
-from tests.conftest import make_settings  # noqa: E402
-from tests.fakes.openai_server import ScriptedModel, calls, text  # noqa: E402
-from tests.support_tools import Ledger, notes_toolset  # noqa: E402
+from bot.app import build_app
+from bot.events import IncomingMessage, Thread, User
+from tests.conftest import make_settings
+from tests.fakes.openai_server import ScriptedModel, calls, text
+from tests.support_tools import Ledger, notes_toolset
 
 
 class NullChannel:
@@ -73,17 +73,23 @@ async def concurrent_conversations(db_url: str, n: int, model_delay: float) -> N
             wall = time.perf_counter() - started
         finally:
             await app.stop()
-    print(f"{n} conversations at once, model latency {model_delay:.1f}s: all answered in {wall:.2f}s "
-          f"({len(model.requests)} model calls)")
-    print(f"  accept (record + dedupe + audit, the work before an ack): p50 {pct(acks, 50):.1f} ms, "
-          f"p99 {pct(acks, 99):.1f} ms, max {max(acks):.1f} ms")
+    print(
+        f"{n} conversations at once, model latency {model_delay:.1f}s: all answered in {wall:.2f}s "
+        f"({len(model.requests)} model calls)"
+    )
+    print(
+        f"  accept (record + dedupe + audit, the work before an ack): p50 {pct(acks, 50):.1f} ms, "
+        f"p99 {pct(acks, 99):.1f} ms, max {max(acks):.1f} ms"
+    )
 
 
 async def overhead_per_turn(db_url: str, turns: int) -> None:
     """Serial turns with an instant model and one read tool call: wall time minus model time = the bot's own time."""
     ledger = Ledger()
     async with ScriptedModel() as model:
-        model.responder = lambda body: text("done") if body["messages"][-1]["role"] == "tool" else calls(("count_notes", {"topic": "x"}))
+        model.responder = lambda body: (
+            text("done") if body["messages"][-1]["role"] == "tool" else calls(("count_notes", {"topic": "x"}))
+        )
         app = await build_app(make_settings(model.url, db_url))
         for spec in notes_toolset(ledger).specs:
             app.ctx.registry.add(spec)
@@ -109,8 +115,10 @@ async def overhead_per_turn(db_url: str, turns: int) -> None:
             await app.stop()
     per_model_call = statistics.median(model_ms)
     own = [t - 2 * per_model_call for t in totals]
-    print(f"bot's own time per turn (2 model calls + 1 read tool, model round trips subtracted), {turns} turns: "
-          f"median {statistics.median(own):.1f} ms, p90 {pct(own, 90):.1f} ms")
+    print(
+        f"bot's own time per turn (2 model calls + 1 read tool, model round trips subtracted), {turns} turns: "
+        f"median {statistics.median(own):.1f} ms, p90 {pct(own, 90):.1f} ms"
+    )
 
 
 async def main() -> None:

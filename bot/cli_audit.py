@@ -78,8 +78,9 @@ def audit_list(
     status: str | None,
     since: str | None,
     limit: int,
-    out: TextIO = sys.stdout,
+    out: TextIO | None = None,
 ) -> None:
+    out = out or sys.stdout
     query = sa.select(AuditEvent).order_by(AuditEvent.seq.desc()).limit(limit)
     if user:
         query = query.where(AuditEvent.actor.contains(user))
@@ -96,8 +97,9 @@ def audit_list(
         out.write(_line(row) + "\n")
 
 
-def audit_show(database_url: str, ref: str, out: TextIO = sys.stdout) -> None:
+def audit_show(database_url: str, ref: str, out: TextIO | None = None) -> None:
     """Every row of one run (or of the run an approval id belongs to), request included."""
+    out = out or sys.stdout
     with _session(database_url) as session:
         run_id = ref
         if ref.startswith("ap-"):
@@ -155,8 +157,9 @@ def audit_export(database_url: str, fmt: str, output: Path | None) -> None:
             stream.close()
 
 
-def audit_verify(database_url: str, anchor: Path | None, out: TextIO = sys.stdout) -> bool:
+def audit_verify(database_url: str, anchor: Path | None, out: TextIO | None = None) -> bool:
     """Check the whole chain, and that every anchor in `anchor` is still part of it."""
+    out = out or sys.stdout
     with _session(database_url) as session:
         problem = verify_chain(iter_rows(session))
         last = session.execute(sa.select(AuditEvent.seq, AuditEvent.hash).order_by(AuditEvent.seq.desc()).limit(1)).first()
@@ -186,8 +189,9 @@ def audit_verify(database_url: str, anchor: Path | None, out: TextIO = sys.stdou
     return anchors_ok
 
 
-def audit_anchor(database_url: str, append: Path | None, out: TextIO = sys.stdout) -> None:
+def audit_anchor(database_url: str, append: Path | None, out: TextIO | None = None) -> None:
     """Print (or append to a file kept outside the database) the current head of the chain."""
+    out = out or sys.stdout
     with _session(database_url) as session:
         last = session.execute(sa.select(AuditEvent.seq, AuditEvent.hash).order_by(AuditEvent.seq.desc()).limit(1)).first()
     seq, digest = (last[0], last[1]) if last else (0, GENESIS_HASH)
