@@ -201,7 +201,7 @@ class Runner:
                 ctx.tasks.spawn(self._notify(msg.thread, notice), name="notify-refused")
                 continue
             admitted = True
-            messages.append({"role": "user", "content": msg.text, "name": _safe_name(msg.user)})
+            messages.append({"role": "user", "content": ctx.redactor.redact_text(msg.text), "name": _safe_name(msg.user)})
             await ctx.audit.record(
                 session,
                 "run_started",
@@ -360,7 +360,10 @@ class Runner:
             tool_messages = [
                 {"role": "tool", "tool_call_id": c.id, "content": results[c.id]} for c in reply.tool_calls if c.id in results
             ]
-            conv.messages = [*conv.messages, reply.assistant_message(), *([] if proposals else tool_messages)]
+            conv.messages = [
+                *conv.messages,
+                *ctx.redactor.redact([reply.assistant_message(), *([] if proposals else tool_messages)]),
+            ]
             conv.updated_at = now
             for (call_id, prepared, rule), preview in zip(proposals, previews, strict=True):
                 approval = Approval(
@@ -376,8 +379,8 @@ class Runner:
                     requester_id=requester.id,
                     requester=requester.to_dict(),
                     thread=thread.to_dict(),
-                    card=card_content(
-                        prepared.spec.sentence(prepared.args), prepared.args, list(rule.risks), preview, rule.reason
+                    card=ctx.redactor.redact(
+                        card_content(prepared.spec.sentence(prepared.args), prepared.args, list(rule.risks), preview, rule.reason)
                     ),
                     rule=rule.rule,
                     votes=[],
@@ -401,7 +404,7 @@ class Runner:
                     )
                 )
             if proposals:
-                run.status, run.pending_results = "waiting", results
+                run.status, run.pending_results = "waiting", ctx.redactor.redact(results)
             await ctx.audit.record_many(session, rows)
         if not proposals:
             return tool_messages
@@ -484,7 +487,7 @@ class Runner:
                 .scalars()
                 .all()
             )
-            conv.messages = messages
+            conv.messages = ctx.redactor.redact(messages)
             if queued:
                 await self._admit(session, run, list(queued), conv)
             run.pending_results = {}
@@ -508,7 +511,8 @@ class Runner:
             if conv is not None:
                 if status == "done":
                     conv.messages = trim_history(
-                        [*conv.messages, {"role": "assistant", "content": text}], ctx.settings.history_limit
+                        [*conv.messages, {"role": "assistant", "content": ctx.redactor.redact_text(text)}],
+                        ctx.settings.history_limit,
                     )
                 conv.active_run_id = None if conv.active_run_id == run_id else conv.active_run_id
                 conv.version += 1

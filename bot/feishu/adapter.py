@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,16 +27,17 @@ from bot.cards import cut
 from bot.channels import CardView
 from bot.config import Settings
 from bot.core import Core
-from bot.errors import StorageError
+from bot.errors import ConfigError, StorageError
 from bot.events import Thread
 from bot.feishu import cards, events
-from bot.feishu.client import FeishuApi, FeishuApiError
+from bot.feishu.client import RATE_LIMITED, TOKEN_INVALID, CredentialsRejected, FeishuApi, FeishuApiError
 from bot.feishu.longconn import LongConnection
 from bot.feishu.webhook import Rejected, open_envelope
 
 log = logging.getLogger("chatops.feishu")
 
 ROUTE = "/feishu/events"
+_AT_TAG = re.compile(r"<(?=at\b)", re.IGNORECASE)
 WORKING_EMOJI = "OnIt"
 TEXT_LIMIT = 20_000
 HANDLER_BUDGET = 2.5  # seconds; Feishu wants an answer within 3
@@ -77,6 +79,7 @@ class FeishuAdapter:
         self.bot_open_id: str | None = None
         self._bot_id_task: asyncio.Task[None] | None = None
         self._bot_id_next = 0.0
+        self._bot_id_error: FeishuApiError | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._long: LongConnection | None = None
         self._answering: dict[str, asyncio.Event] = {}
@@ -93,6 +96,8 @@ class FeishuAdapter:
         self._learn_bot_id()
         if self._bot_id_task is not None:  # Feishu down at boot: start anyway, learn it later
             await asyncio.wait({self._bot_id_task}, timeout=START_BUDGET)
+        if isinstance(self._bot_id_error, CredentialsRejected):
+            raise ConfigError("FEISHU_APP_SECRET", f"was rejected by Feishu (code {self._bot_id_error.code})")
         if self.settings.feishu_mode == "ws":
             self._long = LongConnection(
                 app_id=self.api.app_id,
@@ -121,6 +126,7 @@ class FeishuAdapter:
             self.bot_open_id = await self.api.bot_open_id()
             log.info("feishu: the bot is %s", self.bot_open_id)
         except FeishuApiError as exc:
+            self._bot_id_error = exc
             log.error("feishu: cannot read the bot's identity (%s); group messages are refused until it is known", exc)
 
     # ------------------------------------------------------------------ inbound
@@ -203,7 +209,7 @@ class FeishuAdapter:
 
     # ------------------------------------------------------------------ Channel
     async def post_reply(self, thread: Thread, text: str) -> None:
-        safe = cut(text, TEXT_LIMIT).replace("<at", "<\u200bat")  # no @all from model output
+        safe = _AT_TAG.sub("<\u200b", cut(text, TEXT_LIMIT))  # model output cannot @mention anyone
         await self._post(thread, "text", json.dumps({"text": safe}, ensure_ascii=False), key=None)
 
     async def show_working(self, thread: Thread) -> None:
@@ -230,7 +236,7 @@ class FeishuAdapter:
         try:
             return await self.api.reply(coords["message_id"], msg_type, content, in_thread=bool(coords.get("in_thread")), key=key)
         except FeishuApiError as exc:
-            if exc.code is None:
-                raise  # the network, not the message: do not post a second copy elsewhere
+            if exc.code is None or exc.code == RATE_LIMITED or exc.code in TOKEN_INVALID:
+                raise  # not about the message itself: posting elsewhere would fail the same way
             log.warning("feishu: reply failed (code %s); posting in the chat instead", exc.code)
             return await self.api.send(coords["chat_id"], msg_type, content, key=f"{key}-chat" if key else None)

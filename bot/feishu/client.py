@@ -9,6 +9,7 @@ What this adds to the SDK (1.7.5), each verified in its source:
   token fetch included), and an outer `asyncio.wait_for` bounds the whole call.
 - Token refresh: `TokenManager.cache` is process-global and never invalidated; when Feishu
   answers 99991661/99991663/99991668 the cached token is dropped and the call retried once.
+  When Feishu refuses to issue a token at all (wrong app secret), `CredentialsRejected`.
 - Rate limits: HTTP 429 or code 99991400 are retried after `x-ogw-ratelimit-reset` seconds (or
   exponential backoff), capped, at most `attempts` times; network errors and 5xx likewise.
   Sends carry a `uuid` idempotency key, so a retried send never posts twice.
@@ -37,6 +38,10 @@ class FeishuApiError(Exception):
         super().__init__(f"{what} failed: code={code} {message} (log_id={log_id})")
         self.code = code
         self.log_id = log_id
+
+
+class CredentialsRejected(FeishuApiError):
+    """Feishu would not issue a tenant token for this app id and secret; retrying will not help."""
 
 
 class FeishuApi:
@@ -144,6 +149,10 @@ class FeishuApi:
             try:
                 response = await asyncio.wait_for(asyncio.to_thread(method, request), self.timeout * 2 + 1)
             except Exception as exc:  # noqa: BLE001 - timeouts, connection errors, unparsable answers
+                code = getattr(exc, "code", None)
+                if type(exc).__name__ == "ObtainAccessTokenException" and isinstance(code, int) and code != RATE_LIMITED:
+                    # Feishu refused to issue a tenant token: the app id/secret (or the app's state) is wrong.
+                    raise CredentialsRejected("tenant token", code, str(getattr(exc, "msg", ""))) from None
                 last = FeishuApiError(what, None, type(exc).__name__)
                 log.warning("feishu %s: %s (attempt %d)", what, type(exc).__name__, attempt + 1)
                 await asyncio.sleep(min(0.25 * 2**attempt, self.max_backoff))
