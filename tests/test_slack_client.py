@@ -7,12 +7,14 @@ from slack_sdk.errors import SlackApiError
 
 from bot.config import Settings
 from bot.errors import ConfigError
+from bot.slack import SlackAdapter
 from bot.slack.client import RATE_LIMIT_RETRIES, BotIdentity, SlackUnavailable, UserDirectory, make_client
 from tests.fakes.slack_api import BOT_ID, BOT_USER_ID, TEAM_ID
 from tests.slack_helpers import (
     ALICE,
     BOT_TOKEN,
     fake_slack_fixture,  # noqa: F401 - fixtures
+    slack_env,
 )
 
 
@@ -87,3 +89,11 @@ async def test_display_names_are_looked_up_once_and_failures_yield_no_name(fake_
     fake_slack.fail("users.info", "user_not_found")
     unknown = await users.author("U0GHOST")
     assert unknown.name is None and not unknown.is_bot
+
+
+async def test_a_rejected_bot_token_stops_start_up_with_the_variable_named(bots, fake_slack):
+    fake_slack.fail("auth.test", "token_revoked")
+    app = await bots.start(serve_http=True, **slack_env(fake_slack))
+    app.add_adapter(SlackAdapter(app.core, app.settings))
+    with pytest.raises(ConfigError, match="SLACK_BOT_TOKEN was rejected by Slack \\(token_revoked\\)"):
+        await bots.run(app)

@@ -50,11 +50,13 @@ async def approval_status(app, approval_id: str) -> str:
         return row.status
 
 
-async def test_mention_card_approve_runs_the_tool_updates_the_card_and_answers_in_the_thread(slack_bot, fake_slack, model):
+async def test_mention_card_approve_runs_the_tool_updates_the_card_and_answers_in_the_thread(
+    slack_bot, fake_slack, model, db_url
+):
     ledger = Ledger()
     model.script(calls(NOTE), text("Stored the note."))
     fake_slack.add_user(ALICE, "Alice")
-    bot = await slack_bot(toolsets=[notes_toolset(ledger)])
+    bot = await slack_bot(toolsets=[notes_toolset(ledger)], database_url=db_url)
     root = next_ts()
 
     assert (await bot.send(mention("please write a note", ts=root)))[0] == 200
@@ -155,10 +157,10 @@ async def test_a_click_by_someone_else_is_refused_privately_and_changes_nothing(
 
 
 @pytest.mark.parametrize("clicks", [2, 10])
-async def test_rapid_double_clicks_run_the_tool_exactly_once(slack_bot, fake_slack, model, clicks):
+async def test_rapid_double_clicks_run_the_tool_exactly_once(slack_bot, fake_slack, model, db_url, clicks):
     ledger = Ledger()
     model.script(calls(NOTE), text("Stored."))
-    bot = await slack_bot(toolsets=[notes_toolset(ledger)])
+    bot = await slack_bot(toolsets=[notes_toolset(ledger)], database_url=db_url)
     await bot.send(mention("write a note"))
     await bot.settle()
     card = card_message(fake_slack)
