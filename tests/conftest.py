@@ -60,8 +60,11 @@ def postgres_url() -> Iterator[str]:
     with engine.begin() as conn:
         conn.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
     sep = "&" if "?" in base else "?"
-    yield f"{base}{sep}options=-csearch_path%3D{schema}"
+    yield f"{base}{sep}options=-csearch_path%3D{schema}&application_name={schema}"
     with engine.begin() as conn:
+        # Connections a failed test left open would block the DROP: end them first.
+        conn.execute(sa.text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = :a"),
+                     {"a": schema})
         conn.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
     engine.dispose()
 
