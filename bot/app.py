@@ -107,6 +107,10 @@ class App:
         for adapter in reversed(self.adapters):
             await adapter.stop()
         await self.ctx.tasks.drain(grace=10)
+        try:
+            await self.ctx.audit.chain(self.ctx.db)
+        except Exception:  # noqa: BLE001 - staged rows stay staged; the next start chains them
+            log.warning("could not chain the last audit rows; the next start will")
         if self.runner is not None:
             await self.runner.cleanup()
         try:
@@ -165,5 +169,6 @@ async def build_app(settings: Settings, *, migrate: bool = True, services: dict[
         tool_context=ToolContext(settings=settings, db=db, services=dict(services or {})),
         tool_problems=tool_problems,
     )
+    db.after_audit_commit(lambda: ctx.tasks.spawn_coalesced("audit-chain", lambda: ctx.audit.chain(db)))
     core = Core(ctx)
     return App(settings=settings, ctx=ctx, core=core, sweeper=Sweeper(core), closers=closers)

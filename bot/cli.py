@@ -99,6 +99,17 @@ async def _tools(settings: Settings) -> None:
         await app.ctx.db.dispose()
 
 
+async def _chain_audit(url: str) -> None:
+    from storage.audit import AuditLog
+    from storage.engine import Database
+
+    db = Database(url)
+    try:
+        await AuditLog(Redactor()).chain(db)
+    finally:
+        await db.dispose()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="chatops", description="A chat-ops bot whose write actions wait for human approval.")
     parser.add_argument("--env-file", type=Path, default=Path(".env"), help="dotenv file to read (default: ./.env)")
@@ -162,6 +173,7 @@ def run(argv: Sequence[str] | None = None) -> int:
         print(f"database is at revision {current_revision(settings.database_url)}")
         return 0
     url = settings.database_url
+    asyncio.run(_chain_audit(url))  # rows a stopped bot staged but did not chain yet
     match args.audit_command:
         case "list":
             cli_audit.audit_list(url, user=args.user, tool=args.tool, status=args.status, since=args.since, limit=args.limit)

@@ -35,12 +35,32 @@ class TaskSet:
 
     def __init__(self) -> None:
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._coalesced: dict[str, asyncio.Task[Any]] = {}
+        self._again: set[str] = set()
 
     def spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
         task = asyncio.create_task(coro, name=name)
         self._tasks.add(task)
         task.add_done_callback(self._done)
         return task
+
+    def spawn_coalesced(self, key: str, factory: Callable[[], Coroutine[Any, Any, Any]]) -> None:
+        """Run `factory()` now, or once more after the running one if it is already running."""
+        if key in self._coalesced:
+            self._again.add(key)
+            return
+
+        async def loop() -> None:
+            try:
+                while True:
+                    self._again.discard(key)
+                    await factory()
+                    if key not in self._again:
+                        return
+            finally:
+                self._coalesced.pop(key, None)
+
+        self._coalesced[key] = self.spawn(loop(), name=key)
 
     def _done(self, task: asyncio.Task[Any]) -> None:
         self._tasks.discard(task)

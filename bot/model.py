@@ -13,6 +13,7 @@ from typing import Any
 
 import openai
 from openai import AsyncOpenAI
+from openai.types.chat import ChatCompletion
 
 from bot.errors import ModelUnavailable
 from storage.redact import Redactor
@@ -61,11 +62,14 @@ class ModelClient:
     async def complete(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]]) -> ModelReply:
         started = time.perf_counter()
         safe_messages = self._redactor.redact(messages)
+        body: dict[str, Any] = {"model": self.model, "messages": safe_messages}
+        if tools:
+            body["tools"] = tools
         try:
-            kwargs: dict[str, Any] = {"model": self.model, "messages": safe_messages}
-            if tools:
-                kwargs["tools"] = tools
-            response = await self._client.chat.completions.create(**kwargs)
+            # The client's low-level `post` (same retries, timeouts and errors as `chat.completions.create`)
+            # skips the per-call TypedDict transform of `messages` and `tools`, which costs several
+            # milliseconds per call with a dozen tool schemas (measured in benchmarks/).
+            response = await self._client.post("/chat/completions", body=body, cast_to=ChatCompletion)
         except openai.APIStatusError as exc:
             raise ModelUnavailable(f"model endpoint answered HTTP {exc.status_code}") from None
         except openai.APITimeoutError:

@@ -62,11 +62,11 @@ class Runner:
             started = await self._start_run(key)
             if started is None:
                 return
-            run_id, thread = started
-            await self._safe_channel_call(thread, "show_working")
-            await self.advance(run_id)
+            run, messages = started
+            await self._safe_channel_call(Thread.from_dict(run.thread), "show_working")
+            await self.advance(run.id, loaded=(run, messages))
 
-    async def _start_run(self, key: str) -> tuple[str, Thread] | None:
+    async def _start_run(self, key: str) -> tuple[Run, list[dict[str, Any]]] | None:
         ctx = self.ctx
         superseded: list[str] = []
         waiting_run: str | None = None
@@ -157,7 +157,7 @@ class Runner:
             return None
         if not admitted:
             return await self._start_run(key)
-        return run.id, Thread.from_dict(run.thread)
+        return run, list(conv.messages)
 
     async def _admit(self, session: Any, run: Run, queued: list[InboxEvent], conv: Conversation) -> bool:
         """Move queued messages into the run and the conversation; refuse those policy forbids."""
@@ -217,7 +217,7 @@ class Runner:
         return admitted
 
     # ------------------------------------------------------------------ the loop
-    async def advance(self, run_id: str) -> None:
+    async def advance(self, run_id: str, loaded: tuple[Run, list[dict[str, Any]]] | None = None) -> None:
         """Call the model until a final answer, a pause on approvals, or the step limit.
 
         While a run is `running`, its owner is the only writer of its conversation, so the messages
@@ -225,16 +225,20 @@ class Runner:
         ownership, appends the step's messages and audit rows, and (on a pause) the approvals.
         """
         ctx = self.ctx
-        async with ctx.db.transaction() as session:
-            run = await session.get(Run, run_id)
-            if run is None or run.status != "running" or run.owner != ctx.replica_id:
-                return
-            conv = await session.get(Conversation, run.conversation_key)
-            messages = list(conv.messages) if conv else []
+        if loaded is not None:  # the caller just claimed the run and read its conversation
+            run, messages = loaded
+        else:
+            async with ctx.db.transaction() as session:
+                found = await session.get(Run, run_id)
+                if found is None or found.status != "running" or found.owner != ctx.replica_id:
+                    return
+                run = found
+                conv = await session.get(Conversation, run.conversation_key)
+                messages = list(conv.messages) if conv else []
         step, thread, requester = run.step, Thread.from_dict(run.thread), User.from_dict(run.requester)
         while True:
             if step >= ctx.settings.max_steps:
-                await self._finish(run_id, texts.MAX_STEPS.format(steps=step), status="failed")
+                await self._finish(run_id, texts.MAX_STEPS.format(steps=step), status="failed", thread=thread)
                 return
             try:
                 reply = await ctx.model.complete(
@@ -247,6 +251,7 @@ class Runner:
                     texts.MODEL_FAILED,
                     status="failed",
                     audit=[entry("model_error", run_id=run_id, status="error", error=str(exc))],
+                    thread=thread,
                 )
                 return
             step += 1
@@ -260,7 +265,7 @@ class Runner:
                 tool_calls=[{"id": c.id, "name": c.name} for c in reply.tool_calls],
             )
             if not reply.tool_calls:
-                await self._finish(run_id, reply.content or "", status="done", audit=[model_row])
+                await self._finish(run_id, reply.content or "", status="done", audit=[model_row], thread=thread)
                 return
             outcome = await self._handle_tool_calls(run_id, step, reply, requester, thread, model_row)
             if outcome is None:
@@ -494,19 +499,19 @@ class Runner:
             await ctx.audit.record(
                 session, "run_resumed", run_id=run_id, status="running", decided={a.id: a.status for a in approvals}
             )
-        await self.advance(run_id)
+            messages = list(conv.messages)
+        await self.advance(run_id, loaded=(run, messages))
 
-    async def _finish(self, run_id: str, text: str, *, status: str, audit: list[Entry] = ()) -> None:  # type: ignore[assignment]
+    async def _finish(self, run_id: str, text: str, *, status: str, thread: Thread, audit: list[Entry] | None = None) -> None:
         """Post the final text, then close the run and release the conversation in one transaction."""
         ctx = self.ctx
+        audit = audit or []
+        posted = await self._notify(thread, text)
+        more_queued = False
         async with ctx.db.transaction() as session:
             run = await session.get(Run, run_id)
-        if run is None or run.status not in ("running",) or run.owner != ctx.replica_id:
-            return
-        posted = await self._notify(Thread.from_dict(run.thread), text)
-        async with ctx.db.transaction() as session:
-            run = await session.get(Run, run_id)
-            assert run is not None
+            if run is None or run.status != "running" or run.owner != ctx.replica_id:
+                return  # taken over meanwhile; the new owner finishes it
             conv = await session.get(Conversation, run.conversation_key)
             if conv is not None:
                 if status == "done":
@@ -526,8 +531,15 @@ class Runner:
                 entry("reply_posted", run_id=run_id, platform=run.platform, status=status, text=text, delivered=posted),
             ]
             await ctx.audit.record_many(session, rows)
-        if conv is not None:
-            ctx.tasks.spawn(self.process_conversation(conv.key), name=f"conversation-{conv.key}")
+            more_queued = (
+                await session.execute(
+                    sa.select(InboxEvent.id)
+                    .where(InboxEvent.conversation_key == run.conversation_key, InboxEvent.status == "queued")
+                    .limit(1)
+                )
+            ).first() is not None
+        if more_queued:
+            ctx.tasks.spawn(self.process_conversation(run.conversation_key), name=f"conversation-{run.conversation_key}")
 
     # ------------------------------------------------------------------ channel output
     async def post_card(self, approval_id: str) -> None:

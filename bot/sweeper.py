@@ -68,6 +68,7 @@ class Sweeper:
         """One recovery pass (also run once at start-up)."""
         ctx, core = self.ctx, self.core
         await self.heartbeat()
+        await ctx.audit.chain(ctx.db)  # rows staged by a process that stopped before chaining them
         alive = await self._alive()
         now = ctx.clock()
         async with ctx.db.transaction() as session:

@@ -1,9 +1,11 @@
 """The audit log: append-only rows, each chained to the previous one by SHA-256.
 
-`AuditLog.record` is the only writer. It serialises appends (PostgreSQL advisory lock; SQLite's
-`BEGIN IMMEDIATE` write lock) so concurrent writers, threads, processes or replicas, never fork
-the chain. `verify_chain` walks the whole chain and names the first bad row; anchors let a
-later truncation or rewrite be detected.
+`AuditLog.record` stages a row inside the caller's transaction, so the row exists exactly when
+the state change it describes does, without taking any lock on the hot path. `AuditLog.chain`
+(run right after such a commit, by the sweeper, and before the audit CLI reads) moves staged rows
+into `audit_event`, one chainer at a time (PostgreSQL advisory lock; SQLite's write lock), so
+concurrent writers, threads, processes or replicas, never fork the chain. `verify_chain` walks
+the whole chain and names the first bad row; anchors let a later truncation or rewrite be detected.
 """
 
 from __future__ import annotations
@@ -16,9 +18,9 @@ from datetime import datetime
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.ext.asyncio import AsyncSession
 
-from storage.models import AuditEvent, utcnow
+from storage.engine import Database
+from storage.models import AuditEvent, AuditStaged, utcnow
 from storage.redact import Redactor
 
 GENESIS_HASH = "0" * 64
@@ -81,14 +83,14 @@ def entry(
 
 
 class AuditLog:
-    """Appends audit rows inside the caller's transaction."""
+    """Writes audit rows: staged inside the caller's transaction, then chained by `chain`."""
 
     def __init__(self, redactor: Redactor) -> None:
         self.redactor = redactor
 
     async def record(
         self,
-        session: AsyncSession,
+        session: Any,
         kind: str,
         *,
         run_id: str | None = None,
@@ -98,8 +100,8 @@ class AuditLog:
         tool: str | None = None,
         status: str | None = None,
         **data: Any,
-    ) -> AuditEvent:
-        """Append one row. Secrets are redacted from `data` before it is hashed and stored."""
+    ) -> None:
+        """Stage one row. Secrets are redacted from `data` before it is stored (and later hashed)."""
         fields = {
             "run_id": run_id,
             "approval_id": approval_id,
@@ -108,47 +110,55 @@ class AuditLog:
             "tool": tool,
             "status": status,
         }
-        (event,) = await self.record_many(session, [Entry(kind, fields, data)])
-        return event
+        await self.record_many(session, [Entry(kind, fields, data)])
 
-    async def record_many(self, session: AsyncSession, entries: list[Entry]) -> list[AuditEvent]:
-        """Append several rows in order, reading the chain head once."""
+    async def record_many(self, session: Any, entries: list[Entry]) -> None:
+        """Stage rows in order, atomically with the caller's transaction. No lock is taken here."""
         if not entries:
-            return []
-        dialect = session.bind.dialect.name if session.bind is not None else ""
-        if dialect == "postgresql":
-            await session.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": _ADVISORY_LOCK_KEY})
-        last = (
-            await session.execute(sa.select(AuditEvent.seq, AuditEvent.hash).order_by(AuditEvent.seq.desc()).limit(1))
-        ).first()
-        seq, prev = (last[0] + 1, last[1]) if last else (1, GENESIS_HASH)
-        events = []
-        for entry in entries:
-            event = self._event(seq, prev, entry)
-            session.add(event)
-            events.append(event)
-            seq, prev = seq + 1, event.hash
-        await session.flush()
-        return events
+            return
+        now = utcnow()
+        rows = [
+            {"at": now, "kind": e.kind, **e.fields, "data": json.loads(canonical_json(self.redactor.redact(e.data)))}
+            for e in entries
+        ]
+        await session.execute(sa.insert(AuditStaged), rows)
+        session.info["audit_staged"] = True
 
-    def _event(self, seq: int, prev: str, entry: Entry) -> AuditEvent:
-        fields = entry.fields
-        event = AuditEvent(
-            seq=seq,
-            at=utcnow(),
-            kind=entry.kind,
-            run_id=fields.get("run_id"),
-            approval_id=fields.get("approval_id"),
-            platform=fields.get("platform"),
-            actor=fields.get("actor"),
-            tool=fields.get("tool"),
-            status=fields.get("status"),
-            data=json.loads(canonical_json(self.redactor.redact(entry.data))),
-            prev_hash=prev,
-            hash="",
-        )
-        event.hash = compute_hash(event)
-        return event
+    async def chain(self, db: Database, batch: int = 500) -> int:
+        """Move staged rows into the hash chain, one writer at a time. Returns how many were chained."""
+        total = 0
+        while True:
+            async with db.transaction() as session:
+                if session.bind.dialect.name == "postgresql":
+                    await session.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": _ADVISORY_LOCK_KEY})
+                staged = (await session.execute(sa.select(AuditStaged).order_by(AuditStaged.id).limit(batch))).scalars().all()
+                if not staged:
+                    return total
+                last = (
+                    await session.execute(sa.select(AuditEvent.seq, AuditEvent.hash).order_by(AuditEvent.seq.desc()).limit(1))
+                ).first()
+                seq, prev = (last[0] + 1, last[1]) if last else (1, GENESIS_HASH)
+                rows = []
+                for row in staged:
+                    content = {
+                        "seq": seq,
+                        "at": row.at,
+                        "kind": row.kind,
+                        "run_id": row.run_id,
+                        "approval_id": row.approval_id,
+                        "platform": row.platform,
+                        "actor": row.actor,
+                        "tool": row.tool,
+                        "status": row.status,
+                        "data": row.data,
+                        "prev_hash": prev,
+                    }
+                    content["hash"] = compute_hash(content)
+                    rows.append(content)
+                    seq, prev = seq + 1, content["hash"]
+                await session.execute(sa.insert(AuditEvent), rows)
+                await session.execute(sa.delete(AuditStaged).where(AuditStaged.id.in_([r.id for r in staged])))
+                total += len(rows)
 
 
 @dataclass(frozen=True)

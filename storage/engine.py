@@ -8,7 +8,7 @@ every transaction so a read-then-write never fails with SQLITE_BUSY. PostgreSQL:
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -98,6 +98,10 @@ class InlineSession:
     def bind(self) -> Any:
         return self._session.bind
 
+    @property
+    def info(self) -> dict[str, Any]:
+        return self._session.info
+
     def add(self, instance: object) -> None:
         self._session.add(instance)
 
@@ -135,21 +139,33 @@ class Database:
             self.engine = make_async_engine(self.urls)
             self._sessions = async_sessionmaker(self.engine, expire_on_commit=False)
             self._write_lock = None
+        self._after_audit: list[Callable[[], None]] = []
 
     @property
     def is_sqlite(self) -> bool:
         return self.urls.is_sqlite
 
+    def after_audit_commit(self, callback: Callable[[], None]) -> None:
+        """Call `callback` after every commit that staged audit rows (the chainer's wake-up)."""
+        self._after_audit.append(callback)
+
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[Any]:
         """One transaction: committed on success, rolled back on any exception."""
         if self._write_lock is None:
-            async with self._sessions() as session, session.begin():
-                yield session
-            return
-        async with self._write_lock:
-            with self._sync_sessions() as session, session.begin():
-                yield InlineSession(session)
+            async with self._sessions() as session:
+                async with session.begin():
+                    yield session
+                staged = session.info.pop("audit_staged", False)
+        else:
+            async with self._write_lock:
+                with self._sync_sessions() as sync_session:
+                    with sync_session.begin():
+                        yield InlineSession(sync_session)
+                    staged = sync_session.info.pop("audit_staged", False)
+        if staged:
+            for callback in self._after_audit:
+                callback()
 
     async def dispose(self) -> None:
         if self.engine is not None:

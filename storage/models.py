@@ -152,6 +152,26 @@ class AuditEvent(SQLModel, table=True):
     hash: str = Field(max_length=64)
 
 
+class AuditStaged(SQLModel, table=True):
+    """An audit row written atomically with the state change it records, waiting to be chained.
+
+    Writing the hash chain needs one writer at a time; staging keeps that lock out of the hot
+    transactions (an ack, a click). The chainer moves staged rows into `audit_event` in order.
+    """
+
+    __tablename__ = "audit_staged"
+    id: int | None = Field(default=None, primary_key=True)
+    at: datetime = _ts()
+    kind: str = Field(max_length=40)
+    run_id: str | None = Field(default=None, max_length=40)
+    approval_id: str | None = Field(default=None, max_length=40)
+    platform: str | None = Field(default=None, max_length=20)
+    actor: str | None = Field(default=None, max_length=200)
+    tool: str | None = Field(default=None, max_length=200)
+    status: str | None = Field(default=None, max_length=40)
+    data: dict[str, Any] = _json()
+
+
 class Replica(SQLModel, table=True):
     """A running bot process; its heartbeat tells the others whether its work is orphaned."""
 

@@ -128,12 +128,13 @@ async def test_verify_and_anchor_commands_detect_edits_truncation_and_rewrites(t
     for i in range(30):
         async with db.transaction() as session:
             await audit.record(session, "step", actor="terminal:local:alice", i=i)
+    await audit.chain(db)
     await db.dispose()
     monkeypatch.setenv("DATABASE_URL", url)
     anchors = tmp_path / "anchors.jsonl"
-    assert chatops(["audit", "anchor", "--append", str(anchors)]) == 0
+    assert await asyncio.to_thread(chatops, ["audit", "anchor", "--append", str(anchors)]) == 0
     assert json.loads(anchors.read_text())["seq"] == 30
-    assert chatops(["audit", "verify", "--anchors", str(anchors)]) == 0
+    assert await asyncio.to_thread(chatops, ["audit", "verify", "--anchors", str(anchors)]) == 0
 
     engine = make_sync_engine(normalise_url(url))
     with engine.begin() as conn:  # truncate the tail: the chain itself still verifies...
@@ -142,11 +143,11 @@ async def test_verify_and_anchor_commands_detect_edits_truncation_and_rewrites(t
 
     with sa.orm.Session(engine) as session:
         assert verify_chain(iter_rows(session)) is None
-    assert chatops(["audit", "verify", "--anchors", str(anchors)]) == 1  # ...but not against the anchor
+    assert await asyncio.to_thread(chatops, ["audit", "verify", "--anchors", str(anchors)]) == 1  # ...but not against the anchor
 
     with engine.begin() as conn:  # edit a row in the middle
         conn.execute(sa.update(AuditEvent).where(AuditEvent.seq == 7).values(actor="terminal:local:mallory"))
-    assert chatops(["audit", "verify"]) == 1
+    assert await asyncio.to_thread(chatops, ["audit", "verify"]) == 1
 
 
 def test_verify_names_the_first_bad_row(tmp_path, monkeypatch, capsys):
@@ -158,6 +159,7 @@ def test_verify_names_the_first_bad_row(tmp_path, monkeypatch, capsys):
         for i in range(10):
             async with db.transaction() as session:
                 await AuditLog(Redactor()).record(session, "step", i=i)
+        await AuditLog(Redactor()).chain(db)
         await db.dispose()
 
     asyncio.run(fill())

@@ -8,13 +8,30 @@ from __future__ import annotations
 import asyncio
 from datetime import timedelta
 
+import pytest
 import sqlalchemy as sa
 
 from bot import texts
+from bot.errors import ConfigError
+from bot.feishu import FeishuAdapter
 from storage.models import Approval, utcnow
 from tests.fakes.feishu_api import BOT_OPEN_ID
 from tests.fakes.openai_server import calls, text
-from tests.feishu_helpers import ALICE, BOB, GROUP, approval_id_of, at_bot, card_text, click, dm, fake_feishu, feishu_bot, message
+from tests.feishu_helpers import (
+    ALICE,
+    BOB,
+    DM,
+    GROUP,
+    approval_id_of,
+    at_bot,
+    card_text,
+    click,
+    dm,
+    fake_feishu,
+    feishu_bot,
+    feishu_env,
+    message,
+)
 from tests.support_tools import Ledger, notes_toolset
 
 __all__ = ["fake_feishu", "feishu_bot"]  # fixtures used by this module
@@ -22,9 +39,9 @@ __all__ = ["fake_feishu", "feishu_bot"]  # fixtures used by this module
 LEAD = {"name": "Zhang San", "email": "zhangsan@example.com", "need": "a product demo", "company": "Acme"}
 
 
-async def test_seed_scenario_group_mention_to_final_reply_in_the_thread(feishu_bot, model):
+async def test_seed_scenario_group_mention_to_final_reply_in_the_thread(feishu_bot, model, db_url):
     model.script(calls(("create_crm_lead", LEAD)), text("Created the lead for Zhang San."))
-    bot = await feishu_bot()
+    bot = await feishu_bot(database_url=db_url)
     status, body = await bot.send(
         at_bot("create a lead for Zhang San, zhangsan@example.com, Acme, wants a demo", message_id="om_ask")
     )
@@ -126,10 +143,10 @@ async def test_unauthorized_click_gets_a_toast_and_changes_nothing(feishu_bot, m
     assert await bot.count("audit_event", "kind = 'click_refused' AND status = 'not_allowed'") == 1
 
 
-async def test_double_click_runs_the_tool_once(feishu_bot, model):
+async def test_double_click_runs_the_tool_once(feishu_bot, model, db_url):
     ledger = Ledger()
     model.script(calls(("write_note", {"topic": "x", "text": "y"})), text("done"))
-    bot = await feishu_bot(toolsets=[notes_toolset(ledger)])
+    bot = await feishu_bot(toolsets=[notes_toolset(ledger)], database_url=db_url)
     await bot.send(at_bot("write a note"))
     await bot.settle()
     approval_id = approval_id_of(bot.card())
@@ -177,6 +194,16 @@ async def test_reply_text_cannot_mention_everyone(feishu_bot, model):
     assert bot.fake.texts() == ['Sure <\u200bat user_id="all"></at> done']
 
 
+async def test_reply_to_a_withdrawn_message_is_posted_in_the_chat(feishu_bot, model):
+    model.script(text("answer"))
+    bot = await feishu_bot()
+    bot.fake.recall("om_gone")
+    await bot.send(dm("question", message_id="om_gone"))
+    await bot.settle()
+    [posted] = [m for m in bot.fake.sent() if m.msg_type == "text"]
+    assert posted.json["text"] == "answer" and posted.reply_to is None and posted.chat_id == DM
+
+
 async def test_a_token_invalid_answer_mid_flow_is_recovered(feishu_bot, model):
     model.script(text("pong"))
     bot = await feishu_bot()
@@ -204,3 +231,12 @@ async def test_group_messages_wait_for_the_bots_identity_dms_do_not(feishu_bot, 
     assert (await bot.send(mention))[0] == 200  # the redelivery is handled once the identity is known
     await bot.settle()
     assert sorted(bot.fake.texts()) == ["dm answer", "group answer"]
+
+
+async def test_a_rejected_app_secret_stops_start_up_with_the_variable_named(bots, fake_feishu):
+    fake_feishu.app_secret = "the-real-secret"
+    app = await bots.start(serve_http=True, **feishu_env(fake_feishu))
+    app.add_adapter(FeishuAdapter(app.core, app.settings))
+    with pytest.raises(ConfigError, match=r"FEISHU_APP_SECRET was rejected by Feishu \(code 10014\)"):
+        await bots.run(app)
+    assert len(fake_feishu.calls_to("token")) == 1  # not retried

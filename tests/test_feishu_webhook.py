@@ -172,9 +172,9 @@ async def test_oversized_body_is_refused(feishu_bot, model):
     assert status == 413
 
 
-async def test_redelivery_storm_200_events_5_times_each_is_200_runs(feishu_bot, model):
+async def test_redelivery_storm_200_events_5_times_each_is_200_runs(feishu_bot, model, db_url):
     model.responder = lambda body: text(f"answer to {last_user_text(body)}")
-    bot = await feishu_bot()
+    bot = await feishu_bot(database_url=db_url)
     events = [at_bot(f"question {i}", message_id=f"om_storm_{i}", event_id=f"evt_storm_{i}") for i in range(200)]
     deliveries = [e for e in events for _ in range(4)]
     for i, event in enumerate(events):  # the fifth delivery: same message, a new event id (re-subscription)

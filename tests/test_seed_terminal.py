@@ -4,6 +4,7 @@ final reply -> `chatops audit export` shows the whole trail."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import sqlalchemy as sa
@@ -28,8 +29,9 @@ async def test_seed_scenario_through_the_terminal(terminal_bot, model, monkeypat
         text("已为张三创建线索，并发送了产品介绍邮件。"),
     )
     async with FakeSmtp() as smtp:
-        bot = await terminal_bot(SMTP_HOST="127.0.0.1", SMTP_PORT=str(smtp.port), SMTP_SECURITY="none",
-                                 SMTP_FROM="Sales Bot <bot@example.com>")
+        bot = await terminal_bot(
+            SMTP_HOST="127.0.0.1", SMTP_PORT=str(smtp.port), SMTP_SECURITY="none", SMTP_FROM="Sales Bot <bot@example.com>"
+        )
         await bot.say(REQUEST)
         lead_approval, mail_approval = approval_ids(bot.transcript())
         assert "Approval needed" in bot.transcript() and smtp.attempts == []
@@ -49,17 +51,22 @@ async def test_seed_scenario_through_the_terminal(terminal_bot, model, monkeypat
 
     monkeypatch.setenv("DATABASE_URL", sqlite_url)
     export = tmp_path / "audit.jsonl"
-    assert chatops(["audit", "export", "--format", "jsonl", "--output", str(export)]) == 0
+    assert await asyncio.to_thread(chatops, ["audit", "export", "--format", "jsonl", "--output", str(export)]) == 0
     rows = [json.loads(line) for line in export.read_text(encoding="utf-8").splitlines()]
     trail = [(r["kind"], r["tool"], r["status"]) for r in rows]
     assert ("request_received", None, "queued") in trail
     assert ("model_call", None, "ok") in trail
     for tool in ("create_crm_lead", "send_email"):
-        for step in [("tool_proposed", tool, "confirm"), ("approval_requested", tool, "pending"), ("card_posted", tool, "posted"),
-                     ("approval_decided", tool, "approved"), ("execution_started", tool, "executing"),
-                     ("tool_executed", tool, "succeeded")]:
+        for step in [
+            ("tool_proposed", tool, "confirm"),
+            ("approval_requested", tool, "pending"),
+            ("card_posted", tool, "posted"),
+            ("approval_decided", tool, "approved"),
+            ("execution_started", tool, "executing"),
+            ("tool_executed", tool, "succeeded"),
+        ]:
             assert step in trail, step
     assert trail[-1] == ("reply_posted", None, "done")
     decided = [r for r in rows if r["kind"] == "approval_decided"]
     assert {r["actor"] for r in decided} == {"terminal:local:alice"}
-    assert chatops(["audit", "verify"]) == 0
+    assert await asyncio.to_thread(chatops, ["audit", "verify"]) == 0

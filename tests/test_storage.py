@@ -42,8 +42,10 @@ async def test_timestamps_come_back_timezone_aware(db_url):
     upgrade(db_url)
     db = Database(db_url)
     try:
+        audit = AuditLog(Redactor())
         async with db.transaction() as session:
-            await AuditLog(Redactor()).record(session, "test", note="hi")
+            await audit.record(session, "test", note="hi")
+        assert await audit.chain(db) == 1
         async with db.transaction() as session:
             row = (await session.execute(sa.select(AuditEvent))).scalars().one()
         assert row.at.tzinfo is not None and row.at.utcoffset().total_seconds() == 0
@@ -61,8 +63,15 @@ async def test_concurrent_audit_writers_never_fork_the_chain(db_url):
             async with db.transaction() as session:
                 await audit.record(session, "test", writer=n, i=i)
 
+    async def chainer(db: Database) -> None:  # every writer also chains, as each replica does
+        for _ in range(20):
+            await audit.chain(db)
+            await asyncio.sleep(0)
+
     try:
-        await asyncio.gather(*(writer(db, n) for n, db in enumerate(dbs)))
+        await asyncio.gather(*(writer(db, n) for n, db in enumerate(dbs)), *(chainer(db) for db in dbs))
+        for db in dbs:
+            await audit.chain(db)
         async with dbs[0].transaction() as session:
             rows = (await session.execute(sa.select(AuditEvent).order_by(AuditEvent.seq))).scalars().all()
         assert len(rows) == 160
@@ -83,6 +92,7 @@ def test_separate_processes_share_the_audit_chain(sqlite_url):
         "    for i in range(25):\n"
         "        async with db.transaction() as s:\n"
         "            await AuditLog(Redactor()).record(s, 'proc', i=i)\n"
+        "        await AuditLog(Redactor()).chain(db)\n"
         "    await db.dispose()\n"
         "asyncio.run(main())\n"
     )

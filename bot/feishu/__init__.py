@@ -1,17 +1,251 @@
-"""Feishu / Lark channel adapter (GitHub issue #4).
+"""The Feishu / Lark channel adapter (GitHub issue #4): `FeishuAdapter(core, settings)`.
 
-`FeishuAdapter(core, settings)` is the only public name. Its modules, one concern each:
+Layout of the package (each module says what belongs in it):
+- `events.py`   Feishu JSON -> `IncomingMessage` / `DecisionRequest` (mentions, threads, dedupe keys);
+- `cards.py`    `CardView` -> card JSON 2.0 (under 30 KB) and the card-callback answer;
+- `webhook.py`  decryption, signature, token and timestamp checks for `POST /feishu/events`;
+- `longconn.py` lark-oapi's websocket client in its own thread and event loop;
+- `client.py`   lark-oapi `Client` calls with timeouts, token refresh and rate-limit backoff.
 
-- `adapter`  — the `Channel` and lifecycle (`routes`, `start`, `stop`), `dispatch` to the core
-- `events`   — Feishu JSON -> `IncomingMessage` / `DecisionRequest` (mentions, threads, dedupe keys)
-- `cards`    — `CardView` -> card JSON 2.0 (under 30 KB) and the card-callback answer
-- `webhook`  — decryption, signature, token and timestamp checks for `POST /feishu/events`
-- `longconn` — lark-oapi's websocket client in its own thread and event loop
-- `client`   — lark-oapi `Client` calls with timeouts, token refresh and rate-limit backoff
-
-lark-oapi is imported lazily (it takes seconds), and no lark type leaves this package.
+This module is the `Channel` the core talks to (reply in the thread, "OnIt" reaction, card post and
+patch) plus the adapter's lifecycle. In: the webhook route (FEISHU_MODE=webhook) and the long
+connection (FEISHU_MODE=ws, the default) both end in `dispatch(payload)`, which translates the JSON
+and calls `core.accept_message` or `core.decide`. Nothing slow happens there: the core records and
+returns; runs, tools and card patches happen in the core's background tasks. lark-oapi is imported
+lazily (it takes seconds) and no lark type leaves this package.
 """
 
-from bot.feishu.adapter import FeishuAdapter
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+
+from bot import texts
+from bot.cards import cut
+from bot.channels import CardView
+from bot.config import Settings
+from bot.core import Core
+from bot.errors import ConfigError, StorageError
+from bot.events import Thread
+from bot.feishu import cards, events
+from bot.feishu.client import RATE_LIMITED, TOKEN_INVALID, CredentialsRejected, FeishuApi, FeishuApiError
+from bot.feishu.longconn import LongConnection
+from bot.feishu.webhook import Rejected, open_envelope
 
 __all__ = ["FeishuAdapter"]
+
+log = logging.getLogger("chatops.feishu")
+
+ROUTE = "/feishu/events"
+_AT_TAG = re.compile(r"<(?=at\b)", re.IGNORECASE)
+WORKING_EMOJI = "OnIt"
+TEXT_LIMIT = 20_000
+HANDLER_BUDGET = 2.5  # seconds; Feishu wants an answer within 3
+START_BUDGET = 15.0  # seconds start() waits for the bot's identity
+BOT_ID_RETRY = 30.0  # seconds between two attempts to learn it
+
+
+class NotReady(Exception):
+    """A group message arrived before the bot knows its own open_id: answer non-2xx, Feishu redelivers."""
+
+
+@dataclass(frozen=True)
+class Answer:
+    """What to send back to Feishu for one payload; `approval_id` is set for card clicks."""
+
+    body: dict[str, Any]
+    approval_id: str | None = None
+
+
+def _secret(value: Any) -> str | None:
+    return value.get_secret_value() if value is not None else None
+
+
+class FeishuAdapter:
+    """The Feishu channel. `FeishuAdapter(core, settings)`; the App calls start/stop/routes."""
+
+    platform = "feishu"
+
+    def __init__(self, core: Core, settings: Settings, *, clock: Callable[[], float] = time.time) -> None:
+        assert settings.feishu_app_id and settings.feishu_app_secret, "Feishu is not configured"
+        self.core = core
+        self.settings = settings
+        self.clock = clock
+        self.api = FeishuApi(
+            app_id=settings.feishu_app_id,
+            app_secret=settings.feishu_app_secret.get_secret_value(),
+            domain=settings.feishu_domain,
+        )
+        self.bot_open_id: str | None = None
+        self._bot_id_task: asyncio.Task[None] | None = None
+        self._bot_id_next = 0.0
+        self._bot_id_error: FeishuApiError | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._long: LongConnection | None = None
+        self._answering: dict[str, asyncio.Event] = {}
+
+    # ------------------------------------------------------------------ lifecycle
+    def routes(self) -> list[web.RouteDef]:
+        if self.settings.feishu_mode != "webhook":
+            return []
+        return [web.post(ROUTE, self._webhook)]
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        await self.api.open()
+        self._learn_bot_id()
+        if self._bot_id_task is not None:  # Feishu down at boot: start anyway, learn it later
+            await asyncio.wait({self._bot_id_task}, timeout=START_BUDGET)
+        if isinstance(self._bot_id_error, CredentialsRejected):
+            raise ConfigError("FEISHU_APP_SECRET", f"was rejected by Feishu (code {self._bot_id_error.code})")
+        if self.settings.feishu_mode == "ws":
+            self._long = LongConnection(
+                app_id=self.api.app_id,
+                app_secret=_secret(self.settings.feishu_app_secret) or "",
+                domain=self.api.domain,
+                handler=self._from_long_connection,
+            )
+            await self._long.start()
+
+    async def stop(self) -> None:
+        if self._long is not None:
+            await self._long.stop()
+            self._long = None
+        if self._bot_id_task is not None:
+            self._bot_id_task.cancel()
+
+    def _learn_bot_id(self) -> None:
+        """Fetch the bot's open_id in the background (once; again on demand while unknown)."""
+        idle = self._bot_id_task is None or self._bot_id_task.done()
+        if self.bot_open_id is None and idle and time.monotonic() >= self._bot_id_next:
+            self._bot_id_next = time.monotonic() + BOT_ID_RETRY  # bot info counts against the API quota
+            self._bot_id_task = asyncio.get_running_loop().create_task(self._fetch_bot_id(), name="feishu-bot-info")
+
+    async def _fetch_bot_id(self) -> None:
+        try:
+            self.bot_open_id = await self.api.bot_open_id()
+            log.info("feishu: the bot is %s", self.bot_open_id)
+        except FeishuApiError as exc:
+            self._bot_id_error = exc
+            log.error("feishu: cannot read the bot's identity (%s); group messages are refused until it is known", exc)
+
+    # ------------------------------------------------------------------ inbound
+    async def dispatch(self, payload: dict[str, Any]) -> Answer:
+        """Handle one verified payload. Raises BadPayload, or StorageError/NotReady (Feishu must redeliver)."""
+        kind = events.event_type(payload)
+        if kind == "im.message.receive_v1":
+            if self.bot_open_id is None and not events.is_direct(payload):
+                self._learn_bot_id()
+                raise NotReady("the bot's own open_id is not known yet, so @mentions cannot be checked")
+            msg = events.to_message(payload, bot_open_id=self.bot_open_id)
+            if msg is not None and not await self.core.accept_message(msg):
+                log.debug("feishu: duplicate delivery %s", msg.dedupe_keys)
+            return Answer({})
+        if kind == "card.action.trigger" or (kind is None and "action" in payload):
+            request = events.to_decision(payload)
+            self._answering.setdefault(request.approval_id, asyncio.Event())
+            try:
+                outcome = await self.core.decide(request)
+            except BaseException:
+                self._answered(request.approval_id)
+                raise
+            return Answer(cards.callback_response(outcome), request.approval_id)
+        return Answer({})  # another subscribed event: acknowledge, never 500
+
+    def _answered(self, approval_id: str | None) -> None:
+        if approval_id is not None and (event := self._answering.pop(approval_id, None)):
+            event.set()
+
+    async def _webhook(self, request: web.Request) -> web.StreamResponse:
+        body = await request.read()
+        try:
+            envelope = open_envelope(
+                request.headers,
+                body,
+                encrypt_key=_secret(self.settings.feishu_encrypt_key),
+                verification_token=_secret(self.settings.feishu_verification_token),
+                now=self.clock(),
+            )
+        except Rejected as exc:
+            log.warning("feishu webhook refused (%d): %s", exc.status, exc.reason)
+            return web.json_response({"msg": exc.reason}, status=exc.status)
+        if envelope.challenge is not None:
+            return web.json_response({"challenge": envelope.challenge})
+        try:
+            answer = await self.dispatch(envelope.payload)
+        except events.BadPayload as exc:
+            log.warning("feishu webhook: unreadable event (%s)", exc)
+            return web.json_response({"msg": "unreadable event"}, status=400)
+        except (StorageError, NotReady):
+            return web.json_response({"msg": "try again"}, status=503)
+        except Exception:
+            log.exception("feishu webhook: handling a verified event failed")
+            return web.json_response({"msg": "try again"}, status=503)
+        response = web.json_response(answer.body)
+        try:
+            await response.prepare(request)
+            await response.write_eof()
+        finally:
+            self._answered(answer.approval_id)
+        return response
+
+    def _from_long_connection(self, raw: bytes) -> dict[str, Any] | None:
+        """Runs on the SDK's thread: hand the payload to the main loop, wait (bounded), answer."""
+        try:
+            payload = json.loads(raw)
+        except (ValueError, RecursionError):
+            log.warning("feishu long connection: a frame is not JSON; ignored")
+            return None
+        if not isinstance(payload, dict) or self._loop is None:
+            return None
+        future = asyncio.run_coroutine_threadsafe(self.dispatch(payload), self._loop)
+        try:
+            answer = future.result(timeout=HANDLER_BUDGET)
+        except events.BadPayload as exc:
+            log.warning("feishu long connection: unreadable event (%s)", exc)
+            return None
+        self._loop.call_soon_threadsafe(self._answered, answer.approval_id)
+        return answer.body if answer.approval_id is not None else None
+
+    # ------------------------------------------------------------------ Channel
+    async def post_reply(self, thread: Thread, text: str) -> None:
+        safe = _AT_TAG.sub("<\u200b", cut(text, TEXT_LIMIT))  # model output cannot @mention anyone
+        await self._post(thread, "text", json.dumps({"text": safe}, ensure_ascii=False), key=None)
+
+    async def show_working(self, thread: Thread) -> None:
+        try:
+            await self.api.react(thread.coords["message_id"], WORKING_EMOJI)
+        except FeishuApiError as exc:
+            log.warning("feishu: reaction failed (%s); saying it instead", exc.code)
+            await self.post_reply(thread, texts.WORKING)
+
+    async def post_card(self, thread: Thread, card: CardView) -> str | None:
+        content = json.dumps(cards.render_card(card), ensure_ascii=False)
+        return await self._post(thread, "interactive", content, key=card.approval_id)
+
+    async def update_card(self, thread: Thread, message_id: str, card: CardView) -> None:
+        pending = self._answering.get(card.approval_id)
+        if pending is not None:  # let the click's own answer land first, then patch over it
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(pending.wait(), 3)
+            self._answering.pop(card.approval_id, None)
+        await self.api.patch(message_id, json.dumps(cards.render_card(card), ensure_ascii=False))
+
+    async def _post(self, thread: Thread, msg_type: str, content: str, *, key: str | None) -> str:
+        coords = thread.coords
+        try:
+            return await self.api.reply(coords["message_id"], msg_type, content, in_thread=bool(coords.get("in_thread")), key=key)
+        except FeishuApiError as exc:
+            if exc.code is None or exc.code == RATE_LIMITED or exc.code in TOKEN_INVALID:
+                raise  # not about the message itself: posting elsewhere would fail the same way
+            log.warning("feishu: reply failed (code %s); posting in the chat instead", exc.code)
+            return await self.api.send(coords["chat_id"], msg_type, content, key=f"{key}-chat" if key else None)

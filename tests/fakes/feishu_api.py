@@ -55,12 +55,14 @@ class Message:
 class FakeFeishu:
     """Start with `await fake.start()`; stop with `await fake.stop()`."""
 
-    def __init__(self, *, bot_open_id: str = BOT_OPEN_ID) -> None:
+    def __init__(self, *, bot_open_id: str = BOT_OPEN_ID, app_secret: str | None = None) -> None:
         self.bot_open_id = bot_open_id
+        self.app_secret = app_secret  # when set, only this secret gets a tenant token
         self.calls: list[Call] = []
         self.messages: dict[str, Message] = {}
         self.reactions: list[tuple[str, str]] = []
         self.users_messages: dict[str, Message] = {}
+        self.recalled: set[str] = set()
         self.acks: list[dict[str, Any]] = []
         self._ids = itertools.count(1)
         self._token = "t-1"
@@ -69,7 +71,6 @@ class FakeFeishu:
         self._fail_token = 0
         self._rate_limit = 0
         self._stalls: list[float] = []
-        self._changed = asyncio.Condition()
         self._ws: web.WebSocketResponse | None = None
         self._ws_ready = asyncio.Event()
         self._acks: dict[str, asyncio.Future[dict[str, Any]]] = {}
@@ -115,23 +116,22 @@ class FakeFeishu:
         """Tell the fake about a message a user sent (so replies to it land in its chat)."""
         self.users_messages[message_id] = Message(message_id, chat_id, "user", "{}", reply_to=root_id)
 
+    def recall(self, message_id: str) -> None:
+        """The user withdrew this message: replies to it fail (230011)."""
+        self.recalled.add(message_id)
+
     def calls_to(self, kind: str) -> list[Call]:
         """Calls by kind: token, bot_info, create, reply, patch, reaction."""
         return [c for c in self.calls if _kind(c) == kind]
 
     def sent(self) -> list[Message]:
-        return [m for m in self.messages.values()]
+        return list(self.messages.values())
 
     def cards(self) -> list[Message]:
         return [m for m in self.messages.values() if m.msg_type == "interactive"]
 
     def texts(self) -> list[str]:
         return [m.json["text"] for m in self.messages.values() if m.msg_type == "text"]
-
-    async def wait_for(self, predicate: Any, timeout: float = 10.0) -> None:
-        """Wait (no sleeps) until `predicate()` is true after some call."""
-        async with self._changed:
-            await asyncio.wait_for(self._changed.wait_for(predicate), timeout)
 
     # ------------------------------------------------------------------ API handlers
     async def _record(self, request: web.Request) -> tuple[Call, web.Response | None]:
@@ -155,14 +155,14 @@ class FakeFeishu:
         return call, None
 
     async def _done(self, response: web.Response) -> web.Response:
-        async with self._changed:
-            self._changed.notify_all()
         if self._stalls and response.status == 200:
             await asyncio.sleep(self._stalls.pop(0))
         return response
 
     async def _token_endpoint(self, request: web.Request) -> web.Response:
-        await self._record(request)
+        call, _ = await self._record(request)
+        if self.app_secret is not None and call.body.get("app_secret") != self.app_secret:
+            return await self._done(web.json_response({"code": 10014, "msg": "app secret invalid"}))
         return await self._done(web.json_response({"code": 0, "msg": "ok", "tenant_access_token": self._token, "expire": 7200}))
 
     async def _bot_info(self, request: web.Request) -> web.Response:
@@ -205,6 +205,8 @@ class FakeFeishu:
         call, problem = await self._record(request)
         if problem is not None:
             return await self._done(problem)
+        if request.match_info["mid"] in self.recalled:
+            return await self._done(web.json_response({"code": 230011, "msg": "The message was withdrawn."}, status=400))
         return await self._done(self._store(call.body, chat_id=None, reply_to=request.match_info["mid"]))
 
     async def _patch(self, request: web.Request) -> web.Response:
