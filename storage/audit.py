@@ -130,7 +130,10 @@ class AuditLog:
         while True:
             async with db.transaction() as session:
                 if session.bind.dialect.name == "postgresql":
-                    await session.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": _ADVISORY_LOCK_KEY})
+                    # One chainer per schema at a time (replicas of other deployments on the server don't wait).
+                    await session.execute(
+                        sa.text("SELECT pg_advisory_xact_lock(:k, hashtext(current_schema()))"), {"k": _ADVISORY_LOCK_KEY}
+                    )
                 staged = (await session.execute(sa.select(AuditStaged).order_by(AuditStaged.id).limit(batch))).scalars().all()
                 if not staged:
                     return total

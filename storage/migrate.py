@@ -47,7 +47,7 @@ def upgrade(url: str, revision: str = "head") -> None:
     try:
         with engine.begin() as conn:
             if conn.dialect.name == "postgresql":
-                conn.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": _LOCK_KEY})
+                conn.execute(sa.text("SELECT pg_advisory_xact_lock(:k, hashtext(current_schema()))"), {"k": _LOCK_KEY})
             cfg.attributes["connection"] = conn
             command.upgrade(cfg, revision)
     finally:
