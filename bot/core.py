@@ -96,10 +96,10 @@ class Core:
     async def _after_decision(self, outcome: DecisionOutcome) -> None:
         approval = outcome.approval
         assert approval is not None
-        await self.runner.refresh_card(approval.id)
+        await self.runner.out.refresh_card(approval.id)
         if outcome.kind == "approved":
             await self.executor.execute(approval.id)
-            await self.runner.refresh_card(approval.id)
+            await self.runner.out.refresh_card(approval.id)
         await self.runner.resume_if_ready(approval.run_id)
 
     # ------------------------------------------------------------------ queries

@@ -20,6 +20,8 @@ from tools.registry import ToolSpec
 
 Rule = Literal["auto", "confirm", "approve", "two_person", "deny"]
 RULE_STRENGTH: dict[str, int] = {"auto": 0, "confirm": 1, "approve": 2, "two_person": 3, "deny": 4}
+# The group kinds each platform's adapter resolves into `User.groups`.
+GROUP_KINDS: dict[str, tuple[str, ...]] = {"slack": ("slack-group",), "feishu": ("feishu-dept", "feishu-group")}
 
 
 @dataclass(frozen=True)
@@ -125,7 +127,7 @@ class Policy:
             return Verdict(False, "bots cannot use chatops")
         if not self.tenant_allowed(user):
             return Verdict(False, "your workspace or tenant is not allowed")
-        if any(identity_matches(e, user) for e in self.access.deny_users):
+        if any(identity_matches(e, user) for e in self._expand(self.access.deny_users)):
             return Verdict(False, "you are not allowed to use chatops")
         if self.access.users and not any(identity_matches(e, user) for e in self._expand(self.access.users)):
             return Verdict(False, "you are not on the list of chatops users")
@@ -170,6 +172,14 @@ class Policy:
                 if RULE_STRENGTH[entry.recipients.rule] > RULE_STRENGTH[rule]:
                     rule, reason = entry.recipients.rule, "recipients outside " + ", ".join(entry.recipients.allowed_domains)
         return CallRule(rule, reason, self._expand(entry.approvers), entry.separate, entry.ttl, tuple(risks))
+
+    def group_refs(self, platform: str) -> frozenset[str]:
+        """The group entries (`slack-group:S1`, `feishu-dept:od_x`...) of `platform`'s kinds this policy
+        names anywhere (users, deny list, approvers; `[groups]` names expanded). The adapter resolves
+        memberships only for these, and asks nothing when the set is empty."""
+        kinds = GROUP_KINDS.get(platform, ())
+        named = (*self.access.users, *self.access.deny_users, *(a for t in self.tools for a in t.approvers))
+        return frozenset(e for e in self._expand(named) if e.partition(":")[0] in kinds)
 
     def _expand(self, names: tuple[str, ...]) -> tuple[str, ...]:
         out: list[str] = []

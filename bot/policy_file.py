@@ -214,6 +214,9 @@ class ReloadingPolicy(Policy):
     def describe(self, spec: ToolSpec) -> str:
         return self.current().describe(spec)
 
+    def group_refs(self, platform: str) -> frozenset[str]:
+        return self.current().group_refs(platform)
+
     def request_limit(self) -> int | None:
         return self.current().request_limit()
 

@@ -1,11 +1,11 @@
-"""The agent loop with its state in the database: start a run for queued messages, call the
-model, run read calls at once, freeze write calls into approvals, pause, and resume once every
-approval of the step is decided. Any replica can pick a run up where another left it.
+"""The agent loop with its state in the database: start a run for queued messages (one run per
+conversation at a time), call the model, hand its tool calls to `ToolCalls` (read calls run at
+once, write calls become approvals), pause, resume once every approval of the step is decided,
+and finish with the answer. Any replica can pick a run up where another left it.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import uuid
 from datetime import timedelta
@@ -14,18 +14,15 @@ from typing import Any
 import sqlalchemy as sa
 
 from bot import texts
-from bot.approvals import TERMINAL, args_digest, expiry, model_result, new_approval_id
-from bot.cards import card_content, card_view
+from bot.approvals import TERMINAL, model_result
 from bot.context import AppContext
 from bot.errors import ModelUnavailable
 from bot.events import IncomingMessage, Thread, User
-from bot.model import ModelReply
-from bot.policy import CallRule, Verdict
+from bot.outbox import Outbox
+from bot.policy import Verdict
+from bot.tool_calls import ToolCalls
 from storage.audit import Entry, entry
 from storage.models import Approval, AuditEvent, Conversation, InboxEvent, Run
-from tools.context import ToolContext
-from tools.errors import ToolError
-from tools.registry import CallProblem, PreparedCall, result_text
 
 log = logging.getLogger("chatops.runner")
 
@@ -54,6 +51,8 @@ class Runner:
 
     def __init__(self, ctx: AppContext) -> None:
         self.ctx = ctx
+        self.out = Outbox(ctx)
+        self.calls = ToolCalls(ctx, self.out)
 
     # ------------------------------------------------------------------ conversations
     async def process_conversation(self, key: str) -> None:
@@ -63,7 +62,7 @@ class Runner:
             if started is None:
                 return
             run, messages = started
-            await self._safe_channel_call(Thread.from_dict(run.thread), "show_working")
+            await self.out.channel_call(Thread.from_dict(run.thread), "show_working")
             await self.advance(run.id, loaded=(run, messages))
 
     async def _start_run(self, key: str) -> tuple[Run, list[dict[str, Any]]] | None:
@@ -150,7 +149,7 @@ class Runner:
                     await session.execute(sa.update(Conversation).where(Conversation.key == key).values(active_run_id=None))
         if waiting_run is not None:
             for approval_id in superseded:
-                await self.refresh_card(approval_id)
+                await self.out.refresh_card(approval_id)
             await self.resume_if_ready(waiting_run)
             return None
         if not queued:
@@ -198,7 +197,7 @@ class Runner:
                     if verdict.reason.startswith("You ")
                     else texts.NOT_ALLOWED_TO_USE.format(reason=verdict.reason)
                 )
-                ctx.tasks.spawn(self._notify(msg.thread, notice), name="notify-refused")
+                ctx.tasks.spawn(self.out.notify(msg.thread, notice), name="notify-refused")
                 continue
             admitted = True
             messages.append({"role": "user", "content": ctx.redactor.redact_text(msg.text), "name": _safe_name(msg.user)})
@@ -267,183 +266,18 @@ class Runner:
             if not reply.tool_calls:
                 await self._finish(run_id, reply.content or "", status="done", audit=[model_row], thread=thread)
                 return
-            outcome = await self._handle_tool_calls(run_id, step, reply, requester, thread, model_row)
-            if outcome is None:
-                return  # paused on approvals, or the run was taken from us
-            messages = [*messages, reply.assistant_message(), *outcome]
-
-    async def _handle_tool_calls(
-        self, run_id: str, step: int, reply: ModelReply, requester: User, thread: Thread, model_row: Entry
-    ) -> list[dict[str, Any]] | None:
-        """Run read calls, freeze write calls. Returns the tool messages to continue with, or None when paused."""
-        ctx = self.ctx
-        tool_ctx = ctx.tool_context.for_call(approval_id=None, requester=requester)
-        results: dict[str, str] = {}
-        rows: list[Entry] = [model_row]
-        proposals: list[tuple[str, PreparedCall, CallRule]] = []
-        for call in reply.tool_calls:
-            prepared = ctx.registry.prepare(call.name, call.arguments)
-            if isinstance(prepared, PreparedCall) and not prepared.spec.read_only:
-                prepared = await ctx.registry.check(tool_ctx, prepared) or prepared
-            if isinstance(prepared, CallProblem):
-                results[call.id] = prepared.as_tool_result()
-                rows.append(
-                    entry(
-                        "tool_call_invalid",
-                        run_id=run_id,
-                        tool=call.name,
-                        status=prepared.kind,
-                        message=prepared.message,
-                        details=prepared.details,
-                    )
-                )
+            result = await self.calls.handle(run_id, step, reply, requester, thread, model_row)
+            if result.tool_messages is not None:
+                messages = [*messages, reply.assistant_message(), *result.tool_messages]
                 continue
-            rule = ctx.policy.rule_for(prepared.spec, prepared.args)
-            rows.append(
-                entry(
-                    "tool_proposed",
-                    run_id=run_id,
-                    tool=call.name,
-                    status=rule.rule,
-                    args=prepared.args,
-                    args_sha256=args_digest(prepared.args),
-                    tool_call_id=call.id,
-                )
-            )
-            if rule.rule == "deny":
-                results[call.id] = texts.MODEL_DENIED.format(reason=rule.reason)
-            elif rule.rule == "auto":
-                results[call.id], status = await self._run_now(tool_ctx, prepared)
-                rows.append(
-                    entry(
-                        "tool_executed", run_id=run_id, tool=call.name, status=status, result=results[call.id][:2000], rule="auto"
-                    )
-                )
-            else:
-                proposals.append((call.id, prepared, rule))
-        if proposals and (limit := ctx.policy.pending_limit()) is not None:
-            async with ctx.db.transaction() as session:
-                waiting = (
-                    await session.execute(
-                        sa.select(sa.func.count())
-                        .select_from(Approval)
-                        .where(
-                            Approval.status == "pending",
-                            Approval.requester_id == requester.id,
-                            Approval.platform == thread.platform,
-                        )
-                    )
-                ).scalar_one()
-            if waiting + len(proposals) > limit:
-                for call_id, prepared, _ in proposals:
-                    results[call_id] = texts.MODEL_DENIED.format(
-                        reason=f"{requester.label} already has {waiting} approvals waiting"
-                    )
-                    rows.append(
-                        entry(
-                            "approval_refused",
-                            run_id=run_id,
-                            tool=prepared.spec.name,
-                            actor=requester.key,
-                            status="too_many_pending",
-                            waiting=waiting,
-                            limit=limit,
-                        )
-                    )
-                proposals = []
-                ctx.tasks.spawn(self._notify(thread, texts.TOO_MANY_PENDING.format(count=waiting)), name="notify-flood")
-        previews = [await self._preview(tool_ctx, prepared) for _, prepared, _ in proposals]  # outside the write lock
-        created: list[str] = []
-        async with ctx.db.transaction() as session:
-            run = await session.get(Run, run_id)
-            if run is None or run.status != "running" or run.owner != ctx.replica_id:
-                return None
-            conv = await session.get(Conversation, run.conversation_key)
-            assert conv is not None
-            now = ctx.clock()
-            run.step, run.updated_at = step, now
-            tool_messages = [
-                {"role": "tool", "tool_call_id": c.id, "content": results[c.id]} for c in reply.tool_calls if c.id in results
-            ]
-            conv.messages = [
-                *conv.messages,
-                *ctx.redactor.redact([reply.assistant_message(), *([] if proposals else tool_messages)]),
-            ]
-            conv.updated_at = now
-            for (call_id, prepared, rule), preview in zip(proposals, previews, strict=True):
-                approval = Approval(
-                    id=new_approval_id(),
-                    run_id=run_id,
-                    step=step,
-                    tool_call_id=call_id,
-                    tool_name=prepared.spec.name,
-                    args=prepared.args,
-                    args_sha256=args_digest(prepared.args),
-                    status="pending",
-                    platform=thread.platform,
-                    requester_id=requester.id,
-                    requester=requester.to_dict(),
-                    thread=thread.to_dict(),
-                    card=ctx.redactor.redact(
-                        card_content(prepared.spec.sentence(prepared.args), prepared.args, list(rule.risks), preview, rule.reason)
-                    ),
-                    rule=rule.rule,
-                    votes=[],
-                    expires_at=expiry(now, rule, ctx.settings.approval_ttl),
-                    created_at=now,
-                )
-                session.add(approval)
-                created.append(approval.id)
-                rows.append(
-                    entry(
-                        "approval_requested",
-                        run_id=run_id,
-                        approval_id=approval.id,
-                        platform=thread.platform,
-                        actor=requester.key,
-                        tool=approval.tool_name,
-                        status="pending",
-                        args_sha256=approval.args_sha256,
-                        rule=rule.rule,
-                        expires_at=approval.expires_at.isoformat(),
-                    )
-                )
-            if proposals:
-                run.status, run.pending_results = "waiting", ctx.redactor.redact(results)
-            await ctx.audit.record_many(session, rows)
-        if not proposals:
-            return tool_messages
-        for approval_id in created:
-            await self.post_card(approval_id)
-        # Decisions may already have landed (or expired) while cards were being posted.
-        await self.resume_if_ready(run_id)
-        return None
+            if not result.owned:
+                return  # another replica took the run over
+            for approval_id in result.created:
+                await self.out.post_card(approval_id)
+            # Decisions may already have landed (or expired) while cards were being posted.
+            await self.resume_if_ready(run_id)
+            return
 
-    async def _preview(self, tool_ctx: ToolContext, prepared: PreparedCall) -> list[str]:
-        """The tool's code-computed preview for the card; a failing preview says so instead of blocking."""
-        if prepared.spec.preview is None:
-            return []
-        try:
-            return await asyncio.wait_for(prepared.spec.preview(tool_ctx, prepared.args), self.ctx.settings.tool_timeout)
-        except Exception as exc:  # noqa: BLE001 - the card must still be shown
-            log.warning("preview of %s failed: %s", prepared.spec.name, type(exc).__name__)
-            return [f"(preview unavailable: {type(exc).__name__})"]
-
-    async def _run_now(self, tool_ctx: ToolContext, prepared: PreparedCall) -> tuple[str, str]:
-        """Run a call that needs no approval. Returns (result text for the model, status)."""
-        timeout = self.ctx.settings.tool_timeout
-        try:
-            value = await asyncio.wait_for(prepared.spec.run(tool_ctx, prepared.args), timeout)
-            return result_text(value), "succeeded"
-        except ToolError as exc:
-            return texts.MODEL_FAILED_TOOL.format(detail=exc.message), "failed"
-        except TimeoutError:
-            return texts.MODEL_FAILED_TOOL.format(detail=f"timed out after {timeout:g}s"), "failed"
-        except Exception as exc:
-            log.exception("read tool %s crashed", prepared.spec.name)
-            return texts.MODEL_FAILED_TOOL.format(detail=f"internal error ({type(exc).__name__})"), "failed"
-
-    # ------------------------------------------------------------------ resuming
     async def resume_if_ready(self, run_id: str) -> None:
         """Resume a waiting run once every approval of its step is decided (any replica may win)."""
         ctx = self.ctx
@@ -506,7 +340,7 @@ class Runner:
         """Post the final text, then close the run and release the conversation in one transaction."""
         ctx = self.ctx
         audit = audit or []
-        posted = await self._notify(thread, text)
+        posted = await self.out.notify(thread, text)
         more_queued = False
         async with ctx.db.transaction() as session:
             run = await session.get(Run, run_id)
@@ -540,78 +374,6 @@ class Runner:
             ).first() is not None
         if more_queued:
             ctx.tasks.spawn(self.process_conversation(run.conversation_key), name=f"conversation-{run.conversation_key}")
-
-    # ------------------------------------------------------------------ channel output
-    async def post_card(self, approval_id: str) -> None:
-        ctx = self.ctx
-        async with ctx.db.transaction() as session:
-            approval = await session.get(Approval, approval_id)
-        if approval is None:
-            return
-        channel = ctx.channel(approval.platform)
-        if channel is None:
-            return
-        thread = Thread.from_dict(approval.thread)
-        try:
-            message_id = await channel.post_card(thread, card_view(approval))
-        except Exception:
-            log.exception("posting the card for %s failed", approval_id)
-            message_id = None
-        async with ctx.db.transaction() as session:
-            if message_id:
-                await session.execute(sa.update(Approval).where(Approval.id == approval_id).values(card_message_id=message_id))
-            await ctx.audit.record(
-                session,
-                "card_posted",
-                run_id=approval.run_id,
-                approval_id=approval_id,
-                platform=approval.platform,
-                tool=approval.tool_name,
-                status="posted" if message_id else "not_posted",
-                message_id=message_id,
-            )
-        if message_id:
-            # The decision may have raced ahead of the post: make the card show the current state.
-            async with ctx.db.transaction() as session:
-                latest = await session.get(Approval, approval_id)
-            if latest is not None and latest.status != "pending":
-                await self.refresh_card(approval_id)
-
-    async def refresh_card(self, approval_id: str) -> None:
-        """Re-render a posted card from the approval's current state."""
-        ctx = self.ctx
-        async with ctx.db.transaction() as session:
-            approval = await session.get(Approval, approval_id)
-        if approval is None or not approval.card_message_id:
-            return
-        channel = ctx.channel(approval.platform)
-        if channel is None:
-            return
-        try:
-            await channel.update_card(Thread.from_dict(approval.thread), approval.card_message_id, card_view(approval))
-        except Exception:
-            log.exception("updating the card for %s failed", approval_id)
-
-    async def _notify(self, thread: Thread, text: str) -> bool:
-        channel = self.ctx.channel(thread.platform)
-        if channel is None:
-            log.warning("no %s channel is running; a reply could not be delivered", thread.platform)
-            return False
-        try:
-            await channel.post_reply(thread, self.ctx.redactor.redact_text(text))
-            return True
-        except Exception:
-            log.exception("posting a reply on %s failed", thread.platform)
-            return False
-
-    async def _safe_channel_call(self, thread: Thread, method: str) -> None:
-        channel = self.ctx.channel(thread.platform)
-        if channel is None:
-            return
-        try:
-            await getattr(channel, method)(thread)
-        except Exception:  # noqa: BLE001
-            log.warning("%s on %s failed", method, thread.platform)
 
 
 def _safe_name(user: User) -> str:

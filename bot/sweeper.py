@@ -110,7 +110,7 @@ class Sweeper:
                     )
                 else:
                     continue
-            await core.runner.refresh_card(approval_id)
+            await core.runner.out.refresh_card(approval_id)
             await core.runner.resume_if_ready(a.run_id)
         for a in orphaned_exec:
             if a.executor in alive:
@@ -129,14 +129,14 @@ class Sweeper:
                     executor=a.executor,
                 )
             log.warning("approval %s (%s) was left executing by %s: marked in_doubt, not re-run", a.id, a.tool_name, a.executor)
-            await core.runner.refresh_card(a.id)
-            await core.runner._notify(
+            await core.runner.out.refresh_card(a.id)
+            await core.runner.out.notify(
                 Thread.from_dict(a.thread), texts.IN_DOUBT_REPORT.format(tool=a.tool_name, approval_id=a.id)
             )
             await core.runner.resume_if_ready(a.run_id)
         for approval_id in approved:
             if await core.executor.execute(approval_id):
-                await core.runner.refresh_card(approval_id)
+                await core.runner.out.refresh_card(approval_id)
         for run in runs:
             if run.status == "waiting":
                 await core.runner.resume_if_ready(run.id)

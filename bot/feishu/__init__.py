@@ -5,12 +5,14 @@ Layout of the package (each module says what belongs in it):
 - `cards.py`    `CardView` -> card JSON 2.0 (under 30 KB) and the card-callback answer;
 - `webhook.py`  decryption, signature, token and timestamp checks for `POST /feishu/events`;
 - `longconn.py` lark-oapi's websocket client in its own thread and event loop;
-- `client.py`   lark-oapi `Client` calls with timeouts, token refresh and rate-limit backoff.
+- `client.py`   lark-oapi `Client` calls with timeouts, token refresh and rate-limit backoff;
+- `groups.py`   department and group-chat memberships for the policy's `feishu-dept:`/`feishu-group:` entries.
 
 This module is the `Channel` the core talks to (reply in the thread, "OnIt" reaction, card post and
 patch) plus the adapter's lifecycle. In: the webhook route (FEISHU_MODE=webhook) and the long
 connection (FEISHU_MODE=ws, the default) both end in `dispatch(payload)`, which translates the JSON
-and calls `core.accept_message` or `core.decide`. Nothing slow happens there: the core records and
+and calls `core.accept_message` or `core.decide` (with the person's memberships looked up first,
+bounded to about a second, when the policy names departments or chats). Nothing slow happens there: the core records and
 returns; runs, tools and card patches happen in the core's background tasks. lark-oapi is imported
 lazily (it takes seconds) and no lark type leaves this package.
 """
@@ -24,7 +26,7 @@ import logging
 import re
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from aiohttp import web
@@ -35,9 +37,10 @@ from bot.channels import CardView
 from bot.config import Settings
 from bot.core import Core
 from bot.errors import ConfigError, StorageError
-from bot.events import Thread
+from bot.events import Thread, User
 from bot.feishu import cards, events
 from bot.feishu.client import RATE_LIMITED, TOKEN_INVALID, CredentialsRejected, FeishuApi, FeishuApiError
+from bot.feishu.groups import FeishuGroups
 from bot.feishu.longconn import LongConnection
 from bot.feishu.webhook import Rejected, open_envelope
 
@@ -85,6 +88,7 @@ class FeishuAdapter:
             app_secret=settings.feishu_app_secret.get_secret_value(),
             domain=settings.feishu_domain,
         )
+        self.groups = FeishuGroups(self.api, lambda: core.ctx.policy.group_refs(events.PLATFORM))
         self.bot_open_id: str | None = None
         self._bot_id_task: asyncio.Task[None] | None = None
         self._bot_id_next = 0.0
@@ -122,6 +126,7 @@ class FeishuAdapter:
             self._long = None
         if self._bot_id_task is not None:
             self._bot_id_task.cancel()
+        await self.groups.close()
 
     def _learn_bot_id(self) -> None:
         """Fetch the bot's open_id in the background (once; again on demand while unknown)."""
@@ -147,19 +152,27 @@ class FeishuAdapter:
                 self._learn_bot_id()
                 raise NotReady("the bot's own open_id is not known yet, so @mentions cannot be checked")
             msg = events.to_message(payload, bot_open_id=self.bot_open_id)
-            if msg is not None and not await self.core.accept_message(msg):
-                log.debug("feishu: duplicate delivery %s", msg.dedupe_keys)
+            if msg is not None:
+                msg = replace(msg, user=await self._identified(msg.user))
+                if not await self.core.accept_message(msg):
+                    log.debug("feishu: duplicate delivery %s", msg.dedupe_keys)
             return Answer({})
         if kind == "card.action.trigger" or (kind is None and "action" in payload):
             request = events.to_decision(payload)
             self._answering.setdefault(request.approval_id, asyncio.Event())
             try:
+                request = replace(request, user=await self._identified(request.user))
                 outcome = await self.core.decide(request)
             except BaseException:
                 self._answered(request.approval_id)
                 raise
             return Answer(cards.callback_response(outcome), request.approval_id)
         return Answer({})  # another subscribed event: acknowledge, never 500
+
+    async def _identified(self, user: User) -> User:
+        """The person as the policy judges them: memberships looked up now; the bot itself counts as a bot."""
+        groups = await self.groups.groups_of(user.id)
+        return replace(user, groups=groups, is_bot=user.is_bot or user.id == self.bot_open_id)
 
     def _answered(self, approval_id: str | None) -> None:
         if approval_id is not None and (event := self._answering.pop(approval_id, None)):

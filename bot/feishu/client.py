@@ -66,6 +66,7 @@ class FeishuApi:
         self._client: Any = None
         self._lark: Any = None
         self._im: Any = None
+        self._contact: Any = None
 
     async def open(self) -> None:
         """Import lark-oapi and build the client (off the event loop: the import is slow)."""
@@ -75,6 +76,7 @@ class FeishuApi:
     def _build(self) -> None:
         lark = importlib.import_module("lark_oapi")
         self._im = importlib.import_module("lark_oapi.api.im.v1")
+        self._contact = importlib.import_module("lark_oapi.api.contact.v3")
         self._lark = lark
         builder = lark.Client.builder().app_id(self.app_id).app_secret(self._secret)
         builder = builder.domain(self.domain).timeout(self.timeout)
@@ -127,6 +129,42 @@ class FeishuApi:
         body = self._im.CreateMessageReactionRequestBody({"reaction_type": {"emoji_type": emoji}})
         request = self._im.CreateMessageReactionRequest.builder().message_id(message_id).request_body(body).build()
         await self._call("reaction", self._client.im.v1.message_reaction.create, request)
+
+    async def user_departments(self, open_id: str) -> frozenset[str]:
+        """The departments (open_department_id) a user is directly in: `GET /open-apis/contact/v3/users/:id`.
+
+        Needs a contact scope and the field scope `contact:user.department:readonly`, and the user
+        inside the app's contact range; otherwise Feishu refuses (FeishuApiError).
+        """
+        request = (
+            self._contact.GetUserRequest.builder()
+            .user_id(open_id)
+            .user_id_type("open_id")
+            .department_id_type("open_department_id")
+            .build()
+        )
+        response = await self._call("user info", self._client.contact.v3.user.get, request)
+        user = response.data.user if response.data is not None else None
+        return frozenset(str(d) for d in (user.department_ids if user is not None else None) or [])
+
+    async def chat_members(self, chat_id: str, *, max_pages: int = 100) -> frozenset[str]:
+        """The open_ids of a group chat's human members (bots are never listed), every page.
+
+        `GET /open-apis/im/v1/chats/:chat_id/members`; the bot must be in the chat. A chat larger
+        than `max_pages` pages is refused rather than half-read.
+        """
+        members: set[str] = set()
+        token: str | None = None
+        for _ in range(max_pages):
+            builder = self._im.GetChatMembersRequest.builder().chat_id(chat_id).member_id_type("open_id").page_size(100)
+            request = (builder.page_token(token) if token else builder).build()
+            response = await self._call("chat members", self._client.im.v1.chat_members.get, request)
+            data = response.data
+            members.update(str(m.member_id) for m in (data.items if data is not None else None) or [] if m.member_id)
+            token = data.page_token if data is not None and data.has_more else None
+            if not token:
+                return frozenset(members)
+        raise FeishuApiError("chat members", None, f"more than {max_pages} pages of members")
 
     # ------------------------------------------------------------------ retry policy
     def _forget_token(self) -> None:

@@ -4,6 +4,7 @@ Layout of the package (each module says what belongs in it):
 - `events.py`    Slack payloads -> `IncomingMessage` / `DecisionRequest` (pure functions);
 - `blocks.py`    `CardView` -> Block Kit, the reject-reason modal, safe message text;
 - `client.py`    the `AsyncWebClient` (base URL, bounded 429 retries), `auth.test`, user names;
+- `groups.py`    user-group memberships for the policy's `slack-group:` entries (`usergroups.users.list`);
 - `handlers.py`  the Bolt listeners, one core call each;
 - `transport.py` the Bolt app and its two doors: `POST /slack/events` and Socket Mode.
 
@@ -29,6 +30,7 @@ from bot.core import Core
 from bot.events import Thread
 from bot.slack.blocks import card_blocks, card_text, safe_message, split_message
 from bot.slack.client import BotIdentity, SlackUnavailable, UserDirectory, make_client
+from bot.slack.groups import SlackGroups
 from bot.slack.handlers import SlackHandlers
 from bot.slack.transport import HttpDoor, SocketDoor, build_bolt_app
 
@@ -50,9 +52,10 @@ class SlackAdapter:
         self.client = client or make_client(settings)
         self.identity = BotIdentity(self.client)
         self.users = UserDirectory(self.client)
+        self.groups = SlackGroups(self.client, lambda: core.ctx.policy.group_refs("slack"))
         secret = settings.slack_signing_secret.get_secret_value() if settings.slack_signing_secret else None
         self.bolt = build_bolt_app(self.client, self.identity, secret)
-        SlackHandlers(core, self.client, self.identity, self.users, self._spawn).register(self.bolt)
+        SlackHandlers(core, self.client, self.identity, self.users, self.groups, self._spawn).register(self.bolt)
         app_token = settings.slack_app_token.get_secret_value() if settings.slack_app_token else None
         self.socket = SocketDoor(self.bolt, app_token) if app_token else None
         self.http = HttpDoor(self.bolt, secret) if self.socket is None and secret else None
@@ -80,6 +83,7 @@ class SlackAdapter:
     async def stop(self) -> None:
         if self.socket is not None:
             await self.socket.stop()
+        await self.groups.close()
         try:
             async with asyncio.timeout(STOP_TIMEOUT):
                 await self.idle()

@@ -38,6 +38,7 @@ class Author:
 
     name: str | None = None
     is_bot: bool = False
+    groups: tuple[str, ...] = ()  # `slack-group:<id>` entries of the policy the author is a member of
 
 
 def mention_pattern(bot_user_id: str) -> re.Pattern[str]:
@@ -106,7 +107,7 @@ def message_from_event(
     user_id = str(author_id(event))
     who = author or Author()
     tenant = event.get("user_team") or event.get("team") or team_of(body)
-    user = User(PLATFORM, user_id, tenant=str(tenant), name=who.name, is_bot=who.is_bot)
+    user = User(PLATFORM, user_id, tenant=str(tenant), name=who.name, is_bot=who.is_bot, groups=who.groups)
     thread, key = thread_for(body, event)
     return IncomingMessage(
         user=user,

@@ -7,13 +7,17 @@ listeners (Approve -> `core.decide`; Reject -> the reason modal), the modal subm
 acknowledged message is always recorded, and one that could not be recorded (StorageError)
 is answered 500 (HTTP) or left unacknowledged (Socket Mode), so Slack delivers it again.
 Retries are never dropped by their headers; the core's dedupe keys make them harmless.
+Before a message or a decision reaches the core, the person is looked up (users.info for the
+bot flag, `groups.py` for the policy's user groups), concurrently and bounded to about a second.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 from collections.abc import Callable, Coroutine
+from dataclasses import replace
 from typing import Any
 
 from slack_bolt.async_app import AsyncAck, AsyncApp
@@ -23,9 +27,11 @@ from slack_sdk.web.async_client import AsyncWebClient
 from bot import texts
 from bot.core import Core
 from bot.errors import StorageError
+from bot.events import DecisionRequest
 from bot.slack import events
 from bot.slack.blocks import reject_modal
 from bot.slack.client import BotIdentity, SlackUnavailable, UserDirectory
+from bot.slack.groups import SlackGroups
 
 log = logging.getLogger("chatops.slack")
 
@@ -37,11 +43,14 @@ _SHOWN_ON_CARD = frozenset({"approved", "rejected"})
 class SlackHandlers:
     """Listeners bound to one core; `register` attaches them to a Bolt app."""
 
-    def __init__(self, core: Core, client: AsyncWebClient, identity: BotIdentity, users: UserDirectory, spawn: Spawn) -> None:
+    def __init__(
+        self, core: Core, client: AsyncWebClient, identity: BotIdentity, users: UserDirectory, groups: SlackGroups, spawn: Spawn
+    ) -> None:
         self.core = core
         self.client = client
         self.identity = identity
         self.users = users
+        self.groups = groups
         self.spawn = spawn
 
     def register(self, app: AsyncApp) -> None:
@@ -59,7 +68,7 @@ class SlackHandlers:
         bot_user_id = self.identity.bot_user_id
         if not events.is_for_bot(event, bot_user_id):
             return
-        author = await self.users.author(str(events.author_id(event)))
+        author = await self._lookup(str(events.author_id(event)))
         msg = events.message_from_event(body, event, bot_user_id, author)
         if msg is None:
             return
@@ -74,6 +83,17 @@ class SlackHandlers:
         """An event type we do not use (a subscription added by hand): acknowledge it so Slack stops sending it again."""
         log.debug("slack: ignored a %s event", event.get("type"))
 
+    async def _lookup(self, user_id: str) -> events.Author:
+        """users.info (name, bot flag) and the policy's user groups, asked together; each is bounded in time."""
+        author, groups = await asyncio.gather(self.users.author(user_id), self.groups.groups_of(user_id))
+        return replace(author, groups=groups)
+
+    async def _identified(self, request: DecisionRequest) -> DecisionRequest:
+        """The decider as the policy judges them: with the bot flag and group memberships looked up now."""
+        author = await self._lookup(request.user.id)
+        is_bot = author.is_bot or request.user.id == self.identity.bot_user_id
+        return replace(request, user=replace(request.user, is_bot=is_bot, groups=author.groups))
+
     async def _post(self, coords: dict[str, Any], text: str) -> None:
         await self.client.chat_postMessage(channel=coords["channel"], thread_ts=coords.get("thread_ts"), text=text)
 
@@ -81,7 +101,7 @@ class SlackHandlers:
     async def on_approve(self, ack: AsyncAck, body: dict[str, Any], action: dict[str, Any]) -> None:
         """Approve: decide now (a fast, conditional DB update); the core updates the card and runs the tool."""
         await ack()
-        request = events.decision_from_action(body, action)
+        request = await self._identified(events.decision_from_action(body, action))
         outcome = await self.core.decide(request)
         log.info("slack click on %s by %s: %s", request.approval_id, request.user.key, outcome.kind)
         if outcome.kind not in _SHOWN_ON_CARD:
@@ -97,6 +117,7 @@ class SlackHandlers:
     async def on_reject_submit(self, ack: AsyncAck, body: dict[str, Any]) -> None:
         """The modal was submitted: reject with the reason; refusals are shown inside the modal."""
         request, _ = events.decision_from_view(body)
+        request = await self._identified(request)
         outcome = await self.core.decide(request)
         log.info("slack reject of %s by %s: %s", request.approval_id, request.user.key, outcome.kind)
         if outcome.kind in _SHOWN_ON_CARD:
