@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from typing import TextIO
 
 from storage.redact import Redactor
 
@@ -33,10 +34,16 @@ class RedactingFilter(logging.Filter):
         return True
 
 
-def setup_logging(level: str, redactor: Redactor) -> None:
-    handler = logging.StreamHandler(sys.stderr)
+def redacting_handler(stream: TextIO, redactor: Redactor) -> logging.Handler:
+    """A handler whose every record is redacted (and made single-line) before it is written."""
+    handler = logging.StreamHandler(stream)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     handler.addFilter(RedactingFilter(redactor))
+    return handler
+
+
+def setup_logging(level: str, redactor: Redactor) -> None:
+    handler = redacting_handler(sys.stderr, redactor)
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)

@@ -36,6 +36,11 @@ class Redactor:
         found = {s for s in secrets if s and len(s) >= _MIN_SECRET_LEN}
         self._secrets = sorted(set(self._secrets) | found, key=len, reverse=True)
 
+    @property
+    def known(self) -> tuple[str, ...]:
+        """The exact secret values registered so far."""
+        return tuple(self._secrets)
+
     def redact_text(self, text: str) -> str:
         for secret in self._secrets:
             if secret in text:

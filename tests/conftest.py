@@ -8,6 +8,7 @@ no `.env` is ever read (tests run in a temporary working directory).
 from __future__ import annotations
 
 import io
+import logging
 import os
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -20,11 +21,34 @@ import sqlalchemy as sa
 from bot.app import App, build_app
 from bot.config import Settings, load_settings
 from bot.events import User
+from bot.logsetup import redacting_handler
 from bot.terminal import TerminalAdapter
+from storage.redact import Redactor
 from tests.fakes.openai_server import ScriptedModel
 from tools.registry import Toolset
 
 CLOSED_MODEL_URL = "http://127.0.0.1:9/v1"
+# Every bot a test builds registers its configured secrets here, as `chatops serve` does for its log.
+SUITE_LOG_REDACTOR = Redactor()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _whole_suite_logs_at_debug(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """The whole suite runs with the product's redacting log handler at DEBUG; afterwards, no
+    configured secret (tokens, keys, passwords of every bot the tests built) may be in that log."""
+    path = tmp_path_factory.mktemp("suite-log") / "chatops-debug.log"
+    with path.open("w", encoding="utf-8") as stream:
+        handler = redacting_handler(stream, SUITE_LOG_REDACTOR)
+        root = logging.getLogger()
+        previous = root.level
+        root.addHandler(handler)
+        root.setLevel(logging.DEBUG)
+        yield
+        root.removeHandler(handler)
+        root.setLevel(previous)
+    text = path.read_text(encoding="utf-8")
+    leaked = sorted({secret for secret in SUITE_LOG_REDACTOR.known if secret in text})
+    assert text and not leaked, f"secrets in the DEBUG log {path}: {len(leaked)}"
 
 
 @pytest.fixture(autouse=True)
@@ -63,8 +87,7 @@ def postgres_url() -> Iterator[str]:
     yield f"{base}{sep}options=-csearch_path%3D{schema}&application_name={schema}"
     with engine.begin() as conn:
         # Connections a failed test left open would block the DROP: end them first.
-        conn.execute(sa.text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = :a"),
-                     {"a": schema})
+        conn.execute(sa.text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = :a"), {"a": schema})
         conn.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
     engine.dispose()
 
@@ -107,6 +130,7 @@ class Bots:
         **env: str,
     ) -> App:
         settings = make_settings(self.model.url, database_url or self.database_url, **env)
+        SUITE_LOG_REDACTOR.add(settings.secret_values())
         app = await build_app(settings, services=services)
         for toolset in toolsets:
             for spec in toolset.specs:

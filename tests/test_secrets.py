@@ -9,7 +9,7 @@ import logging
 
 import sqlalchemy as sa
 
-from bot.logsetup import setup_logging
+from bot.logsetup import redacting_handler
 from storage.models import AuditEvent, Conversation
 from storage.redact import Redactor
 from tests.fakes.openai_server import calls, text
@@ -64,9 +64,7 @@ async def test_no_canary_reaches_logs_audit_model_or_chat(terminal_bot, model, s
     )
     bot = await terminal_bot(toolsets=[leaky_toolset()], CHATOPS_LOG_LEVEL="DEBUG", **env)
     settings = bot.app.settings
-    setup_logging("DEBUG", Redactor(settings.secret_values()))  # what `chatops serve` does
-    handler = logging.StreamHandler(stream)
-    handler.filters = list(logging.getLogger().handlers[0].filters)
+    handler = redacting_handler(stream, Redactor(settings.secret_values()))  # what `chatops serve` installs
     logging.getLogger().addHandler(handler)
     try:
         logging.getLogger("chatops.test").debug("settings are %s and key %s", settings, CANARIES["OPENAI_API_KEY"])

@@ -10,9 +10,18 @@ import pytest
 yaml = pytest.importorskip("yaml")
 
 MANIFEST = Path(__file__).resolve().parent.parent / "manifest.yml"
-REQUIRED_SCOPES = {"app_mentions:read", "chat:write", "im:history", "im:read", "im:write", "reactions:write", "users:read"}
+REQUIRED_SCOPES = {
+    "app_mentions:read",
+    "chat:write",
+    "im:history",
+    "im:read",
+    "im:write",
+    "reactions:write",
+    "usergroups:read",  # `slack-group:S…` approvers: usergroups.users.list
+    "users:read",
+}
 # Scopes the bot would only need for features it does not have (reading channel history, posting as users).
-UNNEEDED_SCOPES = {"channels:read", "chat:write.customize", "chat:write.public", "admin", "files:write"}
+UNNEEDED_SCOPES = {"channels:read", "chat:write.customize", "chat:write.public", "admin", "files:write", "usergroups:write"}
 
 
 @pytest.fixture(scope="module")

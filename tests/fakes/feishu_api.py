@@ -1,7 +1,8 @@
 """A fake Feishu Open API: a real aiohttp server on 127.0.0.1:0 the real lark-oapi client talks to.
 
 Point `lark.Client` (FEISHU_DOMAIN) at `fake.url`. It serves the tenant token, bot info, message
-create / reply / PATCH and reactions, honours `uuid` idempotency keys, keeps every message
+create / reply / PATCH and reactions, a user's departments (`set_departments`) and a group chat's
+members, paged (`set_chat_members`), honours `uuid` idempotency keys, keeps every message
 (so tests can read a card after it was patched) and records each call. `fail_token_once()`
 makes the next API call answer 99991663 (the token is rotated), `rate_limit_once()` answers
 429/99991400 once. It also speaks the long-connection protocol: `/callback/ws/endpoint` plus a
@@ -64,6 +65,8 @@ class FakeFeishu:
         self.users_messages: dict[str, Message] = {}
         self.recalled: set[str] = set()
         self.acks: list[dict[str, Any]] = []
+        self.departments: dict[str, list[str]] = {}  # open_id -> open_department_ids
+        self.chat_members: dict[str, list[str]] = {}  # chat_id -> member open_ids
         self._ids = itertools.count(1)
         self._token = "t-1"
         self._tokens = itertools.count(2)
@@ -86,6 +89,8 @@ class FakeFeishu:
         app.router.add_post("/open-apis/im/v1/messages/{mid}/reply", self._reply)
         app.router.add_patch("/open-apis/im/v1/messages/{mid}", self._patch)
         app.router.add_post("/open-apis/im/v1/messages/{mid}/reactions", self._react)
+        app.router.add_get("/open-apis/contact/v3/users/{uid}", self._user)
+        app.router.add_get("/open-apis/im/v1/chats/{chat_id}/members", self._members)
         app.router.add_post("/callback/ws/endpoint", self._ws_endpoint)
         app.router.add_get("/ws", self._ws_handler)
         self._runner = web.AppRunner(app, access_log=None)
@@ -112,6 +117,14 @@ class FakeFeishu:
         """The next API call is handled (and stored), but answered only after `seconds`."""
         self._stalls.append(seconds)
 
+    def set_departments(self, open_id: str, department_ids: list[str]) -> None:
+        """The user's direct departments, as `contact/v3/users/:id` reports them (unknown users: 41050)."""
+        self.departments[open_id] = list(department_ids)
+
+    def set_chat_members(self, chat_id: str, open_ids: list[str]) -> None:
+        """The chat's members, as `im/v1/chats/:id/members` lists them (unknown chats: the bot is not in them)."""
+        self.chat_members[chat_id] = list(open_ids)
+
     def user_message(self, message_id: str, chat_id: str, root_id: str | None = None) -> None:
         """Tell the fake about a message a user sent (so replies to it land in its chat)."""
         self.users_messages[message_id] = Message(message_id, chat_id, "user", "{}", reply_to=root_id)
@@ -121,7 +134,7 @@ class FakeFeishu:
         self.recalled.add(message_id)
 
     def calls_to(self, kind: str) -> list[Call]:
-        """Calls by kind: token, bot_info, create, reply, patch, reaction."""
+        """Calls by kind: token, bot_info, create, reply, patch, reaction, user, chat_members."""
         return [c for c in self.calls if _kind(c) == kind]
 
     def sent(self) -> list[Message]:
@@ -231,6 +244,33 @@ class FakeFeishu:
         data = {"reaction_id": f"r{len(self.reactions)}"}
         return await self._done(web.json_response({"code": 0, "msg": "ok", "data": data}))
 
+    async def _user(self, request: web.Request) -> web.Response:
+        call, problem = await self._record(request)
+        if problem is not None:
+            return await self._done(problem)
+        open_id = request.match_info["uid"]
+        if call.query.get("user_id_type") != "open_id" or open_id not in self.departments:
+            return await self._done(web.json_response({"code": 41050, "msg": "no user authority error"}, status=400))
+        user = {"open_id": open_id, "name": open_id, "department_ids": self.departments[open_id]}
+        return await self._done(web.json_response({"code": 0, "msg": "success", "data": {"user": user}}))
+
+    async def _members(self, request: web.Request) -> web.Response:
+        call, problem = await self._record(request)
+        if problem is not None:
+            return await self._done(problem)
+        members = self.chat_members.get(request.match_info["chat_id"])
+        if members is None:
+            return await self._done(
+                web.json_response({"code": 232011, "msg": "Operator can NOT be out of the chat."}, status=400)
+            )
+        size = int(call.query.get("page_size") or 20)
+        start = int(call.query.get("page_token") or 0)
+        page = members[start : start + size]
+        more = start + size < len(members)
+        items = [{"member_id_type": "open_id", "member_id": m, "name": m, "tenant_key": "tenant-1"} for m in page]
+        data = {"items": items, "page_token": str(start + size) if more else "", "has_more": more, "member_total": len(members)}
+        return await self._done(web.json_response({"code": 0, "msg": "success", "data": data}))
+
     # ------------------------------------------------------------------ long connection
     async def _ws_endpoint(self, request: web.Request) -> web.Response:
         body = await request.json()
@@ -292,6 +332,10 @@ def _kind(call: Call) -> str:
         return "reply"
     if path.endswith("/reactions"):
         return "reaction"
+    if "/contact/v3/users/" in path:
+        return "user"
+    if path.endswith("/members"):
+        return "chat_members"
     if call.method == "PATCH":
         return "patch"
     return "create"

@@ -4,7 +4,7 @@ The bot's real `AsyncWebClient` talks to it through SLACK_API_URL. Every call is
 `ApiCall` (method name, parsed parameters, token, HTTP status) and answered the way Slack does for
 the methods the bot uses (`auth.test`, `chat.postMessage` returns a fresh `ts`, `chat.update`,
 `chat.postEphemeral`, `reactions.add`, `conversations.replies`, `views.open`, `users.info`,
-`apps.connections.open`...). A test can make a method answer 429 with Retry-After, or a Slack
+`usergroups.users.list` (members set with `set_usergroup`), `apps.connections.open`...). A test can make a method answer 429 with Retry-After, or a Slack
 error, a number of times. `wait_for` waits on calls instead of sleeping.
 
 Socket Mode: `apps.connections.open` hands out `ws://127.0.0.1:<port>/socket`; `push` sends an
@@ -47,6 +47,7 @@ class FakeSlackApi:
     users: dict[str, dict[str, Any]] = field(default_factory=dict)
     messages: dict[str, dict[str, Any]] = field(default_factory=dict)
     acks: dict[str, dict[str, Any]] = field(default_factory=dict)
+    usergroups: dict[str, list[str]] = field(default_factory=dict)
     port: int = 0
     _limits: dict[str, list[int]] = field(default_factory=dict)
     _errors: dict[str, list[Any]] = field(default_factory=dict)
@@ -77,6 +78,10 @@ class FakeSlackApi:
             "is_bot": is_bot,
             "profile": {"display_name": name, "real_name": name},
         }
+
+    def set_usergroup(self, group_id: str, members: list[str]) -> None:
+        """The user group `group_id` (S…) now has exactly these members (`usergroups.users.list`)."""
+        self.usergroups[group_id] = list(members)
 
     # ------------------------------------------------------------------ inspection
     def calls_to(self, method: str, *, ok_only: bool = True) -> list[ApiCall]:
@@ -120,7 +125,7 @@ class FakeSlackApi:
             return web.json_response({"ok": False, "error": error[1]})
         handler = getattr(self, "_m_" + call.method.replace(".", "_"), None)
         body = handler(call.params) if handler else {}
-        return web.json_response({"ok": True, **body})
+        return web.json_response({"ok": True, **body})  # a handler's own {"ok": False, ...} wins
 
     def _new_ts(self) -> str:
         return f"1700000000.{next(self._ts):06d}"
@@ -170,6 +175,12 @@ class FakeSlackApi:
         user_id = str(p.get("user"))
         default = {"id": user_id, "team_id": TEAM_ID, "name": user_id.lower(), "is_bot": False, "profile": {}}
         return {"user": self.users.get(user_id, default)}
+
+    def _m_usergroups_users_list(self, p: dict[str, Any]) -> dict[str, Any]:
+        members = self.usergroups.get(str(p.get("usergroup")))
+        if members is None:
+            return {"ok": False, "error": "no_such_subteam"}
+        return {"users": list(members)}
 
     def _m_apps_connections_open(self, _: dict[str, Any]) -> dict[str, Any]:
         return {"url": f"ws://127.0.0.1:{self.port}/socket"}
