@@ -83,7 +83,7 @@ def _already(approval: Approval) -> DecisionOutcome:
 async def decide(ctx: AppContext, req: DecisionRequest, rule_for: Any) -> DecisionOutcome:
     """Apply one decision. `rule_for(approval)` returns the current `CallRule` for the approval."""
     for _ in range(8):  # optimistic concurrency: re-read and retry when another vote landed first
-        async with ctx.db.transaction() as session:
+        async with ctx.db.transaction(urgent=True) as session:
             approval = await session.get(Approval, req.approval_id)
             if approval is None:
                 await ctx.audit.record(

@@ -53,7 +53,7 @@ class Core:
         inbox_id = "in-" + uuid.uuid4().hex[:16]
         now = ctx.clock()
         try:
-            async with ctx.db.transaction() as session:
+            async with ctx.db.transaction(urgent=True) as session:
                 session.add_all([SeenKey(key=k[:300], inbox_id=inbox_id, created_at=now) for k in msg.dedupe_keys])
                 await session.flush()
                 session.add(

@@ -19,6 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async
 from sqlalchemy.orm import Session, sessionmaker
 
 SQLITE_BUSY_TIMEOUT_MS = 10_000
+BACKGROUND_CONNECTIONS = 8
 
 
 @dataclass(frozen=True)
@@ -80,7 +81,9 @@ def make_async_engine(urls: DatabaseUrls) -> AsyncEngine:
         )
         _sqlite_connect_listeners(engine.sync_engine)
         return engine
-    return create_async_engine(urls.async_url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+    # No pre-ping round trip per checkout: a connection found dead fails its transaction (the
+    # platform redelivers, the sweeper retries) and the pool replaces it.
+    return create_async_engine(urls.async_url, pool_size=20, max_overflow=40, pool_recycle=1800)
 
 
 class InlineSession:
@@ -140,6 +143,10 @@ class Database:
             self._sessions = async_sessionmaker(self.engine, expire_on_commit=False)
             self._write_lock = None
         self._after_audit: list[Callable[[], None]] = []
+        # Acks first: background work (agent runs, sweeps, chaining) passes this gate before it
+        # reaches the database; the ack paths (`urgent=True`) go straight through, so a burst of
+        # runs never makes Slack or Feishu wait for their answer.
+        self._background = asyncio.Semaphore(1 if self.urls.is_sqlite else BACKGROUND_CONNECTIONS)
 
     @property
     def is_sqlite(self) -> bool:
@@ -150,8 +157,14 @@ class Database:
         self._after_audit.append(callback)
 
     @asynccontextmanager
-    async def transaction(self) -> AsyncIterator[Any]:
-        """One transaction: committed on success, rolled back on any exception."""
+    async def transaction(self, *, urgent: bool = False) -> AsyncIterator[Any]:
+        """One transaction: committed on success, rolled back on any exception.
+
+        `urgent=True` is for work a platform is waiting on (recording a message, a click)."""
+        if not urgent:
+            async with self._background, self.transaction(urgent=True) as session:
+                yield session
+            return
         if self._write_lock is None:
             async with self._sessions() as session:
                 async with session.begin():
