@@ -38,3 +38,11 @@ def test_every_setting_is_documented_in_readme_and_env_example():
     for field in Settings.model_fields.values():
         assert field.alias in README, field.alias
         assert re.search(rf"^{field.alias}=", env_example, flags=re.M), field.alias
+
+
+def test_env_example_loads_as_is():
+    from bot.config import load_settings
+
+    settings = load_settings(env_file=ROOT / ".env.example", environ={})
+    assert settings.model == "gpt-4o-mini" and not settings.model_configured  # the key is still to be filled in
+    assert not settings.slack_enabled and not settings.feishu_enabled
