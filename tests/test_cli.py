@@ -176,3 +176,31 @@ async def test_db_upgrade_and_audit_on_an_unreachable_database_fail_cleanly(tmp_
     env = {"DATABASE_URL": "postgresql://u:hunter2-secret@127.0.0.1:1/none"}
     code, _, err = await chatops("audit", "list", env=env, cwd=tmp_path)
     assert code == 2 and "hunter2-secret" not in err and "Traceback" not in err and "database" in err.lower()
+
+
+async def test_tools_lists_mcp_tools_and_servers_that_failed(tmp_path):
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    proc = await asyncio.create_subprocess_exec("git", "init", "-q", str(repo))
+    assert await proc.wait() == 0
+    config = tmp_path / "mcp.json"
+    config.write_text(
+        json.dumps(
+            {
+                "mcpServers": {
+                    "git": {
+                        "command": sys.executable,
+                        "args": ["-m", "mcp_server_git", "--repository", str(repo)],
+                        "trusted": True,
+                    },
+                    "broken": {"command": str(tmp_path / "no-such-server")},
+                }
+            }
+        )
+    )
+    code, out, err = await chatops("tools", env={"CHATOPS_MCP_CONFIG": str(config)}, cwd=tmp_path)
+    assert code == 0, err
+    lines = {line.split()[0]: line for line in out.splitlines()[1:] if not line.startswith("!")}
+    assert "mcp:git" in lines["git__git_status"] and "read" in lines["git__git_status"] and "auto" in lines["git__git_status"]
+    assert "write" in lines["git__git_commit"] and "confirm" in lines["git__git_commit"]
+    assert "! MCP server 'broken' failed to start: cannot start" in out
