@@ -21,25 +21,7 @@ from bot.app import build_app
 from bot.events import IncomingMessage, Thread, User
 from tests.conftest import make_settings
 from tests.fakes.openai_server import ScriptedModel, calls, text
-from tests.support_tools import Ledger, notes_toolset
-
-
-class NullChannel:
-    """Swallows output so the benchmark measures the bot, not a terminal."""
-
-    platform = "bench"
-
-    async def post_reply(self, thread: Thread, text: str) -> None:
-        return None
-
-    async def show_working(self, thread: Thread) -> None:
-        return None
-
-    async def post_card(self, thread, card) -> str:  # type: ignore[no-untyped-def]
-        return card.approval_id
-
-    async def update_card(self, thread, message_id, card) -> None:  # type: ignore[no-untyped-def]
-        return None
+from tests.support_tools import Ledger, RecordingChannel, notes_toolset
 
 
 def pct(values: list[float], p: float) -> float:
@@ -56,7 +38,7 @@ async def concurrent_conversations(db_url: str, n: int, model_delay: float) -> N
     async with ScriptedModel() as model:
         model.responder = lambda body: text("ok", delay=model_delay)
         app = await build_app(make_settings(model.url, db_url))
-        app.ctx.channels["bench"] = NullChannel()
+        app.ctx.channels["bench"] = RecordingChannel("bench")
         await app.start(serve_http=False)
         try:
             run = uuid.uuid4().hex[:6]
@@ -93,7 +75,7 @@ async def overhead_per_turn(db_url: str, turns: int) -> None:
         app = await build_app(make_settings(model.url, db_url))
         for spec in notes_toolset(ledger).specs:
             app.ctx.registry.add(spec)
-        app.ctx.channels["bench"] = NullChannel()
+        app.ctx.channels["bench"] = RecordingChannel("bench")
         await app.start(serve_http=False)
         model_ms: list[float] = []
         totals: list[float] = []

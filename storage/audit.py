@@ -88,29 +88,9 @@ class AuditLog:
     def __init__(self, redactor: Redactor) -> None:
         self.redactor = redactor
 
-    async def record(
-        self,
-        session: Any,
-        kind: str,
-        *,
-        run_id: str | None = None,
-        approval_id: str | None = None,
-        platform: str | None = None,
-        actor: str | None = None,
-        tool: str | None = None,
-        status: str | None = None,
-        **data: Any,
-    ) -> None:
-        """Stage one row. Secrets are redacted from `data` before it is stored (and later hashed)."""
-        fields = {
-            "run_id": run_id,
-            "approval_id": approval_id,
-            "platform": platform,
-            "actor": actor,
-            "tool": tool,
-            "status": status,
-        }
-        await self.record_many(session, [Entry(kind, fields, data)])
+    async def record(self, session: Any, kind: str, **fields_and_data: Any) -> None:
+        """Stage one row (fields as for `entry`). Secrets are redacted before it is stored and hashed."""
+        await self.record_many(session, [entry(kind, **fields_and_data)])
 
     async def record_many(self, session: Any, entries: list[Entry]) -> None:
         """Stage rows in order, atomically with the caller's transaction. No lock is taken here."""

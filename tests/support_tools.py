@@ -47,3 +47,25 @@ def notes_toolset(ledger: Ledger) -> Toolset:
         return f"note {len(ledger.effects)} stored"
 
     return toolset
+
+
+class RecordingChannel:
+    """A real `Channel` that keeps what the core sends, for tests that need no platform."""
+
+    def __init__(self, platform: str) -> None:
+        self.platform = platform
+        self.replies: list[str] = []
+        self.cards: list[Any] = []
+
+    async def post_reply(self, thread: Any, text: str) -> None:
+        self.replies.append(text)
+
+    async def show_working(self, thread: Any) -> None:
+        return None
+
+    async def post_card(self, thread: Any, card: Any) -> str:
+        self.cards.append(card)
+        return str(card.approval_id)
+
+    async def update_card(self, thread: Any, message_id: str, card: Any) -> None:
+        self.cards.append(card)

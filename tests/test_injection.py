@@ -18,6 +18,7 @@ from bot.events import DecisionRequest, IncomingMessage, Thread, User
 from storage.models import Approval, CrmLead, utcnow
 from tests.fakes.openai_server import Reply, calls, text
 from tests.fakes.smtp_server import FakeSmtp
+from tests.support_tools import RecordingChannel
 
 FLAKY = Path(__file__).parent / "fakes" / "mcp_servers" / "flaky.py"
 INSTRUCTIONS = [
@@ -99,24 +100,7 @@ async def test_no_write_runs_without_a_matching_approval(bots, model, tmp_path):
             SMTP_SECURITY="none",
             SMTP_FROM="bot@example.com",
         )
-        replies: list[str] = []
-
-        class Chat:
-            platform = "slack"
-
-            async def post_reply(self, thread, text):  # type: ignore[no-untyped-def]
-                replies.append(text)
-
-            async def show_working(self, thread):  # type: ignore[no-untyped-def]
-                return None
-
-            async def post_card(self, thread, card):  # type: ignore[no-untyped-def]
-                return card.approval_id
-
-            async def update_card(self, thread, message_id, card):  # type: ignore[no-untyped-def]
-                return None
-
-        app.ctx.channels["slack"] = Chat()
+        app.ctx.channels["slack"] = RecordingChannel("slack")
         await bots.run(app)
         async with app.ctx.db.transaction() as session:
             now = utcnow()

@@ -16,7 +16,7 @@ from bot.events import DecisionRequest, IncomingMessage, Thread, User
 from bot.policy_file import load_policy_file, parse_policy
 from storage.models import Approval
 from tests.fakes.openai_server import calls, last_user_text, text
-from tests.support_tools import Ledger
+from tests.support_tools import Ledger, RecordingChannel
 from tools.context import ToolContext
 from tools.registry import Toolset
 
@@ -95,24 +95,6 @@ def rule_toolset(ledger: Ledger) -> Toolset:
     return toolset
 
 
-class NullChannel:
-    def __init__(self, platform: str) -> None:
-        self.platform = platform
-        self.replies: list[str] = []
-
-    async def post_reply(self, thread, text):  # type: ignore[no-untyped-def]
-        self.replies.append(text)
-
-    async def show_working(self, thread):  # type: ignore[no-untyped-def]
-        return None
-
-    async def post_card(self, thread, card):  # type: ignore[no-untyped-def]
-        return card.approval_id
-
-    async def update_card(self, thread, message_id, card):  # type: ignore[no-untyped-def]
-        return None
-
-
 def people(platform: str) -> dict[str, User]:
     tenant = "T1" if platform == "slack" else "tenant1"
     ids = {"slack": ("UREQ", "ULEAD", "ULEAD2", "UOTHER"), "feishu": ("ou_req", "ou_lead", "ou_lead2", "ou_other")}[platform]
@@ -133,7 +115,7 @@ async def start_policy_bot(bots, model, tmp_path: Path, ledger: Ledger, platform
         text("ok") if body["messages"][-1]["role"] == "tool" else calls((last_user_text(body), {"text": "x"}))
     )
     app = await bots.start(toolsets=[rule_toolset(ledger)], CHATOPS_POLICY=str(policy_file))
-    channel = NullChannel(platform)
+    channel = RecordingChannel(platform)
     app.ctx.channels[platform] = channel
     await bots.run(app)
     return app, channel, policy_file
