@@ -30,9 +30,11 @@ NO_MODEL = (
 )
 
 
-def _settings(args: argparse.Namespace) -> Settings:
+def _settings(args: argparse.Namespace, *, logs: bool = True) -> Settings:
+    """Load the configuration; commands that run the bot also install the redacting log handler."""
     settings = load_settings(env_file=args.env_file)
-    setup_logging(settings.log_level, Redactor(settings.secret_values()))
+    if logs:
+        setup_logging(settings.log_level, Redactor(settings.secret_values()))
     return settings
 
 
@@ -165,7 +167,7 @@ def run(argv: Sequence[str] | None = None) -> int:
         policy = load_policy_file(args.file)
         print(f"OK: {args.file} is a valid policy ({policy.source})")
         return 0
-    settings = _settings(args)
+    settings = _settings(args, logs=False)
     if args.command == "db":
         from storage.migrate import current_revision, upgrade
 

@@ -29,8 +29,13 @@ class RedactingFilter(logging.Filter):
         record.args = None
         if record.exc_info:
             # Operators keep the traceback, redacted like everything else.
-            record.exc_text = self.redactor.redact_text(logging.Formatter().formatException(record.exc_info))
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
             record.exc_info = None
+        # Another handler's filter may have formatted the traceback already: redact whatever is there.
+        if record.exc_text:
+            record.exc_text = self.redactor.redact_text(record.exc_text)
+        if record.stack_info:
+            record.stack_info = self.redactor.redact_text(record.stack_info)
         return True
 
 
@@ -43,10 +48,13 @@ def redacting_handler(stream: TextIO, redactor: Redactor) -> logging.Handler:
 
 
 def setup_logging(level: str, redactor: Redactor) -> None:
+    """The process's log: one redacting stderr handler (replacing one installed earlier by this function)."""
     handler = redacting_handler(sys.stderr, redactor)
+    handler.set_name("chatops")
     root = logging.getLogger()
     for old in list(root.handlers):
-        root.removeHandler(old)
+        if old.get_name() == "chatops" or (type(old) is logging.StreamHandler and not old.filters):
+            root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level)
     for noisy in ("slack_bolt.middleware.request_verification", "aiohttp.access", "httpx", "httpcore", "alembic"):

@@ -12,9 +12,9 @@ This module is the `Channel` the core talks to (reply in the thread, "OnIt" reac
 patch) plus the adapter's lifecycle. In: the webhook route (FEISHU_MODE=webhook) and the long
 connection (FEISHU_MODE=ws, the default) both end in `dispatch(payload)`, which translates the JSON
 and calls `core.accept_message` or `core.decide` (with the person's memberships looked up first,
-bounded to about a second, when the policy names departments or chats). Nothing slow happens there: the core records and
-returns; runs, tools and card patches happen in the core's background tasks. lark-oapi is imported
-lazily (it takes seconds) and no lark type leaves this package.
+within about a second, when the policy names departments or chats). Nothing slow happens there:
+the core records and returns; runs, tools and card patches happen in the core's background tasks.
+lark-oapi is imported lazily (it takes seconds) and no lark type leaves this package.
 """
 
 from __future__ import annotations
