@@ -14,6 +14,7 @@ from __future__ import annotations
 import itertools
 import json
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -102,18 +103,12 @@ class Driver:
     latencies: list[float] = field(default_factory=list)
 
 
-async def audit_refusals(app: Any) -> dict[str | None, int]:
+async def audit_refusals(app: Any) -> Counter[str | None]:
+    """`click_refused` / `not_allowed` audit rows per approval."""
     await app.ctx.audit.chain(app.ctx.db)
     async with app.ctx.db.transaction() as session:
-        rows = await session.execute(
-            sa.select(AuditEvent.approval_id, AuditEvent.actor).where(
-                AuditEvent.kind == "click_refused", AuditEvent.status == "not_allowed"
-            )
-        )
-        counts: dict[str | None, int] = {}
-        for approval_id, _ in rows:
-            counts[approval_id] = counts.get(approval_id, 0) + 1
-        return counts
+        refused = sa.select(AuditEvent.approval_id).where(AuditEvent.kind == "click_refused", AuditEvent.status == "not_allowed")
+        return Counter((await session.execute(refused)).scalars())
 
 
 async def votes_of(app: Any, approval_id: str) -> tuple[str, int]:
@@ -124,7 +119,7 @@ async def votes_of(app: Any, approval_id: str) -> tuple[str, int]:
 
 
 async def run_matrix(driver: Driver, ledger: Ledger) -> None:
-    """Every clicker on every rule; then the two_person second votes; then the deny rule."""
+    """Every clicker on every rule (deny: no card at all), then the second two_person votes."""
     keys: dict[tuple[str, str], str] = {}
     for role, rule in itertools.product(ROLES, RULES):
         keys[role, rule] = await driver.ask(f"{rule}_note", "requester")
