@@ -49,6 +49,17 @@ def card_content(summary: str, args: dict[str, Any], warnings: list[str], previe
     }
 
 
+def _headline(outcome: str) -> str:
+    """A tool result as people read it on the card: its `message` when it has one (the model gets it all)."""
+    try:
+        parsed = json.loads(outcome)
+    except ValueError:
+        return outcome
+    if isinstance(parsed, dict) and isinstance(parsed.get("message"), str):
+        return parsed["message"]
+    return outcome
+
+
 def card_view(approval: Approval) -> CardView:
     """The card as it should look now, from the approval row."""
     content = approval.card or {}
@@ -69,7 +80,7 @@ def card_view(approval: Approval) -> CardView:
         decided_by_id=approval.decided_by,
         decided_at=approval.decided_at,
         reason=approval.decision_reason,
-        outcome=cut(approval.outcome, FIELD_LIMIT) if approval.outcome else None,
+        outcome=cut(_headline(approval.outcome), FIELD_LIMIT) if approval.outcome else None,
         votes=votes,
     )
 

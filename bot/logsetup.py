@@ -57,5 +57,14 @@ def setup_logging(level: str, redactor: Redactor) -> None:
             root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level)
-    for noisy in ("slack_bolt.middleware.request_verification", "aiohttp.access", "httpx", "httpcore", "alembic"):
+    for noisy in (
+        "slack_bolt.middleware.request_verification",
+        "aiohttp.access",
+        "httpx",
+        "httpcore",
+        "httpx2",
+        "httpcore2",
+        "openai",
+        "alembic",
+    ):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLevelName(level)))

@@ -5,7 +5,7 @@ our own posts, other bots, edits, channel chatter without a mention), stripping 
 mention, choosing the conversation and the reply coordinates, the dedupe keys, and reading the
 clicker and the approval id out of `block_actions` / `view_submission` payloads.
 
-The conversation rule (documented in docs/slack.md):
+The conversation rule (documented in the README, section Slack):
 - in a channel the bot only hears `app_mention`; the conversation is the thread of the mention
   (`thread_ts or ts`) and every reply goes into that thread; a follow-up needs a new mention;
 - in a DM every plain message counts; top-level DM messages form one conversation per DM and
