@@ -27,6 +27,8 @@ from storage.redact import Redactor
 from tests.fakes.openai_server import ScriptedModel
 from tools.registry import Toolset
 
+pytest_plugins = ["tests.git_helpers"]  # the `repo` fixture for the MCP tests
+
 CLOSED_MODEL_URL = "http://127.0.0.1:9/v1"
 # Every bot a test builds registers its configured secrets here, as `chatops serve` does for its log.
 SUITE_LOG_REDACTOR = Redactor()

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -24,6 +23,7 @@ import pytest
 from bot.config import load_settings
 from bot.errors import ConfigError
 from storage.engine import Database
+from tests.git_helpers import git
 from tools.context import ToolContext
 from tools.errors import ToolError, ToolInDoubt, ToolUnavailable
 from tools.mcp import McpManager, parse_config
@@ -33,28 +33,6 @@ from tools.registry import RESULT_LIMIT, CallProblem, PreparedCall, ToolRegistry
 
 FLAKY = str(Path(__file__).parent / "fakes" / "mcp_servers" / "flaky.py")
 WAIT = 30.0
-
-
-def git(repo: Path, *args: str) -> str:
-    return subprocess.run(
-        ["git", "-C", str(repo), "-c", "user.name=Test", "-c", "user.email=test@example.com", *args],
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout
-
-
-@pytest.fixture
-def repo(tmp_path: Path) -> Path:
-    path = tmp_path / "repo"
-    path.mkdir()
-    git(path, "init", "-q")
-    (path / "README.md").write_text("hello\n")
-    git(path, "add", "README.md")
-    git(path, "commit", "-q", "-m", "initial")
-    (path / "README.md").write_text("hello\nworld\n")
-    git(path, "add", "README.md")
-    return path
 
 
 @pytest.fixture

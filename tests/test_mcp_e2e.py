@@ -4,7 +4,6 @@ the terminal adapter. Reads run at once; a commit waits for its card; approve co
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -12,29 +11,8 @@ import pytest
 
 from tests.conftest import TerminalBot, TerminalFactory
 from tests.fakes.openai_server import calls, text, tool_results
+from tests.git_helpers import git
 from tests.test_core_agent import approval_ids
-
-
-def git(repo: Path, *args: str) -> str:
-    return subprocess.run(
-        ["git", "-C", str(repo), "-c", "user.name=Test", "-c", "user.email=test@example.com", *args],
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout
-
-
-@pytest.fixture
-def repo(tmp_path: Path) -> Path:
-    path = tmp_path / "repo"
-    path.mkdir()
-    git(path, "init", "-q")
-    (path / "notes.txt").write_text("one\n")
-    git(path, "add", "notes.txt")
-    git(path, "commit", "-q", "-m", "initial")
-    (path / "notes.txt").write_text("one\ntwo\n")
-    git(path, "add", "notes.txt")
-    return path
 
 
 @pytest.fixture
