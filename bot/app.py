@@ -29,6 +29,7 @@ from tools.context import ToolContext
 from tools.registry import ToolRegistry
 
 log = logging.getLogger("chatops")
+CHAIN_DEBOUNCE = 0.02
 
 
 class Adapter(Channel, Protocol):
@@ -169,6 +170,11 @@ async def build_app(settings: Settings, *, migrate: bool = True, services: dict[
         tool_context=ToolContext(settings=settings, db=db, services=dict(services or {})),
         tool_problems=tool_problems,
     )
-    db.after_audit_commit(lambda: ctx.tasks.spawn_coalesced("audit-chain", lambda: ctx.audit.chain(db)))
+
+    async def chain_soon() -> None:
+        await asyncio.sleep(CHAIN_DEBOUNCE)  # let the commits of a busy moment share one chaining pass
+        await ctx.audit.chain(db)
+
+    db.after_audit_commit(lambda: ctx.tasks.spawn_coalesced("audit-chain", chain_soon))
     core = Core(ctx)
     return App(settings=settings, ctx=ctx, core=core, sweeper=Sweeper(core), closers=closers)

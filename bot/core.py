@@ -54,10 +54,11 @@ class Core:
         now = ctx.clock()
         try:
             async with ctx.db.transaction(urgent=True) as session:
-                session.add_all([SeenKey(key=k[:300], inbox_id=inbox_id, created_at=now) for k in msg.dedupe_keys])
-                await session.flush()
-                session.add(
-                    InboxEvent(
+                # Plain INSERTs (no ORM unit of work): this is the ack path. A key seen before -> IntegrityError.
+                keys = [{"key": k[:300], "inbox_id": inbox_id, "created_at": now} for k in msg.dedupe_keys]
+                await session.execute(sa.insert(SeenKey), keys)
+                await session.execute(
+                    sa.insert(InboxEvent).values(
                         id=inbox_id,
                         platform=msg.thread.platform,
                         conversation_key=msg.conversation_key,

@@ -114,7 +114,7 @@ class AuditLog:
                     await session.execute(
                         sa.text("SELECT pg_advisory_xact_lock(:k, hashtext(current_schema()))"), {"k": _ADVISORY_LOCK_KEY}
                     )
-                staged = (await session.execute(sa.select(AuditStaged).order_by(AuditStaged.id).limit(batch))).scalars().all()
+                staged = (await session.execute(sa.select(*AuditStaged.__table__.c).order_by(AuditStaged.id).limit(batch))).all()
                 if not staged:
                     return total
                 last = (
@@ -142,6 +142,8 @@ class AuditLog:
                 await session.execute(sa.insert(AuditEvent), rows)
                 await session.execute(sa.delete(AuditStaged).where(AuditStaged.id.in_([r.id for r in staged])))
                 total += len(rows)
+                if len(staged) < batch:
+                    return total
 
 
 @dataclass(frozen=True)
