@@ -14,7 +14,7 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from bot.errors import ChatopsError
-from storage.audit import GENESIS_HASH, iter_rows, verify_chain
+from storage.audit import GENESIS_HASH, iter_rows, row_content, verify_chain
 from storage.engine import make_sync_engine, normalise_url
 from storage.models import AuditEvent, InboxEvent
 
@@ -38,20 +38,8 @@ def _session(database_url: str) -> Session:
 
 
 def row_dict(row: AuditEvent) -> dict[str, Any]:
-    return {
-        "seq": row.seq,
-        "at": row.at.isoformat(),
-        "kind": row.kind,
-        "run_id": row.run_id,
-        "approval_id": row.approval_id,
-        "platform": row.platform,
-        "actor": row.actor,
-        "tool": row.tool,
-        "status": row.status,
-        "data": row.data,
-        "prev_hash": row.prev_hash,
-        "hash": row.hash,
-    }
+    """A chained row as exported: its hashed content plus its hash."""
+    return {**row_content(row), "hash": row.hash}
 
 
 def _line(row: AuditEvent) -> str:

@@ -32,23 +32,18 @@ def canonical_json(value: Any) -> str:
     return json.dumps(value, sort_keys=True, ensure_ascii=False, separators=(",", ":"), default=str)
 
 
-def row_content(row: AuditEvent | dict[str, Any]) -> dict[str, Any]:
-    """The hashed fields of a row (everything but `hash` itself)."""
+# What a row records, as staged; the chain adds `seq`, `prev_hash` and `hash`.
+RECORDED = ("at", "kind", "run_id", "approval_id", "platform", "actor", "tool", "status", "data")
+HASHED = ("seq", *RECORDED, "prev_hash")
+
+
+def row_content(row: Any) -> dict[str, Any]:
+    """The hashed fields of a row (everything but `hash` itself), timestamps as ISO text."""
     get = row.get if isinstance(row, dict) else (lambda k: getattr(row, k))
-    at = get("at")
-    return {
-        "seq": get("seq"),
-        "at": at.isoformat() if isinstance(at, datetime) else at,
-        "kind": get("kind"),
-        "run_id": get("run_id"),
-        "approval_id": get("approval_id"),
-        "platform": get("platform"),
-        "actor": get("actor"),
-        "tool": get("tool"),
-        "status": get("status"),
-        "data": get("data"),
-        "prev_hash": get("prev_hash"),
-    }
+    content = {k: get(k) for k in HASHED}
+    if isinstance(content["at"], datetime):
+        content["at"] = content["at"].isoformat()
+    return content
 
 
 def compute_hash(row: AuditEvent | dict[str, Any]) -> str:
@@ -123,19 +118,7 @@ class AuditLog:
                 seq, prev = (last[0] + 1, last[1]) if last else (1, GENESIS_HASH)
                 rows = []
                 for row in staged:
-                    content = {
-                        "seq": seq,
-                        "at": row.at,
-                        "kind": row.kind,
-                        "run_id": row.run_id,
-                        "approval_id": row.approval_id,
-                        "platform": row.platform,
-                        "actor": row.actor,
-                        "tool": row.tool,
-                        "status": row.status,
-                        "data": row.data,
-                        "prev_hash": prev,
-                    }
+                    content = {"seq": seq, **{k: getattr(row, k) for k in RECORDED}, "prev_hash": prev}
                     content["hash"] = compute_hash(content)
                     rows.append(content)
                     seq, prev = seq + 1, content["hash"]
