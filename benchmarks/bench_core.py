@@ -18,7 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bot.app import build_app
-from bot.events import IncomingMessage, Thread, User
+from bot.core.events import IncomingMessage, Thread, User
 from tests.conftest import make_settings
 from tests.fakes.openai_server import ScriptedModel, calls, text
 from tests.support_tools import Ledger, RecordingChannel, notes_toolset

@@ -12,14 +12,14 @@ from typing import Any, Protocol
 
 from aiohttp import web
 
-from bot.channels import Channel
 from bot.config import Settings
-from bot.context import AppContext
-from bot.core import Core
-from bot.errors import StorageError
-from bot.model import ModelClient
-from bot.policy import Policy
-from bot.sweeper import Sweeper
+from bot.core.channels import Channel
+from bot.core.context import AppContext
+from bot.core.engine import Core
+from bot.core.errors import StorageError
+from bot.core.model import ModelClient
+from bot.core.policy import Policy
+from bot.core.sweeper import Sweeper
 from storage.audit import AuditLog
 from storage.engine import Database
 from storage.migrate import upgrade
@@ -49,7 +49,7 @@ def load_policy(settings: Settings) -> Policy:
     """The policy file when `CHATOPS_POLICY` is set, else the default."""
     if settings.policy_file is None:
         return Policy()
-    from bot.policy_file import ReloadingPolicy
+    from bot.core.policy_file import ReloadingPolicy
 
     return ReloadingPolicy(settings.policy_file)
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from sqlalchemy.exc import SQLAlchemyError
 
 from bot.config import Settings, load_settings
-from bot.errors import ChatopsError
+from bot.core.errors import ChatopsError
 from bot.logsetup import setup_logging
 from storage.redact import Redactor
 
@@ -162,7 +162,7 @@ def run(argv: Sequence[str] | None = None) -> int:
         asyncio.run(_tools(_settings(args)))
         return 0
     if args.command == "policy":
-        from bot.policy_file import load_policy_file
+        from bot.core.policy_file import load_policy_file
 
         policy = load_policy_file(args.file)
         print(f"OK: {args.file} is a valid policy ({policy.source})")

@@ -13,7 +13,7 @@ from typing import Any, TextIO
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
-from bot.errors import ChatopsError
+from bot.core.errors import ChatopsError
 from storage.audit import GENESIS_HASH, iter_rows, row_content, verify_chain
 from storage.engine import make_sync_engine, normalise_url
 from storage.models import AuditEvent, InboxEvent

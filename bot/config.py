@@ -13,7 +13,7 @@ from typing import Literal
 from dotenv import dotenv_values
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
-from bot.errors import ConfigError
+from bot.core.errors import ConfigError
 
 
 class Settings(BaseModel):

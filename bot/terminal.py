@@ -14,12 +14,12 @@ import uuid
 from collections.abc import Awaitable, Callable
 from typing import TextIO
 
-from bot import texts
-from bot.cards import status_lines
-from bot.channels import CardView
-from bot.core import Core
-from bot.errors import StorageError
-from bot.events import DecisionRequest, IncomingMessage, Thread, User
+from bot.core import texts
+from bot.core.cards import status_lines
+from bot.core.channels import CardView
+from bot.core.engine import Core
+from bot.core.errors import StorageError
+from bot.core.events import DecisionRequest, IncomingMessage, Thread, User
 
 HELP = """Type a request for the bot, or:
   approve <id>            approve a pending action

@@ -20,7 +20,7 @@ import sqlalchemy as sa
 
 from bot.app import App, build_app
 from bot.config import Settings, load_settings
-from bot.events import User
+from bot.core.events import User
 from bot.logsetup import redacting_handler
 from bot.terminal import TerminalAdapter
 from storage.redact import Redactor

@@ -22,7 +22,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from bot import texts
+from bot.core import texts
 from storage.models import Approval, AuditEvent
 from tests import feishu_helpers as fh
 from tests import slack_helpers as sh

@@ -9,7 +9,7 @@ from datetime import timedelta
 
 import sqlalchemy as sa
 
-from bot.events import DecisionRequest, User
+from bot.core.events import DecisionRequest, User
 from storage.models import Approval, AuditEvent, Run, utcnow
 from tests.fakes.openai_server import calls, failure, text, tool_results
 from tests.support_tools import Ledger, notes_toolset

@@ -8,10 +8,10 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from bot import texts
-from bot.approvals import DecisionOutcome
-from bot.cards import MAX_FIELDS, card_content
-from bot.channels import CardField, CardView
+from bot.core import texts
+from bot.core.approvals import DecisionOutcome
+from bot.core.cards import MAX_FIELDS, card_content
+from bot.core.channels import CardField, CardView
 from bot.feishu.cards import MAX_CARD_BYTES, callback_response, card_size, render_card
 
 NOW = datetime(2026, 1, 2, 3, 4, tzinfo=UTC)

@@ -11,8 +11,8 @@ from datetime import timedelta
 import pytest
 import sqlalchemy as sa
 
-from bot import texts
-from bot.errors import ConfigError
+from bot.core import texts
+from bot.core.errors import ConfigError
 from bot.feishu import FeishuAdapter
 from storage.models import Approval, utcnow
 from tests.fakes.feishu_api import BOT_OPEN_ID

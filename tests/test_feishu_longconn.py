@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import importlib
 
-from bot.errors import StorageError
+from bot.core.errors import StorageError
 from tests.fakes.openai_server import calls, text
 from tests.feishu_helpers import approval_id_of, at_bot, click, dm, fake_feishu, feishu_bot
 from tests.support_tools import Ledger, notes_toolset

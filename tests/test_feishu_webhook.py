@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from bot.errors import StorageError
+from bot.core.errors import StorageError
 from tests.fakes.openai_server import calls, last_user_text, text
 from tests.feishu_helpers import (
     ENCRYPT_KEY,

@@ -10,10 +10,10 @@ import uuid
 
 import pytest
 
+from bot.core.memberships import MembershipCache
+from bot.core.policy_file import ReloadingPolicy, parse_policy
 from bot.feishu.client import FeishuApi
 from bot.feishu.groups import FeishuGroups
-from bot.memberships import MembershipCache
-from bot.policy_file import ReloadingPolicy, parse_policy
 from bot.slack.groups import SlackGroups
 from tests.fakes.feishu_api import FakeFeishu
 from tests.slack_helpers import fake_slack_fixture  # noqa: F401 - fixtures
@@ -54,7 +54,7 @@ def test_group_refs_are_the_platforms_group_entries_named_anywhere_with_group_na
 
 
 def test_a_deny_list_group_name_is_expanded_like_the_others():
-    from bot.events import User
+    from bot.core.events import User
 
     policy = parse_policy('[groups]\ninterns = ["slack:U0INTERN"]\n[access]\ndeny_users = ["interns"]\n', "p.toml")
     assert not policy.may_use(User("slack", "U0INTERN", "T1"), None).allowed

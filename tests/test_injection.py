@@ -13,8 +13,8 @@ from pathlib import Path
 
 import sqlalchemy as sa
 
-from bot.approvals import args_digest
-from bot.events import DecisionRequest, IncomingMessage, Thread, User
+from bot.core.approvals import args_digest
+from bot.core.events import DecisionRequest, IncomingMessage, Thread, User
 from storage.models import Approval, CrmLead, utcnow
 from tests.fakes.openai_server import Reply, calls, text
 from tests.fakes.smtp_server import FakeSmtp

@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 from bot.config import load_settings
-from bot.errors import ConfigError
+from bot.core.errors import ConfigError
 from storage.engine import Database
 from tests.git_helpers import git
 from tools.context import ToolContext

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from bot import approvals as approvals_module
-from bot.errors import PolicyError
-from bot.events import DecisionRequest, IncomingMessage, Thread, User
-from bot.policy_file import load_policy_file, parse_policy
+from bot.core import approvals as approvals_module
+from bot.core.errors import PolicyError
+from bot.core.events import DecisionRequest, IncomingMessage, Thread, User
+from bot.core.policy_file import load_policy_file, parse_policy
 from storage.models import Approval
 from tests.fakes.openai_server import calls, last_user_text, text
 from tests.support_tools import Ledger, RecordingChannel

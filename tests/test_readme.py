@@ -8,7 +8,7 @@ import re
 from pathlib import Path
 
 from bot.config import Settings
-from bot.policy_file import parse_policy
+from bot.core.policy_file import parse_policy
 from tools.mcp.config import parse_config
 
 ROOT = Path(__file__).resolve().parents[1]

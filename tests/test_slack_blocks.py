@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from bot import texts
-from bot.channels import CardField, CardView
+from bot.core import texts
+from bot.core.channels import CardField, CardView
 from bot.slack import blocks
 from bot.slack.events import APPROVE_ACTION, REASON_BLOCK, REJECT_ACTION, REJECT_VIEW
 

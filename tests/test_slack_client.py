@@ -6,7 +6,7 @@ import pytest
 from slack_sdk.errors import SlackApiError
 
 from bot.config import Settings
-from bot.errors import ConfigError
+from bot.core.errors import ConfigError
 from bot.slack import SlackAdapter
 from bot.slack.client import RATE_LIMIT_RETRIES, BotIdentity, SlackUnavailable, UserDirectory, make_client
 from tests.fakes.slack_api import BOT_ID, BOT_USER_ID, TEAM_ID

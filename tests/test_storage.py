@@ -11,7 +11,7 @@ import sys
 import pytest
 import sqlalchemy as sa
 
-from bot.events import DecisionRequest, IncomingMessage, Thread, User
+from bot.core.events import DecisionRequest, IncomingMessage, Thread, User
 from storage.audit import AuditLog, verify_chain
 from storage.engine import Database, make_sync_engine, normalise_url
 from storage.migrate import current_revision, head_revision, upgrade
@@ -149,7 +149,7 @@ async def test_a_duplicate_delivery_is_recorded_once_across_replicas(bots, db_ur
 
 def test_the_database_url_password_never_reaches_an_error(tmp_path):
     from bot.app import build_app
-    from bot.errors import StorageError
+    from bot.core.errors import StorageError
     from tests.conftest import make_settings
 
     settings = make_settings("http://127.0.0.1:9/v1", "postgresql://bob:s3cr3t-pass@127.0.0.1:1/nodb")

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from bot.config import Settings
-    from bot.events import User
+    from bot.core.events import User
     from storage.engine import Database
 
 

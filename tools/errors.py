@@ -1,7 +1,7 @@
 """Errors the *model* sees. A tool raises these; the agent turns them into the tool result.
 
 They are never shown with a stack trace and never reach the operator's exception root
-(`bot.errors.ChatopsError`), which is for configuration and infrastructure problems.
+(`bot.core.errors.ChatopsError`), which is for configuration and infrastructure problems.
 """
 
 from __future__ import annotations

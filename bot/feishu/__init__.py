@@ -31,13 +31,13 @@ from typing import Any
 
 from aiohttp import web
 
-from bot import texts
-from bot.cards import cut
-from bot.channels import CardView
 from bot.config import Settings
-from bot.core import Core
-from bot.errors import ConfigError, StorageError
-from bot.events import Thread, User
+from bot.core import texts
+from bot.core.cards import cut
+from bot.core.channels import CardView
+from bot.core.engine import Core
+from bot.core.errors import ConfigError, StorageError
+from bot.core.events import Thread, User
 from bot.feishu import cards, events
 from bot.feishu.client import RATE_LIMITED, TOKEN_INVALID, CredentialsRejected, FeishuApi, FeishuApiError
 from bot.feishu.groups import FeishuGroups

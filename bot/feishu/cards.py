@@ -1,7 +1,7 @@
 """`CardView` -> Feishu card JSON 2.0, and the `card.action.trigger` callback answer.
 
 The card shows what Slack's shows: summary, tool, every frozen argument, warnings and preview,
-the rule, the requester, the expiry and, once decided, `bot.cards.status_lines`. While pending
+the rule, the requester, the expiry and, once decided, `bot.core.cards.status_lines`. While pending
 it carries a form: an optional "reject reason" input plus Approve (primary) and Reject
 (danger) submit buttons whose `behaviors` callback value is `{"action", "approval_id"}`; the
 typed reason arrives as `action.form_value.reject_reason`.
@@ -18,10 +18,10 @@ import json
 import re
 from typing import Any
 
-from bot import texts
-from bot.approvals import DecisionOutcome
-from bot.cards import cut, status_lines
-from bot.channels import CardView
+from bot.core import texts
+from bot.core.approvals import DecisionOutcome
+from bot.core.cards import cut, status_lines
+from bot.core.channels import CardView
 
 MAX_CARD_BYTES = 28 * 1024  # Feishu's limit is 30 KB; keep a margin for the request envelope
 REASON_INPUT = "reject_reason"
@@ -141,7 +141,7 @@ def render_card(card: CardView) -> dict[str, Any]:
         built = _build(card, limit)
         if card_size(built) <= MAX_CARD_BYTES:
             return built
-    # Unreachable with `bot.cards.card_content`'s caps (10 fields, 5 warnings, 5 preview lines).
+    # Unreachable with `bot.core.cards.card_content`'s caps (10 fields, 5 warnings, 5 preview lines).
     raise ValueError(f"approval card {card.approval_id} cannot be made small enough")
 
 

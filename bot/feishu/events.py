@@ -12,7 +12,7 @@ import json
 import re
 from typing import Any
 
-from bot.events import DecisionRequest, IncomingMessage, Thread, User
+from bot.core.events import DecisionRequest, IncomingMessage, Thread, User
 
 PLATFORM = "feishu"
 REASON_LIMIT = 500

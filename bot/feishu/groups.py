@@ -16,8 +16,8 @@ import logging
 import time
 from collections.abc import Callable
 
+from bot.core.memberships import LOOKUP_BUDGET, MEMBERS_TTL, MembershipCache
 from bot.feishu.client import FeishuApi, FeishuApiError
-from bot.memberships import LOOKUP_BUDGET, MEMBERS_TTL, MembershipCache
 
 log = logging.getLogger("chatops.feishu")
 

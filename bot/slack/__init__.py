@@ -24,10 +24,10 @@ from aiohttp import web
 from slack_sdk.errors import SlackApiError
 from slack_sdk.web.async_client import AsyncWebClient
 
-from bot.channels import CardView
 from bot.config import Settings
-from bot.core import Core
-from bot.events import Thread
+from bot.core.channels import CardView
+from bot.core.engine import Core
+from bot.core.events import Thread
 from bot.slack.blocks import card_blocks, card_text, safe_message, split_message
 from bot.slack.client import BotIdentity, SlackUnavailable, UserDirectory, make_client
 from bot.slack.groups import SlackGroups

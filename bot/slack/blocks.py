@@ -16,9 +16,9 @@ from dataclasses import replace
 from datetime import datetime
 from typing import Any
 
-from bot import texts
-from bot.cards import status_lines
-from bot.channels import CardView
+from bot.core import texts
+from bot.core.cards import status_lines
+from bot.core.channels import CardView
 from bot.slack.events import APPROVE_ACTION, REASON_BLOCK, REASON_INPUT, REJECT_ACTION, REJECT_VIEW
 
 HEADER_LIMIT = 150

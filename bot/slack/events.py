@@ -19,7 +19,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from bot.events import DecisionRequest, IncomingMessage, Thread, User
+from bot.core.events import DecisionRequest, IncomingMessage, Thread, User
 
 PLATFORM = "slack"
 APPROVE_ACTION = "chatops_approve"

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from slack_sdk.errors import SlackApiError
 from slack_sdk.web.async_client import AsyncWebClient
 
-from bot.memberships import LOOKUP_BUDGET, MEMBERS_TTL, MembershipCache
+from bot.core.memberships import LOOKUP_BUDGET, MEMBERS_TTL, MembershipCache
 
 log = logging.getLogger("chatops.slack")
 

@@ -24,10 +24,10 @@ from slack_bolt.async_app import AsyncAck, AsyncApp
 from slack_bolt.request.async_request import AsyncBoltRequest
 from slack_sdk.web.async_client import AsyncWebClient
 
-from bot import texts
-from bot.core import Core
-from bot.errors import StorageError
-from bot.events import DecisionRequest
+from bot.core import texts
+from bot.core.engine import Core
+from bot.core.errors import StorageError
+from bot.core.events import DecisionRequest
 from bot.slack import events
 from bot.slack.blocks import reject_modal
 from bot.slack.client import BotIdentity, SlackUnavailable, UserDirectory

@@ -8,10 +8,10 @@ import asyncio
 import logging
 from collections.abc import Callable
 
-from bot.approvals import args_digest, transition
-from bot.context import AppContext
-from bot.events import User
-from bot.policy import CallRule
+from bot.core.approvals import args_digest, transition
+from bot.core.context import AppContext
+from bot.core.events import User
+from bot.core.policy import CallRule
 from storage.models import Approval
 from tools.errors import ToolError, ToolInDoubt
 from tools.registry import result_text

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Protocol
 
-from bot.events import Thread
+from bot.core.events import Thread
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ import openai
 from openai import AsyncOpenAI
 from openai.types.chat import ChatCompletion
 
-from bot.errors import ModelUnavailable
+from bot.core.errors import ModelUnavailable
 from storage.redact import Redactor
 
 # The openai client insists on a key; local OpenAI-compatible servers (Ollama, vLLM) ignore it.

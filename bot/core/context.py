@@ -16,10 +16,10 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from bot.channels import Channel
 from bot.config import Settings
-from bot.model import ModelClient
-from bot.policy import Policy
+from bot.core.channels import Channel
+from bot.core.model import ModelClient
+from bot.core.policy import Policy
 from storage.audit import AuditLog
 from storage.engine import Database
 from storage.models import utcnow

@@ -14,8 +14,8 @@ import fnmatch
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from bot import texts
-from bot.events import User
+from bot.core import texts
+from bot.core.events import User
 from tools.registry import ToolSpec
 
 Rule = Literal["auto", "confirm", "approve", "two_person", "deny"]

@@ -14,14 +14,14 @@ import uuid
 import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError, OperationalError
 
-from bot import approvals
-from bot.approvals import DecisionOutcome
-from bot.context import AppContext
-from bot.errors import StorageError
-from bot.events import DecisionRequest, IncomingMessage
-from bot.executor import Executor
-from bot.policy import CallRule
-from bot.runner import Runner
+from bot.core import approvals
+from bot.core.approvals import DecisionOutcome
+from bot.core.context import AppContext
+from bot.core.errors import StorageError
+from bot.core.events import DecisionRequest, IncomingMessage
+from bot.core.executor import Executor
+from bot.core.policy import CallRule
+from bot.core.runner import Runner
 from storage.models import Approval, InboxEvent, SeenKey
 
 log = logging.getLogger("chatops.core")

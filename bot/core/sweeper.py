@@ -17,10 +17,10 @@ from datetime import timedelta
 
 import sqlalchemy as sa
 
-from bot import texts
-from bot.approvals import transition
-from bot.core import Core
-from bot.events import Thread
+from bot.core import texts
+from bot.core.approvals import transition
+from bot.core.engine import Core
+from bot.core.events import Thread
 from storage.models import Approval, Conversation, InboxEvent, Replica, Run
 
 log = logging.getLogger("chatops.sweeper")

@@ -10,9 +10,9 @@ import logging
 
 import sqlalchemy as sa
 
-from bot.cards import card_view
-from bot.context import AppContext
-from bot.events import Thread
+from bot.core.cards import card_view
+from bot.core.context import AppContext
+from bot.core.events import Thread
 from storage.models import Approval
 
 log = logging.getLogger("chatops.outbox")

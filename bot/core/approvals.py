@@ -17,12 +17,12 @@ from typing import Any, Literal
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from bot import texts
-from bot.cards import card_view
-from bot.channels import CardView
-from bot.context import AppContext
-from bot.events import DecisionRequest, User
-from bot.policy import CallRule
+from bot.core import texts
+from bot.core.cards import card_view
+from bot.core.channels import CardView
+from bot.core.context import AppContext
+from bot.core.events import DecisionRequest, User
+from bot.core.policy import CallRule
 from storage.audit import canonical_json
 from storage.models import Approval
 

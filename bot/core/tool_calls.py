@@ -11,14 +11,14 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from bot import texts
-from bot.approvals import args_digest, expiry, new_approval_id
-from bot.cards import card_content
-from bot.context import AppContext
-from bot.events import Thread, User
-from bot.model import ModelReply
-from bot.outbox import Outbox
-from bot.policy import CallRule
+from bot.core import texts
+from bot.core.approvals import args_digest, expiry, new_approval_id
+from bot.core.cards import card_content
+from bot.core.context import AppContext
+from bot.core.events import Thread, User
+from bot.core.model import ModelReply
+from bot.core.outbox import Outbox
+from bot.core.policy import CallRule
 from storage.audit import Entry, entry
 from storage.models import Approval, Conversation, Run
 from tools.context import ToolContext

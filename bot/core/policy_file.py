@@ -13,9 +13,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from bot.errors import PolicyError
-from bot.events import User
-from bot.policy import Access, CallRule, Policy, RecipientRule, ToolRule, Verdict
+from bot.core.errors import PolicyError
+from bot.core.events import User
+from bot.core.policy import Access, CallRule, Policy, RecipientRule, ToolRule, Verdict
 from tools.registry import ToolSpec
 
 log = logging.getLogger("chatops.policy")

@@ -9,8 +9,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from bot import texts
-from bot.channels import CardField, CardView
+from bot.core import texts
+from bot.core.channels import CardField, CardView
 from storage.models import Approval
 
 FIELD_LIMIT = 600

@@ -13,14 +13,14 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from bot import texts
-from bot.approvals import TERMINAL, model_result
-from bot.context import AppContext
-from bot.errors import ModelUnavailable
-from bot.events import IncomingMessage, Thread, User
-from bot.outbox import Outbox
-from bot.policy import Verdict
-from bot.tool_calls import ToolCalls
+from bot.core import texts
+from bot.core.approvals import TERMINAL, model_result
+from bot.core.context import AppContext
+from bot.core.errors import ModelUnavailable
+from bot.core.events import IncomingMessage, Thread, User
+from bot.core.outbox import Outbox
+from bot.core.policy import Verdict
+from bot.core.tool_calls import ToolCalls
 from storage.audit import Entry, entry
 from storage.models import Approval, AuditEvent, Conversation, InboxEvent, Run
 

@@ -1,0 +1,23 @@
+"""The channel-agnostic engine: messages in, model turns, tool calls, approvals, executions,
+cards and replies out, recovery. It knows no platform: adapters translate payloads into
+`events` types and render `channels.CardView`.
+
+Modules:
+- `engine`      `Core`, the two entry points the adapters call (a message, a click);
+- `runner`      the run lifecycle (start, advance, resume, finish);
+- `tool_calls`  one agent step's tool calls (run reads, freeze writes);
+- `approvals`   the approval record and its transitions; `executor` runs an approved call;
+- `outbox`      cards, replies and notices through the channels;
+- `cards`       the platform-neutral card built from a stored approval;
+- `sweeper`     periodic recovery on every replica;
+- `policy`, `policy_file`, `memberships`  who may use, approve and what;
+- `model`       the OpenAI-compatible client; `context` the explicit dependency bundle;
+- `events`, `channels`  the small types shared with the adapters; `texts` every user-facing
+  sentence; `errors` the operator-facing exception root.
+
+Import rules (enforced by `tests/test_layout.py`): `bot.core` imports only `bot.core.*`,
+`bot.config`, `storage`, `tools`, the standard library and non-platform libraries. It never
+imports an adapter (`bot.slack`, `bot.feishu`, `bot.terminal`), the app assembly or CLI
+(`bot.app`, `bot.cli`, `bot.cli_audit`, `bot.logsetup`), nor a platform SDK (`slack_sdk`,
+`slack_bolt`, `lark_oapi`).
+"""
