@@ -30,6 +30,7 @@ from tools.registry import ToolRegistry
 
 log = logging.getLogger("chatops")
 CHAIN_DEBOUNCE = 0.02
+OUTBOX_POLL = 1.0  # seconds between two looks for due outbox jobs (retries, other replicas' leftovers)
 
 
 class Adapter(Channel, Protocol):
@@ -66,6 +67,7 @@ class App:
     closers: list[Callable[[], Any]] = field(default_factory=list)
     runner: web.AppRunner | None = None
     _sweep_task: asyncio.Task[None] | None = None
+    _outbox_task: asyncio.Task[None] | None = None
 
     def add_adapter(self, adapter: Adapter) -> None:
         self.adapters.append(adapter)
@@ -83,16 +85,19 @@ class App:
         return application
 
     async def start(self, *, serve_http: bool = True) -> None:
+        """Recover, start every channel, then open the port: an event that arrives finds every
+        channel able to take it (no start-up window of refusals)."""
         await self.sweeper.sweep()  # recover what a previous process left behind
+        for adapter in self.adapters:
+            await adapter.start()
         if serve_http:
             self.runner = web.AppRunner(self.web_app(), access_log=None)
             await self.runner.setup()
             site = web.TCPSite(self.runner, self.settings.host, self.settings.port)
             await site.start()
             log.info("listening on http://%s:%s", self.settings.host, self.port)
-        for adapter in self.adapters:
-            await adapter.start()
         self._sweep_task = asyncio.create_task(self.sweeper.run_forever(), name="sweeper")
+        self._outbox_task = asyncio.create_task(self.core.out.run_forever(OUTBOX_POLL), name="outbox")
 
     @property
     def port(self) -> int:
@@ -103,11 +108,14 @@ class App:
 
     async def stop(self) -> None:
         self.sweeper.stop()
-        if self._sweep_task is not None:
-            await self._sweep_task
+        self.core.out.stop()
+        for task in (self._sweep_task, self._outbox_task):
+            if task is not None:
+                await task
         for adapter in reversed(self.adapters):
             await adapter.stop()
         await self.ctx.tasks.drain(grace=10)
+        await self.core.hand_back()
         try:
             await self.ctx.audit.chain(self.ctx.db)
         except Exception:  # noqa: BLE001 - staged rows stay staged; the next start chains them

@@ -40,6 +40,9 @@ class Settings(BaseModel):
     history_limit: int = Field(60, alias="CHATOPS_HISTORY_LIMIT", ge=4)
     tool_timeout: float = Field(60.0, alias="CHATOPS_TOOL_TIMEOUT", gt=0)
     sweep_interval: float = Field(5.0, alias="CHATOPS_SWEEP_INTERVAL", gt=0)
+    lease_seconds: float = Field(30.0, alias="CHATOPS_LEASE_SECONDS", ge=1)
+    outbox_deadline: float = Field(600.0, alias="CHATOPS_OUTBOX_DEADLINE", gt=0)
+    model_notice_after: float = Field(15.0, alias="CHATOPS_MODEL_NOTICE_AFTER", gt=0)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", alias="CHATOPS_LOG_LEVEL")
 
     # Slack

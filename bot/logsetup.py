@@ -66,5 +66,6 @@ def setup_logging(level: str, redactor: Redactor) -> None:
         "httpcore2",
         "openai",
         "alembic",
+        "aiosqlite",
     ):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLevelName(level)))

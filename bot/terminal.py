@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable
 from typing import TextIO
 
 from bot.core import texts
-from bot.core.cards import status_lines
+from bot.core.cards import card_view, status_lines
 from bot.core.channels import CardView
 from bot.core.engine import Core
 from bot.core.errors import StorageError
@@ -108,8 +108,7 @@ class TerminalAdapter:
             )
             self._print(f"bot> {outcome.message}")
         elif command == "/pending":
-            pending = await self.core.pending_for(self.conversation_key)
-            self._print("bot> nothing is waiting" if not pending else "\n".join(f"bot> {a.id}: {a.tool_name}" for a in pending))
+            await self.show_pending()
         elif command == "/new":
             self.session = f"{self.user.id}-{uuid.uuid4().hex[:6]}"
             self._print("bot> new conversation started")
@@ -119,6 +118,14 @@ class TerminalAdapter:
             self.quit.set()
         else:
             await self.send(line)
+
+    async def show_pending(self) -> None:
+        """Show again, in full, every approval this user asked for that still waits for a decision."""
+        pending = await self.core.pending_of(self.user)
+        if not pending:
+            self._print(f"bot> {texts.NOTHING_PENDING}")
+        for approval in pending:
+            self._print(render_card(card_view(approval)))
 
     async def send(self, text: str) -> None:
         msg_id = uuid.uuid4().hex
@@ -138,6 +145,7 @@ class TerminalAdapter:
         """Read lines until /quit or end of input, then let running work settle."""
         reader = read_line or _stdin_reader()
         self._print(f"chatops terminal: you are {self.user.label}. /help for commands.")
+        await self.show_pending()
         while not self.quit.is_set():
             line = await reader()
             if line == "":

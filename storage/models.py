@@ -7,6 +7,7 @@ Schema changes go through an Alembic migration in `storage/migrations/versions/`
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from enum import StrEnum
 from typing import Any
 
 import sqlalchemy as sa
@@ -36,6 +37,74 @@ class UTCDateTime(TypeDecorator[datetime]):
         if value is None:
             return None
         return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+class InboxStatus(StrEnum):
+    """An inbound message: waiting for a run, in one, finished, or refused by policy or a limit."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"
+    REFUSED = "refused"
+
+
+class RunStatus(StrEnum):
+    """A run: working (`running`, under a lease), paused on approvals, or ended."""
+
+    RUNNING = "running"
+    WAITING = "waiting"
+    DONE = "done"
+    FAILED = "failed"
+
+    @property
+    def ended(self) -> bool:
+        return self in (RunStatus.DONE, RunStatus.FAILED)
+
+
+class ApprovalStatus(StrEnum):
+    """pending -> approved | rejected | expired | cancelled; approved -> executing -> succeeded |
+    failed | in_doubt (approved -> cancelled when the call may no longer run)."""
+
+    PENDING = "pending"
+    APPROVED = "approved"
+    REJECTED = "rejected"
+    EXPIRED = "expired"
+    CANCELLED = "cancelled"
+    EXECUTING = "executing"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    IN_DOUBT = "in_doubt"
+
+    @property
+    def decided(self) -> bool:
+        """True once nothing more will happen to the call (the run may resume)."""
+        return self in TERMINAL_APPROVAL_STATUSES
+
+
+TERMINAL_APPROVAL_STATUSES = frozenset(
+    {
+        ApprovalStatus.REJECTED,
+        ApprovalStatus.EXPIRED,
+        ApprovalStatus.CANCELLED,
+        ApprovalStatus.SUCCEEDED,
+        ApprovalStatus.FAILED,
+        ApprovalStatus.IN_DOUBT,
+    }
+)
+
+
+class OutboxKind(StrEnum):
+    """What an outbox job delivers."""
+
+    REPLY = "reply"
+    CARD = "card"
+    CARD_UPDATE = "card_update"
+
+
+class OutboxStatus(StrEnum):
+    PENDING = "pending"
+    SENT = "sent"
+    GAVE_UP = "gave_up"
 
 
 def _ts(*, nullable: bool = False, index: bool = False) -> Any:
@@ -96,6 +165,8 @@ class Run(SQLModel, table=True):
     status: str = Field(default="running", index=True, max_length=20)
     step: int = 0
     owner: str | None = Field(default=None, max_length=80)
+    lease_until: datetime | None = _ts(nullable=True, index=True)
+    version: int = 0
     pending_results: dict[str, Any] = _json()
     created_at: datetime = _ts()
     updated_at: datetime = _ts()
@@ -128,6 +199,8 @@ class Approval(SQLModel, table=True):
     decided_at: datetime | None = _ts(nullable=True)
     decision_reason: str | None = Field(default=None, sa_column=sa.Column(sa.Text(), nullable=True))
     executor: str | None = Field(default=None, max_length=80)
+    lease_until: datetime | None = _ts(nullable=True)
+    preview_facts: dict[str, Any] | None = _json(nullable=True)
     exec_started_at: datetime | None = _ts(nullable=True)
     finished_at: datetime | None = _ts(nullable=True)
     outcome: str | None = Field(default=None, sa_column=sa.Column(sa.Text(), nullable=True))
@@ -170,6 +243,41 @@ class AuditStaged(SQLModel, table=True):
     tool: str | None = Field(default=None, max_length=200)
     status: str | None = Field(default=None, max_length=40)
     data: dict[str, Any] = _json()
+
+
+class OutboxJob(SQLModel, table=True):
+    """A card, card update or reply to deliver, written with the state change that calls for it and
+    delivered by any replica (retried with the platform's Retry-After until `deadline`)."""
+
+    __tablename__ = "outbox_job"
+    id: int | None = Field(default=None, primary_key=True)
+    kind: str = Field(max_length=20)
+    platform: str = Field(max_length=20)
+    thread_key: str = Field(index=True, max_length=300)
+    thread: dict[str, Any] = _json()
+    approval_id: str | None = Field(default=None, index=True, max_length=40)
+    run_id: str | None = Field(default=None, max_length=40)
+    text: str | None = Field(default=None, sa_column=sa.Column(sa.Text(), nullable=True))
+    status: str = Field(default=OutboxStatus.PENDING, index=True, max_length=20)
+    attempts: int = 0
+    next_attempt_at: datetime = _ts(index=True)
+    deadline: datetime = _ts()
+    owner: str | None = Field(default=None, max_length=80)
+    lease_until: datetime | None = _ts(nullable=True)
+    last_error: str | None = Field(default=None, max_length=500)
+    message_id: str | None = Field(default=None, max_length=200)
+    created_at: datetime = _ts()
+
+
+class Quota(SQLModel, table=True):
+    """Per-user admission counter (fixed one-minute window), updated by one conditional UPDATE so a
+    limit holds under bursts and across replicas; its row lock also serialises pending-approval counts."""
+
+    __tablename__ = "quota"
+    key: str = Field(primary_key=True, max_length=300)
+    window_start: datetime = _ts()
+    count: int = 0
+    version: int = 0
 
 
 class Replica(SQLModel, table=True):

@@ -45,6 +45,7 @@ def _whole_suite_logs_at_debug(tmp_path_factory: pytest.TempPathFactory) -> Iter
         previous = root.level
         root.addHandler(handler)
         root.setLevel(logging.DEBUG)
+        logging.getLogger("aiosqlite").setLevel(logging.INFO)  # one DEBUG line per statement, in a thread
         yield
         root.removeHandler(handler)
         root.setLevel(previous)

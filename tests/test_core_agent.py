@@ -7,8 +7,10 @@ import json
 import re
 from datetime import timedelta
 
+import pytest
 import sqlalchemy as sa
 
+from bot.core import texts
 from bot.core.events import DecisionRequest, User
 from storage.models import Approval, AuditEvent, Run, utcnow
 from tests.fakes.openai_server import calls, failure, text, tool_results
@@ -173,9 +175,7 @@ async def test_bad_tool_calls_are_fed_back_to_the_model_and_run_nothing(terminal
         calls(
             ("write_note", {"topic": "a"}),
             ("drop_database", {}),
-            ("write_note", '{"topic": "a", "text": '),
             ("write_note", {"topic": "a", "text": "x", "priority": "high"}),
-            ("write_note", '["not", "an", "object"]'),
         ),
         text("I could not do that."),
     )
@@ -183,11 +183,32 @@ async def test_bad_tool_calls_are_fed_back_to_the_model_and_run_nothing(terminal
     await bot.say("do something odd")
     assert ledger.effects == [] and approval_ids(bot.transcript()) == []
     kinds = [json.loads(r)["error"] for r in tool_results(model.requests[-1])]
-    assert kinds == ["invalid_arguments", "unknown_tool", "malformed_arguments", "invalid_arguments", "malformed_arguments"]
+    assert kinds == ["invalid_arguments", "unknown_tool", "invalid_arguments"]
     missing = json.loads(tool_results(model.requests[-1])[0])
     assert missing["details"][0]["field"] == "text"
     invalid = await audit_rows(bot.app, kind="tool_call_invalid")
-    assert len(invalid) == 5
+    assert len(invalid) == 3
+
+
+@pytest.mark.parametrize("arguments", ['{"topic": "a", "text": ', '["not", "an", "object"]', '"text"'])
+async def test_tool_call_arguments_that_are_not_an_object_are_a_model_error_retried_in_one_layer(terminal_bot, model, arguments):
+    ledger = Ledger()
+    model.script(calls(("write_note", arguments)), text("Sorry, let me answer plainly."))
+    bot = await terminal_bot(toolsets=[notes_toolset(ledger)], CHATOPS_MODEL_RETRIES="2")
+    await bot.say("do something odd")
+    assert len(model.requests) == 2 and ledger.effects == []
+    assert "bot> Sorry, let me answer plainly." in bot.transcript()
+
+
+async def test_a_model_that_keeps_breaking_the_api_promise_ends_the_run_with_one_sentence(terminal_bot, model):
+    ledger = Ledger()
+    model.script(*[calls(("write_note", "[1]")) for _ in range(3)], text("second conversation answered"))
+    bot = await terminal_bot(toolsets=[notes_toolset(ledger)], CHATOPS_MODEL_RETRIES="2")
+    await bot.say("do something odd")
+    assert len(model.requests) == 3 and ledger.effects == []
+    assert f"bot> {texts.MODEL_FAILED}" in bot.transcript()
+    await bot.say("and now?")
+    assert "bot> second conversation answered" in bot.transcript()
 
 
 async def test_model_429_and_500_are_retried_then_answered(terminal_bot, model):

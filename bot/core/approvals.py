@@ -1,9 +1,10 @@
-"""Approvals: creating the frozen record, and every state transition as one conditional UPDATE.
+"""The approval service: the one owner of the approval state machine.
 
-States: pending -> approved | rejected | expired | cancelled;
-approved -> executing -> succeeded | failed | in_doubt (approved -> cancelled when authorisation
-was revoked before execution). A transition succeeds only if the row is still in the state the
-caller saw (`WHERE status = ... [AND version = ...]`), so exactly one decision wins.
+States (`ApprovalStatus`): pending -> approved | rejected | expired | cancelled;
+approved -> executing -> succeeded | failed | in_doubt (approved -> cancelled when the call may no
+longer run). Every transition is one conditional UPDATE (`WHERE status = ... [AND version = ...]`),
+so exactly one decision wins; every transition queues the card update in the same transaction.
+Nothing else writes an approval's status. Outcomes are returned, never rendered.
 """
 
 from __future__ import annotations
@@ -12,22 +13,23 @@ import hashlib
 import secrets
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any, Literal
+from enum import StrEnum
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from bot.core import texts
-from bot.core.cards import card_view
+from bot.core import outbox, texts
 from bot.core.channels import CardView
 from bot.core.context import AppContext
 from bot.core.events import DecisionRequest, User
 from bot.core.policy import CallRule
 from storage.audit import canonical_json
-from storage.models import Approval
+from storage.models import Approval, ApprovalStatus
 
-TERMINAL = frozenset({"rejected", "expired", "cancelled", "succeeded", "failed", "in_doubt"})
+S = ApprovalStatus
 _ID_ALPHABET = "abcdefghijkmnpqrstuvwxyz23456789"
+MAX_ID_LENGTH = 40
 
 
 def new_approval_id() -> str:
@@ -39,159 +41,368 @@ def args_digest(args: dict[str, Any]) -> str:
     return hashlib.sha256(canonical_json(args).encode("utf-8")).hexdigest()
 
 
-async def transition(session: AsyncSession, approval_id: str, from_status: str | tuple[str, ...], **values: Any) -> bool:
-    """UPDATE approval SET ... WHERE id = :id AND status IN (:from) [AND version = :version]."""
-    allowed = (from_status,) if isinstance(from_status, str) else from_status
-    where = [Approval.id == approval_id, Approval.status.in_(allowed)]
-    if "expect_version" in values:
-        where.append(Approval.version == values.pop("expect_version"))
-    values["version"] = Approval.version + 1
-    result = await session.execute(sa.update(Approval).where(*where).values(**values))
-    return result.rowcount == 1  # type: ignore[attr-defined]
+def expiry(now: datetime, rule: CallRule, default_ttl: float) -> datetime:
+    return now + timedelta(seconds=rule.ttl or default_ttl)
+
+
+@dataclass(frozen=True)
+class Vote:
+    """One approver's click, as stored in `Approval.votes`."""
+
+    user: User
+    approve: bool
+    at: datetime
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.user.id,
+            "key": self.user.key,
+            "name": self.user.label,
+            "user": self.user.to_dict(),
+            "approve": self.approve,
+            "at": self.at.isoformat(),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Vote:
+        return cls(User.from_dict(data["user"]), bool(data["approve"]), datetime.fromisoformat(data["at"]))
+
+
+def votes_of(approval: Approval) -> list[Vote]:
+    return [Vote.from_dict(v) for v in approval.votes or []]
+
+
+class Decision(StrEnum):
+    APPROVED = "approved"
+    REJECTED = "rejected"
+    VOTE_RECORDED = "vote_recorded"
+    ALREADY = "already"
+    EXPIRED = "expired"
+    NOT_ALLOWED = "not_allowed"
+    NOT_FOUND = "not_found"
 
 
 @dataclass(frozen=True)
 class DecisionOutcome:
-    """What a click achieved; `message` is the text for the clicker (ephemeral / toast / terminal)."""
+    """What a click achieved; `message` is the text for the clicker (ephemeral / toast / terminal).
+    The service leaves `card` empty; the engine adds the card view the adapter shows."""
 
-    kind: Literal["approved", "rejected", "vote_recorded", "already", "expired", "not_allowed", "not_found"]
+    kind: Decision
     message: str
     card: CardView | None = None
     approval: Approval | None = None
 
     @property
     def changed(self) -> bool:
-        return self.kind in ("approved", "rejected", "vote_recorded", "expired")
+        return self.kind in (Decision.APPROVED, Decision.REJECTED, Decision.VOTE_RECORDED, Decision.EXPIRED)
 
 
-def _who(approval: Approval) -> str:
-    return approval.decided_by_name or approval.decided_by or "someone"
+async def transition(session: AsyncSession, approval_id: str, from_status: S | tuple[S, ...], **values: Any) -> bool:
+    """UPDATE approval SET ... WHERE id = :id AND status IN (:from) [AND version = :version]."""
+    allowed = (from_status,) if isinstance(from_status, str) else from_status
+    where = [Approval.id == approval_id, Approval.status.in_([str(s) for s in allowed])]
+    if "expect_version" in values:
+        where.append(Approval.version == values.pop("expect_version"))
+    if "expect_executor" in values:
+        where.append(Approval.executor == values.pop("expect_executor"))
+    values["version"] = Approval.version + 1
+    result = await session.execute(sa.update(Approval).where(*where).values(**values))
+    return bool(result.rowcount)  # type: ignore[attr-defined]
 
 
 def _already(approval: Approval) -> DecisionOutcome:
-    if approval.status == "expired":
-        return DecisionOutcome("expired", texts.EXPIRED.format(at=texts.when(approval.expires_at)), card_view(approval), approval)
-    if approval.decided_by and approval.status != "cancelled":
-        shown = {"executing": "approved", "succeeded": "approved", "failed": "approved", "in_doubt": "approved"}
-        status = shown.get(approval.status, approval.status)
-        return DecisionOutcome(
-            "already", texts.ALREADY_DECIDED.format(status=status, who=_who(approval)), card_view(approval), approval
-        )
-    return DecisionOutcome("already", texts.ALREADY_FINISHED.format(status=approval.status), card_view(approval), approval)
+    who = approval.decided_by_name or approval.decided_by or "someone"
+    if approval.status == S.EXPIRED:
+        return DecisionOutcome(Decision.EXPIRED, texts.EXPIRED.format(at=texts.when(approval.expires_at)), approval=approval)
+    if approval.decided_by and approval.status != S.CANCELLED:
+        shown = S.APPROVED if approval.status in (S.EXECUTING, S.SUCCEEDED, S.FAILED, S.IN_DOUBT) else approval.status
+        return DecisionOutcome(Decision.ALREADY, texts.ALREADY_DECIDED.format(status=shown, who=who), approval=approval)
+    return DecisionOutcome(Decision.ALREADY, texts.ALREADY_FINISHED.format(status=approval.status), approval=approval)
 
 
-async def decide(ctx: AppContext, req: DecisionRequest, rule_for: Any) -> DecisionOutcome:
-    """Apply one decision. `rule_for(approval)` returns the current `CallRule` for the approval."""
-    for _ in range(8):  # optimistic concurrency: re-read and retry when another vote landed first
-        async with ctx.db.transaction(urgent=True) as session:
-            approval = await session.get(Approval, req.approval_id)
-            if approval is None:
-                await ctx.audit.record(
-                    session,
-                    "click_refused",
-                    approval_id=req.approval_id,
-                    platform=req.user.platform,
-                    actor=req.user.key,
-                    status="not_found",
-                )
-                return DecisionOutcome("not_found", texts.NOT_FOUND.format(approval_id=req.approval_id))
-            common = {
-                "run_id": approval.run_id,
-                "approval_id": approval.id,
-                "platform": req.user.platform,
-                "actor": req.user.key,
-                "tool": approval.tool_name,
-            }
-            if approval.status != "pending":
-                await ctx.audit.record(session, "click_refused", status=approval.status, reason="already decided", **common)
-                return _already(approval)
-            now = ctx.clock()
-            if now >= approval.expires_at:
-                if await transition(session, approval.id, "pending", expect_version=approval.version, status="expired"):
-                    await ctx.audit.record(session, "approval_expired", status="expired", **common)
-                    approval.status = "expired"
-                    return DecisionOutcome(
-                        "expired", texts.EXPIRED.format(at=texts.when(approval.expires_at)), card_view(approval), approval
-                    )
-                continue
-            rule: CallRule = rule_for(approval)
-            requester = User.from_dict(approval.requester)
-            verdict = ctx.policy.may_decide(rule, requester, req.user, list(approval.votes or []))
-            if not verdict.allowed:
-                await ctx.audit.record(session, "click_refused", status="not_allowed", reason=verdict.reason, **common)
-                return DecisionOutcome(
-                    "not_allowed", texts.NOT_ALLOWED.format(reason=verdict.reason), card_view(approval), approval
-                )
-            vote = {
-                "id": req.user.id,
-                "key": req.user.key,
-                "name": req.user.label,
-                "user": req.user.to_dict(),
-                "approve": req.approve,
-                "at": now.isoformat(),
-            }
-            votes = list(approval.votes or [])
-            if req.approve and any(v.get("key") == req.user.key for v in votes):
-                await ctx.audit.record(session, "click_refused", status="duplicate_vote", **common)
-                return DecisionOutcome("already", texts.SAME_APPROVER_TWICE, card_view(approval), approval)
-            votes.append(vote)
-            approvals_count = sum(1 for v in votes if v["approve"])
-            if not req.approve:
-                status = "rejected"
-            elif approvals_count >= rule.votes_needed:
-                status = "approved"
-            else:
-                status = "pending"
-            values: dict[str, Any] = {"status": status, "votes": votes}
-            if status != "pending":
-                values.update(
-                    decided_by=req.user.id,
-                    decided_by_name=req.user.label,
-                    decided_at=now,
-                    decision_reason=(req.reason or None) if not req.approve else None,
-                )
-            if not await transition(session, approval.id, "pending", expect_version=approval.version, **values):
-                continue
-            await ctx.audit.record(
+class ApprovalService:
+    """Creates approvals and moves them through their states; one per process."""
+
+    def __init__(self, ctx: AppContext) -> None:
+        self.ctx = ctx
+
+    def rule_for(self, approval: Approval) -> CallRule:
+        """The current policy rule for a stored approval (tools that vanished count as writes)."""
+        spec = self.ctx.registry.get(approval.tool_name)
+        if spec is None:
+            return CallRule("confirm", "tool no longer registered")
+        return self.ctx.policy.rule_for(spec, approval.args)
+
+    # ------------------------------------------------------------------ decisions
+    async def decide(self, req: DecisionRequest) -> DecisionOutcome:
+        """Apply one click (optimistic concurrency: re-read and retry when another vote landed first)."""
+        if len(req.approval_id) > MAX_ID_LENGTH or "\x00" in req.approval_id:
+            return DecisionOutcome(Decision.NOT_FOUND, texts.NOT_FOUND.format(approval_id=req.approval_id[:MAX_ID_LENGTH]))
+        for _ in range(8):
+            outcome = await self.ctx.db.run(lambda session: self._decide_once(session, req), urgent=True)
+            if outcome is not None:
+                return outcome
+        raise RuntimeError("approval decision did not settle after repeated conflicts")
+
+    async def _decide_once(self, session: AsyncSession, req: DecisionRequest) -> DecisionOutcome | None:
+        ctx = self.ctx
+        approval = await session.get(Approval, req.approval_id)
+        audit = ctx.audit
+        if approval is None:
+            await audit.record(
                 session,
-                "approval_decided" if status != "pending" else "approval_vote",
-                status=status,
-                reason=req.reason,
-                votes_needed=rule.votes_needed,
-                **common,
+                "click_refused",
+                approval_id=req.approval_id,
+                platform=req.user.platform,
+                actor=req.user.key,
+                status="not_found",
             )
-            approval = await session.get(Approval, approval.id, populate_existing=True)
-            assert approval is not None
-        if status == "approved":
-            message = texts.DECIDED_APPROVED.format(tool=approval.tool_name)
-            return DecisionOutcome("approved", message, card_view(approval), approval)
-        if status == "rejected":
-            return DecisionOutcome("rejected", texts.DECIDED_REJECTED, card_view(approval), approval)
+            return DecisionOutcome(Decision.NOT_FOUND, texts.NOT_FOUND.format(approval_id=req.approval_id))
+        common = {"run_id": approval.run_id, "approval_id": approval.id, "platform": req.user.platform, "actor": req.user.key}
+        common["tool"] = approval.tool_name
+        if approval.status != S.PENDING:
+            await audit.record(session, "click_refused", status=approval.status, reason="already decided", **common)
+            return _already(approval)
+        now = ctx.clock()
+        if now >= approval.expires_at:
+            if not await self._expire(session, approval):
+                return None
+            return DecisionOutcome(Decision.EXPIRED, texts.EXPIRED.format(at=texts.when(approval.expires_at)), approval=approval)
+        rule = self.rule_for(approval)
+        votes = approval.votes or []
+        verdict = ctx.policy.may_decide(rule, User.from_dict(approval.requester), req.user, list(votes))
+        if not verdict.allowed:
+            await audit.record(session, "click_refused", status="not_allowed", reason=verdict.reason, **common)
+            return DecisionOutcome(Decision.NOT_ALLOWED, texts.NOT_ALLOWED.format(reason=verdict.reason), approval=approval)
+        if req.approve and any(v.get("key") == req.user.key for v in votes):
+            await audit.record(session, "click_refused", status="duplicate_vote", **common)
+            return DecisionOutcome(Decision.ALREADY, texts.SAME_APPROVER_TWICE, approval=approval)
+        new_votes = [*votes, Vote(req.user, req.approve, now).to_dict()]
+        approvals_count = sum(1 for v in new_votes if v["approve"])
+        status = S.REJECTED if not req.approve else S.APPROVED if approvals_count >= rule.votes_needed else S.PENDING
+        values: dict[str, Any] = {"status": status, "votes": new_votes}
+        if status != S.PENDING:
+            reason = (req.reason or None) if not req.approve else None
+            values.update(decided_by=req.user.id, decided_by_name=req.user.label, decided_at=now, decision_reason=reason)
+        if not await transition(session, approval.id, S.PENDING, expect_version=approval.version, **values):
+            return None
+        kind = "approval_decided" if status != S.PENDING else "approval_vote"
+        await audit.record(session, kind, status=status, reason=req.reason, votes_needed=rule.votes_needed, **common)
+        await outbox.enqueue_card_update(session, ctx, approval)
+        await session.refresh(approval)
+        if status == S.APPROVED:
+            return DecisionOutcome(Decision.APPROVED, texts.DECIDED_APPROVED.format(tool=approval.tool_name), approval=approval)
+        if status == S.REJECTED:
+            return DecisionOutcome(Decision.REJECTED, texts.DECIDED_REJECTED, approval=approval)
         remaining = rule.votes_needed - approvals_count
-        return DecisionOutcome("vote_recorded", texts.VOTE_RECORDED.format(remaining=remaining), card_view(approval), approval)
-    raise RuntimeError("approval decision did not settle after repeated conflicts")
+        return DecisionOutcome(Decision.VOTE_RECORDED, texts.VOTE_RECORDED.format(remaining=remaining), approval=approval)
 
+    async def _expire(self, session: AsyncSession, approval: Approval) -> bool:
+        if not await transition(session, approval.id, S.PENDING, expect_version=approval.version, status=S.EXPIRED):
+            return False
+        await self.ctx.audit.record(
+            session,
+            "approval_expired",
+            run_id=approval.run_id,
+            approval_id=approval.id,
+            tool=approval.tool_name,
+            status=S.EXPIRED,
+        )
+        approval.status = S.EXPIRED
+        await outbox.enqueue_card_update(session, self.ctx, approval)
+        return True
 
-def expiry(now: datetime, rule: CallRule, default_ttl: float) -> datetime:
-    return now + timedelta(seconds=rule.ttl or default_ttl)
+    # ------------------------------------------------------------------ execution bookkeeping
+    async def start_execution(self, approval_id: str, problem_before: str | None = None) -> Approval | None:
+        """approved -> executing under this replica's lease, after re-checking that the call may
+        still run (tool present, authorisation, digest, `problem_before` from the preview re-check).
+        Returns the approval when this replica must run it, else None."""
+        return await self.ctx.db.run(lambda session: self._start_execution(session, approval_id, problem_before))
+
+    async def _start_execution(self, session: AsyncSession, approval_id: str, problem_before: str | None) -> Approval | None:
+        ctx = self.ctx
+        approval = await session.get(Approval, approval_id)
+        if approval is None or approval.status != S.APPROVED:
+            return None
+        common = {
+            "run_id": approval.run_id,
+            "approval_id": approval.id,
+            "platform": approval.platform,
+            "tool": approval.tool_name,
+        }
+        problem = self._execution_problem(approval) or problem_before
+        now = ctx.clock()
+        if problem is not None:
+            if await transition(session, approval.id, S.APPROVED, status=S.CANCELLED, decision_reason=problem, finished_at=now):
+                await ctx.audit.record(session, "execution_blocked", status=S.CANCELLED, reason=problem, **common)
+                await outbox.enqueue_card_update(session, ctx, approval)
+            return None
+        lease = now + timedelta(seconds=ctx.settings.lease_seconds)
+        started = await transition(
+            session, approval.id, S.APPROVED, status=S.EXECUTING, executor=ctx.replica_id, exec_started_at=now, lease_until=lease
+        )
+        if not started:
+            return None
+        await ctx.audit.record(
+            session, "execution_started", status=S.EXECUTING, actor=ctx.replica_id, args_sha256=approval.args_sha256, **common
+        )
+        await outbox.enqueue_card_update(session, ctx, approval)
+        return approval
+
+    def _execution_problem(self, approval: Approval) -> str | None:
+        ctx = self.ctx
+        if ctx.registry.get(approval.tool_name) is None:
+            return f"the tool {approval.tool_name} is no longer available"
+        approvers = [v.user for v in votes_of(approval) if v.approve]
+        verdict = ctx.policy.still_authorised(self.rule_for(approval), User.from_dict(approval.requester), approvers)
+        if not verdict.allowed:
+            return verdict.reason
+        if args_digest(approval.args) != approval.args_sha256:
+            return "the stored arguments no longer match what was approved"
+        return None
+
+    async def renew_execution(self, approval_id: str) -> bool:
+        """Extend this replica's execution lease; False when the execution is no longer ours."""
+        ctx = self.ctx
+
+        async def renew(session: AsyncSession) -> bool:
+            result = await session.execute(
+                sa.update(Approval)
+                .where(Approval.id == approval_id, Approval.status == S.EXECUTING, Approval.executor == ctx.replica_id)
+                .values(lease_until=ctx.clock() + timedelta(seconds=ctx.settings.lease_seconds))
+            )
+            return bool(result.rowcount)  # type: ignore[attr-defined]
+
+        return await ctx.db.run(renew, deadline=ctx.settings.lease_seconds / 3)
+
+    async def finish_execution(self, approval_id: str, status: S, outcome: str) -> Approval | None:
+        """executing -> succeeded | failed | in_doubt, by the replica that ran it. An execution the
+        sweeper already marked `in_doubt` (its lease ran out while the database was away) gets its
+        real outcome now: what was sent is recorded as sent, and the thread is told."""
+        ctx = self.ctx
+        outcome = ctx.redactor.redact_text(outcome)
+
+        async def finish(session: AsyncSession) -> Approval | None:
+            approval = await session.get(Approval, approval_id)
+            if approval is None:
+                return None
+            late = approval.status == S.IN_DOUBT
+            changed = await transition(
+                session,
+                approval_id,
+                (S.EXECUTING, S.IN_DOUBT),
+                expect_executor=ctx.replica_id,
+                status=status,
+                outcome=outcome,
+                finished_at=ctx.clock(),
+                lease_until=None,
+            )
+            if not changed:
+                return None
+            common = {"run_id": approval.run_id, "approval_id": approval.id, "platform": approval.platform}
+            await ctx.audit.record(
+                session, "tool_executed", tool=approval.tool_name, status=status, result=outcome[:4000], **common
+            )
+            await outbox.enqueue_card_update(session, ctx, approval)
+            if late and status != S.IN_DOUBT:
+                notice = texts.IN_DOUBT_RESOLVED.format(tool=approval.tool_name, approval_id=approval.id, status=status)
+                await outbox.enqueue_reply(session, ctx, approval.thread, notice, run_id=approval.run_id)
+            return approval
+
+        return await ctx.db.run(finish, deadline=ctx.settings.outbox_deadline)
+
+    # ------------------------------------------------------------------ recovery (the sweeper's)
+    async def expire_overdue(self) -> list[Approval]:
+        """pending -> expired for every approval past its expiry."""
+        ctx = self.ctx
+
+        async def expire(session: AsyncSession) -> list[Approval]:
+            rows = await session.execute(
+                sa.select(Approval).where(Approval.status == S.PENDING, Approval.expires_at <= ctx.clock()).limit(200)
+            )
+            return [a for a in rows.scalars().all() if await self._expire(session, a)]
+
+        return await ctx.db.run(expire)
+
+    async def in_doubt_after_lease(self) -> list[Approval]:
+        """executing -> in_doubt where the executor's lease ran out: the outcome is unknown, so the
+        call is reported and never re-run."""
+        ctx = self.ctx
+        detail = "the process running it stopped answering before it finished"
+
+        async def mark(session: AsyncSession) -> list[Approval]:
+            now = ctx.clock()
+            rows = await session.execute(
+                sa.select(Approval).where(
+                    Approval.status == S.EXECUTING, sa.or_(Approval.lease_until.is_(None), Approval.lease_until < now)
+                )
+            )
+            marked = []
+            for a in rows.scalars().all():
+                if not await transition(session, a.id, S.EXECUTING, expect_version=a.version, status=S.IN_DOUBT, outcome=detail):
+                    continue
+                common = {"run_id": a.run_id, "approval_id": a.id, "tool": a.tool_name}
+                await ctx.audit.record(session, "execution_in_doubt", status=S.IN_DOUBT, executor=a.executor, **common)
+                await outbox.enqueue_card_update(session, ctx, a)
+                report = texts.IN_DOUBT_REPORT.format(tool=a.tool_name, approval_id=a.id)
+                await outbox.enqueue_reply(session, ctx, a.thread, report, run_id=a.run_id)
+                marked.append(a)
+            return marked
+
+        return await ctx.db.run(mark)
+
+    async def approved_but_not_started(self, older_than: float) -> list[str]:
+        """Approvals a decider approved but nobody started (the decider died or lost the database)."""
+        ctx = self.ctx
+        cutoff = ctx.clock() - timedelta(seconds=older_than)
+
+        async def find(session: AsyncSession) -> list[str]:
+            rows = await session.execute(
+                sa.select(Approval.id).where(Approval.status == S.APPROVED, Approval.decided_at <= cutoff)
+            )
+            return list(rows.scalars().all())
+
+        return await ctx.db.run(find, read=True)
+
+    async def cancel_pending(self, session: AsyncSession, where: Any, reason: str) -> list[Approval]:
+        """pending -> cancelled for the approvals matching `where`, inside the caller's transaction."""
+        rows = (await session.execute(sa.select(Approval).where(Approval.status == S.PENDING, where))).scalars().all()
+        cancelled = []
+        for a in rows:
+            if not await transition(
+                session, a.id, S.PENDING, expect_version=a.version, status=S.CANCELLED, decision_reason=reason
+            ):
+                continue
+            await self.ctx.audit.record(
+                session,
+                "approval_cancelled",
+                run_id=a.run_id,
+                approval_id=a.id,
+                tool=a.tool_name,
+                status=S.CANCELLED,
+                reason=reason,
+            )
+            await outbox.enqueue_card_update(session, self.ctx, a)
+            cancelled.append(a)
+        return cancelled
 
 
 def model_result(approval: Approval) -> str:
     """What the model reads for a decided call."""
     who = approval.decided_by_name or approval.decided_by or "someone"
     match approval.status:
-        case "succeeded":
+        case S.SUCCEEDED:
             return approval.outcome or "ok"
-        case "failed":
+        case S.FAILED:
             return texts.MODEL_FAILED_TOOL.format(detail=approval.outcome or "error")
-        case "in_doubt":
+        case S.IN_DOUBT:
             return texts.MODEL_IN_DOUBT.format(detail=approval.outcome or "interrupted")
-        case "rejected":
+        case S.REJECTED:
             if approval.decision_reason:
                 return texts.MODEL_REJECTED.format(who=who, reason=approval.decision_reason)
             return texts.MODEL_REJECTED_NO_REASON.format(who=who)
-        case "expired":
+        case S.EXPIRED:
             return texts.MODEL_EXPIRED
-        case "cancelled":
+        case S.CANCELLED:
             return texts.MODEL_CANCELLED.format(reason=approval.decision_reason or "cancelled")
     raise ValueError(f"approval {approval.id} is not decided ({approval.status})")

@@ -49,8 +49,20 @@ class CardView:
         return self.status == "pending"
 
 
+class DeliveryFailed(Exception):
+    """An adapter could not deliver a post. `retry_after` is the wait the platform asked for (429);
+    `permanent` means trying again cannot help (unknown channel, message rejected as invalid)."""
+
+    def __init__(self, reason: str, *, retry_after: float | None = None, permanent: bool = False) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.retry_after = retry_after
+        self.permanent = permanent
+
+
 class Channel(Protocol):
-    """What the core needs from a platform adapter. All methods are safe to retry-free call once."""
+    """What the core needs from a platform adapter. Posting methods raise `DeliveryFailed` (or any
+    exception, taken as transient) when the platform did not take the post; the outbox retries."""
 
     platform: str
 

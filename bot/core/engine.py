@@ -3,26 +3,30 @@
 - `accept_message` records an inbound message durably (deduplicated across replicas) and
   schedules the agent; it returns in milliseconds so the adapter can ack at once.
 - `decide` applies an Approve/Reject click and returns at once with what the clicker should
-  see; card updates, execution and the resumed agent run happen in the background.
+  see; execution and the resumed agent run happen in the background, cards through the outbox.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import uuid
 
 import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.ext.asyncio import AsyncSession
 
-from bot.core import approvals
-from bot.core.approvals import DecisionOutcome
+from bot.core.approvals import ApprovalService, Decision, DecisionOutcome
+from bot.core.cards import card_view
 from bot.core.context import AppContext
 from bot.core.errors import StorageError
-from bot.core.events import DecisionRequest, IncomingMessage
+from bot.core.events import DecisionRequest, IncomingMessage, User
 from bot.core.executor import Executor
-from bot.core.policy import CallRule
+from bot.core.outbox import Outbox
+from bot.core.run_store import RunStore
 from bot.core.runner import Runner
-from storage.models import Approval, InboxEvent, SeenKey
+from storage.engine import LockBusy, is_transient
+from storage.models import Approval, ApprovalStatus, InboxEvent, SeenKey
 
 log = logging.getLogger("chatops.core")
 
@@ -32,85 +36,119 @@ class Core:
 
     def __init__(self, ctx: AppContext) -> None:
         self.ctx = ctx
-        self.runner = Runner(ctx)
-        self.executor = Executor(ctx, self.rule_for)
-
-    def rule_for(self, approval: Approval) -> CallRule:
-        """The current policy rule for a stored approval (tools that vanished count as writes)."""
-        spec = self.ctx.registry.get(approval.tool_name)
-        if spec is None:
-            return CallRule("confirm", "tool no longer registered")
-        return self.ctx.policy.rule_for(spec, approval.args)
+        self.approvals = ApprovalService(ctx)
+        self.out = Outbox(ctx)
+        self.store = RunStore(ctx, self.approvals)
+        self.runner = Runner(ctx, self.store, self.out)
+        self.executor = Executor(ctx, self.approvals)
+        self.out.on_card_given_up.append(lambda approval: self.resume_later(approval.run_id))
+        ctx.db.after_commit("outbox_queued", self.out.kick)
 
     # ------------------------------------------------------------------ inbound messages
     async def accept_message(self, msg: IncomingMessage) -> bool:
         """Record `msg` once. True if new (the agent will run), False for a duplicate delivery.
 
-        Raises StorageError when the message could not be recorded: the adapter must then answer
-        the platform with an error so it redelivers (never ack what was not stored).
-        """
-        ctx = self.ctx
+        Raises StorageError when the message could not be recorded (the database is away or its
+        lock stayed busy for about a second): the adapter must then answer the platform with an
+        error so it redelivers (never ack what was not stored)."""
         inbox_id = "in-" + uuid.uuid4().hex[:16]
-        now = ctx.clock()
         try:
-            async with ctx.db.transaction(urgent=True) as session:
-                # Plain INSERTs (no ORM unit of work): this is the ack path. A key seen before -> IntegrityError.
-                keys = [{"key": k[:300], "inbox_id": inbox_id, "created_at": now} for k in msg.dedupe_keys]
-                await session.execute(sa.insert(SeenKey), keys)
-                await session.execute(
-                    sa.insert(InboxEvent).values(
-                        id=inbox_id,
-                        platform=msg.thread.platform,
-                        conversation_key=msg.conversation_key,
-                        payload=msg.to_dict(),
-                        status="queued",
-                        created_at=now,
-                        updated_at=now,
-                    )
-                )
-                await ctx.audit.record(
-                    session,
-                    "request_received",
-                    platform=msg.user.platform,
-                    actor=msg.user.key,
-                    status="queued",
-                    inbox_id=inbox_id,
-                    conversation=msg.conversation_key,
-                    text=msg.text,
-                    keys=list(msg.dedupe_keys),
-                )
+            await self.ctx.db.run(lambda s: self._record(s, msg, inbox_id), urgent=True)
         except IntegrityError:
             return False
-        except OperationalError as exc:
-            raise StorageError(f"could not record the message: {type(exc.orig).__name__}") from None
-        ctx.tasks.spawn(self.runner.process_conversation(msg.conversation_key), name=f"conversation-{msg.conversation_key}")
+        except (OperationalError, LockBusy) as exc:
+            raise StorageError(f"could not record the message: {type(exc).__name__}") from None
+        except Exception as exc:
+            if is_transient(exc):
+                raise StorageError(f"could not record the message: {type(exc).__name__}") from None
+            raise
+        self.start_conversation(msg.conversation_key)
         return True
+
+    async def _record(self, session: AsyncSession, msg: IncomingMessage, inbox_id: str) -> None:
+        ctx, now = self.ctx, self.ctx.clock()
+        # Plain INSERTs (no ORM unit of work): this is the ack path. A key seen before -> IntegrityError.
+        keys = [{"key": k[:300], "inbox_id": inbox_id, "created_at": now} for k in msg.dedupe_keys]
+        await session.execute(sa.insert(SeenKey), keys)
+        payload = ctx.redactor.redact(msg.to_dict())
+        await session.execute(
+            sa.insert(InboxEvent).values(
+                id=inbox_id, platform=msg.thread.platform, conversation_key=msg.conversation_key, payload=payload,
+                status="queued", created_at=now, updated_at=now,
+            )
+        )  # fmt: skip
+        await ctx.audit.record(
+            session, "request_received", platform=msg.user.platform, actor=msg.user.key, status="queued",
+            inbox_id=inbox_id, conversation=msg.conversation_key, text=msg.text, keys=list(msg.dedupe_keys),
+        )  # fmt: skip
+
+    def start_conversation(self, key: str) -> None:
+        self.ctx.tasks.spawn(self.runner.process_conversation(key), name=f"conversation-{key}")
 
     # ------------------------------------------------------------------ decisions
     async def decide(self, req: DecisionRequest) -> DecisionOutcome:
         """Apply a click. The returned outcome says what the clicker should see; nothing slow runs here."""
-        outcome = await approvals.decide(self.ctx, req, self.rule_for)
+        try:
+            outcome = await self.approvals.decide(req)
+        except (OperationalError, LockBusy) as exc:
+            raise StorageError(f"could not record the decision: {type(exc).__name__}") from None
         if outcome.changed and outcome.approval is not None:
-            self.ctx.tasks.spawn(self._after_decision(outcome), name=f"after-{req.approval_id}")
+            approval = outcome.approval
+            if outcome.kind == Decision.APPROVED:
+                self.ctx.tasks.spawn(self._execute_then_resume(approval.id, approval.run_id), name=f"execute-{approval.id}")
+            else:
+                self.resume_later(approval.run_id)
+        if outcome.approval is not None:
+            outcome = dataclasses.replace(outcome, card=card_view(outcome.approval))
         return outcome
 
-    async def _after_decision(self, outcome: DecisionOutcome) -> None:
-        approval = outcome.approval
-        assert approval is not None
-        await self.runner.out.refresh_card(approval.id)
-        if outcome.kind == "approved":
-            await self.executor.execute(approval.id)
-            await self.runner.out.refresh_card(approval.id)
-        await self.runner.resume_if_ready(approval.run_id)
+    async def _execute_then_resume(self, approval_id: str, run_id: str) -> None:
+        await self.executor.execute(approval_id)
+        await self.runner.resume(run_id)
 
-    # ------------------------------------------------------------------ queries
+    def resume_later(self, run_id: str) -> None:
+        """Resume a waiting run in the background if its approvals are all decided."""
+        self.ctx.tasks.spawn(self.runner.resume(run_id), name=f"resume-{run_id}")
+
+    # ------------------------------------------------------------------ queries and shutdown
     async def pending_for(self, conversation_key: str) -> list[Approval]:
         """Approvals still waiting in a conversation (the terminal lists them)."""
-        async with self.ctx.db.transaction() as session:
+
+        async def query(session: AsyncSession) -> list[Approval]:
             rows = await session.execute(
                 sa.select(Approval)
-                .join(InboxEvent, InboxEvent.run_id == Approval.run_id)
-                .where(InboxEvent.conversation_key == conversation_key, Approval.status == "pending")
+                .where(
+                    Approval.status == ApprovalStatus.PENDING,
+                    Approval.run_id.in_(sa.select(InboxEvent.run_id).where(InboxEvent.conversation_key == conversation_key)),
+                )
                 .order_by(Approval.created_at)
             )
-            return list(dict.fromkeys(rows.scalars().all()))
+            return list(rows.scalars().all())
+
+        return await self.ctx.db.run(query, read=True)
+
+    async def pending_of(self, user: User) -> list[Approval]:
+        """Approvals waiting on a decision that `user` asked for."""
+
+        async def query(session: AsyncSession) -> list[Approval]:
+            rows = await session.execute(
+                sa.select(Approval)
+                .where(
+                    Approval.status == ApprovalStatus.PENDING,
+                    Approval.requester_id == user.id,
+                    Approval.platform == user.platform,
+                )
+                .order_by(Approval.created_at)
+            )
+            return list(rows.scalars().all())
+
+        return await self.ctx.db.run(query, read=True)
+
+    async def hand_back(self) -> None:
+        """On shutdown: release this replica's run leases so another replica continues them at once."""
+        try:
+            released = await self.store.hand_back()
+            if released:
+                log.info("handed %d run(s) back for another replica to continue", released)
+        except Exception as exc:  # noqa: BLE001 - the leases simply run out
+            log.warning("could not hand runs back (%s); their leases will run out", type(exc).__name__)

@@ -1,84 +1,78 @@
-"""Executing an approved call: exactly once, by the replica that wins approved -> executing,
-with the frozen arguments, after re-checking authorisation and the arguments' digest.
+"""Running an approved call: exactly once, by the replica that wins approved -> executing, with the
+frozen arguments, under a lease renewed while the tool runs.
+
+Just before that, a tool's preview (what the card said would happen, e.g. "will create a new lead")
+is computed again; if the effect changed, the call does not run and the model is told. The tool
+runs at most once: the database steps around it are retried (the approval service), never the tool.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
 
-from bot.core.approvals import args_digest, transition
+from bot.core import leases
+from bot.core.approvals import ApprovalService
 from bot.core.context import AppContext
 from bot.core.events import User
-from bot.core.policy import CallRule
-from storage.models import Approval
+from storage.models import Approval, ApprovalStatus
 from tools.errors import ToolError, ToolInDoubt
 from tools.registry import result_text
 
 log = logging.getLogger("chatops.executor")
-
-RuleLookup = Callable[[Approval], CallRule]
+S = ApprovalStatus
 
 
 class Executor:
-    def __init__(self, ctx: AppContext, rule_for: RuleLookup) -> None:
+    def __init__(self, ctx: AppContext, approvals: ApprovalService) -> None:
         self.ctx = ctx
-        self.rule_for = rule_for
+        self.approvals = approvals
 
     async def execute(self, approval_id: str) -> bool:
-        """Run an approved call. Returns True if this replica ran it (False: someone else did, or refused)."""
+        """Run an approved call. True if this replica ran it (False: someone else did, or it may not run)."""
         ctx = self.ctx
-        async with ctx.db.transaction() as session:
-            approval = await session.get(Approval, approval_id)
-            if approval is None or approval.status != "approved":
-                return False
-            common = {
-                "run_id": approval.run_id,
-                "approval_id": approval.id,
-                "platform": approval.platform,
-                "tool": approval.tool_name,
-            }
-            spec = ctx.registry.get(approval.tool_name)
-            rule: CallRule = self.rule_for(approval)
-            approvers = [User.from_dict(v["user"]) for v in approval.votes or [] if v.get("approve")]
-            verdict = ctx.policy.still_authorised(rule, User.from_dict(approval.requester), approvers)
-            problem = None
-            if spec is None:
-                problem = f"the tool {approval.tool_name} is no longer available"
-            elif not verdict.allowed:
-                problem = verdict.reason
-            elif args_digest(approval.args) != approval.args_sha256:
-                problem = "the stored arguments no longer match what was approved"
-            if problem is not None:
-                if await transition(
-                    session, approval.id, "approved", status="cancelled", decision_reason=problem, finished_at=ctx.clock()
-                ):
-                    await ctx.audit.record(session, "execution_blocked", status="cancelled", reason=problem, **common)
-                return False
-            if not await transition(
-                session, approval.id, "approved", status="executing", executor=ctx.replica_id, exec_started_at=ctx.clock()
-            ):
-                return False
-            await ctx.audit.record(
-                session, "execution_started", status="executing", actor=ctx.replica_id, args_sha256=approval.args_sha256, **common
-            )
-        assert spec is not None
-        tool_ctx = ctx.tool_context.for_call(approval_id=approval.id, requester=User.from_dict(approval.requester))
-        try:
-            value = await asyncio.wait_for(spec.run(tool_ctx, approval.args), ctx.settings.tool_timeout)
-            status, outcome = "succeeded", result_text(value)
-        except ToolInDoubt as exc:
-            status, outcome = "in_doubt", exc.message
-        except ToolError as exc:
-            status, outcome = "failed", exc.message
-        except TimeoutError:
-            status, outcome = "in_doubt", f"no answer within {ctx.settings.tool_timeout:g}s"
-        except Exception as exc:
-            log.exception("write tool %s crashed", approval.tool_name)
-            status, outcome = "in_doubt", f"the tool crashed ({type(exc).__name__})"
-        outcome = ctx.redactor.redact_text(outcome)
-        async with ctx.db.transaction() as session:
-            await transition(session, approval.id, "executing", status=status, outcome=outcome, finished_at=ctx.clock())
-            await ctx.audit.record(session, "tool_executed", status=status, result=outcome[:4000], **common)
+        approval = await ctx.db.run(lambda s: s.get(Approval, approval_id), read=True)
+        if approval is None or approval.status != S.APPROVED:
+            return False
+        problem = await self._preview_changed(approval)
+        started = await self.approvals.start_execution(approval_id, problem)
+        if started is None:
+            return False
+        spec = ctx.registry.get(started.tool_name)
+        assert spec is not None  # start_execution refuses a vanished tool
+        tool_ctx = ctx.tool_context.for_call(approval_id=started.id, requester=User.from_dict(started.requester))
+        period = ctx.settings.lease_seconds / 3
+        async with leases.kept(lambda: self.approvals.renew_execution(approval_id), period, approval_id):
+            status, outcome = await self._run(spec.run(tool_ctx, started.args), started.tool_name)
+        await self.approvals.finish_execution(approval_id, status, outcome)
         return True
+
+    async def _run(self, call: object, tool: str) -> tuple[S, str]:
+        timeout = self.ctx.settings.tool_timeout
+        try:
+            value = await asyncio.wait_for(call, timeout)  # type: ignore[arg-type]
+            return S.SUCCEEDED, result_text(value)
+        except ToolInDoubt as exc:
+            return S.IN_DOUBT, exc.message
+        except ToolError as exc:
+            return S.FAILED, exc.message
+        except TimeoutError:
+            return S.IN_DOUBT, f"no answer within {timeout:g}s"
+        except Exception as exc:
+            log.exception("write tool %s crashed", tool)
+            return S.IN_DOUBT, f"the tool crashed ({type(exc).__name__})"
+
+    async def _preview_changed(self, approval: Approval) -> str | None:
+        """A reason not to run when what the card showed is no longer what would happen."""
+        shown = (approval.preview_facts or {}).get("lines")
+        spec = self.ctx.registry.get(approval.tool_name)
+        if shown is None or spec is None or spec.preview is None:
+            return None
+        tool_ctx = self.ctx.tool_context.for_call(approval_id=None, requester=User.from_dict(approval.requester))
+        try:
+            now = await asyncio.wait_for(spec.preview(tool_ctx, approval.args), self.ctx.settings.tool_timeout)
+        except Exception as exc:  # noqa: BLE001 - cannot re-check: do not run on a stale promise
+            return f"what it would do could not be checked again ({type(exc).__name__})"
+        if list(now) == list(shown):
+            return None
+        return "what it would do changed after the card was shown; it now says: " + " ".join(now)

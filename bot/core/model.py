@@ -1,12 +1,17 @@
 """The model client: one Chat Completions call with tools, through the official `openai` client.
 
-Retries (429, 5xx, timeouts, connection errors) happen in exactly one layer, the openai
-client's own (`max_retries`), bounded and honouring Retry-After; every call has a timeout.
-After that, `ModelUnavailable` is raised and the caller tells the user; no tool runs.
+Retries happen in exactly one layer, here (tenacity; the openai client's own retries are off): on
+429, 5xx, timeouts, connection errors and on answers that break the API's promises (a body that
+is not a completion, no `choices`, neither text nor tool calls, tool calls without an id or name or
+with arguments that are not a JSON object). Each attempt has the one timeout (CHATOPS_MODEL_TIMEOUT);
+there are at most CHATOPS_MODEL_RETRIES + 1 attempts, waiting the endpoint's Retry-After or an
+exponential backoff between them. Then `ModelUnavailable` is raised and the caller tells the user;
+no tool runs.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -14,6 +19,7 @@ from typing import Any
 import openai
 from openai import AsyncOpenAI
 from openai.types.chat import ChatCompletion
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt, wait_exponential_jitter
 
 from bot.core.errors import ModelUnavailable
 from storage.redact import Redactor
@@ -49,6 +55,63 @@ class ModelReply:
         return message
 
 
+class MalformedReply(Exception):
+    """The endpoint answered 200 with something that is not a usable completion."""
+
+
+def _retryable(exc: BaseException) -> bool:
+    if isinstance(exc, openai.APIStatusError):
+        return exc.status_code == 429 or exc.status_code >= 500
+    return isinstance(exc, openai.APITimeoutError | openai.APIConnectionError | MalformedReply)
+
+
+_backoff = wait_exponential_jitter(initial=0.5, max=8)
+RETRY_AFTER_CAP = 30.0
+
+
+def _wait(state: RetryCallState) -> float:
+    """The endpoint's Retry-After when it sent one (429/503), else exponential backoff with jitter."""
+    exc = state.outcome.exception() if state.outcome else None
+    if isinstance(exc, openai.APIStatusError):
+        header = exc.response.headers.get("retry-after")
+        try:
+            return min(RETRY_AFTER_CAP, max(0.0, float(header))) if header else _backoff(state)
+        except ValueError:
+            return _backoff(state)
+    return _backoff(state)
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, openai.APIStatusError):
+        return f"model endpoint answered HTTP {exc.status_code}"
+    if isinstance(exc, openai.APITimeoutError):
+        return "model endpoint timed out"
+    if isinstance(exc, openai.APIConnectionError):
+        return "model endpoint unreachable"
+    if isinstance(exc, MalformedReply):
+        return f"model reply unusable: {exc}"
+    return f"model client error: {type(exc).__name__}"
+
+
+def _tool_calls(message: Any) -> list[ToolCall]:
+    calls = []
+    for c in message.tool_calls or []:
+        function = getattr(c, "function", None)
+        if function is None:
+            continue
+        if not c.id or not function.name:
+            raise MalformedReply("a tool call without an id or a name")
+        arguments = function.arguments or "{}"
+        try:
+            parsed = json.loads(arguments)
+        except ValueError:
+            parsed = None
+        if not isinstance(parsed, dict):
+            raise MalformedReply(f"arguments of {function.name} are not a JSON object")
+        calls.append(ToolCall(id=c.id, name=function.name, arguments=arguments))
+    return calls
+
+
 class ModelClient:
     """A thin async wrapper that returns a `ModelReply` or raises `ModelUnavailable`."""
 
@@ -56,37 +119,46 @@ class ModelClient:
         self, *, model: str, api_key: str | None, base_url: str | None, timeout: float, retries: int, redactor: Redactor
     ) -> None:
         self.model = model
+        self.timeout = timeout
+        self.retries = retries
         self._redactor = redactor
-        self._client = AsyncOpenAI(api_key=api_key or _PLACEHOLDER_KEY, base_url=base_url, timeout=timeout, max_retries=retries)
+        self._client = AsyncOpenAI(api_key=api_key or _PLACEHOLDER_KEY, base_url=base_url, timeout=timeout, max_retries=0)
 
     async def complete(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]]) -> ModelReply:
-        started = time.perf_counter()
-        safe_messages = self._redactor.redact(messages)
-        body: dict[str, Any] = {"model": self.model, "messages": safe_messages}
+        body: dict[str, Any] = {"model": self.model, "messages": self._redactor.redact(messages)}
         if tools:
             body["tools"] = tools
+        attempts = AsyncRetrying(
+            retry=retry_if_exception(_retryable),
+            stop=stop_after_attempt(self.retries + 1),
+            wait=_wait,
+            reraise=True,
+        )
         try:
-            # The client's low-level `post` (same retries, timeouts and errors as `chat.completions.create`)
+            async for attempt in attempts:
+                with attempt:
+                    return await self._once(body)
+        except Exception as exc:  # noqa: BLE001 - every failure after the one retry layer is "model unavailable"
+            raise ModelUnavailable(_describe(exc)) from None
+        raise AssertionError("unreachable: tenacity re-raises the last error")
+
+    async def _once(self, body: dict[str, Any]) -> ModelReply:
+        started = time.perf_counter()
+        try:
+            # The client's low-level `post` (same errors and timeout as `chat.completions.create`)
             # skips the per-call TypedDict transform of `messages` and `tools`, which costs several
             # milliseconds per call with a dozen tool schemas (measured in benchmarks/).
             response = await self._client.post("/chat/completions", body=body, cast_to=ChatCompletion)
-        except openai.APIStatusError as exc:
-            raise ModelUnavailable(f"model endpoint answered HTTP {exc.status_code}") from None
-        except openai.APITimeoutError:
-            raise ModelUnavailable("model endpoint timed out") from None
-        except openai.APIConnectionError:
-            raise ModelUnavailable("model endpoint unreachable") from None
-        except openai.OpenAIError as exc:
-            raise ModelUnavailable(f"model client error: {type(exc).__name__}") from None
-        latency_ms = int((time.perf_counter() - started) * 1000)
-        if not response.choices:
-            raise ModelUnavailable("model reply had no choices")
+        except (openai.APIStatusError, openai.APITimeoutError, openai.APIConnectionError):
+            raise
+        except Exception as exc:  # noqa: BLE001 - a 200 whose body is not a completion
+            raise MalformedReply(type(exc).__name__) from None
+        if not isinstance(response, ChatCompletion) or not response.choices:
+            raise MalformedReply("no choices")
         message = response.choices[0].message
-        calls = [
-            ToolCall(id=c.id, name=c.function.name, arguments=c.function.arguments or "")
-            for c in (message.tool_calls or [])
-            if getattr(c, "function", None) is not None
-        ]
+        calls = _tool_calls(message)
+        if message.content is None and not calls:
+            raise MalformedReply("neither text nor tool calls")
         usage = {}
         if response.usage is not None:
             usage = {
@@ -94,8 +166,7 @@ class ModelClient:
                 "completion_tokens": response.usage.completion_tokens,
                 "total_tokens": response.usage.total_tokens,
             }
-        if message.content is None and not calls:
-            raise ModelUnavailable("model reply had neither text nor tool calls")
+        latency_ms = int((time.perf_counter() - started) * 1000)
         return ModelReply(message.content, calls, response.model or self.model, latency_ms, usage)
 
     async def close(self) -> None:

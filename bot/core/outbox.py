@@ -1,96 +1,273 @@
-"""Channel output for the core: posting and refreshing approval cards, replies and notices.
+"""The durable outbox: every card, card update and reply the core sends is a job row written in the
+same transaction as the state change that calls for it, then delivered by any replica.
 
-Every call to a platform goes through here, so a platform outage is logged once and never loses
-state: an approval whose card could not be posted stays decidable, a refresh shows the stored state.
+Delivery is tried at once after the commit (`Outbox.deliver`), and again by the delivery loop on
+429 (after the platform's Retry-After), 5xx and network errors, until the job's deadline passes.
+A card that could not be delivered by then is cancelled (nobody can approve what nobody sees) and
+the model is told; a reply that could not be delivered is recorded as such. Jobs of one run are
+delivered in order; a job is claimed under a short lease, so two replicas never send it together.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+import random
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncSession
 
+from bot.core import texts
 from bot.core.cards import card_view
+from bot.core.channels import DeliveryFailed
 from bot.core.context import AppContext
 from bot.core.events import Thread
-from storage.models import Approval
+from storage.models import Approval, ApprovalStatus, OutboxJob, OutboxKind, OutboxStatus
 
 log = logging.getLogger("chatops.outbox")
 
+CLAIM_SECONDS = 30.0
+BACKOFF_FIRST, BACKOFF_MAX = 1.0, 60.0
+ERROR_LIMIT = 500
+
+
+def _job(ctx: AppContext, kind: OutboxKind, thread: dict[str, Any], **values: Any) -> dict[str, Any]:
+    now = ctx.clock()
+    return {
+        "kind": kind,
+        "platform": thread["platform"],
+        "thread_key": values.get("run_id") or "-",
+        "thread": thread,
+        "status": OutboxStatus.PENDING,
+        "attempts": 0,
+        "next_attempt_at": now,
+        "deadline": now + timedelta(seconds=ctx.settings.outbox_deadline),
+        "created_at": now,
+        **values,
+    }
+
+
+async def _insert(session: AsyncSession, job: dict[str, Any]) -> None:
+    await session.execute(sa.insert(OutboxJob).values(**job))
+    session.info["outbox_queued"] = True
+
+
+async def enqueue_reply(session: AsyncSession, ctx: AppContext, thread: dict[str, Any], text: str, *, run_id: str | None) -> None:
+    """Queue a reply or notice in the caller's transaction (redacted before it is stored)."""
+    await _insert(session, _job(ctx, OutboxKind.REPLY, thread, run_id=run_id, text=ctx.redactor.redact_text(text)))
+
+
+async def enqueue_card(session: AsyncSession, ctx: AppContext, approval: Approval) -> None:
+    """Queue the first post of an approval's card."""
+    await _insert(session, _job(ctx, OutboxKind.CARD, approval.thread, run_id=approval.run_id, approval_id=approval.id))
+
+
+async def enqueue_card_update(session: AsyncSession, ctx: AppContext, approval: Approval) -> None:
+    """Queue a refresh of an approval's card; it renders the approval's state at delivery time."""
+    job = _job(ctx, OutboxKind.CARD_UPDATE, approval.thread, run_id=None, approval_id=approval.id)
+    job["thread_key"] = f"update:{approval.id}"
+    await _insert(session, job)
+
+
+@dataclass(frozen=True)
+class Delivered:
+    """What one delivery attempt did: the approval a card belongs to when it was given up."""
+
+    gave_up_card: Approval | None = None
+
 
 class Outbox:
-    """Renders stored approvals and texts through the channel adapters."""
+    """Delivers queued jobs through the channel adapters."""
 
     def __init__(self, ctx: AppContext) -> None:
         self.ctx = ctx
+        self._wake = asyncio.Event()
+        self._stopped = asyncio.Event()
+        self.on_card_given_up: list[Any] = []  # callbacks(approval) set by the engine (resume the run)
 
-    async def post_card(self, approval_id: str) -> None:
-        ctx = self.ctx
-        async with ctx.db.transaction() as session:
-            approval = await session.get(Approval, approval_id)
-        if approval is None:
-            return
-        channel = ctx.channel(approval.platform)
-        if channel is None:
-            return
-        thread = Thread.from_dict(approval.thread)
-        try:
-            message_id = await channel.post_card(thread, card_view(approval))
-        except Exception:
-            log.exception("posting the card for %s failed", approval_id)
-            message_id = None
-        async with ctx.db.transaction() as session:
-            if message_id:
-                await session.execute(sa.update(Approval).where(Approval.id == approval_id).values(card_message_id=message_id))
-            await ctx.audit.record(
-                session,
-                "card_posted",
-                run_id=approval.run_id,
-                approval_id=approval_id,
-                platform=approval.platform,
-                tool=approval.tool_name,
-                status="posted" if message_id else "not_posted",
-                message_id=message_id,
+    def kick(self) -> None:
+        """Deliver due jobs now (a tracked background task, coalesced) and wake the delivery loop."""
+        self.ctx.tasks.spawn_coalesced("outbox-deliver", self.deliver_due)
+        self._wake.set()
+
+    async def deliver_due(self, limit: int = 50, rounds: int = 20) -> int:
+        """Claim and deliver the jobs that are due now (any replica's), in rounds: a job waits for the
+        earlier jobs of its run, so each round frees the next. Returns how many were tried."""
+        tried: set[int] = set()
+        for _ in range(rounds):
+            ids = [i for i in await self.ctx.db.run(lambda s: self._due(s, limit), read=True) if i not in tried]
+            if not ids:
+                break
+            for job_id in ids:
+                tried.add(job_id)
+                await self.deliver(job_id)
+        return len(tried)
+
+    async def _due(self, session: AsyncSession, limit: int) -> list[int]:
+        now = self.ctx.clock()
+        earlier = sa.orm.aliased(OutboxJob)
+        blocked = (
+            sa.select(earlier.id)
+            .where(earlier.thread_key == OutboxJob.thread_key, earlier.status == OutboxStatus.PENDING, earlier.id < OutboxJob.id)
+            .exists()
+        )
+        rows = await session.execute(
+            sa.select(OutboxJob.id)
+            .where(
+                OutboxJob.status == OutboxStatus.PENDING,
+                OutboxJob.next_attempt_at <= now,
+                sa.or_(OutboxJob.lease_until.is_(None), OutboxJob.lease_until < now),
+                ~blocked,
             )
-        if message_id:
-            # The decision may have raced ahead of the post: make the card show the current state.
-            async with ctx.db.transaction() as session:
-                latest = await session.get(Approval, approval_id)
-            if latest is not None and latest.status != "pending":
-                await self.refresh_card(approval_id)
+            .order_by(OutboxJob.id)
+            .limit(limit)
+        )
+        return list(rows.scalars().all())
 
-    async def refresh_card(self, approval_id: str) -> None:
-        """Re-render a posted card from the approval's current state."""
+    async def deliver(self, job_id: int) -> None:
+        """Claim one job and try to deliver it once; schedules the next attempt on failure."""
+        job = await self.ctx.db.run(lambda s: self._claim(s, job_id))
+        if job is None:
+            return
+        try:
+            message_id = await self._send(job)
+        except Exception as exc:  # noqa: BLE001 - every failure is classified and retried or reported
+            await self._failed(job, exc)
+            return
+        await self.ctx.db.run(lambda s: self._sent(s, job, message_id))
+
+    async def _claim(self, session: AsyncSession, job_id: int) -> OutboxJob | None:
+        now = self.ctx.clock()
+        claimed = await session.execute(
+            sa.update(OutboxJob)
+            .where(
+                OutboxJob.id == job_id,
+                OutboxJob.status == OutboxStatus.PENDING,
+                OutboxJob.next_attempt_at <= now,
+                sa.or_(OutboxJob.lease_until.is_(None), OutboxJob.lease_until < now),
+            )
+            .values(
+                owner=self.ctx.replica_id, lease_until=now + timedelta(seconds=CLAIM_SECONDS), attempts=OutboxJob.attempts + 1
+            )
+        )
+        if not claimed.rowcount:  # type: ignore[attr-defined]
+            return None
+        return await session.get(OutboxJob, job_id)
+
+    async def _send(self, job: OutboxJob) -> str | None:
+        channel = self.ctx.channel(job.platform)
+        if channel is None:
+            raise DeliveryFailed(f"no {job.platform} channel is running in this process")
+        thread = Thread.from_dict(job.thread)
+        if job.kind == OutboxKind.REPLY:
+            await channel.post_reply(thread, job.text or "")
+            return None
+        approval = await self.ctx.db.run(lambda s: s.get(Approval, job.approval_id), read=True)
+        if approval is None:
+            return None
+        if job.kind == OutboxKind.CARD:
+            return await channel.post_card(thread, card_view(approval))
+        if approval.card_message_id:
+            await channel.update_card(thread, approval.card_message_id, card_view(approval))
+        return None
+
+    async def _sent(self, session: AsyncSession, job: OutboxJob, message_id: str | None) -> None:
         ctx = self.ctx
-        async with ctx.db.transaction() as session:
-            approval = await session.get(Approval, approval_id)
-        if approval is None or not approval.card_message_id:
+        await session.execute(
+            sa.update(OutboxJob)
+            .where(OutboxJob.id == job.id)
+            .values(status=OutboxStatus.SENT, message_id=message_id, lease_until=None, last_error=None)
+        )
+        if job.kind == OutboxKind.REPLY:
             return
-        channel = ctx.channel(approval.platform)
-        if channel is None:
+        approval = await session.get(Approval, job.approval_id)
+        if approval is None or job.kind != OutboxKind.CARD:
             return
-        try:
-            await channel.update_card(Thread.from_dict(approval.thread), approval.card_message_id, card_view(approval))
-        except Exception:
-            log.exception("updating the card for %s failed", approval_id)
+        if message_id:
+            await session.execute(sa.update(Approval).where(Approval.id == approval.id).values(card_message_id=message_id))
+        await ctx.audit.record(
+            session,
+            "card_posted",
+            run_id=approval.run_id,
+            approval_id=approval.id,
+            platform=approval.platform,
+            tool=approval.tool_name,
+            status="posted" if message_id else "not_posted",
+            message_id=message_id,
+            attempts=job.attempts,
+        )
+        if message_id and approval.status != ApprovalStatus.PENDING:
+            await enqueue_card_update(session, ctx, approval)  # the decision raced ahead of the post
 
-    async def notify(self, thread: Thread, text: str) -> bool:
+    async def _failed(self, job: OutboxJob, exc: Exception) -> None:
+        ctx = self.ctx
+        failure = exc if isinstance(exc, DeliveryFailed) else DeliveryFailed(type(exc).__name__)
+        now = ctx.clock()
+        delay = failure.retry_after or min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** (job.attempts - 1)) * (0.5 + random.random())
+        give_up = failure.permanent or now + timedelta(seconds=delay) > job.deadline
+        log.warning(
+            "delivering %s %s on %s failed (attempt %d): %s%s",
+            job.kind, job.id, job.platform, job.attempts, failure.reason, "; giving up" if give_up else f"; retrying in {delay:.1f}s",
+        )  # fmt: skip
+        outcome = await ctx.db.run(lambda s: self._record_failure(s, job, failure, now, delay, give_up))
+        if outcome.gave_up_card is not None:
+            for callback in self.on_card_given_up:
+                await callback(outcome.gave_up_card)
+        if not give_up:
+            self._wake.set()
+
+    async def _record_failure(
+        self, session: AsyncSession, job: OutboxJob, failure: DeliveryFailed, now: datetime, delay: float, give_up: bool
+    ) -> Delivered:
+        ctx = self.ctx
+        values: dict[str, Any] = {"lease_until": None, "last_error": ctx.redactor.redact_text(failure.reason)[:ERROR_LIMIT]}
+        if give_up:
+            values["status"] = OutboxStatus.GAVE_UP
+        else:
+            values["next_attempt_at"] = now + timedelta(seconds=delay)
+        await session.execute(sa.update(OutboxJob).where(OutboxJob.id == job.id).values(**values))
+        if not give_up:
+            return Delivered()
+        await ctx.audit.record(
+            session, "delivery_failed", run_id=job.run_id, approval_id=job.approval_id, platform=job.platform,
+            status=job.kind, reason=failure.reason, attempts=job.attempts,
+        )  # fmt: skip
+        if job.kind != OutboxKind.CARD:
+            return Delivered()
+        from bot.core.approvals import ApprovalService  # the service queues card updates through this module
+
+        cancelled = await ApprovalService(ctx).cancel_pending(session, Approval.id == job.approval_id, texts.CARD_UNDELIVERED)
+        for approval in cancelled:
+            notice = texts.CARD_UNDELIVERED_NOTICE.format(tool=approval.tool_name)
+            await enqueue_reply(session, ctx, approval.thread, notice, run_id=approval.run_id)
+        return Delivered(cancelled[0] if cancelled else None)
+
+    # ------------------------------------------------------------------ the delivery loop
+    async def run_forever(self, poll: float) -> None:
+        """Deliver due jobs whenever kicked, and at least every `poll` seconds (retries, other replicas')."""
+        while not self._stopped.is_set():
+            self._wake.clear()
+            try:
+                await self.deliver_due()
+            except Exception as exc:  # noqa: BLE001 - the database may be away; try again next round
+                log.warning("outbox delivery round failed: %s", type(exc).__name__)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), poll)
+
+    def stop(self) -> None:
+        self._stopped.set()
+        self._wake.set()
+
+    async def show_working(self, thread: Thread) -> None:
+        """Best effort, not durable: a reaction or a status line saying the bot is on it."""
         channel = self.ctx.channel(thread.platform)
         if channel is None:
-            log.warning("no %s channel is running; a reply could not be delivered", thread.platform)
-            return False
-        try:
-            await channel.post_reply(thread, self.ctx.redactor.redact_text(text))
-            return True
-        except Exception:
-            log.exception("posting a reply on %s failed", thread.platform)
-            return False
-
-    async def channel_call(self, thread: Thread, method: str) -> None:
-        channel = self.ctx.channel(thread.platform)
-        if channel is None:
             return
         try:
-            await getattr(channel, method)(thread)
-        except Exception:  # noqa: BLE001
-            log.warning("%s on %s failed", method, thread.platform)
+            await channel.show_working(thread)
+        except Exception as exc:  # noqa: BLE001 - a missing reaction loses nothing
+            log.warning("show_working on %s failed: %s", thread.platform, type(exc).__name__)

@@ -54,6 +54,12 @@ APPROVE = "Approve"
 REJECT = "Reject"
 REJECT_REASON_PROMPT = "Why are you rejecting this? (the assistant will read it)"
 
+MODEL_SLOW = "Still waiting for the language model… I will answer here as soon as it replies."
+WAITING_FOR_OTHERS = "Your message will be handled once the pending approval(s) in this thread are decided."
+CARD_UNDELIVERED = "the approval card could not be delivered to the chat"
+CARD_UNDELIVERED_NOTICE = "I could not show the approval card for {tool} in this chat, so it was cancelled and nothing was run."
+IN_DOUBT_RESOLVED = "Update on {tool} (approval {approval_id}): it finished after all — {status}."
+NOTHING_PENDING = "Nothing of yours is waiting for a decision."
 SUPERSEDED = "a newer message arrived in this conversation"
 IN_DOUBT_REPORT = "⚠️ {tool} (approval {approval_id}) was interrupted while running; its outcome is unknown and it was NOT retried. Please check by hand."
 

@@ -54,7 +54,7 @@ WORKING_EMOJI = "OnIt"
 TEXT_LIMIT = 20_000
 HANDLER_BUDGET = 2.5  # seconds; Feishu wants an answer within 3
 START_BUDGET = 15.0  # seconds start() waits for the bot's identity
-BOT_ID_RETRY = 30.0  # seconds between two attempts to learn it
+BOT_ID_RETRY = 30.0  # the longest wait between two attempts to learn it (bot info counts against the API quota)
 
 
 class NotReady(Exception):
@@ -92,6 +92,7 @@ class FeishuAdapter:
         self.bot_open_id: str | None = None
         self._bot_id_task: asyncio.Task[None] | None = None
         self._bot_id_next = 0.0
+        self._bot_id_backoff = 1.0
         self._bot_id_error: FeishuApiError | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._long: LongConnection | None = None
@@ -129,10 +130,11 @@ class FeishuAdapter:
         await self.groups.close()
 
     def _learn_bot_id(self) -> None:
-        """Fetch the bot's open_id in the background (once; again on demand while unknown)."""
+        """Fetch the bot's open_id in the background (once; again on demand while unknown, with backoff)."""
         idle = self._bot_id_task is None or self._bot_id_task.done()
         if self.bot_open_id is None and idle and time.monotonic() >= self._bot_id_next:
-            self._bot_id_next = time.monotonic() + BOT_ID_RETRY  # bot info counts against the API quota
+            self._bot_id_next = time.monotonic() + self._bot_id_backoff
+            self._bot_id_backoff = min(BOT_ID_RETRY, self._bot_id_backoff * 2)
             self._bot_id_task = asyncio.get_running_loop().create_task(self._fetch_bot_id(), name="feishu-bot-info")
 
     async def _fetch_bot_id(self) -> None:
@@ -142,6 +144,8 @@ class FeishuAdapter:
         except FeishuApiError as exc:
             self._bot_id_error = exc
             log.error("feishu: cannot read the bot's identity (%s); group messages are refused until it is known", exc)
+        except Exception as exc:  # noqa: BLE001 - logged with its reason and asked again soon
+            log.error("feishu: cannot read the bot's identity (%s); asking again shortly", type(exc).__name__)
 
     # ------------------------------------------------------------------ inbound
     async def dispatch(self, payload: dict[str, Any]) -> Answer:

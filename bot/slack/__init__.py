@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Coroutine
+from collections.abc import AsyncIterator, Coroutine
+from contextlib import asynccontextmanager
 from typing import Any
 
 from aiohttp import web
@@ -25,7 +26,7 @@ from slack_sdk.errors import SlackApiError
 from slack_sdk.web.async_client import AsyncWebClient
 
 from bot.config import Settings
-from bot.core.channels import CardView
+from bot.core.channels import CardView, DeliveryFailed
 from bot.core.engine import Core
 from bot.core.events import Thread
 from bot.slack.blocks import card_blocks, card_text, safe_message, split_message
@@ -110,9 +111,10 @@ class SlackAdapter:
     async def post_reply(self, thread: Thread, text: str) -> None:
         coords = thread.coords
         for part in split_message(safe_message(text)):
-            await self.client.chat_postMessage(
-                channel=coords["channel"], thread_ts=coords.get("thread_ts"), text=part, unfurl_links=False
-            )
+            async with delivery():
+                await self.client.chat_postMessage(
+                    channel=coords["channel"], thread_ts=coords.get("thread_ts"), text=part, unfurl_links=False
+                )
 
     async def show_working(self, thread: Thread) -> None:
         coords = thread.coords
@@ -124,16 +126,37 @@ class SlackAdapter:
 
     async def post_card(self, thread: Thread, card: CardView) -> str | None:
         coords = thread.coords
-        response = await self.client.chat_postMessage(
-            channel=coords["channel"], thread_ts=coords.get("thread_ts"), text=card_text(card), blocks=card_blocks(card)
-        )
+        async with delivery():
+            response = await self.client.chat_postMessage(
+                channel=coords["channel"], thread_ts=coords.get("thread_ts"), text=card_text(card), blocks=card_blocks(card)
+            )
         ts = response.get("ts")
         return str(ts) if ts else None
 
     async def update_card(self, thread: Thread, message_id: str, card: CardView) -> None:
-        await self.client.chat_update(
-            channel=thread.coords["channel"], ts=message_id, text=card_text(card), blocks=card_blocks(card)
-        )
+        async with delivery():
+            await self.client.chat_update(
+                channel=thread.coords["channel"], ts=message_id, text=card_text(card), blocks=card_blocks(card)
+            )
+
+
+# Slack errors that no retry can fix: the post is given up at once (the outbox reports it).
+PERMANENT_ERRORS = frozenset(
+    {"channel_not_found", "not_in_channel", "is_archived", "invalid_blocks", "msg_too_long", "message_not_found",
+     "cant_update_message", "invalid_auth", "account_inactive", "token_revoked", "missing_scope"}
+)  # fmt: skip
+
+
+@asynccontextmanager
+async def delivery() -> AsyncIterator[None]:
+    """Translate a Slack API failure into the core's `DeliveryFailed` (Retry-After, permanent or not)."""
+    try:
+        yield
+    except SlackApiError as exc:
+        error = str(exc.response.get("error", "unknown_error"))
+        retry_after = exc.response.headers.get("Retry-After") if exc.response.status_code == 429 else None
+        wait = float(retry_after) if retry_after and str(retry_after).isdigit() else None
+        raise DeliveryFailed(f"Slack answered {error}", retry_after=wait, permanent=error in PERMANENT_ERRORS) from None
 
 
 def _describe(exc: BaseException | None) -> str:

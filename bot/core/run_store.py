@@ -1,0 +1,508 @@
+"""All SQL of a run: claiming a conversation's queued messages into a run, recording each step,
+pausing on approvals, resuming, finishing, failing, and the leases that say who works on a run.
+
+Every method is one transaction through `Database.run` (retried on transient faults from the
+start, so each body is safe to run twice). A run is claimed with `version + 1` and a lease; every
+later write checks that version, so a replica that lost its lease changes nothing.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from bot.core import limits, outbox, texts
+from bot.core.approvals import ApprovalService, args_digest, expiry, model_result, new_approval_id
+from bot.core.cards import card_content
+from bot.core.context import AppContext
+from bot.core.events import IncomingMessage, Thread, User
+from bot.core.policy import CallRule, Verdict
+from storage.audit import Entry, entry
+from storage.models import Approval, ApprovalStatus, Conversation, InboxEvent, InboxStatus, Run, RunStatus
+from tools.registry import PreparedCall
+
+R, S, Q = RunStatus, ApprovalStatus, InboxStatus
+HELD = "held"  # queued behind someone else's pending approval; admitted when the run resumes
+
+
+@dataclass
+class RunClaim:
+    """A run this replica works on, with everything a turn needs; `version` fences its writes."""
+
+    run_id: str
+    version: int
+    conversation_key: str
+    step: int
+    thread: Thread
+    requester: User
+    channel_id: str | None
+    messages: list[dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class Proposal:
+    """A write call to freeze into an approval."""
+
+    call_id: str
+    prepared: PreparedCall
+    rule: CallRule
+    preview: list[str]
+    preview_ok: bool
+
+
+@dataclass(frozen=True)
+class Started:
+    """What trying to start a run found: a claim to drive, a waiting run to try resuming, or nothing."""
+
+    claim: RunClaim | None = None
+    resume_run_id: str | None = None
+
+
+@dataclass
+class StepRecord:
+    """What recording a step did: paused on `created` approvals, or go on with `tool_messages`."""
+
+    owned: bool
+    created: list[str] = field(default_factory=list)
+    tool_messages: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def paused(self) -> bool:
+        return bool(self.created)
+
+
+def trim_history(messages: list[dict[str, Any]], limit: int) -> list[dict[str, Any]]:
+    """Keep at most `limit` messages, cutting only at a user message so tool replies stay paired."""
+    if len(messages) <= limit:
+        return messages
+    for i in range(len(messages) - limit, len(messages)):
+        if messages[i].get("role") == "user":
+            return messages[i:]
+    return messages[-1:]
+
+
+def safe_name(user: User) -> str:
+    """OpenAI's `name` field allows only [a-zA-Z0-9_-]{1,64}."""
+    cleaned = "".join(ch if ch.isascii() and (ch.isalnum() or ch in "_-") else "_" for ch in user.id)
+    return cleaned[:64] or "user"
+
+
+class RunStore:
+    def __init__(self, ctx: AppContext, approvals: ApprovalService) -> None:
+        self.ctx = ctx
+        self.approvals = approvals
+
+    def _lease(self) -> Any:
+        return self.ctx.clock() + timedelta(seconds=self.ctx.settings.lease_seconds)
+
+    def _mine(self, claim: RunClaim) -> Any:
+        return sa.and_(Run.id == claim.run_id, Run.version == claim.version, Run.status == R.RUNNING)
+
+    # ------------------------------------------------------------------ starting
+    async def start_run(self, key: str) -> Started:
+        """Claim the conversation and move its queued messages into a new run. Nothing to drive when
+        there is nothing queued, another run holds the conversation, or every message was refused."""
+        while True:
+            result = await self.ctx.db.run(lambda s: self._start_once(s, key))
+            if result is not None:
+                return result
+
+    async def _queued(self, session: AsyncSession, key: str, statuses: tuple[str, ...] = (Q.QUEUED,)) -> list[InboxEvent]:
+        rows = await session.execute(
+            sa.select(InboxEvent)
+            .where(InboxEvent.conversation_key == key, InboxEvent.status.in_(statuses))
+            .order_by(InboxEvent.created_at, InboxEvent.id)
+        )
+        return list(rows.scalars().all())
+
+    async def _start_once(self, session: AsyncSession, key: str) -> Started | None:
+        """One attempt; None means "every message was refused, look again"."""
+        ctx = self.ctx
+        queued = await self._queued(session, key)
+        if not queued:
+            return Started()
+        conv = await session.get(Conversation, key)
+        if conv is None:
+            conv = Conversation(key=key, platform=queued[0].platform, messages=[], updated_at=ctx.clock())
+            session.add(conv)
+            await session.flush()
+        if conv.active_run_id is not None:
+            active = await session.get(Run, conv.active_run_id)
+            if active is not None and active.status == R.WAITING:
+                await self._supersede(session, active, queued)
+                return Started(resume_run_id=active.id)
+            if active is not None and active.status == R.RUNNING:
+                return Started()  # the running run takes these messages when it finishes
+            conv.active_run_id = None  # a stale lock; take the conversation
+        first = IncomingMessage.from_dict(queued[0].payload)
+        run = Run(
+            id="run-" + uuid.uuid4().hex[:16],
+            conversation_key=key,
+            platform=first.thread.platform,
+            requester=first.user.to_dict(),
+            thread=first.thread.to_dict(),
+            status=R.RUNNING,
+            owner=ctx.replica_id,
+            lease_until=self._lease(),
+            version=1,
+            pending_results={},
+            created_at=ctx.clock(),
+            updated_at=ctx.clock(),
+        )
+        claimed = await session.execute(
+            sa.update(Conversation)
+            .where(Conversation.key == key, Conversation.active_run_id.is_(None), Conversation.version == conv.version)
+            .values(active_run_id=run.id, version=Conversation.version + 1)
+        )
+        if not claimed.rowcount:  # type: ignore[attr-defined]
+            return Started()  # another replica took it; it will drain the queue
+        session.add(run)
+        last = await self._admit(session, run, queued, conv)
+        if last is None:
+            run.status = R.DONE
+            await session.execute(sa.update(Conversation).where(Conversation.key == key).values(active_run_id=None))
+            return None
+        self._set_requester(run, last)
+        return Started(RunClaim(run.id, 1, key, 0, last.thread, last.user, last.channel_id, list(conv.messages)))
+
+    @staticmethod
+    def _set_requester(run: Run, msg: IncomingMessage) -> None:
+        """What follows answers `msg`: its author is the requester, its thread the place to answer."""
+        run.requester = msg.user.to_dict()
+        run.thread = {**msg.thread.to_dict(), "channel_id": msg.channel_id}
+
+    async def _supersede(self, session: AsyncSession, active: Run, queued: list[InboxEvent]) -> None:
+        """A newer message cancels its own author's pending approvals; others' cards stay valid, and
+        the message waits (held) until they are decided."""
+        authors = {IncomingMessage.from_dict(e.payload).user.id for e in queued}
+        await self.approvals.cancel_pending(
+            session, sa.and_(Approval.run_id == active.id, Approval.requester_id.in_(authors)), texts.SUPERSEDED
+        )
+        if await self._undecided(session, active):
+            for event in queued:
+                event.status = HELD
+                msg = IncomingMessage.from_dict(event.payload)
+                await outbox.enqueue_reply(session, self.ctx, msg.thread.to_dict(), texts.WAITING_FOR_OTHERS, run_id=active.id)
+
+    async def _undecided(self, session: AsyncSession, run: Run) -> bool:
+        rows = await session.execute(sa.select(Approval.status).where(Approval.run_id == run.id, Approval.step == run.step))
+        return any(not ApprovalStatus(s).decided for s in rows.scalars().all())
+
+    async def _admit(
+        self, session: AsyncSession, run: Run, queued: list[InboxEvent], conv: Conversation
+    ) -> IncomingMessage | None:
+        """Move queued messages into the run; refuse those policy or a limit forbids. Returns the last
+        admitted message (its author is the requester of what follows), or None."""
+        ctx = self.ctx
+        last: IncomingMessage | None = None
+        messages = list(conv.messages or [])
+        for event in queued:
+            msg = IncomingMessage.from_dict(event.payload)
+            verdict = await self._may_run(session, msg)
+            event.status, event.run_id, event.updated_at = Q.RUNNING, run.id, ctx.clock()
+            common = {"run_id": run.id, "platform": msg.user.platform, "actor": msg.user.key}
+            if not verdict.allowed:
+                event.status = Q.REFUSED
+                await ctx.audit.record(session, "request_refused", status="refused", reason=verdict.reason, **common)
+                notice = (
+                    verdict.reason
+                    if verdict.reason.startswith("You ")
+                    else texts.NOT_ALLOWED_TO_USE.format(reason=verdict.reason)
+                )
+                await outbox.enqueue_reply(session, ctx, msg.thread.to_dict(), notice, run_id=None)
+                continue
+            last = msg
+            messages.append({"role": "user", "content": ctx.redactor.redact_text(msg.text), "name": safe_name(msg.user)})
+            await ctx.audit.record(session, "run_started", status="running", inbox_id=event.id, text=msg.text, **common)
+        conv.messages = trim_history(messages, ctx.settings.history_limit)
+        conv.updated_at = ctx.clock()
+        return last
+
+    async def _may_run(self, session: AsyncSession, msg: IncomingMessage) -> Verdict:
+        policy = self.ctx.policy
+        verdict = policy.may_use(msg.user, msg.channel_id)
+        limit = policy.request_limit()
+        if verdict.allowed and limit is not None and not await limits.admit(session, msg.user.key, limit, self.ctx.clock()):
+            return Verdict(False, texts.RATE_LIMITED.format(limit=limit))
+        return verdict
+
+    # ------------------------------------------------------------------ leases
+    async def renew(self, claim: RunClaim) -> bool:
+        async def renew(session: AsyncSession) -> bool:
+            result = await session.execute(sa.update(Run).where(self._mine(claim)).values(lease_until=self._lease()))
+            return bool(result.rowcount)  # type: ignore[attr-defined]
+
+        return await self.ctx.db.run(renew, deadline=self.ctx.settings.lease_seconds / 3)
+
+    async def take_over_expired(self) -> list[RunClaim]:
+        """Claim every running run whose lease expired (its owner stalled, lost the database or died)."""
+
+        async def take(session: AsyncSession) -> list[RunClaim]:
+            now = self.ctx.clock()
+            rows = await session.execute(
+                sa.select(Run).where(Run.status == R.RUNNING, sa.or_(Run.lease_until.is_(None), Run.lease_until < now)).limit(50)
+            )
+            claims = []
+            for run in rows.scalars().all():
+                took = await session.execute(
+                    sa.update(Run)
+                    .where(Run.id == run.id, Run.version == run.version, Run.status == R.RUNNING)
+                    .values(owner=self.ctx.replica_id, lease_until=self._lease(), version=Run.version + 1, updated_at=now)
+                )
+                if not took.rowcount:  # type: ignore[attr-defined]
+                    continue
+                await self.ctx.audit.record(session, "run_taken_over", run_id=run.id, status="running", previous_owner=run.owner)
+                claims.append(await self._claim_of(session, run, run.version + 1))
+            return claims
+
+        return await self.ctx.db.run(take)
+
+    async def _claim_of(self, session: AsyncSession, run: Run, version: int) -> RunClaim:
+        conv = await session.get(Conversation, run.conversation_key)
+        messages = list(conv.messages) if conv else []
+        thread, requester = Thread.from_dict(run.thread), User.from_dict(run.requester)
+        return RunClaim(
+            run.id, version, run.conversation_key, run.step, thread, requester, run.thread.get("channel_id"), messages
+        )
+
+    async def hand_back(self) -> int:
+        """On shutdown: end the leases this replica holds so another replica takes the runs at once."""
+
+        async def release(session: AsyncSession) -> int:
+            result = await session.execute(
+                sa.update(Run)
+                .where(Run.owner == self.ctx.replica_id, Run.status == R.RUNNING)
+                .values(lease_until=self.ctx.clock())
+            )
+            return int(result.rowcount)  # type: ignore[attr-defined]
+
+        return await self.ctx.db.run(release, deadline=5)
+
+    # ------------------------------------------------------------------ steps
+    async def record_step(
+        self,
+        claim: RunClaim,
+        step: int,
+        assistant: dict[str, Any],
+        results: dict[str, str],
+        proposals: list[Proposal],
+        rows: list[Entry],
+    ) -> StepRecord:
+        """One step in one transaction: the assistant message, results of calls that ran, and either
+        the approvals (pause) or the tool messages (go on). Proposals over the requester's pending limit
+        are refused here, atomically with the count."""
+        return await self.ctx.db.run(lambda s: self._record_step(s, claim, step, assistant, dict(results), proposals, list(rows)))
+
+    async def _record_step(
+        self, session: AsyncSession, claim: RunClaim, step: int, assistant: dict[str, Any],
+        results: dict[str, str], proposals: list[Proposal], rows: list[Entry],
+    ) -> StepRecord:  # fmt: skip
+        ctx = self.ctx
+        run = (await session.execute(sa.select(Run).where(self._mine(claim)))).scalar_one_or_none()
+        if run is None:
+            return StepRecord(owned=False)
+        conv = await session.get(Conversation, claim.conversation_key)
+        assert conv is not None
+        if proposals and not await self._within_pending_limit(session, claim, len(proposals), results, proposals, rows):
+            proposals = []
+        now = ctx.clock()
+        run.step, run.updated_at, run.lease_until = step, now, self._lease()
+        calls = assistant.get("tool_calls") or []
+        tool_messages = [
+            {"role": "tool", "tool_call_id": c["id"], "content": results[c["id"]]} for c in calls if c["id"] in results
+        ]
+        conv.messages = [*conv.messages, *ctx.redactor.redact([assistant, *([] if proposals else tool_messages)])]
+        conv.updated_at = now
+        created = [await self._create_approval(session, claim, step, p, rows) for p in proposals]
+        if created:
+            run.status, run.pending_results = R.WAITING, ctx.redactor.redact(results)
+        await ctx.audit.record_many(session, rows)
+        return StepRecord(owned=True, created=created, tool_messages=[] if created else tool_messages)
+
+    async def _within_pending_limit(
+        self,
+        session: AsyncSession,
+        claim: RunClaim,
+        count: int,
+        results: dict[str, str],
+        proposals: list[Proposal],
+        rows: list[Entry],
+    ) -> bool:
+        ctx = self.ctx
+        limit = ctx.policy.pending_limit()
+        if limit is None:
+            return True
+        requester = claim.requester
+        await limits.lock_user(session, requester.key, ctx.clock())
+        waiting = (
+            await session.execute(
+                sa.select(sa.func.count())
+                .select_from(Approval)
+                .where(
+                    Approval.status == S.PENDING,
+                    Approval.requester_id == requester.id,
+                    Approval.platform == claim.thread.platform,
+                )
+            )
+        ).scalar_one()
+        if waiting + count <= limit:
+            return True
+        for p in proposals:
+            results[p.call_id] = texts.MODEL_DENIED.format(reason=f"{requester.label} already has {waiting} approvals waiting")
+            rows.append(
+                entry("approval_refused", run_id=claim.run_id, tool=p.prepared.spec.name, actor=requester.key,
+                      status="too_many_pending", waiting=waiting, limit=limit)
+            )  # fmt: skip
+        await outbox.enqueue_reply(
+            session, ctx, claim.thread.to_dict(), texts.TOO_MANY_PENDING.format(count=waiting), run_id=claim.run_id
+        )
+        return False
+
+    async def _create_approval(self, session: AsyncSession, claim: RunClaim, step: int, p: Proposal, rows: list[Entry]) -> str:
+        ctx, now = self.ctx, self.ctx.clock()
+        spec, args = p.prepared.spec, p.prepared.args
+        card = card_content(spec.sentence(args), args, list(p.rule.risks), p.preview, p.rule.reason)
+        approval = Approval(
+            id=new_approval_id(),
+            run_id=claim.run_id,
+            step=step,
+            tool_call_id=p.call_id,
+            tool_name=spec.name,
+            args=args,
+            args_sha256=args_digest(args),
+            status=S.PENDING,
+            platform=claim.thread.platform,
+            requester_id=claim.requester.id,
+            requester=claim.requester.to_dict(),
+            thread=claim.thread.to_dict(),
+            card=ctx.redactor.redact(card),
+            rule=p.rule.rule,
+            votes=[],
+            preview_facts={"lines": p.preview} if p.preview_ok else None,
+            expires_at=expiry(now, p.rule, ctx.settings.approval_ttl),
+            created_at=now,
+        )
+        session.add(approval)
+        await session.flush()
+        rows.append(
+            entry("approval_requested", run_id=claim.run_id, approval_id=approval.id, platform=approval.platform,
+                  actor=claim.requester.key, tool=approval.tool_name, status="pending", args_sha256=approval.args_sha256,
+                  rule=p.rule.rule, expires_at=approval.expires_at.isoformat())
+        )  # fmt: skip
+        await outbox.enqueue_card(session, ctx, approval)
+        return approval.id
+
+    # ------------------------------------------------------------------ resuming
+    async def resume(self, run_id: str) -> RunClaim | None:
+        """waiting -> running once every approval of the step is decided (any replica may win)."""
+        return await self.ctx.db.run(lambda s: self._resume(s, run_id))
+
+    async def _resume(self, session: AsyncSession, run_id: str) -> RunClaim | None:
+        ctx = self.ctx
+        run = await session.get(Run, run_id)
+        if run is None or run.status != R.WAITING:
+            return None
+        approvals = (
+            (await session.execute(sa.select(Approval).where(Approval.run_id == run_id, Approval.step == run.step)))
+            .scalars()
+            .all()
+        )
+        if any(not ApprovalStatus(a.status).decided for a in approvals):
+            return None
+        claimed = await session.execute(
+            sa.update(Run)
+            .where(Run.id == run_id, Run.status == R.WAITING, Run.version == run.version)
+            .values(
+                status=R.RUNNING, owner=ctx.replica_id, lease_until=self._lease(), version=Run.version + 1, updated_at=ctx.clock()
+            )
+        )
+        if not claimed.rowcount:  # type: ignore[attr-defined]
+            return None
+        conv = await session.get(Conversation, run.conversation_key)
+        assert conv is not None
+        results = dict(run.pending_results or {})
+        results.update({a.tool_call_id: model_result(a) for a in approvals})
+        last_calls = next((m for m in reversed(conv.messages) if m.get("role") == "assistant" and m.get("tool_calls")), None)
+        lost = texts.MODEL_CANCELLED.format(reason="lost")
+        tool_messages = [
+            {"role": "tool", "tool_call_id": c["id"], "content": results.get(c["id"], lost)}
+            for c in (last_calls or {}).get("tool_calls", [])
+        ]
+        conv.messages = ctx.redactor.redact([*conv.messages, *tool_messages])
+        queued = await self._queued(session, conv.key, (Q.QUEUED, HELD))
+        last = await self._admit(session, run, queued, conv) if queued else None
+        if last is not None:
+            self._set_requester(run, last)
+        run.pending_results = {}
+        await ctx.audit.record(
+            session, "run_resumed", run_id=run_id, status="running", decided={a.id: a.status for a in approvals}
+        )
+        await session.flush()
+        return await self._claim_of(session, run, run.version)
+
+    # ------------------------------------------------------------------ ending
+    async def finish(self, claim: RunClaim, text: str, status: RunStatus, rows: list[Entry]) -> bool:
+        """Queue the final text, close the run and release the conversation in one transaction.
+        Returns True when more messages are queued in the conversation."""
+        return await self.ctx.db.run(lambda s: self._finish(s, claim, text, status, list(rows)))
+
+    async def _finish(self, session: AsyncSession, claim: RunClaim, text: str, status: RunStatus, rows: list[Entry]) -> bool:
+        ctx = self.ctx
+        run = (await session.execute(sa.select(Run).where(self._mine(claim)))).scalar_one_or_none()
+        if run is None:
+            return False  # taken over meanwhile; the new owner finishes it
+        conv = await session.get(Conversation, run.conversation_key)
+        if conv is not None:
+            if status == R.DONE:
+                answer = {"role": "assistant", "content": ctx.redactor.redact_text(text)}
+                conv.messages = trim_history([*conv.messages, answer], ctx.settings.history_limit)
+            conv.active_run_id = None if conv.active_run_id == run.id else conv.active_run_id
+            conv.version += 1
+        run.status, run.updated_at, run.lease_until = status, ctx.clock(), None
+        run.step += sum(1 for row in rows if row.kind == "model_call")
+        await session.execute(
+            sa.update(InboxEvent).where(InboxEvent.run_id == run.id, InboxEvent.status == Q.RUNNING).values(status=Q.DONE)
+        )
+        await outbox.enqueue_reply(session, ctx, claim.thread.to_dict(), text, run_id=run.id)
+        await ctx.audit.record_many(
+            session, [*rows, entry("reply_posted", run_id=run.id, platform=run.platform, status=status, text=text)]
+        )
+        held = await self._queued(session, run.conversation_key, (HELD,))
+        for event in held:
+            event.status = Q.QUEUED  # their run ended without resuming: they start a run of their own
+        return bool(held or await self._queued(session, run.conversation_key))
+
+    async def waiting_and_decided(self) -> list[str]:
+        """Waiting runs whose step has no undecided approval left (a resume was lost)."""
+        undecided = [str(s) for s in ApprovalStatus if not s.decided]
+
+        async def find(session: AsyncSession) -> list[str]:
+            open_approval = (
+                sa.select(Approval.id)
+                .where(Approval.run_id == Run.id, Approval.step == Run.step, Approval.status.in_(undecided))
+                .exists()
+            )
+            rows = await session.execute(sa.select(Run.id).where(Run.status == R.WAITING, ~open_approval).limit(200))
+            return list(rows.scalars().all())
+
+        return await self.ctx.db.run(find, read=True)
+
+    async def idle_conversations(self, older_than: float) -> list[str]:
+        """Conversations with queued messages and no run holding them."""
+        cutoff = self.ctx.clock() - timedelta(seconds=older_than)
+
+        async def find(session: AsyncSession) -> list[str]:
+            rows = await session.execute(
+                sa.select(InboxEvent.conversation_key)
+                .outerjoin(Conversation, Conversation.key == InboxEvent.conversation_key)
+                .where(InboxEvent.status == Q.QUEUED, InboxEvent.created_at <= cutoff, Conversation.active_run_id.is_(None))
+                .distinct()
+            )
+            return list(rows.scalars().all())
+
+        return await self.ctx.db.run(find, read=True)
