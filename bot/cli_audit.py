@@ -34,7 +34,9 @@ def parse_since(value: str) -> datetime:
 
 
 def _session(database_url: str) -> Session:
-    return Session(make_sync_engine(normalise_url(database_url)))
+    """A read-only session: on SQLite a deferred BEGIN, so listing, exporting and verifying a large log
+    never holds the write lock the running bot's acks need."""
+    return Session(make_sync_engine(normalise_url(database_url)).execution_options(chatops_read=True))
 
 
 def row_dict(row: AuditEvent) -> dict[str, Any]:

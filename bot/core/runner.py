@@ -31,7 +31,7 @@ class Runner:
         self.ctx = ctx
         self.store = store
         self.out = out
-        self.turn = Turn(ctx)
+        self.turn = Turn.of(ctx)
 
     async def process_conversation(self, key: str) -> None:
         """Start runs for this conversation's queued messages, one run at a time."""

@@ -14,15 +14,17 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from bot.config import Settings
 from bot.core import texts
 from bot.core.approvals import args_digest
 from bot.core.context import AppContext
-from bot.core.model import ModelReply
+from bot.core.model import ModelClient, ModelReply
+from bot.core.policy import Policy
 from bot.core.run_store import Proposal, RunClaim
 from storage.audit import Entry, entry
 from tools.context import ToolContext
 from tools.errors import ToolError
-from tools.registry import CallProblem, PreparedCall, result_text
+from tools.registry import CallProblem, PreparedCall, ToolRegistry, result_text
 
 log = logging.getLogger("chatops.turn")
 
@@ -48,18 +50,30 @@ class Plan:
     rows: list[Entry] = field(default_factory=list)
 
 
+@dataclass(frozen=True, kw_only=True)
 class Turn:
-    def __init__(self, ctx: AppContext) -> None:
-        self.ctx = ctx
+    """What a turn needs, and nothing that touches the database."""
+
+    settings: Settings
+    model: ModelClient
+    registry: ToolRegistry
+    policy: Policy
+    tool_context: ToolContext
+
+    @classmethod
+    def of(cls, ctx: AppContext) -> Turn:
+        return cls(
+            settings=ctx.settings, model=ctx.model, registry=ctx.registry, policy=ctx.policy, tool_context=ctx.tool_context
+        )
 
     async def think(self, claim: RunClaim, slow: SlowNotice) -> ModelReply:
         """One model call; `slow()` runs once if the model takes longer than the notice threshold.
         Raises `ModelUnavailable` after the model client's one retry layer gave up."""
-        ctx = self.ctx
-        messages = [{"role": "system", "content": ctx.settings.system_prompt or SYSTEM_PROMPT}, *claim.messages]
-        notice = asyncio.create_task(self._after(ctx.settings.model_notice_after, slow), name=f"slow-{claim.run_id}")
+
+        messages = [{"role": "system", "content": self.settings.system_prompt or SYSTEM_PROMPT}, *claim.messages]
+        notice = asyncio.create_task(self._after(self.settings.model_notice_after, slow), name=f"slow-{claim.run_id}")
         try:
-            return await ctx.model.complete(messages, ctx.registry.openai_tools())
+            return await self.model.complete(messages, self.registry.openai_tools())
         finally:
             notice.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -75,13 +89,13 @@ class Turn:
 
     async def plan(self, claim: RunClaim, reply: ModelReply) -> Plan:
         """Classify every tool call of `reply`: invalid, denied, run now, or proposed for approval."""
-        ctx = self.ctx
-        tool_ctx = ctx.tool_context.for_call(approval_id=None, requester=claim.requester)
+
+        tool_ctx = self.tool_context.for_call(approval_id=None, requester=claim.requester)
         plan = Plan()
         for call in reply.tool_calls:
-            prepared = ctx.registry.prepare(call.name, call.arguments)
+            prepared = self.registry.prepare(call.name, call.arguments)
             if isinstance(prepared, PreparedCall) and not prepared.spec.read_only:
-                prepared = await ctx.registry.check(tool_ctx, prepared) or prepared
+                prepared = await self.registry.check(tool_ctx, prepared) or prepared
             if isinstance(prepared, CallProblem):
                 plan.results[call.id] = prepared.as_tool_result()
                 plan.rows.append(
@@ -93,7 +107,7 @@ class Turn:
         return plan
 
     async def _classify(self, claim: RunClaim, tool_ctx: ToolContext, call_id: str, prepared: PreparedCall, plan: Plan) -> None:
-        rule = self.ctx.policy.rule_for(prepared.spec, prepared.args)
+        rule = self.policy.rule_for(prepared.spec, prepared.args)
         name = prepared.spec.name
         plan.rows.append(
             entry("tool_proposed", run_id=claim.run_id, tool=name, status=rule.rule, args=prepared.args,
@@ -122,7 +136,7 @@ class Turn:
         if prepared.spec.preview is None:
             return [], True
         try:
-            lines = await asyncio.wait_for(prepared.spec.preview(tool_ctx, prepared.args), self.ctx.settings.tool_timeout)
+            lines = await asyncio.wait_for(prepared.spec.preview(tool_ctx, prepared.args), self.settings.tool_timeout)
             return list(lines), True
         except Exception as exc:  # noqa: BLE001 - the card must still be shown
             log.warning("preview of %s failed: %s", prepared.spec.name, type(exc).__name__)
@@ -130,7 +144,7 @@ class Turn:
 
     async def _run_now(self, tool_ctx: ToolContext, prepared: PreparedCall) -> tuple[str, str]:
         """Run a call that needs no approval. Returns (result text for the model, status)."""
-        timeout = self.ctx.settings.tool_timeout
+        timeout = self.settings.tool_timeout
         try:
             value = await asyncio.wait_for(prepared.spec.run(tool_ctx, prepared.args), timeout)
             return result_text(value), "succeeded"
