@@ -12,12 +12,13 @@ import sqlalchemy as sa
 from aiohttp.test_utils import TestClient, TestServer
 
 from bot.auditweb.reader import make_read_engine
+from bot.auditweb.serve import ACCESS_LOG
 from bot.auditweb.server import make_app
 from storage.audit import AuditLog
 from storage.engine import Database, make_sync_engine, normalise_url
 from storage.models import AuditEvent
 from storage.redact import Redactor
-from tests.conftest import TerminalFactory
+from tests.conftest import SUITE_LOG_REDACTOR, TerminalFactory
 from tests.fakes.openai_server import ScriptedModel, calls, text
 from tests.support_tools import Ledger, notes_toolset
 
@@ -36,12 +37,12 @@ class FilledLog:
     rows: int
 
 
-async def fill_log(terminal_bot: TerminalFactory, model: ScriptedModel, url: str, *, noise: int = 0) -> FilledLog:
+async def fill_log(terminal_bot: TerminalFactory, model: ScriptedModel, url: str, *, noise: int = 0, **env: str) -> FilledLog:
     """A real conversation (a write approved and executed, another rejected), `noise` extra rows,
     and rows whose actor and data are HTML/script, all chained."""
     ledger = Ledger()
     model.script(calls(("write_note", {"topic": "launch", "text": "Ship 张三's order"})), text("The note is stored."))
-    bot = await terminal_bot(toolsets=[notes_toolset(ledger)], database_url=url)
+    bot = await terminal_bot(toolsets=[notes_toolset(ledger)], database_url=url, **env)
     await bot.say("please store a note about the launch")
     approval_id = re.findall(r"approve (ap-[a-z0-9]+)", bot.transcript())[-1]
     await bot.say(f"approve {approval_id}")
@@ -97,8 +98,12 @@ def tamper(url: str, seq: int) -> None:
 @asynccontextmanager
 async def audit_page(url: str, token: str | None = None) -> AsyncIterator[TestClient]:
     """The page on a real 127.0.0.1 port, with an aiohttp client pointed at it."""
+    if token:
+        SUITE_LOG_REDACTOR.add([token])  # the suite's DEBUG log is checked for it afterwards
     engine = make_read_engine(url)
-    client = TestClient(TestServer(make_app(engine, token), host="127.0.0.1"))
+    server = TestServer(make_app(engine, token), host="127.0.0.1")
+    await server.start_server(**ACCESS_LOG)  # as `chatops audit serve` logs access
+    client = TestClient(server)
     await client.start_server()
     try:
         yield client

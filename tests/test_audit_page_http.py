@@ -7,6 +7,7 @@ import asyncio
 import csv
 import io
 import json
+import logging
 import os
 import re
 import sys
@@ -19,6 +20,9 @@ import sqlalchemy as sa
 from bot.auditweb.reader import make_read_engine
 from bot.auditweb.serve import check_exposure
 from bot.core.errors import ChatopsError
+from storage.audit import AuditLog, entry
+from storage.engine import Database
+from storage.redact import Redactor
 from tests.audit_page_helpers import HOSTILE_ACTOR, HOSTILE_TEXT, audit_page, fill_log, tamper
 from tests.test_cli import CHATOPS
 
@@ -122,8 +126,9 @@ async def test_the_timeline_and_404s(filled):
     assert post.status == 405  # read-only: nothing but GET
 
 
-async def test_the_token_is_required_when_set(sqlite_url, terminal_bot, model):
+async def test_the_token_is_required_when_set(sqlite_url, terminal_bot, model, caplog):
     filled = await fill_log(terminal_bot, model, sqlite_url)
+    caplog.set_level(logging.INFO, logger="chatops.audit")
     async with audit_page(filled.url, token=TOKEN) as client:
         anonymous = await client.get("/")
         wrong = await client.get("/", headers={"Authorization": "Bearer nope"})
@@ -141,6 +146,8 @@ async def test_the_token_is_required_when_set(sqlite_url, terminal_bot, model):
     assert bearer.status == 200 and export.status == 200
     assert first_visit.status == 200 and later.status == 200
     assert TOKEN not in cookie.value and cookie["httponly"] and cookie["samesite"] == "Strict"
+    assert '"GET /export.jsonl" 200' in caplog.text and '"GET /" 401' in caplog.text  # who read what...
+    assert TOKEN not in caplog.text and "nope" not in caplog.text  # ...without query strings
 
 
 def test_the_page_listens_beyond_this_machine_only_with_a_token():
@@ -287,3 +294,17 @@ async def test_chatops_audit_serve_runs_as_a_process(sqlite_url, terminal_bot, m
     )
     _, err = await asyncio.wait_for(refused.communicate(), 60)
     assert refused.returncode == 2 and "set CHATOPS_AUDIT_TOKEN" in err.decode()
+
+
+async def test_rows_not_chained_yet_are_counted_not_chained(sqlite_url, terminal_bot, model):
+    """The page does not chain (that would write): rows a stopped bot staged are only counted."""
+    filled = await fill_log(terminal_bot, model, sqlite_url, CHATOPS_SWEEP_INTERVAL="3600")  # its sweeper would chain them
+    db = Database(sqlite_url)
+    async with db.transaction() as session:
+        await AuditLog(Redactor()).record_many(session, [entry("late_row", actor="terminal:local:alice", n=i) for i in range(3)])
+    await db.dispose()
+    async with audit_page(filled.url) as client:
+        html = await (await client.get("/")).text()
+        late = await (await client.get("/", params={"kind": "late_row"})).text()
+    assert "3 newer rows recorded but not chained yet" in html and f"{filled.rows} matching rows" in html
+    assert "0 matching rows" in late

@@ -27,6 +27,9 @@ class PathOnlyAccessLog(AbstractAccessLogger):
         self.logger.info('%s "%s %s" %s %.3fs', request.remote, request.method, request.path, response.status, time)
 
 
+ACCESS_LOG = {"access_log": log, "access_log_class": PathOnlyAccessLog}
+
+
 def is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
@@ -55,7 +58,7 @@ async def serve_audit_page(
     """Serve until SIGINT/SIGTERM. `announce` receives the page's address once it listens."""
     check_exposure(host, token)
     engine = make_read_engine(database_url)
-    runner = web.AppRunner(make_app(engine, token), access_log=log, access_log_class=PathOnlyAccessLog)
+    runner = web.AppRunner(make_app(engine, token), **ACCESS_LOG)
     await runner.setup()
     try:
         site = web.TCPSite(runner, host, port)
