@@ -21,7 +21,7 @@ from bot.auditweb.reader import make_read_engine
 from bot.auditweb.serve import check_exposure
 from bot.core.errors import ChatopsError
 from storage.audit import AuditLog, entry
-from storage.engine import Database
+from storage.engine import Database, make_sync_engine, normalise_url
 from storage.redact import Redactor
 from tests.audit_page_helpers import HOSTILE_ACTOR, HOSTILE_TEXT, audit_page, fill_log, tamper
 from tests.test_cli import CHATOPS
@@ -308,3 +308,18 @@ async def test_rows_not_chained_yet_are_counted_not_chained(sqlite_url, terminal
         late = await (await client.get("/", params={"kind": "late_row"})).text()
     assert "3 newer rows recorded but not chained yet" in html and f"{filled.rows} matching rows" in html
     assert "0 matching rows" in late
+
+
+async def test_a_database_that_cannot_be_read_gives_a_clean_503(sqlite_url, terminal_bot, model):
+    filled = await fill_log(terminal_bot, model, sqlite_url)
+    async with audit_page(filled.url) as client:
+        engine = make_sync_engine(normalise_url(sqlite_url))
+        with engine.begin() as conn:
+            conn.execute(sa.text("ALTER TABLE audit_event RENAME TO audit_event_moved"))
+        responses = [await client.get(path) for path in ("/", f"/run/{filled.run_id}", "/export.csv", "/verify")]
+        bodies = [await r.text() for r in responses]
+        with engine.begin() as conn:  # put it back for the bot's own shutdown
+            conn.execute(sa.text("ALTER TABLE audit_event_moved RENAME TO audit_event"))
+        engine.dispose()
+    assert [r.status for r in responses] == [503] * 4
+    assert all("The audit database cannot be read right now." in b and "Traceback" not in b for b in bodies)

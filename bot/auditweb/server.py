@@ -1,99 +1,43 @@
-"""The audit page's aiohttp application: routes, token check, security headers, downloads.
-
-Only GET (and HEAD) routes exist; every database access is a read transaction run in a worker
-thread. Templates autoescape everything: audit rows carry text users and the model wrote.
+"""The audit page's aiohttp application: the token check, security headers, error pages, the log,
+a run's timeline and "Verify now". Only GET (and HEAD) routes exist; every database access is a
+read transaction run in a worker thread.
 """
 
 from __future__ import annotations
 
-import asyncio
-import hashlib
 import hmac
-import io
-import json
 import logging
 import re
 from collections.abc import Awaitable, Callable
-from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 from urllib.parse import urlencode
 
-import jinja2
 import sqlalchemy as sa
 from aiohttp import web
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from bot.auditweb import reader
+from bot.auditweb.downloads import export
+from bot.auditweb.page import HERE, PAGE, SECURITY_HEADERS, AuditPage
 from bot.auditweb.timeline import build_timeline
-from bot.auditweb.verification import Verification, badge, verify
-from bot.cli_audit import run_rows, write_csv, write_jsonl
-from storage.models import utcnow
+from bot.auditweb.verification import badge, verify
+from bot.cli_audit import run_rows
 
 log = logging.getLogger("chatops.audit")
-HERE = Path(__file__).resolve().parent
 COOKIE = "chatops_audit"
 RUN_REF = re.compile(r"^[A-Za-z0-9_.:-]{1,80}$")
-SECURITY_HEADERS = {
-    "Content-Security-Policy": "default-src 'none'; style-src 'self'; img-src 'self'; form-action 'self'; "
-    "frame-ancestors 'none'; base-uri 'none'",
-    "X-Content-Type-Options": "nosniff",
-    "Referrer-Policy": "no-referrer",
-    "X-Frame-Options": "DENY",
-    "Cache-Control": "no-store",
-}
-T = TypeVar("T")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-class AuditPage:
-    """The state of one running audit page: the read-only engine, the token, the last verification."""
-
-    def __init__(self, engine: sa.Engine, token: str | None) -> None:
-        self.engine = engine
-        self.token = token
-        self.last_verification: Verification | None = None
-        self.templates = jinja2.Environment(
-            loader=jinja2.FileSystemLoader(HERE / "templates"), autoescape=True, undefined=jinja2.StrictUndefined
-        )
-        self.templates.filters["when"] = lambda at: at.strftime("%Y-%m-%d %H:%M:%S")
-        self.templates.filters["compact_json"] = _compact_json
-        self.templates.filters["preview"] = _preview
-
-    async def read(self, work: Callable[[Session], T]) -> T:
-        """Run `work` in one read transaction, in a worker thread."""
-
-        def run() -> T:
-            with Session(self.engine) as session:
-                return work(session)
-
-        return await asyncio.to_thread(run)
-
-    def render(self, name: str, http_status: int = 200, **context: Any) -> web.Response:
-        html = self.templates.get_template(name).render(**context)
-        return web.Response(text=html, status=http_status, content_type="text/html", charset="utf-8")
-
-    def cookie_value(self) -> str:
-        """What the browser keeps after a valid `?token=`: derived from the token, not the token."""
-        assert self.token is not None
-        return hmac.new(self.token.encode(), b"chatops audit page cookie", hashlib.sha256).hexdigest()
-
-
-def _preview(value: Any, length: int = 90) -> str:
-    text = json.dumps(value, ensure_ascii=False, sort_keys=True, separators=(", ", ": "))
-    return text if len(text) <= length else text[: length - 1] + "…"
-
-
-PAGE = web.AppKey("page", AuditPage)
-
-
-def _compact_json(value: Any) -> str:
-    return json.dumps(value, ensure_ascii=False, sort_keys=True, indent=2)
 
 
 def _url(path: str, params: dict[str, Any]) -> str:
     kept = {k: v for k, v in params.items() if v not in (None, "")}
     return f"{path}?{urlencode(kept)}" if kept else path
+
+
+def _here(request: web.Request) -> str:
+    """This page's path and query, without a token given in the query."""
+    return _url(request.path, {k: v for k, v in request.query.items() if k != "token"})
 
 
 def _same(given: str, expected: str) -> bool:
@@ -173,7 +117,7 @@ async def log_page(request: web.Request) -> web.Response:
         older_url=_url("/", {**params, "before": result.older_before}) if result and result.older_before else None,
         csv_url=_url("/export.csv", filters.as_params()),
         jsonl_url=_url("/export.jsonl", filters.as_params()),
-        verify_url=_url("/verify", {"next": request.path_qs}),
+        verify_url=_url("/verify", {"next": _here(request)}),
     )
 
 
@@ -205,7 +149,7 @@ async def run_page(request: web.Request) -> web.Response:
         ref=ref,
         badge=badge(page.last_verification, current_head),
         verification=page.last_verification,
-        verify_url=_url("/verify", {"next": request.path_qs}),
+        verify_url=_url("/verify", {"next": _here(request)}),
     )
 
 
@@ -217,53 +161,6 @@ async def verify_now(request: web.Request) -> web.Response:
     if not target.startswith("/") or target.startswith("//") or "\\" in target:
         target = "/"
     raise web.HTTPSeeOther(target)
-
-
-def export(fmt: str) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
-    """The filtered rows (all of them, oldest first) as a CSV or JSONL download."""
-
-    async def download(request: web.Request) -> web.StreamResponse:
-        page: AuditPage = request.app[PAGE]
-        filters = reader.Filters.from_query(request.query)
-        try:
-            filters.where()
-        except reader.BadFilter as exc:
-            raise web.HTTPBadRequest(text=str(exc)) from None
-        stamp = utcnow().strftime("%Y%m%dT%H%M%SZ")
-        response = web.StreamResponse(
-            headers={
-                "Content-Type": "text/csv; charset=utf-8" if fmt == "csv" else "application/x-ndjson; charset=utf-8",
-                "Content-Disposition": f'attachment; filename="chatops-audit-{stamp}.{fmt}"',
-                **SECURITY_HEADERS,
-            }
-        )
-        await response.prepare(request)
-        session = Session(page.engine)
-        try:
-            batches = reader.iter_filtered(session, filters)
-            first = True
-            while (batch := await asyncio.to_thread(next, batches, None)) is not None:
-                buffer = io.StringIO(newline="")
-                if fmt == "csv":
-                    write_csv(batch, buffer, header=first)
-                else:
-                    write_jsonl(batch, buffer)
-                first = False
-                await response.write(buffer.getvalue().encode("utf-8"))
-            if first and fmt == "csv":
-                await response.write(_csv_header())
-        finally:
-            await asyncio.to_thread(session.close)
-        await response.write_eof()
-        return response
-
-    return download
-
-
-def _csv_header() -> bytes:
-    buffer = io.StringIO(newline="")
-    write_csv([], buffer)
-    return buffer.getvalue().encode("utf-8")
 
 
 def make_app(engine: sa.Engine, token: str | None) -> web.Application:

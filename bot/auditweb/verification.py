@@ -56,7 +56,7 @@ def badge(last: Verification | None, current_head: int) -> Badge:
     if not last.intact:
         return Badge("broken", f"broken at seq {last.broken_seq}", f"{last.reason} (verified {when}).")
     newer = current_head - last.head
-    detail = f"Rows 1–{last.head} verified {when}."
+    detail = f"Rows 1–{last.head} verified {when}." if last.head else f"The log was empty when verified ({when})."
     if newer > 0:
         detail += f" {newer} newer row{'s' if newer != 1 else ''} not verified yet."
     return Badge("intact", "intact", detail)
