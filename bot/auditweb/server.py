@@ -125,7 +125,7 @@ def _seq(request: web.Request, name: str) -> int | None:
     value = request.query.get(name, "")
     if not value:
         return None
-    if not value.isdigit():
+    if not (value.isascii() and value.isdigit()):
         raise web.HTTPBadRequest(text=f"{name}: {value!r} is not a row number")
     return int(value)
 
