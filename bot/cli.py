@@ -112,6 +112,16 @@ async def _chain_audit(url: str) -> None:
         await db.dispose()
 
 
+def _serve_audit_page(settings: Settings, host: str, port: int) -> int:
+    """`chatops audit serve`: read-only, so it neither migrates nor chains (rows still staged show as a count)."""
+    from bot.auditweb.serve import serve_audit_page
+
+    token = settings.audit_token.get_secret_value() if settings.audit_token else None
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(serve_audit_page(settings.database_url, host, port, token, announce=lambda line: print(line, flush=True)))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="chatops", description="A chat-ops bot whose write actions wait for human approval.")
     parser.add_argument("--env-file", type=Path, default=Path(".env"), help="dotenv file to read (default: ./.env)")
@@ -138,6 +148,11 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--anchors", type=Path, help="anchor file written by `chatops audit anchor --append`")
     anchor = audit.add_parser("anchor", help="print the chain head (seq, hash) to keep outside the database")
     anchor.add_argument("--append", type=Path, help="also append it to this file")
+    page = audit.add_parser("serve", help="a read-only web page over the audit trail (search, timelines, downloads)")
+    page.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; others need CHATOPS_AUDIT_TOKEN)"
+    )
+    page.add_argument("--port", type=int, default=8765, help="port to listen on (default 8765; 0 picks a free one)")
 
     db = sub.add_parser("db", help="database maintenance").add_subparsers(dest="db_command", required=True, metavar="ACTION")
     db.add_parser("upgrade", help="apply schema migrations (also done automatically at start-up)")
@@ -167,6 +182,8 @@ def run(argv: Sequence[str] | None = None) -> int:
         policy = load_policy_file(args.file)
         print(f"OK: {args.file} is a valid policy ({policy.source})")
         return 0
+    if args.command == "audit" and args.audit_command == "serve":
+        return _serve_audit_page(_settings(args), args.host, args.port)
     settings = _settings(args, logs=False)
     if args.command == "db":
         from storage.migrate import current_revision, upgrade

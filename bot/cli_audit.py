@@ -6,6 +6,7 @@ import csv
 import json
 import re
 import sys
+from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TextIO
@@ -14,7 +15,7 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from bot.core.errors import ChatopsError
-from storage.audit import GENESIS_HASH, iter_rows, row_content, verify_chain
+from storage.audit import GENESIS_HASH, ChainProblem, iter_rows, row_content, verify_chain
 from storage.engine import make_sync_engine, normalise_url
 from storage.models import AuditEvent, InboxEvent
 
@@ -87,71 +88,81 @@ def audit_list(
         out.write(_line(row) + "\n")
 
 
+def run_rows(session: Session, ref: str) -> list[AuditEvent]:
+    """Every row of one run (or of the run an approval id belongs to), its request included, by seq."""
+    run_id = ref
+    if ref.startswith("ap-"):
+        owner = session.execute(sa.select(AuditEvent.run_id).where(AuditEvent.approval_id == ref).limit(1)).scalar()
+        run_id = owner or ref
+    inbox_ids = session.execute(sa.select(InboxEvent.id).where(InboxEvent.run_id == run_id)).scalars().all()
+    rows = session.execute(sa.select(AuditEvent).where(AuditEvent.run_id == run_id).order_by(AuditEvent.seq)).scalars().all()
+    if not rows:
+        return []
+    requests = (
+        [
+            r
+            for r in session.execute(sa.select(AuditEvent).where(AuditEvent.kind == "request_received")).scalars()
+            if (r.data or {}).get("inbox_id") in inbox_ids
+        ]
+        if inbox_ids
+        else []
+    )
+    return sorted([*requests, *rows], key=lambda r: r.seq)
+
+
 def audit_show(database_url: str, ref: str, out: TextIO | None = None) -> None:
     """Every row of one run (or of the run an approval id belongs to), request included."""
     out = out or sys.stdout
     with _session(database_url) as session:
-        run_id = ref
-        if ref.startswith("ap-"):
-            owner = session.execute(sa.select(AuditEvent.run_id).where(AuditEvent.approval_id == ref).limit(1)).scalar()
-            run_id = owner or ref
-        inbox_ids = session.execute(sa.select(InboxEvent.id).where(InboxEvent.run_id == run_id)).scalars().all()
-        rows = session.execute(sa.select(AuditEvent).where(AuditEvent.run_id == run_id).order_by(AuditEvent.seq)).scalars().all()
-        requests = (
-            [
-                r
-                for r in session.execute(sa.select(AuditEvent).where(AuditEvent.kind == "request_received")).scalars()
-                if (r.data or {}).get("inbox_id") in inbox_ids
-            ]
-            if inbox_ids
-            else []
-        )
+        rows = run_rows(session, ref)
     if not rows:
         raise ChatopsError(f"no audit rows for {ref!r}")
-    for row in sorted([*requests, *rows], key=lambda r: r.seq):
+    for row in rows:
         out.write(_line(row) + "\n")
         if row.data:
             out.write("    " + json.dumps(row.data, ensure_ascii=False, sort_keys=True) + "\n")
+
+
+CSV_HEADER = ("seq", "at", "kind", "run_id", "approval_id", "platform", "actor", "tool", "status", "data", "prev_hash", "hash")
+
+
+def write_jsonl(rows: Iterable[AuditEvent], stream: TextIO) -> None:
+    """Rows as JSON lines, each with its hashed content and its hash."""
+    for row in rows:
+        stream.write(json.dumps(row_dict(row), ensure_ascii=False) + "\n")
+
+
+def write_csv(rows: Iterable[AuditEvent], stream: TextIO, *, header: bool = True) -> None:
+    """Rows as CSV (`data` as compact JSON), with the header line unless `header=False`."""
+    writer = csv.writer(stream)
+    if header:
+        writer.writerow(CSV_HEADER)
+    for row in rows:
+        d = row_dict(row)
+        d["data"] = json.dumps(d["data"], ensure_ascii=False, sort_keys=True)
+        writer.writerow([d[h] for h in CSV_HEADER])
 
 
 def audit_export(database_url: str, fmt: str, output: Path | None) -> None:
     stream: TextIO = output.open("w", encoding="utf-8", newline="") if output else sys.stdout
     try:
         with _session(database_url) as session:
-            if fmt == "jsonl":
-                for row in iter_rows(session):
-                    stream.write(json.dumps(row_dict(row), ensure_ascii=False) + "\n")
-            else:
-                writer = csv.writer(stream)
-                header = [
-                    "seq",
-                    "at",
-                    "kind",
-                    "run_id",
-                    "approval_id",
-                    "platform",
-                    "actor",
-                    "tool",
-                    "status",
-                    "data",
-                    "prev_hash",
-                    "hash",
-                ]
-                writer.writerow(header)
-                for row in iter_rows(session):
-                    d = row_dict(row)
-                    d["data"] = json.dumps(d["data"], ensure_ascii=False, sort_keys=True)
-                    writer.writerow([d[h] for h in header])
+            (write_jsonl if fmt == "jsonl" else write_csv)(iter_rows(session), stream)
     finally:
         if output:
             stream.close()
+
+
+def chain_problem(session: Session) -> ChainProblem | None:
+    """Verify the whole chain; the first bad row, or None when intact. Every verifier calls this."""
+    return verify_chain(iter_rows(session))
 
 
 def audit_verify(database_url: str, anchor: Path | None, out: TextIO | None = None) -> bool:
     """Check the whole chain, and that every anchor in `anchor` is still part of it."""
     out = out or sys.stdout
     with _session(database_url) as session:
-        problem = verify_chain(iter_rows(session))
+        problem = chain_problem(session)
         last = session.execute(sa.select(AuditEvent.seq, AuditEvent.hash).order_by(AuditEvent.seq.desc()).limit(1)).first()
         anchors_ok = True
         if anchor is not None:

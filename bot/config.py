@@ -44,6 +44,7 @@ class Settings(BaseModel):
     outbox_deadline: float = Field(600.0, alias="CHATOPS_OUTBOX_DEADLINE", gt=0)
     model_notice_after: float = Field(15.0, alias="CHATOPS_MODEL_NOTICE_AFTER", gt=0)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", alias="CHATOPS_LOG_LEVEL")
+    audit_token: SecretStr | None = Field(None, alias="CHATOPS_AUDIT_TOKEN")
 
     # Slack
     slack_bot_token: SecretStr | None = Field(None, alias="SLACK_BOT_TOKEN")

@@ -15,8 +15,16 @@ from tests.feishu_helpers import ENCRYPT_KEY, TOKEN, at_bot, encrypt, sign, wire
 NOW = time.time()
 
 
-def opened(body: bytes, headers: dict[str, str], *, key: str | None = ENCRYPT_KEY, token: str | None = TOKEN, now: float = NOW):
-    return open_envelope(headers, body, encrypt_key=key, verification_token=token, now=now)
+@pytest.fixture(autouse=True)
+def _now_is_when_the_test_starts(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Not when the module was collected: a long suite would push the requests out of the 5-minute window."""
+    monkeypatch.setattr(f"{__name__}.NOW", time.time())
+
+
+def opened(
+    body: bytes, headers: dict[str, str], *, key: str | None = ENCRYPT_KEY, token: str | None = TOKEN, now: float | None = None
+):
+    return open_envelope(headers, body, encrypt_key=key, verification_token=token, now=NOW if now is None else now)
 
 
 def refused(status: int, body: bytes, headers: dict[str, str], **kwargs) -> str:

@@ -1,0 +1,76 @@
+"""The state of one running audit page and how it renders: the read-only engine, the token, the
+last verification, and the Jinja2 templates (autoescaping everything: audit rows carry text
+users and the model wrote)."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import jinja2
+import sqlalchemy as sa
+from aiohttp import web
+from sqlalchemy.orm import Session
+
+from bot.auditweb.verification import Verification
+
+HERE = Path(__file__).resolve().parent
+SECURITY_HEADERS = {
+    "Content-Security-Policy": "default-src 'none'; style-src 'self'; img-src 'self'; form-action 'self'; "
+    "frame-ancestors 'none'; base-uri 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "X-Frame-Options": "DENY",
+    "Cache-Control": "no-store",
+}
+T = TypeVar("T")
+
+
+class AuditPage:
+    """The state of one running audit page: the read-only engine, the token, the last verification."""
+
+    def __init__(self, engine: sa.Engine, token: str | None) -> None:
+        self.engine = engine
+        self.token = token
+        self.last_verification: Verification | None = None
+        self.templates = jinja2.Environment(
+            loader=jinja2.FileSystemLoader(HERE / "templates"), autoescape=True, undefined=jinja2.StrictUndefined
+        )
+        self.templates.filters["when"] = lambda at: at.strftime("%Y-%m-%d %H:%M:%S")
+        self.templates.filters["compact_json"] = _compact_json
+        self.templates.filters["preview"] = _preview
+
+    async def read(self, work: Callable[[Session], T]) -> T:
+        """Run `work` in one read transaction, in a worker thread."""
+
+        def run() -> T:
+            with Session(self.engine) as session:
+                return work(session)
+
+        return await asyncio.to_thread(run)
+
+    def render(self, name: str, http_status: int = 200, **context: Any) -> web.Response:
+        html = self.templates.get_template(name).render(**context)
+        return web.Response(text=html, status=http_status, content_type="text/html", charset="utf-8")
+
+    def cookie_value(self) -> str:
+        """What the browser keeps after a valid `?token=`: derived from the token, not the token."""
+        assert self.token is not None
+        return hmac.new(self.token.encode(), b"chatops audit page cookie", hashlib.sha256).hexdigest()
+
+
+def _preview(value: Any, length: int = 90) -> str:
+    text = json.dumps(value, ensure_ascii=False, sort_keys=True, separators=(", ", ": "))
+    return text if len(text) <= length else text[: length - 1] + "…"
+
+
+PAGE = web.AppKey("page", AuditPage)
+
+
+def _compact_json(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False, sort_keys=True, indent=2)

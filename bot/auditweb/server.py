@@ -1,0 +1,176 @@
+"""The audit page's aiohttp application: the token check, security headers, error pages, the log,
+a run's timeline and "Verify now". Only GET (and HEAD) routes exist; every database access is a
+read transaction run in a worker thread.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import re
+from collections.abc import Awaitable, Callable
+from typing import Any
+from urllib.parse import urlencode
+
+import sqlalchemy as sa
+from aiohttp import web
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session
+
+from bot.auditweb import reader
+from bot.auditweb.downloads import export
+from bot.auditweb.page import HERE, PAGE, SECURITY_HEADERS, AuditPage
+from bot.auditweb.timeline import build_timeline
+from bot.auditweb.verification import badge, verify
+from bot.cli_audit import run_rows
+
+log = logging.getLogger("chatops.audit")
+COOKIE = "chatops_audit"
+RUN_REF = re.compile(r"^[A-Za-z0-9_.:-]{1,80}$")
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _url(path: str, params: dict[str, Any]) -> str:
+    kept = {k: v for k, v in params.items() if v not in (None, "")}
+    return f"{path}?{urlencode(kept)}" if kept else path
+
+
+def _here(request: web.Request) -> str:
+    """This page's path and query, without a token given in the query."""
+    return _url(request.path, {k: v for k, v in request.query.items() if k != "token"})
+
+
+def _same(given: str, expected: str) -> bool:
+    return hmac.compare_digest(given.encode(), expected.encode())
+
+
+@web.middleware
+async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Security headers on every answer, our own error pages, and the token when one is set."""
+    page: AuditPage = request.app[PAGE]
+    try:
+        response = await _authorised(page, request, handler)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        response = page.render("error.html", exc.status, status=exc.status, message=exc.text or exc.reason)
+        response.headers.update({k: v for k, v in exc.headers.items() if k in ("WWW-Authenticate", "Allow")})
+    except SQLAlchemyError as exc:
+        log.warning("audit page: the database cannot be read: %s", str(exc).splitlines()[0][:300])
+        response = page.render("error.html", 503, status=503, message="The audit database cannot be read right now.")
+    except Exception:
+        log.exception("audit page: unexpected failure on %s", request.path)
+        response = page.render("error.html", 500, status=500, message="Something went wrong; the server log says what.")
+    if not response.prepared:  # a download has sent its headers already (they include these)
+        response.headers.update(SECURITY_HEADERS)
+    return response
+
+
+async def _authorised(page: AuditPage, request: web.Request, handler: Handler) -> web.StreamResponse:
+    if page.token is None:
+        return await handler(request)
+    bearer = request.headers.get("Authorization", "")
+    if bearer.startswith("Bearer ") and _same(bearer[7:].strip(), page.token):
+        return await handler(request)
+    if _same(request.cookies.get(COOKIE, ""), page.cookie_value()):
+        return await handler(request)
+    if _same(request.query.get("token", ""), page.token):
+        response = await handler(request)
+        response.set_cookie(COOKIE, page.cookie_value(), httponly=True, samesite="Strict", path="/")
+        return response
+    raise web.HTTPUnauthorized(
+        text="This audit page needs its token: open it once as /?token=… or send “Authorization: Bearer …”.",
+        headers={"WWW-Authenticate": 'Bearer realm="chatops audit"'},
+    )
+
+
+async def log_page(request: web.Request) -> web.Response:
+    page: AuditPage = request.app[PAGE]
+    filters = reader.Filters.from_query(request.query)
+    before, after = _seq(request, "before"), _seq(request, "after")
+    size = request.query.get("size", reader.PAGE_SIZE)
+
+    def work(session: Session) -> dict[str, Any]:
+        found: dict[str, Any] = {"choices": reader.choices(session), "head": reader.head(session)}
+        found["staged"] = reader.staged_count(session)
+        try:
+            found["page"] = reader.read_page(session, filters, before=before, after=after, size=size)
+        except reader.BadFilter as exc:
+            found["problem"] = str(exc)
+        return found
+
+    found = await page.read(work)
+    params = {**filters.as_params(), "size": request.query.get("size", "")}
+    result = found.get("page")
+    return page.render(
+        "log.html",
+        400 if "problem" in found else 200,
+        filters=filters,
+        choices=found["choices"],
+        page=result,
+        problem=found.get("problem"),
+        staged=found["staged"],
+        badge=badge(page.last_verification, found["head"]),
+        verification=page.last_verification,
+        newest_url=_url("/", params) if before or after else None,
+        newer_url=_url("/", {**params, "after": result.newer_after}) if result and result.newer_after else None,
+        older_url=_url("/", {**params, "before": result.older_before}) if result and result.older_before else None,
+        csv_url=_url("/export.csv", filters.as_params()),
+        jsonl_url=_url("/export.jsonl", filters.as_params()),
+        verify_url=_url("/verify", {"next": _here(request)}),
+    )
+
+
+def _seq(request: web.Request, name: str) -> int | None:
+    value = request.query.get(name, "")
+    if not value:
+        return None
+    if not (value.isascii() and value.isdigit()):
+        raise web.HTTPBadRequest(text=f"{name}: {value!r} is not a row number")
+    return int(value)
+
+
+async def run_page(request: web.Request) -> web.Response:
+    page: AuditPage = request.app[PAGE]
+    ref = request.match_info["ref"]
+    if not RUN_REF.match(ref):
+        raise web.HTTPNotFound(text="No such run: a run id looks like run-… and an approval id like ap-….")
+
+    def work(session: Session) -> tuple[list[Any], int]:
+        return run_rows(session, ref), reader.head(session)
+
+    rows, current_head = await page.read(work)
+    if not rows:
+        raise web.HTTPNotFound(text=f"No audit rows for {ref}.")
+    run_id = next((row.run_id for row in rows if row.run_id), ref)
+    return page.render(
+        "run.html",
+        timeline=build_timeline(run_id, rows),
+        ref=ref,
+        badge=badge(page.last_verification, current_head),
+        verification=page.last_verification,
+        verify_url=_url("/verify", {"next": _here(request)}),
+    )
+
+
+async def verify_now(request: web.Request) -> web.Response:
+    """Verify the whole chain, then go back to the page the user was on."""
+    page: AuditPage = request.app[PAGE]
+    page.last_verification = await page.read(verify)
+    target = request.query.get("next", "/")
+    if not target.startswith("/") or target.startswith("//") or "\\" in target:
+        target = "/"
+    raise web.HTTPSeeOther(target)
+
+
+def make_app(engine: sa.Engine, token: str | None) -> web.Application:
+    """The audit page over a read-only engine (see `reader.make_read_engine`)."""
+    app = web.Application(middlewares=[guard])
+    app[PAGE] = AuditPage(engine, token)
+    app.router.add_get("/", log_page)
+    app.router.add_get("/run/{ref}", run_page)
+    app.router.add_get("/verify", verify_now)
+    app.router.add_get("/export.csv", export("csv"))
+    app.router.add_get("/export.jsonl", export("jsonl"))
+    app.router.add_static("/static/", HERE / "static")
+    return app
