@@ -62,7 +62,7 @@ class Core:
                         id=inbox_id,
                         platform=msg.thread.platform,
                         conversation_key=msg.conversation_key,
-                        payload=msg.to_dict(),
+                        payload=ctx.redactor.redact(msg.to_dict()),  # a pasted secret is never stored
                         status="queued",
                         created_at=now,
                         updated_at=now,
