@@ -49,10 +49,11 @@ _SIGNATURE_HEADERS = (TIMESTAMP_HEADER, NONCE_HEADER, SIGNATURE_HEADER)
 class Rejected(Exception):
     """The request is not a genuine, fresh Feishu request; answer `status` and do nothing."""
 
-    def __init__(self, status: int, reason: str) -> None:
+    def __init__(self, status: int, reason: str, *, signed: bool = False) -> None:
         super().__init__(reason)
         self.status = status
         self.reason = reason
+        self.signed = signed  # the request was authentic: the refusal is audited
 
 
 UNSIGNED = Rejected(401, "the request is not signed")  # the one answer to every unsigned failure
@@ -203,9 +204,12 @@ def open_envelope(
     if encrypt_key:
         if not _signed(headers, body, encrypt_key, now):
             return Envelope(_challenge(body, encrypt_key, verification_token))
-        payload = _signed_payload(body, encrypt_key)
-        if verification_token:
-            _check_token(verification_token, payload)
+        try:
+            payload = _signed_payload(body, encrypt_key)
+        except Rejected as exc:
+            raise Rejected(exc.status, exc.reason, signed=True) from None
+        if verification_token and not _token_matches(verification_token, payload):
+            raise Rejected(401, "verification token mismatch", signed=True)
         return Envelope(payload)
     timestamp = headers.get(TIMESTAMP_HEADER)
     if timestamp is not None:
