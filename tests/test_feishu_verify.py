@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import sys
 import time
 
 import pytest
@@ -15,8 +16,16 @@ from tests.feishu_helpers import ENCRYPT_KEY, TOKEN, at_bot, encrypt, sign, wire
 NOW = time.time()
 
 
-def opened(body: bytes, headers: dict[str, str], *, key: str | None = ENCRYPT_KEY, token: str | None = TOKEN, now: float = NOW):
-    return open_envelope(headers, body, encrypt_key=key, verification_token=token, now=now)
+@pytest.fixture(autouse=True)
+def _now_is_now(monkeypatch: pytest.MonkeyPatch) -> None:
+    """NOW as the test starts (a long suite can run this module minutes after importing it)."""
+    monkeypatch.setattr(sys.modules[__name__], "NOW", time.time())
+
+
+def opened(
+    body: bytes, headers: dict[str, str], *, key: str | None = ENCRYPT_KEY, token: str | None = TOKEN, now: float | None = None
+):
+    return open_envelope(headers, body, encrypt_key=key, verification_token=token, now=NOW if now is None else now)
 
 
 def refused(status: int, body: bytes, headers: dict[str, str], **kwargs) -> str:
