@@ -16,11 +16,13 @@ from bot.config import Settings
 from bot.core.channels import Channel
 from bot.core.context import AppContext
 from bot.core.engine import Core
-from bot.core.errors import StorageError
+from bot.core.errors import ConfigError, StorageError
 from bot.core.model import ModelClient
 from bot.core.policy import Policy
 from bot.core.sweeper import Sweeper
 from storage.audit import AuditLog
+from storage.audit_anchor import Anchorer
+from storage.audit_keys import AuditKeyError, AuditKeys, load_keys
 from storage.engine import Database
 from storage.migrate import upgrade
 from storage.redact import Redactor
@@ -46,6 +48,17 @@ class Adapter(Channel, Protocol):
         """Disconnect and release clients."""
 
 
+def audit_keys(settings: Settings) -> AuditKeys:
+    """The audit key ring (CHATOPS_AUDIT_KEY, else the key file, created at first start)."""
+    env = settings.audit_key.get_secret_value() if settings.audit_key else None
+    try:
+        return load_keys(env, settings.audit_key_path)
+    except (AuditKeyError, OSError) as exc:
+        variable = "CHATOPS_AUDIT_KEY" if env else "CHATOPS_AUDIT_KEY_FILE"
+        problem = str(exc) if isinstance(exc, AuditKeyError) else f"cannot be created ({type(exc).__name__})"
+        raise ConfigError(variable, problem) from None
+
+
 def load_policy(settings: Settings) -> Policy:
     """The policy file when `CHATOPS_POLICY` is set, else the default."""
     if settings.policy_file is None:
@@ -67,6 +80,8 @@ class App:
     closers: list[Callable[[], Any]] = field(default_factory=list)
     runner: web.AppRunner | None = None
     _sweep_task: asyncio.Task[None] | None = None
+    _anchorer: Anchorer | None = None
+    _anchor_task: asyncio.Task[None] | None = None
     _outbox_task: asyncio.Task[None] | None = None
 
     def add_adapter(self, adapter: Adapter) -> None:
@@ -87,6 +102,10 @@ class App:
     async def start(self, *, serve_http: bool = True) -> None:
         """Recover, start every channel, then open the port: an event that arrives finds every
         channel able to take it (no start-up window of refusals)."""
+        try:  # fail closed when the key ring does not fit the chain
+            await self.ctx.audit.chain(self.ctx.db)
+        except AuditKeyError as exc:
+            raise ConfigError("CHATOPS_AUDIT_KEY", f"does not fit the audit chain: {exc}") from None
         await self.sweeper.sweep()  # recover what a previous process left behind
         for adapter in self.adapters:
             await adapter.start()
@@ -98,6 +117,13 @@ class App:
             log.info("listening on http://%s:%s", self.settings.host, self.port)
         self._sweep_task = asyncio.create_task(self.sweeper.run_forever(), name="sweeper")
         self._outbox_task = asyncio.create_task(self.core.out.run_forever(OUTBOX_POLL), name="outbox")
+        self._anchorer = Anchorer(
+            self.ctx.db,
+            self.settings.audit_anchor_path,
+            self.settings.audit_anchor_interval,
+            chain=lambda: self.ctx.audit.chain(self.ctx.db),
+        )
+        self._anchor_task = asyncio.create_task(self._anchorer.run_forever(), name="audit-anchor")
 
     @property
     def port(self) -> int:
@@ -116,10 +142,15 @@ class App:
             await adapter.stop()
         await self.ctx.tasks.drain(grace=10)
         await self.core.hand_back()
+        if self._anchorer is not None and self._anchor_task is not None:
+            self._anchorer.stop()
+            await self._anchor_task
         try:
             await self.ctx.audit.chain(self.ctx.db)
+            if self._anchorer is not None:
+                await self._anchorer.anchor_now()
         except Exception:  # noqa: BLE001 - staged rows stay staged; the next start chains them
-            log.warning("could not chain the last audit rows; the next start will")
+            log.warning("could not chain (or anchor) the last audit rows; the next start will")
         if self.runner is not None:
             await self.runner.cleanup()
         try:
@@ -144,6 +175,8 @@ async def build_app(settings: Settings, *, migrate: bool = True, services: dict[
             raise StorageError(
                 f"DATABASE_URL: cannot open or migrate the database ({redactor.redact_text(str(exc).splitlines()[0])})"
             ) from None
+    keys = audit_keys(settings)
+    redactor.add(keys.secrets())
     db = Database(settings.database_url)
     registry = ToolRegistry()
     for toolset in builtin_toolsets(settings):
@@ -170,7 +203,7 @@ async def build_app(settings: Settings, *, migrate: bool = True, services: dict[
     ctx = AppContext(
         settings=settings,
         db=db,
-        audit=AuditLog(redactor),
+        audit=AuditLog(redactor, keys),
         redactor=redactor,
         registry=registry,
         policy=load_policy(settings),

@@ -20,6 +20,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from bot.config import Settings, load_settings
 from bot.core.errors import ChatopsError
 from bot.logsetup import setup_logging
+from storage.audit_keys import AuditKeyError, AuditKeys, append_key, load_keys
 from storage.redact import Redactor
 
 log = logging.getLogger("chatops")
@@ -101,13 +102,17 @@ async def _tools(settings: Settings) -> None:
         await app.ctx.db.dispose()
 
 
-async def _chain_audit(url: str) -> None:
+async def _chain_audit(url: str, keys: AuditKeys, *, verifying: bool = False) -> None:
     from storage.audit import AuditLog
     from storage.engine import Database
 
     db = Database(url)
     try:
-        await AuditLog(Redactor()).chain(db)
+        await AuditLog(Redactor(keys.secrets()), keys).chain(db)
+    except AuditKeyError as exc:
+        if not verifying:
+            raise ChatopsError(f"audit key: {exc}") from None
+        # verify goes on and names the row the key ring cannot check
     finally:
         await db.dispose()
 
@@ -118,8 +123,54 @@ def _serve_audit_page(settings: Settings, host: str, port: int) -> int:
 
     token = settings.audit_token.get_secret_value() if settings.audit_token else None
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(serve_audit_page(settings.database_url, host, port, token, announce=lambda line: print(line, flush=True)))
+        keys = _cli_keys(settings)
+        asyncio.run(
+            serve_audit_page(settings.database_url, host, port, token, keys=keys, announce=lambda line: print(line, flush=True))
+        )
     return 0
+
+
+def _cli_keys(settings: Settings) -> AuditKeys:
+    """The key ring for the audit commands. A key file is created only while no row is keyed yet
+    (a new key could not verify existing keyed rows: that is a missing key, said so)."""
+    env = settings.audit_key.get_secret_value() if settings.audit_key else None
+    try:
+        return load_keys(env, settings.audit_key_path, create=False)
+    except AuditKeyError as exc:
+        if env or _has_keyed_rows(settings.database_url):
+            raise ChatopsError(f"audit key: {exc}") from None
+    return load_keys(None, settings.audit_key_path)
+
+
+def _has_keyed_rows(url: str) -> bool:
+    import sqlalchemy as sa
+
+    from storage.engine import make_sync_engine, normalise_url
+    from storage.models import AuditEvent
+
+    engine = make_sync_engine(normalise_url(url))
+    try:
+        with engine.connect() as conn:
+            return conn.execute(sa.select(AuditEvent.seq).where(AuditEvent.key_id.is_not(None)).limit(1)).first() is not None
+    except SQLAlchemyError:
+        return False  # no table yet: nothing keyed
+    finally:
+        engine.dispose()
+
+
+def _rotate_key(settings: Settings) -> None:
+    """Add a new current key to the key file and record the rotation, sealed under the old key."""
+    if settings.audit_key is not None:
+        raise ChatopsError(
+            "audit rotate-key: the key comes from CHATOPS_AUDIT_KEY; to rotate, set it to the old key followed "
+            "by the new one ('OLD NEW'): the next start or audit command records the rotation"
+        )
+    path = settings.audit_key_path
+    _cli_keys(settings)  # the current ring must exist and be readable
+    append_key(path)
+    keys = _cli_keys(settings)
+    asyncio.run(_chain_audit(settings.database_url, keys))
+    print(f"rotated: new rows are sealed with key {keys.current_id}; back up {path} (it holds every key of the ring)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -144,8 +195,11 @@ def build_parser() -> argparse.ArgumentParser:
     export = audit.add_parser("export", help="every row with its hashes, as JSON lines or CSV")
     export.add_argument("--format", choices=("jsonl", "csv"), default="jsonl")
     export.add_argument("--output", type=Path, help="file to write (default: stdout)")
-    verify = audit.add_parser("verify", help="check the hash chain (and anchors); names the first bad row")
-    verify.add_argument("--anchors", type=Path, help="anchor file written by `chatops audit anchor --append`")
+    verify = audit.add_parser("verify", help="check the keyed chain, staged rows and anchors; names the first bad row")
+    verify.add_argument(
+        "--anchors", type=Path, help="anchor file (CHATOPS_AUDIT_ANCHOR_FILE, or `chatops audit anchor --append`)"
+    )
+    audit.add_parser("rotate-key", help="seal new audit rows with a new key (kept in the key file with the old ones)")
     anchor = audit.add_parser("anchor", help="print the chain head (seq, hash) to keep outside the database")
     anchor.add_argument("--append", type=Path, help="also append it to this file")
     page = audit.add_parser("serve", help="a read-only web page over the audit trail (search, timelines, downloads)")
@@ -191,8 +245,12 @@ def run(argv: Sequence[str] | None = None) -> int:
         upgrade(settings.database_url)
         print(f"database is at revision {current_revision(settings.database_url)}")
         return 0
+    if args.audit_command == "rotate-key":
+        _rotate_key(settings)
+        return 0
     url = settings.database_url
-    asyncio.run(_chain_audit(url))  # rows a stopped bot staged but did not chain yet
+    keys = _cli_keys(settings)
+    asyncio.run(_chain_audit(url, keys, verifying=args.audit_command == "verify"))  # rows a stopped bot staged
     match args.audit_command:
         case "list":
             cli_audit.audit_list(url, user=args.user, tool=args.tool, status=args.status, since=args.since, limit=args.limit)
@@ -201,7 +259,7 @@ def run(argv: Sequence[str] | None = None) -> int:
         case "export":
             cli_audit.audit_export(url, args.format, args.output)
         case "verify":
-            return 0 if cli_audit.audit_verify(url, args.anchors) else 1
+            return 0 if cli_audit.audit_verify(url, args.anchors, keys) else 1
         case "anchor":
             cli_audit.audit_anchor(url, args.append)
     return 0

@@ -1,4 +1,5 @@
-"""`chatops audit ...`: list, show, export, verify and anchor the audit trail (sync, read-only)."""
+"""`chatops audit ...`: list, show, export, verify and anchor the audit trail (sync, read-only);
+rotating the audit key is in `bot/cli.py` (it writes the rotation row through `AuditLog.chain`)."""
 
 from __future__ import annotations
 
@@ -15,9 +16,11 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from bot.core.errors import ChatopsError
-from storage.audit import GENESIS_HASH, ChainProblem, iter_rows, row_content, verify_chain
+from storage.audit import GENESIS_HASH, TAMPERED_KIND, ChainProblem, iter_rows, row_content, seal_problem, verify_chain
+from storage.audit_anchor import AnchorFileError, anchor_line, append_anchor, read_anchors
+from storage.audit_keys import AuditKeys
 from storage.engine import make_sync_engine, normalise_url
-from storage.models import AuditEvent, InboxEvent
+from storage.models import AuditEvent, AuditStaged, InboxEvent
 
 _DURATION = re.compile(r"^(\d+)([smhdw])$")
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
@@ -41,8 +44,8 @@ def _session(database_url: str) -> Session:
 
 
 def row_dict(row: AuditEvent) -> dict[str, Any]:
-    """A chained row as exported: its hashed content plus its hash."""
-    return {**row_content(row), "hash": row.hash}
+    """A chained row as exported: its hashed content plus its key id and hash."""
+    return {**row_content(row), "key_id": row.key_id, "hash": row.hash}
 
 
 def _line(row: AuditEvent) -> str:
@@ -123,7 +126,21 @@ def audit_show(database_url: str, ref: str, out: TextIO | None = None) -> None:
             out.write("    " + json.dumps(row.data, ensure_ascii=False, sort_keys=True) + "\n")
 
 
-CSV_HEADER = ("seq", "at", "kind", "run_id", "approval_id", "platform", "actor", "tool", "status", "data", "prev_hash", "hash")
+CSV_HEADER = (
+    "seq",
+    "at",
+    "kind",
+    "run_id",
+    "approval_id",
+    "platform",
+    "actor",
+    "tool",
+    "status",
+    "data",
+    "prev_hash",
+    "key_id",
+    "hash",
+)
 
 
 def write_jsonl(rows: Iterable[AuditEvent], stream: TextIO) -> None:
@@ -153,41 +170,58 @@ def audit_export(database_url: str, fmt: str, output: Path | None) -> None:
             stream.close()
 
 
-def chain_problem(session: Session) -> ChainProblem | None:
-    """Verify the whole chain; the first bad row, or None when intact. Every verifier calls this."""
-    return verify_chain(iter_rows(session))
+def _staged_problems(session: Session, keys: AuditKeys) -> list[str]:
+    rows = session.execute(sa.select(*AuditStaged.__table__.c).order_by(AuditStaged.id)).all()
+    return [f"staged row {row.id}: {why}" for row in rows if (why := seal_problem(keys, row)) is not None]
 
 
-def audit_verify(database_url: str, anchor: Path | None, out: TextIO | None = None) -> bool:
-    """Check the whole chain, and that every anchor in `anchor` is still part of it."""
+def _anchor_problem(session: Session, anchor: Path) -> str | None:
+    try:
+        anchors = read_anchors(anchor)
+    except AnchorFileError as exc:
+        raise ChatopsError(f"{exc} (expected lines written by `chatops audit anchor` or the running bot)") from None
+    except OSError as exc:
+        raise ChatopsError(f"--anchors: cannot read {anchor} ({type(exc).__name__})") from None
+    for item in anchors:
+        if item.seq == 0:
+            continue  # anchored while the log was empty
+        stored = session.execute(sa.select(AuditEvent.hash).where(AuditEvent.seq == item.seq)).scalar()
+        if stored != item.hash:
+            why = "is missing (truncated?)" if stored is None else "has a different hash (rewritten?)"
+            return f"anchored row {item.seq} {why}"
+    return None
+
+
+def chain_problem(session: Session, keys: AuditKeys | None) -> ChainProblem | None:
+    """Verify the whole chain under the key ring; the first bad row, or None when intact. Every
+    verifier (the CLI, the audit page) calls this."""
+    return verify_chain(iter_rows(session), keys)
+
+
+def audit_verify(database_url: str, anchor: Path | None, keys: AuditKeys, out: TextIO | None = None) -> bool:
+    """Check the whole chain under the key ring, the staged rows, and every anchor in `anchor`."""
     out = out or sys.stdout
     with _session(database_url) as session:
-        problem = chain_problem(session)
+        problem = chain_problem(session, keys)
         last = session.execute(sa.select(AuditEvent.seq, AuditEvent.hash).order_by(AuditEvent.seq.desc()).limit(1)).first()
-        anchors_ok = True
-        if anchor is not None:
-            for number, line in enumerate(anchor.read_text(encoding="utf-8").splitlines(), 1):
-                if not line.strip():
-                    continue
-                try:
-                    seq, digest = int(json.loads(line)["seq"]), json.loads(line)["hash"]
-                except (ValueError, KeyError, TypeError):
-                    raise ChatopsError(f"{anchor}:{number}: not an anchor line from `chatops audit anchor`") from None
-                if seq == 0:
-                    continue  # anchored while the log was empty
-                stored = session.execute(sa.select(AuditEvent.hash).where(AuditEvent.seq == seq)).scalar()
-                if stored != digest:
-                    why = "is missing (truncated?)" if stored is None else "has a different hash (rewritten?)"
-                    out.write(f"FAILED: anchored row {seq} {why}\n")
-                    anchors_ok = False
-                    break
+        legacy = session.execute(sa.select(sa.func.count()).where(AuditEvent.key_id.is_(None))).scalar() or 0
+        tampered = session.execute(sa.select(AuditEvent.seq, AuditEvent.data).where(AuditEvent.kind == TAMPERED_KIND)).all()
+        failures = [
+            f"row {seq} records a staged row altered before chaining ({(data or {}).get('problem')})" for seq, data in tampered
+        ]
+        failures += _staged_problems(session, keys)
+        if anchor is not None and (why := _anchor_problem(session, anchor)) is not None:
+            failures.append(why)
     if problem is not None:
-        out.write(f"FAILED: first bad row is {problem.seq}: {problem.reason}\n")
+        failures.insert(0, f"first bad row is {problem.seq}: {problem.reason}")
+    for failure in failures:
+        out.write(f"FAILED: {failure}\n")
+    if failures:
         return False
-    if anchors_ok:
-        count, head = (last[0], last[1]) if last else (0, GENESIS_HASH)
-        out.write(f"OK: {count} rows, chain intact, head {head}\n")
-    return anchors_ok
+    count, head = (last[0], last[1]) if last else (0, GENESIS_HASH)
+    note = f" ({legacy} legacy unkeyed rows first)" if legacy else ""
+    out.write(f"OK: {count} rows{note}, chain intact, head {head}\n")
+    return True
 
 
 def audit_anchor(database_url: str, append: Path | None, out: TextIO | None = None) -> None:
@@ -196,8 +230,5 @@ def audit_anchor(database_url: str, append: Path | None, out: TextIO | None = No
     with _session(database_url) as session:
         last = session.execute(sa.select(AuditEvent.seq, AuditEvent.hash).order_by(AuditEvent.seq.desc()).limit(1)).first()
     seq, digest = (last[0], last[1]) if last else (0, GENESIS_HASH)
-    line = json.dumps({"seq": seq, "hash": digest, "at": datetime.now(UTC).isoformat()})
-    if append is not None:
-        with append.open("a", encoding="utf-8") as fh:
-            fh.write(line + "\n")
+    line = append_anchor(append, seq, digest) if append is not None else anchor_line(seq, digest)
     out.write(line + "\n")

@@ -9,11 +9,30 @@ from __future__ import annotations
 import os
 from pathlib import Path
 from typing import Literal
+from urllib.parse import unquote, urlsplit
 
 from dotenv import dotenv_values
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
 from bot.core.errors import ConfigError
+from storage.audit_keys import default_key_file
+
+ANCHOR_FILE_NAME = "chatops-audit.anchors"
+
+
+def url_credentials(url: str | None) -> list[str]:
+    """The password (and the whole `user:pass` part) of a URL's `user:pass@`, if any."""
+    if not url:
+        return []
+    try:
+        parts = urlsplit(url)
+        password = parts.password
+    except ValueError:
+        return []
+    if not password:
+        return []
+    userinfo = parts.netloc.rpartition("@")[0]
+    return [password, userinfo]
 
 
 class Settings(BaseModel):
@@ -45,6 +64,12 @@ class Settings(BaseModel):
     model_notice_after: float = Field(15.0, alias="CHATOPS_MODEL_NOTICE_AFTER", gt=0)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", alias="CHATOPS_LOG_LEVEL")
     audit_token: SecretStr | None = Field(None, alias="CHATOPS_AUDIT_TOKEN")
+
+    # The audit chain's key and anchors (kept outside the database)
+    audit_key: SecretStr | None = Field(None, alias="CHATOPS_AUDIT_KEY")
+    audit_key_file: Path | None = Field(None, alias="CHATOPS_AUDIT_KEY_FILE")
+    audit_anchor_file: Path | None = Field(None, alias="CHATOPS_AUDIT_ANCHOR_FILE")
+    audit_anchor_interval: float = Field(300.0, alias="CHATOPS_AUDIT_ANCHOR_INTERVAL", gt=0)
 
     # Slack
     slack_bot_token: SecretStr | None = Field(None, alias="SLACK_BOT_TOKEN")
@@ -103,9 +128,36 @@ class Settings(BaseModel):
         return frozenset(d.strip().lower().lstrip("@") for d in raw.split(",") if d.strip())
 
     def secret_values(self) -> list[str]:
-        """Every configured secret, for the redactor."""
+        """Every configured secret, for the redactor: secret-typed values and credentials inside URLs."""
         values = [v.get_secret_value() for v in self.__dict__.values() if isinstance(v, SecretStr)]
-        return [v for v in values if v]
+        values += url_credentials(self.database_url)
+        for url in (self.openai_base_url, self.slack_api_url, self.feishu_domain, self.hubspot_base_url):
+            values += url_credentials(url)
+        if self.feishu_webhook_url:  # the custom-bot webhook's token is its last path segment
+            token = urlsplit(self.feishu_webhook_url).path.rstrip("/").rpartition("/")[2]
+            values += [self.feishu_webhook_url, token, *url_credentials(self.feishu_webhook_url)]
+        values += self._audit_key_file_values()
+        values += [unquote(v) for v in values]
+        return sorted({v for v in values if v})
+
+    def _audit_key_file_values(self) -> list[str]:
+        """The keys in the audit key file, when it exists (the log redactor is built before the app reads it)."""
+        if self.audit_key is not None:
+            return []
+        try:
+            return self.audit_key_path.read_text(encoding="ascii").split()
+        except (OSError, UnicodeDecodeError, ValueError):
+            return []
+
+    @property
+    def audit_key_path(self) -> Path:
+        """The audit key file: CHATOPS_AUDIT_KEY_FILE, else next to the SQLite file (or in the working dir)."""
+        return self.audit_key_file or default_key_file(self.database_url)
+
+    @property
+    def audit_anchor_path(self) -> Path:
+        """Where the running bot appends the chain head: CHATOPS_AUDIT_ANCHOR_FILE, else beside the key file."""
+        return self.audit_anchor_file or self.audit_key_path.with_name(ANCHOR_FILE_NAME)
 
     def check_channels(self) -> None:
         """Fail fast when a channel is half-configured (a missing secret would fail open)."""

@@ -208,7 +208,7 @@ class Approval(SQLModel, table=True):
 
 
 class AuditEvent(SQLModel, table=True):
-    """One step of the audit trail, chained to the previous row by SHA-256."""
+    """One step of the audit trail, chained to the previous row by an HMAC-SHA256 (see storage/audit.py)."""
 
     __tablename__ = "audit_event"
     seq: int = Field(primary_key=True)
@@ -223,6 +223,7 @@ class AuditEvent(SQLModel, table=True):
     data: dict[str, Any] = _json()
     prev_hash: str = Field(max_length=64)
     hash: str = Field(max_length=64)
+    key_id: str | None = Field(default=None, max_length=16)  # NULL: legacy unkeyed row (before 0003)
 
 
 class AuditStaged(SQLModel, table=True):
@@ -243,6 +244,7 @@ class AuditStaged(SQLModel, table=True):
     tool: str | None = Field(default=None, max_length=200)
     status: str | None = Field(default=None, max_length=40)
     data: dict[str, Any] = _json()
+    seal: str | None = Field(default=None, max_length=100)  # "key_id:HMAC" of the recorded fields
 
 
 class OutboxJob(SQLModel, table=True):

@@ -15,33 +15,47 @@ import pytest
 import sqlalchemy as sa
 
 from bot.cli import run as chatops
-from storage.audit import GENESIS_HASH, AuditLog, compute_hash, verify_chain
+from storage.audit import GENESIS_HASH, ROTATED_KIND, AuditLog, compute_hash, keyed_hash, verify_chain
+from storage.audit_keys import AuditKeys, key_id
 from storage.engine import Database, make_sync_engine, normalise_url
 from storage.migrate import upgrade
 from storage.models import AuditEvent, utcnow
 from storage.redact import Redactor
 
 CAMPAIGN = int(os.environ.get("CHATOPS_TAMPER_CASES", "1000"))
+OLD_KEY, NEW_KEY = "a" * 64, "b" * 64
+RING = AuditKeys((OLD_KEY.encode(), NEW_KEY.encode()))
+ROTATE_AT = 60
+
+
+def _row(seq: int, prev: str, kind: str, data: dict, key: bytes) -> AuditEvent:
+    row = AuditEvent(
+        seq=seq,
+        at=utcnow(),
+        kind=kind,
+        run_id=f"run-{seq % 7}",
+        actor=f"slack:T1:U{seq % 5}",
+        tool="send_email",
+        status="ok",
+        data=data,
+        prev_hash=prev,
+        hash="",
+        key_id=key_id(key),
+    )
+    row.hash = keyed_hash(key, row)
+    return row
 
 
 def build_chain(n: int) -> list[AuditEvent]:
-    """A valid chain built exactly as AuditLog builds one (the rows are what the verifier reads)."""
+    """A valid keyed chain built as AuditLog builds one, rotated from OLD_KEY to NEW_KEY at row 60."""
     rows: list[AuditEvent] = []
-    prev = GENESIS_HASH
+    prev, key = GENESIS_HASH, OLD_KEY.encode()
     for seq in range(1, n + 1):
-        row = AuditEvent(
-            seq=seq,
-            at=utcnow(),
-            kind=random.choice(["a", "b", "c"]),
-            run_id=f"run-{seq % 7}",
-            actor=f"slack:T1:U{seq % 5}",
-            tool="send_email",
-            status="ok",
-            data={"i": seq, "text": "张三"},
-            prev_hash=prev,
-            hash="",
-        )
-        row.hash = compute_hash(row)
+        if seq == ROTATE_AT:
+            row = _row(seq, prev, ROTATED_KIND, {"previous_key": key_id(key), "next_key": key_id(NEW_KEY.encode())}, key)
+            key = NEW_KEY.encode()
+        else:
+            row = _row(seq, prev, random.choice(["a", "b", "c"]), {"i": seq, "text": "张三"}, key)
         rows.append(row)
         prev = row.hash
     return rows
@@ -52,11 +66,27 @@ def clone(rows: list[AuditEvent]) -> list[SimpleNamespace]:
     return [SimpleNamespace(**{c: copy.copy(getattr(r, c)) for c in AuditEvent.model_fields}) for r in rows]
 
 
+def _forge(rows: list[SimpleNamespace], after: int, rng: random.Random) -> SimpleNamespace:
+    """A row an attacker without the key writes after `rows[after]`: valid link, a hash they can compute."""
+    forged = SimpleNamespace(**{c: copy.copy(getattr(rows[after], c)) for c in AuditEvent.model_fields})
+    forged.seq, forged.prev_hash = rows[after].seq + 1, rows[after].hash
+    forged.kind, forged.actor, forged.data = "approval_decided", "slack:T1:UATTACKER", {"forged": True}
+    how = rng.choice(["unkeyed", "unkeyed_key_id", "guessed_key"])
+    if how == "unkeyed":  # a legacy-looking row: SHA-256, no key id
+        forged.key_id = None
+        forged.hash = compute_hash(forged)
+    elif how == "unkeyed_key_id":
+        forged.hash = compute_hash(forged)
+    else:
+        forged.hash = keyed_hash(b"guess" * 8, forged)
+    return forged
+
+
 def tamper(rows: list[AuditEvent], rng: random.Random) -> tuple[list[AuditEvent], int]:
     """Apply one random mutation as it can happen in the table (rows keyed and read in seq order);
     return the chain and the seq the verifier must name (the first row that no longer verifies)."""
     rows = clone(rows)
-    kind = rng.choice(["edit", "edit_rehash", "delete", "insert", "swap"])
+    kind = rng.choice(["edit", "edit_rehash", "delete", "insert", "swap", "append", "key_id"])
     i = rng.randrange(len(rows) - 1)
     x = rows[i].seq
     if kind == "edit":
@@ -65,33 +95,25 @@ def tamper(rows: list[AuditEvent], rng: random.Random) -> tuple[list[AuditEvent]
         if field == "at" and rows[i].at == rows[i + 1].at:
             rows[i].actor = "forged"
         return rows, x
-    if kind == "edit_rehash":  # the attacker recomputes the edited row's own hash: its successor's link breaks
+    if kind == "edit_rehash":  # the attacker recomputes the edited row's hash as best they can: not keyed
         rows[i].actor = "slack:T1:UATTACKER"
-        rows[i].hash = compute_hash(rows[i])
-        return rows, x + 1
+        rows[i].hash = compute_hash(rows[i]) if rng.random() < 0.5 else keyed_hash(b"guess" * 8, rows[i])
+        return rows, x
+    if kind == "key_id":  # relabel a row with the other key of the ring
+        rows[i].key_id = key_id(NEW_KEY.encode() if rows[i].key_id == key_id(OLD_KEY.encode()) else OLD_KEY.encode())
+        return rows, x
     if kind == "delete":
         del rows[i]
         return rows, x
-    if kind == "insert":  # a forged row with a valid hash and link after row x; the tail is renumbered
-        forged = SimpleNamespace(
-            seq=x + 1,
-            at=rows[i].at,
-            kind="approval_decided",
-            run_id=None,
-            approval_id=None,
-            platform=None,
-            actor="slack:T1:UATTACKER",
-            tool=None,
-            status=None,
-            data={},
-            prev_hash=rows[i].hash,
-            hash="",
-        )
-        forged.hash = compute_hash(forged)
+    if kind == "append":  # seq = max+1, prev_hash = head, a recomputed hash: the classic forged append
+        rows.append(_forge(rows, len(rows) - 1, rng))
+        return rows, rows[-1].seq
+    if kind == "insert":  # a forged row after row x; the tail is renumbered
+        forged = _forge(rows, i, rng)
         for later in rows[i + 1 :]:
             later.seq += 1
         rows.insert(i + 1, forged)
-        return rows, x + 2
+        return rows, x + 1
     # swap: rows x and x+1 exchange everything but their keys (the table's order is its key order)
     a, b = rows[i], rows[i + 1]
     for column in AuditEvent.model_fields:
@@ -103,7 +125,15 @@ def tamper(rows: list[AuditEvent], rng: random.Random) -> tuple[list[AuditEvent]
 
 
 def test_a_clean_chain_verifies():
-    assert verify_chain(build_chain(500)) is None
+    assert verify_chain(build_chain(500), RING) is None
+
+
+def test_wrong_or_partial_key_ring_is_detected():
+    rows = build_chain(100)
+    assert verify_chain(rows, AuditKeys((("c" * 64).encode(),))).seq == 1
+    assert verify_chain(rows, AuditKeys((OLD_KEY.encode(),))).seq == ROTATE_AT + 1  # the new key is missing
+    assert verify_chain(rows, AuditKeys((NEW_KEY.encode(),))).seq == 1  # the old key is missing
+    assert "no audit key" in verify_chain(rows).reason
 
 
 def test_random_tampering_is_always_detected_at_the_right_row():
@@ -112,7 +142,7 @@ def test_random_tampering_is_always_detected_at_the_right_row():
     missed, wrong = [], []
     for case in range(CAMPAIGN):
         rows, expected = tamper(base, rng)
-        problem = verify_chain(rows)
+        problem = verify_chain(rows, RING)
         if problem is None:
             missed.append(case)
         elif problem.seq != expected:
@@ -142,7 +172,7 @@ async def test_verify_and_anchor_commands_detect_edits_truncation_and_rewrites(t
     from storage.audit import iter_rows
 
     with sa.orm.Session(engine) as session:
-        assert verify_chain(iter_rows(session)) is None
+        assert verify_chain(iter_rows(session), audit.keys_for(url)) is None
     assert await asyncio.to_thread(chatops, ["audit", "verify", "--anchors", str(anchors)]) == 1  # ...but not against the anchor
 
     with engine.begin() as conn:  # edit a row in the middle
@@ -180,7 +210,7 @@ def test_long_tamper_campaign():
     base = build_chain(400)
     for _ in range(20_000):
         rows, expected = tamper(base, rng)
-        problem = verify_chain(rows)
+        problem = verify_chain(rows, RING)
         assert problem is not None and problem.seq == expected
 
 

@@ -4,21 +4,22 @@ from __future__ import annotations
 
 import base64
 import json
+import sys
 import time
 
 import pytest
 from Crypto.Cipher import AES
 
-from bot.feishu.webhook import Rejected, decrypt, open_envelope, signature
+from bot.feishu.webhook import UNSIGNED, Rejected, decrypt, open_envelope, signature
 from tests.feishu_helpers import ENCRYPT_KEY, TOKEN, at_bot, encrypt, sign, wire
 
 NOW = time.time()
 
 
 @pytest.fixture(autouse=True)
-def _now_is_when_the_test_starts(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Not when the module was collected: a long suite would push the requests out of the 5-minute window."""
-    monkeypatch.setattr(f"{__name__}.NOW", time.time())
+def _now_is_now(monkeypatch: pytest.MonkeyPatch) -> None:
+    """NOW as the test starts (a long suite can run this module minutes after importing it)."""
+    monkeypatch.setattr(sys.modules[__name__], "NOW", time.time())
 
 
 def opened(
@@ -115,9 +116,24 @@ def test_unconfigured_token_does_not_let_a_missing_token_pass_unsigned():
     refused(401, body, headers, key=None, token=TOKEN)
 
 
+def signed(body: bytes) -> dict[str, str]:
+    """Headers that sign `body` correctly with the bot's encrypt key."""
+    ts = str(int(NOW))
+    return {"X-Lark-Request-Timestamp": ts, "X-Lark-Request-Nonce": "n1", "X-Lark-Signature": sign(ts, "n1", body)}
+
+
+def refused_unsigned(body: bytes) -> None:
+    """Without signature headers, every failure is the one identical rejection."""
+    with pytest.raises(Rejected) as info:
+        opened(body, {})
+    assert info.value is UNSIGNED
+
+
 def test_plaintext_refused_when_an_encrypt_key_is_configured():
     body, headers = wire(at_bot("x"), key=None)
-    assert refused(400, body, headers) == "an encrypted body was expected"
+    assert refused(400, body, signed(body)) == "an encrypted body was expected"
+    assert refused(401, body, headers) == "signature headers are incomplete"
+    refused_unsigned(body)
 
 
 @pytest.mark.parametrize(
@@ -129,27 +145,51 @@ def test_plaintext_refused_when_an_encrypt_key_is_configured():
         base64.b64encode(b"\0" * 48).decode(),
     ],
 )
-def test_bad_ciphertext_refused_with_400(ciphertext):
+def test_bad_ciphertext_refused_with_400_when_signed(ciphertext):
     body = json.dumps({"encrypt": ciphertext}).encode()
-    refused(400, body, {})
+    refused(400, body, signed(body))
+    refused_unsigned(body)
 
 
 def test_ciphertext_of_non_json_refused():
     body = json.dumps({"encrypt": encrypt(b"\xff\xfe not json")}).encode()
-    refused(400, body, {})
+    refused(400, body, signed(body))
+    refused_unsigned(body)
 
 
 def test_ciphertext_under_another_key_refused():
     key = b"0" * 32
     raw = AES.new(key, AES.MODE_CBC, b"1" * 16).encrypt(b'{"type":"x"}' + bytes([4]) * 4)
     body = json.dumps({"encrypt": base64.b64encode(b"1" * 16 + raw).decode()}).encode()
-    refused(400, body, {})
+    refused(400, body, signed(body))
+    refused_unsigned(body)
 
 
 @pytest.mark.parametrize("body", [b"", b"{", b"[]", b"null", b'"text"', b"\xff", b"[" * 100_000])
 def test_malformed_json_refused_with_400(body):
-    refused(400, body, {})
+    refused(400, body, signed(body))
+    refused_unsigned(body)
     refused(400, body, {}, key=None)
+
+
+def test_unsigned_events_are_refused_like_any_unsigned_failure():
+    body, _headers = wire(at_bot("x"))
+    refused_unsigned(body)  # a genuine encrypted event, but unsigned: not decrypted, not answered differently
+
+
+def test_unsigned_challenge_needs_the_right_token_and_a_small_body():
+    challenge = {"challenge": "c-1", "token": "wrong", "type": "url_verification"}
+    refused_unsigned(json.dumps({"encrypt": encrypt(json.dumps(challenge).encode())}).encode())
+    challenge = {"challenge": "c" * 2000, "token": TOKEN, "type": "url_verification"}
+    refused_unsigned(json.dumps({"encrypt": encrypt(json.dumps(challenge).encode())}).encode())
+
+
+@pytest.mark.parametrize("timestamp", ["9" * 400, "-" + "9" * 400, "1e999", "\u0661\u0662"])
+def test_absurd_timestamps_refused_with_401(timestamp):
+    body, headers = wire(at_bot("x"))
+    headers["X-Lark-Request-Timestamp"] = timestamp
+    headers["X-Lark-Signature"] = sign(timestamp, headers["X-Lark-Request-Nonce"], body)
+    refused(401, body, headers)
 
 
 def test_nothing_configured_refuses_everything():

@@ -89,7 +89,7 @@ def unsigned(payload):
         (bad_ciphertext, 400),
         (garbage_ciphertext, 400),
         (malformed_json, 400),
-        (plaintext, 400),
+        (plaintext, 401),
         (unsigned, 401),
     ],
 )

@@ -3,6 +3,8 @@ conversation at DEBUG, none appears in log lines, audit rows, model requests or 
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import io
 import json
 import logging
@@ -13,10 +15,13 @@ from bot.logsetup import redacting_handler
 from storage.models import AuditEvent, Conversation
 from storage.redact import Redactor
 from tests.fakes.openai_server import calls, text
+from tests.slack_helpers import fake_slack_fixture, slack_bot_fixture
 from tests.test_core_agent import approval_ids
 from tools.context import ToolContext
 from tools.errors import ToolError
 from tools.registry import Toolset
+
+__all__ = ["fake_slack_fixture", "slack_bot_fixture"]
 
 CANARIES = {
     "OPENAI_API_KEY": "sk-canary-openai-7f3a9c2e1d0b4a68",
@@ -94,4 +99,73 @@ async def test_no_canary_reaches_logs_audit_model_or_chat(terminal_bot, model, s
     assert "a failure with a secret in it" in sinks["logs"] and "RuntimeError" in sinks["logs"]
     assert "[REDACTED]" in sinks["model requests"] and "[REDACTED]" in sinks["chat"]
     leaks = [(sink, secret) for sink, content in sinks.items() for secret in [*CANARIES.values(), *PASTED] if secret in content]
+    assert leaks == []
+
+
+# ---------------------------------------------------------------------- every secret pasted in a DM
+
+
+URL_CANARIES = {
+    "FEISHU_WEBHOOK_URL": "https://open.feishu.cn/open-apis/bot/v2/hook/7c1e9a52-canary-robot-hook-token",
+    "HUBSPOT_BASE_URL": "https://hsuser:canary-url-pass-91f3@api.hubapi.com",
+    "CHATOPS_AUDIT_KEY": "canary-audit-key-0f4b8e2a9c6d1357fedcba9876543210",
+}
+ROBOT_TOKEN = "7c1e9a52-canary-robot-hook-token"
+DB_PASSWORD = "canary-db-pass-5e2d8b"
+
+
+def _with_password(url: str) -> str:
+    return sa.make_url(url).set(password=DB_PASSWORD).render_as_string(hide_password=False)
+
+
+def _every_table(url: str) -> str:
+    """Every column of every row of every table, as text."""
+    engine = sa.create_engine(sa.make_url(url).set(drivername="postgresql+psycopg"))
+    dump = []
+    try:
+        with engine.connect() as conn:
+            for table in sa.inspect(conn).get_table_names():
+                for row in conn.execute(sa.text(f'SELECT * FROM "{table}"')):
+                    dump.append(f"{table}: {json.dumps([str(v) for v in row], ensure_ascii=False)}")
+    finally:
+        engine.dispose()
+    return "\n".join(dump)
+
+
+async def test_every_configured_secret_pasted_in_a_dm_reaches_no_sink(slack_bot, model, postgres_url, monkeypatch):
+    from bot.cli import run as chatops
+    from tests.slack_helpers import BOT_TOKEN, SIGNING_SECRET, dm
+
+    database_url = _with_password(postgres_url)
+    configured = {k: v for k, v in CANARIES.items() if k != "SLACK_SIGNING_SECRET"}  # Slack signs with SIGNING_SECRET
+    env = {**configured, **URL_CANARIES, "FEISHU_APP_ID": "cli_canary_app", "SMTP_USERNAME": "bot"}
+    secrets = [*configured.values(), *URL_CANARIES.values(), ROBOT_TOKEN, DB_PASSWORD, BOT_TOKEN, SIGNING_SECRET]
+    pasted = " ".join([*secrets, database_url, f"postgresql://postgres:{DB_PASSWORD}@db.internal/prod"])
+    model.script(text(f"Noted: {pasted}"))
+    stream = io.StringIO()
+    bot = await slack_bot(database_url=database_url, env={**env, "CHATOPS_LOG_LEVEL": "DEBUG"})
+    handler = redacting_handler(stream, Redactor(bot.app.settings.secret_values()))  # what `chatops serve` installs
+    logging.getLogger().addHandler(handler)
+    try:
+        logging.getLogger("chatops.test").info("the user said: %s", pasted)
+        assert (await bot.send(dm(f"my credentials: {pasted}")))[0] == 200
+        await bot.settle()
+        await bot.app.ctx.audit.chain(bot.app.ctx.db)
+    finally:
+        logging.getLogger().removeHandler(handler)
+    monkeypatch.setenv("DATABASE_URL", database_url)
+    monkeypatch.setenv("CHATOPS_AUDIT_KEY", URL_CANARIES["CHATOPS_AUDIT_KEY"])
+    export = io.StringIO()
+    with contextlib.redirect_stdout(export):
+        assert await asyncio.to_thread(chatops, ["audit", "export"]) == 0
+    sinks = {
+        "model requests": json.dumps(model.requests, ensure_ascii=False),
+        "slack posts": json.dumps([c.params for c in bot.fake.calls], ensure_ascii=False),
+        "audit export": export.getvalue(),
+        "log": stream.getvalue(),
+        "tables": _every_table(postgres_url),
+    }
+    assert "my credentials" in sinks["model requests"] and "Noted" in sinks["slack posts"]
+    assert "request_received" in sinks["audit export"] and "inbox_event" in sinks["tables"]
+    leaks = [(sink, secret) for sink, content in sinks.items() for secret in secrets if secret in content]
     assert leaks == []

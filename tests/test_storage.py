@@ -13,6 +13,7 @@ import sqlalchemy as sa
 
 from bot.core.events import DecisionRequest, IncomingMessage, Thread, User
 from storage.audit import AuditLog, verify_chain
+from storage.audit_keys import default_key_file, load_keys
 from storage.engine import Database, make_sync_engine, normalise_url
 from storage.migrate import current_revision, head_revision, upgrade
 from storage.models import Approval, AuditEvent
@@ -76,7 +77,7 @@ async def test_concurrent_audit_writers_never_fork_the_chain(db_url):
             rows = (await session.execute(sa.select(AuditEvent).order_by(AuditEvent.seq))).scalars().all()
         assert len(rows) == 160
         assert len({r.prev_hash for r in rows}) == 160  # each link used exactly once: no fork
-        assert verify_chain(rows) is None
+        assert verify_chain(rows, audit.keys_for(db_url)) is None
     finally:
         for db in dbs:
             await db.dispose()
@@ -101,7 +102,8 @@ def test_separate_processes_share_the_audit_chain(sqlite_url):
     engine = make_sync_engine(normalise_url(sqlite_url))
     with sa.orm.Session(engine) as session:
         rows = session.execute(sa.select(AuditEvent).order_by(AuditEvent.seq)).scalars().all()
-    assert len(rows) == 100 and verify_chain(rows) is None
+    keys = load_keys(None, default_key_file(sqlite_url), create=False)  # the processes shared one key file
+    assert len(rows) == 100 and verify_chain(rows, keys) is None
 
 
 async def test_two_replicas_on_one_database_run_a_clicked_write_once(bots, db_url, model):

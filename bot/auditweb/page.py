@@ -18,6 +18,7 @@ from aiohttp import web
 from sqlalchemy.orm import Session
 
 from bot.auditweb.verification import Verification
+from storage.audit_keys import AuditKeys
 
 HERE = Path(__file__).resolve().parent
 SECURITY_HEADERS = {
@@ -32,11 +33,13 @@ T = TypeVar("T")
 
 
 class AuditPage:
-    """The state of one running audit page: the read-only engine, the token, the last verification."""
+    """The state of one running audit page: the read-only engine, the token, the audit key ring, the
+    last verification."""
 
-    def __init__(self, engine: sa.Engine, token: str | None) -> None:
+    def __init__(self, engine: sa.Engine, token: str | None, keys: AuditKeys | None = None) -> None:
         self.engine = engine
         self.token = token
+        self.keys = keys
         self.last_verification: Verification | None = None
         self.templates = jinja2.Environment(
             loader=jinja2.FileSystemLoader(HERE / "templates"), autoescape=True, undefined=jinja2.StrictUndefined

@@ -14,6 +14,7 @@ from aiohttp.abc import AbstractAccessLogger
 from bot.auditweb.reader import make_read_engine
 from bot.auditweb.server import make_app
 from bot.core.errors import ChatopsError
+from storage.audit_keys import AuditKeys
 
 log = logging.getLogger("chatops.audit")
 DEFAULT_HOST = "127.0.0.1"
@@ -53,12 +54,13 @@ async def serve_audit_page(
     port: int,
     token: str | None,
     *,
+    keys: AuditKeys | None = None,
     announce: Callable[[str], None] = print,
 ) -> None:
     """Serve until SIGINT/SIGTERM. `announce` receives the page's address once it listens."""
     check_exposure(host, token)
     engine = make_read_engine(database_url)
-    runner = web.AppRunner(make_app(engine, token), **ACCESS_LOG)
+    runner = web.AppRunner(make_app(engine, token, keys), **ACCESS_LOG)
     await runner.setup()
     try:
         site = web.TCPSite(runner, host, port)

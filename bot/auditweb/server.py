@@ -23,6 +23,7 @@ from bot.auditweb.page import HERE, PAGE, SECURITY_HEADERS, AuditPage
 from bot.auditweb.timeline import build_timeline
 from bot.auditweb.verification import badge, verify
 from bot.cli_audit import run_rows
+from storage.audit_keys import AuditKeys
 
 log = logging.getLogger("chatops.audit")
 COOKIE = "chatops_audit"
@@ -156,17 +157,17 @@ async def run_page(request: web.Request) -> web.Response:
 async def verify_now(request: web.Request) -> web.Response:
     """Verify the whole chain, then go back to the page the user was on."""
     page: AuditPage = request.app[PAGE]
-    page.last_verification = await page.read(verify)
+    page.last_verification = await page.read(lambda session: verify(session, page.keys))
     target = request.query.get("next", "/")
     if not target.startswith("/") or target.startswith("//") or "\\" in target:
         target = "/"
     raise web.HTTPSeeOther(target)
 
 
-def make_app(engine: sa.Engine, token: str | None) -> web.Application:
-    """The audit page over a read-only engine (see `reader.make_read_engine`)."""
+def make_app(engine: sa.Engine, token: str | None, keys: AuditKeys | None = None) -> web.Application:
+    """The audit page over a read-only engine (see `reader.make_read_engine`); `keys` verify the chain."""
     app = web.Application(middlewares=[guard])
-    app[PAGE] = AuditPage(engine, token)
+    app[PAGE] = AuditPage(engine, token, keys)
     app.router.add_get("/", log_page)
     app.router.add_get("/run/{ref}", run_page)
     app.router.add_get("/verify", verify_now)

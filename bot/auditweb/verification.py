@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session
 
 from bot.auditweb.reader import head
 from bot.cli_audit import chain_problem
+from storage.audit_keys import AuditKeys
 from storage.models import utcnow
 
 
@@ -31,10 +32,10 @@ class Verification:
         return self.broken_seq is None
 
 
-def verify(session: Session) -> Verification:
-    """Verify the chain as it is in this read snapshot."""
+def verify(session: Session, keys: AuditKeys | None) -> Verification:
+    """Verify the chain as it is in this read snapshot, under the audit key ring."""
     covered = head(session)
-    problem = chain_problem(session)
+    problem = chain_problem(session, keys)
     if problem is None:
         return Verification(utcnow(), covered, None, None)
     return Verification(utcnow(), covered, problem.seq, problem.reason)

@@ -6,6 +6,8 @@ Everything here is JSON-serialisable, because it is stored (inbox, runs, approva
 
 from __future__ import annotations
 
+import hashlib
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -96,3 +98,17 @@ class DecisionRequest:
     user: User
     approve: bool
     reason: str | None = None
+
+
+_APPROVAL_ID = re.compile(r"[A-Za-z0-9_.:-]{1,40}")
+
+
+def checked_approval_id(raw: str) -> str:
+    """The id as clicked when it can be one of ours, else a short stand-in that matches no approval.
+
+    A signed click can still carry anything (5,000 characters, a NUL byte): the stand-in keeps such
+    a value out of database queries (PostgreSQL refuses NUL and over-long keys) and out of messages,
+    while the click is still answered "not found" and audited like any unknown id."""
+    if _APPROVAL_ID.fullmatch(raw):
+        return raw
+    return "invalid-" + hashlib.sha256(raw.encode("utf-8", "replace")).hexdigest()[:12]

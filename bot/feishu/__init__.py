@@ -37,7 +37,8 @@ from bot.core.cards import cut
 from bot.core.channels import CardView
 from bot.core.engine import Core
 from bot.core.errors import ConfigError, StorageError
-from bot.core.events import Thread, User
+from bot.core.events import Thread, User, checked_approval_id
+from bot.core.refusals import record_refused_request
 from bot.feishu import cards, events
 from bot.feishu.client import RATE_LIMITED, TOKEN_INVALID, CredentialsRejected, FeishuApi, FeishuApiError
 from bot.feishu.groups import FeishuGroups
@@ -163,6 +164,7 @@ class FeishuAdapter:
             return Answer({})
         if kind == "card.action.trigger" or (kind is None and "action" in payload):
             request = events.to_decision(payload)
+            request = replace(request, approval_id=checked_approval_id(request.approval_id))
             self._answering.setdefault(request.approval_id, asyncio.Event())
             try:
                 request = replace(request, user=await self._identified(request.user))
@@ -194,6 +196,8 @@ class FeishuAdapter:
             )
         except Rejected as exc:
             log.warning("feishu webhook refused (%d): %s", exc.status, exc.reason)
+            if exc.signed:
+                await record_refused_request(self.core.ctx, self.platform, exc.reason)
             return web.json_response({"msg": exc.reason}, status=exc.status)
         if envelope.challenge is not None:
             return web.json_response({"challenge": envelope.challenge})
@@ -201,6 +205,7 @@ class FeishuAdapter:
             answer = await self.dispatch(envelope.payload)
         except events.BadPayload as exc:
             log.warning("feishu webhook: unreadable event (%s)", exc)
+            await record_refused_request(self.core.ctx, self.platform, f"unreadable event ({exc})")
             return web.json_response({"msg": "unreadable event"}, status=400)
         except (StorageError, NotReady):
             return web.json_response({"msg": "try again"}, status=503)

@@ -29,6 +29,7 @@ from bot.config import Settings
 from bot.core.channels import CardView, DeliveryFailed
 from bot.core.engine import Core
 from bot.core.events import Thread
+from bot.core.refusals import record_refused_request
 from bot.slack.blocks import card_blocks, card_text, safe_message, split_message
 from bot.slack.client import BotIdentity, SlackUnavailable, UserDirectory, make_client
 from bot.slack.groups import SlackGroups
@@ -59,13 +60,16 @@ class SlackAdapter:
         SlackHandlers(core, self.client, self.identity, self.users, self.groups, self._spawn).register(self.bolt)
         app_token = settings.slack_app_token.get_secret_value() if settings.slack_app_token else None
         self.socket = SocketDoor(self.bolt, app_token) if app_token else None
-        self.http = HttpDoor(self.bolt, secret) if self.socket is None and secret else None
+        self.http = HttpDoor(self.bolt, secret, self._refused) if self.socket is None and secret else None
         self._tasks: set[asyncio.Task[Any]] = set()
 
     @property
     def mode(self) -> str:
         """The transport in use: socket, http, or off (neither an app token nor a signing secret)."""
         return "socket" if self.socket else "http" if self.http else "off"
+
+    async def _refused(self, reason: str) -> None:
+        await record_refused_request(self.core.ctx, self.platform, reason)
 
     # ------------------------------------------------------------------ lifecycle
     def routes(self) -> list[web.RouteDef]:

@@ -27,7 +27,7 @@ from slack_sdk.web.async_client import AsyncWebClient
 from bot.core import texts
 from bot.core.engine import Core
 from bot.core.errors import StorageError
-from bot.core.events import DecisionRequest
+from bot.core.events import DecisionRequest, checked_approval_id
 from bot.slack import events
 from bot.slack.blocks import reject_modal
 from bot.slack.client import BotIdentity, SlackUnavailable, UserDirectory
@@ -89,10 +89,13 @@ class SlackHandlers:
         return replace(author, groups=groups)
 
     async def _identified(self, request: DecisionRequest) -> DecisionRequest:
-        """The decider as the policy judges them: with the bot flag and group memberships looked up now."""
+        """The decider as the policy judges them: with the bot flag and group memberships looked up now.
+
+        The approval id is checked here too: a malformed one becomes a stand-in that is "not found"."""
         author = await self._lookup(request.user.id)
         is_bot = author.is_bot or request.user.id == self.identity.bot_user_id
-        return replace(request, user=replace(request.user, is_bot=is_bot, groups=author.groups))
+        user = replace(request.user, is_bot=is_bot, groups=author.groups)
+        return replace(request, user=user, approval_id=checked_approval_id(request.approval_id))
 
     async def _post(self, coords: dict[str, Any], text: str) -> None:
         await self.client.chat_postMessage(channel=coords["channel"], thread_ts=coords.get("thread_ts"), text=text)
@@ -111,7 +114,7 @@ class SlackHandlers:
     async def on_reject(self, ack: AsyncAck, body: dict[str, Any], action: dict[str, Any]) -> None:
         """Reject: open the modal asking why; the decision happens when it is submitted."""
         await ack()
-        view = reject_modal(str(action.get("value") or ""), events.click_place(body))
+        view = reject_modal(checked_approval_id(str(action.get("value") or "")), events.click_place(body))
         self.spawn(self._open(str(body.get("trigger_id")), view), "slack-reject-modal")
 
     async def on_reject_submit(self, ack: AsyncAck, body: dict[str, Any]) -> None:

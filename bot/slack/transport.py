@@ -8,13 +8,14 @@ the same app, so there is exactly one copy of the handling logic.
 The HTTP door checks the signature itself before Bolt sees the request (Bolt checks it again):
 a missing, forged, stale (> 5 minutes) or malformed (`X-Slack-Request-Timestamp: abc`) signature
 gets 401 with no side effect, and the body is never logged (Bolt's own verifier logs it at INFO,
-so its message is filtered out).
+so its message is filtered out). A signed body whose shape is wrong (`payloads.py`) gets 400 and
+an audit row, before Bolt or a listener can trip over it.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 
 from aiohttp import web
 from slack_bolt.adapter.aiohttp import to_aiohttp_response, to_bolt_request
@@ -24,10 +25,12 @@ from slack_sdk.signature import SignatureVerifier
 from slack_sdk.web.async_client import AsyncWebClient
 
 from bot.slack.client import BotIdentity
+from bot.slack.payloads import Malformed, check_body
 
 log = logging.getLogger("chatops.slack")
 
 EVENTS_PATH = "/slack/events"
+MAX_TIMESTAMP_DIGITS = 12  # seconds since 1970 have 10 digits until the year 2286
 _BOLT_VERIFIER_LOGGER = "slack_bolt.RequestVerification"
 
 
@@ -62,22 +65,25 @@ def build_bolt_app(client: AsyncWebClient, identity: BotIdentity, signing_secret
 
 def signature_ok(verifier: SignatureVerifier, body: bytes, headers: Mapping[str, str]) -> bool:
     """Slack's v0 HMAC over `v0:<timestamp>:<body>`, within 5 minutes; any malformed input is False."""
-    timestamp = headers.get("X-Slack-Request-Timestamp")
+    timestamp = (headers.get("X-Slack-Request-Timestamp") or "").strip()
     signature = headers.get("X-Slack-Signature")
-    if not timestamp or not signature or not (timestamp.strip().isascii() and timestamp.strip().isdigit()):
+    if not signature or not timestamp.isascii() or not timestamp.isdigit() or len(timestamp) > MAX_TIMESTAMP_DIGITS:
         return False
     try:
-        return verifier.is_valid(body=body, timestamp=timestamp.strip(), signature=signature)
-    except (ValueError, UnicodeDecodeError):
+        return verifier.is_valid(body=body, timestamp=timestamp, signature=signature)
+    except (ValueError, OverflowError, UnicodeDecodeError):
         return False
 
 
 class HttpDoor:
-    """`POST /slack/events`: verify, then hand the request to Bolt and return Bolt's answer."""
+    """`POST /slack/events`: verify, check the body's shape, then hand the request to Bolt.
 
-    def __init__(self, app: AsyncApp, signing_secret: str) -> None:
+    `on_refused(reason)` is awaited for a signed body that is malformed (the adapter audits it)."""
+
+    def __init__(self, app: AsyncApp, signing_secret: str, on_refused: Callable[[str], Awaitable[None]] | None = None) -> None:
         self.app = app
         self.verifier = SignatureVerifier(signing_secret)
+        self.on_refused = on_refused
 
     def routes(self) -> list[web.RouteDef]:
         return [web.post(EVENTS_PATH, self.handle)]
@@ -87,6 +93,13 @@ class HttpDoor:
         if not signature_ok(self.verifier, body, request.headers):
             log.warning("slack: rejected a request with a missing, invalid or stale signature")
             return web.json_response({"error": "invalid request"}, status=401)
+        try:
+            check_body(body, request.headers.get("Content-Type", ""))
+        except Malformed as exc:
+            log.warning("slack: refused a signed but malformed request (%s)", exc)
+            if self.on_refused is not None:
+                await self.on_refused(str(exc))
+            return web.json_response({"error": "malformed request"}, status=400)
         bolt_response = await self.app.async_dispatch(await to_bolt_request(request))
         return await to_aiohttp_response(bolt_response)
 

@@ -1,7 +1,7 @@
 """leases on runs and executions, the durable outbox, per-user quotas, preview facts
 
-Revision ID: 0003
-Revises: 0002
+Revision ID: 0004
+Revises: 0003_audit_keys
 Create Date: 2026-12-02 01:20:00
 """
 
@@ -13,8 +13,8 @@ from alembic import op
 
 import storage.models
 
-revision = "0003"
-down_revision = "0002"
+revision = "0004"
+down_revision = "0003_audit_keys"
 branch_labels = None
 depends_on = None
 
