@@ -15,6 +15,7 @@ from bot.auditweb.reader import make_read_engine
 from bot.auditweb.serve import ACCESS_LOG
 from bot.auditweb.server import make_app
 from storage.audit import AuditLog
+from storage.audit_keys import default_key_file, load_keys
 from storage.engine import Database, make_sync_engine, normalise_url
 from storage.models import AuditEvent
 from storage.redact import Redactor
@@ -101,7 +102,8 @@ async def audit_page(url: str, token: str | None = None) -> AsyncIterator[TestCl
     if token:
         SUITE_LOG_REDACTOR.add([token])  # the suite's DEBUG log is checked for it afterwards
     engine = make_read_engine(url)
-    server = TestServer(make_app(engine, token), host="127.0.0.1")
+    keys = load_keys(None, default_key_file(url), create=False)  # the ring the bots that wrote the log used
+    server = TestServer(make_app(engine, token, keys), host="127.0.0.1")
     await server.start_server(**ACCESS_LOG)  # as `chatops audit serve` logs access
     client = TestClient(server)
     await client.start_server()
