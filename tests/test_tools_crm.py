@@ -10,11 +10,11 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from bot.config import load_settings
 from storage.engine import Database
 from storage.migrate import upgrade
 from storage.models import CrmLead
 from tests.fakes.hubspot import CONTACTS, FakeHubSpot
+from tests.tool_env import tool_context as build_context
 from tools import crm
 from tools.context import ToolContext
 from tools.errors import ArgumentError, ToolError, ToolInDoubt, ToolUnavailable
@@ -25,8 +25,7 @@ NEW_LEAD = {"name": "Zhang San", "email": "ZhangSan@Example.com", "need": "a dem
 
 
 def tool_context(database_url: str, db: Database, approval_id: str | None = None, **env: str) -> ToolContext:
-    settings = load_settings(env_file=None, environ={"DATABASE_URL": database_url, **env})
-    return ToolContext(settings=settings, db=db, approval_id=approval_id)
+    return build_context(db, approval_id=approval_id, DATABASE_URL=database_url, **env)
 
 
 async def call(ctx: ToolContext, name: str, args: dict[str, Any]) -> Any:

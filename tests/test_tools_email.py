@@ -8,9 +8,10 @@ from typing import Any
 
 import pytest
 
-from bot.config import load_settings
+from bot.core.errors import ConfigError
 from storage.engine import Database
 from tests.fakes.smtp_server import DROP, FakeSmtp
+from tests.tool_env import tool_context
 from tools import email as email_tools
 from tools.context import ToolContext
 from tools.errors import ArgumentError, ToolError, ToolInDoubt, ToolUnavailable
@@ -35,7 +36,7 @@ async def db(sqlite_url: str) -> AsyncIterator[Database]:
 
 
 def context(db: Database, approval_id: str | None = "ap_mail1", **env: str) -> ToolContext:
-    return ToolContext(settings=load_settings(env_file=None, environ=env), db=db, approval_id=approval_id)
+    return tool_context(db, approval_id=approval_id, **env)
 
 
 def smtp_env(smtp: FakeSmtp, **extra: str) -> dict[str, str]:
@@ -93,7 +94,7 @@ async def test_temporary_failures_are_bounded(smtp: FakeSmtp, db: Database) -> N
     smtp.answer(*["451 4.3.0 Mailbox busy"] * 5)
     with pytest.raises(ToolUnavailable, match=r"451 4\.3\.0 Mailbox busy"):
         await send(context(db, **smtp_env(smtp)), {"to": "a@example.com", "subject": "s", "body": "b"})
-    assert len(smtp.attempts) == email_tools.ATTEMPTS
+    assert len(smtp.attempts) == 3  # SmtpConfig.attempts
 
 
 async def test_permanent_failure_fails_at_once(smtp: FakeSmtp, db: Database) -> None:
@@ -124,10 +125,10 @@ async def test_refusals_before_the_card(smtp: FakeSmtp, db: Database) -> None:
         await send(ctx, {"to": "a@example.com", "subject": "s\nBcc: evil@example.com", "body": "b"})
     with pytest.raises(ArgumentError, match="Too many recipients"):
         await send(ctx, {"to": [f"u{i}@example.com" for i in range(51)], "subject": "s", "body": "b"})
-    with pytest.raises(ToolUnavailable, match="set SMTP_HOST"):
+    with pytest.raises(ToolUnavailable, match="set SMTP_HOST and SMTP_FROM"):
         await send(context(db), {"to": "a@example.com", "subject": "s", "body": "b"})
-    with pytest.raises(ToolUnavailable, match="set SMTP_FROM"):
-        await send(context(db, SMTP_HOST="127.0.0.1"), {"to": "a@example.com", "subject": "s", "body": "b"})
+    with pytest.raises(ConfigError, match="SMTP_FROM must be the sender's address"):  # half-configured: start-up fails
+        context(db, SMTP_HOST="127.0.0.1")
     assert smtp.attempts == []
     await send(ctx, {"to": "a@example.com; b@corp.example", "subject": "s", "body": "b"})
     assert smtp.delivered[0].rcpt_tos == ["a@example.com", "b@corp.example"]
