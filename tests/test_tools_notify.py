@@ -16,8 +16,9 @@ from tests.fakes.feishu_robot import FakeFeishuRobot
 from tests.fakes.slack_api import FakeSlackApi
 from tests.tool_env import tool_context
 from tools import notify
+from tools.config import HttpTimeouts
 from tools.context import ToolContext
-from tools.errors import ArgumentError, ToolError, ToolUnavailable
+from tools.errors import ArgumentError, ToolError, ToolInDoubt, ToolUnavailable
 from tools.registry import PreparedCall, ToolRegistry
 from tools.services import SlackPoster
 
@@ -106,3 +107,36 @@ def test_cards_describe_the_post() -> None:
     assert specs["notify_slack"].sentence({"channel": "#ops", "message": MESSAGE}) == f"Post to Slack #ops: “{MESSAGE}”"
     long = "word " * 40
     assert specs["notify_feishu"].sentence({"message": long}).endswith("…”")
+
+
+# ---- "not sent" (nothing can have been posted) vs "in doubt" (the request was sent, no answer) ----------
+
+
+async def test_feishu_robot_that_reads_and_never_answers_is_in_doubt(db: Database) -> None:
+    async with FakeFeishuRobot(secret=None, hang=True) as robot:
+        ctx = context(db, FEISHU_WEBHOOK_URL=robot.url, CHATOPS_TOOL_TIMEOUT="2")
+        with pytest.raises(ToolInDoubt, match=r"Feishu did not answer \(no answer in time\); the message may have been posted"):
+            await call(ctx, "notify_feishu", {"message": "hello"})
+        assert robot.hung.is_set()
+
+
+async def test_feishu_robot_unreachable_is_not_sent(db: Database) -> None:
+    async with FakeFeishuRobot(secret=None) as robot:
+        url = robot.url
+    with pytest.raises(ToolUnavailable, match=r"not sent: the Feishu webhook cannot be reached \(cannot connect") as caught:
+        await call(context(db, FEISHU_WEBHOOK_URL=url), "notify_feishu", {"message": "hello"})
+    assert not isinstance(caught.value, ToolInDoubt)
+
+
+async def test_slack_post_not_sent_vs_in_doubt(db: Database) -> None:
+    async with FakeSlackApi() as slack:
+        url = slack.url
+        poster = SlackWebPoster(AsyncWebClient(token="xoxb-test-token", base_url=url), HttpTimeouts(connect=1, read=1))
+        slack.hang("chat.postMessage")
+        with pytest.raises(ToolInDoubt, match=r"Slack did not answer \(no answer in time\); the message may have been posted"):
+            await call(context(db, slack=poster), "notify_slack", {"channel": "#ops", "message": "hi"})
+        assert slack.hung.is_set()
+    with pytest.raises(ToolUnavailable, match=r"not sent: Slack cannot be reached \(cannot connect") as caught:
+        await call(context(db, slack=poster), "notify_slack", {"channel": "#ops", "message": "hi"})
+    assert not isinstance(caught.value, ToolInDoubt)
+    await poster.close()

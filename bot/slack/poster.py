@@ -3,7 +3,7 @@
 Its own `AsyncWebClient` twin (same token and base URL as the adapter's) on its own aiohttp
 session with per-step timeouts and **no** retry handlers: `chat.postMessage` is not idempotent,
 so a request is sent once. A failure while connecting cannot have posted anything; any later
-failure (reset, read timeout) may have, and is reported as such.
+failure (reset, read timeout) may have, and is reported as such (the rule of `tools.http`).
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import aiohttp
 from slack_sdk.errors import SlackApiError
 from slack_sdk.web.async_client import AsyncWebClient
 
+from tools import http
 from tools.config import HttpTimeouts
 from tools.services import DeliveryError, PostedMessage, SlackRefused
 
@@ -24,33 +25,24 @@ class SlackWebPoster:
         self._base_url = client.base_url
         self._timeouts = timeouts or HttpTimeouts()
         self._session: aiohttp.ClientSession | None = None
+        self._web: AsyncWebClient | None = None
 
     def _client(self) -> AsyncWebClient:
-        if self._session is None or self._session.closed:
-            t = self._timeouts
-            limit = aiohttp.ClientTimeout(total=None, connect=t.connect, sock_connect=t.connect, sock_read=t.read)
-            self._session = aiohttp.ClientSession(timeout=limit)
-        return AsyncWebClient(token=self._token, base_url=self._base_url, session=self._session, retry_handlers=[])
+        """The twin client, made on first use (its session needs the running loop)."""
+        if self._web is None or self._session is None or self._session.closed:
+            self._session = http.session(self._timeouts)
+            self._web = AsyncWebClient(token=self._token, base_url=self._base_url, session=self._session, retry_handlers=[])
+        return self._web
 
     async def post_message(self, channel: str, text: str) -> PostedMessage:
         try:
             response = await self._client().chat_postMessage(channel=channel, text=text)
         except SlackApiError as exc:
             raise SlackRefused(str(exc.response.get("error", "unknown_error"))) from None
-        except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
-            raise DeliveryError(_reason(exc), may_have_arrived=False) from None
         except (aiohttp.ClientError, TimeoutError) as exc:
-            raise DeliveryError(_reason(exc), may_have_arrived=True) from None
+            raise DeliveryError(http.describe(exc), may_have_arrived=not http.never_sent(exc)) from None
         return PostedMessage(channel=response.get("channel"), ts=response.get("ts"))
 
     async def close(self) -> None:
         if self._session is not None:
             await self._session.close()
-
-
-def _reason(exc: BaseException) -> str:
-    if isinstance(exc, aiohttp.ConnectionTimeoutError):
-        return "connection timed out"
-    if isinstance(exc, TimeoutError):
-        return "no answer in time"
-    return type(exc).__name__
