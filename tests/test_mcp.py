@@ -260,3 +260,17 @@ async def test_streamable_http_server(tmp_path: Path, ctx: ToolContext) -> None:
             assert await specs["remote__echo"].run(ctx, {"text": "again"}) == "again"
     finally:
         await stop_http(proc)
+
+
+async def test_http_write_to_a_server_that_is_gone_is_not_sent(tmp_path: Path, ctx: ToolContext) -> None:
+    proc, port = await start_http(tmp_path)
+    try:
+        servers = {"remote": {"url": f"http://127.0.0.1:{port}/mcp", "trusted": True}}
+        async with running(servers) as (_, specs):
+            assert await specs["remote__record"].run(ctx, {"text": "x"}) == "recorded x"
+            await stop_http(proc)
+            with pytest.raises(ToolUnavailable, match="not sent: the MCP server remote cannot be reached; record did not run"):
+                await specs["remote__record"].run(ctx, {"text": "y"})  # a write, yet not in doubt: it never left
+            assert lines(tmp_path / "calls.log") == ["record x"]
+    finally:
+        await stop_http(proc)

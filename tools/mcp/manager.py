@@ -9,8 +9,9 @@ exited in one task. Tool calls come from other tasks and only send requests on t
 - A server that dies later (process exit, broken HTTP transport) is reconnected in the
   background with exponential backoff and jitter. Meanwhile its tools answer `ToolUnavailable`.
 - A call never is re-sent. A connection lost during a write is `ToolInDoubt`; during a read,
-  `ToolUnavailable`. Every call has `call_timeout` (the app sets it below CHATOPS_TOOL_TIMEOUT);
-  a write that times out is in doubt too. Protocol errors (unknown tool, invalid params) are `ToolError`: nothing ran.
+  `ToolUnavailable`. Over HTTP, a call whose request failed while connecting was never sent:
+  `ToolUnavailable` ("not sent"), for a write too. Every call has `call_timeout` (the app sets
+  it below CHATOPS_TOOL_TIMEOUT); a write that times out is in doubt too. Protocol errors (unknown tool, invalid params) are `ToolError`: nothing ran.
 - Tools and their classification are fixed at start-up; a reconnection does not change them.
 """
 
@@ -116,6 +117,10 @@ class McpManager:
         except MCPError as exc:
             if exc.code == mcp_types.CONNECTION_CLOSED:
                 connection.lost()
+                if connection.never_sent(tool, args):
+                    raise ToolUnavailable(
+                        f"not sent: the MCP server {server} cannot be reached; {tool} did not run. Try again once it is back."
+                    ) from None
                 if write:
                     raise ToolInDoubt(
                         f"the MCP server {server} disconnected during the call; {tool} may or may not have run"
