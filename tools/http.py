@@ -14,10 +14,10 @@ import aiohttp
 from tools.config import HttpTimeouts
 
 
-def session(timeouts: HttpTimeouts, **options: object) -> aiohttp.ClientSession:
+def session(timeouts: HttpTimeouts, headers: dict[str, str] | None = None) -> aiohttp.ClientSession:
     """A session whose every request has `timeouts` (no overall limit: the tool timeout is above)."""
     limit = aiohttp.ClientTimeout(total=None, connect=timeouts.connect, sock_connect=timeouts.connect, sock_read=timeouts.read)
-    return aiohttp.ClientSession(timeout=limit, **options)  # type: ignore[arg-type]
+    return aiohttp.ClientSession(timeout=limit, headers=headers)
 
 
 def never_sent(exc: BaseException) -> bool:
