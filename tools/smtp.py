@@ -133,8 +133,6 @@ class SmtpSender:
         except ConnectionRefusedError:
             smtp.close()
             raise _Temporary(f"{where} refused the connection") from None
-        except smtplib.SMTPConnectError as exc:
-            raise _refused(exc.smtp_code, exc.smtp_error, "the greeting") from None
         except (OSError, smtplib.SMTPException) as exc:
             smtp.close()
             stage = getattr(smtp, "stage", "connecting")
