@@ -1,8 +1,9 @@
 """chatops-agent: the bot. `bot.core` is the channel-agnostic engine; around it, this package
 holds the channel adapters (`slack`, `feishu`, `terminal`), the app assembly (`app`, `config`,
-`logsetup`), the command line (`cli`, `cli_audit`) and the read-only audit page (`auditweb`).
+`toolsetup`, `logsetup`), the command line (`cli`, `cli_audit`) and the read-only audit page (`auditweb`).
 
 Import rules (enforced by `tests/test_layout.py`): adapters import `bot.core`, `bot.config`,
-their own SDK and their own package, never another adapter; `bot.app` and the CLI may import
+their own SDK and their own package (and `tools.services`/`tools.config` for a service they
+implement for the tools), never another adapter; `bot.app` and the CLI may import
 everything. Nothing in `bot` is imported by `tools` or `storage`.
 """

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from aiohttp import web
@@ -20,6 +20,7 @@ from bot.core.errors import ConfigError, StorageError
 from bot.core.model import ModelClient
 from bot.core.policy import Policy
 from bot.core.sweeper import Sweeper
+from bot.toolsetup import build_tool_services, mcp_call_timeout, operator_errors
 from storage.audit import AuditLog
 from storage.audit_anchor import Anchorer
 from storage.audit_keys import AuditKeyError, AuditKeys, load_keys
@@ -27,8 +28,8 @@ from storage.engine import Database
 from storage.migrate import upgrade
 from storage.redact import Redactor
 from tools.builtin import builtin_toolsets
-from tools.context import ToolContext
 from tools.registry import ToolRegistry
+from tools.services import SlackPoster
 
 log = logging.getLogger("chatops")
 CHAIN_DEBOUNCE = 0.02
@@ -87,6 +88,12 @@ class App:
     def add_adapter(self, adapter: Adapter) -> None:
         self.adapters.append(adapter)
         self.ctx.channels[adapter.platform] = adapter
+
+    def use_slack_poster(self, poster: SlackPoster, close: Callable[[], Any] | None = None) -> None:
+        """Let the notification tools post to Slack through `poster` (closed with the bot when `close` is given)."""
+        self.ctx.tool_context = replace(self.ctx.tool_context, slack=poster)
+        if close is not None:
+            self.closers.append(close)
 
     def web_app(self) -> web.Application:
         application = web.Application(client_max_size=1024 * 1024)
@@ -165,7 +172,7 @@ class App:
         await self.ctx.db.dispose()
 
 
-async def build_app(settings: Settings, *, migrate: bool = True, services: dict[str, Any] | None = None) -> App:
+async def build_app(settings: Settings, *, migrate: bool = True) -> App:
     """Wire every component from settings. Raises ChatopsError subclasses with clear messages."""
     redactor = Redactor(settings.secret_values())
     if migrate:
@@ -179,15 +186,17 @@ async def build_app(settings: Settings, *, migrate: bool = True, services: dict[
     redactor.add(keys.secrets())
     db = Database(settings.database_url)
     registry = ToolRegistry()
-    for toolset in builtin_toolsets(settings):
+    for toolset in builtin_toolsets():
         for spec in toolset.specs:
             registry.add(spec)
-    closers: list[Callable[[], Any]] = []
+    tools = build_tool_services(settings, db)
+    closers: list[Callable[[], Any]] = list(tools.closers)
     tool_problems: dict[str, str] = {}
     if settings.mcp_config is not None:
         from tools.mcp.manager import McpManager
 
-        manager = McpManager.from_file(settings.mcp_config)
+        with operator_errors():
+            manager = McpManager.from_file(settings.mcp_config, call_timeout=mcp_call_timeout(settings))
         for spec in await manager.start():
             registry.add(spec)
         tool_problems.update(manager.problems)
@@ -208,7 +217,7 @@ async def build_app(settings: Settings, *, migrate: bool = True, services: dict[
         registry=registry,
         policy=load_policy(settings),
         model=model,
-        tool_context=ToolContext(settings=settings, db=db, services=dict(services or {})),
+        tool_context=tools.context,
         tool_problems=tool_problems,
     )
 

@@ -44,14 +44,17 @@ async def _serve(settings: Settings, *, force_terminal: bool) -> None:
 
     if not settings.model_configured:
         raise ChatopsError(NO_MODEL)
-    app = await build_app(settings, services={})
+    app = await build_app(settings)
     chat_channels = []
     if not force_terminal and settings.slack_enabled:
         from bot.slack import SlackAdapter
+        from bot.slack.poster import SlackWebPoster
+        from bot.toolsetup import http_timeouts
 
         slack = SlackAdapter(app.core, settings)
         app.add_adapter(slack)
-        app.ctx.tool_context.services["slack"] = slack.client  # type: ignore[index]
+        poster = SlackWebPoster(slack.client, http_timeouts(settings))
+        app.use_slack_poster(poster, poster.close)
         chat_channels.append("Slack")
     if not force_terminal and settings.feishu_enabled:
         from bot.feishu import FeishuAdapter

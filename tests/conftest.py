@@ -129,12 +129,11 @@ class Bots:
         toolsets: list[Toolset] = (),  # type: ignore[assignment]
         serve_http: bool = False,
         database_url: str | None = None,
-        services: dict[str, Any] | None = None,
         **env: str,
     ) -> App:
         settings = make_settings(self.model.url, database_url or self.database_url, **env)
         SUITE_LOG_REDACTOR.add(settings.secret_values())
-        app = await build_app(settings, services=services)
+        app = await build_app(settings)
         for toolset in toolsets:
             for spec in toolset.specs:
                 app.ctx.registry.add(spec)

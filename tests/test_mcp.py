@@ -20,12 +20,10 @@ from typing import Any
 
 import pytest
 
-from bot.config import load_settings
-from bot.core.errors import ConfigError
 from storage.engine import Database
 from tests.git_helpers import git
 from tools.context import ToolContext
-from tools.errors import ToolError, ToolInDoubt, ToolUnavailable
+from tools.errors import ToolConfigError, ToolError, ToolInDoubt, ToolUnavailable
 from tools.mcp import McpManager, parse_config
 from tools.mcp.connection import Connection
 from tools.mcp.specs import OPENAI_NAME, openai_name
@@ -38,7 +36,7 @@ WAIT = 30.0
 @pytest.fixture
 async def ctx(sqlite_url: str) -> AsyncIterator[ToolContext]:
     db = Database(sqlite_url)
-    yield ToolContext(settings=load_settings(env_file=None, environ={"CHATOPS_TOOL_TIMEOUT": "20"}), db=db)
+    yield ToolContext(db=db)
     await db.dispose()
 
 
@@ -73,13 +71,13 @@ def lines(path: Path) -> list[str]:
 
 
 def test_config_errors_name_the_server_and_key(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    with pytest.raises(ConfigError, match=r"server 'git': key 'denny': Extra inputs are not permitted"):
+    with pytest.raises(ToolConfigError, match=r"server 'git': key 'denny': Extra inputs are not permitted"):
         parse_config({"mcpServers": {"git": {"command": "x", "denny": ["git_reset"]}}})
-    with pytest.raises(ConfigError, match=r"server 'both': give either `command`"):
+    with pytest.raises(ToolConfigError, match=r"server 'both': give either `command`"):
         parse_config({"mcpServers": {"both": {"command": "x", "url": "http://h/mcp"}}})
-    with pytest.raises(ConfigError, match=r"server 'git': key 'tools.git_log.read_only': Input should be a valid boolean"):
+    with pytest.raises(ToolConfigError, match=r"server 'git': key 'tools.git_log.read_only': Input should be a valid boolean"):
         parse_config({"mcpServers": {"git": {"command": "x", "tools": {"git_log": {"read_only": "maybe"}}}}})
-    with pytest.raises(ConfigError, match=r"server 'docs': key 'headers' uses \$\{DOCS_TOKEN\}, which is not set"):
+    with pytest.raises(ToolConfigError, match=r"server 'docs': key 'headers' uses \$\{DOCS_TOKEN\}, which is not set"):
         parse_config({"mcpServers": {"docs": {"url": "https://h/mcp", "headers": {"Authorization": "Bearer ${DOCS_TOKEN}"}}}})
     monkeypatch.setenv("DOCS_TOKEN", "t0ken")
     config = parse_config(
@@ -89,9 +87,9 @@ def test_config_errors_name_the_server_and_key(tmp_path: Path, monkeypatch: pyte
 
     path = tmp_path / "mcp.json"
     path.write_text('{"mcpServers": {"git": {"command": "x",}}}')
-    with pytest.raises(ConfigError, match=r"CHATOPS_MCP_CONFIG \(.*mcp.json\) is not valid JSON: .* line 1"):
+    with pytest.raises(ToolConfigError, match=r"CHATOPS_MCP_CONFIG \(.*mcp.json\) is not valid JSON: .* line 1"):
         McpManager.from_file(path)
-    with pytest.raises(ConfigError, match="CHATOPS_MCP_CONFIG cannot be read"):
+    with pytest.raises(ToolConfigError, match="CHATOPS_MCP_CONFIG cannot be read"):
         McpManager.from_file(tmp_path / "missing.json")
 
 
@@ -180,8 +178,8 @@ async def test_results_errors_and_size_cap(tmp_path: Path, ctx: ToolContext) -> 
 
 async def test_timeout(tmp_path: Path, sqlite_url: str) -> None:
     db = Database(sqlite_url)
-    quick = ToolContext(settings=load_settings(env_file=None, environ={"CHATOPS_TOOL_TIMEOUT": "1"}), db=db)
-    async with running({"flaky": flaky_server(tmp_path)}) as (_, specs):
+    quick = ToolContext(db=db)
+    async with running({"flaky": flaky_server(tmp_path)}, call_timeout=1) as (_, specs):
         with pytest.raises(ToolUnavailable, match="did not answer within 1s"):
             await specs["flaky__hang"].run(quick, {})
         assert await specs["flaky__echo"].run(quick, {"text": "still up"}) == "still up"
@@ -260,5 +258,19 @@ async def test_streamable_http_server(tmp_path: Path, ctx: ToolContext) -> None:
             proc, _ = await start_http(tmp_path, port)
             await until(connection, lambda c: c.state == "up" and c.connects == 2)
             assert await specs["remote__echo"].run(ctx, {"text": "again"}) == "again"
+    finally:
+        await stop_http(proc)
+
+
+async def test_http_write_to_a_server_that_is_gone_is_not_sent(tmp_path: Path, ctx: ToolContext) -> None:
+    proc, port = await start_http(tmp_path)
+    try:
+        servers = {"remote": {"url": f"http://127.0.0.1:{port}/mcp", "trusted": True}}
+        async with running(servers) as (_, specs):
+            assert await specs["remote__record"].run(ctx, {"text": "x"}) == "recorded x"
+            await stop_http(proc)
+            with pytest.raises(ToolUnavailable, match="not sent: the MCP server remote cannot be reached; record did not run"):
+                await specs["remote__record"].run(ctx, {"text": "y"})  # a write, yet not in doubt: it never left
+            assert lines(tmp_path / "calls.log") == ["record x"]
     finally:
         await stop_http(proc)

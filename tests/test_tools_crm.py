@@ -10,11 +10,11 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from bot.config import load_settings
 from storage.engine import Database
 from storage.migrate import upgrade
 from storage.models import CrmLead
 from tests.fakes.hubspot import CONTACTS, FakeHubSpot
+from tests.tool_env import tool_context as build_context
 from tools import crm
 from tools.context import ToolContext
 from tools.errors import ArgumentError, ToolError, ToolInDoubt, ToolUnavailable
@@ -25,8 +25,7 @@ NEW_LEAD = {"name": "Zhang San", "email": "ZhangSan@Example.com", "need": "a dem
 
 
 def tool_context(database_url: str, db: Database, approval_id: str | None = None, **env: str) -> ToolContext:
-    settings = load_settings(env_file=None, environ={"DATABASE_URL": database_url, **env})
-    return ToolContext(settings=settings, db=db, approval_id=approval_id)
+    return build_context(db, approval_id=approval_id, DATABASE_URL=database_url, **env)
 
 
 async def call(ctx: ToolContext, name: str, args: dict[str, Any]) -> Any:
@@ -268,3 +267,33 @@ async def test_hubspot_failures_are_clear(hubspot: FakeHubSpot, local_db: Databa
         await call(ctx, "search_crm_leads", {"query": "x"})
     lines = await preview(hubspot_ctx(hubspot, local_db, token="wrong"), "create_crm_lead", NEW_LEAD)
     assert lines[0].startswith("Could not look the e-mail up in the CRM (HubSpot refused our token")
+
+
+async def test_hubspot_unreachable_is_not_sent(local_db: Database) -> None:
+    async with FakeHubSpot() as gone:
+        url = gone.url  # nothing listens there once the block ends
+    ctx = tool_context("sqlite://", local_db, approval_id="ap_h2", CHATOPS_CRM="hubspot", HUBSPOT_BASE_URL=url, HUBSPOT_TOKEN="t")
+    for name, args in [("create_crm_lead", NEW_LEAD), ("update_crm_lead", {"lead_id": 1, "status": "open"})]:
+        with pytest.raises(ToolUnavailable, match=r"not sent: HubSpot cannot be reached \(cannot connect") as caught:
+            await SPECS[name].run(ctx, args)
+        assert not isinstance(caught.value, ToolInDoubt)
+
+
+async def test_hubspot_write_read_then_unanswered_is_in_doubt(hubspot: FakeHubSpot, local_db: Database) -> None:
+    ctx = tool_context(
+        "sqlite://",
+        local_db,
+        approval_id="ap_h3",
+        CHATOPS_CRM="hubspot",
+        HUBSPOT_BASE_URL=hubspot.url,
+        HUBSPOT_TOKEN=hubspot.token,
+        CHATOPS_TOOL_TIMEOUT="2",
+    )
+    hubspot.hang_next("POST", CONTACTS)
+    with pytest.raises(ToolInDoubt, match=r"HubSpot did not answer \(no answer in time\); the change may or may not"):
+        await call(ctx, "create_crm_lead", NEW_LEAD)
+    assert hubspot.hung.is_set() and hubspot.requests[-1].body["properties"]["email"] == "zhangsan@example.com"
+    hubspot.hang_next("POST", f"{CONTACTS}/search")  # a read that hangs changed nothing: unavailable, not in doubt
+    with pytest.raises(ToolUnavailable, match=r"HubSpot did not answer \(no answer in time\)") as caught:
+        await call(ctx, "search_crm_leads", {"query": "x"})
+    assert not isinstance(caught.value, ToolInDoubt)

@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 
-from bot.config import load_settings
+from bot.core.errors import ConfigError
 from storage.engine import Database
-from tests.fakes.smtp_server import DROP, FakeSmtp
+from tests.fakes.smtp_server import DROP, FakeSmtp, RawSmtp
+from tests.tool_env import tool_context
 from tools import email as email_tools
 from tools.context import ToolContext
 from tools.errors import ArgumentError, ToolError, ToolInDoubt, ToolUnavailable
 from tools.registry import PreparedCall, ToolRegistry
+from tools.smtp import Envelope
 
 SPEC = email_tools.toolset.specs[0]
 SUBJECT = "季度报告 Q3 — 请查收"
@@ -35,7 +39,7 @@ async def db(sqlite_url: str) -> AsyncIterator[Database]:
 
 
 def context(db: Database, approval_id: str | None = "ap_mail1", **env: str) -> ToolContext:
-    return ToolContext(settings=load_settings(env_file=None, environ=env), db=db, approval_id=approval_id)
+    return tool_context(db, approval_id=approval_id, **env)
 
 
 def smtp_env(smtp: FakeSmtp, **extra: str) -> dict[str, str]:
@@ -93,7 +97,7 @@ async def test_temporary_failures_are_bounded(smtp: FakeSmtp, db: Database) -> N
     smtp.answer(*["451 4.3.0 Mailbox busy"] * 5)
     with pytest.raises(ToolUnavailable, match=r"451 4\.3\.0 Mailbox busy"):
         await send(context(db, **smtp_env(smtp)), {"to": "a@example.com", "subject": "s", "body": "b"})
-    assert len(smtp.attempts) == email_tools.ATTEMPTS
+    assert len(smtp.attempts) == 3  # SmtpConfig.attempts
 
 
 async def test_permanent_failure_fails_at_once(smtp: FakeSmtp, db: Database) -> None:
@@ -124,10 +128,10 @@ async def test_refusals_before_the_card(smtp: FakeSmtp, db: Database) -> None:
         await send(ctx, {"to": "a@example.com", "subject": "s\nBcc: evil@example.com", "body": "b"})
     with pytest.raises(ArgumentError, match="Too many recipients"):
         await send(ctx, {"to": [f"u{i}@example.com" for i in range(51)], "subject": "s", "body": "b"})
-    with pytest.raises(ToolUnavailable, match="set SMTP_HOST"):
+    with pytest.raises(ToolUnavailable, match="set SMTP_HOST and SMTP_FROM"):
         await send(context(db), {"to": "a@example.com", "subject": "s", "body": "b"})
-    with pytest.raises(ToolUnavailable, match="set SMTP_FROM"):
-        await send(context(db, SMTP_HOST="127.0.0.1"), {"to": "a@example.com", "subject": "s", "body": "b"})
+    with pytest.raises(ConfigError, match="SMTP_FROM must be the sender's address"):  # half-configured: start-up fails
+        context(db, SMTP_HOST="127.0.0.1")
     assert smtp.attempts == []
     await send(ctx, {"to": "a@example.com; b@corp.example", "subject": "s", "body": "b"})
     assert smtp.delivered[0].rcpt_tos == ["a@example.com", "b@corp.example"]
@@ -141,3 +145,83 @@ def test_card_summary_names_recipients_and_subject() -> None:
     assert not SPEC.read_only
     schema = SPEC.openai_tool()["function"]["parameters"]
     assert schema["required"] == ["to", "subject", "body"]
+
+
+# ---- honest classification: "not sent" (failed) before the final ".", "in doubt" only after it ------------
+
+MAIL = {"to": "a@example.com", "subject": "s", "body": "b"}
+
+
+def raw_env(server: RawSmtp, **extra: str) -> dict[str, str]:
+    env = {"SMTP_HOST": "127.0.0.1", "SMTP_PORT": str(server.port), "SMTP_SECURITY": "none", "SMTP_FROM": "bot@example.com"}
+    return {**env, "SMTP_TIMEOUT": "1", "CHATOPS_TOOL_TIMEOUT": "10", **extra}
+
+
+async def test_refused_recipient_is_not_sent(smtp: FakeSmtp, db: Database) -> None:
+    smtp.refused_recipients.add("gone@example.com")
+    with pytest.raises(ToolError, match=r"not sent: .*RCPT TO <gone@example.com>: 550 5\.1\.1") as caught:
+        await send(context(db, **smtp_env(smtp)), {**MAIL, "to": ["a@example.com", "gone@example.com"]})
+    assert not isinstance(caught.value, ToolInDoubt)
+    assert smtp.attempts == []  # DATA was never reached: nobody got a partial send
+
+
+async def test_refused_greeting_is_not_sent_and_not_retried(db: Database) -> None:
+    async with RawSmtp("greet:554 5.3.2 Service not available") as server:
+        with pytest.raises(ToolError, match=r"not sent: .*the greeting: 554 5\.3\.2 Service not available") as caught:
+            await send(context(db, **raw_env(server)), MAIL)
+    assert not isinstance(caught.value, ToolInDoubt) and server.connections == 1
+
+
+async def test_a_server_that_never_greets_is_not_sent_promptly(db: Database) -> None:
+    async with RawSmtp("no_greeting") as server:
+        started = time.monotonic()
+        with pytest.raises(ToolUnavailable, match=r"not sent: .* while waiting for the greeting \(no answer in time\)"):
+            await send(context(db, **raw_env(server)), MAIL)
+        assert time.monotonic() - started < 5  # one greeting timeout (1 s), no retries of a hung server
+    assert server.connections == 1
+
+
+async def test_refused_connection_is_not_sent(db: Database) -> None:
+    async with RawSmtp("no_greeting") as server:
+        port = server.port  # closed once the block ends: nothing listens there any more
+    with pytest.raises(ToolUnavailable, match=f"not sent: 127.0.0.1:{port} refused the connection \\(tried 1 times\\)"):
+        await send(context(db, **raw_env(server, CHATOPS_TOOL_TIMEOUT="1")), MAIL)
+
+
+async def test_no_answer_to_the_final_dot_is_in_doubt(db: Database) -> None:
+    async with RawSmtp("hang_after_data") as server:
+        with pytest.raises(ToolInDoubt, match=r"whole message was sent .* \(no answer in time\); it may have been delivered"):
+            await send(context(db, **raw_env(server)), MAIL)
+        assert len(server.messages) == 1 and server.connections == 1  # never resent
+
+
+async def test_a_reset_in_the_middle_of_the_message_is_not_sent(db: Database) -> None:
+    """A message bigger than the socket buffers (so the sender is provably still sending) is cut off by a reset."""
+    async with RawSmtp("drop_mid_data") as server:
+        ctx = context(db, **raw_env(server))
+        assert ctx.smtp is not None
+        payload = b"Subject: big\r\n\r\n" + b"x" * 76 + b"\r\n"  # one line...
+        payload = payload * (8 * 1024 * 1024 // len(payload))  # ...8 MiB of it: more than the kernel will buffer
+        with pytest.raises(ToolUnavailable, match="not sent: the connection failed while the message was being sent"):
+            await ctx.smtp.send(Envelope("bot@example.com", ["a@example.com"], payload, smtputf8=False))
+        ctx.smtp.close()
+    assert server.connections == 1 and server.messages[0]
+
+
+async def test_hung_sends_never_starve_the_default_executor(db: Database) -> None:
+    """More hung sends than the e-mail workers: DNS and other threads (the loop's default executor) still answer."""
+    async with RawSmtp("hang_after_data") as server:
+        ctx = context(db, **raw_env(server, SMTP_TIMEOUT="30", CHATOPS_TOOL_TIMEOUT="60"))
+        assert ctx.smtp is not None
+        sends = [asyncio.create_task(send(ctx, MAIL)) for _ in range(ctx.smtp.config.workers + 8)]
+        await server.until(lambda s: len(s.messages) == ctx.smtp.config.workers)  # every worker hangs after DATA
+        loop = asyncio.get_running_loop()
+        started = time.monotonic()
+        await loop.getaddrinfo("localhost", 25)
+        await asyncio.gather(*(asyncio.to_thread(sum, [1, 2]) for _ in range(20)))
+        assert time.monotonic() - started < 1.0
+        server.release()
+        outcomes = await asyncio.gather(*sends, return_exceptions=True)
+        ctx.smtp.close()
+    assert sum(isinstance(o, ToolInDoubt) for o in outcomes) == ctx.smtp.config.workers  # the ones past the final "."
+    assert all(isinstance(o, ToolError) for o in outcomes)

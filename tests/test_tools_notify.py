@@ -10,14 +10,17 @@ from typing import Any
 import pytest
 from slack_sdk.web.async_client import AsyncWebClient
 
-from bot.config import load_settings
+from bot.slack.poster import SlackWebPoster
 from storage.engine import Database
 from tests.fakes.feishu_robot import FakeFeishuRobot
 from tests.fakes.slack_api import FakeSlackApi
+from tests.tool_env import tool_context
 from tools import notify
+from tools.config import HttpTimeouts
 from tools.context import ToolContext
-from tools.errors import ArgumentError, ToolError, ToolUnavailable
+from tools.errors import ArgumentError, ToolError, ToolInDoubt, ToolUnavailable
 from tools.registry import PreparedCall, ToolRegistry
+from tools.services import SlackPoster
 
 REGISTRY = ToolRegistry(notify.toolset.specs)
 MESSAGE = "部署完成 ✅ v1.2.3 is live"
@@ -30,8 +33,8 @@ async def db(sqlite_url: str) -> AsyncIterator[Database]:
     await database.dispose()
 
 
-def context(db: Database, services: dict[str, Any] | None = None, **env: str) -> ToolContext:
-    return ToolContext(settings=load_settings(env_file=None, environ=env), db=db, approval_id="ap_n1", services=services)
+def context(db: Database, slack: SlackPoster | None = None, **env: str) -> ToolContext:
+    return tool_context(db, approval_id="ap_n1", slack=slack, **env)
 
 
 async def call(ctx: ToolContext, name: str, args: dict[str, Any]) -> Any:
@@ -79,8 +82,8 @@ async def test_feishu_unsigned_robot_and_configuration(db: Database) -> None:
 
 async def test_slack_post_through_the_web_api(db: Database) -> None:
     async with FakeSlackApi() as slack:
-        client = AsyncWebClient(token="xoxb-test-token", base_url=slack.url)
-        ctx = context(db, services={"slack": client})
+        poster = SlackWebPoster(AsyncWebClient(token="xoxb-test-token", base_url=slack.url))
+        ctx = context(db, slack=poster)
         result = await call(ctx, "notify_slack", {"channel": "#ops", "message": MESSAGE})
         assert result["result"] == "posted" and result["channel"] == "#ops" and result["ts"]
         (posted,) = slack.calls_to("chat.postMessage")
@@ -90,6 +93,7 @@ async def test_slack_post_through_the_web_api(db: Database) -> None:
         slack.fail("chat.postMessage", "not_in_channel")
         with pytest.raises(ToolError, match="Slack refused the message to #ops: not_in_channel \\(invite the bot"):
             await call(ctx, "notify_slack", {"channel": "#ops", "message": "again"})
+        await poster.close()
 
 
 async def test_slack_not_configured(db: Database) -> None:
@@ -103,3 +107,36 @@ def test_cards_describe_the_post() -> None:
     assert specs["notify_slack"].sentence({"channel": "#ops", "message": MESSAGE}) == f"Post to Slack #ops: “{MESSAGE}”"
     long = "word " * 40
     assert specs["notify_feishu"].sentence({"message": long}).endswith("…”")
+
+
+# ---- "not sent" (nothing can have been posted) vs "in doubt" (the request was sent, no answer) ----------
+
+
+async def test_feishu_robot_that_reads_and_never_answers_is_in_doubt(db: Database) -> None:
+    async with FakeFeishuRobot(secret=None, hang=True) as robot:
+        ctx = context(db, FEISHU_WEBHOOK_URL=robot.url, CHATOPS_TOOL_TIMEOUT="2")
+        with pytest.raises(ToolInDoubt, match=r"Feishu did not answer \(no answer in time\); the message may have been posted"):
+            await call(ctx, "notify_feishu", {"message": "hello"})
+        assert robot.hung.is_set()
+
+
+async def test_feishu_robot_unreachable_is_not_sent(db: Database) -> None:
+    async with FakeFeishuRobot(secret=None) as robot:
+        url = robot.url
+    with pytest.raises(ToolUnavailable, match=r"not sent: the Feishu webhook cannot be reached \(cannot connect") as caught:
+        await call(context(db, FEISHU_WEBHOOK_URL=url), "notify_feishu", {"message": "hello"})
+    assert not isinstance(caught.value, ToolInDoubt)
+
+
+async def test_slack_post_not_sent_vs_in_doubt(db: Database) -> None:
+    async with FakeSlackApi() as slack:
+        url = slack.url
+        poster = SlackWebPoster(AsyncWebClient(token="xoxb-test-token", base_url=url), HttpTimeouts(connect=1, read=1))
+        slack.hang("chat.postMessage")
+        with pytest.raises(ToolInDoubt, match=r"Slack did not answer \(no answer in time\); the message may have been posted"):
+            await call(context(db, slack=poster), "notify_slack", {"channel": "#ops", "message": "hi"})
+        assert slack.hung.is_set()
+    with pytest.raises(ToolUnavailable, match=r"not sent: Slack cannot be reached \(cannot connect") as caught:
+        await call(context(db, slack=poster), "notify_slack", {"channel": "#ops", "message": "hi"})
+    assert not isinstance(caught.value, ToolInDoubt)
+    await poster.close()

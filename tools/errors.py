@@ -36,3 +36,15 @@ class ToolInDoubt(ToolError):
     """
 
     kind = "in_doubt"
+
+
+class ToolConfigError(Exception):
+    """A toolset's configuration is missing or wrong (raised at start-up, never to the model).
+
+    The app maps it to the operator's `ConfigError`, naming the same variable.
+    """
+
+    def __init__(self, variable: str, problem: str) -> None:
+        self.variable = variable
+        self.problem = problem
+        super().__init__(f"{variable} {problem}")

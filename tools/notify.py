@@ -1,8 +1,9 @@
 """Notification tools: post a message to a Feishu group robot or to a Slack channel.
 
 Posting is not idempotent (neither API takes an idempotency key), so nothing here retries:
-a request refused before it was sent is `ToolUnavailable`; one that was sent but got no
-answer is `ToolInDoubt`, and a human checks the channel. The Feishu robot webhook is signed
+a request that failed before it was sent (connect) is "not sent" (`ToolUnavailable`); one that
+was sent but got no answer (reset, read timeout) is `ToolInDoubt`, and a human checks the channel.
+The Feishu robot is called over aiohttp (`tools.http`); Slack through the app's `SlackPoster`. The Feishu robot webhook is signed
 exactly as Feishu specifies (HMAC-SHA256 keyed with "timestamp\\nsecret" over an empty message).
 """
 
@@ -11,23 +12,24 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import json
 import time
 from typing import Annotated, Any
 
 import aiohttp
-import httpx
 from pydantic import Field
-from slack_sdk.errors import SlackApiError
 
+from tools import http
+from tools.config import FeishuRobotConfig
 from tools.context import ToolContext
 from tools.errors import ArgumentError, ToolError, ToolInDoubt, ToolUnavailable
 from tools.registry import Toolset
+from tools.services import DeliveryError, SlackPoster, SlackRefused
 
 __all__ = ["feishu_sign", "toolset"]
 
 toolset = Toolset("notify")
 
-HTTP_TIMEOUT = 10.0
 SUMMARY_CHARS = 80
 Message = Annotated[str, Field(min_length=1, max_length=4000)]
 SLACK_HINTS = {
@@ -49,14 +51,14 @@ def _short(text: str) -> str:
     return text if len(text) <= SUMMARY_CHARS else text[: SUMMARY_CHARS - 1] + "…"
 
 
-def _webhook_url(ctx: ToolContext) -> str:
-    if not ctx.settings.feishu_webhook_url:
+def _robot(ctx: ToolContext) -> FeishuRobotConfig:
+    if ctx.feishu_robot is None:
         raise ToolUnavailable("Feishu notifications are not configured: set FEISHU_WEBHOOK_URL (and FEISHU_WEBHOOK_SECRET).")
-    return ctx.settings.feishu_webhook_url
+    return ctx.feishu_robot
 
 
 async def _check_feishu(ctx: ToolContext, args: dict[str, Any]) -> None:
-    _webhook_url(ctx)
+    _robot(ctx)
     if not args["message"].strip():
         raise ArgumentError("The message is empty.")
 
@@ -68,38 +70,40 @@ async def notify_feishu(ctx: ToolContext, message: Message) -> dict[str, Any]:
     Args:
         message: The text to post.
     """
-    url = _webhook_url(ctx)
+    robot = _robot(ctx)
     body: dict[str, Any] = {"msg_type": "text", "content": {"text": message}}
-    secret = ctx.settings.feishu_webhook_secret
-    if secret is not None:
+    if robot.secret is not None:
         timestamp = int(time.time())
-        body = {"timestamp": str(timestamp), "sign": feishu_sign(timestamp, secret.get_secret_value()), **body}
+        body = {"timestamp": str(timestamp), "sign": feishu_sign(timestamp, robot.secret), **body}
     try:
-        async with httpx.AsyncClient(timeout=HTTP_TIMEOUT) as client:
-            response = await client.post(url, json=body)
-    except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
-        raise ToolUnavailable(f"The Feishu webhook cannot be reached ({type(exc).__name__}); nothing was posted.") from None
-    except httpx.HTTPError as exc:
-        raise ToolInDoubt(f"Feishu did not answer ({type(exc).__name__}); the message may have been posted") from None
+        async with http.session(robot.timeouts) as session, session.post(robot.url, json=body) as response:
+            status, text = response.status, await response.text()
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        if http.never_sent(exc):
+            raise ToolUnavailable(f"not sent: the Feishu webhook cannot be reached ({http.describe(exc)})") from None
+        raise ToolInDoubt(f"Feishu did not answer ({http.describe(exc)}); the message may have been posted") from None
+    return _feishu_outcome(status, text)
+
+
+def _feishu_outcome(status: int, text: str) -> dict[str, Any]:
     try:
-        answer = response.json()
+        answer = json.loads(text)
     except ValueError:
         answer = {}
     code = answer.get("code", answer.get("StatusCode")) if isinstance(answer, dict) else None
-    if response.status_code >= 500 and code is None:
-        raise ToolInDoubt(f"Feishu failed with HTTP {response.status_code}; the message may have been posted")
+    if status >= 500 and code is None:
+        raise ToolInDoubt(f"Feishu failed with HTTP {status}; the message may have been posted")
     if code != 0:
         detail = (answer.get("msg") or answer.get("StatusMessage")) if isinstance(answer, dict) else None
-        detail = detail or response.text[:200]
-        raise ToolError(f"Feishu refused the message (code {code}, HTTP {response.status_code}): {detail}")
+        detail = detail or text[:200]
+        raise ToolError(f"Feishu refused the message (code {code}, HTTP {status}): {detail}")
     return {"result": "posted", "platform": "feishu"}
 
 
-def _slack(ctx: ToolContext) -> Any:
-    client = ctx.service("slack")
-    if client is None:
+def _slack(ctx: ToolContext) -> SlackPoster:
+    if ctx.slack is None:
         raise ToolUnavailable("Slack is not connected: set SLACK_BOT_TOKEN and run the Slack channel to post to Slack.")
-    return client
+    return ctx.slack
 
 
 async def _check_slack(ctx: ToolContext, args: dict[str, Any]) -> None:
@@ -124,15 +128,14 @@ async def notify_slack(
         channel: The channel: a name like #ops or an id like C0123456.
         message: The text to post (Slack mrkdwn).
     """
-    client = _slack(ctx)
+    poster = _slack(ctx)
     try:
-        response = await client.chat_postMessage(channel=channel, text=message)
-    except SlackApiError as exc:
-        error = str(exc.response.get("error", "unknown_error"))
-        hint = SLACK_HINTS.get(error)
-        raise ToolError(f"Slack refused the message to {channel}: {error}" + (f" ({hint})" if hint else "")) from None
-    except aiohttp.ClientConnectorError as exc:
-        raise ToolUnavailable(f"Slack cannot be reached ({type(exc).__name__}); nothing was posted.") from None
-    except (aiohttp.ClientError, TimeoutError) as exc:
-        raise ToolInDoubt(f"Slack did not answer ({type(exc).__name__}); the message may have been posted") from None
-    return {"result": "posted", "platform": "slack", "channel": response.get("channel"), "ts": response.get("ts")}
+        posted = await poster.post_message(channel, message)
+    except SlackRefused as exc:
+        hint = SLACK_HINTS.get(exc.error)
+        raise ToolError(f"Slack refused the message to {channel}: {exc.error}" + (f" ({hint})" if hint else "")) from None
+    except DeliveryError as exc:
+        if not exc.may_have_arrived:
+            raise ToolUnavailable(f"not sent: Slack cannot be reached ({exc.reason})") from None
+        raise ToolInDoubt(f"Slack did not answer ({exc.reason}); the message may have been posted") from None
+    return {"result": "posted", "platform": "slack", "channel": posted.channel, "ts": posted.ts}

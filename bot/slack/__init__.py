@@ -6,7 +6,8 @@ Layout of the package (each module says what belongs in it):
 - `client.py`    the `AsyncWebClient` (base URL, bounded 429 retries), `auth.test`, user names;
 - `groups.py`    user-group memberships for the policy's `slack-group:` entries (`usergroups.users.list`);
 - `handlers.py`  the Bolt listeners, one core call each;
-- `transport.py` the Bolt app and its two doors: `POST /slack/events` and Socket Mode.
+- `transport.py` the Bolt app and its two doors: `POST /slack/events` and Socket Mode;
+- `poster.py`    the `tools.services.SlackPoster` the notification tool posts with.
 
 This module is the `Channel` the core talks to (post a reply, react, post and update a card)
 plus the adapter's lifecycle. Socket Mode is used when SLACK_APP_TOKEN is set; otherwise the

@@ -5,11 +5,13 @@ Feishu's rule (custom bot guide, "signature verification"): the request carries 
 `base64(HMAC-SHA256(key=f"{timestamp}\\n{secret}", msg=b""))` and rejects a mismatch, or a
 timestamp more than an hour away, with code 19021. The computation is written out here on
 purpose, independently of the code under test. Accepted messages are kept in `messages`;
-every request body in `requests`.
+every request body in `requests`. With `hang` set, the robot reads a request and never answers
+(`hung` is set when that happens).
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import hmac
@@ -30,7 +32,10 @@ class FakeFeishuRobot:
     secret: str | None = "robot-secret"
     requests: list[dict[str, Any]] = field(default_factory=list)
     messages: list[str] = field(default_factory=list)
+    hang: bool = False
+    hung: asyncio.Event = field(default_factory=asyncio.Event)
     port: int = 0
+    _release: asyncio.Event = field(default_factory=asyncio.Event)
     _runner: web.AppRunner | None = None
 
     @property
@@ -50,6 +55,9 @@ class FakeFeishuRobot:
     async def _hook(self, request: web.Request) -> web.Response:
         body = await request.json()
         self.requests.append(body)
+        if self.hang:
+            self.hung.set()
+            await self._release.wait()
         if self.secret is not None and not self._signature_ok(body):
             return web.json_response(SIGN_FAILED)
         if body.get("msg_type") != "text" or not isinstance(body.get("content", {}).get("text"), str):
@@ -69,4 +77,5 @@ class FakeFeishuRobot:
 
     async def __aexit__(self, *exc: object) -> None:
         assert self._runner is not None
+        self._release.set()
         await self._runner.cleanup()

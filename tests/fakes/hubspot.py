@@ -5,11 +5,13 @@ e-mail, as HubSpot does), read, patch, search (`filterGroups` EQ on a property, 
 `query`), and the owners lookup. Every request is recorded (method, path, query, headers, JSON
 body) so tests can check them field by field. `fail_next` queues canned answers (429, 500...)
 served before the real handler; `search_lags` hides new contacts from search, like HubSpot's
-eventually consistent search index.
+eventually consistent search index. `hang_next(method, path)` makes the next such request read
+its whole body and then never answer (`hung` is set when that happens).
 """
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 from collections import deque
 from dataclasses import dataclass, field
@@ -45,6 +47,9 @@ class FakeHubSpot:
     owners: list[dict[str, Any]] = field(default_factory=list)
     requests: list[Recorded] = field(default_factory=list)
     search_lags: bool = False
+    hung: asyncio.Event = field(default_factory=asyncio.Event)
+    _hang: set[tuple[str, str]] = field(default_factory=set)
+    _release: asyncio.Event = field(default_factory=asyncio.Event)
     _canned: deque[Canned] = field(default_factory=deque)
     _ids: Any = field(default_factory=lambda: itertools.count(101))
     _runner: web.AppRunner | None = None
@@ -56,6 +61,9 @@ class FakeHubSpot:
 
     def fail_next(self, status: int, body: dict[str, Any] | None = None, headers: dict[str, str] | None = None) -> None:
         self._canned.append(Canned(status, body or {"status": "error", "message": f"canned {status}"}, headers or {}))
+
+    def hang_next(self, method: str, path: str) -> None:
+        self._hang.add((method, path))
 
     def add_contact(self, **props: str) -> str:
         contact_id = str(next(self._ids))
@@ -78,12 +86,17 @@ class FakeHubSpot:
 
     async def __aexit__(self, *exc: object) -> None:
         assert self._runner is not None
+        self._release.set()
         await self._runner.cleanup()
 
     @web.middleware
     async def _record(self, request: web.Request, handler: Any) -> web.StreamResponse:
         body = await request.json() if request.can_read_body else None
         self.requests.append(Recorded(request.method, request.path, dict(request.query), dict(request.headers), body))
+        if (request.method, request.path) in self._hang:
+            self._hang.discard((request.method, request.path))
+            self.hung.set()
+            await self._release.wait()  # the body was read; the answer never comes
         if request.headers.get("Authorization") != f"Bearer {self.token}":
             return web.json_response(
                 {"status": "error", "category": "INVALID_AUTHENTICATION", "message": "Authentication credentials not found."},

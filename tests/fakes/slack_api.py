@@ -54,6 +54,9 @@ class FakeSlackApi:
     _ts: Any = field(default_factory=lambda: itertools.count(1))
     _changed: asyncio.Condition = field(default_factory=asyncio.Condition)
     _sockets: list[web.WebSocketResponse] = field(default_factory=list)
+    _hang: set[str] = field(default_factory=set)
+    _release: asyncio.Event = field(default_factory=asyncio.Event)
+    hung: asyncio.Event = field(default_factory=asyncio.Event)
     _runner: web.AppRunner | None = None
 
     @property
@@ -68,6 +71,10 @@ class FakeSlackApi:
     def fail(self, method: str, error: str, times: int = 1) -> None:
         """The next `times` calls of `method` answer `{"ok": false, "error": error}`."""
         self._errors[method] = [times, error]
+
+    def hang(self, method: str) -> None:
+        """The next call of `method` is read in full and never answered (`hung` is set then)."""
+        self._hang.add(method)
 
     def add_user(self, user_id: str, name: str, *, is_bot: bool = False, team: str = TEAM_ID) -> None:
         self.users[user_id] = {
@@ -104,6 +111,10 @@ class FakeSlackApi:
         auth = request.headers.get("Authorization", "")
         token = auth.removeprefix("Bearer ") if auth.startswith("Bearer ") else params.pop("token", None)
         call = ApiCall(method, params, token)
+        if method in self._hang:
+            self._hang.discard(method)
+            self.hung.set()
+            await self._release.wait()
         response = self._answer(call)
         self.calls.append(call)
         async with self._changed:
@@ -243,6 +254,7 @@ class FakeSlackApi:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
+        self._release.set()
         for ws in list(self._sockets):
             await ws.close()
         if self._runner is not None:

@@ -85,8 +85,7 @@ def normalise_email(email: str) -> str:
 
 def open_backend(ctx: ToolContext) -> AbstractAsyncContextManager[CrmBackend]:
     """The configured backend, open for the duration of one tool call."""
-    settings = ctx.settings
-    if settings.crm_backend == "hubspot":
+    if ctx.crm.backend == "hubspot":
         return _hubspot(ctx)
     return _builtin(ctx)
 
@@ -102,8 +101,7 @@ async def _builtin(ctx: ToolContext) -> AsyncIterator[CrmBackend]:
 async def _hubspot(ctx: ToolContext) -> AsyncIterator[CrmBackend]:
     from tools.crm.hubspot import HubSpotCrm
 
-    token = ctx.settings.hubspot_token
-    if token is None:
+    if ctx.crm.hubspot is None:
         raise ToolUnavailable("The HubSpot CRM is selected (CHATOPS_CRM=hubspot) but HUBSPOT_TOKEN is not set.")
-    async with HubSpotCrm.connect(ctx.settings.hubspot_base_url, token.get_secret_value()) as crm:
+    async with HubSpotCrm.connect(ctx.crm.hubspot) as crm:
         yield crm

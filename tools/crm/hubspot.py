@@ -10,26 +10,30 @@ company -> `company`, status -> `hs_lead_status` (upper-case enum), owner -> `hu
 
 HubSpot enforces one contact per e-mail and answers a duplicate creation with 409 naming the
 existing id; we then update that contact, so creating is idempotent without extra state.
-Rate limits: a 429 is retried at most `ATTEMPTS` times, waiting `Retry-After` (capped); a
-request that was sent but got no answer is `ToolInDoubt` for a write, never resent.
+Rate limits: a 429 is retried at most `ATTEMPTS` times, waiting `Retry-After` (capped).
+Failures are classified by `tools.http`: a request that failed while connecting changed nothing
+("not sent"); a write that was sent but got no answer (a reset, a read timeout) is `ToolInDoubt`,
+never resent. Each request has the configured connect and read timeouts.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-import httpx
+import aiohttp
 
+from tools import http
+from tools.config import HubSpotConfig
 from tools.crm.backend import SEARCH_LIMIT, Lead, LeadFields, Outcome, normalise_email
 from tools.errors import ToolError, ToolInDoubt, ToolUnavailable
 
 CONTACTS = "/crm/v3/objects/contacts"
 PROPERTIES = ("email", "firstname", "lastname", "company", "message", "hs_lead_status", "hubspot_owner_id")
-REQUEST_TIMEOUT = 15.0
 ATTEMPTS = 3
 MAX_RETRY_AFTER = 10.0
 _EXISTING_ID = re.compile(r"Existing ID:\s*(\d+)")
@@ -57,47 +61,68 @@ def _split_name(name: str) -> dict[str, str]:
     return {"firstname": first, "lastname": last} if first else {"firstname": last, "lastname": ""}
 
 
-def _message(response: httpx.Response) -> str:
-    try:
-        body = response.json()
-    except ValueError:
-        return response.text[:300]
-    return str(body.get("message") or body)[:300] if isinstance(body, dict) else str(body)[:300]
+def _message(status: int, body: Any, text: str) -> str:
+    if isinstance(body, dict):
+        return str(body.get("message") or body)[:300]
+    return (str(body) if body is not None else text)[:300]
+
+
+class _Answer:
+    """An HTTP answer read in full: status, headers, text and the parsed JSON (None when unreadable)."""
+
+    def __init__(self, status: int, headers: Any, text: str) -> None:
+        self.status, self.headers, self.text = status, headers, text
+        try:
+            self.json: Any = json.loads(text) if text else None
+        except ValueError:
+            self.json = None
+
+    @property
+    def is_success(self) -> bool:
+        return 200 <= self.status < 300
+
+    def message(self) -> str:
+        return _message(self.status, self.json, self.text)
 
 
 class HubSpotCrm:
-    """`CrmBackend` over HubSpot contacts. Use `HubSpotCrm.connect(...)` to get one."""
+    """`CrmBackend` over HubSpot contacts. Use `HubSpotCrm.connect(config)` to get one."""
 
     name = "HubSpot"
 
-    def __init__(self, client: httpx.AsyncClient) -> None:
-        self.client = client
+    def __init__(self, session: aiohttp.ClientSession, base_url: str) -> None:
+        self.session = session
+        self.base_url = base_url.rstrip("/")
 
     @classmethod
     @asynccontextmanager
-    async def connect(cls, base_url: str, token: str) -> AsyncIterator[HubSpotCrm]:
-        headers = {"Authorization": f"Bearer {token}", "Accept": "application/json"}
-        async with httpx.AsyncClient(base_url=base_url.rstrip("/"), headers=headers, timeout=REQUEST_TIMEOUT) as client:
-            yield cls(client)
+    async def connect(cls, config: HubSpotConfig) -> AsyncIterator[HubSpotCrm]:
+        headers = {"Authorization": f"Bearer {config.token}", "Accept": "application/json"}
+        async with http.session(config.timeouts, headers=headers) as session:
+            yield cls(session, config.base_url)
+
+    async def _send(self, method: str, path: str, *, write: bool, **kwargs: Any) -> _Answer:
+        """One request, read in full; transport failures classified as "not sent" or "in doubt"."""
+        try:
+            async with self.session.request(method, self.base_url + path, **kwargs) as response:
+                return _Answer(response.status, response.headers, await response.text())
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            reason = http.describe(exc)
+            if http.never_sent(exc):
+                raise ToolUnavailable(f"not sent: HubSpot cannot be reached ({reason}). Nothing was changed.") from None
+            if write:
+                raise ToolInDoubt(f"HubSpot did not answer ({reason}); the change may or may not have been applied") from None
+            raise ToolUnavailable(f"HubSpot did not answer ({reason}).") from None
 
     async def _call(
         self, method: str, path: str, *, write: bool, allow: tuple[int, ...] = (), **kwargs: Any
     ) -> tuple[int, dict[str, Any]]:
         """One API call -> (status, JSON body). 429 is retried (bounded); a status >= 400 not in `allow` raises."""
         for attempt in range(1, ATTEMPTS + 1):
-            try:
-                response = await self.client.request(method, path, **kwargs)
-            except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
-                raise ToolUnavailable(f"HubSpot cannot be reached ({type(exc).__name__}). Nothing was changed.") from None
-            except httpx.HTTPError as exc:
-                if write:
-                    raise ToolInDoubt(
-                        f"HubSpot did not answer ({type(exc).__name__}); the change may or may not have been applied"
-                    ) from None
-                raise ToolUnavailable(f"HubSpot did not answer ({type(exc).__name__}).") from None
-            if response.status_code != 429:
+            response = await self._send(method, path, write=write, **kwargs)
+            if response.status != 429:
                 self._check_status(response, write=write, allow=allow)
-                return response.status_code, self._body(response, write=write)
+                return response.status, self._body(response, write=write)
             wait = self._retry_after(response, attempt)
             if wait > MAX_RETRY_AFTER or attempt == ATTEMPTS:
                 raise ToolUnavailable(f"HubSpot is rate-limiting us; try again in {wait:g} seconds. Nothing was changed.")
@@ -105,39 +130,36 @@ class HubSpotCrm:
         raise AssertionError("unreachable")
 
     @staticmethod
-    def _retry_after(response: httpx.Response, attempt: int) -> float:
+    def _retry_after(response: _Answer, attempt: int) -> float:
         try:
             return max(0.0, float(response.headers.get("Retry-After", "")))
         except ValueError:
             return float(attempt)
 
     @staticmethod
-    def _body(response: httpx.Response, *, write: bool) -> dict[str, Any]:
-        try:
-            body = response.json()
-        except ValueError:
-            body = None
+    def _body(response: _Answer, *, write: bool) -> dict[str, Any]:
+        body = response.json
         if isinstance(body, dict):
             return body
         if response.is_success and write:
-            raise ToolInDoubt(f"HubSpot answered {response.status_code} with an unreadable body; the change was probably applied")
+            raise ToolInDoubt(f"HubSpot answered {response.status} with an unreadable body; the change was probably applied")
         if response.is_success:
-            raise ToolError(f"HubSpot answered {response.status_code} with an unreadable body.")
+            raise ToolError(f"HubSpot answered {response.status} with an unreadable body.")
         return {}
 
     @staticmethod
-    def _check_status(response: httpx.Response, *, write: bool, allow: tuple[int, ...]) -> None:
-        status = response.status_code
+    def _check_status(response: _Answer, *, write: bool, allow: tuple[int, ...]) -> None:
+        status = response.status
         if status in (401, 403):
             raise ToolUnavailable(
-                f"HubSpot refused our token ({status}: {_message(response)}). Check HUBSPOT_TOKEN and its scopes."
+                f"HubSpot refused our token ({status}: {response.message()}). Check HUBSPOT_TOKEN and its scopes."
             )
         if status >= 500:
             if write:
                 raise ToolInDoubt(f"HubSpot failed with {status}; the change may or may not have been applied")
             raise ToolUnavailable(f"HubSpot failed with {status}. Try again later.")
         if status >= 400 and status not in allow:
-            raise ToolError(f"HubSpot rejected the request ({status}): {_message(response)}")
+            raise ToolError(f"HubSpot rejected the request ({status}): {response.message()}")
 
     async def _search(self, body: dict[str, Any]) -> list[Lead]:
         _, answer = await self._call("POST", f"{CONTACTS}/search", write=False, json={**body, "properties": list(PROPERTIES)})

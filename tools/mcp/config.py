@@ -27,7 +27,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from bot.core.errors import ConfigError
+from tools.errors import ToolConfigError
 
 VARIABLE = "CHATOPS_MCP_CONFIG"
 _REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
@@ -98,7 +98,7 @@ def _expand(value: Any, where: str) -> Any:
 
         def lookup(match: re.Match[str]) -> str:
             if match.group(1) not in os.environ:
-                raise ConfigError(VARIABLE, f"{where} uses ${{{match.group(1)}}}, which is not set in the environment")
+                raise ToolConfigError(VARIABLE, f"{where} uses ${{{match.group(1)}}}, which is not set in the environment")
             return os.environ[match.group(1)]
 
         return _REFERENCE.sub(lookup, value)
@@ -119,12 +119,12 @@ def _describe(error: dict[str, Any]) -> str:
 
 
 def parse_config(data: Any, *, source: str = "the MCP configuration") -> McpConfig:
-    """Validate already-loaded JSON. Raises ConfigError naming the server and key at fault."""
+    """Validate already-loaded JSON. Raises ToolConfigError naming the server and key at fault."""
     try:
         config = McpConfig.model_validate(data)
     except ValidationError as exc:
         problems = "; ".join(_describe(e) for e in exc.errors(include_url=False)[:3])
-        raise ConfigError(VARIABLE, f"({source}) is invalid: {problems}") from None
+        raise ToolConfigError(VARIABLE, f"({source}) is invalid: {problems}") from None
     for name, server in config.servers.items():
         for key in ("command", "args", "env", "cwd", "url", "headers"):
             setattr(server, key, _expand(getattr(server, key), f"({source}) server {name!r}: key {key!r}"))
@@ -136,7 +136,9 @@ def load_config(path: Path) -> McpConfig:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except OSError as exc:
-        raise ConfigError(VARIABLE, f"cannot be read ({path}: {exc.strerror or exc})") from None
+        raise ToolConfigError(VARIABLE, f"cannot be read ({path}: {exc.strerror or exc})") from None
     except json.JSONDecodeError as exc:
-        raise ConfigError(VARIABLE, f"({path}) is not valid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}") from None
+        raise ToolConfigError(
+            VARIABLE, f"({path}) is not valid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}"
+        ) from None
     return parse_config(data, source=str(path))

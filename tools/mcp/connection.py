@@ -10,6 +10,7 @@ A stdio server's stderr is read through a pipe: logged at DEBUG, its last line e
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import math
 import os
@@ -71,12 +72,42 @@ class _WatchedStream:
         await self.aclose()
 
 
+def call_key(tool: str, arguments: Any) -> str:
+    """How a `tools/call` is recognised in the transport: the tool's name and its canonical arguments."""
+    return json.dumps([tool, arguments], sort_keys=True, ensure_ascii=False)
+
+
+class UnsentCalls(httpx2.AsyncHTTPTransport):
+    """An HTTP transport that notes each `tools/call` whose POST failed while connecting: it was never sent.
+
+    The SDK turns any transport failure into a closed connection; this is how a caller can still
+    tell "the call never left" (not sent) from "the call was sent and the answer lost" (in doubt).
+    """
+
+    def __init__(self, unsent: list[str], **options: Any) -> None:
+        super().__init__(**options)
+        self._unsent = unsent
+
+    async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
+        try:
+            return await super().handle_async_request(request)
+        except (httpx2.ConnectError, httpx2.ConnectTimeout):
+            try:
+                message = json.loads(request.content or b"null")
+            except ValueError:
+                message = None
+            if isinstance(message, dict) and message.get("method") == "tools/call":
+                params = message.get("params") or {}
+                self._unsent.append(call_key(str(params.get("name")), params.get("arguments") or {}))
+            raise
+
+
 @asynccontextmanager
-async def _transport(config: ServerConfig, errlog: IO[str] | None, lost: asyncio.Event) -> AsyncIterator[Any]:
+async def _transport(config: ServerConfig, errlog: IO[str] | None, lost: asyncio.Event, unsent: list[str]) -> AsyncIterator[Any]:
     if config.url is not None:
         timeout = httpx2.Timeout(30.0, read=300.0)
         async with (
-            httpx2.AsyncClient(headers=config.headers, timeout=timeout) as http,
+            httpx2.AsyncClient(headers=config.headers, timeout=timeout, transport=UnsentCalls(unsent)) as http,
             streamable_http_client(config.url, http_client=http) as (read, write),
         ):
             yield _WatchedStream(read, lost), write
@@ -151,6 +182,7 @@ class Connection:
         self.state = "new"  # connecting, up, down (reconnecting), failed (at start-up), closed
         self.problem: str | None = None
         self.connects = 0
+        self.unsent: list[str] = []  # `call_key`s of calls that failed to connect (HTTP servers only)
         self._lost = asyncio.Event()
         self._closing = asyncio.Event()
         self._changed = asyncio.Condition()
@@ -162,6 +194,14 @@ class Connection:
         self._first = asyncio.get_running_loop().create_future()
         self._task = asyncio.create_task(self._supervise(), name=f"mcp:{self.name}")
         return await self._first
+
+    def never_sent(self, tool: str, arguments: Any) -> bool:
+        """True (once) when this call's HTTP request failed while connecting: the server never saw it."""
+        key = call_key(tool, arguments)
+        if key in self.unsent:
+            self.unsent.remove(key)
+            return True
+        return False
 
     def lost(self) -> None:
         """A caller saw the connection close: reconnect now."""
@@ -206,7 +246,9 @@ class Connection:
     async def _session(self, errlog: IO[str]) -> None:
         scope = anyio.CancelScope(deadline=anyio.current_time() + self.connect_timeout)
         with scope:
-            async with Client(_transport(self.config, errlog, self._lost), cache=None, client_info=CLIENT_INFO) as client:
+            async with Client(
+                _transport(self.config, errlog, self._lost, self.unsent), cache=None, client_info=CLIENT_INFO
+            ) as client:
                 tools: list[mcp_types.Tool] = []
                 cursor: str | None = None
                 for _ in range(MAX_PAGES):

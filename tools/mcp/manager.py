@@ -9,8 +9,9 @@ exited in one task. Tool calls come from other tasks and only send requests on t
 - A server that dies later (process exit, broken HTTP transport) is reconnected in the
   background with exponential backoff and jitter. Meanwhile its tools answer `ToolUnavailable`.
 - A call never is re-sent. A connection lost during a write is `ToolInDoubt`; during a read,
-  `ToolUnavailable`. Every call has a timeout (CHATOPS_TOOL_TIMEOUT); a write that times out is
-  in doubt too. Protocol errors (unknown tool, invalid params) are `ToolError`: nothing ran.
+  `ToolUnavailable`. Over HTTP, a call whose request failed while connecting was never sent:
+  `ToolUnavailable` ("not sent"), for a write too. Every call has `call_timeout` (the app sets
+  it below CHATOPS_TOOL_TIMEOUT); a write that times out is in doubt too. Protocol errors (unknown tool, invalid params) are `ToolError`: nothing ran.
 - Tools and their classification are fixed at start-up; a reconnection does not change them.
 """
 
@@ -43,9 +44,16 @@ class McpManager:
     """All configured MCP servers. `start()` once, `close()` once."""
 
     def __init__(
-        self, config: McpConfig, *, connect_timeout: float = 30.0, backoff_initial: float = 1.0, backoff_max: float = 60.0
+        self,
+        config: McpConfig,
+        *,
+        call_timeout: float = 50.0,
+        connect_timeout: float = 30.0,
+        backoff_initial: float = 1.0,
+        backoff_max: float = 60.0,
     ) -> None:
         self.config = config
+        self.call_timeout = call_timeout
         self.problems: dict[str, str] = {}
         self._connections = {
             name: Connection(
@@ -62,7 +70,7 @@ class McpManager:
 
     @classmethod
     def from_file(cls, path: Path, **options: Any) -> McpManager:
-        """A manager for the servers in the CHATOPS_MCP_CONFIG file. Raises ConfigError."""
+        """A manager for the servers in the CHATOPS_MCP_CONFIG file. Raises ToolConfigError."""
         return cls(load_config(Path(path)), **options)
 
     def connection(self, server: str) -> Connection:
@@ -103,12 +111,16 @@ class McpManager:
                 f"The MCP server {server} is down ({connection.problem or 'reconnecting'}); "
                 "it is being reconnected. Nothing was run; try again later."
             )
-        timeout = ctx.settings.tool_timeout
+        timeout = self.call_timeout
         try:
             result = await client.call_tool(tool, args, read_timeout_seconds=timeout)
         except MCPError as exc:
             if exc.code == mcp_types.CONNECTION_CLOSED:
                 connection.lost()
+                if connection.never_sent(tool, args):
+                    raise ToolUnavailable(
+                        f"not sent: the MCP server {server} cannot be reached; {tool} did not run. Try again once it is back."
+                    ) from None
                 if write:
                     raise ToolInDoubt(
                         f"the MCP server {server} disconnected during the call; {tool} may or may not have run"
