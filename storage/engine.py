@@ -2,30 +2,36 @@
 the async engine the bot runs on, the sync engine the CLI and Alembic use, and the one retry
 layer for transient database faults.
 
-SQLite runs off the event loop (aiosqlite: one thread per connection), in WAL mode with
-`synchronous=FULL`. Write transactions take `BEGIN IMMEDIATE` (a read-then-write never fails
-with SQLITE_BUSY half-way); read transactions take a plain `BEGIN` and never wait for the write
-lock. Work a platform is waiting on (an ack) waits at most `URGENT_LOCK_WAIT` for the lock and
-then fails, so the platform redelivers; background work waits longer and is retried.
-PostgreSQL: psycopg 3, native asyncio.
+SQLite, in WAL mode with `synchronous=FULL`: the event loop never waits on SQLite's lock. A write
+transaction takes `BEGIN IMMEDIATE` without any busy wait (`busy_timeout=0`); while another
+connection or process holds the lock, the attempt is repeated with `asyncio.sleep` between tries,
+so every other coroutine keeps running. Work a platform is waiting on (an ack) gives up after
+`URGENT_LOCK_WAIT` (`LockBusy`: the adapter answers 503 and the platform redelivers); background
+work waits longer and is then retried by the retry layer. Read transactions take a plain `BEGIN`
+and never wait for the write lock (WAL readers neither block nor are blocked). Once the lock is
+held, statements run inline: they take microseconds, and a transaction body never suspends, so
+the thread hand-offs of an async driver would only slow every transaction down (measured in
+`benchmarks/`). PostgreSQL: psycopg 3, native asyncio.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+from sqlalchemy.orm import Session, sessionmaker
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_delay, wait_exponential_jitter
 
-SQLITE_BUSY_TIMEOUT_MS = 5_000
-URGENT_BUSY_TIMEOUT_MS = 1_000
+SQLITE_BUSY_TIMEOUT_MS = 5_000  # the CLI's sync engine (Alembic, audit commands): plain busy waits are fine there
 URGENT_LOCK_WAIT = 1.0
+BACKGROUND_LOCK_WAIT = 10.0
+LOCK_POLL_FIRST, LOCK_POLL_MAX = 0.001, 0.02
 BACKGROUND_CONNECTIONS = 8
 RETRY_DEADLINE = 60.0
 URGENT_RETRY_DEADLINE = 0.5
@@ -66,7 +72,7 @@ def is_transient(exc: BaseException) -> bool:
     """True for faults that a fresh attempt of the same transaction can get past: a dropped or
     terminated connection, a lock or busy timeout, a serialization failure, a read-only or
     locked SQLite file, a pool checkout timeout."""
-    if isinstance(exc, sa.exc.TimeoutError | ConnectionError):
+    if isinstance(exc, sa.exc.TimeoutError | ConnectionError | LockBusy):
         return True
     if isinstance(exc, sa.exc.DBAPIError):
         if exc.connection_invalidated:
@@ -78,80 +84,104 @@ def is_transient(exc: BaseException) -> bool:
     return False
 
 
-def _sqlite_connect_listeners(sync_engine: sa.Engine) -> None:
+def _sqlite_connect_listeners(sync_engine: sa.Engine, busy_timeout_ms: int = SQLITE_BUSY_TIMEOUT_MS) -> None:
     @sa.event.listens_for(sync_engine, "connect")
-    def _on_connect(dbapi_conn: Any, record: Any) -> None:
+    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
         # Take transaction control away from the driver so BEGIN is ours to emit.
         dbapi_conn.isolation_level = None
         cur = dbapi_conn.cursor()
         cur.execute("PRAGMA journal_mode=WAL")
         cur.execute("PRAGMA synchronous=FULL")
-        cur.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+        cur.execute(f"PRAGMA busy_timeout={busy_timeout_ms}")
         cur.execute("PRAGMA foreign_keys=ON")
         cur.close()
-        record.info["busy_ms"] = SQLITE_BUSY_TIMEOUT_MS
 
     @sa.event.listens_for(sync_engine, "begin")
     def _on_begin(conn: sa.Connection) -> None:
-        options = conn.get_execution_options()
-        busy = int(options.get("chatops_busy_ms", SQLITE_BUSY_TIMEOUT_MS))
-        info = conn.connection.info
-        if info.get("busy_ms") != busy:
-            conn.exec_driver_sql(f"PRAGMA busy_timeout={busy}")
-            info["busy_ms"] = busy
-        conn.exec_driver_sql("BEGIN" if options.get("chatops_read") else "BEGIN IMMEDIATE")
+        conn.exec_driver_sql("BEGIN" if conn.get_execution_options().get("chatops_read") else "BEGIN IMMEDIATE")
 
 
-def make_sync_engine(urls: DatabaseUrls) -> sa.Engine:
-    """A synchronous engine for the CLI and for migrations."""
+def make_sync_engine(urls: DatabaseUrls, *, busy_timeout_ms: int = SQLITE_BUSY_TIMEOUT_MS) -> sa.Engine:
+    """A synchronous engine: the CLI and migrations (busy waits allowed), and the bot on SQLite
+    (`busy_timeout_ms=0`: the bot waits for the lock asynchronously, see `Database`)."""
     if urls.is_sqlite:
-        engine = sa.create_engine(urls.sync_url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000})
-        _sqlite_connect_listeners(engine)
+        engine = sa.create_engine(urls.sync_url, connect_args={"timeout": busy_timeout_ms / 1000}, pool_size=4, max_overflow=8)
+        _sqlite_connect_listeners(engine, busy_timeout_ms)
         return engine
     return sa.create_engine(urls.sync_url, pool_pre_ping=True)
 
 
 def make_async_engine(urls: DatabaseUrls) -> AsyncEngine:
-    """The engine the running bot uses."""
-    if urls.is_sqlite:
-        engine = create_async_engine(
-            urls.async_url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000}, pool_size=8, max_overflow=8
-        )
-        _sqlite_connect_listeners(engine.sync_engine)
-        return engine
-    # No pre-ping round trip per checkout: a connection found dead fails its attempt, the pool
-    # replaces it and the retry layer runs the transaction again.
+    """The engine the running bot uses on PostgreSQL (and any other async-capable backend).
+
+    No pre-ping round trip per checkout: a connection found dead fails its attempt, the pool
+    replaces it and the retry layer runs the transaction again."""
     return create_async_engine(urls.async_url, pool_size=20, max_overflow=40, pool_recycle=1800, pool_timeout=10)
 
 
 class LockBusy(Exception):
-    """The SQLite write lock stayed busy longer than an ack may wait (the platform redelivers)."""
+    """The SQLite write lock stayed busy longer than the caller may wait (an ack: the platform redelivers)."""
+
+
+def _locked(exc: sa.exc.OperationalError) -> bool:
+    return "locked" in str(exc.orig).lower() or "busy" in str(exc.orig).lower()
+
+
+class InlineSession:
+    """The part of `AsyncSession` the bot uses, over a synchronous SQLite session run inline."""
+
+    def __init__(self, session: Session) -> None:
+        self._session = session
+
+    @property
+    def bind(self) -> Any:
+        return self._session.bind
+
+    @property
+    def info(self) -> dict[str, Any]:
+        return self._session.info
+
+    def add(self, instance: object) -> None:
+        self._session.add(instance)
+
+    async def get(self, entity: Any, ident: Any, **kwargs: Any) -> Any:
+        return self._session.get(entity, ident, **kwargs)
+
+    async def execute(self, statement: Any, params: Any = None, **kwargs: Any) -> Any:
+        return self._session.execute(statement, params, **kwargs)
+
+    async def flush(self) -> None:
+        self._session.flush()
+
+    async def refresh(self, instance: object) -> None:
+        self._session.refresh(instance)
 
 
 class Database:
     """The database handle the bot's components share (through the context, never a global).
 
-    `transaction()` yields an `AsyncSession`; `run(fn)` runs `fn(session)` in a transaction and
-    runs it again, from the start, on a transient fault (the one retry layer).
+    `transaction()` yields an `AsyncSession` (PostgreSQL) or an `InlineSession` (SQLite); both
+    offer `get`, `execute`, `add`, `flush`, `refresh`, `info` and `bind`. `run(fn)` runs
+    `fn(session)` in a transaction and runs it again, from the start, on a transient fault (the
+    one retry layer).
     """
 
     def __init__(self, url: str) -> None:
         self.urls = normalise_url(url)
-        self.engine: AsyncEngine = make_async_engine(self.urls)
+        self._after_commit: dict[str, list[Callable[[], None]]] = {}
         if self.urls.is_sqlite:
-            self._urgent = async_sessionmaker(
-                self.engine.execution_options(chatops_busy_ms=URGENT_BUSY_TIMEOUT_MS), expire_on_commit=False
-            )
-            self._reads = async_sessionmaker(self.engine.execution_options(chatops_read=True), expire_on_commit=False)
-            # SQLite has one writer at a time: our own writers queue here (FIFO, no busy polling);
-            # other processes are waited for by the busy timeout, in the connection's thread.
+            self.sync_engine = make_sync_engine(self.urls, busy_timeout_ms=0)
+            self._sync_sessions = sessionmaker(self.sync_engine, expire_on_commit=False)
+            self._sync_reads = sessionmaker(self.sync_engine.execution_options(chatops_read=True), expire_on_commit=False)
+            self.engine: AsyncEngine | None = None
+            # SQLite has one writer at a time: our own writers queue here (FIFO); other processes
+            # are waited for by polling (`_begin_sqlite`), never by a busy wait on the loop.
             self._write_lock: asyncio.Lock | None = asyncio.Lock()
         else:
-            self._urgent = async_sessionmaker(self.engine, expire_on_commit=False)
-            self._reads = self._urgent
+            self.engine = make_async_engine(self.urls)
+            self.sync_engine = self.engine.sync_engine
+            self._sessions = async_sessionmaker(self.engine, expire_on_commit=False)
             self._write_lock = None
-        self._sessions = async_sessionmaker(self.engine, expire_on_commit=False)
-        self._after_commit: dict[str, list[Callable[[], None]]] = {}
         # Acks first: background work passes this gate before it reaches the database; the ack
         # paths (`urgent=True`) go straight through, so a burst of runs never makes a platform wait.
         self._background = asyncio.Semaphore(1 if self.urls.is_sqlite else BACKGROUND_CONNECTIONS)
@@ -159,10 +189,6 @@ class Database:
     @property
     def is_sqlite(self) -> bool:
         return self.urls.is_sqlite
-
-    @property
-    def sync_engine(self) -> sa.Engine:
-        return self.engine.sync_engine
 
     def after_audit_commit(self, callback: Callable[[], None]) -> None:
         """Call `callback` after every commit that staged audit rows (the chainer's wake-up)."""
@@ -173,43 +199,78 @@ class Database:
         self._after_commit.setdefault(flag, []).append(callback)
 
     @asynccontextmanager
-    async def transaction(self, *, urgent: bool = False, read: bool = False) -> AsyncIterator[AsyncSession]:
+    async def transaction(self, *, urgent: bool = False, read: bool = False) -> AsyncIterator[Any]:
         """One transaction: committed on success, rolled back on any exception.
 
         `urgent=True` is for work a platform is waiting on (recording a message, a click): it skips
-        the background gate and waits only briefly for SQLite's write lock (`LockBusy`).
-        `read=True` never takes the write lock (SQLite: a deferred `BEGIN`, WAL readers don't block)."""
+        the background gate and waits at most `URGENT_LOCK_WAIT` for SQLite's write lock (`LockBusy`).
+        `read=True` never takes the write lock."""
         if read:
-            async with self._reads() as session, session.begin():
+            async with self._read() as session:
                 yield session
             return
-        if not urgent:
-            async with self._background, self._write(self._sessions) as session:
+        if urgent:
+            async with self._write(URGENT_LOCK_WAIT) as session:
                 yield session
             return
-        async with self._write(self._urgent, wait=URGENT_LOCK_WAIT) as session:
+        async with self._background, self._write(BACKGROUND_LOCK_WAIT) as session:
             yield session
 
     @asynccontextmanager
-    async def _write(self, sessions: async_sessionmaker[AsyncSession], wait: float | None = None) -> AsyncIterator[AsyncSession]:
-        if self._write_lock is not None:
+    async def _read(self) -> AsyncIterator[Any]:
+        if self.engine is not None:
+            async with self._sessions() as session, session.begin():
+                yield session
+            return
+        with self._sync_reads() as sync_session, sync_session.begin():
+            yield InlineSession(sync_session)
+
+    @asynccontextmanager
+    async def _write(self, wait: float) -> AsyncIterator[Any]:
+        if self.engine is not None:
+            async with self._sessions() as session:
+                async with session.begin():
+                    yield session
+                raised = [flag for flag in self._after_commit if session.info.pop(flag, False)]
+        else:
+            assert self._write_lock is not None
+            deadline = asyncio.get_running_loop().time() + wait
             try:
                 async with asyncio.timeout(wait):  # not wait_for: it can lose an acquired lock on 3.11
                     await self._write_lock.acquire()
             except TimeoutError:
                 raise LockBusy("the database is busy") from None
-        try:
-            async with sessions() as session:
-                async with session.begin():
-                    yield session
-
-                raised = [flag for flag in self._after_commit if session.info.pop(flag, False)]
-        finally:
-            if self._write_lock is not None:
+            try:
+                with self._sync_sessions() as sync_session:
+                    await self._begin_sqlite(sync_session, deadline)
+                    with _committing(sync_session):
+                        yield InlineSession(sync_session)
+                    raised = [flag for flag in self._after_commit if sync_session.info.pop(flag, False)]
+            finally:
                 self._write_lock.release()
         for flag in raised:
             for callback in self._after_commit[flag]:
                 callback()
+
+    @staticmethod
+    async def _begin_sqlite(session: Session, deadline: float) -> None:
+        """`BEGIN IMMEDIATE` without a busy wait: while another connection holds the lock, try again
+        after a short async sleep (other coroutines run meanwhile) until `deadline`."""
+        loop = asyncio.get_running_loop()
+        pause = LOCK_POLL_FIRST
+        while True:
+            try:
+                session.begin()
+                session.connection()  # emits BEGIN IMMEDIATE (the "begin" listener)
+                return
+            except sa.exc.OperationalError as exc:
+                session.rollback()
+                if not _locked(exc):
+                    raise
+                if loop.time() + pause > deadline:
+                    raise LockBusy("the database is busy") from None
+                await asyncio.sleep(pause)
+                pause = min(LOCK_POLL_MAX, pause * 2)
 
     def attempts(self, *, urgent: bool = False, deadline: float | None = None) -> AsyncRetrying:
         """The retry policy for one database step (tenacity): transient faults only, bounded backoff."""
@@ -240,4 +301,18 @@ class Database:
         raise AssertionError("unreachable: tenacity re-raises the last error")
 
     async def dispose(self) -> None:
-        await self.engine.dispose()
+        if self.engine is not None:
+            await self.engine.dispose()
+        else:
+            self.sync_engine.dispose()
+
+
+@contextmanager
+def _committing(session: Session) -> Iterator[None]:
+    """Commit the transaction `_begin_sqlite` opened, or roll it back on any exception."""
+    try:
+        yield
+    except BaseException:
+        session.rollback()
+        raise
+    session.commit()
