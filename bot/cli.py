@@ -139,6 +139,12 @@ def build_parser() -> argparse.ArgumentParser:
     anchor = audit.add_parser("anchor", help="print the chain head (seq, hash) to keep outside the database")
     anchor.add_argument("--append", type=Path, help="also append it to this file")
 
+    approval = sub.add_parser("approval", help="inspect approvals").add_subparsers(
+        dest="approval_command", required=True, metavar="ACTION"
+    )
+    shown = approval.add_parser("show", help="one approval's card with every argument in full")
+    shown.add_argument("approval_id", metavar="APPROVAL_ID")
+
     db = sub.add_parser("db", help="database maintenance").add_subparsers(dest="db_command", required=True, metavar="ACTION")
     db.add_parser("upgrade", help="apply schema migrations (also done automatically at start-up)")
     policy = sub.add_parser("policy", help="policy file tools").add_subparsers(
@@ -175,6 +181,11 @@ def run(argv: Sequence[str] | None = None) -> int:
         print(f"database is at revision {current_revision(settings.database_url)}")
         return 0
     url = settings.database_url
+    if args.command == "approval":
+        from bot.cli_approval import approval_show
+
+        approval_show(url, args.approval_id)
+        return 0
     asyncio.run(_chain_audit(url))  # rows a stopped bot staged but did not chain yet
     match args.audit_command:
         case "list":

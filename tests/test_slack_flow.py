@@ -80,7 +80,7 @@ async def test_mention_card_approve_runs_the_tool_updates_the_card_and_answers_i
         ("chatops_view_full", None),
     ]
     value_blocks = [b["text"] for b in pending if b["type"] == "section" and "text" in b]
-    assert {"type": "plain_text", "text": "text:\n│ restart <!channel> *web-1*", "emoji": False} in value_blocks  # exact, inert
+    assert {"type": "plain_text", "text": "▸ text:\n│ restart <!channel> *web-1*", "emoji": False} in value_blocks  # exact, inert
     assert f"<@{ALICE}>" in all_text(pending)
     assert ledger.effects == []
 

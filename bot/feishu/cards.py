@@ -145,9 +145,9 @@ def _full_elements(card: CardView) -> list[tuple[int, int, dict[str, Any]]]:
     """(characters, field index, element) for the panel: every argument complete, in pieces."""
     out: list[tuple[int, int, dict[str, Any]]] = []
     for index, field in enumerate(card.fields):
-        out.append((0, index, _text(f"{field.label}:")))
-        for piece in chunks(quoted(field.value) if field.multiline else field.value, PANEL_PIECE):
-            out.append((len(piece), index, _text(piece)))
+        out.append((0, index, {**_text(f"{field.label}:"), "element_id": f"l{index}"}))
+        for n, piece in enumerate(chunks(quoted(field.value) if field.multiline else field.value, PANEL_PIECE)):
+            out.append((len(piece), index, {**_text(piece), "element_id": f"v{index}_{n}"}))
     return out
 
 
@@ -200,7 +200,7 @@ def _fill_panel(built: dict[str, Any], card: CardView) -> None:
     panel["elements"] = taken
     if left_out:
         notice = _text("⚠️ " + texts.FULL_TOO_LONG.format(more=left_out, approval_id=card.approval_id))
-        taken.append(notice)
+        taken.append({**notice, "element_id": "too_long"})
         elements.insert(elements.index(panel), notice)
 
 

@@ -72,23 +72,20 @@ def slack_date(at: datetime) -> str:
 
 
 def _compact_fields(card: CardView) -> tuple[list[dict[str, Any]], bool]:
-    """The arguments on the card: one-line values as a two-column table, multi-line ones quoted below.
-    Returns the blocks and whether anything was shortened or left to the full view."""
-    one_line = [f for f in card.fields if not f.multiline]
-    multi = [f for f in card.fields if f.multiline]
-    cut_any = len(one_line) > COMPACT_FIELDS or len(multi) > COMPACT_MULTILINE_FIELDS
-    cells: list[dict[str, Any]] = []
-    for field in one_line[:COMPACT_FIELDS]:
+    """The arguments on the card, one section each (`▸ label: value`; multi-line values quoted below
+    the label), values shortened. Returns the blocks and whether anything was shortened or left out."""
+    one_line = [f for f in card.fields if not f.multiline][:COMPACT_FIELDS]
+    multi = [f for f in card.fields if f.multiline][:COMPACT_MULTILINE_FIELDS]
+    cut_any = len(one_line) + len(multi) < len(card.fields)
+    sections: list[dict[str, Any]] = []
+    for field in one_line:
         value, was_cut = shorten(field.value, COMPACT_VALUE)
         cut_any = cut_any or was_cut
-        cells += [plain(field.label + ":", FIELD_LIMIT), plain(value, FIELD_LIMIT)]
-    sections = [
-        {"type": "section", "fields": cells[i : i + FIELDS_PER_SECTION]} for i in range(0, len(cells), FIELDS_PER_SECTION)
-    ]
-    for field in multi[:COMPACT_MULTILINE_FIELDS]:
+        sections.append({"type": "section", "text": plain(f"▸ {field.label}: {value}")})
+    for field in multi:
         value, was_cut = shorten(quoted(field.value), COMPACT_MULTILINE)
         cut_any = cut_any or was_cut
-        sections.append({"type": "section", "text": plain(f"{field.label}:\n{value}")})
+        sections.append({"type": "section", "text": plain(f"▸ {field.label}:\n{value}")})
     return sections, cut_any
 
 
