@@ -163,6 +163,14 @@ def _domain(host: str, found: Findings) -> str:
     return f"{OPEN}IDN {shown}{CLOSE}"
 
 
+def _visible_prefix(host: str) -> str:
+    """The host up to its first invisible or blank character (those are escaped one by one instead)."""
+    for index, char in enumerate(host):
+        if is_hidden(char) or unicodedata.category(char) == "Zs" or char in _SPECIAL:
+            return host[:index]
+    return host
+
+
 def show(value: str, *, one_line: bool = True, found: Findings | None = None) -> str:
     """`value` as the approver must see it: every character accounted for, nothing hidden or forged."""
     found = found if found is not None else Findings()
@@ -171,14 +179,14 @@ def show(value: str, *, one_line: bool = True, found: Findings | None = None) ->
     parts: list[str] = []
     position = 0
     for match in _DOMAIN.finditer(value):
-        host = match["host"]
-        if host.isascii():
+        host = _visible_prefix(match["host"]).rstrip(".")
+        if host.isascii() or "." not in host:
             continue
         parts.append(
             _plain(value[position : match.start()], one_line=one_line, found=found, at_start=position == 0, at_end=False)
         )
         parts.append(_domain(host, found))
-        position = match.end()
+        position = match.start() + len(host)
     parts.append(_plain(value[position:], one_line=one_line, found=found, at_start=position == 0, at_end=True))
     return "".join(parts)
 
