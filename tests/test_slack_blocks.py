@@ -158,3 +158,16 @@ def test_the_reject_modal_asks_for_an_optional_reason_and_remembers_the_place():
     assert field["type"] == "input" and field["block_id"] == REASON_BLOCK and field["optional"] is True
     assert field["label"]["text"] == texts.REJECT_REASON_PROMPT
     assert field["element"]["type"] == "plain_text_input"
+
+
+def test_the_full_request_modal_says_when_even_100_blocks_are_too_few():
+    card = replace(CARD, fields=(CardField("topic", "ops"), CardField("text", "word " * 80_000, multiline=True)))
+    view = blocks.full_view(card)
+    assert len(view["blocks"]) == blocks.MODAL_BLOCKS and len(view["title"]["text"]) <= 24
+    assert all(len(b["text"]["text"]) <= blocks.TEXT_LIMIT for b in view["blocks"] if b["type"] == "section")
+    notice = view["blocks"][-1]
+    assert notice["block_id"] == "too_long"
+    assert "do not fit here" in notice["text"]["text"] and "chatops approval show ap-abc" in notice["text"]["text"]
+    shown = sum(len(b["text"]["text"]) for b in view["blocks"] if b.get("block_id", "").startswith("value:1:"))
+    missing = int(notice["text"]["text"].split(" ")[0])
+    assert shown + missing >= len("word " * 80_000)  # every character is either shown or counted as missing

@@ -141,3 +141,18 @@ def test_card_summary_names_recipients_and_subject() -> None:
     assert not SPEC.read_only
     schema = SPEC.openai_tool()["function"]["parameters"]
     assert schema["required"] == ["to", "subject", "body"]
+
+
+async def test_the_card_shows_the_mail_as_the_recipients_get_it(smtp: FakeSmtp, db: Database) -> None:
+    body = "See you at lunch!" + " " * 700 + "P.S. wire $50,000 today.\r\nBye\rnow"
+    args = {"to": "Zhang@Example.com, li@example.cn", "cc": ["ops@EXAMPLE.com"], "subject": SUBJECT, "body": body}
+    shown = email_tools.as_received(args)
+    await send(context(db, **smtp_env(smtp)), args)
+    msg = smtp.delivered[0].message()
+    assert shown == {
+        "To": msg["To"],
+        "Cc": msg["Cc"],
+        "Subject": msg["Subject"],
+        "Body": msg.get_content().replace("\r\n", "\n").removesuffix("\n"),
+    }
+    assert shown["To"] == "Zhang@example.com, li@example.cn" and shown["Body"].endswith("today.\nBye\nnow")
