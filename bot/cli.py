@@ -211,6 +211,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     page.add_argument("--port", type=int, default=8765, help="port to listen on (default 8765; 0 picks a free one)")
 
+    approval = sub.add_parser("approval", help="inspect approvals").add_subparsers(
+        dest="approval_command", required=True, metavar="ACTION"
+    )
+    shown = approval.add_parser("show", help="one approval's card with every argument in full")
+    shown.add_argument("approval_id", metavar="APPROVAL_ID")
+
     db = sub.add_parser("db", help="database maintenance").add_subparsers(dest="db_command", required=True, metavar="ACTION")
     db.add_parser("upgrade", help="apply schema migrations (also done automatically at start-up)")
     policy = sub.add_parser("policy", help="policy file tools").add_subparsers(
@@ -252,6 +258,11 @@ def run(argv: Sequence[str] | None = None) -> int:
         _rotate_key(settings)
         return 0
     url = settings.database_url
+    if args.command == "approval":
+        from bot.cli_approval import approval_show
+
+        approval_show(url, args.approval_id)
+        return 0
     keys = _cli_keys(settings)
     asyncio.run(_chain_audit(url, keys, verifying=args.audit_command == "verify"))  # rows a stopped bot staged
     match args.audit_command:

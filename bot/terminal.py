@@ -1,6 +1,7 @@
 """The terminal adapter (like Hubot's shell): chat with the bot on stdin/stdout.
 
-Approval cards are printed as text and answered with `approve <id>` or `reject <id> [reason]`.
+Approval cards are printed as text, every argument in full (neutralised by `bot.core.display`), and
+answered with `approve <id>` or `reject <id> [reason]`.
 The conversation key is stable per OS user, so a new `chatops shell` picks up where the last
 one stopped (pending approvals included); `/new` starts a fresh conversation.
 """
@@ -15,7 +16,7 @@ from collections.abc import Awaitable, Callable
 from typing import TextIO
 
 from bot.core import texts
-from bot.core.cards import card_view, status_lines
+from bot.core.cards import card_view, quoted, status_lines
 from bot.core.channels import CardView
 from bot.core.engine import Core
 from bot.core.errors import StorageError
@@ -31,9 +32,14 @@ HELP = """Type a request for the bot, or:
 
 
 def render_card(card: CardView) -> str:
-    """An approval card as plain text."""
+    """An approval card as plain text, every value complete; multi-line values are quoted under their label."""
     lines = [f"┌─ {texts.CARD_TITLE} [{card.approval_id}] ─ {card.tool}", f"│ {card.summary}"]
-    lines += [f"│   {f.label}: {f.value}".replace("\n", "\n│     ") for f in card.fields]
+    for field in card.fields:
+        if field.multiline:
+            lines.append(f"│   {field.label}:")
+            lines += [f"│     {line}" for line in quoted(field.value).split("\n")]
+        else:
+            lines.append(f"│   {field.label}: {field.value}")
     lines += [f"│ ⚠ {w}" for w in card.warnings]
     lines += [f"│ • {p}" for p in card.preview]
     lines.append(f"│ {texts.CARD_WHY.format(reason=card.rule)}")

@@ -10,9 +10,10 @@ import pytest
 
 from bot.core import texts
 from bot.core.approvals import DecisionOutcome
-from bot.core.cards import MAX_FIELDS, card_content
+from bot.core.cards import card_content, card_view
 from bot.core.channels import CardField, CardView
 from bot.feishu.cards import MAX_CARD_BYTES, callback_response, card_size, render_card
+from storage.models import Approval
 
 NOW = datetime(2026, 1, 2, 3, 4, tzinfo=UTC)
 
@@ -50,8 +51,8 @@ def test_pending_card_shows_everything_and_two_buttons():
     shown = "\n".join(plain_texts(card))
     for expected in [
         "Create the CRM lead Zhang San",
-        "name: Zhang San",
-        "email: zs@example.com",
+        "▸ name: Zhang San",
+        "▸ email: zs@example.com",
         "destructive tool",
         "No lead with this e-mail yet",
         texts.CARD_WHY.format(reason="write tool: the requester confirms"),
@@ -95,22 +96,19 @@ def test_user_text_is_never_markdown():
 
 @pytest.mark.parametrize("char", ["x", "中", "\x01", '"'])
 def test_card_stays_under_the_limit_whatever_the_arguments(char):
-    args = {f"arg_{i}": char * 50_000 for i in range(MAX_FIELDS + 5)}
+    args = {f"arg_{i}": char * 50_000 for i in range(15)}
     content = card_content(char * 10_000, args, [char * 9_000] * 9, [char * 9_000] * 9, char * 9_000)
-    card = view(
-        summary=content["summary"],
-        fields=tuple(CardField(f["label"], f["value"]) for f in content["fields"]),
-        warnings=tuple(content["warnings"]),
-        preview=tuple(content["preview"]),
-        rule=content["reason"],
-        status="failed",
-        outcome=char * 600,
-        reason=char * 500,
-    )
-    rendered = render_card(card)
+    approval = Approval(
+        id="ap-big", run_id="r", tool_call_id="c", tool_name="t", args=args, args_sha256="-", platform="feishu",
+        requester_id="ou_x", requester={"id": "ou_x", "name": char * 300}, thread={}, card=content, status="failed",
+        votes=[], expires_at=NOW, created_at=NOW, decision_reason=char * 500, outcome=char * 600,
+    )  # fmt: skip
+    rendered = render_card(card_view(approval))
     assert card_size(rendered) <= MAX_CARD_BYTES < 30 * 1024
     assert len(json.dumps(rendered, ensure_ascii=False).encode()) == card_size(rendered)
-    assert "[cut:" in json.dumps(rendered, ensure_ascii=False)
+    if char != "\x01":  # 50,000 control characters are one short marker each: everything fits
+        assert "do not fit here" in json.dumps(rendered, ensure_ascii=False)  # and says how to see the rest
+        assert f"chatops approval show {approval.id}" in json.dumps(rendered, ensure_ascii=False)
 
 
 def test_small_cards_are_not_cut():

@@ -314,3 +314,17 @@ async def test_policy_check_and_tools_commands(tmp_path):
     code, out, _ = await chatops("tools", env={"CHATOPS_POLICY": str(good)}, cwd=tmp_path)
     lines = {line.split()[0]: line for line in out.splitlines()[1:]}
     assert "deny" in lines["notify_slack"] and "confirm" in lines["search_crm_leads"]
+
+
+def test_deny_bidi_controls_denies_them_anywhere_in_the_arguments_and_only_when_set():
+    from tests.support_tools import notes_toolset
+
+    spec = next(s for s in notes_toolset(Ledger()).specs if s.name == "write_note")
+    strict = parse_policy("[arguments]\ndeny_bidi_controls = true\n", "strict.toml")
+    for args in ({"topic": "a\u2067b", "text": "x"}, {"topic": "ok", "text": ["fine", {"k\u200f": "v"}]}):
+        rule = strict.rule_for(spec, args)
+        assert rule.rule == "deny" and "text-direction controls (U+" in rule.reason
+    assert strict.rule_for(spec, {"topic": "a\u200bb", "text": "zero-width is shown, not denied"}).rule == "confirm"
+    assert parse_policy("", "default.toml").rule_for(spec, {"topic": "a\u202eb", "text": "x"}).rule == "confirm"
+    with pytest.raises(PolicyError, match="deny_bidi"):
+        parse_policy("[arguments]\ndeny_bidi = true\n", "typo.toml")

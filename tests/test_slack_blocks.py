@@ -13,7 +13,7 @@ import pytest
 from bot.core import texts
 from bot.core.channels import CardField, CardView
 from bot.slack import blocks
-from bot.slack.events import APPROVE_ACTION, REASON_BLOCK, REJECT_ACTION, REJECT_VIEW
+from bot.slack.events import APPROVE_ACTION, REASON_BLOCK, REJECT_ACTION, REJECT_VIEW, VIEW_ACTION
 
 EXPIRES = datetime(2030, 1, 2, 3, 4, tzinfo=UTC)
 CARD = CardView(
@@ -51,14 +51,15 @@ def assert_within_limits(rendered: list[dict[str, Any]]) -> None:
             assert all(len(e["text"]["text"]) <= blocks.BUTTON_LIMIT for e in block["elements"])
 
 
-def test_a_pending_card_shows_everything_and_two_buttons():
+def test_a_pending_card_shows_everything_two_decision_buttons_and_the_full_request():
     rendered = blocks.card_blocks(CARD)
     assert_within_limits(rendered)
     assert rendered[0] == {"type": "header", "text": {"type": "plain_text", "text": texts.CARD_TITLE, "emoji": False}}
     assert rendered[1] == {"type": "section", "text": {"type": "plain_text", "text": CARD.summary, "emoji": False}}
     actions = rendered[-1]
     assert actions["type"] == "actions"
-    approve, reject = actions["elements"]
+    approve, reject, full = actions["elements"]
+    assert (full["action_id"], full["value"], full["text"]["text"]) == (VIEW_ACTION, "ap-abc", texts.FULL_REQUEST)
     assert (approve["action_id"], approve["style"], approve["value"], approve["text"]["text"]) == (
         APPROVE_ACTION,
         "primary",
@@ -79,9 +80,9 @@ def test_a_pending_card_shows_everything_and_two_buttons():
 
 def test_argument_values_are_shown_exactly_as_frozen_and_cannot_ping_or_link():
     rendered = blocks.card_blocks(CARD)
-    cells = [f for b in rendered if b["type"] == "section" for f in b.get("fields", [])]
-    assert cells[0] == {"type": "mrkdwn", "text": "*topic*"}
-    assert cells[3] == {"type": "plain_text", "text": CARD.fields[1].value, "emoji": False}
+    sections = [b["text"] for b in rendered if b["type"] == "section"]
+    assert {"type": "plain_text", "text": "▸ topic: ops", "emoji": False} in sections
+    assert {"type": "plain_text", "text": f"▸ text: {CARD.fields[1].value}", "emoji": False} in sections
     mrkdwn = [t["text"] for b in rendered for t in [b.get("text", {}), *b.get("elements", [])] if t.get("type") == "mrkdwn"]
     assert not any(re.search(r"<!(?!date\^)|<http", t) for t in mrkdwn)  # only our own <!date^…> token
 
@@ -99,7 +100,8 @@ def test_huge_cards_are_cut_to_block_kit_limits():
     )
     rendered = blocks.card_blocks(card)
     assert_within_limits(rendered)
-    assert "[cut:" in texts_of(rendered)
+    assert "more characters in the full request" in texts_of(rendered)
+    assert texts.CARD_FULL_SLACK in texts_of(rendered)
     assert rendered[-1]["type"] == "actions"
     assert len(blocks.card_text(card)) <= blocks.TEXT_LIMIT
 
@@ -110,24 +112,24 @@ def test_huge_cards_are_cut_to_block_kit_limits():
         (
             "succeeded",
             {"outcome": "note <!here> stored"},
-            ["Approved by <@U0BOB> at 2030-01-01 00:00 UTC", "Done: note &lt;!here&gt; stored"],
+            ["Approved by bob at 2030-01-01 00:00 UTC", "Done: note <!here> stored"],
         ),
-        ("rejected", {"reason": "<!channel> not now"}, ["Rejected by <@U0BOB>: &lt;!channel&gt; not now"]),
-        ("rejected", {}, ["Rejected by <@U0BOB>"]),
+        ("rejected", {"reason": "<!channel> not now"}, ["Rejected by bob: <!channel> not now"]),
+        ("rejected", {}, ["Rejected by bob"]),
         ("expired", {}, ["Expired at 2030-01-02 03:04 UTC: nothing was run"]),
-        ("failed", {"outcome": "refused"}, ["Approved by <@U0BOB> at 2030-01-01 00:00 UTC", "Failed: refused"]),
+        ("failed", {"outcome": "refused"}, ["Approved by bob at 2030-01-01 00:00 UTC", "Failed: refused"]),
     ],
 )
-def test_a_decided_card_has_no_buttons_and_says_who_decided_and_what_happened(status, extra, expected):
+def test_a_decided_card_has_no_decision_buttons_and_says_who_decided_and_what_happened(status, extra, expected):
     decided = replace(
         CARD, status=status, decided_by="bob", decided_by_id="U0BOB", decided_at=datetime(2030, 1, 1, tzinfo=UTC), **extra
     )
     rendered = blocks.card_blocks(decided)
     assert_within_limits(rendered)
-    assert not [b for b in rendered if b["type"] == "actions"]
-    status_block = rendered[-1]
-    assert status_block == {"type": "section", "text": {"type": "mrkdwn", "text": "\n".join(expected)}}
-    assert blocks.card_text(decided).endswith(expected[-1])
+    assert [e["action_id"] for b in rendered if b["type"] == "actions" for e in b["elements"]] == [VIEW_ACTION]
+    status_block = rendered[-2]  # plain text: user words can neither ping nor format
+    assert status_block == {"type": "section", "text": {"type": "plain_text", "text": "\n".join(expected), "emoji": False}}
+    assert blocks.card_text(decided).endswith(blocks.escape(expected[-1]))
 
 
 def test_the_fallback_text_is_escaped():
@@ -156,3 +158,16 @@ def test_the_reject_modal_asks_for_an_optional_reason_and_remembers_the_place():
     assert field["type"] == "input" and field["block_id"] == REASON_BLOCK and field["optional"] is True
     assert field["label"]["text"] == texts.REJECT_REASON_PROMPT
     assert field["element"]["type"] == "plain_text_input"
+
+
+def test_the_full_request_modal_says_when_even_100_blocks_are_too_few():
+    card = replace(CARD, fields=(CardField("topic", "ops"), CardField("text", "word " * 80_000, multiline=True)))
+    view = blocks.full_view(card)
+    assert len(view["blocks"]) == blocks.MODAL_BLOCKS and len(view["title"]["text"]) <= 24
+    assert all(len(b["text"]["text"]) <= blocks.TEXT_LIMIT for b in view["blocks"] if b["type"] == "section")
+    notice = view["blocks"][-1]
+    assert notice["block_id"] == "too_long"
+    assert "do not fit here" in notice["text"]["text"] and "chatops approval show ap-abc" in notice["text"]["text"]
+    shown = sum(len(b["text"]["text"]) for b in view["blocks"] if b.get("block_id", "").startswith("value:1:"))
+    missing = int(notice["text"]["text"].split(" ")[0])
+    assert shown + missing >= len("word " * 80_000)  # every character is either shown or counted as missing

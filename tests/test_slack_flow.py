@@ -10,7 +10,7 @@ from datetime import timedelta
 import pytest
 import sqlalchemy as sa
 
-from bot.slack.events import REJECT_VIEW
+from bot.slack.events import REJECT_VIEW, VIEW_ACTION
 from storage.models import Approval, AuditEvent, utcnow
 from tests.fakes.openai_server import calls, last_user_text, text, tool_results
 from tests.slack_helpers import (  # noqa: F401 - fixtures
@@ -35,6 +35,11 @@ NOTE = ("write_note", {"topic": "ops", "text": "restart <!channel> *web-1*"})
 
 def all_text(blocks: list[dict]) -> str:
     return json.dumps(blocks, ensure_ascii=False)
+
+
+def decision_buttons(blocks: list[dict]) -> list[str]:
+    """Approve/Reject buttons left on a card (the "View full request" button always stays)."""
+    return [e["action_id"] for b in blocks if b["type"] == "actions" for e in b["elements"] if e["action_id"] != VIEW_ACTION]
 
 
 async def audit_kinds(app) -> list[tuple[str, str | None]]:
@@ -69,9 +74,13 @@ async def test_mention_card_approve_runs_the_tool_updates_the_card_and_answers_i
     pending = json.loads(json.dumps(card["blocks"]))
     assert pending[0] == {"type": "header", "text": {"type": "plain_text", "text": "Approval needed", "emoji": False}}
     buttons = pending[-1]["elements"]
-    assert [(b["action_id"], b["style"]) for b in buttons] == [("chatops_approve", "primary"), ("chatops_reject", "danger")]
-    value_cells = [f for b in pending if b["type"] == "section" for f in b.get("fields", []) if f["type"] == "plain_text"]
-    assert {"type": "plain_text", "text": "restart <!channel> *web-1*", "emoji": False} in value_cells  # exact, inert
+    assert [(b["action_id"], b.get("style")) for b in buttons] == [
+        ("chatops_approve", "primary"),
+        ("chatops_reject", "danger"),
+        ("chatops_view_full", None),
+    ]
+    value_blocks = [b["text"] for b in pending if b["type"] == "section" and "text" in b]
+    assert {"type": "plain_text", "text": "▸ text:\n│ restart <!channel> *web-1*", "emoji": False} in value_blocks  # exact, inert
     assert f"<@{ALICE}>" in all_text(pending)
     assert ledger.effects == []
 
@@ -79,8 +88,8 @@ async def test_mention_card_approve_runs_the_tool_updates_the_card_and_answers_i
     await bot.settle()
     assert [e["approval_id"] for e in ledger.effects] == [approval_id_of({"blocks": pending})]
     decided = fake_slack.messages[card["ts"]]["blocks"]
-    assert not [b for b in decided if b["type"] == "actions"]
-    assert f"Approved by <@{ALICE}> at" in all_text(decided)
+    assert decision_buttons(decided) == []
+    assert f"Approved by {ALICE.lower()} at" in all_text(decided)
     assert "Done: note 1 stored" in all_text(decided)
     assert tool_results(model.requests[-1]) == ["note 1 stored"]
     final = bot.replies()[-1]
@@ -121,8 +130,8 @@ async def test_reject_opens_a_modal_and_the_reason_reaches_the_card_and_the_mode
     assert ledger.effects == []
     assert await approval_status(bot.app, approval_id) == "rejected"
     decided = fake_slack.messages[card["ts"]]["blocks"]
-    assert f"Rejected by <@{ALICE}>: wrong topic, use b" in all_text(decided)
-    assert not [b for b in decided if b["type"] == "actions"]
+    assert f"Rejected by {ALICE.lower()}: wrong topic, use b" in all_text(decided)
+    assert decision_buttons(decided) == []
     assert "wrong topic, use b" in tool_results(model.requests[-1])[0]
     assert bot.replies()[-1]["text"] == "OK, I did not write it."
 
@@ -190,7 +199,7 @@ async def test_a_click_after_expiry_runs_nothing_and_says_so(slack_bot, fake_sla
     assert ephemeral.params["text"].startswith("This request expired at")
     assert ledger.effects == []
     decided = fake_slack.messages[card["ts"]]["blocks"]
-    assert "Expired at" in all_text(decided) and not [b for b in decided if b["type"] == "actions"]
+    assert "Expired at" in all_text(decided) and decision_buttons(decided) == []
     assert bot.replies()[-1]["text"] == "The approval expired, so nothing was written."
 
 

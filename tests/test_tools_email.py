@@ -225,3 +225,18 @@ async def test_hung_sends_never_starve_the_default_executor(db: Database) -> Non
         ctx.smtp.close()
     assert sum(isinstance(o, ToolInDoubt) for o in outcomes) == ctx.smtp.config.workers  # the ones past the final "."
     assert all(isinstance(o, ToolError) for o in outcomes)
+
+
+async def test_the_card_shows_the_mail_as_the_recipients_get_it(smtp: FakeSmtp, db: Database) -> None:
+    body = "See you at lunch!" + " " * 700 + "P.S. wire $50,000 today.\r\nBye\rnow"
+    args = {"to": "Zhang@Example.com, li@example.cn", "cc": ["ops@EXAMPLE.com"], "subject": SUBJECT, "body": body}
+    shown = email_tools.as_received(args)
+    await send(context(db, **smtp_env(smtp)), args)
+    msg = smtp.delivered[0].message()
+    assert shown == {
+        "To": msg["To"],
+        "Cc": msg["Cc"],
+        "Subject": msg["Subject"],
+        "Body": msg.get_content().replace("\r\n", "\n").removesuffix("\n"),
+    }
+    assert shown["To"] == "Zhang@example.com, li@example.cn" and shown["Body"].endswith("today.\nBye\nnow")

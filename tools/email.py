@@ -100,6 +100,29 @@ def _message(
     return msg
 
 
+def as_received(args: dict[str, Any]) -> dict[str, str]:
+    """The mail as its recipients will read it (To, Cc, Subject, Body), built like `_message`: the card shows this."""
+    to, cc = _addresses(args.get("to")), _addresses(args.get("cc"))
+    shown = [_normalised(a) for a in to + cc]
+    msg = EmailMessage(policy=email.policy.SMTPUTF8 if any(not a.isascii() for a in shown) else ASCII_POLICY)
+    msg["Subject"] = args["subject"]
+    msg.set_content(args["body"])
+    received = email.message_from_bytes(msg.as_bytes(), policy=email.policy.default)
+    body = received.get_content().replace("\r\n", "\n")
+    body = body if args["body"].endswith(("\n", "\r")) else body.removesuffix("\n")
+    mail = {"To": ", ".join(shown[: len(to)])}
+    if cc:
+        mail["Cc"] = ", ".join(shown[len(to) :])
+    return {**mail, "Subject": str(received["Subject"]), "Body": body}
+
+
+def _normalised(address: str) -> str:
+    try:
+        return validate_email(address, check_deliverability=False).normalized
+    except EmailNotValidError:
+        return address
+
+
 @toolset.tool(read_only=False, describe=_describe, check=_check)
 async def send_email(
     ctx: ToolContext,

@@ -1,52 +1,173 @@
 """Builds the platform-neutral approval card from a stored approval.
 
 The card's words come from code and the frozen arguments, never from the model's prose.
-Every value is cut to a bounded length with a visible marker, so any platform's limits hold.
+`card_content` stores the frozen call's raw values with the approval; `card_view` turns them
+into display text through `bot.core.display` (nothing invisible, nothing forged, every value
+complete) plus warning lines for whatever was neutralised. A `send_email` call is shown as the
+recipients will read the mail. Renderers shorten values for the compact card with `shorten`
+and show the complete values in the platform's full view (Slack modal, Feishu panel, terminal).
 """
 
 from __future__ import annotations
 
 import json
+import re
+from collections.abc import Callable
 from typing import Any
 
 from bot.core import texts
 from bot.core.channels import CardField, CardView
+from bot.core.display import Findings, one_line, show
+from bot.core.events import Thread
+from storage.engine import Database
 from storage.models import Approval
+from tools.email import as_received
 
-FIELD_LIMIT = 600
-MAX_FIELDS = 10
 SUMMARY_LIMIT = 500
 PREVIEW_LIMIT = 300
+STORED_LINES = 5
+OUTCOME_LIMIT = 600
+MULTILINE_NAMES = frozenset({"body", "text", "message", "content", "description", "notes", "note", "comment", "details"})
+GUTTER = "│ "
+CONTINUED = "↪ "
+_MARKER_START = re.compile(r"⟨[^⟩]*$")
 
 
 def cut(text: str, limit: int) -> str:
-    """`text` if short enough, else its start plus a marker saying how much was cut."""
+    """`text` if short enough, else its start plus a marker saying how much was cut (for non-argument text)."""
     if len(text) <= limit:
         return text
     marker = texts.CARD_TRUNCATED.format(more=len(text) - limit)
     return text[: max(0, limit)] + marker
 
 
-def _show(value: Any) -> str:
-    if isinstance(value, str):
-        return value
-    return json.dumps(value, ensure_ascii=False)
+def shorten(shown: str, limit: int) -> tuple[str, bool]:
+    """A display value cut to about `limit` characters (never inside a `⟨…⟩` marker) and whether it was cut."""
+    if len(shown) <= limit:
+        return shown, False
+    head = shown[: max(0, limit)]
+    if (partial := _MARKER_START.search(head)) is not None:
+        head = head[: partial.start()]
+    return head + texts.CARD_SHORTENED.format(more=len(shown) - len(head)), True
+
+
+def quoted(shown: str) -> str:
+    """A multi-line value with a gutter on every line, so none of its lines can pass for a card line."""
+    return "\n".join(GUTTER + line for line in shown.split("\n"))
+
+
+def _safe_cut(text: str, limit: int) -> int:
+    """A cut position <= limit outside any `⟨…⟩` marker and not next to blank space (platforms trim it)."""
+    cut = limit
+    if (partial := _MARKER_START.search(text, 0, cut)) is not None and partial.start() > 0:
+        cut = partial.start()
+    while cut > 1 and (text[cut - 1].isspace() or text[cut].isspace()):
+        cut -= 1
+    return cut if cut > 1 else limit
+
+
+def chunks(text: str, limit: int) -> list[str]:
+    """`text` over several blocks: split at line breaks where possible, else mid-line with a `↪ ` lead.
+
+    Joining them back: a piece starting with `↪ ` continues the previous line, any other follows a line break.
+    """
+    pieces: list[str] = []
+    while len(text) > limit:
+        newline = text.rfind("\n", 0, limit + 1)
+        if newline > limit // 2:
+            pieces.append(text[:newline])
+            text = text[newline + 1 :]
+            continue
+        cut = _safe_cut(text, limit - len(CONTINUED))
+        pieces.append(text[:cut])
+        text = CONTINUED + text[cut:]
+    pieces.append(text)
+    return pieces
 
 
 def card_content(summary: str, args: dict[str, Any], warnings: list[str], preview: list[str], reason: str) -> dict[str, Any]:
-    """The frozen part of a card, stored with the approval when it is created."""
-    shown = [(k, v) for k, v in args.items() if v is not None]
-    fields = [{"label": k, "value": cut(_show(v), FIELD_LIMIT)} for k, v in shown[:MAX_FIELDS]]
-    if len(shown) > MAX_FIELDS:
-        rest = {k: v for k, v in shown[MAX_FIELDS:]}
-        fields[-1] = {"label": "more arguments", "value": cut(_show(rest), FIELD_LIMIT)}
+    """The frozen part of a card, stored with the approval when it is created: raw values, shown by `card_view`."""
     return {
-        "summary": cut(summary, SUMMARY_LIMIT),
-        "fields": fields,
-        "warnings": [cut(w, PREVIEW_LIMIT) for w in warnings][:5],
-        "preview": [cut(p, PREVIEW_LIMIT) for p in preview][:5],
-        "reason": cut(reason, PREVIEW_LIMIT),
+        "layout": 2,
+        "summary": summary[:5000],
+        "args": args,
+        "warnings": [w[:2000] for w in warnings][:STORED_LINES],
+        "preview": [p[:2000] for p in preview][:STORED_LINES],
+        "reason": reason[:2000],
     }
+
+
+def _json(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False)
+
+
+def _generic(args: dict[str, Any]) -> list[tuple[str, str, bool]]:
+    """(label, raw text, multi-line) for every argument that reaches the tool."""
+    fields = []
+    for name, value in args.items():
+        if value is None:
+            continue
+        if isinstance(value, str):
+            fields.append((name, value, name.lower() in MULTILINE_NAMES))
+        else:
+            fields.append((name, _json(value), False))
+    return fields
+
+
+def _mail(args: dict[str, Any]) -> list[tuple[str, str, bool]]:
+    """A `send_email` call as the mail its recipients will get (the args stay the source of truth)."""
+    return [(label, value, label == "Body") for label, value in as_received(args).items()]
+
+
+PRESENTERS: dict[str, Callable[[dict[str, Any]], list[tuple[str, str, bool]]]] = {"send_email": _mail}
+
+
+def _raw_fields(tool: str, args: dict[str, Any]) -> list[tuple[str, str, bool]]:
+    presenter = PRESENTERS.get(tool)
+    if presenter is not None:
+        try:
+            return presenter(args)
+        except Exception:  # noqa: BLE001 - unusual values: show the arguments themselves
+            pass
+    return _generic(args)
+
+
+def _codes(codes: set[str]) -> str:
+    listed = sorted(codes)
+    more = f" and {len(listed) - 5} more" if len(listed) > 5 else ""
+    return ", ".join(listed[:5]) + more
+
+
+def _warnings(label: str, found: Findings, newlines: bool) -> list[str]:
+    lines = []
+    if found.bidi:
+        lines.append(texts.CARD_WARN_BIDI.format(field=label, codes=_codes(found.bidi)))
+    if found.invisible:
+        lines.append(texts.CARD_WARN_INVISIBLE.format(field=label, codes=_codes(found.invisible)))
+    if found.collapsed:
+        lines.append(texts.CARD_WARN_BLANKS.format(field=label))
+    if newlines:
+        lines.append(texts.CARD_WARN_NEWLINES.format(field=label))
+    lines += [texts.CARD_WARN_DOMAIN.format(field=label, detail=d) for d in found.domains]
+    return lines
+
+
+def shown_fields(tool: str, args: dict[str, Any]) -> tuple[tuple[CardField, ...], list[str]]:
+    """Every argument as display text, complete, and the warnings about what was neutralised."""
+    fields, warnings = [], []
+    for label, raw, multiline in _raw_fields(tool, args):
+        found = Findings()
+        value = show(raw, one_line=not multiline, found=found)
+        shown_label = one_line(label)
+        fields.append(CardField(shown_label, value, multiline))
+        warnings += _warnings(shown_label, found, not multiline and "\n" in raw)
+    return tuple(fields), warnings
+
+
+def _legacy_fields(content: dict[str, Any]) -> tuple[tuple[CardField, ...], list[str]]:
+    """Cards stored before layout 2 kept pre-cut values: show them neutralised."""
+    fields = tuple(CardField(one_line(f["label"]), one_line(f["value"])) for f in content.get("fields", []))
+    return fields, []
 
 
 def _headline(outcome: str) -> str:
@@ -60,29 +181,49 @@ def _headline(outcome: str) -> str:
     return outcome
 
 
+def _line(text: str, limit: int) -> str:
+    return shorten(one_line(text), limit)[0]
+
+
 def card_view(approval: Approval) -> CardView:
     """The card as it should look now, from the approval row."""
     content = approval.card or {}
-    votes = tuple(v.get("name") or v.get("id", "?") for v in (approval.votes or []))
+    if "args" in content:
+        fields, notices = shown_fields(approval.tool_name, content["args"])
+    else:
+        fields, notices = _legacy_fields(content)
+    votes = tuple(one_line(v.get("name") or v.get("id", "?")) for v in (approval.votes or []))
+    requester = (approval.requester or {}).get("name") or approval.requester_id
     return CardView(
         approval_id=approval.id,
-        tool=approval.tool_name,
-        summary=content.get("summary", approval.tool_name),
-        fields=tuple(CardField(f["label"], f["value"]) for f in content.get("fields", [])),
-        requester=(approval.requester or {}).get("name") or approval.requester_id,
+        tool=one_line(approval.tool_name),
+        summary=_line(content.get("summary", approval.tool_name), SUMMARY_LIMIT),
+        fields=fields,
+        requester=one_line(requester),
         requester_id=(approval.requester or {}).get("id", approval.requester_id),
         expires_at=approval.expires_at,
         status=approval.status,
-        rule=content.get("reason", approval.rule),
-        warnings=tuple(content.get("warnings", [])),
-        preview=tuple(content.get("preview", [])),
-        decided_by=approval.decided_by_name,
+        rule=_line(content.get("reason", approval.rule), PREVIEW_LIMIT),
+        warnings=tuple(notices + [_line(w, PREVIEW_LIMIT) for w in content.get("warnings", [])]),
+        preview=tuple(_line(p, PREVIEW_LIMIT) for p in content.get("preview", [])),
+        decided_by=one_line(approval.decided_by_name) if approval.decided_by_name else None,
         decided_by_id=approval.decided_by,
         decided_at=approval.decided_at,
-        reason=approval.decision_reason,
-        outcome=cut(_headline(approval.outcome), FIELD_LIMIT) if approval.outcome else None,
+        reason=_line(approval.decision_reason, PREVIEW_LIMIT) if approval.decision_reason else None,
+        outcome=_line(_headline(approval.outcome), OUTCOME_LIMIT) if approval.outcome else None,
         votes=votes,
     )
+
+
+async def load_card(db: Database, approval_id: str) -> tuple[CardView, Thread] | None:
+    """The current card of an approval and where it was posted (for a full view), or None if unknown."""
+    if not approval_id or len(approval_id) > 40 or "\x00" in approval_id:
+        return None
+    async with db.transaction(urgent=True) as session:
+        approval = await session.get(Approval, approval_id)
+        if approval is None:
+            return None
+        return card_view(approval), Thread.from_dict(approval.thread)
 
 
 def status_lines(card: CardView) -> list[str]:

@@ -15,10 +15,14 @@ from bot.core.events import Thread
 
 @dataclass(frozen=True)
 class CardField:
-    """One argument of the frozen call, already cut to a safe length by the card builder."""
+    """One argument of the frozen call as display text (`bot.core.display.show`): complete, never cut.
+
+    Renderers shorten `value` on the compact card and show it whole in the full view; a
+    `multiline` value keeps its line breaks and is shown with a gutter (`cards.quoted`)."""
 
     label: str
     value: str
+    multiline: bool = False
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from bot.core import texts
+from bot.core.display import BIDI, code
 from bot.core.events import User
 from tools.registry import ToolSpec
 
@@ -105,6 +106,17 @@ def _recipients(args: dict[str, Any], fields: tuple[str, ...]) -> list[str]:
     return found
 
 
+def bidi_in(value: Any) -> set[str]:
+    """The text-direction controls (as `U+XXXX`) anywhere in a JSON-like value, keys included."""
+    if isinstance(value, str):
+        return {code(c) for c in value if c in BIDI}
+    if isinstance(value, dict):
+        return set().union(*(bidi_in(k) | bidi_in(v) for k, v in value.items())) if value else set()
+    if isinstance(value, list | tuple):
+        return set().union(*(bidi_in(v) for v in value)) if value else set()
+    return set()
+
+
 @dataclass
 class Policy:
     """Evaluates access, rules and decisions. The default instance is the built-in policy."""
@@ -115,6 +127,7 @@ class Policy:
     groups: dict[str, tuple[str, ...]] = field(default_factory=dict)
     requests_per_minute: int | None = None
     max_pending_approvals: int | None = None
+    deny_bidi_controls: bool = False
 
     # ---- access ----------------------------------------------------------------
     def tenant_allowed(self, user: User) -> bool:
@@ -152,6 +165,8 @@ class Policy:
     def rule_for(self, spec: ToolSpec, args: dict[str, Any]) -> CallRule:
         """The rule for one call of `spec` with these (validated) arguments."""
         risks: list[str] = ["destructive tool"] if spec.destructive else []
+        if self.deny_bidi_controls and (found := bidi_in(args)):
+            return CallRule("deny", "the arguments contain text-direction controls (" + ", ".join(sorted(found)) + ")")
         entry = self.tool_rule(spec)
         if entry is None:
             if spec.read_only:

@@ -74,9 +74,14 @@ class _Limits(_Strict):
     max_pending_approvals: int | None = Field(None, ge=1)
 
 
+class _Arguments(_Strict):
+    deny_bidi_controls: bool = False
+
+
 class _PolicyFile(_Strict):
     access: _Access = _Access()
     limits: _Limits = _Limits()
+    arguments: _Arguments = _Arguments()
     groups: dict[str, list[str]] = {}
     tools: list[_Tool] = []
 
@@ -161,6 +166,7 @@ def parse_policy(text: str, source: str) -> Policy:
         groups={k: tuple(v) for k, v in data.groups.items()},
         requests_per_minute=data.limits.requests_per_minute,
         max_pending_approvals=data.limits.max_pending_approvals,
+        deny_bidi_controls=data.arguments.deny_bidi_controls,
     )
 
 

@@ -7,9 +7,14 @@ it carries a form: an optional "reject reason" input plus Approve (primary) and 
 typed reason arrives as `action.form_value.reject_reason`.
 
 Everything that came from users or the model is rendered as `plain_text`, never markdown, so
-nobody can inject links or `<at id=all>` into a card. The only markdown is the requester line,
-an `<at>` tag for a well-formed open_id. Feishu refuses cards over 30 KB: `render_card`
-measures the JSON and cuts every value shorter (with a visible marker) until it fits.
+nobody can inject links or `<at id=all>` into a card; values arrive neutralised by
+`bot.core.display` (visible escapes, no line breaks in one-line fields) and argument lines start
+with `▸`, so none can pass for the fixed lines. The only markdown is the requester line, an
+`<at>` tag for a well-formed open_id. The card shows every argument shortened (saying so) and a
+collapsed "Full request" panel (`collapsible_panel`) with every value complete. Feishu refuses
+cards over 30 KB: `render_card` shortens the compact part until the panel has room, fills the
+panel up to the limit and, when even that is not enough, says how much is missing and how to
+see it (`chatops approval show <id>`).
 """
 
 from __future__ import annotations
@@ -20,13 +25,16 @@ from typing import Any
 
 from bot.core import texts
 from bot.core.approvals import DecisionOutcome
-from bot.core.cards import cut, status_lines
+from bot.core.cards import chunks, cut, quoted, shorten, status_lines
 from bot.core.channels import CardView
 
 MAX_CARD_BYTES = 28 * 1024  # Feishu's limit is 30 KB; keep a margin for the request envelope
+NOTICE_RESERVE = 1024  # room kept for the "does not fit" notice (twice)
+MIN_PANEL = 2048  # a compact card leaves at least this much for the full request
+PANEL_PIECE = 1000  # characters per text element in the panel
 REASON_INPUT = "reject_reason"
 _OPEN_ID = re.compile(r"ou_[0-9A-Za-z_-]{1,64}")
-_SHRINK_STEPS = (None, 400, 200, 100, 40, 10)
+_SHRINK_STEPS = (300, 150, 80, 40, 10)
 _COLOURS = {
     "pending": "orange",
     "approved": "blue",
@@ -102,20 +110,66 @@ def _requester(card: CardView) -> dict[str, Any]:
     return _text(texts.CARD_REQUESTED_BY.format(who=card.requester))
 
 
-def _build(card: CardView, limit: int | None) -> dict[str, Any]:
-    def short(value: str) -> str:
-        return value if limit is None else cut(value, limit)
+def _short(text: str, limit: int) -> str:
+    return shorten(text, limit)[0]
 
-    elements: list[dict[str, Any]] = [_text(short(card.summary)), {"tag": "hr"}]
-    elements += [_text(f"{short(field.label)}: {short(field.value)}") for field in card.fields]
-    elements += [_text("⚠️ " + short(warning)) for warning in card.warnings]
+
+def _compact(card: CardView, limit: int) -> tuple[list[dict[str, Any]], bool]:
+    """The arguments on the card, each value shortened to `limit`; and whether anything was."""
+    elements: list[dict[str, Any]] = []
+    shortened = False
+    for field in card.fields:
+        if field.multiline:
+            value, was_cut = shorten(quoted(field.value), limit * 4)
+            elements.append(_text(f"▸ {field.label}:\n{value}"))
+        else:
+            value, was_cut = shorten(field.value, limit)
+            elements.append(_text(f"▸ {field.label}: {value}"))
+        shortened = shortened or was_cut
+    return elements, shortened
+
+
+def _panel(title: str, elements: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "tag": "collapsible_panel",
+        "element_id": "full_request",
+        "expanded": False,
+        "header": {"title": {"tag": "plain_text", "content": title}, "vertical_align": "center"},
+        "border": {"color": "grey", "corner_radius": "5px"},
+        "vertical_spacing": "4px",
+        "elements": elements,
+    }
+
+
+def _full_elements(card: CardView) -> list[tuple[int, int, dict[str, Any]]]:
+    """(characters, field index, element) for the panel: every argument complete, in pieces."""
+    out: list[tuple[int, int, dict[str, Any]]] = []
+    for index, field in enumerate(card.fields):
+        out.append((0, index, {**_text(f"{field.label}:"), "element_id": f"l{index}"}))
+        for n, piece in enumerate(chunks(quoted(field.value) if field.multiline else field.value, PANEL_PIECE)):
+            out.append((len(piece), index, {**_text(piece), "element_id": f"v{index}_{n}"}))
+    return out
+
+
+def _size(element: dict[str, Any]) -> int:
+    return len(json.dumps(element, ensure_ascii=False).encode("utf-8")) + 1
+
+
+def _build(card: CardView, limit: int, *, panel: bool = True) -> dict[str, Any]:
+    fields, shortened = _compact(card, limit)
+    elements: list[dict[str, Any]] = [_text(_short(card.summary, limit * 2)), {"tag": "hr"}, *fields]
+    elements += [_text("⚠️ " + _short(warning, limit * 2)) for warning in card.warnings]
     if card.preview:
-        elements.append(_text("\n".join(short(line) for line in card.preview)))
+        elements.append(_text("\n".join(_short(line, limit) for line in card.preview)))
+    if shortened:
+        elements.append(_text(texts.CARD_FULL_FEISHU))
+    if panel:
+        elements.append(_panel(texts.FULL_PANEL.format(chars=sum(len(f.value) for f in card.fields)), []))
     elements.append({"tag": "hr"})
-    elements.append(_text(texts.CARD_WHY.format(reason=short(card.rule))))
+    elements.append(_text(texts.CARD_WHY.format(reason=card.rule)))
     elements.append(_requester(card))
     elements.append(_text(texts.CARD_EXPIRES.format(at=texts.when(card.expires_at))))
-    elements += [_text(short(line)) for line in status_lines(card)]
+    elements += [_text(_short(line, limit * 2)) for line in status_lines(card)]
     if card.actionable:
         elements.append(_decision_form(card))
     return {
@@ -130,18 +184,39 @@ def _build(card: CardView, limit: int | None) -> dict[str, Any]:
     }
 
 
+def _fill_panel(built: dict[str, Any], card: CardView) -> None:
+    """Put as much of the full request in the panel as the size limit allows; say so if not all of it."""
+    elements = built["body"]["elements"]
+    panel = next(e for e in elements if e.get("tag") == "collapsible_panel")
+    room = MAX_CARD_BYTES - card_size(built) - NOTICE_RESERVE
+    left_out, taken = 0, []
+    for chars, _, element in _full_elements(card):
+        cost = _size(element)
+        if left_out or cost > room:
+            left_out += chars
+            continue
+        room -= cost
+        taken.append(element)
+    panel["elements"] = taken
+    if left_out:
+        notice = _text("⚠️ " + texts.FULL_TOO_LONG.format(more=left_out, approval_id=card.approval_id))
+        taken.append({**notice, "element_id": "too_long"})
+        elements.insert(elements.index(panel), notice)
+
+
 def card_size(card: dict[str, Any]) -> int:
     """Bytes of the card as sent (`content` is the JSON string, UTF-8)."""
     return len(json.dumps(card, ensure_ascii=False).encode("utf-8"))
 
 
 def render_card(card: CardView) -> dict[str, Any]:
-    """The card JSON 2.0 for `card`, guaranteed under `MAX_CARD_BYTES`."""
+    """The card JSON 2.0 for `card`, guaranteed under `MAX_CARD_BYTES`, with the full request in a panel."""
     for limit in _SHRINK_STEPS:
         built = _build(card, limit)
-        if card_size(built) <= MAX_CARD_BYTES:
+        if card_size(built) <= MAX_CARD_BYTES - NOTICE_RESERVE - MIN_PANEL:
+            _fill_panel(built, card)
             return built
-    # Unreachable with `bot.core.cards.card_content`'s caps (10 fields, 5 warnings, 5 preview lines).
+    # Unreachable with `bot.core.cards.card_content`'s caps (5 warnings, 5 preview lines, short labels).
     raise ValueError(f"approval card {card.approval_id} cannot be made small enough")
 
 

@@ -1,25 +1,27 @@
-"""Block Kit rendering: the approval card, the reject-reason modal, and safe message text.
+"""Block Kit rendering: the approval card, the "View full request" and reject-reason modals,
+and safe message text.
 
 What belongs here: turning the platform-neutral `CardView` into Slack blocks, and nothing
-else. Every value that came from the model or a user (arguments, reasons, outcomes) is shown
-as plain text (`emoji: false`) or escaped mrkdwn, so it can neither ping `@channel`, hide a
-link, nor change what the approver reads. Block Kit limits are enforced here even though the
-card builder already cut the values: header <= 150, section text <= 3000, <= 10 fields of
-<= 2000 per section, button text <= 75, <= 50 blocks per message.
+else. Every value that came from the model or a user (arguments, names, reasons, outcomes) is
+shown as plain text (`emoji: false`), never mrkdwn, so it can neither ping `@channel`, hide a
+link, bold a forged line nor change what the approver reads; the only mrkdwn is code-built
+(the requester's `<@U…>` mention, the expiry date). The card shows values shortened (saying
+so); the modal shows every argument complete, split over up to 100 blocks, and says plainly
+when even that is not enough. Block Kit limits: header <= 150, section text <= 3000, <= 10
+fields of <= 2000 per section, button text <= 75, <= 50 blocks per message, 100 per modal.
 """
 
 from __future__ import annotations
 
 import json
 import re
-from dataclasses import replace
 from datetime import datetime
 from typing import Any
 
 from bot.core import texts
-from bot.core.cards import status_lines
+from bot.core.cards import chunks, quoted, shorten, status_lines
 from bot.core.channels import CardView
-from bot.slack.events import APPROVE_ACTION, REASON_BLOCK, REASON_INPUT, REJECT_ACTION, REJECT_VIEW
+from bot.slack.events import APPROVE_ACTION, FULL_VIEW, REASON_BLOCK, REASON_INPUT, REJECT_ACTION, REJECT_VIEW, VIEW_ACTION
 
 HEADER_LIMIT = 150
 TEXT_LIMIT = 3000
@@ -28,6 +30,12 @@ FIELDS_PER_SECTION = 10
 BUTTON_LIMIT = 75
 MAX_BLOCKS = 50
 MESSAGE_LIMIT = 39_000  # Slack truncates message text at 40,000 characters
+MODAL_BLOCKS = 100
+COMPACT_VALUE = 300  # a one-line value on the card; the modal shows it whole
+COMPACT_MULTILINE = 1500  # a multi-line value (a mail body) on the card
+COMPACT_FIELDS = 10
+COMPACT_MULTILINE_FIELDS = 3
+FIXED_BLOCK = "chatops_fixed"
 
 _USER_MENTION = re.compile(r"&lt;@([UW][A-Z0-9]+)&gt;")
 
@@ -63,91 +71,124 @@ def slack_date(at: datetime) -> str:
     return f"<!date^{int(at.timestamp())}^{{date_short_pretty}} {{time}}|{texts.when(at)}>"
 
 
-def mention(user_id: str | None, fallback: str | None) -> str:
-    """`<@U…>` for a Slack user id, else the escaped name."""
-    if user_id and re.fullmatch(r"[UW][A-Z0-9]+", user_id):
-        return f"<@{user_id}>"
-    return escape(fallback or user_id or "?")
-
-
-def _field_sections(card: CardView) -> list[dict[str, Any]]:
-    """Arguments as a two-column table: the label in bold, the value exactly as frozen."""
-    cells: list[dict[str, Any]] = []
-    for field in card.fields:
-        cells.append(mrkdwn(f"*{escape(field.label)}*", FIELD_LIMIT))
-        cells.append(plain(field.value, FIELD_LIMIT))
-    return [{"type": "section", "fields": cells[i : i + FIELDS_PER_SECTION]} for i in range(0, len(cells), FIELDS_PER_SECTION)]
-
-
-def _status(card: CardView) -> list[str]:
-    """The shared decision/outcome lines, as safe mrkdwn with the decider as a real mention."""
-    shown = replace(
-        card,
-        decided_by=mention(card.decided_by_id, card.decided_by),
-        reason=escape(card.reason) if card.reason else None,
-        outcome=escape(card.outcome) if card.outcome else None,
-    )
-    return status_lines(shown)
+def _compact_fields(card: CardView) -> tuple[list[dict[str, Any]], bool]:
+    """The arguments on the card, one section each (`▸ label: value`; multi-line values quoted below
+    the label), values shortened. Returns the blocks and whether anything was shortened or left out."""
+    one_line = [f for f in card.fields if not f.multiline][:COMPACT_FIELDS]
+    multi = [f for f in card.fields if f.multiline][:COMPACT_MULTILINE_FIELDS]
+    cut_any = len(one_line) + len(multi) < len(card.fields)
+    sections: list[dict[str, Any]] = []
+    for field in one_line:
+        value, was_cut = shorten(field.value, COMPACT_VALUE)
+        cut_any = cut_any or was_cut
+        sections.append({"type": "section", "text": plain(f"▸ {field.label}: {value}")})
+    for field in multi:
+        value, was_cut = shorten(quoted(field.value), COMPACT_MULTILINE)
+        cut_any = cut_any or was_cut
+        sections.append({"type": "section", "text": plain(f"▸ {field.label}:\n{value}")})
+    return sections, cut_any
 
 
 def _status_block(card: CardView) -> dict[str, Any] | None:
-    lines = _status(card)
-    return {"type": "section", "text": mrkdwn("\n".join(lines))} if lines else None
+    lines = status_lines(card)
+    return {"type": "section", "text": plain("\n".join(lines))} if lines else None
+
+
+def _fixed_lines(card: CardView) -> dict[str, Any]:
+    """Why approval, who asked, when it expires: built by code, user text only as plain text."""
+    if card.requester_id and re.fullmatch(r"[UW][A-Z0-9]+", card.requester_id):
+        requested = mrkdwn(texts.CARD_REQUESTED_BY.format(who=f"<@{card.requester_id}>"))
+    else:
+        requested = plain(texts.CARD_REQUESTED_BY.format(who=card.requester))
+    return {
+        "type": "context",
+        "block_id": FIXED_BLOCK,
+        "elements": [
+            plain(texts.CARD_WHY.format(reason=card.rule)),
+            requested,
+            mrkdwn(texts.CARD_EXPIRES.format(at=slack_date(card.expires_at))),
+        ],
+    }
 
 
 def card_blocks(card: CardView) -> list[dict[str, Any]]:
-    """The approval card; buttons only while it is pending."""
+    """The approval card: Approve/Reject while pending, and always a way to see the full request."""
+    fields, shortened = _compact_fields(card)
     blocks: list[dict[str, Any]] = [
         {"type": "header", "text": plain(texts.CARD_TITLE, HEADER_LIMIT)},
         {"type": "section", "text": plain(card.summary)},
-        {"type": "context", "elements": [mrkdwn(f"`{escape(card.tool)}` · {escape(card.approval_id)}")]},
-        *_field_sections(card),
+        {"type": "context", "elements": [plain(f"{card.tool} · {card.approval_id}")]},
+        *fields,
     ]
+    if shortened:
+        blocks.append({"type": "section", "text": plain(texts.CARD_FULL_SLACK)})
     if card.warnings:
         blocks.append({"type": "section", "text": plain("\n".join(f"⚠️ {w}" for w in card.warnings))})
     if card.preview:
         blocks.append({"type": "section", "text": plain("\n".join(f"• {p}" for p in card.preview))})
-    requested = texts.CARD_REQUESTED_BY.format(who=mention(card.requester_id, card.requester))
-    expires = texts.CARD_EXPIRES.format(at=slack_date(card.expires_at))
-    blocks.append(
-        {
-            "type": "context",
-            "elements": [mrkdwn(escape(texts.CARD_WHY.format(reason=card.rule))), mrkdwn(f"{requested} · {expires}")],
-        }
-    )
+    blocks.append(_fixed_lines(card))
     status = _status_block(card)
     if status is not None:
         blocks.append(status)
+    buttons = [_button(texts.FULL_REQUEST, VIEW_ACTION, card.approval_id, None)]
     if card.actionable:
-        blocks.append(
-            {
-                "type": "actions",
-                "block_id": f"chatops_decide:{card.approval_id}"[:255],
-                "elements": [
-                    _button(texts.APPROVE, APPROVE_ACTION, card.approval_id, "primary"),
-                    _button(texts.REJECT, REJECT_ACTION, card.approval_id, "danger"),
-                ],
-            }
-        )
-    if len(blocks) > MAX_BLOCKS:  # cannot happen with a well-built card; keep the buttons and the status
-        blocks = blocks[: MAX_BLOCKS - 2] + blocks[-2:]
+        buttons = [
+            _button(texts.APPROVE, APPROVE_ACTION, card.approval_id, "primary"),
+            _button(texts.REJECT, REJECT_ACTION, card.approval_id, "danger"),
+            *buttons,
+        ]
+    blocks.append({"type": "actions", "block_id": f"chatops_decide:{card.approval_id}"[:255], "elements": buttons})
+    if len(blocks) > MAX_BLOCKS:  # cannot happen with the compact caps; keep the last three (fixed lines, status, buttons)
+        blocks = blocks[: MAX_BLOCKS - 3] + blocks[-3:]
     return blocks
 
 
-def _button(label: str, action_id: str, approval_id: str, style: str) -> dict[str, Any]:
-    return {
-        "type": "button",
-        "text": plain(label, BUTTON_LIMIT),
-        "action_id": action_id,
-        "value": approval_id[:2000],
-        "style": style,
-    }
+def _button(label: str, action_id: str, approval_id: str, style: str | None) -> dict[str, Any]:
+    button = {"type": "button", "text": plain(label, BUTTON_LIMIT), "action_id": action_id, "value": approval_id[:2000]}
+    if style:
+        button["style"] = style
+    return button
 
 
 def card_text(card: CardView) -> str:
     """The notification / screen-reader fallback for the card."""
-    lines = [escape(f"{texts.CARD_TITLE}: {card.summary}"), *_status(card)]
-    return clip("\n".join(lines), TEXT_LIMIT)
+    lines = [f"{texts.CARD_TITLE}: {card.summary}", *status_lines(card)]
+    return clip(escape("\n".join(lines)), TEXT_LIMIT)
+
+
+def full_view(card: CardView) -> dict[str, Any]:
+    """The "View full request" modal: every argument complete, over as many blocks as Slack allows."""
+    head: list[dict[str, Any]] = [
+        {"type": "section", "text": plain(card.summary)},
+        {"type": "context", "elements": [plain(f"{card.tool} · {card.approval_id}")]},
+    ]
+    if card.warnings:
+        head.append({"type": "section", "text": plain("\n".join(f"⚠️ {w}" for w in card.warnings))})
+    head.append(_fixed_lines(card))
+    body: list[dict[str, Any]] = []
+    left_out = 0
+    room = MODAL_BLOCKS - len(head) - 1  # one block kept for the "does not fit" notice
+    for index, field in enumerate(card.fields):
+        pieces = chunks(quoted(field.value) if field.multiline else field.value, TEXT_LIMIT)
+        if left_out or len(body) + 1 + len(pieces) > room:
+            fits = max(0, room - len(body) - 1) if not left_out else 0
+            left_out += sum(len(c) for c in pieces[fits:])
+            pieces = pieces[:fits]
+            if not pieces:
+                continue
+        body.append({"type": "section", "block_id": f"label:{index}", "text": plain(field.label + ":")})
+        body += [{"type": "section", "block_id": f"value:{index}:{n}", "text": plain(piece)} for n, piece in enumerate(pieces)]
+    if left_out:
+        notice = texts.FULL_TOO_LONG.format(more=left_out, approval_id=card.approval_id)
+        body.append({"type": "section", "block_id": "too_long", "text": plain(notice)})
+    return {
+        "type": "modal",
+        "callback_id": FULL_VIEW,
+        "private_metadata": json.dumps({"approval_id": card.approval_id})[:3000],
+        "title": plain(texts.FULL_TITLE, 24),
+        "close": plain("Close", 24),
+        "blocks": head + body,
+    }
 
 
 def reject_modal(approval_id: str, place: dict[str, Any]) -> dict[str, Any]:

@@ -25,6 +25,8 @@ PLATFORM = "slack"
 APPROVE_ACTION = "chatops_approve"
 REJECT_ACTION = "chatops_reject"
 REJECT_VIEW = "chatops_reject_reason"
+VIEW_ACTION = "chatops_view_full"
+FULL_VIEW = "chatops_full_request"
 REASON_BLOCK = "reason"
 REASON_INPUT = "reason"
 

@@ -1,7 +1,8 @@
 """The Bolt listeners: Slack requests in, one core call each, nothing else.
 
 What belongs here: the event listener (a mention or a DM -> `core.accept_message`), the button
-listeners (Approve -> `core.decide`; Reject -> the reason modal), the modal submission
+listeners (Approve -> `core.decide`; Reject -> the reason modal; View full request -> a modal
+with every frozen argument), the modal submission
 (-> `core.decide` with the reason), and the error hook. The app runs with
 `process_before_response=True`, so a listener finishes before Slack gets its answer: an
 acknowledged message is always recorded, and one that could not be recorded (StorageError)
@@ -25,11 +26,12 @@ from slack_bolt.request.async_request import AsyncBoltRequest
 from slack_sdk.web.async_client import AsyncWebClient
 
 from bot.core import texts
+from bot.core.cards import load_card
 from bot.core.engine import Core
 from bot.core.errors import StorageError
 from bot.core.events import DecisionRequest, checked_approval_id
 from bot.slack import events
-from bot.slack.blocks import reject_modal
+from bot.slack.blocks import full_view, reject_modal
 from bot.slack.client import BotIdentity, SlackUnavailable, UserDirectory
 from bot.slack.groups import SlackGroups
 
@@ -59,6 +61,7 @@ class SlackHandlers:
         app.action(events.APPROVE_ACTION)(self.on_approve)
         app.action(events.REJECT_ACTION)(self.on_reject)
         app.view(events.REJECT_VIEW)(self.on_reject_submit)
+        app.action(events.VIEW_ACTION)(self.on_view_full)
         app.event(re.compile(".*"))(self.on_other_event)  # last: any other event is acknowledged, not retried
         app.error(self.on_error)
 
@@ -127,6 +130,20 @@ class SlackHandlers:
             await ack()
         else:
             await ack(response_action="errors", errors={events.REASON_BLOCK: outcome.message})
+
+    async def on_view_full(self, ack: AsyncAck, body: dict[str, Any], action: dict[str, Any]) -> None:
+        """ "View full request": open a modal with every frozen argument, straight from the click's trigger_id."""
+        await ack()
+        self.spawn(self._show_full(body, str(action.get("value") or "")), "slack-full-view")
+
+    async def _show_full(self, body: dict[str, Any], approval_id: str) -> None:
+        place = events.click_place(body)
+        found = await load_card(self.core.ctx.db, approval_id)
+        if found is None or found[1].coords.get("channel") != place.get("channel"):
+            user_id = str((body.get("user") or {}).get("id"))
+            await self._tell(place, user_id, texts.FULL_NOT_FOUND.format(approval_id=approval_id[:40]))
+            return
+        await self._open(str(body.get("trigger_id")), full_view(found[0]))
 
     async def _tell(self, place: dict[str, Any], user_id: str, text: str) -> None:
         if not place.get("channel"):
