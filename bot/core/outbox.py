@@ -90,9 +90,9 @@ class Outbox:
         self.on_card_given_up: list[Any] = []  # callbacks(approval) set by the engine (resume the run)
 
     def kick(self) -> None:
-        """Deliver due jobs now (a tracked background task, coalesced) and wake the delivery loop."""
+        """Deliver due jobs now, in a tracked background task (coalesced); the delivery loop is only
+        for retries and for jobs other replicas left behind."""
         self.ctx.tasks.spawn_coalesced("outbox-deliver", self.deliver_due)
-        self._wake.set()
 
     async def deliver_due(self, limit: int = 50, rounds: int = 20) -> int:
         """Claim and deliver the jobs that are due now (any replica's), in rounds: a job waits for the
