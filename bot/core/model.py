@@ -59,10 +59,13 @@ class ModelClient:
         self._redactor = redactor
         self._client = AsyncOpenAI(api_key=api_key or _PLACEHOLDER_KEY, base_url=base_url, timeout=timeout, max_retries=retries)
 
-    async def complete(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]]) -> ModelReply:
+    async def complete(
+        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]], *, model: str | None = None
+    ) -> ModelReply:
+        """One call; `model` overrides the configured model (a channel's own model)."""
         started = time.perf_counter()
         safe_messages = self._redactor.redact(messages)
-        body: dict[str, Any] = {"model": self.model, "messages": safe_messages}
+        body: dict[str, Any] = {"model": model or self.model, "messages": safe_messages}
         if tools:
             body["tools"] = tools
         try:
@@ -96,7 +99,7 @@ class ModelClient:
             }
         if message.content is None and not calls:
             raise ModelUnavailable("model reply had neither text nor tool calls")
-        return ModelReply(message.content, calls, response.model or self.model, latency_ms, usage)
+        return ModelReply(message.content, calls, response.model or model or self.model, latency_ms, usage)
 
     async def close(self) -> None:
         await self._client.close()

@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from bot.core.channel_setup import ChannelRule, ChannelSetup
 from bot.core.errors import PolicyError
 from bot.core.events import User
 from bot.core.policy import Access, CallRule, Policy, RecipientRule, ToolRule, Verdict
@@ -74,11 +75,21 @@ class _Limits(_Strict):
     max_pending_approvals: int | None = Field(None, ge=1)
 
 
+class _Channel(_Strict):
+    match: str = Field(min_length=1, pattern=r"^[a-z]+:\S+$")
+    tenant: str | None = None
+    language: Literal["en", "zh"] | None = None
+    model: str | None = Field(None, min_length=1)
+    system_prompt: str | None = Field(None, min_length=1)
+    tools: list[str] | None = None
+
+
 class _PolicyFile(_Strict):
     access: _Access = _Access()
     limits: _Limits = _Limits()
     groups: dict[str, list[str]] = {}
     tools: list[_Tool] = []
+    channels: list[_Channel] = []
 
 
 def _line_of(text: str, loc: tuple[Any, ...], value: Any) -> int | None:
@@ -161,6 +172,10 @@ def parse_policy(text: str, source: str) -> Policy:
         groups={k: tuple(v) for k, v in data.groups.items()},
         requests_per_minute=data.limits.requests_per_minute,
         max_pending_approvals=data.limits.max_pending_approvals,
+        channels=tuple(
+            ChannelRule(c.match, c.tenant, c.language, c.model, c.system_prompt, None if c.tools is None else tuple(c.tools))
+            for c in data.channels
+        ),
     )
 
 
@@ -216,6 +231,9 @@ class ReloadingPolicy(Policy):
 
     def group_refs(self, platform: str) -> frozenset[str]:
         return self.current().group_refs(platform)
+
+    def channel_setup(self, platform: str, channel_id: str | None, tenant: str | None = None) -> ChannelSetup:
+        return self.current().channel_setup(platform, channel_id, tenant)
 
     def request_limit(self) -> int | None:
         return self.current().request_limit()

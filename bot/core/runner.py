@@ -13,7 +13,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from bot.core import texts
+from bot.core import channel_setup, texts
 from bot.core.approvals import TERMINAL, model_result
 from bot.core.context import AppContext
 from bot.core.errors import ModelUnavailable
@@ -239,10 +239,15 @@ class Runner:
             if step >= ctx.settings.max_steps:
                 await self._finish(run_id, texts.MAX_STEPS.format(steps=step), status="failed", thread=thread)
                 return
+            setup = channel_setup.for_run(ctx.policy, thread, requester)  # this channel's prompt, model, tools, language
             try:
                 reply = await ctx.model.complete(
-                    [{"role": "system", "content": ctx.settings.system_prompt or SYSTEM_PROMPT}, *messages],
-                    ctx.registry.openai_tools(),
+                    [
+                        {"role": "system", "content": setup.system_prompt or ctx.settings.system_prompt or SYSTEM_PROMPT},
+                        *messages,
+                    ],
+                    setup.openai_tools(ctx.registry),
+                    model=setup.model,
                 )
             except ModelUnavailable as exc:
                 await self._finish(

@@ -11,7 +11,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from bot.core import texts
+from bot.core import channel_setup, texts
 from bot.core.approvals import args_digest, expiry, new_approval_id
 from bot.core.cards import card_content
 from bot.core.context import AppContext
@@ -54,6 +54,7 @@ class ToolCalls:
         proposals: list[tuple[str, PreparedCall, CallRule]] = []
         for call in reply.tool_calls:
             prepared = ctx.registry.prepare(call.name, call.arguments)
+            prepared = channel_setup.refusal(ctx.policy, thread, requester, prepared, ctx.registry) or prepared
             if isinstance(prepared, PreparedCall) and not prepared.spec.read_only:
                 prepared = await ctx.registry.check(tool_ctx, prepared) or prepared
             if isinstance(prepared, CallProblem):

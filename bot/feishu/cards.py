@@ -18,7 +18,7 @@ import json
 import re
 from typing import Any
 
-from bot.core import texts
+from bot.core import i18n, texts
 from bot.core.approvals import DecisionOutcome
 from bot.core.cards import cut, status_lines
 from bot.core.channels import CardView
@@ -50,7 +50,7 @@ _TOASTS = {
 
 
 def _text(content: str) -> dict[str, Any]:
-    return {"tag": "div", "text": {"tag": "plain_text", "content": content}}
+    return {"tag": "div", "text": {"tag": "plain_text", "content": str(content)}}
 
 
 def _button(label: str, kind: str, verb: str, approval_id: str) -> dict[str, Any]:
@@ -61,7 +61,7 @@ def _button(label: str, kind: str, verb: str, approval_id: str) -> dict[str, Any
             {
                 "tag": "button",
                 "name": verb,
-                "text": {"tag": "plain_text", "content": label},
+                "text": {"tag": "plain_text", "content": str(label)},
                 "type": kind,
                 "form_action_type": "submit",
                 "behaviors": [{"type": "callback", "value": {"action": verb, "approval_id": approval_id}}],
@@ -81,7 +81,7 @@ def _decision_form(card: CardView) -> dict[str, Any]:
                 "required": False,
                 "max_length": 500,
                 "width": "fill",
-                "placeholder": {"tag": "plain_text", "content": texts.REJECT_REASON_PROMPT},
+                "placeholder": {"tag": "plain_text", "content": str(texts.REJECT_REASON_PROMPT)},
             },
             {
                 "tag": "column_set",
@@ -112,7 +112,7 @@ def _build(card: CardView, limit: int | None) -> dict[str, Any]:
     if card.preview:
         elements.append(_text("\n".join(short(line) for line in card.preview)))
     elements.append({"tag": "hr"})
-    elements.append(_text(texts.CARD_WHY.format(reason=short(card.rule))))
+    elements.append(_text(texts.CARD_WHY.format(reason=short(texts.localize(card.rule) or ""))))
     elements.append(_requester(card))
     elements.append(_text(texts.CARD_EXPIRES.format(at=texts.when(card.expires_at))))
     elements += [_text(short(line)) for line in status_lines(card)]
@@ -120,9 +120,9 @@ def _build(card: CardView, limit: int | None) -> dict[str, Any]:
         elements.append(_decision_form(card))
     return {
         "schema": "2.0",
-        "config": {"update_multi": True, "summary": {"content": texts.CARD_TITLE}},
+        "config": {"update_multi": True, "summary": {"content": str(texts.CARD_TITLE)}},
         "header": {
-            "title": {"tag": "plain_text", "content": texts.CARD_TITLE},
+            "title": {"tag": "plain_text", "content": str(texts.CARD_TITLE)},
             "subtitle": {"tag": "plain_text", "content": card.tool},
             "template": _COLOURS.get(card.status, "grey"),
         },
@@ -136,9 +136,10 @@ def card_size(card: dict[str, Any]) -> int:
 
 
 def render_card(card: CardView) -> dict[str, Any]:
-    """The card JSON 2.0 for `card`, guaranteed under `MAX_CARD_BYTES`."""
+    """The card JSON 2.0 for `card` in its requester's language, guaranteed under `MAX_CARD_BYTES`."""
     for limit in _SHRINK_STEPS:
-        built = _build(card, limit)
+        with i18n.speaking(card.lang, card.tz):
+            built = _build(card, limit)
         if card_size(built) <= MAX_CARD_BYTES:
             return built
     # Unreachable with `bot.core.cards.card_content`'s caps (10 fields, 5 warnings, 5 preview lines).
@@ -150,7 +151,7 @@ def callback_response(outcome: DecisionOutcome) -> dict[str, Any]:
 
     A refused click (not allowed) changes nothing, so it gets the toast only.
     """
-    toast = {"type": _TOASTS.get(outcome.kind, "info"), "content": cut(outcome.message, 300)}
+    toast = {"type": _TOASTS.get(outcome.kind, "info"), "content": cut(str(outcome.message), 300)}
     response: dict[str, Any] = {"toast": toast}
     if outcome.card is not None and outcome.kind != "not_allowed":
         response["card"] = {"type": "raw", "data": render_card(outcome.card)}

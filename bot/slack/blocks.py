@@ -16,7 +16,7 @@ from dataclasses import replace
 from datetime import datetime
 from typing import Any
 
-from bot.core import texts
+from bot.core import i18n, texts
 from bot.core.cards import status_lines
 from bot.core.channels import CardView
 from bot.slack.events import APPROVE_ACTION, REASON_BLOCK, REASON_INPUT, REJECT_ACTION, REJECT_VIEW
@@ -33,7 +33,8 @@ _USER_MENTION = re.compile(r"&lt;@([UW][A-Z0-9]+)&gt;")
 
 
 def clip(text: str, limit: int) -> str:
-    """`text` cut to `limit` characters with a visible marker."""
+    """`text` (rendered in the current language) cut to `limit` characters with a visible marker."""
+    text = str(text)
     if len(text) <= limit:
         return text
     marker = texts.CARD_TRUNCATED.format(more=len(text) - limit)
@@ -42,7 +43,7 @@ def clip(text: str, limit: int) -> str:
 
 def escape(text: str) -> str:
     """Escape the three characters Slack mrkdwn treats as control (`&`, `<`, `>`)."""
-    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    return str(text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
 
 def safe_message(text: str) -> str:
@@ -96,7 +97,12 @@ def _status_block(card: CardView) -> dict[str, Any] | None:
 
 
 def card_blocks(card: CardView) -> list[dict[str, Any]]:
-    """The approval card; buttons only while it is pending."""
+    """The approval card in its requester's language; buttons only while it is pending."""
+    with i18n.speaking(card.lang, card.tz):
+        return _card_blocks(card)
+
+
+def _card_blocks(card: CardView) -> list[dict[str, Any]]:
     blocks: list[dict[str, Any]] = [
         {"type": "header", "text": plain(texts.CARD_TITLE, HEADER_LIMIT)},
         {"type": "section", "text": plain(card.summary)},
@@ -112,7 +118,10 @@ def card_blocks(card: CardView) -> list[dict[str, Any]]:
     blocks.append(
         {
             "type": "context",
-            "elements": [mrkdwn(escape(texts.CARD_WHY.format(reason=card.rule))), mrkdwn(f"{requested} · {expires}")],
+            "elements": [
+                mrkdwn(escape(texts.CARD_WHY.format(reason=texts.localize(card.rule)))),
+                mrkdwn(f"{requested} · {expires}"),
+            ],
         }
     )
     status = _status_block(card)
@@ -146,8 +155,9 @@ def _button(label: str, action_id: str, approval_id: str, style: str) -> dict[st
 
 def card_text(card: CardView) -> str:
     """The notification / screen-reader fallback for the card."""
-    lines = [escape(f"{texts.CARD_TITLE}: {card.summary}"), *_status(card)]
-    return clip("\n".join(lines), TEXT_LIMIT)
+    with i18n.speaking(card.lang, card.tz):
+        lines = [escape(f"{texts.CARD_TITLE}: {card.summary}"), *_status(card)]
+        return clip("\n".join(lines), TEXT_LIMIT)
 
 
 def reject_modal(approval_id: str, place: dict[str, Any]) -> dict[str, Any]:
