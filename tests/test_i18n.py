@@ -13,10 +13,12 @@ from bot.core import i18n, language, texts
 from bot.core.events import User
 from bot.core.policy_file import parse_policy
 from tests.fakes.openai_server import calls, text
-from tests.feishu_helpers import approval_id_of, at_bot, click, fake_feishu, feishu_bot  # noqa: F401 - fixtures
-from tests.slack_helpers import ALICE, card_message, fake_slack_fixture, mention, slack_bot_fixture  # noqa: F401
+from tests.feishu_helpers import approval_id_of, at_bot, click, fake_feishu, feishu_bot
+from tests.slack_helpers import ALICE, card_message, fake_slack_fixture, mention, slack_bot_fixture
 from tests.slack_helpers import click as slack_click
 from tests.support_tools import Ledger, notes_toolset
+
+__all__ = ["fake_feishu", "fake_slack_fixture", "feishu_bot", "slack_bot_fixture"]  # fixtures used by this module
 
 NOTE = ("write_note", {"topic": "ops", "text": "restart web-1"})
 ARTEFACTS = Path(__file__).parent / "artefacts"
