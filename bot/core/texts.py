@@ -93,7 +93,6 @@ NOT_AN_APPROVER = "you are not a listed approver for this action"
 NOW_DENIED = "this action is now denied by policy"
 APPROVER_REVOKED = "{who} may no longer approve this action"
 SOMEONE = "someone"
-TOO_MANY_WAITING = "{who} already has {count} approvals waiting"
 
 # Per-channel setup
 TOOL_NOT_HERE = "The tool {tool} is not available in this channel. Available here: {available}."
