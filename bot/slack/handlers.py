@@ -87,6 +87,8 @@ class SlackHandlers:
             self.spawn(self._post(msg.thread.coords, str(texts.EMPTY_MESSAGE)), "slack-empty-message")
             return
         if (command := commands.parse(msg.text)) is not None:
+            if (request.headers.get("x-slack-retry-num") or ["0"])[0] != "0":
+                return  # answered on the first delivery (commands run before the ack)
             where = commands.Where("slack", msg.channel_id, msg.conversation_key, msg.thread)
             reply = await commands.run(self.core, command, user, where)
             self.spawn(self._answer(command, reply, user, msg.thread.coords), f"slack-{command}")
