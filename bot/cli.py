@@ -84,12 +84,22 @@ async def _serve(settings: Settings, *, force_terminal: bool) -> None:
         await app.stop()
 
 
-async def _tools(settings: Settings) -> None:
+async def _tools(settings: Settings, channel: str | None = None) -> None:
     from bot.app import build_app
+    from bot.core.channel_setup import parse_channel
 
     app = await build_app(settings, migrate=False)
     try:
-        rows = [(s.name, s.source, "read" if s.read_only else "write", app.ctx.policy.describe(s)) for s in app.ctx.registry]
+        specs = list(app.ctx.registry)
+        if channel is not None:
+            platform, channel_id = parse_channel(channel)
+            setup = app.ctx.policy.channel_setup(platform, channel_id)
+            specs = setup.specs(app.ctx.registry)
+            print(
+                f"channel {channel}: model {setup.model or settings.model}, language {setup.language or 'per person'}, "
+                f"system prompt {'own' if setup.system_prompt else 'default'}, {len(specs)} tool(s)"
+            )
+        rows = [(s.name, s.source, "read" if s.read_only else "write", app.ctx.policy.describe(s)) for s in specs]
         widths = [max(len(r[i]) for r in [("tool", "source", "kind", "rule"), *rows]) for i in range(4)]
         print("  ".join(h.ljust(w) for h, w in zip(("tool", "source", "kind", "rule"), widths, strict=True)))
         for row in sorted(rows, key=lambda r: (r[1], r[0])):
@@ -182,7 +192,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     sub.add_parser("serve", help="run every configured channel (the terminal chat when none is configured)")
     sub.add_parser("shell", help="chat with the bot in this terminal")
-    sub.add_parser("tools", help="list every tool with its source, read/write and approval rule")
+    tools = sub.add_parser("tools", help="list every tool with its source, read/write and approval rule")
+    tools.add_argument("--channel", metavar="PLATFORM:CHANNEL", help="only the tools a channel offers, e.g. slack:C0SALES")
+    i18n = sub.add_parser("i18n", help="the gettext catalogues of the bot's texts").add_subparsers(
+        dest="i18n_command", required=True, metavar="ACTION"
+    )
+    i18n.add_parser("sync", help="add new sentences of bot/core/texts.py to every catalogue, drop removed ones")
+    i18n.add_parser("check", help="list untranslated, fuzzy or mismatched sentences (exit 1 if any)")
 
     audit = sub.add_parser("audit", help="read and check the audit trail").add_subparsers(
         dest="audit_command", required=True, metavar="ACTION"
@@ -237,8 +253,18 @@ def run(argv: Sequence[str] | None = None) -> int:
             asyncio.run(_serve(settings, force_terminal=args.command == "shell"))
         return 0
     if args.command == "tools":
-        asyncio.run(_tools(_settings(args)))
+        asyncio.run(_tools(_settings(args), args.channel))
         return 0
+    if args.command == "i18n":
+        from bot import cli_i18n
+        from bot.core.i18n import LANGUAGES
+
+        if args.i18n_command == "sync":
+            for lang in LANGUAGES:
+                print(f"{lang}: {cli_i18n.sync(lang)} sentence(s) added or changed")
+        found = [p for lang in LANGUAGES for p in cli_i18n.problems(lang)]
+        print("\n".join(found) or "every sentence is translated in " + ", ".join(LANGUAGES))
+        return 1 if found else 0
     if args.command == "policy":
         from bot.core.policy_file import load_policy_file
 

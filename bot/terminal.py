@@ -1,7 +1,8 @@
 """The terminal adapter (like Hubot's shell): chat with the bot on stdin/stdout.
 
 Approval cards are printed as text, every argument in full (neutralised by `bot.core.display`), and
-answered with `approve <id>` or `reject <id> [reason]`.
+answered with `approve <id>` or `reject <id> [reason]`; `help`, `pending` and `cancel` (or 帮助, 待审批,
+取消) are the in-chat commands (`bot.core.commands`).
 The conversation key is stable per OS user, so a new `chatops shell` picks up where the last
 one stopped (pending approvals included); `/new` starts a fresh conversation.
 """
@@ -15,24 +16,22 @@ import uuid
 from collections.abc import Awaitable, Callable
 from typing import TextIO
 
-from bot.core import texts
+from bot.core import commands, i18n, language, texts
 from bot.core.cards import card_view, quoted, status_lines
 from bot.core.channels import CardView
 from bot.core.engine import Core
 from bot.core.errors import StorageError
 from bot.core.events import DecisionRequest, IncomingMessage, Thread, User
 
-HELP = """Type a request for the bot, or:
-  approve <id>            approve a pending action
-  reject <id> [reason]    reject it (the reason goes to the assistant)
-  /pending                list actions waiting for a decision
-  /new                    start a new conversation
-  /help                   this help
-  /quit                   leave (Ctrl-D also works)"""
-
 
 def render_card(card: CardView) -> str:
-    """An approval card as plain text, every value complete; multi-line values are quoted under their label."""
+    """An approval card as plain text, in its requester's language, every value complete; multi-line
+    values are quoted under their label."""
+    with i18n.speaking(card.lang, card.tz):
+        return _render_card(card)
+
+
+def _render_card(card: CardView) -> str:
     lines = [f"┌─ {texts.CARD_TITLE} [{card.approval_id}] ─ {card.tool}", f"│ {card.summary}"]
     for field in card.fields:
         if field.multiline:
@@ -42,12 +41,12 @@ def render_card(card: CardView) -> str:
             lines.append(f"│   {field.label}: {field.value}")
     lines += [f"│ ⚠ {w}" for w in card.warnings]
     lines += [f"│ • {p}" for p in card.preview]
-    lines.append(f"│ {texts.CARD_WHY.format(reason=card.rule)}")
+    lines.append(f"│ {texts.CARD_WHY.format(reason=texts.localize(card.rule))}")
     lines.append(
         f"│ {texts.CARD_REQUESTED_BY.format(who=card.requester)} · {texts.CARD_EXPIRES.format(at=texts.when(card.expires_at))}"
     )
     if card.actionable:
-        lines.append(f"└─ type: approve {card.approval_id}   or   reject {card.approval_id} <reason>")
+        lines.append(f"└─ {texts.TERMINAL_CARD_HINT.format(approval_id=card.approval_id)}")
     else:
         lines += [f"│ {line}" for line in status_lines(card)]
         lines.append("└─")
@@ -89,7 +88,9 @@ class TerminalAdapter:
 
     async def update_card(self, thread: Thread, message_id: str, card: CardView) -> None:
         shown = self._shown.setdefault(card.approval_id, set())
-        for line in status_lines(card):
+        with i18n.speaking(card.lang, card.tz):
+            lines = status_lines(card)
+        for line in lines:
             if line not in shown:
                 shown.add(line)
                 self._print(f"bot> [{card.approval_id}] {line}")
@@ -102,28 +103,34 @@ class TerminalAdapter:
             return
         word, _, rest = line.partition(" ")
         command = word.lower()
+        user = language.speak_with(self.core.ctx.policy, self.user, None, text=line)
         if command in ("approve", "reject"):
             approval_id, _, reason = rest.strip().partition(" ")
             if not approval_id:
-                self._print(f"bot> usage: {command} <id>{' [reason]' if command == 'reject' else ''}")
+                usage = f"{command} <id>{' [reason]' if command == 'reject' else ''}"
+                self._print(f"bot> {texts.TERMINAL_USAGE.format(usage=usage)}")
                 return
             outcome = await self.core.decide(
-                DecisionRequest(
-                    approval_id=approval_id, user=self.user, approve=command == "approve", reason=reason.strip() or None
-                )
+                DecisionRequest(approval_id=approval_id, user=user, approve=command == "approve", reason=reason.strip() or None)
             )
             self._print(f"bot> {outcome.message}")
         elif command == "/pending":
             await self.show_pending()
+        elif (chat_command := commands.parse(line)) is not None:
+            where = commands.Where("terminal", None, self.conversation_key)
+            reply = await commands.run(self.core, chat_command, user, where)
+            if chat_command == "help":
+                self._print(str(texts.TERMINAL_HELP))
+            self._print(f"bot> {reply.text}")
+            for card in reply.cards:
+                self._print(render_card(card))
         elif command == "/new":
             self.session = f"{self.user.id}-{uuid.uuid4().hex[:6]}"
-            self._print("bot> new conversation started")
-        elif command == "/help":
-            self._print(HELP)
+            self._print(f"bot> {texts.TERMINAL_NEW}")
         elif command in ("/quit", "/exit"):
             self.quit.set()
         else:
-            await self.send(line)
+            await self.send(line, user)
 
     async def show_pending(self) -> None:
         """Show again, in full, every approval this user asked for that still waits for a decision."""
@@ -133,10 +140,10 @@ class TerminalAdapter:
         for approval in pending:
             self._print(render_card(card_view(approval)))
 
-    async def send(self, text: str) -> None:
+    async def send(self, text: str, user: User | None = None) -> None:
         msg_id = uuid.uuid4().hex
         msg = IncomingMessage(
-            user=self.user,
+            user=user or self.user,
             text=text,
             thread=Thread("terminal", {"session": self.session}),
             conversation_key=self.conversation_key,
@@ -150,7 +157,7 @@ class TerminalAdapter:
     async def run(self, read_line: Callable[[], Awaitable[str]] | None = None) -> None:
         """Read lines until /quit or end of input, then let running work settle."""
         reader = read_line or _stdin_reader()
-        self._print(f"chatops terminal: you are {self.user.label}. /help for commands.")
+        self._print(texts.TERMINAL_WELCOME.format(who=self.user.label))
         await self.show_pending()
         while not self.quit.is_set():
             line = await reader()

@@ -42,6 +42,7 @@ class Redactor:
         return tuple(self._secrets)
 
     def redact_text(self, text: str) -> str:
+        text = str(text)  # a translatable sentence renders in the current language first
         for secret in self._secrets:
             if secret in text:
                 text = text.replace(secret, MASK)

@@ -60,7 +60,9 @@ async def test_a_pending_approval_survives_a_restart(model, tmp_path):
     )
     assert code == 0, err
     (approval_id,) = set(re.findall(r"approve (ap-[a-z0-9]+)", out))
-    assert "Approval needed" in out and "create_crm_lead" in out and "will create a new lead" in out, out
+    assert "需要审批" in out and "create_crm_lead" in out and "will create a new lead" in out, (
+        out
+    )  # a Chinese request: a Chinese card
     assert len(model.requests) == 1
 
     code, out, err = await chatops("shell", stdin=f"approve {approval_id}\n", env=env, cwd=tmp_path)

@@ -34,7 +34,7 @@ async def test_seed_scenario_through_the_terminal(terminal_bot, model, monkeypat
         )
         await bot.say(REQUEST)
         lead_approval, mail_approval = approval_ids(bot.transcript())
-        assert "Approval needed" in bot.transcript() and smtp.attempts == []
+        assert "需要审批" in bot.transcript() and smtp.attempts == []  # a Chinese request: Chinese cards
         await bot.say(f"approve {lead_approval}")
         await bot.say(f"approve {mail_approval}")
 

@@ -13,7 +13,10 @@ Modules:
 - `policy`, `policy_file`, `memberships`  who may use, approve and what;
 - `model`       the OpenAI-compatible client; `context` the explicit dependency bundle;
 - `events`, `channels`  the small types shared with the adapters; `texts` every user-facing
-  sentence; `errors` the operator-facing exception root.
+  sentence, `i18n` its two languages (gettext catalogues in `locales/`, the current language),
+  `language` which language a person gets; `errors` the operator-facing exception root;
+- `commands`  the in-chat commands (help, pending, cancel); `channel_setup` per-channel prompt,
+  model, tools and language.
 
 Import rules (enforced by `tests/test_layout.py`): `bot.core` imports only `bot.core.*`,
 `bot.config`, `storage`, `tools`, the standard library and non-platform libraries. It never

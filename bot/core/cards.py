@@ -34,7 +34,9 @@ _MARKER_START = re.compile(r"⟨[^⟩]*$")
 
 
 def cut(text: str, limit: int) -> str:
-    """`text` if short enough, else its start plus a marker saying how much was cut (for non-argument text)."""
+    """`text` (rendered in the current language) if short enough, else its start plus a marker saying how
+    much was cut (for non-argument text)."""
+    text = str(text)
     if len(text) <= limit:
         return text
     marker = texts.CARD_TRUNCATED.format(more=len(text) - limit)
@@ -212,6 +214,8 @@ def card_view(approval: Approval) -> CardView:
         reason=_line(approval.decision_reason, PREVIEW_LIMIT) if approval.decision_reason else None,
         outcome=_line(_headline(approval.outcome), OUTCOME_LIMIT) if approval.outcome else None,
         votes=votes,
+        lang=(approval.requester or {}).get("lang"),
+        tz=(approval.requester or {}).get("tz"),
     )
 
 
@@ -227,26 +231,26 @@ async def load_card(db: Database, approval_id: str) -> tuple[CardView, Thread] |
 
 
 def status_lines(card: CardView) -> list[str]:
-    """The decision and outcome lines every renderer shows under a decided card."""
+    """The decision and outcome lines every renderer shows under a decided card, in the current
+    language (renderers call this inside `i18n.speaking(card.lang, card.tz)`)."""
     lines: list[str] = []
     who = card.decided_by or "?"
     at = texts.when(card.decided_at) if card.decided_at else "?"
+    reason = texts.localize(card.reason)
     if card.status == "pending" and card.votes:
-        lines.append(texts.VOTE_RECORDED.format(remaining=1).replace("Your approval", "One approval"))
+        lines.append(texts.CARD_VOTE_RECORDED.format(remaining=1))
     if card.status in ("approved", "executing", "succeeded", "failed", "in_doubt"):
         lines.append(texts.CARD_APPROVED.format(who=who, at=at))
     if card.status == "rejected":
         lines.append(
-            texts.CARD_REJECTED.format(who=who, reason=card.reason)
-            if card.reason
-            else texts.CARD_REJECTED_NO_REASON.format(who=who)
+            texts.CARD_REJECTED.format(who=who, reason=reason) if reason else texts.CARD_REJECTED_NO_REASON.format(who=who)
         )
     if card.status == "expired":
         lines.append(texts.CARD_EXPIRED.format(at=texts.when(card.expires_at)))
     if card.status == "cancelled":
-        lines.append(texts.CARD_CANCELLED.format(reason=card.reason or "cancelled"))
+        lines.append(texts.CARD_CANCELLED.format(reason=reason or "-"))
     if card.status == "executing":
-        lines.append(texts.CARD_EXECUTING)
+        lines.append(str(texts.CARD_EXECUTING))
     if card.status == "succeeded":
         lines.append(texts.CARD_SUCCEEDED.format(detail=card.outcome or "ok"))
     if card.status == "failed":

@@ -46,6 +46,8 @@ class CardView:
     reason: str | None = None
     outcome: str | None = None
     votes: tuple[str, ...] = field(default_factory=tuple)
+    lang: str | None = None  # the requester's language: the card renders in it on every replica
+    tz: str | None = None
 
     @property
     def actionable(self) -> bool:

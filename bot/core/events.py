@@ -22,6 +22,8 @@ class User:
     name: str | None = None
     is_bot: bool = False
     groups: tuple[str, ...] = ()
+    lang: str | None = None  # the language the bot speaks with this person here (`bot.core.language`)
+    tz: str | None = None  # their time zone, when the platform tells it (Slack `users.info`)
 
     @property
     def key(self) -> str:

@@ -124,8 +124,11 @@ class ModelClient:
         self._redactor = redactor
         self._client = AsyncOpenAI(api_key=api_key or _PLACEHOLDER_KEY, base_url=base_url, timeout=timeout, max_retries=0)
 
-    async def complete(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]]) -> ModelReply:
-        body: dict[str, Any] = {"model": self.model, "messages": self._redactor.redact(messages)}
+    async def complete(
+        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]], *, model: str | None = None
+    ) -> ModelReply:
+        """One call through the one retry layer; `model` overrides the configured model (a channel's own)."""
+        body: dict[str, Any] = {"model": model or self.model, "messages": self._redactor.redact(messages)}
         if tools:
             body["tools"] = tools
         attempts = AsyncRetrying(

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from bot.core import texts
+from bot.core.channel_setup import ChannelRule, ChannelSetup, effective
 from bot.core.display import BIDI, code
 from bot.core.events import User
 from tools.registry import ToolSpec
@@ -128,6 +129,7 @@ class Policy:
     requests_per_minute: int | None = None
     max_pending_approvals: int | None = None
     deny_bidi_controls: bool = False
+    channels: tuple[ChannelRule, ...] = ()
 
     # ---- access ----------------------------------------------------------------
     def tenant_allowed(self, user: User) -> bool:
@@ -137,18 +139,22 @@ class Policy:
     def may_use(self, user: User, channel_id: str | None) -> Verdict:
         """May this user talk to the bot here? Bots never may."""
         if user.is_bot:
-            return Verdict(False, "bots cannot use chatops")
+            return Verdict(False, str(texts.BOTS_CANNOT_USE))
         if not self.tenant_allowed(user):
-            return Verdict(False, "your workspace or tenant is not allowed")
+            return Verdict(False, str(texts.TENANT_NOT_ALLOWED))
         if any(identity_matches(e, user) for e in self._expand(self.access.deny_users)):
-            return Verdict(False, "you are not allowed to use chatops")
+            return Verdict(False, str(texts.USER_DENIED))
         if self.access.users and not any(identity_matches(e, user) for e in self._expand(self.access.users)):
-            return Verdict(False, "you are not on the list of chatops users")
+            return Verdict(False, str(texts.USER_NOT_LISTED))
         if self.access.channels and channel_id is not None:
             here = f"{user.platform}:{channel_id}"
             if not any(fnmatch.fnmatchcase(here, c) for c in self.access.channels):
-                return Verdict(False, "chatops is not enabled in this channel")
+                return Verdict(False, str(texts.CHANNEL_NOT_ENABLED))
         return Verdict(True)
+
+    def channel_setup(self, platform: str, channel_id: str | None, tenant: str | None = None) -> ChannelSetup:
+        """The per-channel setup (system prompt, model, tools, language) of a channel."""
+        return effective(self.channels, platform, channel_id, tenant)
 
     def request_limit(self) -> int | None:
         """Requests per user per minute (None: unlimited)."""
@@ -164,18 +170,18 @@ class Policy:
 
     def rule_for(self, spec: ToolSpec, args: dict[str, Any]) -> CallRule:
         """The rule for one call of `spec` with these (validated) arguments."""
-        risks: list[str] = ["destructive tool"] if spec.destructive else []
+        risks: list[str] = [str(texts.RISK_DESTRUCTIVE)] if spec.destructive else []
         if self.deny_bidi_controls and (found := bidi_in(args)):
             return CallRule("deny", "the arguments contain text-direction controls (" + ", ".join(sorted(found)) + ")")
         entry = self.tool_rule(spec)
         if entry is None:
             if spec.read_only:
-                return CallRule("auto", "read-only tool", risks=tuple(risks))
-            return CallRule("confirm", "write tool: the requester confirms", risks=tuple(risks))
+                return CallRule("auto", str(texts.RULE_READ_ONLY), risks=tuple(risks))
+            return CallRule("confirm", str(texts.RULE_WRITE_DEFAULT), risks=tuple(risks))
         rule: Rule = entry.rule
-        reason = f"policy rule for {entry.match!r}: {rule}"
+        reason = texts.RULE_FROM_POLICY.format(match=entry.match, rule=rule)
         if rule == "auto" and not spec.read_only and not entry.force:
-            rule, reason = "confirm", f"policy says auto for {entry.match!r}, but it is a write tool (set force = true)"
+            rule, reason = "confirm", texts.RULE_AUTO_WRITE.format(match=entry.match)
         if entry.recipients is not None:
             outside = [
                 a
@@ -183,9 +189,12 @@ class Policy:
                 if a.rpartition("@")[2].lower() not in entry.recipients.allowed_domains
             ]
             if outside:
-                risks.append("external recipients: " + ", ".join(outside[:5]))
+                risks.append(texts.RISK_EXTERNAL_RECIPIENTS.format(addresses=", ".join(outside[:5])))
                 if RULE_STRENGTH[entry.recipients.rule] > RULE_STRENGTH[rule]:
-                    rule, reason = entry.recipients.rule, "recipients outside " + ", ".join(entry.recipients.allowed_domains)
+                    rule, reason = (
+                        entry.recipients.rule,
+                        texts.RULE_RECIPIENTS.format(domains=", ".join(entry.recipients.allowed_domains)),
+                    )
         return CallRule(rule, reason, self._expand(entry.approvers), entry.separate, entry.ttl, tuple(risks))
 
     def group_refs(self, platform: str) -> frozenset[str]:
@@ -206,38 +215,37 @@ class Policy:
     def may_decide(self, rule: CallRule, requester: User, user: User, votes: list[dict[str, Any]]) -> Verdict:
         """May `user` approve or reject a call under `rule` requested by `requester`?"""
         if user.is_bot:
-            return Verdict(False, "bots cannot decide approvals")
+            return Verdict(False, str(texts.BOTS_CANNOT_DECIDE))
         if not self.tenant_allowed(user) or (
             requester.tenant and user.platform == requester.platform and user.tenant != requester.tenant
         ):
-            return Verdict(False, "you belong to another workspace or tenant")
+            return Verdict(False, str(texts.OTHER_TENANT))
         if rule.rule == "deny":
-            return Verdict(False, "this action is denied by policy")
+            return Verdict(False, str(texts.ACTION_DENIED))
         is_requester = user.key == requester.key
         listed = any(identity_matches(e, user) for e in rule.approvers)
         if rule.rule in ("auto", "confirm"):
             if is_requester or listed:
                 return Verdict(True)
-            return Verdict(
-                False, f"only {requester.label}, who asked{', or a listed approver' if rule.approvers else ''}, can decide this"
-            )
+            only = texts.ONLY_REQUESTER_OR_APPROVER if rule.approvers else texts.ONLY_REQUESTER
+            return Verdict(False, only.format(who=requester.label))
         if is_requester and (rule.separate or rule.rule == "two_person"):
-            return Verdict(False, texts.REQUESTER_CANNOT_APPROVE)
+            return Verdict(False, str(texts.REQUESTER_CANNOT_APPROVE))
         if not rule.approvers:
-            return Verdict(False, "no approvers are configured for this action")
+            return Verdict(False, str(texts.NO_APPROVERS))
         if not listed:
-            return Verdict(False, "you are not a listed approver for this action")
+            return Verdict(False, str(texts.NOT_AN_APPROVER))
         return Verdict(True)
 
     def still_authorised(self, rule: CallRule, requester: User, approvers: list[User]) -> Verdict:
         """Re-checked just before execution: enough approving votes must still be allowed."""
         if rule.rule == "deny":
-            return Verdict(False, "this action is now denied by policy")
+            return Verdict(False, str(texts.NOW_DENIED))
         valid = {a.key for a in approvers if self.may_decide(rule, requester, a, []).allowed}
         if len(valid) >= rule.votes_needed:
             return Verdict(True)
         revoked = [a.label for a in approvers if a.key not in valid]
-        return Verdict(False, f"{', '.join(revoked) or 'an approver'} may no longer approve this action")
+        return Verdict(False, texts.APPROVER_REVOKED.format(who=", ".join(revoked) or texts.SOMEONE))
 
     def describe(self, spec: ToolSpec) -> str:
         """The effective rule of a tool (for arguments that trigger no escalation), for `chatops tools`."""

@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from bot.core.channel_setup import ChannelRule, ChannelSetup
 from bot.core.errors import PolicyError
 from bot.core.events import User
 from bot.core.policy import Access, CallRule, Policy, RecipientRule, ToolRule, Verdict
@@ -78,12 +79,22 @@ class _Arguments(_Strict):
     deny_bidi_controls: bool = False
 
 
+class _Channel(_Strict):
+    match: str = Field(min_length=1, pattern=r"^[a-z]+:\S+$")
+    tenant: str | None = None
+    language: Literal["en", "zh"] | None = None
+    model: str | None = Field(None, min_length=1)
+    system_prompt: str | None = Field(None, min_length=1)
+    tools: list[str] | None = None
+
+
 class _PolicyFile(_Strict):
     access: _Access = _Access()
     limits: _Limits = _Limits()
     arguments: _Arguments = _Arguments()
     groups: dict[str, list[str]] = {}
     tools: list[_Tool] = []
+    channels: list[_Channel] = []
 
 
 def _line_of(text: str, loc: tuple[Any, ...], value: Any) -> int | None:
@@ -167,6 +178,10 @@ def parse_policy(text: str, source: str) -> Policy:
         requests_per_minute=data.limits.requests_per_minute,
         max_pending_approvals=data.limits.max_pending_approvals,
         deny_bidi_controls=data.arguments.deny_bidi_controls,
+        channels=tuple(
+            ChannelRule(c.match, c.tenant, c.language, c.model, c.system_prompt, None if c.tools is None else tuple(c.tools))
+            for c in data.channels
+        ),
     )
 
 
@@ -222,6 +237,9 @@ class ReloadingPolicy(Policy):
 
     def group_refs(self, platform: str) -> frozenset[str]:
         return self.current().group_refs(platform)
+
+    def channel_setup(self, platform: str, channel_id: str | None, tenant: str | None = None) -> ChannelSetup:
+        return self.current().channel_setup(platform, channel_id, tenant)
 
     def request_limit(self) -> int | None:
         return self.current().request_limit()

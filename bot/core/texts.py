@@ -1,8 +1,19 @@
-"""Every sentence a user reads, in one place. Adapters and the core format these; none invent their own."""
+"""Every sentence the bot writes, in one place, in English (the gettext source). Adapters and the
+core format these; none invent their own.
+
+Each UPPERCASE constant becomes an `i18n.Text` at import: `texts.NAME` and
+`texts.NAME.format(...)` render in the current language (`i18n.speak`). The translations are in
+`locales/<lang>/LC_MESSAGES/chatops.po` (msgctxt = the constant's name); `tests/test_i18n.py`
+checks that both catalogues hold every constant with the same placeholders.
+"""
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
+from functools import cache
+
+from bot.core import i18n
 
 WORKING = "On it…"
 MODEL_FAILED = "Sorry, the language model is not answering right now, so I did nothing. Please try again in a minute."
@@ -46,6 +57,7 @@ CARD_REJECTED_NO_REASON = "Rejected by {who}"
 CARD_EXPIRED = "Expired at {at}: nothing was run"
 CARD_CANCELLED = "Cancelled: {reason}"
 CARD_EXECUTING = "Running…"
+CARD_VOTE_RECORDED = "One approval is recorded; {remaining} more approval(s) needed."
 CARD_SUCCEEDED = "Done: {detail}"
 CARD_FAILED = "Failed: {detail}"
 CARD_IN_DOUBT = "Outcome unknown: {detail}. Not retried; please check by hand."
@@ -81,6 +93,109 @@ SUPERSEDED = "a newer message arrived in this conversation"
 IN_DOUBT_REPORT = "⚠️ {tool} (approval {approval_id}) was interrupted while running; its outcome is unknown and it was NOT retried. Please check by hand."
 
 
+# Policy: why someone may not use the bot or decide, and why a call needs approval
+BOTS_CANNOT_USE = "bots cannot use chatops"
+TENANT_NOT_ALLOWED = "your workspace or tenant is not allowed"
+USER_DENIED = "you are not allowed to use chatops"
+USER_NOT_LISTED = "you are not on the list of chatops users"
+CHANNEL_NOT_ENABLED = "chatops is not enabled in this channel"
+RISK_DESTRUCTIVE = "destructive tool"
+RISK_EXTERNAL_RECIPIENTS = "external recipients: {addresses}"
+RULE_READ_ONLY = "read-only tool"
+RULE_WRITE_DEFAULT = "write tool: the requester confirms"
+RULE_FROM_POLICY = "policy rule for '{match}': {rule}"
+RULE_AUTO_WRITE = "policy says auto for '{match}', but it is a write tool (set force = true)"
+RULE_RECIPIENTS = "recipients outside {domains}"
+BOTS_CANNOT_DECIDE = "bots cannot decide approvals"
+OTHER_TENANT = "you belong to another workspace or tenant"
+ACTION_DENIED = "this action is denied by policy"
+ONLY_REQUESTER = "only {who}, who asked, can decide this"
+ONLY_REQUESTER_OR_APPROVER = "only {who}, who asked, or a listed approver, can decide this"
+NO_APPROVERS = "no approvers are configured for this action"
+NOT_AN_APPROVER = "you are not a listed approver for this action"
+NOW_DENIED = "this action is now denied by policy"
+APPROVER_REVOKED = "{who} may no longer approve this action"
+SOMEONE = "someone"
+
+# Per-channel setup
+TOOL_NOT_HERE = "The tool {tool} is not available in this channel. Available here: {available}."
+
+# In-chat commands (help / pending / cancel; the Slack /chatops command; the Feishu bot menu)
+HELP_TITLE = "What I can do here (write actions wait for an approval):"
+HELP_LINE = "• {tool} — {description} ({rule})"
+HELP_NO_TOOLS = "No tools are enabled in this channel."
+HELP_COMMANDS = "Commands: help, pending, cancel (also /chatops help | pending | cancel)."
+RULE_AUTO = "runs at once"
+RULE_CONFIRM = "you confirm"
+RULE_APPROVE = "needs a listed approver"
+RULE_TWO_PERSON = "needs two approvers"
+RULE_DENY = "not allowed"
+PENDING_TITLE = "Waiting for a decision ({count}):"
+PENDING_NONE = "Nothing is waiting for you."
+PENDING_LINE = "• {approval_id} {tool}: {summary} (you are the {role}; expires {at})"
+ROLE_REQUESTER = "requester"
+ROLE_APPROVER = "approver"
+CANCELLED_REASON = "cancelled by {who}"
+CANCEL_DONE = "Stopped. {count} pending approval(s) cancelled; nothing else will run for this request."
+CANCEL_NOTHING = "There is nothing to cancel in this conversation."
+COMMAND_UNKNOWN = "Unknown command “{command}”. Try: help, pending, cancel."
+MENU_NO_CONVERSATION = "Cancel works inside a conversation: write “cancel” in the thread you want to stop."
+
+# The terminal
+TERMINAL_HELP = """Type a request for the bot, or:
+  approve <id>            approve a pending action
+  reject <id> [reason]    reject it (the reason goes to the assistant)
+  help | pending | cancel what the bot can do, what waits for you, stop this conversation
+  /new                    start a new conversation
+  /quit                   leave (Ctrl-D also works)"""
+TERMINAL_WELCOME = "chatops terminal: you are {who}. Type help for commands."
+TERMINAL_USAGE = "usage: {usage}"
+TERMINAL_NEW = "new conversation started"
+TERMINAL_CARD_HINT = "type: approve {approval_id}   or   reject {approval_id} <reason>"
+
+
 def when(at: datetime) -> str:
-    """A timestamp as users read it (UTC, minutes)."""
-    return at.strftime("%Y-%m-%d %H:%M UTC")
+    """A timestamp as the reader reads it (their language and time zone; UTC when unknown)."""
+    return i18n.when(at)
+
+
+def _register() -> None:
+    """Turn every UPPERCASE sentence of this module into an `i18n.Text` keyed by its name."""
+    for name, value in list(globals().items()):
+        if name.isupper() and isinstance(value, str):
+            globals()[name] = i18n.Text(name, value)
+
+
+def all_texts() -> dict[str, i18n.Text]:
+    """Every sentence, by constant name (the catalogues' msgctxt)."""
+    return {k: v for k, v in globals().items() if isinstance(v, i18n.Text)}
+
+
+@cache
+def _patterns() -> list[tuple[i18n.Text, re.Pattern[str]]]:
+    """Each sentence as a pattern (placeholders capture), the longest (most specific) first."""
+    found = []
+    for text in sorted(all_texts().values(), key=lambda t: -len(t.source)):
+        regex, seen = "", set()
+        for i, part in enumerate(re.split(r"\{(\w+)\}", text.source)):
+            if i % 2 == 0:
+                regex += re.escape(part)
+            else:
+                regex += f"(?P={part})" if part in seen else f"(?P<{part}>.+?)"
+                seen.add(part)
+        found.append((text, re.compile(f"^{regex}$", re.DOTALL)))
+    return found
+
+
+def localize(stored: str | None) -> str | None:
+    """A sentence stored in English by code (a cancel reason, a rule) rendered in the current
+    language when it is one of ours; anything else (what people typed) unchanged."""
+    if not stored or i18n.current() == i18n.DEFAULT_LANGUAGE:
+        return stored
+    for text, pattern in _patterns():
+        if (match := pattern.match(stored)) is not None:
+            return text.format(**match.groupdict())
+    return stored
+
+
+_register()

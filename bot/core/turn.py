@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bot.config import Settings
-from bot.core import texts
+from bot.core import channel_setup, texts
 from bot.core.approvals import args_digest
 from bot.core.context import AppContext
 from bot.core.model import ModelClient, ModelReply
@@ -70,10 +70,12 @@ class Turn:
         """One model call; `slow()` runs once if the model takes longer than the notice threshold.
         Raises `ModelUnavailable` after the model client's one retry layer gave up."""
 
-        messages = [{"role": "system", "content": self.settings.system_prompt or SYSTEM_PROMPT}, *claim.messages]
+        setup = channel_setup.for_run(self.policy, claim.thread, claim.requester)  # this channel's prompt, model, tools, language
+        prompt = setup.system_prompt or self.settings.system_prompt or SYSTEM_PROMPT
+        messages = [{"role": "system", "content": prompt}, *claim.messages]
         notice = asyncio.create_task(self._after(self.settings.model_notice_after, slow), name=f"slow-{claim.run_id}")
         try:
-            return await self.model.complete(messages, self.registry.openai_tools())
+            return await self.model.complete(messages, setup.openai_tools(self.registry), model=setup.model)
         finally:
             notice.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -94,6 +96,7 @@ class Turn:
         plan = Plan()
         for call in reply.tool_calls:
             prepared = self.registry.prepare(call.name, call.arguments)
+            prepared = channel_setup.refusal(self.policy, claim.thread, claim.requester, prepared, self.registry) or prepared
             if isinstance(prepared, PreparedCall) and not prepared.spec.read_only:
                 prepared = await self.registry.check(tool_ctx, prepared) or prepared
             if isinstance(prepared, CallProblem):

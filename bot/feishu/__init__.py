@@ -14,6 +14,10 @@ connection (FEISHU_MODE=ws, the default) both end in `dispatch(payload)`, which 
 and calls `core.accept_message` or `core.decide` (with the person's memberships looked up first,
 within about a second, when the policy names departments or chats). Nothing slow happens there:
 the core records and returns; runs, tools and card patches happen in the core's background tasks.
+Each person's language is chosen on the way in (`bot.core.language`; Feishu defaults to Chinese).
+In-chat commands (`帮助`/`help`, `待审批`/`pending`, `取消`/`cancel`) and the bot menu
+(`application.bot.menu_v6`, whose entries' `event_key` is one of those words) are answered through
+`bot.core.commands` and never reach the model.
 lark-oapi is imported lazily (it takes seconds) and no lark type leaves this package.
 """
 
@@ -32,7 +36,7 @@ from typing import Any
 from aiohttp import web
 
 from bot.config import Settings
-from bot.core import texts
+from bot.core import commands, language, texts
 from bot.core.cards import cut
 from bot.core.channels import CardView
 from bot.core.engine import Core
@@ -158,8 +162,13 @@ class FeishuAdapter:
                 raise NotReady("the bot's own open_id is not known yet, so @mentions cannot be checked")
             msg = events.to_message(payload, bot_open_id=self.bot_open_id)
             if msg is not None:
-                msg = replace(msg, user=await self._identified(msg.user))
-                if not await self.core.accept_message(msg):
+                user = language.speak_with(self.core.ctx.policy, await self._identified(msg.user), msg.channel_id, text=msg.text)
+                msg = replace(msg, user=user)
+                if (command := commands.parse(msg.text)) is not None:
+                    where = commands.Where(events.PLATFORM, msg.channel_id, msg.conversation_key, msg.thread)
+                    reply = await commands.run(self.core, command, user, where)
+                    self.core.ctx.tasks.spawn(self._answer(reply, thread=msg.thread), name=f"feishu-{command}")
+                elif not await self.core.accept_message(msg):
                     log.debug("feishu: duplicate delivery %s", msg.dedupe_keys)
             return Answer({})
         if kind == "card.action.trigger" or (kind is None and "action" in payload):
@@ -167,13 +176,46 @@ class FeishuAdapter:
             request = replace(request, approval_id=checked_approval_id(request.approval_id))
             self._answering.setdefault(request.approval_id, asyncio.Event())
             try:
-                request = replace(request, user=await self._identified(request.user))
+                user = await self._identified(request.user)
+                card_lang = await language.card_language(self.core.ctx, request.approval_id)
+                user = language.speak_with(self.core.ctx.policy, user, events.click_chat(payload), fallback=card_lang)
+                request = replace(request, user=user)
                 outcome = await self.core.decide(request)
             except BaseException:
                 self._answered(request.approval_id)
                 raise
             return Answer(cards.callback_response(outcome), request.approval_id)
+        if kind == "application.bot.menu_v6":
+            await self._menu(payload)
+            return Answer({})
         return Answer({})  # another subscribed event: acknowledge, never 500
+
+    async def _menu(self, payload: dict[str, Any]) -> None:
+        """A bot menu entry: its `event_key` names the command; the answer goes to the person directly."""
+        who, key = events.to_menu(payload)
+        user = language.speak_with(self.core.ctx.policy, await self._identified(who), None)
+        command = commands.parse(key)
+        if command is None:
+            log.warning("feishu: a bot menu entry with an unknown event_key %r", key[:50])
+            reply = commands.Reply(texts.COMMAND_UNKNOWN.format(command=key[:50]))
+        else:
+            conversation = await commands.latest_conversation(self.core, user) if command == "cancel" else None
+            reply = await commands.run(self.core, command, user, commands.Where(events.PLATFORM, None, conversation))
+        self.core.ctx.tasks.spawn(self._answer(reply, open_id=user.id), name="feishu-menu")
+
+    async def _answer(self, reply: commands.Reply, *, thread: Thread | None = None, open_id: str | None = None) -> None:
+        """A command's answer in the thread (or to the person), then each pending card with working buttons."""
+        messages = [("text", json.dumps({"text": reply.text}, ensure_ascii=False), None)]
+        messages += [("interactive", json.dumps(cards.render_card(c), ensure_ascii=False), None) for c in reply.cards]
+        for msg_type, content, key in messages:
+            try:
+                if thread is not None:
+                    await self._post(thread, msg_type, content, key=key)
+                elif open_id is not None:
+                    await self.api.send(open_id, msg_type, content, id_type="open_id")
+            except FeishuApiError as exc:
+                log.warning("feishu: a command answer could not be posted (code %s)", exc.code)
+                return
 
     async def _identified(self, user: User) -> User:
         """The person as the policy judges them: memberships looked up now; the bot itself counts as a bot."""
@@ -248,7 +290,7 @@ class FeishuAdapter:
             await self.api.react(thread.coords["message_id"], WORKING_EMOJI)
         except FeishuApiError as exc:
             log.warning("feishu: reaction failed (%s); saying it instead", exc.code)
-            await self.post_reply(thread, texts.WORKING)
+            await self.post_reply(thread, str(texts.WORKING))
 
     async def post_card(self, thread: Thread, card: CardView) -> str | None:
         content = json.dumps(cards.render_card(card), ensure_ascii=False)

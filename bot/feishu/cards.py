@@ -23,7 +23,7 @@ import json
 import re
 from typing import Any
 
-from bot.core import texts
+from bot.core import i18n, texts
 from bot.core.approvals import DecisionOutcome
 from bot.core.cards import chunks, cut, quoted, shorten, status_lines
 from bot.core.channels import CardView
@@ -58,7 +58,7 @@ _TOASTS = {
 
 
 def _text(content: str) -> dict[str, Any]:
-    return {"tag": "div", "text": {"tag": "plain_text", "content": content}}
+    return {"tag": "div", "text": {"tag": "plain_text", "content": str(content)}}
 
 
 def _button(label: str, kind: str, verb: str, approval_id: str) -> dict[str, Any]:
@@ -69,7 +69,7 @@ def _button(label: str, kind: str, verb: str, approval_id: str) -> dict[str, Any
             {
                 "tag": "button",
                 "name": verb,
-                "text": {"tag": "plain_text", "content": label},
+                "text": {"tag": "plain_text", "content": str(label)},
                 "type": kind,
                 "form_action_type": "submit",
                 "behaviors": [{"type": "callback", "value": {"action": verb, "approval_id": approval_id}}],
@@ -89,7 +89,7 @@ def _decision_form(card: CardView) -> dict[str, Any]:
                 "required": False,
                 "max_length": 500,
                 "width": "fill",
-                "placeholder": {"tag": "plain_text", "content": texts.REJECT_REASON_PROMPT},
+                "placeholder": {"tag": "plain_text", "content": str(texts.REJECT_REASON_PROMPT)},
             },
             {
                 "tag": "column_set",
@@ -166,7 +166,7 @@ def _build(card: CardView, limit: int, *, panel: bool = True) -> dict[str, Any]:
     if panel:
         elements.append(_panel(texts.FULL_PANEL.format(chars=sum(len(f.value) for f in card.fields)), []))
     elements.append({"tag": "hr"})
-    elements.append(_text(texts.CARD_WHY.format(reason=card.rule)))
+    elements.append(_text(texts.CARD_WHY.format(reason=texts.localize(card.rule) or "")))
     elements.append(_requester(card))
     elements.append(_text(texts.CARD_EXPIRES.format(at=texts.when(card.expires_at))))
     elements += [_text(_short(line, limit * 2)) for line in status_lines(card)]
@@ -174,9 +174,9 @@ def _build(card: CardView, limit: int, *, panel: bool = True) -> dict[str, Any]:
         elements.append(_decision_form(card))
     return {
         "schema": "2.0",
-        "config": {"update_multi": True, "summary": {"content": texts.CARD_TITLE}},
+        "config": {"update_multi": True, "summary": {"content": str(texts.CARD_TITLE)}},
         "header": {
-            "title": {"tag": "plain_text", "content": texts.CARD_TITLE},
+            "title": {"tag": "plain_text", "content": str(texts.CARD_TITLE)},
             "subtitle": {"tag": "plain_text", "content": card.tool},
             "template": _COLOURS.get(card.status, "grey"),
         },
@@ -212,9 +212,11 @@ def card_size(card: dict[str, Any]) -> int:
 def render_card(card: CardView) -> dict[str, Any]:
     """The card JSON 2.0 for `card`, guaranteed under `MAX_CARD_BYTES`, with the full request in a panel."""
     for limit in _SHRINK_STEPS:
-        built = _build(card, limit)
+        with i18n.speaking(card.lang, card.tz):
+            built = _build(card, limit)
         if card_size(built) <= MAX_CARD_BYTES - NOTICE_RESERVE - MIN_PANEL:
-            _fill_panel(built, card)
+            with i18n.speaking(card.lang, card.tz):
+                _fill_panel(built, card)
             return built
     # Unreachable with `bot.core.cards.card_content`'s caps (5 warnings, 5 preview lines, short labels).
     raise ValueError(f"approval card {card.approval_id} cannot be made small enough")
@@ -225,7 +227,7 @@ def callback_response(outcome: DecisionOutcome) -> dict[str, Any]:
 
     A refused click (not allowed) changes nothing, so it gets the toast only.
     """
-    toast = {"type": _TOASTS.get(outcome.kind, "info"), "content": cut(outcome.message, 300)}
+    toast = {"type": _TOASTS.get(outcome.kind, "info"), "content": cut(str(outcome.message), 300)}
     response: dict[str, Any] = {"toast": toast}
     if outcome.card is not None and outcome.kind != "not_allowed":
         response["card"] = {"type": "raw", "data": render_card(outcome.card)}

@@ -109,12 +109,12 @@ class FeishuApi:
         response = await self._call("reply", self._client.im.v1.message.reply, request)
         return str(response.data.message_id)
 
-    async def send(self, chat_id: str, msg_type: str, content: str, *, key: str | None = None) -> str:
-        """Post a new message in a chat; returns its id."""
+    async def send(self, chat_id: str, msg_type: str, content: str, *, key: str | None = None, id_type: str = "chat_id") -> str:
+        """Post a new message in a chat (or to a person: `id_type="open_id"`); returns its id."""
         body = self._im.CreateMessageRequestBody(
             {"receive_id": chat_id, "msg_type": msg_type, "content": content, "uuid": _key(key)}
         )
-        request = self._im.CreateMessageRequest.builder().receive_id_type("chat_id").request_body(body).build()
+        request = self._im.CreateMessageRequest.builder().receive_id_type(id_type).request_body(body).build()
         response = await self._call("send", self._client.im.v1.message.create, request)
         return str(response.data.message_id)
 

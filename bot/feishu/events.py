@@ -131,6 +131,25 @@ def to_message(payload: dict[str, Any], *, bot_open_id: str | None) -> IncomingM
     )
 
 
+def click_chat(payload: dict[str, Any]) -> str | None:
+    """The chat a card click happened in (`context.open_chat_id`), when Feishu says."""
+    event = _obj(payload.get("event")) if "event" in payload else payload
+    return _str(_obj(event.get("context")).get("open_chat_id")) or _str(event.get("open_chat_id"))
+
+
+def to_menu(payload: dict[str, Any]) -> tuple[User, str]:
+    """An `application.bot.menu_v6` event: (the person who clicked the menu, the entry's `event_key`)."""
+    header = _obj(payload.get("header"))
+    event = _obj(payload.get("event"))
+    operator = _obj(event.get("operator"))
+    open_id = _str(_obj(operator.get("operator_id")).get("open_id"))
+    key = _str(event.get("event_key"))
+    if open_id is None or key is None:
+        raise BadPayload("bot menu event without operator or event_key")
+    tenant = _str(header.get("tenant_key")) or _str(operator.get("tenant_key"))
+    return User(platform=PLATFORM, id=open_id, tenant=tenant, name=_str(operator.get("operator_name"))), key
+
+
 def to_decision(payload: dict[str, Any]) -> DecisionRequest:
     """A `card.action.trigger` callback (or a legacy card frame) as a `DecisionRequest`."""
     event = _obj(payload.get("event")) if "event" in payload else payload

@@ -18,7 +18,7 @@ import re
 from datetime import datetime
 from typing import Any
 
-from bot.core import texts
+from bot.core import i18n, texts
 from bot.core.cards import chunks, quoted, shorten, status_lines
 from bot.core.channels import CardView
 from bot.slack.events import APPROVE_ACTION, FULL_VIEW, REASON_BLOCK, REASON_INPUT, REJECT_ACTION, REJECT_VIEW, VIEW_ACTION
@@ -41,7 +41,8 @@ _USER_MENTION = re.compile(r"&lt;@([UW][A-Z0-9]+)&gt;")
 
 
 def clip(text: str, limit: int) -> str:
-    """`text` cut to `limit` characters with a visible marker."""
+    """`text` (rendered in the current language) cut to `limit` characters with a visible marker."""
+    text = str(text)
     if len(text) <= limit:
         return text
     marker = texts.CARD_TRUNCATED.format(more=len(text) - limit)
@@ -50,7 +51,7 @@ def clip(text: str, limit: int) -> str:
 
 def escape(text: str) -> str:
     """Escape the three characters Slack mrkdwn treats as control (`&`, `<`, `>`)."""
-    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    return str(text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
 
 def safe_message(text: str) -> str:
@@ -104,7 +105,7 @@ def _fixed_lines(card: CardView) -> dict[str, Any]:
         "type": "context",
         "block_id": FIXED_BLOCK,
         "elements": [
-            plain(texts.CARD_WHY.format(reason=card.rule)),
+            plain(texts.CARD_WHY.format(reason=texts.localize(card.rule) or "")),
             requested,
             mrkdwn(texts.CARD_EXPIRES.format(at=slack_date(card.expires_at))),
         ],
@@ -112,7 +113,13 @@ def _fixed_lines(card: CardView) -> dict[str, Any]:
 
 
 def card_blocks(card: CardView) -> list[dict[str, Any]]:
-    """The approval card: Approve/Reject while pending, and always a way to see the full request."""
+    """The approval card in its requester's language: Approve/Reject while pending, and always a way
+    to see the full request."""
+    with i18n.speaking(card.lang, card.tz):
+        return _card_blocks(card)
+
+
+def _card_blocks(card: CardView) -> list[dict[str, Any]]:
     fields, shortened = _compact_fields(card)
     blocks: list[dict[str, Any]] = [
         {"type": "header", "text": plain(texts.CARD_TITLE, HEADER_LIMIT)},
@@ -152,12 +159,18 @@ def _button(label: str, action_id: str, approval_id: str, style: str | None) -> 
 
 def card_text(card: CardView) -> str:
     """The notification / screen-reader fallback for the card."""
-    lines = [f"{texts.CARD_TITLE}: {card.summary}", *status_lines(card)]
-    return clip(escape("\n".join(lines)), TEXT_LIMIT)
+    with i18n.speaking(card.lang, card.tz):
+        lines = [f"{texts.CARD_TITLE}: {card.summary}", *status_lines(card)]
+        return clip(escape("\n".join(lines)), TEXT_LIMIT)
 
 
 def full_view(card: CardView) -> dict[str, Any]:
     """The "View full request" modal: every argument complete, over as many blocks as Slack allows."""
+    with i18n.speaking(card.lang, card.tz):
+        return _full_view(card)
+
+
+def _full_view(card: CardView) -> dict[str, Any]:
     head: list[dict[str, Any]] = [
         {"type": "section", "text": plain(card.summary)},
         {"type": "context", "elements": [plain(f"{card.tool} · {card.approval_id}")]},

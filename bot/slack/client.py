@@ -96,7 +96,7 @@ class BotIdentity:
 
 
 class UserDirectory:
-    """Display names (and the bot flag) from `users.info`, cached; a slow or failing lookup yields nothing."""
+    """Display names, the bot flag, locale and time zone from `users.info`, cached; a slow or failing lookup yields nothing."""
 
     def __init__(self, client: AsyncWebClient) -> None:
         self.client = client
@@ -108,14 +108,19 @@ class UserDirectory:
         if cached is not None and now - cached[0] < NAME_TTL:
             return cached[1]
         try:
-            response = await asyncio.wait_for(self.client.users_info(user=user_id), NAME_LOOKUP_TIMEOUT)
+            response = await asyncio.wait_for(self.client.users_info(user=user_id, include_locale=True), NAME_LOOKUP_TIMEOUT)
         except Exception as exc:  # noqa: BLE001 - the name is cosmetic; identity is the id
             log.debug("users.info for %s failed: %s", user_id, type(exc).__name__)
             return Author()
         user = response.get("user") or {}
         profile = user.get("profile") or {}
         name = profile.get("display_name") or profile.get("real_name") or user.get("real_name") or user.get("name")
-        author = Author(name=str(name) if name else None, is_bot=bool(user.get("is_bot")))
+        author = Author(
+            name=str(name) if name else None,
+            is_bot=bool(user.get("is_bot")),
+            locale=user.get("locale") or None,
+            tz=user.get("tz") or None,
+        )
         if len(self._cache) >= NAME_CACHE_SIZE:
             self._cache.clear()
         self._cache[user_id] = (now, author)

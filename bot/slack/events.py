@@ -41,6 +41,8 @@ class Author:
     name: str | None = None
     is_bot: bool = False
     groups: tuple[str, ...] = ()  # `slack-group:<id>` entries of the policy the author is a member of
+    locale: str | None = None  # `users.info` with `include_locale` (e.g. "zh-CN")
+    tz: str | None = None  # e.g. "Asia/Shanghai"
 
 
 def mention_pattern(bot_user_id: str) -> re.Pattern[str]:
@@ -140,6 +142,16 @@ def click_place(body: dict[str, Any]) -> dict[str, str | None]:
     container = body.get("container") or {}
     channel = (body.get("channel") or {}).get("id") or container.get("channel_id")
     return {"channel": channel, "thread_ts": message.get("thread_ts") or container.get("thread_ts")}
+
+
+def command_place(body: dict[str, Any]) -> tuple[User, str, str | None]:
+    """A `/chatops` slash command: the caller, the channel, and the conversation when it is a
+    DM's top level (a slash command carries no thread, so elsewhere it names no conversation)."""
+    team = str(body.get("team_id") or "-")
+    user = User(PLATFORM, str(body.get("user_id")), tenant=team, name=body.get("user_name"))
+    channel = str(body.get("channel_id") or "")
+    key = f"slack:{team}:{channel}" if channel.startswith("D") else None
+    return user, channel, key
 
 
 def decision_from_view(body: dict[str, Any]) -> tuple[DecisionRequest, dict[str, Any]]:

@@ -9,7 +9,12 @@ acknowledged message is always recorded, and one that could not be recorded (Sto
 is answered 500 (HTTP) or left unacknowledged (Socket Mode), so Slack delivers it again.
 Retries are never dropped by their headers; the core's dedupe keys make them harmless.
 Before a message or a decision reaches the core, the person is looked up (users.info for the
-bot flag, `groups.py` for the policy's user groups), concurrently and bounded to about a second.
+bot flag, locale and time zone, `groups.py` for the policy's user groups), concurrently and
+bounded to about a second, and their language is made current (`bot.core.language`).
+In-chat commands (`help`, `pending`, `cancel`, in English or Chinese, as a whole message or
+through the `/chatops` slash command) are answered here through `bot.core.commands` and never
+reach the model: `help` and `pending` privately (ephemeral; pending cards keep working buttons),
+`cancel` in the thread.
 """
 
 from __future__ import annotations
@@ -25,13 +30,13 @@ from slack_bolt.async_app import AsyncAck, AsyncApp
 from slack_bolt.request.async_request import AsyncBoltRequest
 from slack_sdk.web.async_client import AsyncWebClient
 
-from bot.core import texts
+from bot.core import commands, language, texts
 from bot.core.cards import load_card
 from bot.core.engine import Core
 from bot.core.errors import StorageError
-from bot.core.events import DecisionRequest, checked_approval_id
+from bot.core.events import DecisionRequest, User, checked_approval_id
 from bot.slack import events
-from bot.slack.blocks import full_view, reject_modal
+from bot.slack.blocks import card_blocks, card_text, full_view, reject_modal
 from bot.slack.client import BotIdentity, SlackUnavailable, UserDirectory
 from bot.slack.groups import SlackGroups
 
@@ -40,6 +45,7 @@ log = logging.getLogger("chatops.slack")
 Spawn = Callable[[Coroutine[Any, Any, Any], str], None]
 # Outcomes the card already shows; anything else is told privately to the clicker.
 _SHOWN_ON_CARD = frozenset({"approved", "rejected"})
+SLASH_COMMAND = "/chatops"
 
 
 class SlackHandlers:
@@ -62,6 +68,7 @@ class SlackHandlers:
         app.action(events.REJECT_ACTION)(self.on_reject)
         app.view(events.REJECT_VIEW)(self.on_reject_submit)
         app.action(events.VIEW_ACTION)(self.on_view_full)
+        app.command(SLASH_COMMAND)(self.on_slash_command)
         app.event(re.compile(".*"))(self.on_other_event)  # last: any other event is acknowledged, not retried
         app.error(self.on_error)
 
@@ -75,8 +82,19 @@ class SlackHandlers:
         msg = events.message_from_event(body, event, bot_user_id, author)
         if msg is None:
             return
+        user = language.speak_with(
+            self.core.ctx.policy, msg.user, msg.channel_id, locale=author.locale, tz=author.tz, text=msg.text
+        )
+        msg = replace(msg, user=user)
         if not msg.text:
-            self.spawn(self._post(msg.thread.coords, texts.EMPTY_MESSAGE), "slack-empty-message")
+            self.spawn(self._post(msg.thread.coords, str(texts.EMPTY_MESSAGE)), "slack-empty-message")
+            return
+        if (command := commands.parse(msg.text)) is not None:
+            if (request.headers.get("x-slack-retry-num") or ["0"])[0] != "0":
+                return  # answered on the first delivery (commands run before the ack)
+            where = commands.Where("slack", msg.channel_id, msg.conversation_key, msg.thread)
+            reply = await commands.run(self.core, command, user, where)
+            self.spawn(self._answer(command, reply, user, msg.thread.coords), f"slack-{command}")
             return
         accepted = await self.core.accept_message(msg)  # StorageError -> 500 / no ack -> Slack redelivers
         retry = (request.headers.get("x-slack-retry-num") or ["0"])[0]
@@ -91,14 +109,17 @@ class SlackHandlers:
         author, groups = await asyncio.gather(self.users.author(user_id), self.groups.groups_of(user_id))
         return replace(author, groups=groups)
 
-    async def _identified(self, request: DecisionRequest) -> DecisionRequest:
-        """The decider as the policy judges them: with the bot flag and group memberships looked up now.
-
-        The approval id is checked here too: a malformed one becomes a stand-in that is "not found"."""
+    async def _identified(self, request: DecisionRequest, channel: str | None = None) -> DecisionRequest:
+        """The decider as the policy judges them (bot flag and group memberships looked up now),
+        speaking their language. The approval id is checked here too: a malformed one becomes a
+        stand-in that is "not found"."""
+        request = replace(request, approval_id=checked_approval_id(request.approval_id))
         author = await self._lookup(request.user.id)
         is_bot = author.is_bot or request.user.id == self.identity.bot_user_id
         user = replace(request.user, is_bot=is_bot, groups=author.groups)
-        return replace(request, user=user, approval_id=checked_approval_id(request.approval_id))
+        fallback = None if author.locale else await language.card_language(self.core.ctx, request.approval_id)
+        user = language.speak_with(self.core.ctx.policy, user, channel, locale=author.locale, tz=author.tz, fallback=fallback)
+        return replace(request, user=user)
 
     async def _post(self, coords: dict[str, Any], text: str) -> None:
         await self.client.chat_postMessage(channel=coords["channel"], thread_ts=coords.get("thread_ts"), text=text)
@@ -107,7 +128,7 @@ class SlackHandlers:
     async def on_approve(self, ack: AsyncAck, body: dict[str, Any], action: dict[str, Any]) -> None:
         """Approve: decide now (a fast, conditional DB update); the core updates the card and runs the tool."""
         await ack()
-        request = await self._identified(events.decision_from_action(body, action))
+        request = await self._identified(events.decision_from_action(body, action), events.click_place(body)["channel"])
         outcome = await self.core.decide(request)
         log.info("slack click on %s by %s: %s", request.approval_id, request.user.key, outcome.kind)
         if outcome.kind not in _SHOWN_ON_CARD:
@@ -117,19 +138,20 @@ class SlackHandlers:
     async def on_reject(self, ack: AsyncAck, body: dict[str, Any], action: dict[str, Any]) -> None:
         """Reject: open the modal asking why; the decision happens when it is submitted."""
         await ack()
+        await self._identified(events.decision_from_action(body, action), events.click_place(body)["channel"])
         view = reject_modal(checked_approval_id(str(action.get("value") or "")), events.click_place(body))
         self.spawn(self._open(str(body.get("trigger_id")), view), "slack-reject-modal")
 
     async def on_reject_submit(self, ack: AsyncAck, body: dict[str, Any]) -> None:
         """The modal was submitted: reject with the reason; refusals are shown inside the modal."""
-        request, _ = events.decision_from_view(body)
-        request = await self._identified(request)
+        request, meta = events.decision_from_view(body)
+        request = await self._identified(request, meta.get("channel"))
         outcome = await self.core.decide(request)
         log.info("slack reject of %s by %s: %s", request.approval_id, request.user.key, outcome.kind)
         if outcome.kind in _SHOWN_ON_CARD:
             await ack()
         else:
-            await ack(response_action="errors", errors={events.REASON_BLOCK: outcome.message})
+            await ack(response_action="errors", errors={events.REASON_BLOCK: str(outcome.message)})
 
     async def on_view_full(self, ack: AsyncAck, body: dict[str, Any], action: dict[str, Any]) -> None:
         """ "View full request": open a modal with every frozen argument, straight from the click's trigger_id."""
@@ -148,7 +170,44 @@ class SlackHandlers:
     async def _tell(self, place: dict[str, Any], user_id: str, text: str) -> None:
         if not place.get("channel"):
             return
-        await self.client.chat_postEphemeral(channel=place["channel"], user=user_id, text=text, thread_ts=place.get("thread_ts"))
+        await self.client.chat_postEphemeral(
+            channel=place["channel"], user=user_id, text=str(text), thread_ts=place.get("thread_ts")
+        )
+
+    # ------------------------------------------------------------------ commands
+    async def on_slash_command(self, ack: AsyncAck, body: dict[str, Any]) -> None:
+        """`/chatops help | pending | cancel`: acknowledged at once, answered privately (cancel: in public)."""
+        await ack()
+        user, channel, key = events.command_place(body)
+        author = await self._lookup(user.id)
+        user = language.speak_with(
+            self.core.ctx.policy, replace(user, groups=author.groups), channel, locale=author.locale, tz=author.tz
+        )
+        text = str(body.get("text") or "").strip() or "help"
+        command = commands.parse(text)
+        if command is None:
+            self.spawn(
+                self._tell({"channel": channel}, user.id, texts.COMMAND_UNKNOWN.format(command=text[:50])), "slack-command"
+            )
+            return
+        reply = await commands.run(self.core, command, user, commands.Where("slack", channel, key))
+        self.spawn(self._answer(command, reply, user, {"channel": channel, "thread_ts": None}), f"slack-{command}")
+
+    async def _answer(self, command: str, reply: commands.Reply, user: User, coords: dict[str, Any]) -> None:
+        """A command's answer: cancel in the thread; help and pending privately, pending cards with live buttons."""
+        place = {"channel": coords.get("channel"), "thread_ts": coords.get("thread_ts")}
+        if command == "cancel":
+            await self._post(coords, reply.text)
+            return
+        await self._tell(place, user.id, reply.text)
+        for card in reply.cards:
+            await self.client.chat_postEphemeral(
+                channel=str(place["channel"]),
+                user=user.id,
+                thread_ts=place.get("thread_ts"),
+                text=card_text(card),
+                blocks=card_blocks(card),
+            )
 
     async def _open(self, trigger_id: str, view: dict[str, Any]) -> None:
         await self.client.views_open(trigger_id=trigger_id, view=view)

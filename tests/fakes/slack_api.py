@@ -76,7 +76,16 @@ class FakeSlackApi:
         """The next call of `method` is read in full and never answered (`hung` is set then)."""
         self._hang.add(method)
 
-    def add_user(self, user_id: str, name: str, *, is_bot: bool = False, team: str = TEAM_ID) -> None:
+    def add_user(
+        self,
+        user_id: str,
+        name: str,
+        *,
+        is_bot: bool = False,
+        team: str = TEAM_ID,
+        locale: str | None = None,
+        tz: str | None = None,
+    ) -> None:
         self.users[user_id] = {
             "id": user_id,
             "team_id": team,
@@ -84,6 +93,8 @@ class FakeSlackApi:
             "real_name": name,
             "is_bot": is_bot,
             "profile": {"display_name": name, "real_name": name},
+            **({"tz": tz} if tz else {}),
+            **({"locale": locale} if locale else {}),
         }
 
     def set_usergroup(self, group_id: str, members: list[str]) -> None:
@@ -185,7 +196,10 @@ class FakeSlackApi:
     def _m_users_info(self, p: dict[str, Any]) -> dict[str, Any]:
         user_id = str(p.get("user"))
         default = {"id": user_id, "team_id": TEAM_ID, "name": user_id.lower(), "is_bot": False, "profile": {}}
-        return {"user": self.users.get(user_id, default)}
+        user = dict(self.users.get(user_id, default))
+        if str(p.get("include_locale")).lower() not in ("true", "1"):
+            user.pop("locale", None)  # Slack sends the locale only when asked
+        return {"user": user}
 
     def _m_usergroups_users_list(self, p: dict[str, Any]) -> dict[str, Any]:
         members = self.usergroups.get(str(p.get("usergroup")))
