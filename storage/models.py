@@ -55,10 +55,11 @@ class RunStatus(StrEnum):
     WAITING = "waiting"
     DONE = "done"
     FAILED = "failed"
+    CANCELLED = "cancelled"
 
     @property
     def ended(self) -> bool:
-        return self in (RunStatus.DONE, RunStatus.FAILED)
+        return self in (RunStatus.DONE, RunStatus.FAILED, RunStatus.CANCELLED)
 
 
 class ApprovalStatus(StrEnum):

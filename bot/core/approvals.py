@@ -364,8 +364,9 @@ class ApprovalService:
 
         return await ctx.db.run(find, read=True)
 
-    async def cancel_pending(self, session: AsyncSession, where: Any, reason: str) -> list[Approval]:
-        """pending -> cancelled for the approvals matching `where`, inside the caller's transaction."""
+    async def cancel_pending(self, session: AsyncSession, where: Any, reason: str, *, actor: str | None = None) -> list[Approval]:
+        """pending -> cancelled for the approvals matching `where`, inside the caller's transaction
+        (`actor`: who cancelled them, when a person did)."""
         rows = (await session.execute(sa.select(Approval).where(Approval.status == S.PENDING, where))).scalars().all()
         cancelled = []
         for a in rows:
@@ -381,6 +382,7 @@ class ApprovalService:
                 tool=a.tool_name,
                 status=S.CANCELLED,
                 reason=reason,
+                actor=actor,
             )
             await outbox.enqueue_card_update(session, self.ctx, a)
             cancelled.append(a)

@@ -6,9 +6,7 @@
 - `pending` returns the caller's pending approvals, as requester and as someone who may decide
   them, as `CardView`s the adapter re-posts with working buttons (clicks take the usual path);
 - `cancel` stops the conversation's run and cancels its pending approvals, each with one
-  conditional UPDATE (`approvals.transition`) and an audit row.
-
-The small read/cancel helpers live here so they can be re-pointed at a new approval service.
+  conditional UPDATE of the approval service (`ApprovalService.cancel_pending`) and an audit row.
 """
 
 from __future__ import annotations
@@ -19,11 +17,11 @@ from typing import TYPE_CHECKING, Literal
 
 import sqlalchemy as sa
 
-from bot.core import approvals, texts
+from bot.core import texts
 from bot.core.cards import card_view
 from bot.core.channels import CardView
 from bot.core.events import Thread, User
-from storage.models import Approval, Conversation, InboxEvent, Run
+from storage.models import Approval, Conversation, InboxEvent, Run, RunStatus
 
 if TYPE_CHECKING:
     from bot.core.engine import Core
@@ -124,7 +122,7 @@ async def pending_approvals(core: Core, user: User) -> list[tuple[Approval, str]
         requester = User.from_dict(approval.requester)
         if requester.key == user.key:
             found.append((approval, "requester"))
-        elif ctx.policy.may_decide(core.rule_for(approval), requester, user, list(approval.votes or [])).allowed:
+        elif ctx.policy.may_decide(core.approvals.rule_for(approval), requester, user, list(approval.votes or [])).allowed:
             found.append((approval, "approver"))
     return found
 
@@ -172,8 +170,6 @@ async def cancel(core: Core, user: User, where: Where) -> Reply:
     if where.conversation_key is None:
         return Reply(str(texts.MENU_NO_CONVERSATION))
     stopped, cancelled = await cancel_conversation(core, where.conversation_key, user)
-    for approval_id in cancelled:
-        await core.runner.out.refresh_card(approval_id)
     if not stopped and not cancelled:
         return Reply(str(texts.CANCEL_NOTHING))
     return Reply(texts.CANCEL_DONE.format(count=len(cancelled)))
@@ -184,34 +180,17 @@ async def cancel_conversation(core: Core, conversation_key: str, user: User) -> 
     shown in each reader's language (`texts.localize`)."""
     ctx = core.ctx
     reason = texts.CANCELLED_REASON.source.format(who=user.label)
-    cancelled: list[str] = []
     async with ctx.db.transaction(urgent=True) as session:
         conv = await session.get(Conversation, conversation_key)
         run = await session.get(Run, conv.active_run_id) if conv is not None and conv.active_run_id else None
         if conv is None or run is None or run.status not in ("running", "waiting"):
             return None, []
-        pending_ids = (
-            (await session.execute(sa.select(Approval.id).where(Approval.run_id == run.id, Approval.status == "pending")))
-            .scalars()
-            .all()
-        )
-        for approval_id in pending_ids:
-            if await approvals.transition(session, approval_id, "pending", status="cancelled", decision_reason=reason):
-                cancelled.append(approval_id)
-                await ctx.audit.record(
-                    session,
-                    "approval_cancelled",
-                    run_id=run.id,
-                    approval_id=approval_id,
-                    platform=user.platform,
-                    actor=user.key,
-                    status="cancelled",
-                    reason=reason,
-                )
+        gone = await core.approvals.cancel_pending(session, Approval.run_id == run.id, reason, actor=user.key)
+        cancelled = [a.id for a in gone]
         await session.execute(
             sa.update(Run)
             .where(Run.id == run.id, Run.status.in_(("running", "waiting")))
-            .values(status="cancelled", updated_at=ctx.clock())
+            .values(status=RunStatus.CANCELLED, lease_until=None, updated_at=ctx.clock())
         )
         await session.execute(
             sa.update(InboxEvent).where(InboxEvent.run_id == run.id, InboxEvent.status == "running").values(status="done")

@@ -3,7 +3,7 @@
 Slack's signature proves who sent a body, not that it is well formed; Bolt and `events.py` read
 fields with `.get` on whatever they find, so a signed `[]`, `"event": "text"` or `"channel": 5`
 would end in a 500 with a traceback. `check_body` parses the body as Bolt will (JSON, or a form
-whose `payload` field is JSON) and validates the fields the bot reads with pydantic; any
+whose `payload` field is JSON, or a slash command's plain form) and validates the fields the bot reads with pydantic; any
 mismatch raises `Malformed` (answered 400). Unknown fields and unknown payload types pass.
 """
 
@@ -98,6 +98,16 @@ class _Any(_Open):
     type: str
 
 
+class _SlashCommand(_Open):
+    """A slash command (`/chatops help`): a plain form, every field one string."""
+
+    command: str
+    text: str = ""
+    user_id: str
+    channel_id: str | None = None
+    team_id: str | None = None
+
+
 _BY_TYPE: dict[str, type[BaseModel]] = {
     "event_callback": _EventCallback,
     "url_verification": _UrlVerification,
@@ -117,6 +127,9 @@ def _parse(body: bytes, content_type: str) -> dict[str, Any] | None:
         if "payload" not in form:
             if "ssl_check" in form:
                 return None
+            if "command" in form:
+                _check_command(form)
+                return None
             raise Malformed("a form body without a payload")
         text = form["payload"][0]
     try:
@@ -126,6 +139,16 @@ def _parse(body: bytes, content_type: str) -> dict[str, Any] | None:
     if not isinstance(value, dict):
         raise Malformed("the payload is not a JSON object")
     return value
+
+
+def _check_command(form: dict[str, list[str]]) -> None:
+    if any(len(values) != 1 for values in form.values()):
+        raise Malformed("slash command: a field is repeated")
+    try:
+        _SlashCommand.model_validate({k: v[0] for k, v in form.items()})
+    except ValidationError as exc:
+        where = ".".join(str(p) for p in exc.errors()[0]["loc"]) or "form"
+        raise Malformed(f"slash command: bad or missing {where}") from None
 
 
 def check_body(body: bytes, content_type: str) -> None:
