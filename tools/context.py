@@ -43,7 +43,7 @@ class ToolContext:
     and its tools say so to the model.
     """
 
-    db: Database
+    db: Database | None = None
     crm: CrmConfig = field(default_factory=CrmConfig)
     smtp: SmtpSender | None = None
     feishu_robot: FeishuRobotConfig | None = None

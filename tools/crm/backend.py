@@ -94,6 +94,8 @@ def open_backend(ctx: ToolContext) -> AbstractAsyncContextManager[CrmBackend]:
 async def _builtin(ctx: ToolContext) -> AsyncIterator[CrmBackend]:
     from tools.crm.builtin import BuiltinCrm
 
+    if ctx.db is None:
+        raise ToolUnavailable("The built-in CRM has no database in this process.")
     yield BuiltinCrm(ctx.db)
 
 
