@@ -116,7 +116,7 @@ def make_async_engine(urls: DatabaseUrls) -> AsyncEngine:
 
     No pre-ping round trip per checkout: a connection found dead fails its attempt, the pool
     replaces it and the retry layer runs the transaction again."""
-    return create_async_engine(urls.async_url, pool_size=20, max_overflow=40, pool_recycle=1800, pool_timeout=10)
+    return create_async_engine(urls.async_url, pool_size=10, max_overflow=20, pool_recycle=1800, pool_timeout=10)
 
 
 class LockBusy(Exception):
