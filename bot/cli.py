@@ -10,10 +10,13 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Awaitable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, TypeVar
 
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -22,62 +25,128 @@ from bot.core.errors import ChatopsError
 from bot.logsetup import setup_logging
 from storage.redact import Redactor
 
-log = logging.getLogger("chatops")
+if TYPE_CHECKING:
+    from bot.app import App
 
-NO_MODEL = (
-    "no language model is configured. Set CHATOPS_MODEL (e.g. gpt-4o-mini) and OPENAI_API_KEY, "
-    "or OPENAI_BASE_URL for a local OpenAI-compatible server (Ollama, vLLM...). See .env.example."
+log = logging.getLogger("chatops")
+T = TypeVar("T")
+
+NO_CHANNEL = (
+    "no chat channel is configured and stdin is not a terminal, so there is nobody to chat with. "
+    "Set SLACK_BOT_TOKEN (with SLACK_APP_TOKEN or SLACK_SIGNING_SECRET) or FEISHU_APP_ID and FEISHU_APP_SECRET; "
+    "see .env.example."
 )
+HARD_EXIT_AFTER = 9.5  # seconds after SIGTERM/SIGINT: whatever still runs, the process exits (0)
+
+
+def no_model_message(settings: Settings) -> str:
+    """Which model variables are actually missing."""
+    missing = []
+    if not settings.model:
+        missing.append("CHATOPS_MODEL is not set (e.g. gpt-4o-mini)")
+    if not (settings.openai_api_key or settings.openai_base_url):
+        missing.append("neither OPENAI_API_KEY nor OPENAI_BASE_URL (a local OpenAI-compatible server: Ollama, vLLM...) is set")
+    return "no language model is configured: " + " and ".join(missing) + ". See .env.example."
 
 
 def _settings(args: argparse.Namespace, *, logs: bool = True) -> Settings:
     """Load the configuration; commands that run the bot also install the redacting log handler."""
     settings = load_settings(env_file=args.env_file)
     if logs:
-        setup_logging(settings.log_level, Redactor(settings.secret_values()))
+        setup_logging(settings.log_level, Redactor(settings.secret_values()), json_format=settings.log_format == "json")
     return settings
+
+
+def _hard_exit() -> None:
+    log.warning("stopping took longer than %.1fs; exiting now", HARD_EXIT_AFTER)
+    logging.shutdown()
+    os._exit(0)
+
+
+def _stop_on_signals() -> asyncio.Event:
+    """SIGTERM/SIGINT set the returned event once; a watchdog then guarantees the exit."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def on_signal(sig: signal.Signals) -> None:
+        if stop.is_set():
+            return
+        log.info("%s received: stopping", sig.name)
+        stop.set()
+        watchdog = threading.Timer(HARD_EXIT_AFTER, _hard_exit)
+        watchdog.daemon = True
+        watchdog.start()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, on_signal, sig)
+    return stop
+
+
+async def _unless_stopped(awaitable: Awaitable[T], stop: asyncio.Event) -> T | None:
+    """The awaitable's result, or None (it is cancelled) when `stop` is set first."""
+    task = asyncio.ensure_future(awaitable)
+    stopper = asyncio.create_task(stop.wait())
+    try:
+        await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopper.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    return None
 
 
 async def _serve(settings: Settings, *, force_terminal: bool) -> None:
     from bot.app import build_app
 
     if not settings.model_configured:
-        raise ChatopsError(NO_MODEL)
-    app = await build_app(settings, services={})
+        raise ChatopsError(no_model_message(settings))
+    use_terminal = force_terminal or not (settings.slack_enabled or settings.feishu_enabled)
+    if use_terminal and not force_terminal and not sys.stdin.isatty():
+        raise ChatopsError(NO_CHANNEL)
+    stop = _stop_on_signals()
+    app = await _unless_stopped(build_app(settings, services={}), stop)
+    if app is None:
+        return
+    try:
+        if use_terminal:
+            await _run_terminal(app, stop)
+        else:
+            await _run_channels(app, settings, stop)
+    finally:
+        await app.stop()
+
+
+async def _run_channels(app: App, settings: Settings, stop: asyncio.Event) -> None:
     chat_channels = []
-    if not force_terminal and settings.slack_enabled:
+    if settings.slack_enabled:
         from bot.slack import SlackAdapter
 
         slack = SlackAdapter(app.core, settings)
         app.add_adapter(slack)
         app.ctx.tool_context.services["slack"] = slack.client  # type: ignore[index]
         chat_channels.append("Slack")
-    if not force_terminal and settings.feishu_enabled:
+    if settings.feishu_enabled:
         from bot.feishu import FeishuAdapter
 
         app.add_adapter(FeishuAdapter(app.core, settings))
         chat_channels.append("Feishu")
-    if chat_channels:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        await app.start(serve_http=True)
-        log.info("chatops is up: %s", ", ".join(chat_channels))
-        try:
-            await stop.wait()
-        finally:
-            await app.stop()
+    started = await _unless_stopped(app.start(serve_http=True), stop)
+    if started is None and stop.is_set():
         return
+    problems = await app.readiness().problems()
+    log.info("chatops started: %s; %s", ", ".join(chat_channels), f"not ready yet: {problems}" if problems else "ready")
+    await stop.wait()
+
+
+async def _run_terminal(app: App, stop: asyncio.Event) -> None:
     from bot.terminal import TerminalAdapter
 
     terminal = TerminalAdapter(app.core)
     app.ctx.channels["terminal"] = terminal
-    await app.start(serve_http=False)
-    try:
-        await terminal.run()
-    finally:
-        await app.stop()
+    await app.start(serve_http=True, http_required=False)
+    await _unless_stopped(terminal.run(), stop)
 
 
 async def _tools(settings: Settings) -> None:

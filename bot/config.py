@@ -41,6 +41,7 @@ class Settings(BaseModel):
     tool_timeout: float = Field(60.0, alias="CHATOPS_TOOL_TIMEOUT", gt=0)
     sweep_interval: float = Field(5.0, alias="CHATOPS_SWEEP_INTERVAL", gt=0)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", alias="CHATOPS_LOG_LEVEL")
+    log_format: Literal["text", "json"] = Field("text", alias="CHATOPS_LOG_FORMAT")
 
     # Slack
     slack_bot_token: SecretStr | None = Field(None, alias="SLACK_BOT_TOKEN")

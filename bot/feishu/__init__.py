@@ -55,6 +55,7 @@ TEXT_LIMIT = 20_000
 HANDLER_BUDGET = 2.5  # seconds; Feishu wants an answer within 3
 START_BUDGET = 15.0  # seconds start() waits for the bot's identity
 BOT_ID_RETRY = 30.0  # seconds between two attempts to learn it
+TOKEN_RECHECK = 60.0  # seconds between two bot-info calls made for /readyz
 
 
 class NotReady(Exception):
@@ -96,6 +97,9 @@ class FeishuAdapter:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._long: LongConnection | None = None
         self._answering: dict[str, asyncio.Event] = {}
+        self.token_recheck = TOKEN_RECHECK
+        self._token_checked: float | None = None
+        self._token_problem: str | None = None
 
     # ------------------------------------------------------------------ lifecycle
     def routes(self) -> list[web.RouteDef]:
@@ -119,6 +123,30 @@ class FeishuAdapter:
                 handler=self._from_long_connection,
             )
             await self._long.start()
+
+    async def not_ready(self) -> list[str]:
+        """Tenant token and bot identity known (asked again every `token_recheck` s); long connection up when used."""
+        if self._loop is None:
+            return ["not started"]
+        checked = self._token_checked
+        if checked is None or time.monotonic() - checked >= self.token_recheck or self._token_problem:
+            self._token_problem = await self._check_token()
+            self._token_checked = time.monotonic()
+        problems = [self._token_problem] if self._token_problem else []
+        if self.bot_open_id is None:
+            problems.append("the bot's own identity (bot info) is not known")
+        if self.settings.feishu_mode == "ws" and (self._long is None or not self._long.connected):
+            problems.append("the long connection is down")
+        return problems
+
+    async def _check_token(self) -> str | None:
+        try:
+            self.bot_open_id = await self.api.bot_open_id()
+        except CredentialsRejected as exc:
+            return f"FEISHU_APP_SECRET was rejected: no tenant token (code {exc.code})"
+        except FeishuApiError as exc:
+            return f"bot info failed (code {exc.code})"
+        return None
 
     async def stop(self) -> None:
         if self._long is not None:

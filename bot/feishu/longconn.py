@@ -35,7 +35,7 @@ from typing import Any
 
 log = logging.getLogger("chatops.feishu")
 
-STOP_TIMEOUT = 5.0
+STOP_TIMEOUT = 3.0
 FrameHandler = Callable[[bytes], dict[str, Any] | None]
 _ONE_PER_PROCESS = threading.Lock()
 
