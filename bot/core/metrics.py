@@ -44,3 +44,15 @@ def render() -> bytes:
         MultiProcessCollector(registry)
         return generate_latest(registry)
     return generate_latest(REGISTRY)
+
+
+def ack_status(http_status: int) -> str:
+    """The `status` label of `ACKS` for an HTTP-like answer code."""
+    if http_status < 300:
+        return "ok"
+    return "refused" if http_status < 500 else "error"
+
+
+def observe_ack(platform: str, http_status: int, seconds: float) -> None:
+    ACKS.labels(platform, ack_status(http_status)).inc()
+    ACK_SECONDS.labels(platform).observe(seconds)

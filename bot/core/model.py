@@ -15,6 +15,7 @@ import openai
 from openai import AsyncOpenAI
 from openai.types.chat import ChatCompletion
 
+from bot.core import metrics
 from bot.core.errors import ModelUnavailable
 from storage.redact import Redactor
 
@@ -66,10 +67,22 @@ class ModelClient:
         if tools:
             body["tools"] = tools
         try:
+            response = await self._post(body)
+        finally:
+            metrics.MODEL_SECONDS.observe(time.perf_counter() - started)
+        latency_ms = int((time.perf_counter() - started) * 1000)
+        if response.usage is not None:
+            metrics.MODEL_TOKENS.labels("prompt").inc(response.usage.prompt_tokens or 0)
+            metrics.MODEL_TOKENS.labels("completion").inc(response.usage.completion_tokens or 0)
+        return self._reply(response, latency_ms)
+
+    async def _post(self, body: dict[str, Any]) -> ChatCompletion:
+        """One call, through the client's retries; every failure becomes `ModelUnavailable`."""
+        try:
             # The client's low-level `post` (same retries, timeouts and errors as `chat.completions.create`)
             # skips the per-call TypedDict transform of `messages` and `tools`, which costs several
             # milliseconds per call with a dozen tool schemas (measured in benchmarks/).
-            response = await self._client.post("/chat/completions", body=body, cast_to=ChatCompletion)
+            return await self._client.post("/chat/completions", body=body, cast_to=ChatCompletion)
         except openai.APIStatusError as exc:
             raise ModelUnavailable(f"model endpoint answered HTTP {exc.status_code}") from None
         except openai.APITimeoutError:
@@ -78,7 +91,8 @@ class ModelClient:
             raise ModelUnavailable("model endpoint unreachable") from None
         except openai.OpenAIError as exc:
             raise ModelUnavailable(f"model client error: {type(exc).__name__}") from None
-        latency_ms = int((time.perf_counter() - started) * 1000)
+
+    def _reply(self, response: ChatCompletion, latency_ms: int) -> ModelReply:
         if not response.choices:
             raise ModelUnavailable("model reply had no choices")
         message = response.choices[0].message

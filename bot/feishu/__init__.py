@@ -32,7 +32,7 @@ from typing import Any
 from aiohttp import web
 
 from bot.config import Settings
-from bot.core import texts
+from bot.core import metrics, texts
 from bot.core.cards import cut
 from bot.core.channels import CardView
 from bot.core.engine import Core
@@ -207,6 +207,16 @@ class FeishuAdapter:
             event.set()
 
     async def _webhook(self, request: web.Request) -> web.StreamResponse:
+        started = time.perf_counter()
+        status = 500
+        try:
+            response = await self._answer_webhook(request)
+            status = response.status
+            return response
+        finally:
+            metrics.observe_ack(events.PLATFORM, status, time.perf_counter() - started)
+
+    async def _answer_webhook(self, request: web.Request) -> web.StreamResponse:
         body = await request.read()
         try:
             envelope = open_envelope(
@@ -248,12 +258,18 @@ class FeishuAdapter:
             return None
         if not isinstance(payload, dict) or self._loop is None:
             return None
+        started = time.perf_counter()
         future = asyncio.run_coroutine_threadsafe(self.dispatch(payload), self._loop)
+        status = 500
         try:
             answer = future.result(timeout=HANDLER_BUDGET)
+            status = 200
         except events.BadPayload as exc:
+            status = 400
             log.warning("feishu long connection: unreadable event (%s)", exc)
             return None
+        finally:
+            metrics.observe_ack(events.PLATFORM, status, time.perf_counter() - started)
         self._loop.call_soon_threadsafe(self._answered, answer.approval_id)
         return answer.body if answer.approval_id is not None else None
 

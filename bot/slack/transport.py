@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Mapping
+from typing import Any
 
 from aiohttp import web
 from slack_bolt.adapter.aiohttp import to_aiohttp_response, to_bolt_request
@@ -25,6 +27,7 @@ from slack_sdk.errors import SlackApiError
 from slack_sdk.signature import SignatureVerifier
 from slack_sdk.web.async_client import AsyncWebClient
 
+from bot.core import metrics
 from bot.core.errors import ConfigError
 from bot.slack.client import REJECTED_TOKEN_ERRORS, BotIdentity
 
@@ -98,12 +101,31 @@ class HttpDoor:
         return [web.post(EVENTS_PATH, self.handle)]
 
     async def handle(self, request: web.Request) -> web.Response:
+        started = time.perf_counter()
+        response = await self._answer(request)
+        metrics.observe_ack("slack", response.status, time.perf_counter() - started)
+        return response
+
+    async def _answer(self, request: web.Request) -> web.Response:
         body = await request.read()
         if not signature_ok(self.verifier, body, request.headers):
             log.warning("slack: rejected a request with a missing, invalid or stale signature")
             return web.json_response({"error": "invalid request"}, status=401)
         bolt_response = await self.app.async_dispatch(await to_bolt_request(request))
         return await to_aiohttp_response(bolt_response)
+
+
+class _TimedSocketModeHandler(AsyncSocketModeHandler):
+    """Bolt's Socket Mode handler, with each envelope's ack counted and timed."""
+
+    async def handle(self, client: Any, req: Any) -> None:
+        started = time.perf_counter()
+        status = 500
+        try:
+            await super().handle(client, req)
+            status = 200
+        finally:
+            metrics.observe_ack("slack", status, time.perf_counter() - started)
 
 
 class SocketDoor:
@@ -118,7 +140,7 @@ class SocketDoor:
         logger = logging.getLogger("chatops.slack.socket")
         if not any(isinstance(f, _OneLine) for f in logger.filters):
             logger.addFilter(_OneLine())
-        self.handler = AsyncSocketModeHandler(app, app_token, logger=logger)
+        self.handler = _TimedSocketModeHandler(app, app_token, logger=logger)
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
