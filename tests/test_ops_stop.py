@@ -4,6 +4,7 @@ without a channel and a terminal it refuses to start. Real processes, real fakes
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import signal
@@ -152,3 +153,15 @@ async def test_serve_without_a_channel_and_without_a_terminal_exits_with_one_lin
     assert code == 2
     assert len(bot.lines) == 1 and bot.lines[0].startswith("chatops: error: no chat channel is configured"), bot.stderr
     assert "SLACK_BOT_TOKEN" in bot.lines[0] and "FEISHU_APP_ID" in bot.lines[0]
+
+
+async def test_json_logs_carry_the_sdks_lines_and_nothing_reaches_stdout(tmp_path):
+    env = {"FEISHU_APP_ID": "cli_json", "FEISHU_APP_SECRET": "s3cret-json-logs", "FEISHU_DOMAIN": CLOSED}
+    bot = await serve(tmp_path, {**env, "CHATOPS_LOG_FORMAT": "json"})
+    await bot.wait_line(r'"logger": "Lark"')  # lark-oapi's own "connect failed" line, through our handler
+    code, _ = await bot.stop()
+    assert bot.proc.stdout is not None
+    assert code == 0 and await bot.proc.stdout.read() == b""
+    records = [json.loads(line) for line in bot.lines]
+    assert all({"time", "level", "logger", "message"} <= set(r) for r in records)
+    assert "s3cret-json-logs" not in bot.stderr
