@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, TypeVar
 
 from sqlalchemy.exc import SQLAlchemyError
 
-from bot.config import Settings, load_settings
+from bot.config import Settings, load_settings, no_model_message
 from bot.core.errors import ChatopsError
 from bot.logsetup import setup_logging
 from storage.redact import Redactor
@@ -37,16 +37,6 @@ NO_CHANNEL = (
     "see .env.example."
 )
 HARD_EXIT_AFTER = 9.5  # seconds after SIGTERM/SIGINT: whatever still runs, the process exits (0)
-
-
-def no_model_message(settings: Settings) -> str:
-    """Which model variables are actually missing."""
-    missing = []
-    if not settings.model:
-        missing.append("CHATOPS_MODEL is not set (e.g. gpt-4o-mini)")
-    if not (settings.openai_api_key or settings.openai_base_url):
-        missing.append("neither OPENAI_API_KEY nor OPENAI_BASE_URL (a local OpenAI-compatible server: Ollama, vLLM...) is set")
-    return "no language model is configured: " + " and ".join(missing) + ". See .env.example."
 
 
 def _settings(args: argparse.Namespace, *, logs: bool = True) -> Settings:
@@ -151,14 +141,26 @@ async def _run_terminal(app: App, stop: asyncio.Event) -> None:
 
 async def _tools(settings: Settings) -> None:
     from bot.app import build_app
+    from bot.doctor import unconfigured_tools
 
     app = await build_app(settings, migrate=False)
+    missing = unconfigured_tools(settings)
     try:
-        rows = [(s.name, s.source, "read" if s.read_only else "write", app.ctx.policy.describe(s)) for s in app.ctx.registry]
-        widths = [max(len(r[i]) for r in [("tool", "source", "kind", "rule"), *rows]) for i in range(4)]
-        print("  ".join(h.ljust(w) for h, w in zip(("tool", "source", "kind", "rule"), widths, strict=True)))
+        header = ("tool", "source", "kind", "rule", "service")
+        rows = [
+            (
+                s.name,
+                s.source,
+                "read" if s.read_only else "write",
+                app.ctx.policy.describe(s),
+                f"not configured: {missing[s.name]}" if s.name in missing else "ok",
+            )
+            for s in app.ctx.registry
+        ]
+        widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+        print("  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)).rstrip())
         for row in sorted(rows, key=lambda r: (r[1], r[0])):
-            print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)))
+            print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
         for server, problem in sorted(app.ctx.tool_problems.items()):
             print(f"! MCP server {server!r} failed to start: {problem}")
     finally:
@@ -168,6 +170,16 @@ async def _tools(settings: Settings) -> None:
                 await result
         await app.ctx.model.close()
         await app.ctx.db.dispose()
+
+
+async def _doctor(settings: Settings) -> bool:
+    from bot.doctor import FAIL, render, run_checks
+
+    findings = await run_checks(settings)
+    print(render(findings))
+    broken = [f for f in findings if f.status == FAIL]
+    print(f"\n{len(broken)} problem(s) to fix." if broken else "\nEverything configured answers.")
+    return not broken
 
 
 async def _chain_audit(url: str) -> None:
@@ -187,7 +199,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     sub.add_parser("serve", help="run every configured channel (the terminal chat when none is configured)")
     sub.add_parser("shell", help="chat with the bot in this terminal")
-    sub.add_parser("tools", help="list every tool with its source, read/write and approval rule")
+    sub.add_parser(
+        "tools", help="list every tool with its source, read/write, approval rule and whether its service is configured"
+    )
+    sub.add_parser("doctor", help="check the configuration against the live services; exit 1 if something needed is broken")
 
     audit = sub.add_parser("audit", help="read and check the audit trail").add_subparsers(
         dest="audit_command", required=True, metavar="ACTION"
@@ -230,6 +245,10 @@ def run(argv: Sequence[str] | None = None) -> int:
     if args.command == "tools":
         asyncio.run(_tools(_settings(args)))
         return 0
+    if args.command == "doctor":
+        settings = load_settings(env_file=args.env_file)
+        setup_logging("ERROR", Redactor(settings.secret_values()))
+        return 0 if asyncio.run(_doctor(settings)) else 1
     if args.command == "policy":
         from bot.core.policy_file import load_policy_file
 

@@ -125,6 +125,16 @@ class Settings(BaseModel):
             raise ConfigError("HUBSPOT_TOKEN", "is required when CHATOPS_CRM=hubspot")
 
 
+def no_model_message(settings: Settings) -> str:
+    """Which model variables are actually missing (for the operator)."""
+    missing = []
+    if not settings.model:
+        missing.append("CHATOPS_MODEL is not set (e.g. gpt-4o-mini)")
+    if not (settings.openai_api_key or settings.openai_base_url):
+        missing.append("neither OPENAI_API_KEY nor OPENAI_BASE_URL (a local OpenAI-compatible server: Ollama, vLLM...) is set")
+    return "no language model is configured: " + " and ".join(missing) + ". See .env.example."
+
+
 _FIELD_BY_ALIAS = {f.alias: name for name, f in Settings.model_fields.items()}
 
 

@@ -153,6 +153,7 @@ async def test_tools_lists_every_tool_with_kind_and_rule(tmp_path):
         ["serve"],
         ["shell"],
         ["tools"],
+        ["doctor"],
         ["audit"],
         ["audit", "list"],
         ["audit", "show"],
