@@ -93,13 +93,13 @@ async def _serve(settings: Settings, *, force_terminal: bool) -> None:
     if not settings.model_configured:
         raise ChatopsError(no_model_message(settings))
     use_terminal = force_terminal or not (settings.slack_enabled or settings.feishu_enabled)
-    if use_terminal and not force_terminal and not sys.stdin.isatty():
-        raise ChatopsError(NO_CHANNEL)
     stop = _stop_on_signals()
-    app = await _unless_stopped(build_app(settings, services={}), stop)
+    app = await _unless_stopped(build_app(settings, services={}), stop)  # configuration errors are reported first
     if app is None:
         return
     try:
+        if use_terminal and not force_terminal and not sys.stdin.isatty():
+            raise ChatopsError(NO_CHANNEL)
         if use_terminal:
             await _run_terminal(app, stop)
         else:
