@@ -193,6 +193,21 @@ async def _chain_audit(url: str) -> None:
         await db.dispose()
 
 
+def _backup(url: str, target: Path) -> int:
+    from storage.backup import NotSqlite, backup_sqlite
+
+    try:
+        pages = backup_sqlite(url, target)
+    except NotSqlite:
+        raise ChatopsError(
+            "DATABASE_URL is not a SQLite file: back PostgreSQL up with pg_dump (README, section Operate)"
+        ) from None
+    except FileExistsError:
+        raise ChatopsError(f"{target} already exists; choose a new file name") from None
+    print(f"backed up {pages} pages to {target}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="chatops", description="A chat-ops bot whose write actions wait for human approval.")
     parser.add_argument("--env-file", type=Path, default=Path(".env"), help="dotenv file to read (default: ./.env)")
@@ -225,6 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     db = sub.add_parser("db", help="database maintenance").add_subparsers(dest="db_command", required=True, metavar="ACTION")
     db.add_parser("upgrade", help="apply schema migrations (also done automatically at start-up)")
+    backup = sub.add_parser("backup", help="copy a live SQLite database into FILE (PostgreSQL: use pg_dump)")
+    backup.add_argument("file", type=Path, metavar="FILE", help="the copy to write (must not exist)")
     policy = sub.add_parser("policy", help="policy file tools").add_subparsers(
         dest="policy_command", required=True, metavar="ACTION"
     )
@@ -256,6 +273,8 @@ def run(argv: Sequence[str] | None = None) -> int:
         print(f"OK: {args.file} is a valid policy ({policy.source})")
         return 0
     settings = _settings(args, logs=False)
+    if args.command == "backup":
+        return _backup(settings.database_url, args.file)
     if args.command == "db":
         from storage.migrate import current_revision, upgrade
 

@@ -154,6 +154,7 @@ async def test_tools_lists_every_tool_with_kind_and_rule(tmp_path):
         ["shell"],
         ["tools"],
         ["doctor"],
+        ["backup"],
         ["audit"],
         ["audit", "list"],
         ["audit", "show"],

@@ -17,6 +17,7 @@ import tomllib
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 
 from bot.cli import build_parser
 
@@ -127,3 +128,27 @@ def test_the_systemd_unit_runs_serve_and_stops_with_sigterm():
     assert service["KillSignal"] == "SIGTERM" and int(service["TimeoutStopSec"]) > 10
     assert service["User"] != "root" and service["Restart"] == "on-failure"
     assert unit["Install"]["WantedBy"] == "multi-user.target"
+
+
+async def test_backup_copies_a_live_sqlite_database_and_refuses_postgres(tmp_path, terminal_bot):
+    from storage.models import CrmLead
+    from tests.test_cli import chatops
+
+    bot = await terminal_bot(database_url=f"sqlite:///{tmp_path / 'live.db'}")
+    await bot.say("/new")
+    async with bot.app.ctx.db.transaction() as session:
+        now = bot.app.ctx.clock()
+        session.add(CrmLead(name="A", email="a@example.com", need="x", created_at=now, updated_at=now))
+    env = {"DATABASE_URL": f"sqlite:///{tmp_path / 'live.db'}"}
+    code, out, err = await chatops("backup", str(tmp_path / "copy.db"), env=env, cwd=tmp_path)  # the bot is still running
+    assert code == 0 and "backed up" in out, err
+    copy = sa.create_engine(f"sqlite:///{tmp_path / 'copy.db'}")
+    with copy.connect() as conn:
+        assert conn.execute(sa.text("SELECT email FROM crm_lead")).scalars().all() == ["a@example.com"]
+    copy.dispose()
+    code, _, err = await chatops("backup", str(tmp_path / "copy.db"), env=env, cwd=tmp_path)
+    assert code == 2 and "already exists" in err
+    code, _, err = await chatops(
+        "backup", str(tmp_path / "pg.db"), env={"DATABASE_URL": "postgresql://u:pw-secret@127.0.0.1:1/x"}, cwd=tmp_path
+    )
+    assert code == 2 and "pg_dump" in err and "pw-secret" not in err
