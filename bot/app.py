@@ -35,7 +35,7 @@ from tools.registry import ToolRegistry
 
 log = logging.getLogger("chatops")
 CHAIN_DEBOUNCE = 0.02
-STOP_BUDGET = 8.0  # seconds App.stop may take; SIGTERM must end the process within 10
+STOP_BUDGET = 7.0  # seconds App.stop may take; SIGTERM must end the process within 10
 ACK_GRACE = 3.0  # seconds in-flight HTTP requests (acks) get to finish once stopping starts
 
 

@@ -36,7 +36,7 @@ NO_CHANNEL = (
     "Set SLACK_BOT_TOKEN (with SLACK_APP_TOKEN or SLACK_SIGNING_SECRET) or FEISHU_APP_ID and FEISHU_APP_SECRET; "
     "see .env.example."
 )
-HARD_EXIT_AFTER = 9.5  # seconds after SIGTERM/SIGINT: whatever still runs, the process exits (0)
+HARD_EXIT_AFTER = 8.5  # seconds after SIGTERM/SIGINT: whatever still runs, the process exits (0)
 
 
 def _settings(args: argparse.Namespace, *, logs: bool = True) -> Settings:

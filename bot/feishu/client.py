@@ -72,7 +72,7 @@ class FeishuApi:
     async def open(self) -> None:
         """Import lark-oapi and build the client (off the event loop: the import is slow)."""
         if self._client is None:
-            await asyncio.to_thread(self._build)
+            await sdk.in_daemon_thread(self._build)
 
     def _build(self) -> None:
         lark = sdk.load("lark_oapi")

@@ -60,7 +60,7 @@ class LongConnection:
         if not _ONE_PER_PROCESS.acquire(blocking=False):
             raise RuntimeError("only one Feishu long connection can run per process")
         try:
-            await asyncio.to_thread(sdk.load, "lark_oapi.ws.client")
+            await sdk.in_daemon_thread(lambda: sdk.load("lark_oapi.ws.client"))
         except BaseException:
             _ONE_PER_PROCESS.release()
             raise

@@ -20,17 +20,20 @@ process's handlers (redacted, and JSON when `CHATOPS_LOG_FORMAT=json`).
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import importlib
 import json
 import logging
+import threading
 import time
 from collections.abc import Callable
 from types import ModuleType
-from typing import Any
+from typing import Any, TypeVar
 
 log = logging.getLogger("chatops.feishu")
 
+T = TypeVar("T")
 FrameHandler = Callable[[bytes], dict[str, Any] | None]
 SDK_LOGGER = "Lark"
 TOKEN_CACHE_KEY = "self_tenant_token:{app_id}"
@@ -44,6 +47,32 @@ def load(name: str) -> ModuleType:
         sdk_logger.removeHandler(handler)
     sdk_logger.propagate = True
     return module
+
+
+async def in_daemon_thread(function: Callable[[], T]) -> T:
+    """Run `function` (an SDK import: seconds of CPU) in a daemon thread. Unlike `asyncio.to_thread`,
+    a process asked to stop meanwhile does not wait for it to finish before exiting."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[T] = loop.create_future()
+
+    def settle(result: T | None, error: BaseException | None) -> None:
+        if future.done():
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)  # type: ignore[arg-type]
+
+    def run() -> None:
+        try:
+            result = function()
+        except BaseException as exc:  # noqa: BLE001 - handed to the awaiting coroutine
+            loop.call_soon_threadsafe(settle, None, exc)
+        else:
+            loop.call_soon_threadsafe(settle, result, None)
+
+    threading.Thread(target=run, name="lark-oapi-import", daemon=True).start()
+    return await future
 
 
 def ws_client_class(ws: ModuleType) -> type:
