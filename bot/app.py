@@ -1,5 +1,9 @@
 """Assembling and running the bot: settings -> database -> tools -> policy -> model -> core ->
 channels -> HTTP server -> sweeper, and shutting it all down in reverse order.
+
+Stopping is bounded (`STOP_BUDGET` seconds in all): first no new events (the HTTP server stops
+accepting, Socket Mode and the long connection close), then in-flight acks finish, then
+background work gets what is left of the budget and the rest is cancelled.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from bot.core.errors import ConfigError, StorageError
 from bot.core.model import ModelClient
 from bot.core.policy import Policy
 from bot.core.sweeper import Sweeper
+from bot.health import Readiness, health_routes
 from bot.toolsetup import build_tool_services, mcp_call_timeout, operator_errors
 from storage.audit import AuditLog
 from storage.audit_anchor import Anchorer
@@ -34,6 +39,8 @@ from tools.services import SlackPoster
 log = logging.getLogger("chatops")
 CHAIN_DEBOUNCE = 0.02
 OUTBOX_POLL = 1.0  # seconds between two looks for due outbox jobs (retries, other replicas' leftovers)
+STOP_BUDGET = 7.0  # seconds App.stop may take; SIGTERM must end the process within 10
+ACK_GRACE = 3.0  # seconds in-flight HTTP requests (acks) get to finish once stopping starts
 
 
 class Adapter(Channel, Protocol):
@@ -47,6 +54,9 @@ class Adapter(Channel, Protocol):
 
     async def stop(self) -> None:
         """Disconnect and release clients."""
+
+    async def not_ready(self) -> list[str]:
+        """Why the channel cannot take events now (empty when it can)."""
 
 
 def audit_keys(settings: Settings) -> AuditKeys:
@@ -80,6 +90,7 @@ class App:
     adapters: list[Adapter] = field(default_factory=list)
     closers: list[Callable[[], Any]] = field(default_factory=list)
     runner: web.AppRunner | None = None
+    stopping: bool = False
     _sweep_task: asyncio.Task[None] | None = None
     _anchorer: Anchorer | None = None
     _anchor_task: asyncio.Task[None] | None = None
@@ -95,20 +106,20 @@ class App:
         if close is not None:
             self.closers.append(close)
 
+    def readiness(self) -> Readiness:
+        return Readiness(self.ctx.db, lambda: list(self.adapters), lambda: self.stopping)
+
     def web_app(self) -> web.Application:
         application = web.Application(client_max_size=1024 * 1024)
-
-        async def healthz(_: web.Request) -> web.Response:
-            return web.json_response({"ok": True, "replica": self.ctx.replica_id})
-
-        application.router.add_get("/healthz", healthz)
+        application.router.add_routes(health_routes(self.readiness(), self.ctx.replica_id))
         for adapter in self.adapters:
             application.router.add_routes(adapter.routes())
         return application
 
-    async def start(self, *, serve_http: bool = True) -> None:
-        """Recover, start every channel, then open the port: an event that arrives finds every
-        channel able to take it (no start-up window of refusals)."""
+    async def start(self, *, serve_http: bool = True, http_required: bool = True) -> None:
+        """Recover leftovers, start every channel, then open the port (a busy port is fatal unless
+        `http_required` is False): an event that arrives finds every channel able to take it, so there
+        is no start-up window of refusals."""
         try:  # fail closed when the key ring does not fit the chain
             await self.ctx.audit.chain(self.ctx.db)
         except AuditKeyError as exc:
@@ -117,11 +128,7 @@ class App:
         for adapter in self.adapters:
             await adapter.start()
         if serve_http:
-            self.runner = web.AppRunner(self.web_app(), access_log=None)
-            await self.runner.setup()
-            site = web.TCPSite(self.runner, self.settings.host, self.settings.port)
-            await site.start()
-            log.info("listening on http://%s:%s", self.settings.host, self.port)
+            await self._serve(http_required)
         self._sweep_task = asyncio.create_task(self.sweeper.run_forever(), name="sweeper")
         self._outbox_task = asyncio.create_task(self.core.out.run_forever(OUTBOX_POLL), name="outbox")
         self._anchorer = Anchorer(
@@ -132,6 +139,23 @@ class App:
         )
         self._anchor_task = asyncio.create_task(self._anchorer.run_forever(), name="audit-anchor")
 
+    async def _serve(self, required: bool) -> None:
+        self.runner = web.AppRunner(self.web_app(), access_log=None, shutdown_timeout=ACK_GRACE)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, self.settings.host, self.settings.port)
+        try:
+            await site.start()
+        except OSError as exc:
+            await self.runner.cleanup()
+            self.runner = None
+            if not required:
+                log.warning("no health/metrics endpoints: cannot listen on port %s (%s)", self.settings.port, exc.strerror)
+                return
+            raise ConfigError(
+                "CHATOPS_PORT", f"cannot listen on {self.settings.host}:{self.settings.port} ({exc.strerror})"
+            ) from None
+        log.info("listening on http://%s:%s", self.settings.host, self.port)
+
     @property
     def port(self) -> int:
         """The bound port (useful with CHATOPS_PORT=0 in tests)."""
@@ -140,36 +164,52 @@ class App:
         return int(self.runner.addresses[0][1])
 
     async def stop(self) -> None:
+        """Stop taking events, let in-flight acks finish, drain background work, hand runs back;
+        bounded by STOP_BUDGET."""
+        self.stopping = True
+        deadline = asyncio.get_running_loop().time() + STOP_BUDGET
         self.sweeper.stop()
         self.core.out.stop()
-        for task in (self._sweep_task, self._outbox_task):
+        # No new events: close every door at once (HTTP, Socket Mode, long connection).
+        doors = [self._bounded(adapter.stop(), ACK_GRACE + 1, f"{adapter.platform} stop") for adapter in reversed(self.adapters)]
+        if self.runner is not None:
+            doors.append(self._bounded(self.runner.cleanup(), ACK_GRACE + 1, "HTTP server stop"))
+        await asyncio.gather(*doors)
+        for task, what in ((self._sweep_task, "sweeper stop"), (self._outbox_task, "outbox stop")):
             if task is not None:
-                await task
-        for adapter in reversed(self.adapters):
-            await adapter.stop()
-        await self.ctx.tasks.drain(grace=10)
-        await self.core.hand_back()
+                await self._bounded(task, 1, what)
+        left = deadline - asyncio.get_running_loop().time()
+        await self.ctx.tasks.drain(grace=max(left - 2.5, 0.1))
+        await self._bounded(self.core.hand_back(), 1, "handing runs back")
         if self._anchorer is not None and self._anchor_task is not None:
             self._anchorer.stop()
-            await self._anchor_task
+            await self._bounded(self._anchor_task, 0.5, "anchoring stop")
         try:
-            await self.ctx.audit.chain(self.ctx.db)
+            await asyncio.wait_for(self.ctx.audit.chain(self.ctx.db), 1)
             if self._anchorer is not None:
-                await self._anchorer.anchor_now()
+                await asyncio.wait_for(self._anchorer.anchor_now(), 0.5)
         except Exception:  # noqa: BLE001 - staged rows stay staged; the next start chains them
             log.warning("could not chain (or anchor) the last audit rows; the next start will")
-        if self.runner is not None:
-            await self.runner.cleanup()
         try:
-            await self.sweeper.leave()
+            await asyncio.wait_for(self.sweeper.leave(), 0.5)
         except Exception:  # noqa: BLE001 - best effort on the way out
             log.warning("could not deregister this replica")
         for close in reversed(self.closers):
             result = close()
             if asyncio.iscoroutine(result):
-                await result
-        await self.ctx.model.close()
-        await self.ctx.db.dispose()
+                await self._bounded(result, 1, "closing a tool server")
+        await self._bounded(self.ctx.model.close(), 0.5, "closing the model client")
+        await self._bounded(self.ctx.db.dispose(), 0.5, "closing the database")
+
+    @staticmethod
+    async def _bounded(awaitable: Any, seconds: float, what: str) -> None:
+        """Await with a time bound; on timeout or failure, log one line and go on stopping."""
+        try:
+            await asyncio.wait_for(awaitable, seconds)
+        except TimeoutError:
+            log.warning("stopping: %s took longer than %.1fs; abandoned", what, seconds)
+        except Exception as exc:  # noqa: BLE001 - stopping must go on whatever one part does
+            log.warning("stopping: %s failed (%s)", what, type(exc).__name__)
 
 
 async def build_app(settings: Settings, *, migrate: bool = True) -> App:

@@ -10,43 +10,108 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Awaitable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, TypeVar
 
 from sqlalchemy.exc import SQLAlchemyError
 
-from bot.config import Settings, load_settings
+from bot.config import Settings, load_settings, no_model_message
 from bot.core.errors import ChatopsError
 from bot.logsetup import setup_logging
 from storage.audit_keys import AuditKeyError, AuditKeys, append_key, load_keys
 from storage.redact import Redactor
 
-log = logging.getLogger("chatops")
+if TYPE_CHECKING:
+    from bot.app import App
 
-NO_MODEL = (
-    "no language model is configured. Set CHATOPS_MODEL (e.g. gpt-4o-mini) and OPENAI_API_KEY, "
-    "or OPENAI_BASE_URL for a local OpenAI-compatible server (Ollama, vLLM...). See .env.example."
+log = logging.getLogger("chatops")
+T = TypeVar("T")
+
+NO_CHANNEL = (
+    "no chat channel is configured and stdin is not a terminal, so there is nobody to chat with. "
+    "Set SLACK_BOT_TOKEN (with SLACK_APP_TOKEN or SLACK_SIGNING_SECRET) or FEISHU_APP_ID and FEISHU_APP_SECRET; "
+    "see .env.example."
 )
+HARD_EXIT_AFTER = 8.5  # seconds after SIGTERM/SIGINT: whatever still runs, the process exits (0)
 
 
 def _settings(args: argparse.Namespace, *, logs: bool = True) -> Settings:
     """Load the configuration; commands that run the bot also install the redacting log handler."""
     settings = load_settings(env_file=args.env_file)
     if logs:
-        setup_logging(settings.log_level, Redactor(settings.secret_values()))
+        setup_logging(settings.log_level, Redactor(settings.secret_values()), json_format=settings.log_format == "json")
     return settings
+
+
+def _hard_exit() -> None:
+    log.warning("stopping took longer than %.1fs; exiting now", HARD_EXIT_AFTER)
+    logging.shutdown()
+    os._exit(0)
+
+
+def _stop_on_signals() -> asyncio.Event:
+    """SIGTERM/SIGINT set the returned event once; a watchdog then guarantees the exit."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def on_signal(sig: signal.Signals) -> None:
+        if stop.is_set():
+            return
+        log.info("%s received: stopping", sig.name)
+        stop.set()
+        watchdog = threading.Timer(HARD_EXIT_AFTER, _hard_exit)
+        watchdog.daemon = True
+        watchdog.start()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, on_signal, sig)
+    return stop
+
+
+async def _unless_stopped(awaitable: Awaitable[T], stop: asyncio.Event) -> T | None:
+    """The awaitable's result, or None (it is cancelled) when `stop` is set first."""
+    task = asyncio.ensure_future(awaitable)
+    stopper = asyncio.create_task(stop.wait())
+    try:
+        await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopper.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    return None
 
 
 async def _serve(settings: Settings, *, force_terminal: bool) -> None:
     from bot.app import build_app
 
     if not settings.model_configured:
-        raise ChatopsError(NO_MODEL)
-    app = await build_app(settings)
+        raise ChatopsError(no_model_message(settings))
+    use_terminal = force_terminal or not (settings.slack_enabled or settings.feishu_enabled)
+    stop = _stop_on_signals()
+    app = await _unless_stopped(build_app(settings), stop)  # configuration errors are reported first
+    if app is None:
+        return
+    try:
+        if use_terminal and not force_terminal and not sys.stdin.isatty():
+            raise ChatopsError(NO_CHANNEL)
+        if use_terminal:
+            await _run_terminal(app, stop)
+        else:
+            await _run_channels(app, settings, stop)
+    finally:
+        await app.stop()
+
+
+async def _run_channels(app: App, settings: Settings, stop: asyncio.Event) -> None:
     chat_channels = []
-    if not force_terminal and settings.slack_enabled:
+    if settings.slack_enabled:
         from bot.slack import SlackAdapter
         from bot.slack.poster import SlackWebPoster
         from bot.toolsetup import http_timeouts
@@ -56,39 +121,35 @@ async def _serve(settings: Settings, *, force_terminal: bool) -> None:
         poster = SlackWebPoster(slack.client, http_timeouts(settings))
         app.use_slack_poster(poster, poster.close)
         chat_channels.append("Slack")
-    if not force_terminal and settings.feishu_enabled:
+    if settings.feishu_enabled:
         from bot.feishu import FeishuAdapter
 
         app.add_adapter(FeishuAdapter(app.core, settings))
         chat_channels.append("Feishu")
-    if chat_channels:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        await app.start(serve_http=True)
-        log.info("chatops is up: %s", ", ".join(chat_channels))
-        try:
-            await stop.wait()
-        finally:
-            await app.stop()
+    started = await _unless_stopped(app.start(serve_http=True), stop)
+    if started is None and stop.is_set():
         return
+    problems = await app.readiness().problems()
+    log.info("chatops started: %s; %s", ", ".join(chat_channels), f"not ready yet: {problems}" if problems else "ready")
+    await stop.wait()
+
+
+async def _run_terminal(app: App, stop: asyncio.Event) -> None:
     from bot.terminal import TerminalAdapter
 
     terminal = TerminalAdapter(app.core)
     app.ctx.channels["terminal"] = terminal
-    await app.start(serve_http=False)
-    try:
-        await terminal.run()
-    finally:
-        await app.stop()
+    await app.start(serve_http=True, http_required=False)
+    await _unless_stopped(terminal.run(), stop)
 
 
 async def _tools(settings: Settings, channel: str | None = None) -> None:
     from bot.app import build_app
     from bot.core.channel_setup import parse_channel
+    from bot.doctor import unconfigured_tools
 
     app = await build_app(settings, migrate=False)
+    missing = unconfigured_tools(settings)
     try:
         specs = list(app.ctx.registry)
         if channel is not None:
@@ -99,11 +160,21 @@ async def _tools(settings: Settings, channel: str | None = None) -> None:
                 f"channel {channel}: model {setup.model or settings.model}, language {setup.language or 'per person'}, "
                 f"system prompt {'own' if setup.system_prompt else 'default'}, {len(specs)} tool(s)"
             )
-        rows = [(s.name, s.source, "read" if s.read_only else "write", app.ctx.policy.describe(s)) for s in specs]
-        widths = [max(len(r[i]) for r in [("tool", "source", "kind", "rule"), *rows]) for i in range(4)]
-        print("  ".join(h.ljust(w) for h, w in zip(("tool", "source", "kind", "rule"), widths, strict=True)))
+        header = ("tool", "source", "kind", "rule", "service")
+        rows = [
+            (
+                s.name,
+                s.source,
+                "read" if s.read_only else "write",
+                app.ctx.policy.describe(s),
+                f"not configured: {missing[s.name]}" if s.name in missing else "ok",
+            )
+            for s in specs
+        ]
+        widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+        print("  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)).rstrip())
         for row in sorted(rows, key=lambda r: (r[1], r[0])):
-            print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)))
+            print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
         for server, problem in sorted(app.ctx.tool_problems.items()):
             print(f"! MCP server {server!r} failed to start: {problem}")
     finally:
@@ -113,6 +184,16 @@ async def _tools(settings: Settings, channel: str | None = None) -> None:
                 await result
         await app.ctx.model.close()
         await app.ctx.db.dispose()
+
+
+async def _doctor(settings: Settings) -> bool:
+    from bot.doctor import FAIL, render, run_checks
+
+    findings = await run_checks(settings)
+    print(render(findings))
+    broken = [f for f in findings if f.status == FAIL]
+    print(f"\n{len(broken)} problem(s) to fix." if broken else "\nEverything configured answers.")
+    return not broken
 
 
 async def _chain_audit(url: str, keys: AuditKeys, *, verifying: bool = False) -> None:
@@ -186,14 +267,32 @@ def _rotate_key(settings: Settings) -> None:
     print(f"rotated: new rows are sealed with key {keys.current_id}; back up {path} (it holds every key of the ring)")
 
 
+def _backup(url: str, target: Path) -> int:
+    from storage.backup import NotSqlite, backup_sqlite
+
+    try:
+        pages = backup_sqlite(url, target)
+    except NotSqlite:
+        raise ChatopsError(
+            "DATABASE_URL is not a SQLite file: back PostgreSQL up with pg_dump (README, section Operate)"
+        ) from None
+    except FileExistsError:
+        raise ChatopsError(f"{target} already exists; choose a new file name") from None
+    print(f"backed up {pages} pages to {target}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="chatops", description="A chat-ops bot whose write actions wait for human approval.")
     parser.add_argument("--env-file", type=Path, default=Path(".env"), help="dotenv file to read (default: ./.env)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     sub.add_parser("serve", help="run every configured channel (the terminal chat when none is configured)")
     sub.add_parser("shell", help="chat with the bot in this terminal")
-    tools = sub.add_parser("tools", help="list every tool with its source, read/write and approval rule")
+    tools = sub.add_parser(
+        "tools", help="list every tool with its source, read/write, approval rule and whether its service is configured"
+    )
     tools.add_argument("--channel", metavar="PLATFORM:CHANNEL", help="only the tools a channel offers, e.g. slack:C0SALES")
+    sub.add_parser("doctor", help="check the configuration against the live services; exit 1 if something needed is broken")
     i18n = sub.add_parser("i18n", help="the gettext catalogues of the bot's texts").add_subparsers(
         dest="i18n_command", required=True, metavar="ACTION"
     )
@@ -235,6 +334,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     db = sub.add_parser("db", help="database maintenance").add_subparsers(dest="db_command", required=True, metavar="ACTION")
     db.add_parser("upgrade", help="apply schema migrations (also done automatically at start-up)")
+    backup = sub.add_parser("backup", help="copy a live SQLite database into FILE (PostgreSQL: use pg_dump)")
+    backup.add_argument("file", type=Path, metavar="FILE", help="the copy to write (must not exist)")
     policy = sub.add_parser("policy", help="policy file tools").add_subparsers(
         dest="policy_command", required=True, metavar="ACTION"
     )
@@ -265,6 +366,10 @@ def run(argv: Sequence[str] | None = None) -> int:
         found = [p for lang in LANGUAGES for p in cli_i18n.problems(lang)]
         print("\n".join(found) or "every sentence is translated in " + ", ".join(LANGUAGES))
         return 1 if found else 0
+    if args.command == "doctor":
+        settings = load_settings(env_file=args.env_file)
+        setup_logging("ERROR", Redactor(settings.secret_values()))
+        return 0 if asyncio.run(_doctor(settings)) else 1
     if args.command == "policy":
         from bot.core.policy_file import load_policy_file
 
@@ -274,6 +379,8 @@ def run(argv: Sequence[str] | None = None) -> int:
     if args.command == "audit" and args.audit_command == "serve":
         return _serve_audit_page(_settings(args), args.host, args.port)
     settings = _settings(args, logs=False)
+    if args.command == "backup":
+        return _backup(settings.database_url, args.file)
     if args.command == "db":
         from storage.migrate import current_revision, upgrade
 

@@ -70,6 +70,7 @@ class Settings(BaseModel):
     audit_key_file: Path | None = Field(None, alias="CHATOPS_AUDIT_KEY_FILE")
     audit_anchor_file: Path | None = Field(None, alias="CHATOPS_AUDIT_ANCHOR_FILE")
     audit_anchor_interval: float = Field(300.0, alias="CHATOPS_AUDIT_ANCHOR_INTERVAL", gt=0)
+    log_format: Literal["text", "json"] = Field("text", alias="CHATOPS_LOG_FORMAT")
 
     # Slack
     slack_bot_token: SecretStr | None = Field(None, alias="SLACK_BOT_TOKEN")
@@ -178,6 +179,16 @@ class Settings(BaseModel):
             )
         if self.crm_backend == "hubspot" and self.hubspot_token is None:
             raise ConfigError("HUBSPOT_TOKEN", "is required when CHATOPS_CRM=hubspot")
+
+
+def no_model_message(settings: Settings) -> str:
+    """Which model variables are actually missing (for the operator)."""
+    missing = []
+    if not settings.model:
+        missing.append("CHATOPS_MODEL is not set (e.g. gpt-4o-mini)")
+    if not (settings.openai_api_key or settings.openai_base_url):
+        missing.append("neither OPENAI_API_KEY nor OPENAI_BASE_URL (a local OpenAI-compatible server: Ollama, vLLM...) is set")
+    return "no language model is configured: " + " and ".join(missing) + ". See .env.example."
 
 
 _FIELD_BY_ALIAS = {f.alias: name for name, f in Settings.model_fields.items()}

@@ -155,6 +155,8 @@ async def test_tools_lists_every_tool_with_kind_and_rule(tmp_path):
         ["serve"],
         ["shell"],
         ["tools"],
+        ["doctor"],
+        ["backup"],
         ["audit"],
         ["audit", "list"],
         ["audit", "show"],

@@ -40,3 +40,33 @@ def test_log_lines_cannot_be_forged_with_newlines():
     finally:
         log.removeHandler(handler)
     assert len(out.getvalue().strip().splitlines()) == 1
+
+
+def test_json_lines_carry_ids_and_stay_redacted():
+    import json
+
+    from bot.core.logcontext import log_ids
+
+    stream = io.StringIO()
+    logger = logging.getLogger("chatops.test.json")
+    logger.propagate = False
+    handler = redacting_handler(stream, Redactor(["hunter2-json"]), json_format=True)
+    logger.addHandler(handler)
+    try:
+        with log_ids(run_id="run-1", conversation_id="conv-1"):
+            logger.warning("token %s\nsecond line", "hunter2-json", extra={"approval_id": "ap-1"})
+            try:
+                raise ValueError("hunter2-json inside")
+            except ValueError:
+                logger.exception("failed")
+        logger.info("no ids")
+    finally:
+        logger.removeHandler(handler)
+    lines = stream.getvalue().splitlines()
+    records = [json.loads(line) for line in lines]
+    assert len(records) == 3 and "hunter2-json" not in stream.getvalue()
+    first, failure, plain = records
+    assert first["level"] == "WARNING" and first["logger"] == "chatops.test.json" and first["time"].endswith("Z")
+    assert (first["run_id"], first["conversation_id"], first["approval_id"]) == ("run-1", "conv-1", "ap-1")
+    assert "ValueError" in failure["exc_info"] and failure["run_id"] == "run-1"
+    assert "run_id" not in plain

@@ -46,3 +46,41 @@ def test_env_example_loads_as_is():
     settings = load_settings(env_file=ROOT / ".env.example", environ={})
     assert settings.model == "gpt-4o-mini" and not settings.model_configured  # the key is still to be filled in
     assert not settings.slack_enabled and not settings.feishu_enabled
+
+
+def section(title: str) -> str:
+    match = re.search(rf"^## {title}\n(.*?)(?=^## )", README, flags=re.S | re.M)
+    assert match, f"no section {title!r}"
+    return match.group(1)
+
+
+def test_deploy_section_names_the_files_that_exist():
+    deploy = section("Deploy")
+    for heading in ("### Docker", "### Compose: PostgreSQL and two replicas", "### systemd"):
+        assert heading in deploy
+    for path in re.findall(r"\]\(((?:deploy/)?[\w./-]+)\)", deploy):
+        assert (ROOT / path).is_file(), path
+
+
+def test_operate_section_matches_the_endpoints_metrics_and_commands():
+    from bot.cli import build_parser
+    from bot.core import metrics
+
+    operate = section("Operate")
+    for heading in (
+        "### Health and readiness",
+        "### Metrics",
+        "### Logs",
+        "### Checking a configuration",
+        "### Backup and restore",
+        "### Upgrading",
+    ):
+        assert heading in operate
+    exported = {m._name for m in vars(metrics).values() if hasattr(m, "_name") and hasattr(m, "_labelnames")}
+    documented = set(re.findall(r"`(chatops_[a-z_]+?)(?:_total)?`", operate))
+    assert documented == exported
+    parser = build_parser()
+    for command in ("doctor", "backup x.db", "db upgrade", "audit verify"):
+        parser.parse_args(command.split())
+    for endpoint in ("/healthz", "/readyz", "/metrics"):
+        assert f"`GET {endpoint}`" in operate

@@ -38,7 +38,9 @@ async def _quiet() -> None:
 
 async def test_a_turn_runs_reads_at_once_and_freezes_writes_into_proposals_without_a_database(model: ScriptedModel) -> None:
     ledger = Ledger()
-    model.script(calls(("count_notes", {"topic": "ops"}), ("write_note", {"topic": "ops", "text": "restart web-1"}), ("nope", {})))
+    model.script(
+        calls(("count_notes", {"topic": "ops"}), ("write_note", {"topic": "ops", "text": "restart web-1"}), ("nope", {}))
+    )
     turn = a_turn(model, ledger)
     claim = a_claim("count and write")
     reply = await turn.think(claim, _quiet)

@@ -21,6 +21,7 @@ from openai import AsyncOpenAI
 from openai.types.chat import ChatCompletion
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt, wait_exponential_jitter
 
+from bot.core import metrics
 from bot.core.errors import ModelUnavailable
 from storage.redact import Redactor
 
@@ -148,6 +149,12 @@ class ModelClient:
     async def _once(self, body: dict[str, Any]) -> ModelReply:
         started = time.perf_counter()
         try:
+            return await self._attempt(body, started)
+        finally:
+            metrics.MODEL_SECONDS.observe(time.perf_counter() - started)
+
+    async def _attempt(self, body: dict[str, Any], started: float) -> ModelReply:
+        try:
             # The client's low-level `post` (same errors and timeout as `chat.completions.create`)
             # skips the per-call TypedDict transform of `messages` and `tools`, which costs several
             # milliseconds per call with a dozen tool schemas (measured in benchmarks/).
@@ -164,6 +171,8 @@ class ModelClient:
             raise MalformedReply("neither text nor tool calls")
         usage = {}
         if response.usage is not None:
+            metrics.MODEL_TOKENS.labels("prompt").inc(response.usage.prompt_tokens or 0)
+            metrics.MODEL_TOKENS.labels("completion").inc(response.usage.completion_tokens or 0)
             usage = {
                 "prompt_tokens": response.usage.prompt_tokens,
                 "completion_tokens": response.usage.completion_tokens,

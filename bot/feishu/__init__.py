@@ -36,7 +36,7 @@ from typing import Any
 from aiohttp import web
 
 from bot.config import Settings
-from bot.core import commands, language, texts
+from bot.core import commands, language, metrics, texts
 from bot.core.cards import cut
 from bot.core.channels import CardView
 from bot.core.engine import Core
@@ -60,6 +60,7 @@ TEXT_LIMIT = 20_000
 HANDLER_BUDGET = 2.5  # seconds; Feishu wants an answer within 3
 START_BUDGET = 15.0  # seconds start() waits for the bot's identity
 BOT_ID_RETRY = 30.0  # the longest wait between two attempts to learn it (bot info counts against the API quota)
+TOKEN_RECHECK = 60.0  # seconds between two bot-info calls made for /readyz
 
 
 class NotReady(Exception):
@@ -102,6 +103,9 @@ class FeishuAdapter:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._long: LongConnection | None = None
         self._answering: dict[str, asyncio.Event] = {}
+        self.token_recheck = TOKEN_RECHECK
+        self._token_checked: float | None = None
+        self._token_problem: str | None = None
 
     # ------------------------------------------------------------------ lifecycle
     def routes(self) -> list[web.RouteDef]:
@@ -125,6 +129,30 @@ class FeishuAdapter:
                 handler=self._from_long_connection,
             )
             await self._long.start()
+
+    async def not_ready(self) -> list[str]:
+        """Tenant token and bot identity known (asked again every `token_recheck` s); long connection up when used."""
+        if self._loop is None:
+            return ["not started"]
+        checked = self._token_checked
+        if checked is None or time.monotonic() - checked >= self.token_recheck or self._token_problem:
+            self._token_problem = await self._check_token()
+            self._token_checked = time.monotonic()
+        problems = [self._token_problem] if self._token_problem else []
+        if self.bot_open_id is None:
+            problems.append("the bot's own identity (bot info) is not known")
+        if self.settings.feishu_mode == "ws" and (self._long is None or not self._long.connected):
+            problems.append("the long connection is down")
+        return problems
+
+    async def _check_token(self) -> str | None:
+        try:
+            self.bot_open_id = await self.api.bot_open_id()
+        except CredentialsRejected as exc:
+            return f"FEISHU_APP_SECRET was rejected: no tenant token (code {exc.code})"
+        except FeishuApiError as exc:
+            return f"bot info failed (code {exc.code})"
+        return None
 
     async def stop(self) -> None:
         if self._long is not None:
@@ -227,6 +255,16 @@ class FeishuAdapter:
             event.set()
 
     async def _webhook(self, request: web.Request) -> web.StreamResponse:
+        started = time.perf_counter()
+        status = 500
+        try:
+            response = await self._answer_webhook(request)
+            status = response.status
+            return response
+        finally:
+            metrics.observe_ack(events.PLATFORM, status, time.perf_counter() - started)
+
+    async def _answer_webhook(self, request: web.Request) -> web.StreamResponse:
         body = await request.read()
         try:
             envelope = open_envelope(
@@ -271,12 +309,18 @@ class FeishuAdapter:
             return None
         if not isinstance(payload, dict) or self._loop is None:
             return None
+        started = time.perf_counter()
         future = asyncio.run_coroutine_threadsafe(self.dispatch(payload), self._loop)
+        status = 500
         try:
             answer = future.result(timeout=HANDLER_BUDGET)
+            status = 200
         except events.BadPayload as exc:
+            status = 400
             log.warning("feishu long connection: unreadable event (%s)", exc)
             return None
+        finally:
+            metrics.observe_ack(events.PLATFORM, status, time.perf_counter() - started)
         self._loop.call_soon_threadsafe(self._answered, answer.approval_id)
         return answer.body if answer.approval_id is not None else None
 

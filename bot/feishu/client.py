@@ -7,7 +7,7 @@ What this adds to the SDK (1.7.5), each verified in its source:
 - Blocking I/O: the SDK fetches tenant tokens with `requests` even on its `a*` methods, so every
   call runs the sync method in `asyncio.to_thread`; `timeout` bounds each HTTP request (the
   token fetch included), and an outer `asyncio.wait_for` bounds the whole call.
-- Token refresh: `TokenManager.cache` is process-global and never invalidated; when Feishu
+- Token refresh: `TokenManager.cache` (through `sdk.py`) is process-global and never invalidated; when Feishu
   answers 99991661/99991663/99991668 the cached token is dropped and the call retried once.
   When Feishu refuses to issue a token at all (wrong app secret), `CredentialsRejected`.
 - Rate limits: HTTP 429 or code 99991400 are retried after `x-ogw-ratelimit-reset` seconds (or
@@ -18,12 +18,13 @@ What this adds to the SDK (1.7.5), each verified in its source:
 from __future__ import annotations
 
 import asyncio
-import importlib
 import json
 import logging
 import uuid as uuidlib
 from collections.abc import Callable
 from typing import Any
+
+from bot.feishu import sdk
 
 log = logging.getLogger("chatops.feishu")
 
@@ -71,12 +72,12 @@ class FeishuApi:
     async def open(self) -> None:
         """Import lark-oapi and build the client (off the event loop: the import is slow)."""
         if self._client is None:
-            await asyncio.to_thread(self._build)
+            await sdk.in_daemon_thread(self._build)
 
     def _build(self) -> None:
-        lark = importlib.import_module("lark_oapi")
-        self._im = importlib.import_module("lark_oapi.api.im.v1")
-        self._contact = importlib.import_module("lark_oapi.api.contact.v3")
+        lark = sdk.load("lark_oapi")
+        self._im = sdk.load("lark_oapi.api.im.v1")
+        self._contact = sdk.load("lark_oapi.api.contact.v3")
         self._lark = lark
         builder = lark.Client.builder().app_id(self.app_id).app_secret(self._secret)
         builder = builder.domain(self.domain).timeout(self.timeout)
@@ -168,8 +169,7 @@ class FeishuApi:
 
     # ------------------------------------------------------------------ retry policy
     def _forget_token(self) -> None:
-        manager = importlib.import_module("lark_oapi.core.token.manager").TokenManager
-        manager.cache.set(f"self_tenant_token:{self.app_id}", "", 0)
+        sdk.forget_tenant_token(self.app_id)
 
     def _backoff(self, attempt: int, response: Any) -> float:
         headers = getattr(getattr(response, "raw", None), "headers", None) or {}

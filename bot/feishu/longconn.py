@@ -7,7 +7,7 @@ Pitfalls of lark-oapi 1.7.5, checked in `lark_oapi/ws/client.py`, and what we do
   and `start()` would fail with "This event loop is already running". The thread creates a fresh
   loop and assigns it to `lark_oapi.ws.client.loop` before `start()`. Because that global is
   per process, only one long connection may run per process (`_ONE_PER_PROCESS`).
-- `_handle_data_frame` drops frames of type `card` without an ack. `_Client` overrides it to
+- `_handle_data_frame` drops frames of type `card` without an ack. `sdk.ws_client_class` overrides it to
   hand `event` and `card` frames alike to our handler, and answers both exactly as the SDK
   answers events (`{"code": 200, "data": base64(json)}`; code 500 if the handler raised, which
   makes Feishu redeliver).
@@ -23,53 +23,18 @@ the event in the database (on the main loop) and returns.
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
-import importlib
-import json
 import logging
 import threading
-import time
-from collections.abc import Callable
 from typing import Any
+
+from bot.feishu import sdk
 
 log = logging.getLogger("chatops.feishu")
 
-STOP_TIMEOUT = 5.0
-FrameHandler = Callable[[bytes], dict[str, Any] | None]
+STOP_TIMEOUT = 3.0
+FrameHandler = sdk.FrameHandler
 _ONE_PER_PROCESS = threading.Lock()
-
-
-def _client_class(ws: Any) -> type:
-    """A `lark.ws.Client` whose data frames (event *and* card) go to `handler`."""
-
-    class _Client(ws.Client):  # type: ignore[misc, name-defined]
-        handler: FrameHandler
-
-        async def _handle_data_frame(self, frame: Any) -> None:
-            headers = {h.key: h.value for h in frame.headers}
-            payload = frame.payload
-            if int(headers.get("sum", "1")) > 1:
-                payload = self._combine(headers["message_id"], int(headers["sum"]), int(headers["seq"]), payload)
-                if payload is None:
-                    return
-            if headers.get("type") not in ("event", "card"):
-                return
-            started = time.monotonic()
-            response: dict[str, Any] = {"code": 200}
-            try:
-                result = self.handler(payload)
-                if result is not None:
-                    response["data"] = base64.b64encode(json.dumps(result, ensure_ascii=False).encode()).decode()
-            except Exception as exc:  # noqa: BLE001 - an error ack makes Feishu redeliver
-                log.warning("feishu long connection: handler failed (%s)", type(exc).__name__)
-                response = {"code": 500}
-            rt = frame.headers.add()
-            rt.key, rt.value = "biz_rt", str(int((time.monotonic() - started) * 1000))
-            frame.payload = json.dumps(response).encode()
-            await self._write_message(frame.SerializeToString())
-
-    return _Client
 
 
 class LongConnection:
@@ -88,14 +53,14 @@ class LongConnection:
 
     @property
     def connected(self) -> bool:
-        return self._client is not None and getattr(self._client, "_conn", None) is not None
+        return self._client is not None and sdk.websocket_of(self._client) is not None
 
     async def start(self) -> None:
         """Import the SDK (slow; off the loop) and start the connection thread."""
         if not _ONE_PER_PROCESS.acquire(blocking=False):
             raise RuntimeError("only one Feishu long connection can run per process")
         try:
-            await asyncio.to_thread(importlib.import_module, "lark_oapi.ws.client")
+            await sdk.in_daemon_thread(lambda: sdk.load("lark_oapi.ws.client"))
         except BaseException:
             _ONE_PER_PROCESS.release()
             raise
@@ -111,15 +76,15 @@ class LongConnection:
             await asyncio.sleep(0.02)
 
     def _run(self) -> None:
-        ws = importlib.import_module("lark_oapi.ws.client")
-        lark = importlib.import_module("lark_oapi")
+        ws = sdk.load("lark_oapi.ws.client")
+        log_level = sdk.load("lark_oapi.core.enum").LogLevel.WARNING
         loop = asyncio.new_event_loop()
         asyncio.set_event_loop(loop)
-        ws.loop = loop  # the SDK's import-time loop (see module docstring)
+        sdk.set_module_loop(ws, loop)  # the SDK's import-time loop (see module docstring)
         self._loop = loop
         try:
-            client = _client_class(ws)(
-                self.app_id, self._secret, log_level=lark.LogLevel.WARNING, domain=self.domain, auto_reconnect=True
+            client = sdk.ws_client_class(ws)(
+                self.app_id, self._secret, log_level=log_level, domain=self.domain, auto_reconnect=True
             )
             client.handler = self.handler
             self._client = client
@@ -141,17 +106,18 @@ class LongConnection:
             task.cancel()
         if tasks:
             loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
-        if self._client is not None and self._client._conn is not None:
+        websocket = sdk.websocket_of(self._client) if self._client is not None else None
+        if websocket is not None:
             with contextlib.suppress(Exception):  # closing a dead socket
-                loop.run_until_complete(asyncio.wait_for(self._client._conn.close(), 2))
-            self._client._conn = None
+                loop.run_until_complete(asyncio.wait_for(websocket.close(), 2))
+            sdk.forget_websocket(self._client)
         loop.close()
 
     async def stop(self) -> None:
         """Stop the connection and wait (at most `STOP_TIMEOUT`) for the thread to finish."""
         self._stopping = True
         if self._client is not None:
-            self._client._auto_reconnect = False
+            sdk.stop_reconnecting(self._client)
         loop = self._loop
         if loop is not None and not loop.is_closed():
             with contextlib.suppress(RuntimeError):  # closed meanwhile

@@ -17,7 +17,9 @@ HTTP route is mounted and SLACK_SIGNING_SECRET verifies every request.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator, Coroutine
 from contextlib import asynccontextmanager
 from typing import Any
@@ -32,7 +34,7 @@ from bot.core.engine import Core
 from bot.core.events import Thread
 from bot.core.refusals import record_refused_request
 from bot.slack.blocks import card_blocks, card_text, safe_message, split_message
-from bot.slack.client import BotIdentity, SlackUnavailable, UserDirectory, make_client
+from bot.slack.client import REJECTED_TOKEN_ERRORS, BotIdentity, SlackUnavailable, UserDirectory, make_client
 from bot.slack.groups import SlackGroups
 from bot.slack.handlers import SlackHandlers
 from bot.slack.transport import HttpDoor, SocketDoor, build_bolt_app
@@ -42,7 +44,8 @@ __all__ = ["SlackAdapter"]
 log = logging.getLogger("chatops.slack")
 
 WORKING_REACTION = "eyes"
-STOP_TIMEOUT = 10.0
+STOP_TIMEOUT = 3.0
+AUTH_RECHECK = 60.0  # seconds between two auth.test calls made for /readyz
 
 
 class SlackAdapter:
@@ -63,6 +66,9 @@ class SlackAdapter:
         self.socket = SocketDoor(self.bolt, app_token) if app_token else None
         self.http = HttpDoor(self.bolt, secret, self._refused) if self.socket is None and secret else None
         self._tasks: set[asyncio.Task[Any]] = set()
+        self.auth_recheck = AUTH_RECHECK
+        self._auth_checked: float | None = None
+        self._auth_problem: str | None = None
 
     @property
     def mode(self) -> str:
@@ -85,6 +91,34 @@ class SlackAdapter:
             log.warning("slack: %s; will ask again on the first request", exc)
         if self.socket is not None:
             await self.socket.start()
+
+    async def not_ready(self) -> list[str]:
+        """auth.test passed (asked again every `auth_recheck` seconds) and, in Socket Mode, the socket is up."""
+        problems = []
+        checked = self._auth_checked
+        if checked is None or time.monotonic() - checked >= self.auth_recheck or self._auth_problem:
+            self._auth_problem = await self._check_auth()
+            self._auth_checked = time.monotonic()
+        if self._auth_problem:
+            problems.append(self._auth_problem)
+        if self.socket is not None and not await self.socket.connected():
+            problems.append("Socket Mode is not connected")
+        return problems
+
+    async def _check_auth(self) -> str | None:
+        try:
+            await self.client.auth_test()
+        except SlackApiError as exc:
+            error = str(exc.response.get("error", "error"))
+            if error in REJECTED_TOKEN_ERRORS:
+                return f"SLACK_BOT_TOKEN was rejected by Slack ({error})"
+            return f"auth.test failed ({error})"
+        except Exception as exc:  # noqa: BLE001 - unreachable or timed out
+            return f"auth.test failed ({type(exc).__name__})"
+        if self.identity.bot_user_id is None:
+            with contextlib.suppress(Exception):
+                await self.identity.load()
+        return None
 
     async def stop(self) -> None:
         if self.socket is not None:

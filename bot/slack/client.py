@@ -32,7 +32,7 @@ HTTP_TIMEOUT = 15
 NAME_LOOKUP_TIMEOUT = 1.0
 NAME_TTL = 3600.0
 NAME_CACHE_SIZE = 10_000
-_FATAL_AUTH_ERRORS = frozenset({"invalid_auth", "not_authed", "account_inactive", "token_revoked", "token_expired"})
+REJECTED_TOKEN_ERRORS = frozenset({"invalid_auth", "not_authed", "account_inactive", "token_revoked", "token_expired"})
 
 
 class SlackUnavailable(Exception):
@@ -75,7 +75,7 @@ class BotIdentity:
                     response = await self.client.auth_test()
                 except SlackApiError as exc:
                     error = str(exc.response.get("error", "unknown_error"))
-                    if error in _FATAL_AUTH_ERRORS:
+                    if error in REJECTED_TOKEN_ERRORS:
                         raise ConfigError("SLACK_BOT_TOKEN", f"was rejected by Slack ({error})") from None
                     raise SlackUnavailable(f"auth.test failed: {error}") from None
                 except Exception as exc:  # noqa: BLE001 - network trouble: the caller answers non-2xx

@@ -14,17 +14,23 @@ an audit row, before Bolt or a listener can trip over it.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
 
 from aiohttp import web
 from slack_bolt.adapter.aiohttp import to_aiohttp_response, to_bolt_request
 from slack_bolt.adapter.socket_mode.aiohttp import AsyncSocketModeHandler
 from slack_bolt.async_app import AsyncApp
+from slack_sdk.errors import SlackApiError
 from slack_sdk.signature import SignatureVerifier
 from slack_sdk.web.async_client import AsyncWebClient
 
-from bot.slack.client import BotIdentity
+from bot.core import metrics
+from bot.core.errors import ConfigError
+from bot.slack.client import REJECTED_TOKEN_ERRORS, BotIdentity
 from bot.slack.payloads import Malformed, check_body
 
 log = logging.getLogger("chatops.slack")
@@ -32,6 +38,10 @@ log = logging.getLogger("chatops.slack")
 EVENTS_PATH = "/slack/events"
 MAX_TIMESTAMP_DIGITS = 12  # seconds since 1970 have 10 digits until the year 2286
 _BOLT_VERIFIER_LOGGER = "slack_bolt.RequestVerification"
+CONNECT_ATTEMPT_TIMEOUT = 10.0
+FIRST_BACKOFF = 1.0
+MAX_BACKOFF = 60.0
+CLOSE_TIMEOUT = 2.0
 
 
 class _NoSignatureBodies(logging.Filter):
@@ -39,6 +49,14 @@ class _NoSignatureBodies(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         return not str(record.msg).startswith("Invalid request signature")
+
+
+class _OneLine(logging.Filter):
+    """The Socket Mode client logs every failed (re)connect with a traceback: keep the line, drop the traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.exc_info, record.exc_text, record.stack_info = None, None, None
+        return True
 
 
 def _silence_bolt_verifier_log() -> None:
@@ -89,6 +107,12 @@ class HttpDoor:
         return [web.post(EVENTS_PATH, self.handle)]
 
     async def handle(self, request: web.Request) -> web.Response:
+        started = time.perf_counter()
+        response = await self._answer(request)
+        metrics.observe_ack("slack", response.status, time.perf_counter() - started)
+        return response
+
+    async def _answer(self, request: web.Request) -> web.Response:
         body = await request.read()
         if not signature_ok(self.verifier, body, request.headers):
             log.warning("slack: rejected a request with a missing, invalid or stale signature")
@@ -104,14 +128,81 @@ class HttpDoor:
         return await to_aiohttp_response(bolt_response)
 
 
+class _TimedSocketModeHandler(AsyncSocketModeHandler):
+    """Bolt's Socket Mode handler, with each envelope's ack counted and timed."""
+
+    async def handle(self, client: Any, req: Any) -> None:
+        started = time.perf_counter()
+        status = 500
+        try:
+            await super().handle(client, req)
+            status = 200
+        finally:
+            metrics.observe_ack("slack", status, time.perf_counter() - started)
+
+
 class SocketDoor:
-    """Socket Mode: Slack pushes the same payloads over a WebSocket opened with the app token."""
+    """Socket Mode: Slack pushes the same payloads over a WebSocket opened with the app token.
+
+    `start` asks for a WebSocket URL once, so a rejected app token stops start-up; the connection
+    itself is made by a background task that retries with exponential backoff and logs one line
+    per failed attempt, so an unreachable Slack never blocks start-up or shutdown.
+    """
 
     def __init__(self, app: AsyncApp, app_token: str) -> None:
-        self.handler = AsyncSocketModeHandler(app, app_token, logger=logging.getLogger("chatops.slack.socket"))
+        logger = logging.getLogger("chatops.slack.socket")
+        if not any(isinstance(f, _OneLine) for f in logger.filters):
+            logger.addFilter(_OneLine())
+        self.handler = _TimedSocketModeHandler(app, app_token, logger=logger)
+        self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        await self.handler.connect_async()
+        client = self.handler.client
+        try:
+            async with asyncio.timeout(CONNECT_ATTEMPT_TIMEOUT):
+                client.wss_uri = await client.issue_new_wss_url()  # the first connect attempt uses it
+        except SlackApiError as exc:
+            error = str(exc.response.get("error", ""))
+            if error in REJECTED_TOKEN_ERRORS:
+                raise ConfigError("SLACK_APP_TOKEN", f"was rejected by Slack ({error})") from None
+            log.warning("slack: Socket Mode URL not issued yet (%s); connecting in the background", error or "error")
+        except Exception as exc:  # noqa: BLE001 - unreachable: the background loop keeps trying
+            log.warning("slack: Slack is unreachable for Socket Mode (%s); connecting in the background", type(exc).__name__)
+        self._task = asyncio.create_task(self._connect_loop(), name="slack-socket-connect")
+
+    async def _connect_loop(self) -> None:
+        client = self.handler.client
+        delay = FIRST_BACKOFF
+        attempt = 1
+        while not client.closed:
+            try:
+                async with asyncio.timeout(CONNECT_ATTEMPT_TIMEOUT):
+                    if client.wss_uri is None:
+                        client.wss_uri = await client.issue_new_wss_url()
+                    await client.connect()
+                if await client.is_connected():
+                    log.info("slack: Socket Mode connected")
+                    return
+                problem = "not connected"
+            except SlackApiError as exc:
+                problem = str(exc.response.get("error", "error"))
+            except Exception as exc:  # noqa: BLE001 - network trouble: one line, then back off
+                problem = type(exc).__name__
+            log.warning("slack: Socket Mode connect attempt %d failed (%s); next in %.0fs", attempt, problem, delay)
+            client.wss_uri = None  # a fresh URL for the next attempt (they are single-use)
+            await asyncio.sleep(delay)
+            delay, attempt = min(delay * 2, MAX_BACKOFF), attempt + 1
+
+    async def connected(self) -> bool:
+        return bool(await self.handler.client.is_connected())
 
     async def stop(self) -> None:
-        await self.handler.close_async()
+        self.handler.client.closed = True  # the SDK's own retry loops end at their next turn
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        try:
+            async with asyncio.timeout(CLOSE_TIMEOUT):
+                await self.handler.close_async()
+        except Exception as exc:  # noqa: BLE001 - closing a dead socket
+            log.warning("slack: closing Socket Mode: %s", type(exc).__name__)

@@ -48,6 +48,17 @@ class FakeSlackApi:
     messages: dict[str, dict[str, Any]] = field(default_factory=dict)
     acks: dict[str, dict[str, Any]] = field(default_factory=dict)
     usergroups: dict[str, list[str]] = field(default_factory=dict)
+    # What a token installed from manifest.yml has; Slack sends it as `x-oauth-scopes` on every answer.
+    scopes: list[str] = field(
+        default_factory=lambda: [
+            "app_mentions:read",
+            "chat:write",
+            "im:history",
+            "reactions:write",
+            "usergroups:read",
+            "users:read",
+        ]
+    )
     port: int = 0
     _limits: dict[str, list[int]] = field(default_factory=dict)
     _errors: dict[str, list[Any]] = field(default_factory=dict)
@@ -147,7 +158,8 @@ class FakeSlackApi:
             return web.json_response({"ok": False, "error": error[1]})
         handler = getattr(self, "_m_" + call.method.replace(".", "_"), None)
         body = handler(call.params) if handler else {}
-        return web.json_response({"ok": True, **body})  # a handler's own {"ok": False, ...} wins
+        headers = {"x-oauth-scopes": ",".join(self.scopes)} if expected == "xoxb-" else {}
+        return web.json_response({"ok": True, **body}, headers=headers)  # a handler's own {"ok": False, ...} wins
 
     def _new_ts(self) -> str:
         return f"1700000000.{next(self._ts):06d}"

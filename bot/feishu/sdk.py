@@ -1,0 +1,131 @@
+"""Every use of lark-oapi's private internals, in one place (lark-oapi 1.7.x).
+
+The long connection and the token refresh need what the SDK does not expose publicly:
+
+- `lark_oapi.ws.client.Client._handle_data_frame(frame)`: overridden, because the SDK drops `card`
+  frames without an ack; ours reuses `_combine(message_id, sum, seq, payload)` to reassemble
+  fragmented frames and `_write_message(bytes)` to answer;
+- `Client._conn` (the websocket, None when down) and `Client._auto_reconnect` (turned off to stop);
+- `lark_oapi.ws.client.loop`: the module-global event loop every method uses;
+- `lark_oapi.core.token.manager.TokenManager.cache`: the process-wide token cache, where a
+  token Feishu rejected is dropped (`set(key, "", 0)`).
+
+`tests/test_feishu_sdk.py` checks each of these against the installed SDK and fails loudly when a
+new version changes them; `pyproject.toml` pins lark-oapi to `>=1.7.5,<1.8`.
+
+Importing a lark-oapi module also installs the SDK's own stdout handler on its `Lark` logger
+(`[Lark] ...` lines in another format); `load` removes it, so those records go through the
+process's handlers (redacted, and JSON when `CHATOPS_LOG_FORMAT=json`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import importlib
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable
+from types import ModuleType
+from typing import Any, TypeVar
+
+log = logging.getLogger("chatops.feishu")
+
+T = TypeVar("T")
+FrameHandler = Callable[[bytes], dict[str, Any] | None]
+SDK_LOGGER = "Lark"
+TOKEN_CACHE_KEY = "self_tenant_token:{app_id}"
+
+
+def load(name: str) -> ModuleType:
+    """Import a lark-oapi module (slow: call it off the event loop) and route the SDK's logs."""
+    module = importlib.import_module(name)
+    sdk_logger = logging.getLogger(SDK_LOGGER)
+    for handler in list(sdk_logger.handlers):
+        sdk_logger.removeHandler(handler)
+    sdk_logger.propagate = True
+    return module
+
+
+async def in_daemon_thread(function: Callable[[], T]) -> T:
+    """Run `function` (an SDK import: seconds of CPU) in a daemon thread. Unlike `asyncio.to_thread`,
+    a process asked to stop meanwhile does not wait for it to finish before exiting."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[T] = loop.create_future()
+
+    def settle(result: T | None, error: BaseException | None) -> None:
+        if future.done():
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)  # type: ignore[arg-type]
+
+    def run() -> None:
+        try:
+            result = function()
+        except BaseException as exc:  # noqa: BLE001 - handed to the awaiting coroutine
+            loop.call_soon_threadsafe(settle, None, exc)
+        else:
+            loop.call_soon_threadsafe(settle, result, None)
+
+    threading.Thread(target=run, name="lark-oapi-import", daemon=True).start()
+    return await future
+
+
+def ws_client_class(ws: ModuleType) -> type:
+    """A `lark_oapi.ws.client.Client` whose data frames (event *and* card) go to `self.handler`."""
+
+    class _Client(ws.Client):  # type: ignore[misc, name-defined]
+        handler: FrameHandler
+
+        async def _handle_data_frame(self, frame: Any) -> None:
+            headers = {h.key: h.value for h in frame.headers}
+            payload = frame.payload
+            if int(headers.get("sum", "1")) > 1:
+                payload = self._combine(headers["message_id"], int(headers["sum"]), int(headers["seq"]), payload)
+                if payload is None:
+                    return
+            if headers.get("type") not in ("event", "card"):
+                return
+            started = time.monotonic()
+            response: dict[str, Any] = {"code": 200}
+            try:
+                result = self.handler(payload)
+                if result is not None:
+                    response["data"] = base64.b64encode(json.dumps(result, ensure_ascii=False).encode()).decode()
+            except Exception as exc:  # noqa: BLE001 - an error ack makes Feishu redeliver
+                log.warning("feishu long connection: handler failed (%s)", type(exc).__name__)
+                response = {"code": 500}
+            rt = frame.headers.add()
+            rt.key, rt.value = "biz_rt", str(int((time.monotonic() - started) * 1000))
+            frame.payload = json.dumps(response).encode()
+            await self._write_message(frame.SerializeToString())
+
+    return _Client
+
+
+def websocket_of(client: Any) -> Any:
+    """The client's open websocket, or None when it is down."""
+    return getattr(client, "_conn", None)
+
+
+def forget_websocket(client: Any) -> None:
+    client._conn = None
+
+
+def stop_reconnecting(client: Any) -> None:
+    client._auto_reconnect = False
+
+
+def set_module_loop(ws: ModuleType, loop: Any) -> None:
+    """The SDK's import-time global loop, replaced by the connection thread's own."""
+    ws.loop = loop
+
+
+def forget_tenant_token(app_id: str) -> None:
+    """Drop the cached tenant token of `app_id` (Feishu said it is invalid)."""
+    manager = load("lark_oapi.core.token.manager").TokenManager
+    manager.cache.set(TOKEN_CACHE_KEY.format(app_id=app_id), "", 0)
