@@ -219,9 +219,9 @@ async def check_smtp(settings: Settings) -> list[Finding]:
 
 
 def _smtp_probe(settings: Settings) -> Finding:
-    from tools.email import DEFAULT_PORTS
+    from tools.config import DEFAULT_SMTP_PORTS
 
-    host, port = settings.smtp_host or "", settings.smtp_port or DEFAULT_PORTS[settings.smtp_security]
+    host, port = settings.smtp_host or "", settings.smtp_port or DEFAULT_SMTP_PORTS[settings.smtp_security]
     stage = "connect"
     try:
         if settings.smtp_security == "ssl":

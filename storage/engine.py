@@ -277,7 +277,7 @@ class Database:
         limit = deadline if deadline is not None else URGENT_RETRY_DEADLINE if urgent else RETRY_DEADLINE
         return AsyncRetrying(
             retry=retry_if_exception(is_transient),
-            wait=wait_exponential_jitter(initial=0.05, max=2.0),
+            wait=wait_exponential_jitter(multiplier=0.05, max=2.0),
             stop=stop_after_delay(limit),
             reraise=True,
         )

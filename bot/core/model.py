@@ -66,7 +66,7 @@ def _retryable(exc: BaseException) -> bool:
     return isinstance(exc, openai.APITimeoutError | openai.APIConnectionError | MalformedReply)
 
 
-_backoff = wait_exponential_jitter(initial=0.5, max=8)
+_backoff = wait_exponential_jitter(multiplier=0.5, max=8)
 RETRY_AFTER_CAP = 30.0
 
 
