@@ -149,7 +149,8 @@ async def test_feishu_signed_click_with_a_bad_id_is_not_found_and_audited(feishu
     await bot.settle()
     assert status in (200, 400), answer  # Feishu's own limit: ids over 64 characters or empty are unreadable
     if status == 200:
-        assert "I do not know approval" in json.dumps(answer, ensure_ascii=False) and "\\u0000" not in json.dumps(answer)
+        shown = json.dumps(answer, ensure_ascii=False)  # Feishu speaks Chinese unless told otherwise
+        assert ("I do not know approval" in shown or "找不到审批" in shown) and "\\u0000" not in json.dumps(answer)
     _no_tracebacks(caplog)
     refused = "kind IN ('click_refused', 'request_refused')"
     assert await bot.count("audit_event", refused) + await bot.count("audit_staged") >= 1

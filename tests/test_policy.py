@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from bot.core import approvals as approvals_module
 from bot.core.errors import PolicyError
 from bot.core.events import DecisionRequest, IncomingMessage, Thread, User
 from bot.core.policy_file import load_policy_file, parse_policy
@@ -209,9 +208,7 @@ async def test_revoking_an_approver_between_click_and_execution_blocks_it(bots, 
     who = people("slack")
     approval_id = await propose(app, who["requester"], "approve_note", "revoke-1")
     # The click lands (decision recorded), but execution has not started yet...
-    outcome = await approvals_module.decide(
-        app.ctx, DecisionRequest(approval_id, who["approver"], approve=True), app.core.rule_for
-    )
+    outcome = await app.core.approvals.decide(DecisionRequest(approval_id, who["approver"], approve=True))
     assert outcome.kind == "approved"
     # ...when an admin removes the approver from the policy file.
     policy_file.write_text(POLICY.replace('"slack:ULEAD", ', ""), encoding="utf-8")
