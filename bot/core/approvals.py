@@ -19,7 +19,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from bot.core import outbox, texts
+from bot.core import metrics, outbox, texts
 from bot.core.channels import CardView
 from bot.core.context import AppContext
 from bot.core.events import DecisionRequest, User
@@ -141,6 +141,8 @@ class ApprovalService:
         for _ in range(8):
             outcome = await self.ctx.db.run(lambda session: self._decide_once(session, req), urgent=True)
             if outcome is not None:
+                if outcome.kind in (Decision.APPROVED, Decision.REJECTED, Decision.EXPIRED):
+                    metrics.APPROVALS.labels(str(outcome.kind)).inc()
                 return outcome
         raise RuntimeError("approval decision did not settle after repeated conflicts")
 
@@ -217,7 +219,10 @@ class ApprovalService:
         """approved -> executing under this replica's lease, after re-checking that the call may
         still run (tool present, authorisation, digest, `problem_before` from the preview re-check).
         Returns the approval when this replica must run it, else None."""
-        return await self.ctx.db.run(lambda session: self._start_execution(session, approval_id, problem_before))
+        started = await self.ctx.db.run(lambda session: self._start_execution(session, approval_id, problem_before))
+        if started is not None:
+            metrics.APPROVALS.labels(str(S.EXECUTING)).inc()
+        return started
 
     async def _start_execution(self, session: AsyncSession, approval_id: str, problem_before: str | None) -> Approval | None:
         ctx = self.ctx
@@ -309,7 +314,10 @@ class ApprovalService:
                 await outbox.enqueue_reply(session, ctx, approval.thread, notice, run_id=approval.run_id)
             return approval
 
-        return await ctx.db.run(finish, deadline=ctx.settings.outbox_deadline)
+        finished = await ctx.db.run(finish, deadline=ctx.settings.outbox_deadline)
+        if finished is not None:
+            metrics.APPROVALS.labels(str(status)).inc()
+        return finished
 
     # ------------------------------------------------------------------ recovery (the sweeper's)
     async def expire_overdue(self) -> list[Approval]:
@@ -322,7 +330,9 @@ class ApprovalService:
             )
             return [a for a in rows.scalars().all() if await self._expire(session, a)]
 
-        return await ctx.db.run(expire)
+        expired = await ctx.db.run(expire)
+        metrics.APPROVALS.labels(str(S.EXPIRED)).inc(len(expired))
+        return expired
 
     async def in_doubt_after_lease(self) -> list[Approval]:
         """executing -> in_doubt where the executor's lease ran out: the outcome is unknown, so the
@@ -349,7 +359,10 @@ class ApprovalService:
                 marked.append(a)
             return marked
 
-        return await ctx.db.run(mark)
+        marked = await ctx.db.run(mark)
+        metrics.APPROVALS.labels(str(S.IN_DOUBT)).inc(len(marked))
+        metrics.LEASE_TAKEOVERS.labels("execution").inc(len(marked))
+        return marked
 
     async def approved_but_not_started(self, older_than: float) -> list[str]:
         """Approvals a decider approved but nobody started (the decider died or lost the database)."""

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
-from bot.core import leases
+from bot.core import leases, metrics
 from bot.core.approvals import ApprovalService
 from bot.core.context import AppContext
 from bot.core.events import User
+from bot.core.logcontext import log_ids
 from storage.models import Approval, ApprovalStatus
 from tools.errors import ToolError, ToolInDoubt
 from tools.registry import result_text
@@ -42,12 +44,20 @@ class Executor:
         assert spec is not None  # start_execution refuses a vanished tool
         tool_ctx = ctx.tool_context.for_call(approval_id=started.id, requester=User.from_dict(started.requester))
         period = ctx.settings.lease_seconds / 3
-        async with leases.kept(lambda: self.approvals.renew_execution(approval_id), period, approval_id):
-            status, outcome = await self._run(spec.run(tool_ctx, started.args), started.tool_name)
+        with log_ids(run_id=started.run_id, approval_id=approval_id):
+            async with leases.kept(lambda: self.approvals.renew_execution(approval_id), period, approval_id):
+                status, outcome = await self._run(spec.run(tool_ctx, started.args), started.tool_name)
         await self.approvals.finish_execution(approval_id, status, outcome)
         return True
 
     async def _run(self, call: object, tool: str) -> tuple[S, str]:
+        started = time.perf_counter()
+        status, outcome = await self._outcome(call, tool)
+        metrics.TOOL_SECONDS.labels(tool).observe(time.perf_counter() - started)
+        metrics.TOOL_OUTCOMES.labels(tool, str(status)).inc()
+        return status, outcome
+
+    async def _outcome(self, call: object, tool: str) -> tuple[S, str]:
         timeout = self.ctx.settings.tool_timeout
         try:
             value = await asyncio.wait_for(call, timeout)  # type: ignore[arg-type]

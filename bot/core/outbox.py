@@ -21,7 +21,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from bot.core import texts
+from bot.core import metrics, texts
 from bot.core.cards import card_view
 from bot.core.channels import DeliveryFailed
 from bot.core.context import AppContext
@@ -218,6 +218,7 @@ class Outbox:
             for callback in self.on_card_given_up:
                 await callback(outcome.gave_up_card)
         if not give_up:
+            metrics.OUTBOX_RETRIES.labels(job.platform).inc()
             self._wake.set()
 
     async def _record_failure(

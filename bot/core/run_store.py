@@ -16,14 +16,24 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from bot.core import limits, outbox, texts
+from bot.core import limits, metrics, outbox, texts
 from bot.core.approvals import ApprovalService, args_digest, expiry, model_result, new_approval_id
 from bot.core.cards import card_content
 from bot.core.context import AppContext
 from bot.core.events import IncomingMessage, Thread, User
 from bot.core.policy import CallRule, Verdict
 from storage.audit import Entry, entry
-from storage.models import Approval, ApprovalStatus, Conversation, InboxEvent, InboxStatus, Run, RunStatus
+from storage.models import (
+    Approval,
+    ApprovalStatus,
+    Conversation,
+    InboxEvent,
+    InboxStatus,
+    OutboxJob,
+    OutboxStatus,
+    Run,
+    RunStatus,
+)
 from tools.registry import PreparedCall
 
 R, S, Q = RunStatus, ApprovalStatus, InboxStatus
@@ -296,7 +306,12 @@ class RunStore:
         """One step in one transaction: the assistant message, results of calls that ran, and either
         the approvals (pause) or the tool messages (go on). Proposals over the requester's pending limit
         are refused here, atomically with the count."""
-        return await self.ctx.db.run(lambda s: self._record_step(s, claim, step, assistant, dict(results), proposals, list(rows)))
+        record = await self.ctx.db.run(
+            lambda s: self._record_step(s, claim, step, assistant, dict(results), proposals, list(rows))
+        )
+        if record.created:
+            metrics.APPROVALS.labels("pending").inc(len(record.created))
+        return record
 
     async def _record_step(
         self, session: AsyncSession, claim: RunClaim, step: int, assistant: dict[str, Any],
@@ -449,13 +464,18 @@ class RunStore:
     async def finish(self, claim: RunClaim, text: str, status: RunStatus, rows: list[Entry]) -> bool:
         """Queue the final text, close the run and release the conversation in one transaction.
         Returns True when more messages are queued in the conversation."""
-        return await self.ctx.db.run(lambda s: self._finish(s, claim, text, status, list(rows)))
+        finished, more = await self.ctx.db.run(lambda s: self._finish(s, claim, text, status, list(rows)))
+        if finished:
+            metrics.RUNS.labels(str(status)).inc()
+        return more
 
-    async def _finish(self, session: AsyncSession, claim: RunClaim, text: str, status: RunStatus, rows: list[Entry]) -> bool:
+    async def _finish(
+        self, session: AsyncSession, claim: RunClaim, text: str, status: RunStatus, rows: list[Entry]
+    ) -> tuple[bool, bool]:
         ctx = self.ctx
         run = (await session.execute(sa.select(Run).where(self._mine(claim)))).scalar_one_or_none()
         if run is None:
-            return False  # taken over meanwhile; the new owner finishes it
+            return False, False  # taken over meanwhile; the new owner finishes it
         conv = await session.get(Conversation, run.conversation_key)
         if conv is not None:
             if status == R.DONE:
@@ -475,7 +495,7 @@ class RunStore:
         held = await self._queued(session, run.conversation_key, (HELD,))
         for event in held:
             event.status = Q.QUEUED  # their run ended without resuming: they start a run of their own
-        return bool(held or await self._queued(session, run.conversation_key))
+        return True, bool(held or await self._queued(session, run.conversation_key))
 
     async def waiting_and_decided(self) -> list[str]:
         """Waiting runs whose step has no undecided approval left (a resume was lost)."""
@@ -491,6 +511,21 @@ class RunStore:
             return list(rows.scalars().all())
 
         return await self.ctx.db.run(find, read=True)
+
+    async def queue_depths(self) -> dict[str, int]:
+        """How much work waits: queued messages, pending approvals, undelivered outbox jobs."""
+
+        async def count(session: AsyncSession) -> dict[str, int]:
+            queued = sa.select(sa.func.count()).select_from(InboxEvent).where(InboxEvent.status == Q.QUEUED)
+            pending = sa.select(sa.func.count()).select_from(Approval).where(Approval.status == S.PENDING)
+            outbox_jobs = sa.select(sa.func.count()).select_from(OutboxJob).where(OutboxJob.status == OutboxStatus.PENDING)
+            return {
+                "inbox": (await session.execute(queued)).scalar_one(),
+                "approvals": (await session.execute(pending)).scalar_one(),
+                "outbox": (await session.execute(outbox_jobs)).scalar_one(),
+            }
+
+        return await self.ctx.db.run(count, read=True)
 
     async def idle_conversations(self, older_than: float) -> list[str]:
         """Conversations with queued messages and no run holding them."""

@@ -14,6 +14,7 @@ import uuid
 from bot.core import leases, outbox, texts
 from bot.core.context import AppContext
 from bot.core.errors import ModelUnavailable
+from bot.core.logcontext import log_ids
 from bot.core.outbox import Outbox
 from bot.core.run_store import RunClaim, RunStore
 from bot.core.turn import Turn, model_row
@@ -54,17 +55,20 @@ class Runner:
 
     async def drive(self, claim: RunClaim | None) -> bool:
         """Work on a run until it pauses, ends or is lost. True when it ended with messages queued."""
-        period = self.ctx.settings.lease_seconds / 3
         more = False
         while claim is not None:
-            current = claim
-            async with leases.kept(lambda c=current: self.store.renew(c), period, current.run_id):
-                try:
-                    claim, more = await self._advance(current)
-                except Exception as exc:  # noqa: BLE001 - any error ends the run, never the conversation
-                    more = await self._fail(current, exc)
-                    claim = None
+            with log_ids(run_id=claim.run_id, conversation_id=claim.conversation_key):
+                claim, more = await self._drive_claim(claim)
         return more
+
+    async def _drive_claim(self, claim: RunClaim) -> tuple[RunClaim | None, bool]:
+        """One claim under its lease: (the resumed claim to go on with, or None; more queued)."""
+        period = self.ctx.settings.lease_seconds / 3
+        async with leases.kept(lambda: self.store.renew(claim), period, claim.run_id):
+            try:
+                return await self._advance(claim)
+            except Exception as exc:  # noqa: BLE001 - any error ends the run, never the conversation
+                return None, await self._fail(claim, exc)
 
     async def _advance(self, claim: RunClaim) -> tuple[RunClaim | None, bool]:
         """Steps until an answer (-> (None, more queued)), a pause ((resumed claim | None, False))."""

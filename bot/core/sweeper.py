@@ -20,6 +20,7 @@ from collections.abc import Awaitable, Callable
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from bot.core import metrics
 from bot.core.engine import Core
 from bot.core.run_store import RunClaim
 from storage.models import Approval, Replica
@@ -66,6 +67,7 @@ class Sweeper:
             self._resume_waiting,
             self._start_idle,
             self.core.out.deliver_due,
+            self._measure_queues,
         ):
             await self._guarded(part)
 
@@ -102,6 +104,7 @@ class Sweeper:
     async def _take_over(self) -> None:
         for claim in await self.core.store.take_over_expired():
             log.warning("run %s outlived its lease: taken over by this replica", claim.run_id)
+            metrics.LEASE_TAKEOVERS.labels("run").inc()
             self.ctx.tasks.spawn(self._drive_then_continue(claim), name=f"takeover-{claim.run_id}")
 
     async def _drive_then_continue(self, claim: RunClaim) -> None:
@@ -116,6 +119,11 @@ class Sweeper:
     async def _start_idle(self) -> None:
         for key in await self.core.store.idle_conversations(QUEUED_GRACE):
             self.core.start_conversation(key)
+
+    async def _measure_queues(self) -> None:
+        """The work waiting right now, for the `chatops_queue_depth` gauge."""
+        for kind, count in (await self.core.store.queue_depths()).items():
+            metrics.QUEUE_DEPTH.labels(kind).set(count)
 
     async def run_forever(self) -> None:
         while not self._stop.is_set():
