@@ -10,7 +10,9 @@ import sqlalchemy as sa
 
 from bot.core import texts
 from storage.models import Approval, AuditEvent
+from tests import feishu_helpers as fh
 from tests.fakes.openai_server import calls, text
+from tests.feishu_helpers import fake_feishu, feishu_bot
 from tests.slack_helpers import (  # noqa: F401 - fixtures
     ALICE,
     BOB,
@@ -23,6 +25,8 @@ from tests.slack_helpers import (  # noqa: F401 - fixtures
     slack_bot_fixture,
 )
 from tests.support_tools import Ledger, notes_toolset
+
+__all__ = ["fake_feishu", "feishu_bot"]  # fixtures
 
 
 def open_card(fake) -> dict:
@@ -103,3 +107,37 @@ async def test_a_newer_message_supersedes_only_its_own_authors_pending_card(slac
     assert (first.status, first.decision_reason) == ("cancelled", texts.SUPERSEDED)
     assert (second.status, second.requester_id) == ("pending", ALICE)
     assert ledger.effects == []
+
+
+async def test_feishu_two_people_in_one_topic_each_request_is_their_own(feishu_bot, fake_feishu, model):
+    """The same on Feishu: Bob's message in Alice's topic waits for her card, then his call is his request."""
+    ledger = Ledger()
+    model.script(
+        calls(("write_note", {"topic": "alice", "text": "from alice"})),
+        calls(("write_note", {"topic": "bob", "text": "from bob"})),
+        text("Both stored."),
+    )
+    bot = await feishu_bot(toolsets=[notes_toolset(ledger)])
+    assert (await bot.send(fh.at_bot("note for alice", message_id="om_root")))[0] == 200
+    await bot.settle()
+    alice_id = fh.approval_id_of(bot.card())
+    assert (await bot.send(fh.at_bot("note for bob", sender=fh.BOB, root_id="om_root")))[0] == 200
+    await bot.settle()
+    first = (await approvals(bot.app))[0]
+    assert (first.id, first.status, first.requester_id) == (alice_id, "pending", fh.ALICE)
+
+    assert (await bot.send(fh.click(alice_id, operator=fh.BOB)))[0] == 200  # not Bob's to confirm
+    await bot.settle()
+    assert ledger.effects == []
+    assert (await bot.send(fh.click(alice_id, operator=fh.ALICE)))[0] == 200
+    await bot.settle()
+    second = (await approvals(bot.app))[1]
+    assert second.requester_id == fh.BOB and fh.approval_id_of(bot.card()) == second.id
+    assert (await bot.send(fh.click(second.id, operator=fh.ALICE)))[0] == 200
+    await bot.settle()
+    assert [e["topic"] for e in ledger.effects] == ["alice"]
+    assert (await bot.send(fh.click(second.id, operator=fh.BOB)))[0] == 200
+    await bot.settle()
+    assert [e["topic"] for e in ledger.effects] == ["alice", "bob"]
+    requested = await actors(bot.app, "approval_requested")
+    assert [a.split(":")[-1] for a in requested if a] == [fh.ALICE, fh.BOB]
