@@ -3,12 +3,15 @@ runs; if it changed, the call does not run, the card says why and the model is t
 
 from __future__ import annotations
 
+import json
 import re
+import sys
 
 import sqlalchemy as sa
 
 from storage.models import Approval, CrmLead
 from tests.fakes.openai_server import calls, text, tool_results
+from tests.git_helpers import STAGED_FILE, git
 
 LEAD = {"name": "Zhang San", "email": "zhangsan@example.com", "need": "product intro"}
 
@@ -48,3 +51,28 @@ async def test_an_unchanged_preview_runs_normally(terminal_bot, model):
     await bot.say(f"approve {approval_id}")
     async with bot.app.ctx.db.transaction(read=True) as session:
         assert (await session.get(Approval, approval_id)).status == "succeeded"
+
+
+async def test_an_mcp_commit_whose_staged_diff_changed_after_the_card_does_not_run(terminal_bot, model, repo, tmp_path):
+    """The operator names a read-only tool as the preview of a write tool (`git_diff_staged` for
+    `git_commit`): the card shows its answer, and the commit runs only if that answer is unchanged."""
+    config = tmp_path / "mcp.json"
+    server = {
+        "command": sys.executable,
+        "args": ["-m", "mcp_server_git", "--repository", str(repo)],
+        "trusted": True,
+        "tools": {"git_commit": {"preview": "git_diff_staged"}},
+    }
+    config.write_text(json.dumps({"mcpServers": {"git": server}}))
+    model.script(calls(("git__git_commit", {"repo_path": str(repo), "message": "Add line two"})), text("Done."))
+    bot = await terminal_bot(CHATOPS_MCP_CONFIG=str(config))
+    await bot.say("commit the staged change")
+    (approval_id,) = approval_ids(bot.transcript())
+    assert "git_diff_staged:" in bot.transcript() and "diff --git a/notes.txt" in bot.transcript()  # the staged diff
+    (repo / STAGED_FILE).write_text("one\ntwo\nthree\n")  # someone stages more before the click
+    git(repo, "add", STAGED_FILE)
+    await bot.say(f"approve {approval_id}")
+    assert git(repo, "rev-list", "--count", "HEAD").strip() == "1"  # not committed
+    async with bot.app.ctx.db.transaction(read=True) as session:
+        stale = await session.get(Approval, approval_id)
+    assert stale is not None and stale.status == "cancelled" and "+three" in (stale.decision_reason or "")

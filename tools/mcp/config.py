@@ -40,6 +40,10 @@ class ToolOverride(BaseModel):
 
     read_only: bool | None = None
     destructive: bool | None = None
+    preview: str | None = Field(None, min_length=1)
+    """A read-only tool of the same server whose answer, called with the arguments it accepts, shows on
+    the card what this call will do; it is asked again just before the call runs, which does not run
+    when the answer changed (e.g. `git_commit` previewed by `git_diff_staged`)."""
 
 
 class ServerConfig(BaseModel):

@@ -32,8 +32,8 @@ from tools.context import ToolContext
 from tools.errors import ToolError, ToolInDoubt, ToolUnavailable
 from tools.mcp.config import McpConfig, load_config
 from tools.mcp.connection import Connection
-from tools.mcp.specs import build_spec, result_of
-from tools.registry import ToolSpec
+from tools.mcp.specs import build_spec, classify, preview_of, result_of
+from tools.registry import Preview, ToolSpec
 
 __all__ = ["McpManager"]
 
@@ -86,11 +86,13 @@ class McpManager:
                 self.problems[connection.name] = connection.problem or "could not connect"
                 continue
             skipped: list[str] = []
+            by_name = {tool.name: tool for tool in tools}
             for tool in tools:
                 if not connection.config.offers(tool.name):
                     continue
                 try:
-                    spec = build_spec(connection.name, connection.config, tool, self._call)
+                    preview = self._preview(connection, tool, by_name, skipped)
+                    spec = build_spec(connection.name, connection.config, tool, self._call, preview)
                 except SchemaError as exc:
                     skipped.append(f"{tool.name} (unusable input schema: {exc.message})")
                     continue
@@ -102,6 +104,20 @@ class McpManager:
             if skipped:
                 self.problems[connection.name] = "tools left out: " + "; ".join(skipped)
         return specs
+
+    def _preview(
+        self, connection: Connection, tool: mcp_types.Tool, by_name: dict[str, mcp_types.Tool], skipped: list[str]
+    ) -> Preview | None:
+        """The preview the operator configured for `tool`, when its preview tool exists and only reads."""
+        override = connection.config.tools.get(tool.name)
+        if override is None or override.preview is None:
+            return None
+        shown = by_name.get(override.preview)
+        if shown is None or not classify(connection.config, shown).read_only:
+            why = "is not offered by the server" if shown is None else "is not read-only"
+            skipped.append(f"the preview of {tool.name} ({override.preview} {why}; shown without one)")
+            return None
+        return preview_of(connection.name, shown, self._call)
 
     async def _call(self, ctx: ToolContext, server: str, tool: str, args: dict[str, Any], write: bool) -> str:
         connection = self._connections[server]

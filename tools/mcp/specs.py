@@ -26,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 from tools.context import ToolContext
 from tools.errors import ArgumentError
 from tools.mcp.config import ServerConfig
-from tools.registry import RESULT_LIMIT, ToolSpec, result_text
+from tools.registry import RESULT_LIMIT, Preview, ToolSpec, result_text
 
 OPENAI_NAME = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
 DESCRIPTION_LIMIT = 1024
@@ -113,7 +113,29 @@ def result_of(result: mcp_types.CallToolResult) -> str:
     return result_text("\n".join(parts), limit=MCP_RESULT_LIMIT)
 
 
-def build_spec(server: str, config: ServerConfig, tool: mcp_types.Tool, call: CallTool) -> ToolSpec:
+PREVIEW_LINES = 20
+
+
+def preview_of(server: str, tool: mcp_types.Tool, call: CallTool) -> Preview:
+    """A card preview made by calling the read-only `tool` with the arguments its schema accepts."""
+    accepted = set((tool.input_schema or {}).get("properties") or {})
+
+    async def preview(ctx: ToolContext, args: dict[str, Any]) -> list[str]:
+        answer = await call(ctx, server, tool.name, {k: v for k, v in args.items() if k in accepted}, False)
+        lines = answer.splitlines() or ["(empty)"]
+        more = len(lines) - PREVIEW_LINES
+        return [f"{tool.name}:", *lines[:PREVIEW_LINES], *([f"… {more} more line(s)"] if more > 0 else [])]
+
+    return preview
+
+
+def build_spec(
+    server: str,
+    config: ServerConfig,
+    tool: mcp_types.Tool,
+    call: CallTool,
+    preview: Preview | None = None,
+) -> ToolSpec:
     """The ToolSpec for one listed tool. Raises SchemaError when its input schema is unusable."""
     parameters, validator = _schema(tool)
     args_model = type(f"{openai_name(server, tool.name)}_args", (McpArguments,), {"schema_validator": validator})
@@ -138,5 +160,6 @@ def build_spec(server: str, config: ServerConfig, tool: mcp_types.Tool, call: Ca
         run=run,
         source=f"mcp:{server}",
         describe=lambda args: f"Run {tool_name} on the MCP server {server}",
+        preview=None if kind.read_only else preview,
         parameters_schema=parameters,
     )
