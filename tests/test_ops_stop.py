@@ -18,8 +18,10 @@ import pytest
 import sqlalchemy as sa
 from aiohttp import web
 
+from tests.fakes.openai_server import ScriptedModel, calls, text
 from tests.fakes.slack_api import FakeSlackApi
-from tests.slack_helpers import BOT_TOKEN, SIGNING_SECRET, encode, mention, signed
+from tests.fakes.smtp_server import RawSmtp
+from tests.slack_helpers import BOT_TOKEN, SIGNING_SECRET, card_message, click, encode, mention, signed
 
 CHATOPS = [sys.executable, "-c", "from bot.cli import main; main()"]
 CLOSED = "http://127.0.0.1:9"
@@ -165,3 +167,39 @@ async def test_json_logs_carry_the_sdks_lines_and_nothing_reaches_stdout(tmp_pat
     records = [json.loads(line) for line in bot.lines]
     assert all({"time", "level", "logger", "message"} <= set(r) for r in records)
     assert "s3cret-json-logs" not in bot.stderr
+
+
+async def test_stops_in_time_in_the_middle_of_an_execution_and_hands_its_run_back(tmp_path):
+    """SIGTERM while an approved send_email hangs after DATA: exit 0 in time; the only approval left
+    `executing` is the one whose tool was running (its lease runs out, then it is reported in doubt,
+    never re-run); the run waits on it, held by no lease."""
+    mail = {"to": "a@example.com", "subject": "weekly", "body": "report"}
+    async with ScriptedModel() as model, FakeSlackApi() as fake, RawSmtp("hang_after_data") as smtp:
+        model.responder = lambda body: text("done") if body["messages"][-1]["role"] == "tool" else calls(("send_email", mail))
+        env = {"SLACK_BOT_TOKEN": BOT_TOKEN, "SLACK_SIGNING_SECRET": SIGNING_SECRET, "SLACK_API_URL": fake.url}
+        env |= {"OPENAI_BASE_URL": model.url, "SMTP_HOST": "127.0.0.1", "SMTP_PORT": str(smtp.port)}
+        env |= {"SMTP_SECURITY": "none", "SMTP_FROM": "bot@example.com", "SMTP_TIMEOUT": "120", "CHATOPS_TOOL_TIMEOUT": "300"}
+        bot = await serve(tmp_path, env)
+        port = (await bot.wait_line(r"listening on http://127\.0\.0\.1:(\d+)")).group(1)
+        await bot.wait_line(r"chatops started: Slack; ready")
+        async with aiohttp.ClientSession() as http:
+            for payload in (mention("mail the weekly report"), None):
+                if payload is None:
+                    await fake.wait_for("chat.postMessage")
+                    payload = click(card_message(fake))
+                body, content_type = encode(payload)
+                headers = {"Content-Type": content_type, **signed(body)}
+                async with http.post(f"http://127.0.0.1:{port}/slack/events", data=body.encode(), headers=headers) as response:
+                    assert response.status == 200
+        async with asyncio.timeout(30):
+            await smtp.until(lambda s: len(s.messages) == 1)  # the mail is out; the server never confirms it
+        code, took = await bot.stop()
+        smtp.release()
+    assert code == 0 and took < STOP_BOUND, bot.stderr
+    engine = sa.create_engine(f"sqlite:///{tmp_path / 'bot.db'}")
+    with engine.connect() as conn:
+        executing = conn.execute(sa.text("SELECT tool_name FROM approval WHERE status = 'executing'")).scalars().all()
+        runs = conn.execute(sa.text("SELECT status, lease_until FROM run")).all()
+    engine.dispose()
+    assert executing == ["send_email"]
+    assert [status for status, _ in runs] == ["waiting"], runs  # paused on the approval, not held by a lease
