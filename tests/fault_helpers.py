@@ -154,7 +154,7 @@ class Summary:
     def stuck(self) -> list[str]:
         """Anything still in a state that needs a live process to move on."""
         out = [f"run {s}" for s in ("running",) if self.runs[s]]
-        out += [f"inbox {s}" for s in ("queued", "running") if self.inbox[s]]
+        out += [f"inbox {s}" for s in ("queued",) if self.inbox[s]]  # "running" belongs to a run (maybe waiting)
         out += [f"approval {a} {s}" for a, s in self.approvals.items() if s in ("executing", "approved")]
         out += [f"outbox {s}" for s in ("pending",) if self.outbox[s]]
         return out
