@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from bot.app import App
 from bot.core.events import IncomingMessage, Thread, User
@@ -136,9 +137,11 @@ async def settle(*apps: App) -> None:
 
 
 async def pending_ids(app: App) -> list[str]:
-    async with app.ctx.db.transaction(read=True) as session:
+    async def query(session: AsyncSession) -> list[str]:
         rows = await session.execute(sa.select(Approval.id).where(Approval.status == "pending").order_by(Approval.created_at))
         return list(rows.scalars().all())
+
+    return await app.ctx.db.run(query, read=True)
 
 
 @dataclass(frozen=True)
@@ -161,13 +164,14 @@ class Summary:
 
 
 async def summary(app: App) -> Summary:
-    async with app.ctx.db.transaction(read=True) as session:
-
+    async def query(session: AsyncSession) -> Summary:
         async def counts(column: Any) -> Counter[str]:
             return Counter(str(s) for s in (await session.execute(sa.select(column))).scalars().all())
 
         approvals = {a: str(s) for a, s in (await session.execute(sa.select(Approval.id, Approval.status))).all()}
         return Summary(await counts(Run.status), await counts(InboxEvent.status), approvals, await counts(OutboxJob.status))
+
+    return await app.ctx.db.run(query, read=True)
 
 
 # ---------------------------------------------------------------------- PostgreSQL

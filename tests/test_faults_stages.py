@@ -9,8 +9,8 @@ import re
 from bot.app import App
 from bot.core import texts
 from bot.core.events import DecisionRequest
-from tests.fault_helpers import ALICE, FaultChannel, Stages, message, pending_ids, settle, summary
 from tests.fakes.openai_server import calls, text
+from tests.fault_helpers import ALICE, FaultChannel, Stages, message, pending_ids, settle, summary
 
 INTERNAL = re.escape(texts.INTERNAL_ERROR.split("(ref")[0]) + r"\(ref [0-9a-f]{8}\)"
 

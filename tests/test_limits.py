@@ -11,8 +11,8 @@ from typing import Any
 
 from bot.app import App
 from bot.core import texts
-from tests.fault_helpers import FaultChannel, Stages, message, settle, summary
 from tests.fakes.openai_server import Reply, calls, text
+from tests.fault_helpers import FaultChannel, Stages, message, settle, summary
 
 BURST = 10
 
