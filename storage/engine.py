@@ -13,6 +13,7 @@ PostgreSQL: psycopg 3, native asyncio.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ from tenacity import AsyncRetrying, retry_if_exception, stop_after_delay, wait_e
 SQLITE_BUSY_TIMEOUT_MS = 5_000
 URGENT_BUSY_TIMEOUT_MS = 1_000
 URGENT_LOCK_WAIT = 1.0
+MIN_BUSY_MS = 50
 BACKGROUND_CONNECTIONS = 8
 RETRY_DEADLINE = 60.0
 URGENT_RETRY_DEADLINE = 0.5
@@ -192,14 +194,19 @@ class Database:
 
     @asynccontextmanager
     async def _write(self, sessions: async_sessionmaker[AsyncSession], wait: float | None = None) -> AsyncIterator[AsyncSession]:
+        options: dict[str, Any] = {}
         if self._write_lock is not None:
+            started = time.monotonic()
             try:
                 async with asyncio.timeout(wait):  # not wait_for: it can lose an acquired lock on 3.11
                     await self._write_lock.acquire()
             except TimeoutError:
                 raise LockBusy("the database is busy") from None
+            if wait is not None:  # one budget: what is left of it is all SQLite's busy timeout may wait
+                left_ms = max(MIN_BUSY_MS, round((wait - (time.monotonic() - started)) * 1000, -1))
+                options["bind"] = self.engine.execution_options(chatops_busy_ms=int(left_ms))
         try:
-            async with sessions() as session:
+            async with sessions(**options) as session:
                 async with session.begin():
                     yield session
 
