@@ -106,7 +106,8 @@ async def decide(world: World, conv: str, approve: bool, app: App | None = None)
     for approval_id, status in approvals.items():
         if status == "pending":
             target = app or world.any()
-            await retried(lambda: target.core.decide(DecisionRequest(approval_id, ALICE, approve=approve)))
+            request = DecisionRequest(approval_id, ALICE, approve=approve)
+            await retried(lambda t=target, r=request: t.core.decide(r))
 
 
 async def hold_lock(world: World, seconds_or_click: Any) -> None:
@@ -143,13 +144,11 @@ async def play(world: World, op: str, msg: IncomingMessage) -> None:
         await clicking
     elif op == "lease_expiry":
         await retried(lambda: world.any().core.accept_message(message("one more", conversation=conv)))
-        await hold_lock(world, lambda: asyncio.wait({asyncio.ensure_future(asyncio.Event().wait())}, timeout=LEASE * 1.5))
+        await hold_lock(world, lambda: asyncio.sleep(LEASE * 1.5))  # the fault: longer than any lease
 
 
 async def ended(world: World, conv: str) -> tuple[dict[str, str], list[str]]:
     """Settle until every approval is decided and every run has ended (rejecting leftovers)."""
-    approvals: dict[str, str] = {}
-    runs: list[str] = []
     try:
         async with asyncio.timeout(60):
             return await _settled(world, conv)
@@ -159,16 +158,15 @@ async def ended(world: World, conv: str) -> tuple[dict[str, str], list[str]]:
 
 
 async def _settled(world: World, conv: str) -> tuple[dict[str, str], list[str]]:
-    if True:
-        while True:
-            await settle(*world.apps)
-            approvals, runs = await of_conversation(world.any(), conv)
-            if "pending" in approvals.values():
-                await decide(world, conv, False)
-                continue
-            if all(s in ("done", "failed") for s in runs) and not {"approved", "executing"} & set(approvals.values()):
-                return approvals, runs
-            await asyncio.wait({asyncio.ensure_future(world.apps[0].sweeper._stop.wait())}, timeout=0.2)
+    while True:
+        await settle(*world.apps)
+        approvals, runs = await of_conversation(world.any(), conv)
+        if "pending" in approvals.values():
+            await decide(world, conv, False)
+            continue
+        if all(s in ("done", "failed") for s in runs) and not {"approved", "executing"} & set(approvals.values()):
+            return approvals, runs
+        await asyncio.wait({asyncio.ensure_future(world.apps[0].sweeper._stop.wait())}, timeout=0.2)
 
 
 @pytest.fixture
