@@ -15,6 +15,7 @@ import asyncio
 import base64
 import itertools
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -73,6 +74,8 @@ class FakeFeishu:
         self._by_uuid: dict[str, str] = {}
         self._fail_token = 0
         self._rate_limit = 0
+        self._rate_limit_reset = "0"
+        self._changed = asyncio.Condition()
         self._stalls: list[float] = []
         self._ws: web.WebSocketResponse | None = None
         self._ws_ready = asyncio.Event()
@@ -112,6 +115,16 @@ class FakeFeishu:
 
     def rate_limit_once(self) -> None:
         self._rate_limit += 1
+
+    def rate_limit(self, times: int, reset: int = 0) -> None:
+        """The next `times` API calls answer HTTP 429, code 99991400, `x-ogw-ratelimit-reset: reset`."""
+        self._rate_limit += times
+        self._rate_limit_reset = str(reset)
+
+    async def wait_for(self, predicate: Callable[[], bool], timeout: float = 30.0) -> None:
+        """Wait until `predicate()` holds after some API call was answered (TimeoutError otherwise)."""
+        async with asyncio.timeout(timeout), self._changed:
+            await self._changed.wait_for(predicate)
 
     def stall_once(self, seconds: float) -> None:
         """The next API call is handled (and stored), but answered only after `seconds`."""
@@ -158,7 +171,7 @@ class FakeFeishu:
         if self._rate_limit:
             self._rate_limit -= 1
             problem = {"code": 99991400, "msg": "request trigger frequency limit"}
-            return call, web.json_response(problem, status=429, headers={"x-ogw-ratelimit-reset": "0"})
+            return call, web.json_response(problem, status=429, headers={"x-ogw-ratelimit-reset": self._rate_limit_reset})
         if self._fail_token:
             self._fail_token -= 1
             self._token = f"t-{next(self._tokens)}"
@@ -170,6 +183,8 @@ class FakeFeishu:
     async def _done(self, response: web.Response) -> web.Response:
         if self._stalls and response.status == 200:
             await asyncio.sleep(self._stalls.pop(0))
+        async with self._changed:
+            self._changed.notify_all()
         return response
 
     async def _token_endpoint(self, request: web.Request) -> web.Response:

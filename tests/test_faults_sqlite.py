@@ -1,0 +1,119 @@
+"""SQLite write lock held by another process (`BEGIN IMMEDIATE` in a separate Python) during a turn
+and during a write tool, with the Slack adapter in HTTP mode: acks and `/healthz` answer within a
+generous bound, a delivery that could not be recorded is refused with 5xx, its redelivery after the
+release is processed exactly once, and the turn (and the execution's record) completes afterwards."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import aiohttp
+import pytest
+
+from tests.fakes.openai_server import calls, text
+from tests.fault_helpers import LockHolder, Stages, settle, summary
+from tests.slack_helpers import SlackBot, approval_id_of, card_message, click, fake_slack_fixture, mention, slack_bot_fixture
+
+__all__ = ["fake_slack_fixture", "slack_bot_fixture"]
+BOUND = 1.5  # seconds: a generous bound (Slack gives up after 3 s)
+
+
+def database_path(bot: SlackBot) -> str:
+    return bot.app.settings.database_url.removeprefix("sqlite:///")
+
+
+async def timed_healthz(bot: SlackBot) -> tuple[int, float]:
+    started = time.perf_counter()
+    async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{bot.app.port}/healthz") as response:
+        return response.status, time.perf_counter() - started
+
+
+async def timed_send(bot: SlackBot, payload: dict, **kwargs) -> tuple[int, float]:
+    started = time.perf_counter()
+    status, _ = await bot.send(payload, **kwargs)
+    return status, time.perf_counter() - started
+
+
+async def check_fast_answers_while_locked(bot: SlackBot) -> dict:
+    """While the lock is held: /healthz is fast, a new event is refused fast (5xx, so Slack redelivers)."""
+    status, took = await timed_healthz(bot)
+    assert status == 200 and took < BOUND, (status, took)
+    refused = mention("second question")
+    status, took = await timed_send(bot, refused)
+    assert status >= 500 and took < BOUND, (status, took)
+    return refused
+
+
+@pytest.fixture
+async def holder(request):
+    holders: list[LockHolder] = []
+
+    def make(path: str) -> LockHolder:
+        holders.append(LockHolder(path))
+        return holders[-1]
+
+    yield make
+    for h in holders:
+        h.kill()
+
+
+async def test_a_lock_held_during_a_turn_delays_it_but_acks_stay_fast_and_nothing_is_lost(slack_bot, model, holder):
+    in_flight = asyncio.Event()
+
+    def respond(body):
+        question = body["messages"][-1]["content"]
+        if "first" in question:
+            in_flight.set()
+            return text("first answer", delay=0.5)
+        return text("second answer")
+
+    model.responder = respond
+    bot = await slack_bot()
+    lock = holder(database_path(bot))
+    status, took = await timed_send(bot, mention("first question"))
+    assert status == 200 and took < BOUND
+    await in_flight.wait()
+    await lock.hold()  # the run's next write (its answer) now waits for another process
+    refused = await check_fast_answers_while_locked(bot)
+    await lock.release()
+    status, _ = await bot.send(refused, retry_num=1)  # Slack's redelivery of the refused event
+    assert status == 200
+    await bot.fake.wait_for("chat.postMessage", count=2, timeout=60)
+    await bot.settle()
+    await settle(bot.app)
+    assert sorted(r["text"] for r in bot.replies()) == ["first answer", "second answer"]
+    assert await bot.count("inbox_event") == 2
+    assert [len([r for r in model.requests if "second" in r["messages"][-1]["content"]])] == [1]
+    assert (await summary(bot.app)).stuck == []
+
+
+async def test_a_lock_held_during_a_write_tool_delays_its_record_which_lands_once_released(slack_bot, model, holder):
+    locked = asyncio.Event()
+    stages = Stages()
+    model.script(calls(("store_note", {"topic": "x"})), text("Stored."), text("second answer"))
+    bot = await slack_bot(toolsets=[stages.toolset()])
+    lock = holder(database_path(bot))
+
+    async def hold_the_lock() -> None:
+        await lock.hold()
+        locked.set()
+
+    stages.during_write = hold_the_lock
+    assert (await bot.send(mention("store a note")))[0] == 200
+    await bot.fake.wait_for("chat.postMessage", timeout=60)
+    card = card_message(bot.fake)
+    approval_id = approval_id_of(card)
+    assert (await bot.send(click(card)))[0] == 200
+    await locked.wait()  # the tool ran and returned; its record now waits for the lock
+    refused = await check_fast_answers_while_locked(bot)
+    await lock.release()
+    await bot.fake.wait_for("chat.postMessage", count=2, timeout=60)  # the card, then "Stored."
+    assert (await bot.send(refused, retry_num=1))[0] == 200
+    await bot.fake.wait_for("chat.postMessage", count=3, timeout=60)
+    await bot.settle()
+    await settle(bot.app)
+    assert stages.runs == [approval_id]
+    state = await summary(bot.app)
+    assert state.approvals == {approval_id: "succeeded"} and state.stuck == []
+    assert [r["text"] for r in bot.replies()].count("second answer") == 1
