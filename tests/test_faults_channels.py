@@ -38,8 +38,9 @@ async def test_slack_429_storms_on_post_message_and_update_still_deliver_card_up
     fake_slack.rate_limit("chat.update", times=STORM, retry_after=1)
     fake_slack.rate_limit("chat.postMessage", times=STORM, retry_after=1)
     assert (await bot.send(click(card)))[0] == 200
-    await fake_slack.wait_for("chat.update", timeout=90)
     await fake_slack.wait_for("chat.postMessage", count=2, timeout=90)
+    while "Done:" not in str(fake_slack.messages[card["ts"]].get("blocks")):  # the last card update, after its retries
+        await fake_slack.wait_for("chat.update", count=len(fake_slack.calls_to("chat.update")) + 1, timeout=90)
     await bot.settle()
     await settle(bot.app)
     assert "Stored." in [r["text"] for r in bot.replies()]

@@ -92,7 +92,13 @@ class Outbox:
     def kick(self) -> None:
         """Deliver due jobs now, in a tracked background task (coalesced); the delivery loop is only
         for retries and for jobs other replicas left behind."""
-        self.ctx.tasks.spawn_coalesced("outbox-deliver", self.deliver_due)
+        self.ctx.tasks.spawn_coalesced("outbox-deliver", self._deliver_round)
+
+    async def _deliver_round(self) -> None:
+        try:
+            await self.deliver_due()
+        except Exception as exc:  # noqa: BLE001 - the database may be away; the loop tries again
+            log.warning("outbox delivery round failed: %s", type(exc).__name__)
 
     async def deliver_due(self, limit: int = 50, rounds: int = 20) -> int:
         """Claim and deliver the jobs that are due now (any replica's), in rounds: a job waits for the
@@ -133,12 +139,13 @@ class Outbox:
         job = await self.ctx.db.run(lambda s: self._claim(s, job_id))
         if job is None:
             return
+        rendered_at = self.ctx.clock()  # a card is rendered from the approval as it is from now on
         try:
             message_id = await self._send(job)
         except Exception as exc:  # noqa: BLE001 - every failure is classified and retried or reported
             await self._failed(job, exc)
             return
-        await self.ctx.db.run(lambda s: self._sent(s, job, message_id))
+        await self.ctx.db.run(lambda s: self._sent(s, job, message_id, rendered_at))
 
     async def _claim(self, session: AsyncSession, job_id: int) -> OutboxJob | None:
         now = self.ctx.clock()
@@ -175,7 +182,7 @@ class Outbox:
             await channel.update_card(thread, approval.card_message_id, card_view(approval))
         return None
 
-    async def _sent(self, session: AsyncSession, job: OutboxJob, message_id: str | None) -> None:
+    async def _sent(self, session: AsyncSession, job: OutboxJob, message_id: str | None, rendered_at: datetime) -> None:
         ctx = self.ctx
         await session.execute(
             sa.update(OutboxJob)
@@ -184,6 +191,19 @@ class Outbox:
         )
         if job.kind == OutboxKind.REPLY:
             return
+        # Card updates queued before this rendering show nothing newer than it did: they are done too.
+        await session.execute(
+            sa.update(OutboxJob)
+            .where(
+                OutboxJob.approval_id == job.approval_id,
+                OutboxJob.kind == OutboxKind.CARD_UPDATE,
+                OutboxJob.status == OutboxStatus.PENDING,
+                OutboxJob.created_at <= rendered_at,
+                OutboxJob.id != job.id,
+                sa.or_(OutboxJob.lease_until.is_(None), OutboxJob.lease_until < rendered_at),
+            )
+            .values(status=OutboxStatus.SENT, last_error="superseded by a newer rendering")
+        )
         approval = await session.get(Approval, job.approval_id)
         if approval is None or job.kind != OutboxKind.CARD:
             return
@@ -252,10 +272,7 @@ class Outbox:
         """Deliver due jobs whenever kicked, and at least every `poll` seconds (retries, other replicas')."""
         while not self._stopped.is_set():
             self._wake.clear()
-            try:
-                await self.deliver_due()
-            except Exception as exc:  # noqa: BLE001 - the database may be away; try again next round
-                log.warning("outbox delivery round failed: %s", type(exc).__name__)
+            self.kick()  # a tracked task: whoever waits for this process's background work waits for it too
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), poll)
 
