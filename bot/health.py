@@ -36,7 +36,7 @@ class ReadinessSource(Protocol):
 async def database_problem(db: Database) -> str | None:
     """None when `SELECT 1` succeeds within `DB_TIMEOUT` on a fresh pool checkout (no write lock)."""
     try:
-        if db.sync_engine is not None:
+        if db.is_sqlite:
             sync_engine = db.sync_engine
 
             def ping() -> None:

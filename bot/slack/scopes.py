@@ -20,5 +20,9 @@ METHOD_SCOPES: dict[str, str | None] = {
 }
 # Subscribed bot event -> the scope that delivers it.
 EVENT_SCOPES: dict[str, str] = {"app_mention": "app_mentions:read", "message.im": "im:history"}
+# The `/chatops` slash command in manifest.yml (help | pending | cancel).
+COMMAND_SCOPES: frozenset[str] = frozenset({"commands"})
 
-NEEDED_BOT_SCOPES: frozenset[str] = frozenset({scope for scope in METHOD_SCOPES.values() if scope} | set(EVENT_SCOPES.values()))
+NEEDED_BOT_SCOPES: frozenset[str] = frozenset(
+    {scope for scope in METHOD_SCOPES.values() if scope} | set(EVENT_SCOPES.values()) | COMMAND_SCOPES
+)

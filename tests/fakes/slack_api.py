@@ -52,6 +52,7 @@ class FakeSlackApi:
     scopes: list[str] = field(
         default_factory=lambda: [
             "app_mentions:read",
+            "commands",
             "chat:write",
             "im:history",
             "reactions:write",
