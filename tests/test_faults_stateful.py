@@ -30,6 +30,7 @@ from bot.app import App
 from bot.cli_audit import audit_verify
 from bot.core.errors import StorageError
 from bot.core.events import DecisionRequest, IncomingMessage
+from storage.audit_keys import default_key_file, load_keys
 from storage.models import Approval, Run
 from tests.fakes.openai_server import Reply, calls, text
 from tests.fault_helpers import ALICE, FaultChannel, LockHolder, Stages, message, settle
@@ -179,7 +180,8 @@ async def world(bots, model, tmp_path):
     yield w
     await w.stop()
     out = io.StringIO()
-    assert await asyncio.to_thread(audit_verify, w.url, None, out), out.getvalue()
+    keys = load_keys(None, default_key_file(w.url), create=False)  # the ring the bots wrote the log with
+    assert await asyncio.to_thread(audit_verify, w.url, None, keys, out), out.getvalue()
 
 
 @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck), database=None)
