@@ -20,7 +20,8 @@ _TOKEN_SHAPES = re.compile(
     r"|\bt-[A-Za-z0-9_]{20,}"  # Feishu tenant access tokens
     r"|(?i:bearer)\s+[A-Za-z0-9._~+/=-]{8,})"
 )
-_URL_PASSWORD = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<user>[^:/@\s]*):(?P<pw>[^@/\s]+)@", re.I)
+# Bounded repeats: a long run of letters must not cost quadratic time (a pasted 400 kB value).
+_URL_PASSWORD = re.compile(r"(?P<scheme>\b[a-z][a-z0-9+.-]{0,30}://)(?P<user>[^:/@\s]{0,256}):(?P<pw>[^@/\s]{1,512})@", re.I)
 _MIN_SECRET_LEN = 6
 
 
