@@ -7,7 +7,7 @@ Hypothesis draws a sequence of these per example; all examples share one SQLite 
 event loop (fast). After each example everything is settled (sweeps run, leftover approvals
 rejected) and the invariants checked: no approval runs more than once, an approval recorded as
 `succeeded` ran exactly once, every run of the conversation ended. At the end the audit chain
-verifies (`chatops audit verify`). 50 examples in CI (about 1.5 min on 2 busy cores), 300 with
+verifies (`chatops audit verify`). 200 examples in CI (about 3 min on 2 cores), 1,000 with
 `CHATOPS_SLOW=1`, or `CHATOPS_STATEFUL_EXAMPLES=N`.
 """
 
@@ -35,7 +35,7 @@ from storage.models import Approval, Run
 from tests.fakes.openai_server import Reply, calls, text
 from tests.fault_helpers import ALICE, FaultChannel, LockHolder, Stages, message, settle
 
-EXAMPLES = int(os.environ.get("CHATOPS_STATEFUL_EXAMPLES", "300" if os.environ.get("CHATOPS_SLOW") == "1" else "50"))
+EXAMPLES = int(os.environ.get("CHATOPS_STATEFUL_EXAMPLES", "1000" if os.environ.get("CHATOPS_SLOW") == "1" else "200"))
 LEASE = 1.0
 FAST = ["approve", "reject", "redeliver", "double_click", "second_replica", "follow_up"]
 SLOW = ["restart", "locked_click", "lease_expiry"]
