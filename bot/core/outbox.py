@@ -110,7 +110,10 @@ class Outbox:
                 break
             for job_id in ids:
                 tried.add(job_id)
-                await self.deliver(job_id)
+                try:
+                    await self.deliver(job_id)
+                except Exception as exc:  # noqa: BLE001 - bookkeeping failed: its lease runs out, it is tried again
+                    log.warning("outbox job %s: %s; it will be tried again", job_id, type(exc).__name__)
         return len(tried)
 
     async def _due(self, session: AsyncSession, limit: int) -> list[int]:
