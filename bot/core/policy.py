@@ -108,7 +108,7 @@ def _recipients(args: dict[str, Any], fields: tuple[str, ...]) -> list[str]:
 
 
 def bidi_in(value: Any) -> set[str]:
-    """The text-direction controls (as `U+XXXX`) anywhere in a JSON-like value, keys included."""
+    """The text-direction controls (as codes like `U+202E`) anywhere in a JSON-like value, keys included."""
     if isinstance(value, str):
         return {code(c) for c in value if c in BIDI}
     if isinstance(value, dict):
