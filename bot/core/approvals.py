@@ -200,17 +200,28 @@ class ApprovalService:
         return DecisionOutcome(Decision.VOTE_RECORDED, texts.VOTE_RECORDED.format(remaining=remaining), approval=approval)
 
     async def _expire(self, session: AsyncSession, approval: Approval) -> bool:
-        if not await transition(session, approval.id, S.PENDING, expect_version=approval.version, status=S.EXPIRED):
+        return await self._end_pending(session, approval, S.EXPIRED, "approval_expired")
+
+    async def _end_pending(
+        self,
+        session: AsyncSession,
+        approval: Approval,
+        status: S,
+        kind: str,
+        *,
+        reason: str | None = None,
+        actor: str | None = None,
+    ) -> bool:
+        """pending -> `status` (expired, cancelled) with its audit row and card update; False if it moved on."""
+        values: dict[str, Any] = {"status": status} if reason is None else {"status": status, "decision_reason": reason}
+        if not await transition(session, approval.id, S.PENDING, expect_version=approval.version, **values):
             return False
+        said = {} if reason is None else {"reason": reason}
         await self.ctx.audit.record(
-            session,
-            "approval_expired",
-            run_id=approval.run_id,
-            approval_id=approval.id,
-            tool=approval.tool_name,
-            status=S.EXPIRED,
-        )
-        approval.status = S.EXPIRED
+            session, kind, run_id=approval.run_id, approval_id=approval.id, tool=approval.tool_name, status=status,
+            actor=actor, **said,
+        )  # fmt: skip
+        approval.status = status
         await outbox.enqueue_card_update(session, self.ctx, approval)
         return True
 
@@ -383,22 +394,8 @@ class ApprovalService:
         rows = (await session.execute(sa.select(Approval).where(Approval.status == S.PENDING, where))).scalars().all()
         cancelled = []
         for a in rows:
-            if not await transition(
-                session, a.id, S.PENDING, expect_version=a.version, status=S.CANCELLED, decision_reason=reason
-            ):
-                continue
-            await self.ctx.audit.record(
-                session,
-                "approval_cancelled",
-                run_id=a.run_id,
-                approval_id=a.id,
-                tool=a.tool_name,
-                status=S.CANCELLED,
-                reason=reason,
-                actor=actor,
-            )
-            await outbox.enqueue_card_update(session, self.ctx, a)
-            cancelled.append(a)
+            if await self._end_pending(session, a, S.CANCELLED, "approval_cancelled", reason=reason, actor=actor):
+                cancelled.append(a)
         return cancelled
 
 
