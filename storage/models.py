@@ -100,6 +100,9 @@ class OutboxKind(StrEnum):
     REPLY = "reply"
     CARD = "card"
     CARD_UPDATE = "card_update"
+    PROGRESS = "progress"  # the run's one progress message: posted once, then edited in place
+    ANSWER = "answer"  # a run's final text: replaces the progress message (or streams, when long)
+    HOME_REFRESH = "home_refresh"  # re-publish a person's Slack App Home (`thread` names the user)
 
 
 class OutboxStatus(StrEnum):
@@ -206,6 +209,7 @@ class Approval(SQLModel, table=True):
     finished_at: datetime | None = _ts(nullable=True)
     outcome: str | None = Field(default=None, sa_column=sa.Column(sa.Text(), nullable=True))
     created_at: datetime = _ts()
+    reminded_at: datetime | None = _ts(nullable=True)  # the expiry reminder was queued (set once, conditionally)
 
 
 class AuditEvent(SQLModel, table=True):

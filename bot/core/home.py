@@ -1,0 +1,110 @@
+"""A person's home view (Slack's App Home tab): their pending approvals, as requester and as someone
+who may decide them, and their recent runs. Platform-neutral: the adapter renders `HomeView`.
+
+- `home_for` builds the view from the database at the moment it is published;
+- `concerned` names the people an approval's change concerns (its requester, whoever voted on it,
+  and the approvers the policy names by id): `outbox.enqueue_card_update` queues a `home_refresh`
+  job for each, coalesced (see `outbox.enqueue_home_refresh`), and the adapter re-publishes their
+  home when the job is delivered.
+
+Buttons on the home view carry the approval id like the card's, and go through `Core.decide`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from bot.core import commands
+from bot.core.cards import card_view
+from bot.core.channels import CardView
+from bot.core.context import AppContext
+from bot.core.events import User
+from storage.models import Approval, InboxEvent, Run
+
+if TYPE_CHECKING:
+    from bot.core.engine import Core
+
+HOME_PLATFORMS = frozenset({"slack"})  # platforms whose adapter shows a home view
+RECENT_RUNS = 5
+RUN_SCAN_LIMIT = 500
+REQUEST_LIMIT = 200
+
+
+@dataclass(frozen=True)
+class RecentRun:
+    """One of the person's recent requests: what they asked, when, and how it ended (or stands)."""
+
+    run_id: str
+    asked: str
+    status: str
+    at: datetime
+
+
+@dataclass(frozen=True)
+class HomeView:
+    """What a person's home shows: pending cards with their role on each, then recent runs."""
+
+    user: User
+    pending: tuple[tuple[CardView, str], ...]
+    recent: tuple[RecentRun, ...]
+
+
+async def home_for(core: Core, user: User) -> HomeView:
+    """The home view of `user` now (the current language is theirs: the adapter made it current)."""
+    found = await commands.pending_approvals(core, user)
+    pending = tuple((card_view(a), role) for a, role in found[: commands.PENDING_SHOWN])
+    return HomeView(user, pending, tuple(await recent_runs(core.ctx, user)))
+
+
+async def recent_runs(ctx: AppContext, user: User) -> list[RecentRun]:
+    """The person's latest runs on their platform, newest first, with the text that started each."""
+    async with ctx.db.transaction() as session:
+        runs = (
+            (
+                await session.execute(
+                    sa.select(Run).where(Run.platform == user.platform).order_by(Run.created_at.desc()).limit(RUN_SCAN_LIMIT)
+                )
+            )
+            .scalars()
+            .all()
+        )
+        mine = [r for r in runs if (r.requester or {}).get("id") == user.id][:RECENT_RUNS]
+        asked = await _first_texts(session, [r.id for r in mine])
+    return [RecentRun(r.id, asked.get(r.id, ""), r.status, r.created_at) for r in mine]
+
+
+async def _first_texts(session: AsyncSession, run_ids: list[str]) -> dict[str, str]:
+    if not run_ids:
+        return {}
+    rows = await session.execute(
+        sa.select(InboxEvent.run_id, InboxEvent.payload).where(InboxEvent.run_id.in_(run_ids)).order_by(InboxEvent.created_at)
+    )
+    texts: dict[str, str] = {}
+    for run_id, payload in rows.all():
+        texts.setdefault(str(run_id), str((payload or {}).get("text") or "")[:REQUEST_LIMIT])
+    return texts
+
+
+def concerned(ctx: AppContext, approval: Approval) -> list[dict[str, Any]]:
+    """The people whose home shows `approval`: requester, voters, approvers the policy names by id."""
+    requester = approval.requester or {}
+    people: dict[str, dict[str, Any]] = {}
+    if requester.get("id"):
+        people[str(requester["id"])] = {"user": str(requester["id"]), "team": requester.get("tenant")}
+    for vote in approval.votes or []:
+        voter = vote.get("user") or {}
+        if voter.get("id"):
+            people.setdefault(str(voter["id"]), {"user": str(voter["id"]), "team": voter.get("tenant")})
+    spec = ctx.registry.get(approval.tool_name)
+    rule = ctx.policy.rule_for(spec, approval.args) if spec is not None else None
+    for entry in rule.approvers if rule is not None else ():
+        kind, _, rest = entry.partition(":")
+        tenant, _, ident = rest.rpartition(":")
+        if kind == approval.platform and ident and ident != "*":
+            people.setdefault(ident, {"user": ident, "team": tenant or requester.get("tenant")})
+    return list(people.values())
