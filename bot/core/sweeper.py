@@ -1,6 +1,7 @@
 """The sweeper: periodic recovery on every replica, so that nothing waits forever.
 
-Each pass: heartbeat this replica; chain staged audit rows; expire overdue approvals; mark as
+Each pass: heartbeat this replica; chain staged audit rows; expire overdue approvals; remind once
+about approvals near their expiry (`ApprovalService.remind_near_expiry`); mark as
 `in_doubt` (reported, never re-run) executions whose lease ran out; execute approvals a decider
 left `approved`; take over runs whose lease ran out, whether or not their owner is alive; resume
 waiting runs whose approvals are all decided; start conversations with queued messages nobody
@@ -61,6 +62,7 @@ class Sweeper:
             self.heartbeat,
             lambda: self.ctx.audit.chain(self.ctx.db),
             self._expire,
+            self.core.approvals.remind_near_expiry,
             self._in_doubt,
             self._approved,
             self._take_over,
