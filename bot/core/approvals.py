@@ -24,8 +24,8 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from bot.core import i18n, metrics, outbox, texts
 from bot.core.channels import CardView
-from bot.core.display import one_line
 from bot.core.context import AppContext
+from bot.core.display import one_line
 from bot.core.events import DecisionRequest, User
 from bot.core.policy import CallRule
 from storage.audit import canonical_json

@@ -93,7 +93,6 @@ PROGRESS_CONTINUING = "Decided; working on the result…"
 EXPIRY_REMINDER = "⏰ Approval {approval_id} ({tool}: {summary}) expires at {at}. Decide it before then, or nothing will run."
 
 # The Slack App Home tab
-HOME_TITLE = "chatops"
 HOME_PENDING = "Waiting for a decision ({count})"
 HOME_PENDING_NONE = "Nothing is waiting for you."
 HOME_ROLE = "You are the {role} · expires {at}"
