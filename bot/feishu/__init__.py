@@ -336,6 +336,31 @@ class FeishuAdapter:
             log.warning("feishu: reaction failed (%s); saying it instead", exc.code)
             await self.post_reply(thread, str(texts.WORKING))
 
+    async def post_progress(self, thread: Thread, text: str) -> str | None:
+        """The run's progress line: a text message, edited in place later (`update_progress`)."""
+        return await self._post(thread, "text", self._text(text), key=None)
+
+    async def update_progress(self, thread: Thread, message_id: str, text: str) -> None:
+        await self.api.edit(message_id, "text", self._text(text))
+
+    async def post_answer(self, thread: Thread, text: str, progress_id: str | None) -> None:
+        """The answer in place of the progress message; a plain reply when there is none, or when
+        the edit is refused (e.g. the message can no longer be edited)."""
+        if progress_id is not None:
+            try:
+                await self.api.edit(progress_id, "text", self._text(text))
+                return
+            except FeishuApiError as exc:
+                if exc.code is None or exc.code == RATE_LIMITED or exc.code in TOKEN_INVALID:
+                    raise  # try the same edit again later
+                log.warning("feishu: the progress message cannot be edited (code %s); replying instead", exc.code)
+        await self.post_reply(thread, text)
+
+    @staticmethod
+    def _text(text: str) -> str:
+        safe = _AT_TAG.sub("<\u200b", cut(text, TEXT_LIMIT))  # model output cannot @mention anyone
+        return json.dumps({"text": safe}, ensure_ascii=False)
+
     async def post_card(self, thread: Thread, card: CardView) -> str | None:
         content = json.dumps(cards.render_card(card), ensure_ascii=False)
         return await self._post(thread, "interactive", content, key=card.approval_id)

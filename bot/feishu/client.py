@@ -125,6 +125,12 @@ class FeishuApi:
         request = self._im.PatchMessageRequest.builder().message_id(message_id).request_body(body).build()
         await self._call("patch", self._client.im.v1.message.patch, request)
 
+    async def edit(self, message_id: str, msg_type: str, content: str) -> None:
+        """Edit a text or post message the bot sent (`PUT /open-apis/im/v1/messages/:id`)."""
+        body = self._im.UpdateMessageRequestBody({"msg_type": msg_type, "content": content})
+        request = self._im.UpdateMessageRequest.builder().message_id(message_id).request_body(body).build()
+        await self._call("edit", self._client.im.v1.message.update, request)
+
     async def react(self, message_id: str, emoji: str) -> None:
         """Add an emoji reaction to a message."""
         body = self._im.CreateMessageReactionRequestBody({"reaction_type": {"emoji_type": emoji}})

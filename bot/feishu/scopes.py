@@ -9,6 +9,7 @@ CALL_SCOPES: dict[str, tuple[str, ...]] = {
     "reply": ("im:message:send_as_bot",),
     "send": ("im:message:send_as_bot",),
     "patch": ("im:message:send_as_bot",),
+    "edit": ("im:message:send_as_bot",),  # the run's progress line (a text message, at most 20 edits)
     "reaction": ("im:message.reactions:write_only",),
     "user info": ("contact:contact.base:readonly", "contact:user.department:readonly"),
     "chat members": ("im:chat.members:read",),

@@ -91,6 +91,7 @@ class FakeFeishu:
         app.router.add_post("/open-apis/im/v1/messages", self._create)
         app.router.add_post("/open-apis/im/v1/messages/{mid}/reply", self._reply)
         app.router.add_patch("/open-apis/im/v1/messages/{mid}", self._patch)
+        app.router.add_put("/open-apis/im/v1/messages/{mid}", self._edit)
         app.router.add_post("/open-apis/im/v1/messages/{mid}/reactions", self._react)
         app.router.add_get("/open-apis/contact/v3/users/{uid}", self._user)
         app.router.add_get("/open-apis/im/v1/chats/{chat_id}/members", self._members)
@@ -147,7 +148,7 @@ class FakeFeishu:
         self.recalled.add(message_id)
 
     def calls_to(self, kind: str) -> list[Call]:
-        """Calls by kind: token, bot_info, create, reply, patch, reaction, user, chat_members."""
+        """Calls by kind: token, bot_info, create, reply, patch, edit, reaction, user, chat_members."""
         return [c for c in self.calls if _kind(c) == kind]
 
     def sent(self) -> list[Message]:
@@ -251,6 +252,19 @@ class FakeFeishu:
         message.content = call.body["content"]
         return await self._done(web.json_response({"code": 0, "msg": "ok", "data": {}}))
 
+    async def _edit(self, request: web.Request) -> web.Response:
+        """`PUT /im/v1/messages/:id`: edit a text or post message the bot sent (cards need PATCH)."""
+        call, problem = await self._record(request)
+        message = self.messages.get(request.match_info["mid"])
+        if problem is None and (message is None or message.msg_type not in ("text", "post")):
+            problem = web.json_response({"code": 230001, "msg": "this message type cannot be edited"}, status=400)
+        if problem is not None:
+            return await self._done(problem)
+        assert message is not None
+        message.patches.append(call.body["content"])
+        message.content = call.body["content"]
+        return await self._done(web.json_response({"code": 0, "msg": "ok", "data": {"message_id": message.message_id}}))
+
     async def _react(self, request: web.Request) -> web.Response:
         call, problem = await self._record(request)
         if problem is not None:
@@ -353,4 +367,6 @@ def _kind(call: Call) -> str:
         return "chat_members"
     if call.method == "PATCH":
         return "patch"
+    if call.method == "PUT":
+        return "edit"
     return "create"
