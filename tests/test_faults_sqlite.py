@@ -101,7 +101,7 @@ async def test_a_lock_held_during_a_write_tool_delays_its_record_which_lands_onc
 
     stages.during_write = hold_the_lock
     assert (await bot.send(mention("store a note")))[0] == 200
-    await bot.fake.wait_for("chat.postMessage", timeout=60)
+    await bot.fake.wait_for("chat.postMessage", count=2, timeout=60)  # progress line, card
     card = card_message(bot.fake)
     approval_id = approval_id_of(card)
     assert (await bot.send(click(card)))[0] == 200
