@@ -108,9 +108,10 @@ async def test_a_lock_held_during_a_write_tool_delays_its_record_which_lands_onc
     await locked.wait()  # the tool ran and returned; its record now waits for the lock
     refused = await check_fast_answers_while_locked(bot)
     await lock.release()
-    await bot.fake.wait_for("chat.postMessage", count=2, timeout=60)  # the card, then "Stored."
+    # "Stored." replaces the run's progress line (posted before the card)
+    await bot.fake.wait_until(lambda: "Stored." in [r["text"] for r in bot.replies()], timeout=60)
     assert (await bot.send(refused, retry_num=1))[0] == 200
-    await bot.fake.wait_for("chat.postMessage", count=3, timeout=60)
+    await bot.fake.wait_for("chat.postMessage", count=3, timeout=60)  # progress line, card, "second answer"
     await bot.settle()
     await settle(bot.app)
     assert stages.runs == [approval_id]

@@ -126,6 +126,11 @@ class FakeSlackApi:
             await self._changed.wait_for(lambda: len(self.calls_to(method)) >= count)
         return self.calls_to(method)
 
+    async def wait_until(self, predicate: Any, timeout: float = 10.0) -> None:
+        """Wait until `predicate()` holds, checked after every answered call."""
+        async with asyncio.timeout(timeout), self._changed:
+            await self._changed.wait_for(predicate)
+
     # ------------------------------------------------------------------ Web API
     async def _api(self, request: web.Request) -> web.Response:
         method = request.match_info["method"]
