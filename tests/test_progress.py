@@ -112,3 +112,20 @@ async def test_a_stream_that_breaks_is_removed_and_the_answer_posted_once(slack_
     assert len(fake_slack.calls_to("chat.startStream")) == 1
     (answer,) = bot.replies()  # the partial stream was deleted; the answer replaced the progress line
     assert answer["text"] == LONG
+
+
+async def test_cancel_closes_the_progress_message_and_posts_nothing_new_for_it(slack_bot, fake_slack, model):
+    model.script(calls(NOTE))
+    bot = await slack_bot(toolsets=[notes_toolset(Ledger())])
+    root = next_ts()
+    await bot.send(mention("write a note", ts=root))
+    await bot.settle()
+    (progress,) = bot.replies()
+    assert progress["text"] == "Waiting for approval of 1 action(s)…"
+
+    await bot.send(mention("cancel", thread_ts=root))
+    await bot.settle()
+    texts = [r["text"] for r in bot.replies()]
+    assert texts[0] == "Stopped." and fake_slack.messages[progress["ts"]]["text"] == "Stopped."
+    assert texts[1].startswith("Stopped. 1 pending approval(s) cancelled")  # the command's own answer
+    assert len(texts) == 2

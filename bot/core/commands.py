@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Literal
 
 import sqlalchemy as sa
 
-from bot.core import texts
+from bot.core import outbox, texts
 from bot.core.cards import card_view
 from bot.core.channels import CardView
 from bot.core.events import Thread, User
@@ -197,6 +197,7 @@ async def cancel_conversation(core: Core, conversation_key: str, user: User) -> 
         )
         conv.active_run_id = None
         conv.version += 1
+        await outbox.enqueue_progress(session, ctx, run.thread, str(texts.PROGRESS_STOPPED), run_id=run.id, edit_only=True)
         await ctx.audit.record(
             session,
             "run_cancelled",

@@ -97,9 +97,13 @@ async def _supersede_progress(session: AsyncSession, run_id: str) -> None:
     )
 
 
-async def enqueue_progress(session: AsyncSession, ctx: AppContext, thread: dict[str, Any], text: str, *, run_id: str) -> None:
-    """Queue the run's progress line (it edits the run's one progress message in place)."""
+async def enqueue_progress(
+    session: AsyncSession, ctx: AppContext, thread: dict[str, Any], text: str, *, run_id: str, edit_only: bool = False
+) -> None:
+    """Queue the run's progress line (it edits the run's one progress message in place); `edit_only`:
+    a last word for a progress message that exists (a stopped run), never a new message."""
     await _supersede_progress(session, run_id)
+    thread = {**thread, "edit_only": True} if edit_only else thread
     job = _job(ctx, OutboxKind.PROGRESS, thread, run_id=run_id, text=ctx.redactor.redact_text(text))
     job["deadline"] = job["created_at"] + timedelta(seconds=min(PROGRESS_DEADLINE, ctx.settings.outbox_deadline))
     await _insert(session, job)
@@ -260,6 +264,8 @@ class Outbox:
             await channel.post_answer(thread, job.text or "", progress_id)
             return None
         if progress_id is None:
+            if job.thread.get("edit_only"):
+                return None
             return str(await channel.post_progress(thread, job.text or "") or "") or None
         await channel.update_progress(thread, progress_id, job.text or "")
         return progress_id

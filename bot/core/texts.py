@@ -90,6 +90,7 @@ PROGRESS_SEARCHING_CRM = "Searching the CRM…"
 PROGRESS_RUNNING = "Running {tool}…"
 PROGRESS_WAITING = "Waiting for approval of {count} action(s)…"
 PROGRESS_CONTINUING = "Decided; working on the result…"
+PROGRESS_STOPPED = "Stopped."
 EXPIRY_REMINDER = "⏰ Approval {approval_id} ({tool}: {summary}) expires at {at}. Decide it before then, or nothing will run."
 
 # The Slack App Home tab
