@@ -170,3 +170,16 @@ async def test_card_and_home_clicked_together_run_the_tool_exactly_once(slack_bo
     async with bot.app.ctx.db.transaction() as session:
         refreshes = (await session.execute(sa.select(OutboxJob.status).where(OutboxJob.kind == "home_refresh"))).all()
     assert refreshes and all(status == "sent" for (status,) in refreshes)
+
+
+async def test_the_home_speaks_the_persons_slack_locale(slack_bot, fake_slack, model):
+    model.script(calls(NOTE))
+    fake_slack.add_user(ALICE, "Alice", locale="zh-CN", tz="Asia/Shanghai")
+    bot = await slack_bot(toolsets=[notes_toolset(Ledger())])
+    await bot.send(mention("please write a note"))
+    await bot.settle()
+    await bot.send(home_opened(ALICE))
+    await bot.settle()
+    shown = home_text(fake_slack.homes[ALICE])
+    assert "等待审批（1）" in shown and "您是发起人" in shown and "您最近的请求" in shown
+    assert ('"text": "批准"' in shown) and ('"text": "拒绝"' in shown)

@@ -196,7 +196,8 @@ class SlackHandlers:
         """Build the person's home view now, in their language, and publish it (`views.publish`)."""
         author = await self._lookup(user.id)
         user = replace(user, name=user.name or author.name, is_bot=author.is_bot, groups=author.groups)
-        user = language.speak_with(self.core.ctx.policy, user, None, locale=author.locale, tz=author.tz)
+        lang = language.choose(self.core.ctx.policy, user, None, locale=author.locale)
+        user = replace(user, lang=lang, tz=author.tz or user.tz)  # `home_view` renders in it; nothing else changes
         view = await home_for(self.core, user)
         await self.client.views_publish(user_id=user.id, view=home_view(view, notice))
 
