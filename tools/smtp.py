@@ -51,8 +51,7 @@ class _Staged:
     stage = "connecting"
 
     def _get_socket(self, host: str, port: int, timeout: float) -> socket.socket:
-        # A mixin before smtplib.SMTP(_SSL), whose private _get_socket typeshed leaves out.
-        sock: socket.socket = super()._get_socket(host, port, timeout)  # type: ignore[misc]
+        sock: socket.socket = super()._get_socket(host, port, timeout)  # type: ignore[misc]  # private in smtplib, not in typeshed
         self.stage = "waiting for the greeting"
         return sock
 
