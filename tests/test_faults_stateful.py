@@ -24,13 +24,13 @@ import pytest
 import sqlalchemy as sa
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
-from sqlalchemy.ext.asyncio import AsyncSession
 
 from bot.app import App
 from bot.cli_audit import audit_verify
 from bot.core.errors import StorageError
 from bot.core.events import DecisionRequest, IncomingMessage
 from storage.audit_keys import default_key_file, load_keys
+from storage.engine import DbSession
 from storage.models import Approval, Run
 from tests.fakes.openai_server import Reply, calls, text
 from tests.fault_helpers import ALICE, FaultChannel, LockHolder, Stages, message, settle
@@ -93,7 +93,7 @@ async def retried(call: Any) -> Any:
 
 
 async def of_conversation(app: App, conv: str) -> tuple[dict[str, str], list[str]]:
-    async def query(session: AsyncSession) -> tuple[dict[str, str], list[str]]:
+    async def query(session: DbSession) -> tuple[dict[str, str], list[str]]:
         runs = (await session.execute(sa.select(Run.id, Run.status).where(Run.conversation_key == conv))).all()
         ids = [r for r, _ in runs]
         rows = (await session.execute(sa.select(Approval.id, Approval.status).where(Approval.run_id.in_(ids)))).all()
