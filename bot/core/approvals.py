@@ -392,7 +392,9 @@ class ApprovalService:
 
         return await ctx.db.run(find, read=True)
 
-    async def cancel_pending(self, session: DbSession, where: Any, reason: str, *, actor: str | None = None) -> list[Approval]:
+    async def cancel_pending(
+        self, session: DbSession, where: sa.ColumnElement[bool], reason: str, *, actor: str | None = None
+    ) -> list[Approval]:
         """pending -> cancelled for the approvals matching `where`, inside the caller's transaction
         (`actor`: who cancelled them, when a person did)."""
         rows = (await session.execute(sa.select(Approval).where(col(Approval.status) == S.PENDING, where))).scalars().all()

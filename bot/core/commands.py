@@ -190,7 +190,7 @@ async def cancel_conversation(core: Core, conversation_key: str, user: User) -> 
         run = await session.get(Run, conv.active_run_id) if conv is not None and conv.active_run_id else None
         if conv is None or run is None or run.status not in ("running", "waiting"):
             return None, []
-        gone = await core.approvals.cancel_pending(session, Approval.run_id == run.id, reason, actor=user.key)
+        gone = await core.approvals.cancel_pending(session, col(Approval.run_id) == run.id, reason, actor=user.key)
         cancelled = [a.id for a in gone]
         await session.execute(
             sa.update(Run)

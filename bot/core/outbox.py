@@ -269,7 +269,9 @@ class Outbox:
             return Delivered()
         from bot.core.approvals import ApprovalService  # the service queues card updates through this module
 
-        cancelled = await ApprovalService(ctx).cancel_pending(session, Approval.id == job.approval_id, texts.CARD_UNDELIVERED)
+        cancelled = await ApprovalService(ctx).cancel_pending(
+            session, col(Approval.id) == job.approval_id, texts.CARD_UNDELIVERED
+        )
         for approval in cancelled:
             notice = texts.CARD_UNDELIVERED_NOTICE.format(tool=approval.tool_name)
             await enqueue_reply(session, ctx, approval.thread, notice, run_id=approval.run_id)

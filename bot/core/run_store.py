@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
@@ -108,10 +108,10 @@ class RunStore:
         self.ctx = ctx
         self.approvals = approvals
 
-    def _lease(self) -> Any:
+    def _lease(self) -> datetime:
         return self.ctx.clock() + timedelta(seconds=self.ctx.settings.lease_seconds)
 
-    def _mine(self, claim: RunClaim) -> Any:
+    def _mine(self, claim: RunClaim) -> sa.ColumnElement[bool]:
         return sa.and_(col(Run.id) == claim.run_id, col(Run.version) == claim.version, col(Run.status) == R.RUNNING)
 
     # ------------------------------------------------------------------ starting
