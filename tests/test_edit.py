@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+from typing import Literal
 
 import sqlalchemy as sa
 
@@ -22,6 +23,7 @@ ALICE = User("terminal", "alice", "local", "alice")
 BOB = User("terminal", "bob", "local", "bob")
 CAROL = User("terminal", "carol", "local", "carol")
 DAVE = User("terminal", "dave", "local", "dave")
+ERIN = User("terminal", "erin", "local", "erin")
 NOTE = ("write_note", {"topic": "ops", "text": "restart web-1"})
 
 
@@ -47,13 +49,22 @@ def notify_toolset(ledger: Ledger) -> Toolset:
     toolset = Toolset("test-notify")
 
     @toolset.tool(describe=lambda a: f"Notify {a['to']}")
-    async def notify(ctx: ToolContext, to: str, text: str, urgent: bool = False) -> str:
+    async def notify(
+        ctx: ToolContext,
+        to: str,
+        text: str,
+        urgent: bool = False,
+        tags: list[str] | None = None,
+        level: Literal["info", "warn"] = "info",
+    ) -> str:
         """Send a notification.
 
         Args:
             to: The recipient's e-mail address.
             text: What to say.
             urgent: Whether to page them.
+            tags: Labels for the notification.
+            level: How loud.
         """
         ledger.effects.append({"to": to, "text": text, "urgent": urgent, "approval_id": ctx.approval_id})
         return f"notified {to}"
@@ -65,7 +76,7 @@ POLICY = """
 [[tools]]
 match = "notify"
 rule = "confirm"
-approvers = ["terminal:bob", "terminal:carol", "terminal:dave"]
+approvers = ["terminal:bob", "terminal:carol", "terminal:dave", "terminal:erin"]
   [tools.external_recipients]
   allowed_domains = ["example.com"]
   fields = ["to"]
@@ -122,7 +133,7 @@ async def test_schema_violations_are_refused_with_the_field_named_and_nothing_ch
 
     outcome = await core.edit(EditRequest(approval_id, ALICE, 1, {"priority": "high", "topic": ""}))
     assert outcome.kind == EditResult.INVALID
-    assert outcome.errors == {"priority": "must be a whole number"}
+    assert outcome.errors == {"priority": "must be a whole number", "topic": "a value is required"}
     outcome = await core.edit(EditRequest(approval_id, ALICE, 1, {"priority": "2.5"}))
     assert outcome.kind == EditResult.INVALID and set(outcome.errors or {}) == {"priority"}
     outcome = await core.edit(EditRequest(approval_id, ALICE, 1, {"text": "restart web-1"}))
@@ -136,6 +147,32 @@ async def test_schema_violations_are_refused_with_the_field_named_and_nothing_ch
     await bot.say("lots")
     assert "priority: must be a whole number" in bot.transcript()
     assert (await stored(bot.app, approval_id)).revision == 1
+
+
+async def test_the_form_is_typed_from_the_schema_and_the_schema_refuses_what_does_not_fit(terminal_bot, model):
+    model.script(calls(("notify", {"to": "ops@example.com", "text": "hi", "tags": ["a"]})), text("ok"))
+    bot = await terminal_bot(toolsets=[notify_toolset(Ledger())])
+    await bot.say("notify ops")
+    (approval_id,) = approval_ids(bot.transcript())
+    opened = await bot.core.open_edit(EditRequest(approval_id, ALICE, 1))
+    assert opened.form is not None
+    kinds = {f.name: (f.kind, f.value, f.options) for f in opened.form.fields}
+    assert kinds == {
+        "to": ("string", "ops@example.com", ()),
+        "text": ("string", "hi", ()),
+        "urgent": ("boolean", "false", ()),
+        "tags": ("json", '["a"]', ()),
+        "level": ("enum", "info", ("info", "warn")),
+    }
+    outcome = await bot.core.edit(EditRequest(approval_id, ALICE, 1, {"tags": '{"a": 1}', "level": "loud", "urgent": "maybe"}))
+    assert outcome.kind == EditResult.INVALID
+    assert outcome.errors == {"level": "must be one of: info, warn", "urgent": "must be true or false"}
+    outcome = await bot.core.edit(EditRequest(approval_id, ALICE, 1, {"tags": '{"a": 1}'}))
+    assert outcome.errors == {"tags": "not valid: Input should be a valid list"}
+    outcome = await bot.core.edit(EditRequest(approval_id, ALICE, 1, {"tags": '["a", "b"]', "level": "warn", "urgent": "yes"}))
+    assert outcome.kind == EditResult.EDITED
+    row = await stored(bot.app, approval_id)
+    assert row.args == {"to": "ops@example.com", "text": "hi", "urgent": True, "tags": ["a", "b"], "level": "warn"}
 
 
 async def test_an_edit_can_escalate_the_rule_and_resets_the_votes(terminal_bot, model, tmp_path):
@@ -161,15 +198,26 @@ async def test_an_edit_can_escalate_the_rule_and_resets_the_votes(terminal_bot, 
     assert refused.kind == Decision.NOT_ALLOWED
     first = await core.decide(DecisionRequest(approval_id, CAROL, approve=True, revision=2))
     assert first.kind == Decision.VOTE_RECORDED and ledger.effects == []
-    second = await core.decide(DecisionRequest(approval_id, DAVE, approve=True, revision=2))
-    assert second.kind == Decision.APPROVED
+    # another edit resets the vote; both editors now count as requesters
+    outcome = await core.edit(EditRequest(approval_id, DAVE, 2, {"text": "deploy at 6"}))
+    assert outcome.kind == EditResult.EDITED and outcome.message.startswith("Edited. Earlier approvals")
+    row = await stored(bot.app, approval_id)
+    assert (row.votes, row.revision) == ([], 3)
+    assert [r.data["votes_reset"] for r in await audit(bot.app, "approval_edited")] == [0, 1]
+    for editor in (BOB, DAVE):
+        refused = await core.decide(DecisionRequest(approval_id, editor, approve=True, revision=3))
+        assert refused.kind == Decision.NOT_ALLOWED and "whoever edited the request" in refused.message
+    assert (await core.decide(DecisionRequest(approval_id, CAROL, approve=True, revision=3))).kind == Decision.VOTE_RECORDED
+    assert (await core.decide(DecisionRequest(approval_id, ERIN, approve=True, revision=3))).kind == Decision.APPROVED
     await bot.app.ctx.tasks.idle()
-    assert [e["to"] for e in ledger.effects] == ["partner@elsewhere.org"]
+    assert [(e["to"], e["text"]) for e in ledger.effects] == [("partner@elsewhere.org", "deploy at 6")]
 
 
 async def test_votes_are_reset_and_the_editing_approver_cannot_approve_their_own_edit(terminal_bot, model, tmp_path):
     policy = tmp_path / "policy.toml"
-    policy.write_text(POLICY.replace('"terminal:bob", "terminal:carol"]\n"""', '"terminal:bob", "terminal:carol"]'), encoding="utf-8")
+    policy.write_text(
+        POLICY.replace('"terminal:bob", "terminal:carol"]\n"""', '"terminal:bob", "terminal:carol"]'), encoding="utf-8"
+    )
     ledger = Ledger()
     model.script(calls(NOTE), text("ok"))
     bot = await terminal_bot(toolsets=[notes_toolset(ledger)], CHATOPS_POLICY=str(policy))

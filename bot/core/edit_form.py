@@ -165,7 +165,8 @@ def _read(field: EditField, text: str) -> Any:
 
 def read_values(form: EditForm, current: dict[str, Any], values: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
     """The arguments a submission asks for, and the problems by field name. A field left empty is
-    removed (its schema default applies), a field not submitted keeps its current value."""
+    removed (its schema default applies; a required one is refused), a field not submitted keeps
+    its current value."""
     args = dict(current)
     errors: dict[str, str] = {}
     for field in form.fields:
@@ -175,8 +176,7 @@ def read_values(form: EditForm, current: dict[str, Any], values: dict[str, Any])
         if isinstance(raw, bool):
             raw = "true" if raw else "false"
         text = "" if raw is None else str(raw)
-        empty = text == "" if field.kind == "string" else text.strip() == ""
-        if empty and not (field.kind == "string" and field.required):
+        if (text == "" if field.kind == "string" else text.strip() == ""):
             if field.required:
                 errors[field.name] = str(texts.EDIT_REQUIRED)
             args.pop(field.name, None)
