@@ -12,9 +12,9 @@ import sqlalchemy as sa
 
 from bot.core.approvals import Decision, EditResult
 from bot.core.events import DecisionRequest, EditRequest, User
+from bot.terminal import TerminalAdapter
 from storage.models import Approval, AuditEvent
 from tests.fakes.openai_server import calls, text, tool_results
-from bot.terminal import TerminalAdapter
 from tests.support_tools import Ledger, RecordingChannel, notes_toolset
 from tools.context import ToolContext
 from tools.registry import Toolset

@@ -107,9 +107,9 @@ async def test_cancel_puts_the_card_back_and_others_cannot_open_the_form(feishu_
     await bot.send(at_bot("write a note", message_id="om_ask"))
     await bot.settle()
     edit = buttons(bot.card().json)["edit"]
-    status, answer = await bot.send(press(edit, operator="ou_mallory"))
+    _, answer = await bot.send(press(edit, operator="ou_mallory"))
     assert answer["toast"]["type"] == "error" and "card" not in answer
-    status, answer = await bot.send(press(edit))
+    _, answer = await bot.send(press(edit))
     cancel = buttons(answer["card"]["data"])["edit_cancel"]
-    status, answer = await bot.send(press(cancel))
+    _, answer = await bot.send(press(cancel))
     assert set(buttons(answer["card"]["data"])) == {"approve", "reject", "edit"}

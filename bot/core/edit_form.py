@@ -176,7 +176,7 @@ def read_values(form: EditForm, current: dict[str, Any], values: dict[str, Any])
         if isinstance(raw, bool):
             raw = "true" if raw else "false"
         text = "" if raw is None else str(raw)
-        if (text == "" if field.kind == "string" else text.strip() == ""):
+        if text == "" if field.kind == "string" else text.strip() == "":
             if field.required:
                 errors[field.name] = str(texts.EDIT_REQUIRED)
             args.pop(field.name, None)

@@ -239,7 +239,9 @@ class FeishuAdapter:
                 outcome = await self.core.edit(request)
             else:
                 found = await load_card(self.core.ctx.db, request.approval_id)
-                return Answer({"card": {"type": "raw", "data": cards.render_card(found[0])}} if found else {}, request.approval_id)
+                return Answer(
+                    {"card": {"type": "raw", "data": cards.render_card(found[0])}} if found else {}, request.approval_id
+                )
         except BaseException:
             self._answered(request.approval_id)
             raise
