@@ -297,3 +297,16 @@ async def test_an_edit_racing_an_approval_has_exactly_one_winner(bots, model, db
             assert row.revision == 1 and ran == ["restart web-1"]
         outcomes.append(edit.kind)
     assert len(outcomes) == 4
+
+
+async def test_the_audit_diff_goes_through_the_redactor(terminal_bot, model):
+    model.script(calls(NOTE), text("ok"))
+    bot = await terminal_bot(toolsets=[notes_toolset(Ledger())])
+    await bot.say("write a note")
+    (approval_id,) = approval_ids(bot.transcript())
+    token = "xoxb-1234567890-abcdefghijklmnop"
+    outcome = await bot.core.edit(EditRequest(approval_id, ALICE, 1, {"text": f"use {token}"}))
+    assert outcome.kind == EditResult.EDITED
+    (edited,) = await audit(bot.app, "approval_edited")
+    assert edited.data["changes"] == [{"field": "text", "before": "restart web-1", "after": "use [REDACTED]"}]
+    assert token not in str(edited.data)
