@@ -4,6 +4,8 @@
   schedules the agent; it returns in milliseconds so the adapter can ack at once.
 - `decide` applies an Approve/Reject click and returns at once with what the clicker should
   see; execution and the resumed agent run happen in the background, cards through the outbox.
+- `open_edit` / `edit`: the form for an Edit click, and a submitted edit (a new revision of the
+  frozen call, or the problems by field); the card update goes through the outbox.
 """
 
 from __future__ import annotations
@@ -11,21 +13,22 @@ from __future__ import annotations
 import dataclasses
 import logging
 import uuid
+from collections.abc import Awaitable
 
 import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError, OperationalError
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlmodel import col
 
-from bot.core.approvals import ApprovalService, Decision, DecisionOutcome
+from bot.core.approvals import ApprovalService, Decision, DecisionOutcome, EditOutcome
 from bot.core.cards import card_view
 from bot.core.context import AppContext
 from bot.core.errors import StorageError
-from bot.core.events import DecisionRequest, IncomingMessage, User
+from bot.core.events import DecisionRequest, EditRequest, IncomingMessage, User
 from bot.core.executor import Executor
 from bot.core.outbox import Outbox
 from bot.core.run_store import RunStore
 from bot.core.runner import Runner
-from storage.engine import LockBusy, is_transient
+from storage.engine import DbSession, LockBusy, is_transient
 from storage.models import Approval, ApprovalStatus, InboxEvent, SeenKey
 
 log = logging.getLogger("chatops.core")
@@ -65,7 +68,7 @@ class Core:
         self.start_conversation(msg.conversation_key)
         return True
 
-    async def _record(self, session: AsyncSession, msg: IncomingMessage, inbox_id: str) -> None:
+    async def _record(self, session: DbSession, msg: IncomingMessage, inbox_id: str) -> None:
         ctx, now = self.ctx, self.ctx.clock()
         # Plain INSERTs (no ORM unit of work): this is the ack path. A key seen before -> IntegrityError.
         keys = [{"key": k[:300], "inbox_id": inbox_id, "created_at": now} for k in msg.dedupe_keys]
@@ -102,6 +105,27 @@ class Core:
             outcome = dataclasses.replace(outcome, card=card_view(outcome.approval))
         return outcome
 
+    async def open_edit(self, req: EditRequest) -> EditOutcome:
+        """An Edit click: the form with the frozen arguments, or why this person may not edit."""
+        return self._with_card(await self._storing(self.approvals.open_edit(req)))
+
+    async def edit(self, req: EditRequest) -> EditOutcome:
+        """A submitted edit: stored as the call's next revision, or refused with the problems by field."""
+        return self._with_card(await self._storing(self.approvals.edit(req)))
+
+    @staticmethod
+    async def _storing(step: Awaitable[EditOutcome]) -> EditOutcome:
+        try:
+            return await step
+        except (OperationalError, LockBusy) as exc:
+            raise StorageError(f"could not record the edit: {type(exc).__name__}") from None
+
+    @staticmethod
+    def _with_card(outcome: EditOutcome) -> EditOutcome:
+        if outcome.approval is None:
+            return outcome
+        return dataclasses.replace(outcome, card=card_view(outcome.approval))
+
     async def _execute_then_resume(self, approval_id: str, run_id: str) -> None:
         await self.executor.execute(approval_id)
         await self.runner.resume(run_id)
@@ -114,14 +138,16 @@ class Core:
     async def pending_for(self, conversation_key: str) -> list[Approval]:
         """Approvals still waiting in a conversation (the terminal lists them)."""
 
-        async def query(session: AsyncSession) -> list[Approval]:
+        async def query(session: DbSession) -> list[Approval]:
             rows = await session.execute(
                 sa.select(Approval)
                 .where(
-                    Approval.status == ApprovalStatus.PENDING,
-                    Approval.run_id.in_(sa.select(InboxEvent.run_id).where(InboxEvent.conversation_key == conversation_key)),
+                    col(Approval.status) == ApprovalStatus.PENDING,
+                    col(Approval.run_id).in_(
+                        sa.select(col(InboxEvent.run_id)).where(col(InboxEvent.conversation_key) == conversation_key)
+                    ),
                 )
-                .order_by(Approval.created_at)
+                .order_by(col(Approval.created_at))
             )
             return list(rows.scalars().all())
 
@@ -130,15 +156,15 @@ class Core:
     async def pending_of(self, user: User) -> list[Approval]:
         """Approvals waiting on a decision that `user` asked for."""
 
-        async def query(session: AsyncSession) -> list[Approval]:
+        async def query(session: DbSession) -> list[Approval]:
             rows = await session.execute(
                 sa.select(Approval)
                 .where(
-                    Approval.status == ApprovalStatus.PENDING,
-                    Approval.requester_id == user.id,
-                    Approval.platform == user.platform,
+                    col(Approval.status) == ApprovalStatus.PENDING,
+                    col(Approval.requester_id) == user.id,
+                    col(Approval.platform) == user.platform,
                 )
-                .order_by(Approval.created_at)
+                .order_by(col(Approval.created_at))
             )
             return list(rows.scalars().all())
 

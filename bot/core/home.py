@@ -17,13 +17,14 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlmodel import col
 
 from bot.core import commands
 from bot.core.cards import card_view
 from bot.core.channels import CardView
 from bot.core.context import AppContext
 from bot.core.events import User
+from storage.engine import DbSession
 from storage.models import Approval, InboxEvent, Run
 
 if TYPE_CHECKING:
@@ -67,7 +68,10 @@ async def recent_runs(ctx: AppContext, user: User) -> list[RecentRun]:
         runs = (
             (
                 await session.execute(
-                    sa.select(Run).where(Run.platform == user.platform).order_by(Run.created_at.desc()).limit(RUN_SCAN_LIMIT)
+                    sa.select(Run)
+                    .where(col(Run.platform) == user.platform)
+                    .order_by(col(Run.created_at).desc())
+                    .limit(RUN_SCAN_LIMIT)
                 )
             )
             .scalars()
@@ -78,11 +82,13 @@ async def recent_runs(ctx: AppContext, user: User) -> list[RecentRun]:
     return [RecentRun(r.id, asked.get(r.id, ""), r.status, r.created_at) for r in mine]
 
 
-async def _first_texts(session: AsyncSession, run_ids: list[str]) -> dict[str, str]:
+async def _first_texts(session: DbSession, run_ids: list[str]) -> dict[str, str]:
     if not run_ids:
         return {}
     rows = await session.execute(
-        sa.select(InboxEvent.run_id, InboxEvent.payload).where(InboxEvent.run_id.in_(run_ids)).order_by(InboxEvent.created_at)
+        sa.select(col(InboxEvent.run_id), col(InboxEvent.payload))
+        .where(col(InboxEvent.run_id).in_(run_ids))
+        .order_by(col(InboxEvent.created_at))
     )
     texts: dict[str, str] = {}
     for run_id, payload in rows.all():

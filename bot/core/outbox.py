@@ -25,13 +25,14 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlmodel import col
 
 from bot.core import home, metrics, texts
 from bot.core.cards import card_view
 from bot.core.channels import DeliveryFailed
 from bot.core.context import AppContext
 from bot.core.events import Thread, User
+from storage.engine import DbSession, rowcount
 from storage.models import Approval, ApprovalStatus, OutboxJob, OutboxKind, OutboxStatus
 
 log = logging.getLogger("chatops.outbox")
@@ -59,23 +60,23 @@ def _job(ctx: AppContext, kind: OutboxKind, thread: dict[str, Any], **values: An
     }
 
 
-async def _insert(session: AsyncSession, job: dict[str, Any]) -> None:
+async def _insert(session: DbSession, job: dict[str, Any]) -> None:
     await session.execute(sa.insert(OutboxJob).values(**job))
     session.info["outbox_queued"] = True
 
 
-async def enqueue_reply(session: AsyncSession, ctx: AppContext, thread: dict[str, Any], text: str, *, run_id: str | None) -> None:
+async def enqueue_reply(session: DbSession, ctx: AppContext, thread: dict[str, Any], text: str, *, run_id: str | None) -> None:
     """Queue a reply or notice in the caller's transaction (redacted before it is stored)."""
     await _insert(session, _job(ctx, OutboxKind.REPLY, thread, run_id=run_id, text=ctx.redactor.redact_text(text)))
 
 
-async def enqueue_card(session: AsyncSession, ctx: AppContext, approval: Approval) -> None:
+async def enqueue_card(session: DbSession, ctx: AppContext, approval: Approval) -> None:
     """Queue the first post of an approval's card (and a refresh of the homes that list it)."""
     await _insert(session, _job(ctx, OutboxKind.CARD, approval.thread, run_id=approval.run_id, approval_id=approval.id))
     await enqueue_home_refresh(session, ctx, approval)
 
 
-async def enqueue_card_update(session: AsyncSession, ctx: AppContext, approval: Approval) -> None:
+async def enqueue_card_update(session: DbSession, ctx: AppContext, approval: Approval) -> None:
     """Queue a refresh of an approval's card; it renders the approval's state at delivery time."""
     job = _job(ctx, OutboxKind.CARD_UPDATE, approval.thread, run_id=None, approval_id=approval.id)
     job["thread_key"] = f"update:{approval.id}"
@@ -83,22 +84,22 @@ async def enqueue_card_update(session: AsyncSession, ctx: AppContext, approval: 
     await enqueue_home_refresh(session, ctx, approval)
 
 
-async def _supersede_progress(session: AsyncSession, run_id: str) -> None:
+async def _supersede_progress(session: DbSession, run_id: str) -> None:
     """Waiting (unclaimed) progress edits of a run are replaced by what is queued now."""
     await session.execute(
         sa.update(OutboxJob)
         .where(
-            OutboxJob.run_id == run_id,
-            OutboxJob.kind == OutboxKind.PROGRESS,
-            OutboxJob.status == OutboxStatus.PENDING,
-            OutboxJob.lease_until.is_(None),
+            col(OutboxJob.run_id) == run_id,
+            col(OutboxJob.kind) == OutboxKind.PROGRESS,
+            col(OutboxJob.status) == OutboxStatus.PENDING,
+            col(OutboxJob.lease_until).is_(None),
         )
         .values(status=OutboxStatus.SENT, last_error="superseded by a newer progress")
     )
 
 
 async def enqueue_progress(
-    session: AsyncSession, ctx: AppContext, thread: dict[str, Any], text: str, *, run_id: str, edit_only: bool = False
+    session: DbSession, ctx: AppContext, thread: dict[str, Any], text: str, *, run_id: str, edit_only: bool = False
 ) -> None:
     """Queue the run's progress line (it edits the run's one progress message in place); `edit_only`:
     a last word for a progress message that exists (a stopped run), never a new message."""
@@ -109,13 +110,13 @@ async def enqueue_progress(
     await _insert(session, job)
 
 
-async def enqueue_answer(session: AsyncSession, ctx: AppContext, thread: dict[str, Any], text: str, *, run_id: str) -> None:
+async def enqueue_answer(session: DbSession, ctx: AppContext, thread: dict[str, Any], text: str, *, run_id: str) -> None:
     """Queue a run's final text: it replaces the run's progress message when there is one."""
     await _supersede_progress(session, run_id)
     await _insert(session, _job(ctx, OutboxKind.ANSWER, thread, run_id=run_id, text=ctx.redactor.redact_text(text)))
 
 
-async def enqueue_home_refresh(session: AsyncSession, ctx: AppContext, approval: Approval) -> None:
+async def enqueue_home_refresh(session: DbSession, ctx: AppContext, approval: Approval) -> None:
     """Queue a home refresh for each person `approval` concerns, unless one is already waiting for
     them (coalesced: the refresh renders the home when it is delivered, so it shows this change too)."""
     if approval.platform not in home.HOME_PLATFORMS:
@@ -123,8 +124,12 @@ async def enqueue_home_refresh(session: AsyncSession, ctx: AppContext, approval:
     for person in home.concerned(ctx, approval):
         key = f"home:{approval.platform}:{person['user']}"[:300]
         waiting = await session.execute(
-            sa.select(OutboxJob.id)
-            .where(OutboxJob.thread_key == key, OutboxJob.status == OutboxStatus.PENDING, OutboxJob.lease_until.is_(None))
+            sa.select(col(OutboxJob.id))
+            .where(
+                col(OutboxJob.thread_key) == key,
+                col(OutboxJob.status) == OutboxStatus.PENDING,
+                col(OutboxJob.lease_until).is_(None),
+            )
             .limit(1)
         )
         if waiting.first() is None:
@@ -176,26 +181,30 @@ class Outbox:
                     log.warning("outbox job %s: %s; it will be tried again", job_id, type(exc).__name__)
         return len(tried)
 
-    async def _due(self, session: AsyncSession, limit: int) -> list[int]:
+    async def _due(self, session: DbSession, limit: int) -> list[int]:
         now = self.ctx.clock()
         earlier = sa.orm.aliased(OutboxJob)
         blocked = (
-            sa.select(earlier.id)
-            .where(earlier.thread_key == OutboxJob.thread_key, earlier.status == OutboxStatus.PENDING, earlier.id < OutboxJob.id)
+            sa.select(col(earlier.id))
+            .where(
+                col(earlier.thread_key) == col(OutboxJob.thread_key),
+                col(earlier.status) == OutboxStatus.PENDING,
+                col(earlier.id) < col(OutboxJob.id),
+            )
             .exists()
         )
         rows = await session.execute(
-            sa.select(OutboxJob.id)
+            sa.select(col(OutboxJob.id))
             .where(
-                OutboxJob.status == OutboxStatus.PENDING,
-                OutboxJob.next_attempt_at <= now,
-                sa.or_(OutboxJob.lease_until.is_(None), OutboxJob.lease_until < now),
+                col(OutboxJob.status) == OutboxStatus.PENDING,
+                col(OutboxJob.next_attempt_at) <= now,
+                sa.or_(col(OutboxJob.lease_until).is_(None), col(OutboxJob.lease_until) < now),
                 ~blocked,
             )
-            .order_by(OutboxJob.id)
+            .order_by(col(OutboxJob.id))
             .limit(limit)
         )
-        return list(rows.scalars().all())
+        return [job_id for job_id in rows.scalars() if job_id is not None]  # a stored row's id is never None
 
     async def deliver(self, job_id: int) -> None:
         """Claim one job and try to deliver it once; schedules the next attempt on failure."""
@@ -210,21 +219,21 @@ class Outbox:
             return
         await self.ctx.db.run(lambda s: self._sent(s, job, message_id, rendered_at))
 
-    async def _claim(self, session: AsyncSession, job_id: int) -> OutboxJob | None:
+    async def _claim(self, session: DbSession, job_id: int) -> OutboxJob | None:
         now = self.ctx.clock()
         claimed = await session.execute(
             sa.update(OutboxJob)
             .where(
-                OutboxJob.id == job_id,
-                OutboxJob.status == OutboxStatus.PENDING,
-                OutboxJob.next_attempt_at <= now,
-                sa.or_(OutboxJob.lease_until.is_(None), OutboxJob.lease_until < now),
+                col(OutboxJob.id) == job_id,
+                col(OutboxJob.status) == OutboxStatus.PENDING,
+                col(OutboxJob.next_attempt_at) <= now,
+                sa.or_(col(OutboxJob.lease_until).is_(None), col(OutboxJob.lease_until) < now),
             )
             .values(
                 owner=self.ctx.replica_id, lease_until=now + timedelta(seconds=CLAIM_SECONDS), attempts=OutboxJob.attempts + 1
             )
         )
-        if not claimed.rowcount:  # type: ignore[attr-defined]
+        if not rowcount(claimed):
             return None
         return await session.get(OutboxJob, job_id)
 
@@ -271,26 +280,26 @@ class Outbox:
         return progress_id
 
     @staticmethod
-    async def _progress_message(session: AsyncSession, run_id: str | None) -> str | None:
+    async def _progress_message(session: DbSession, run_id: str | None) -> str | None:
         """The id of the run's posted progress message, if any."""
         row = await session.execute(
-            sa.select(OutboxJob.message_id)
+            sa.select(col(OutboxJob.message_id))
             .where(
-                OutboxJob.run_id == run_id,
-                OutboxJob.kind == OutboxKind.PROGRESS,
-                OutboxJob.status == OutboxStatus.SENT,
-                OutboxJob.message_id.is_not(None),
+                col(OutboxJob.run_id) == run_id,
+                col(OutboxJob.kind) == OutboxKind.PROGRESS,
+                col(OutboxJob.status) == OutboxStatus.SENT,
+                col(OutboxJob.message_id).is_not(None),
             )
-            .order_by(OutboxJob.id)
+            .order_by(col(OutboxJob.id))
             .limit(1)
         )
         return row.scalar_one_or_none()
 
-    async def _sent(self, session: AsyncSession, job: OutboxJob, message_id: str | None, rendered_at: datetime) -> None:
+    async def _sent(self, session: DbSession, job: OutboxJob, message_id: str | None, rendered_at: datetime) -> None:
         ctx = self.ctx
         await session.execute(
             sa.update(OutboxJob)
-            .where(OutboxJob.id == job.id)
+            .where(col(OutboxJob.id) == job.id)
             .values(status=OutboxStatus.SENT, message_id=message_id, lease_until=None, last_error=None)
         )
         if job.kind not in (OutboxKind.CARD, OutboxKind.CARD_UPDATE):
@@ -299,12 +308,12 @@ class Outbox:
         await session.execute(
             sa.update(OutboxJob)
             .where(
-                OutboxJob.approval_id == job.approval_id,
-                OutboxJob.kind == OutboxKind.CARD_UPDATE,
-                OutboxJob.status == OutboxStatus.PENDING,
-                OutboxJob.created_at <= rendered_at,
-                OutboxJob.id != job.id,
-                sa.or_(OutboxJob.lease_until.is_(None), OutboxJob.lease_until < rendered_at),
+                col(OutboxJob.approval_id) == job.approval_id,
+                col(OutboxJob.kind) == OutboxKind.CARD_UPDATE,
+                col(OutboxJob.status) == OutboxStatus.PENDING,
+                col(OutboxJob.created_at) <= rendered_at,
+                col(OutboxJob.id) != job.id,
+                sa.or_(col(OutboxJob.lease_until).is_(None), col(OutboxJob.lease_until) < rendered_at),
             )
             .values(status=OutboxStatus.SENT, last_error="superseded by a newer rendering")
         )
@@ -312,7 +321,7 @@ class Outbox:
         if approval is None or job.kind != OutboxKind.CARD:
             return
         if message_id:
-            await session.execute(sa.update(Approval).where(Approval.id == approval.id).values(card_message_id=message_id))
+            await session.execute(sa.update(Approval).where(col(Approval.id) == approval.id).values(card_message_id=message_id))
         await ctx.audit.record(
             session,
             "card_posted",
@@ -346,7 +355,7 @@ class Outbox:
             self._wake.set()
 
     async def _record_failure(
-        self, session: AsyncSession, job: OutboxJob, failure: DeliveryFailed, now: datetime, delay: float, give_up: bool
+        self, session: DbSession, job: OutboxJob, failure: DeliveryFailed, now: datetime, delay: float, give_up: bool
     ) -> Delivered:
         ctx = self.ctx
         values: dict[str, Any] = {"lease_until": None, "last_error": ctx.redactor.redact_text(failure.reason)[:ERROR_LIMIT]}
@@ -354,7 +363,7 @@ class Outbox:
             values["status"] = OutboxStatus.GAVE_UP
         else:
             values["next_attempt_at"] = now + timedelta(seconds=delay)
-        await session.execute(sa.update(OutboxJob).where(OutboxJob.id == job.id).values(**values))
+        await session.execute(sa.update(OutboxJob).where(col(OutboxJob.id) == job.id).values(**values))
         if not give_up or job.kind in QUIET_KINDS:
             return Delivered()
         await ctx.audit.record(
@@ -365,7 +374,9 @@ class Outbox:
             return Delivered()
         from bot.core.approvals import ApprovalService  # the service queues card updates through this module
 
-        cancelled = await ApprovalService(ctx).cancel_pending(session, Approval.id == job.approval_id, texts.CARD_UNDELIVERED)
+        cancelled = await ApprovalService(ctx).cancel_pending(
+            session, col(Approval.id) == job.approval_id, texts.CARD_UNDELIVERED
+        )
         for approval in cancelled:
             notice = texts.CARD_UNDELIVERED_NOTICE.format(tool=approval.tool_name)
             await enqueue_reply(session, ctx, approval.thread, notice, run_id=approval.run_id)

@@ -11,8 +11,6 @@ from __future__ import annotations
 import logging
 import uuid
 
-from sqlalchemy.ext.asyncio import AsyncSession
-
 from bot.core import leases, outbox, texts
 from bot.core.context import AppContext
 from bot.core.errors import ModelUnavailable
@@ -21,6 +19,7 @@ from bot.core.outbox import Outbox
 from bot.core.run_store import RunClaim, RunStore
 from bot.core.turn import Turn, model_row
 from storage.audit import entry
+from storage.engine import DbSession
 from storage.models import RunStatus
 
 log = logging.getLogger("chatops.runner")
@@ -106,7 +105,7 @@ class Runner:
     async def _progress(self, claim: RunClaim, line: str) -> None:
         """Queue a progress line for the run (it edits the run's one progress message)."""
 
-        async def queue(session: AsyncSession) -> None:
+        async def queue(session: DbSession) -> None:
             await outbox.enqueue_progress(session, self.ctx, claim.thread.to_dict(), line, run_id=claim.run_id)
 
         await self.ctx.db.run(queue)
