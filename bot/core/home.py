@@ -2,10 +2,8 @@
 who may decide them, and their recent runs. Platform-neutral: the adapter renders `HomeView`.
 
 - `home_for` builds the view from the database at the moment it is published;
-- `concerned` names the people an approval's change concerns (its requester, whoever voted on it,
-  and the approvers the policy names by id): `outbox.enqueue_card_update` queues a `home_refresh`
-  job for each, coalesced (see `outbox.enqueue_home_refresh`), and the adapter re-publishes their
-  home when the job is delivered.
+- who is shown a change (`home_audience.concerned`) gets a `home_refresh` outbox job, coalesced
+  (`outbox.enqueue_home_refresh`), and the adapter re-publishes their home when it is delivered.
 
 Buttons on the home view carry the approval id like the card's, and go through `Core.decide`.
 """
@@ -14,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import sqlalchemy as sa
 from sqlmodel import col
@@ -25,12 +23,11 @@ from bot.core.channels import CardView
 from bot.core.context import AppContext
 from bot.core.events import User
 from storage.engine import DbSession
-from storage.models import Approval, InboxEvent, Run
+from storage.models import InboxEvent, Run
 
 if TYPE_CHECKING:
     from bot.core.engine import Core
 
-HOME_PLATFORMS = frozenset({"slack"})  # platforms whose adapter shows a home view
 RECENT_RUNS = 5
 RUN_SCAN_LIMIT = 500
 REQUEST_LIMIT = 200
@@ -94,23 +91,3 @@ async def _first_texts(session: DbSession, run_ids: list[str]) -> dict[str, str]
     for run_id, payload in rows.all():
         texts.setdefault(str(run_id), str((payload or {}).get("text") or "")[:REQUEST_LIMIT])
     return texts
-
-
-def concerned(ctx: AppContext, approval: Approval) -> list[dict[str, Any]]:
-    """The people whose home shows `approval`: requester, voters, approvers the policy names by id."""
-    requester = approval.requester or {}
-    people: dict[str, dict[str, Any]] = {}
-    if requester.get("id"):
-        people[str(requester["id"])] = {"user": str(requester["id"]), "team": requester.get("tenant")}
-    for vote in approval.votes or []:
-        voter = vote.get("user") or {}
-        if voter.get("id"):
-            people.setdefault(str(voter["id"]), {"user": str(voter["id"]), "team": voter.get("tenant")})
-    spec = ctx.registry.get(approval.tool_name)
-    rule = ctx.policy.rule_for(spec, approval.args) if spec is not None else None
-    for entry in rule.approvers if rule is not None else ():
-        kind, _, rest = entry.partition(":")
-        tenant, _, ident = rest.rpartition(":")
-        if kind == approval.platform and ident and ident != "*":
-            people.setdefault(ident, {"user": ident, "team": tenant or requester.get("tenant")})
-    return list(people.values())

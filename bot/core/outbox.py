@@ -27,7 +27,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlmodel import col
 
-from bot.core import home, metrics, texts
+from bot.core import home_audience, metrics, texts
 from bot.core.cards import card_view
 from bot.core.channels import DeliveryFailed
 from bot.core.context import AppContext
@@ -119,9 +119,9 @@ async def enqueue_answer(session: DbSession, ctx: AppContext, thread: dict[str, 
 async def enqueue_home_refresh(session: DbSession, ctx: AppContext, approval: Approval) -> None:
     """Queue a home refresh for each person `approval` concerns, unless one is already waiting for
     them (coalesced: the refresh renders the home when it is delivered, so it shows this change too)."""
-    if approval.platform not in home.HOME_PLATFORMS:
+    if approval.platform not in home_audience.HOME_PLATFORMS:
         return
-    for person in home.concerned(ctx, approval):
+    for person in home_audience.concerned(ctx, approval):
         key = f"home:{approval.platform}:{person['user']}"[:300]
         waiting = await session.execute(
             sa.select(col(OutboxJob.id))
