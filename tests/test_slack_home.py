@@ -11,7 +11,7 @@ import time
 
 import sqlalchemy as sa
 
-from bot.slack.events import APPROVE_ACTION, REJECT_ACTION
+from bot.slack.events import APPROVE_ACTION, REJECT_ACTION, decide_block
 from storage.models import AuditEvent, OutboxJob
 from tests.fakes.openai_server import calls, text
 from tests.fakes.slack_api import TEAM_ID
@@ -41,8 +41,9 @@ def home_opened(user: str) -> dict:
     return event_body({"type": "app_home_opened", "user": user, "channel": "D0HOME", "tab": "home", "event_ts": "1.0"})
 
 
-def home_click(approval_id: str, *, user: str = ALICE, approve: bool = True) -> dict:
-    """A `block_actions` from a button on the App Home tab (no channel, no message: a view)."""
+def home_click(approval_id: str, *, user: str = ALICE, approve: bool = True, revision: int = 1) -> dict:
+    """A `block_actions` from a button on the App Home tab (no channel, no message: a view); its block
+    names the revision of the call the home showed, like the card's."""
     return {
         "type": "block_actions",
         "team": {"id": TEAM_ID, "domain": "fake"},
@@ -56,7 +57,7 @@ def home_click(approval_id: str, *, user: str = ALICE, approve: bool = True) -> 
             {
                 "type": "button",
                 "action_id": APPROVE_ACTION if approve else REJECT_ACTION,
-                "block_id": f"chatops_home:{approval_id}",
+                "block_id": decide_block(approval_id, revision),
                 "value": approval_id,
                 "action_ts": str(time.time()),
             }
@@ -99,6 +100,8 @@ async def test_opening_the_home_publishes_pending_approvals_and_recent_requests(
     view = fake_slack.homes[ALICE]
     assert view["type"] == "home"
     assert home_buttons(view) == [(APPROVE_ACTION, approval_id), (REJECT_ACTION, approval_id)]
+    (actions,) = [b for b in view["blocks"] if b["type"] == "actions"]
+    assert actions["block_id"] == decide_block(approval_id, 1)  # like the card's: a click names the revision it saw
     shown = home_text(view)
     assert "Waiting for a decision (1)" in shown and "You are the requester" in shown
     assert "Write a note about ops" in shown

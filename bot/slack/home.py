@@ -13,7 +13,7 @@ from typing import Any
 from bot.core import i18n, texts
 from bot.core.home import HomeView
 from bot.slack.blocks import BUTTON_LIMIT, HEADER_LIMIT, mrkdwn, plain, slack_date
-from bot.slack.events import APPROVE_ACTION, REJECT_ACTION
+from bot.slack.events import APPROVE_ACTION, REJECT_ACTION, decide_block
 
 HOME_BLOCKS = 100
 HOME_CALLBACK = "chatops_home"
@@ -50,7 +50,7 @@ def _pending_blocks(view: HomeView) -> list[dict[str, Any]]:
             },
             {
                 "type": "actions",
-                "block_id": f"chatops_home:{card.approval_id}"[:255],
+                "block_id": decide_block(card.approval_id, card.revision),  # the card's: clicks carry the revision
                 "elements": [
                     _button(texts.APPROVE, APPROVE_ACTION, card.approval_id, "primary"),
                     _button(texts.REJECT, REJECT_ACTION, card.approval_id, "danger"),
