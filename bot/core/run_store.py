@@ -259,15 +259,17 @@ class RunStore:
             )
             claims = []
             for run in rows.scalars().all():
+                # Read before the UPDATE: it synchronises `run` (version + 1, the new owner) in the session.
+                version, previous = run.version, run.owner
                 took = await session.execute(
                     sa.update(Run)
-                    .where(Run.id == run.id, Run.version == run.version, Run.status == R.RUNNING)
+                    .where(Run.id == run.id, Run.version == version, Run.status == R.RUNNING)
                     .values(owner=self.ctx.replica_id, lease_until=self._lease(), version=Run.version + 1, updated_at=now)
                 )
                 if not took.rowcount:  # type: ignore[attr-defined]
                     continue
-                await self.ctx.audit.record(session, "run_taken_over", run_id=run.id, status="running", previous_owner=run.owner)
-                claims.append(await self._claim_of(session, run, run.version + 1))
+                await self.ctx.audit.record(session, "run_taken_over", run_id=run.id, status="running", previous_owner=previous)
+                claims.append(await self._claim_of(session, run, version + 1))
             return claims
 
         return await self.ctx.db.run(take)

@@ -130,6 +130,10 @@ class FeishuAdapter:
             )
             await self._long.start()
 
+    async def open_for_delivery(self) -> None:
+        """A worker posts through the API client alone: no bot identity, no long connection."""
+        await self.api.open()
+
     async def not_ready(self) -> list[str]:
         """Tenant token and bot identity known (asked again every `token_recheck` s); long connection up when used."""
         if self._loop is None:
