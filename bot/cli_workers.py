@@ -52,9 +52,9 @@ async def serve_front(settings: Settings, count: int, env_file: Path | None, run
         chat_channels = _add_channels(app, settings)
         await workers.start()
         await _unless_stopped(app.start(serve_http=True), stop)
-        if stop.is_set():
+        problems = None if stop.is_set() else await _unless_stopped(app.readiness().problems(), stop)
+        if problems is None:
             return
-        problems = await app.readiness().problems()
         log.info("chatops started: %s; %s", ", ".join(chat_channels), f"not ready yet: {problems}" if problems else "ready")
         await stop.wait()
     finally:
