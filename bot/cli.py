@@ -98,7 +98,9 @@ def _worker_count(args: argparse.Namespace, settings: Settings) -> int:
         return 0
     if args.workers is not None:
         return int(args.workers)
-    return settings.workers if settings.workers is not None else os.cpu_count() or 1
+    if settings.workers is not None:
+        return settings.workers
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 async def _serve(

@@ -21,6 +21,7 @@ import pytest
 import sqlalchemy as sa
 from aiohttp import web
 
+from bot.supervisor import Workers, WorkersReadiness
 from tests.fakes.openai_server import Reply, ScriptedModel, calls, text
 from tests.fakes.slack_api import FakeSlackApi
 from tests.fakes.smtp_server import FakeSmtp
@@ -65,16 +66,16 @@ def query(db_url: str, sql: str, **params: Any) -> list[Any]:
 
 
 class Bot:
-    """`chatops serve --workers 2` with Slack over HTTP, and what it logged."""
+    """`chatops serve --workers N` with Slack over HTTP, and what it logged."""
 
-    def __init__(self, serving: Serving, fake: FakeSlackApi) -> None:
-        self.serving, self.fake = serving, fake
+    def __init__(self, serving: Serving, fake: FakeSlackApi, workers: int) -> None:
+        self.serving, self.fake, self.workers = serving, fake, workers
         self.port = 0
 
     async def ready(self) -> None:
         self.port = int((await self.serving.wait_line(r"listening on http://127\.0\.0\.1:(\d+)")).group(1))
         await self.serving.wait_line(r"chatops started: Slack; ready")
-        for index in (0, 1):
+        for index in range(self.workers):
             await self.serving.wait_line(rf"worker {index} ready")
 
     def worker_pids(self) -> set[int]:
@@ -142,17 +143,19 @@ async def smtp() -> AsyncIterator[FakeSmtp]:
         yield server
 
 
-async def start_bot(tmp_path: Path, db_url: str, model_url: str, fake: FakeSlackApi, smtp: FakeSmtp, **env: str) -> Bot:
+async def start_bot(
+    tmp_path: Path, db_url: str, model_url: str, fake: FakeSlackApi, smtp: FakeSmtp, workers: int = 2, **env: str
+) -> Bot:
     full = {k: v for k, v in os.environ.items() if not k.startswith(("CHATOPS_", "OPENAI_", "SLACK_", "FEISHU_", "PROMETHEUS_"))}
     full |= {"CHATOPS_MODEL": "m", "OPENAI_API_KEY": "sk-workers-test", "OPENAI_BASE_URL": model_url}
     full |= {"DATABASE_URL": db_url, "CHATOPS_PORT": "0", "CHATOPS_SWEEP_INTERVAL": "600"}
     full |= {"SLACK_BOT_TOKEN": BOT_TOKEN, "SLACK_SIGNING_SECRET": SIGNING_SECRET, "SLACK_API_URL": fake.url}
     full |= {"SMTP_HOST": "127.0.0.1", "SMTP_PORT": str(smtp.port), "SMTP_SECURITY": "none", "SMTP_FROM": "bot@example.com"}
     proc = await asyncio.create_subprocess_exec(
-        *CHATOPS, "serve", "--workers", "2", stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
+        *CHATOPS, "serve", "--workers", str(workers), stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.PIPE, env=full | env, cwd=tmp_path,
     )  # fmt: skip
-    bot = Bot(Serving(proc), fake)
+    bot = Bot(Serving(proc), fake, workers)
     await bot.ready()
     return bot
 
@@ -224,3 +227,38 @@ async def test_notify_wakes_the_workers_and_a_terminated_listen_connection_comes
             await bot.answered(SENT, count=2)
         finally:
             await bot.stop()
+
+
+async def test_with_no_worker_the_front_does_the_work_itself(tmp_path, sqlite_url, smtp):
+    async with ScriptedModel(responder=lambda body: text(SENT)) as model, FakeSlackApi() as fake:
+        bot = await start_bot(tmp_path, sqlite_url, model.url, fake, smtp, workers=0)
+        try:
+            await bot.send(mention("hello"))
+            await bot.answered(SENT)
+            assert {owner_pid(row[0]) for row in query(sqlite_url, "SELECT owner FROM run")} == {bot.serving.proc.pid}
+            assert not bot.worker_pids()
+        finally:
+            await bot.stop()
+
+
+async def test_readiness_says_so_when_no_worker_is_alive():
+    assert await WorkersReadiness(Workers(0, [])).not_ready() == ["no worker process is alive"]
+
+
+async def test_two_serves_share_one_postgres_and_execute_once(tmp_path, postgres_url, smtp):
+    """Two `chatops serve --workers 1` (two machines) on one database: the message reaches one front,
+    the click the other; the approval is executed once and the answer posted once."""
+    async with ScriptedModel(responder=mail_then_answer) as model, FakeSlackApi() as fake:
+        (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+        key = {"CHATOPS_AUDIT_KEY": "one-audit-key-shared-by-every-replica-0123456789"}
+        first = await start_bot(tmp_path / "a", postgres_url, model.url, fake, smtp, workers=1, **key)
+        second = await start_bot(tmp_path / "b", postgres_url, model.url, fake, smtp, workers=1, **key)
+        try:
+            await first.send(mention("mail the weekly report"))
+            await second.approve_the_card()
+            await second.answered(SENT)
+        finally:
+            await asyncio.gather(first.stop(), second.stop())
+    assert len(smtp.delivered) == 1
+    assert [row[0] for row in query(postgres_url, "SELECT status FROM approval")] == ["succeeded"]
+    assert sum(m.get("text") == SENT for m in fake.messages.values()) == 1
