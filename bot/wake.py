@@ -75,8 +75,8 @@ class PgNotifier:
 
 async def listen_pg(url: URL, on_wake: Callable[[], None], stopped: asyncio.Event) -> None:
     """The worker's side: call `on_wake()` on every notification until `stopped` is set; reconnect
-    (logged, with backoff) whenever the connection drops. A (re)connect also wakes once, for
-    whatever was notified while nobody listened."""
+    (logged, with backoff) whenever the connection drops, waking once per attempt meanwhile (a poll)
+    and once more when listening again, for whatever was notified while nobody listened."""
     import psycopg
 
     pause, conninfo, lost = RECONNECT_FIRST, libpq_url(url), False
@@ -95,6 +95,7 @@ async def listen_pg(url: URL, on_wake: Callable[[], None], stopped: asyncio.Even
                 return
             log.warning("the LISTEN connection failed (%s); reconnecting in %.1fs, polling meanwhile", type(exc).__name__, pause)
             lost = True
+            on_wake()  # poll once per attempt: work signalled while nobody listened is not left to the sweep
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stopped.wait(), pause)
             pause = min(RECONNECT_MAX, pause * 2)
