@@ -175,7 +175,8 @@ async def test_a_message_runs_in_a_worker_card_click_one_execution_reply(tmp_pat
             assert owners <= bot.worker_pids() and bot.serving.proc.pid not in owners
             status, page = await bot.get("/metrics")  # the front shows the workers' core metrics
             assert status == 200 and re.search(r'chatops_runs_total\{outcome="done"\} 1\.0', page), page
-            assert (await bot.get("/readyz"))[0] == 200
+            ready = await bot.get("/readyz")
+            assert ready[0] == 200, ready
         finally:
             await bot.stop()
     assert len(smtp.delivered) == 1
