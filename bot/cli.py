@@ -134,8 +134,8 @@ async def _serve(
 
 async def _run_channels(app: App, settings: Settings, stop: asyncio.Event) -> None:
     chat_channels = _add_channels(app, settings)
-    started = await _unless_stopped(app.start(serve_http=True), stop)
-    if started is None and stop.is_set():
+    await _unless_stopped(app.start(serve_http=True), stop)
+    if stop.is_set():
         return
     problems = await app.readiness().problems()
     log.info("chatops started: %s; %s", ", ".join(chat_channels), f"not ready yet: {problems}" if problems else "ready")
@@ -160,16 +160,7 @@ def _add_channels(app: App, settings: Settings) -> list[str]:
 
         app.add_adapter(FeishuAdapter(app.core, settings))
         chat_channels.append("Feishu")
-<<<<<<< HEAD
     return chat_channels
-=======
-    await _unless_stopped(app.start(serve_http=True), stop)
-    if stop.is_set():
-        return
-    problems = await app.readiness().problems()
-    log.info("chatops started: %s; %s", ", ".join(chat_channels), f"not ready yet: {problems}" if problems else "ready")
-    await stop.wait()
->>>>>>> main
 
 
 async def _run_terminal(app: App, stop: asyncio.Event) -> None:

@@ -96,17 +96,17 @@ class Sweeper:
 
     async def _approved_now(self) -> None:
         for approval_id in await self.core.approvals.approved_but_not_started(0):
-            self.ctx.tasks.spawn_coalesced(f"execute-{approval_id}", lambda i=approval_id: self._execute(i))
+            self.ctx.tasks.spawn_coalesced(f"execute-{approval_id}", functools.partial(self._execute, approval_id))
 
     async def _execute(self, approval_id: str) -> None:
         if await self.core.executor.execute(approval_id):
-            approval = await self.ctx.db.run(lambda s: self._approval(s, approval_id), read=True)
+            approval = await self.ctx.db.run(functools.partial(self._approval, approval_id=approval_id), read=True)
             if approval is not None:
                 await self.core.runner.resume(approval.run_id)
 
     async def _start_idle_now(self) -> None:
         for key in await self.core.store.idle_conversations(0):
-            self.ctx.tasks.spawn_coalesced(f"conversation-{key}", lambda k=key: self._start(k))
+            self.ctx.tasks.spawn_coalesced(f"conversation-{key}", functools.partial(self._start, key))
 
     async def _start(self, key: str) -> None:
         try:
