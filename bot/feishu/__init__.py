@@ -132,6 +132,10 @@ class FeishuAdapter:
             )
             await self._long.start()
 
+    async def open_for_delivery(self) -> None:
+        """A worker posts through the API client alone (no bot identity, no long connection), built
+        at its first post: a worker that never posts to Feishu never imports lark-oapi."""
+
     async def not_ready(self) -> list[str]:
         """Tenant token and bot identity known (asked again every `token_recheck` s); long connection up when used."""
         if self._loop is None:
@@ -361,6 +365,7 @@ class FeishuAdapter:
         await self._post(thread, "text", json.dumps({"text": safe}, ensure_ascii=False), key=None)
 
     async def show_working(self, thread: Thread) -> None:
+        await self.api.open()
         try:
             await self.api.react(thread.coords["message_id"], WORKING_EMOJI)
         except FeishuApiError as exc:
@@ -372,6 +377,7 @@ class FeishuAdapter:
         return await self._post(thread, "text", self._text(text), key=None)
 
     async def update_progress(self, thread: Thread, message_id: str, text: str) -> None:
+        await self.api.open()
         await self.api.edit(message_id, "text", self._text(text))
 
     async def post_answer(self, thread: Thread, text: str, progress_id: str | None) -> None:
@@ -382,6 +388,7 @@ class FeishuAdapter:
         async def post(msg_type: str, content: str) -> str:
             return await self._post(thread, msg_type, content, key=None)
 
+        await self.api.open()  # a worker builds its client at its first post
         if len(text) > stream.STREAM_AFTER and await stream.stream_answer(self.api, post, text):
             if progress_id is not None:
                 try:
@@ -414,9 +421,11 @@ class FeishuAdapter:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(pending.wait(), 3)
             self._answering.pop(card.approval_id, None)
+        await self.api.open()
         await self.api.patch(message_id, json.dumps(cards.render_card(card), ensure_ascii=False))
 
     async def _post(self, thread: Thread, msg_type: str, content: str, *, key: str | None) -> str:
+        await self.api.open()
         coords = thread.coords
         try:
             return await self.api.reply(coords["message_id"], msg_type, content, in_thread=bool(coords.get("in_thread")), key=key)
