@@ -24,6 +24,7 @@ import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlmodel import col
 
+from bot.core import outbox
 from bot.core.approvals import ApprovalService, Decision, DecisionOutcome, EditOutcome
 from bot.core.cards import card_view
 from bot.core.context import AppContext
@@ -37,6 +38,7 @@ from storage.engine import DbSession, LockBusy, is_transient
 from storage.models import Approval, ApprovalStatus, InboxEvent, SeenKey
 
 log = logging.getLogger("chatops.core")
+CARD_ANSWER_GRACE = 1.0  # seconds: a click's answer reaches the platform well within this
 
 
 class Core:
@@ -137,6 +139,24 @@ class Core:
         if outcome.approval is None:
             return outcome
         return dataclasses.replace(outcome, card=card_view(outcome.approval))
+
+    async def card_answered(self, approval_id: str) -> None:
+        """A click is about to be answered with the card as it is now (Feishu shows that answer in place
+        of the card). Where other processes deliver card updates, one of theirs could land just before
+        that answer and be covered by it: queue one more refresh, due a moment later, which renders the
+        state at delivery time. In one process the adapter orders its own updates after the answer."""
+        if self.wake is None:
+            return
+
+        async def queue(session: DbSession) -> None:
+            approval = await session.get(Approval, approval_id)
+            if approval is not None:
+                await outbox.enqueue_card_update(session, self.ctx, approval, after=CARD_ANSWER_GRACE)
+
+        try:
+            await self.ctx.db.run(queue, urgent=True)
+        except Exception as exc:  # noqa: BLE001 - the card then shows the state at the click until its next update
+            log.warning("could not queue a refresh of the card of %s: %s", approval_id, type(exc).__name__)
 
     async def _execute_then_resume(self, approval_id: str, run_id: str) -> None:
         await self.executor.execute(approval_id)

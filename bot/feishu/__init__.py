@@ -219,6 +219,8 @@ class FeishuAdapter:
                 user = language.speak_with(self.core.ctx.policy, user, events.click_chat(payload), fallback=card_lang)
                 request = replace(request, user=user)
                 outcome = await self.core.decide(request)
+                if outcome.changed:
+                    await self.core.card_answered(request.approval_id)
             except BaseException:
                 self._answered(request.approval_id)
                 raise
