@@ -249,7 +249,7 @@ async def build_app(
             ) from None
     keys = audit_keys(settings)
     redactor.add(keys.secrets())
-    db = Database(settings.database_url)
+    db = Database(settings.database_url, pool_size=settings.db_pool_size)
     db.on_retry(lambda fault: metrics.DB_RETRIES.labels(type(fault).__name__).inc())
     registry = ToolRegistry()
     for toolset in builtin_toolsets():

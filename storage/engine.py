@@ -35,6 +35,7 @@ URGENT_LOCK_WAIT = 1.0
 BACKGROUND_LOCK_WAIT = 10.0
 LOCK_POLL_FIRST, LOCK_POLL_MAX = 0.001, 0.02
 BACKGROUND_CONNECTIONS = 8
+DEFAULT_POOL_SIZE = 10
 RETRY_DEADLINE = 60.0
 URGENT_RETRY_DEADLINE = 0.5
 # SQLSTATE classes and codes that mean "try the whole transaction again": connection exceptions,
@@ -115,12 +116,13 @@ def make_sync_engine(urls: DatabaseUrls, *, busy_timeout_ms: int = SQLITE_BUSY_T
     return sa.create_engine(urls.sync_url, pool_pre_ping=True)
 
 
-def make_async_engine(urls: DatabaseUrls) -> AsyncEngine:
-    """The engine the running bot uses on PostgreSQL (and any other async-capable backend).
+def make_async_engine(urls: DatabaseUrls, pool_size: int = DEFAULT_POOL_SIZE) -> AsyncEngine:
+    """The engine the running bot uses on PostgreSQL (and any other async-capable backend): at most
+    `2 * pool_size` connections (half of them opened only under load).
 
     No pre-ping round trip per checkout: a connection found dead fails its attempt, the pool
     replaces it and the retry layer runs the transaction again."""
-    return create_async_engine(urls.async_url, pool_size=10, max_overflow=20, pool_recycle=1800, pool_timeout=10)
+    return create_async_engine(urls.async_url, pool_size=pool_size, max_overflow=pool_size, pool_recycle=1800, pool_timeout=10)
 
 
 class LockBusy(Exception):
@@ -206,7 +208,7 @@ class Database:
     one retry layer).
     """
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *, pool_size: int = DEFAULT_POOL_SIZE) -> None:
         self.urls = normalise_url(url)
         self._after_commit: dict[str, list[Callable[[], None]]] = {}
         self._on_retry: list[Callable[[BaseException], None]] = []
@@ -219,13 +221,15 @@ class Database:
             # are waited for by polling (`_begin_sqlite`), never by a busy wait on the loop.
             self._write_lock: asyncio.Lock | None = asyncio.Lock()
         else:
-            self.engine = make_async_engine(self.urls)
+            self.engine = make_async_engine(self.urls, pool_size)
             self.sync_engine = self.engine.sync_engine
             self._sessions = async_sessionmaker(self.engine, expire_on_commit=False)
             self._write_lock = None
         # Acks first: background work passes this gate before it reaches the database; the ack
         # paths (`urgent=True`) go straight through, so a burst of runs never makes a platform wait.
-        self._background = asyncio.Semaphore(1 if self.urls.is_sqlite else BACKGROUND_CONNECTIONS)
+        # Background work leaves at least one pooled connection to the ack paths.
+        background = 1 if self.urls.is_sqlite else max(1, min(BACKGROUND_CONNECTIONS, pool_size - 1))
+        self._background = asyncio.Semaphore(background)
 
     @property
     def is_sqlite(self) -> bool:
