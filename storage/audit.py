@@ -29,6 +29,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import orjson
 import sqlalchemy as sa
 
 from storage.audit_keys import AuditKeyError, AuditKeys, default_key_file, key_id, load_keys
@@ -172,12 +173,13 @@ class AuditLog:
         key = self.keys_for(session.bind.url).current
         now = utcnow()
         rows = [
-            {"at": now, "kind": e.kind, **e.fields, "data": json.loads(canonical_json(self.redactor.redact(e.data)))}
+            {"at": now, "kind": e.kind, **e.fields, "data": orjson.loads(canonical_json(self.redactor.redact(e.data)))}
             for e in entries
         ]
         for row in rows:
             row["seal"] = seal(key, row)
-        await session.execute(sa.insert(AuditStaged), rows)
+        # Core INSERT on the table: one executemany (the ORM's bulk insert splits rows by their None columns).
+        await session.execute(sa.insert(AuditStaged.__table__), rows)
         session.info["audit_staged"] = True
 
     async def chain(self, db: Database, batch: int = 500) -> int:
@@ -199,7 +201,7 @@ class AuditLog:
                 head = await _read_head(session)
                 rows = _link(keys, head, staged)
                 if rows:
-                    await session.execute(sa.insert(AuditEvent), rows)
+                    await session.execute(sa.insert(AuditEvent.__table__), rows)
                 if staged:
                     await session.execute(sa.delete(AuditStaged).where(AuditStaged.id.in_([r.id for r in staged])))
             self._ready = True

@@ -163,10 +163,10 @@ class Outbox:
             .values(
                 owner=self.ctx.replica_id, lease_until=now + timedelta(seconds=CLAIM_SECONDS), attempts=OutboxJob.attempts + 1
             )
+            .returning(OutboxJob)  # the claimed job in the same statement (SQLite >= 3.35, PostgreSQL)
         )
-        if not claimed.rowcount:  # type: ignore[attr-defined]
-            return None
-        return await session.get(OutboxJob, job_id)
+        job: OutboxJob | None = claimed.scalar_one_or_none()
+        return job
 
     async def _send(self, job: OutboxJob) -> str | None:
         channel = self.ctx.channel(job.platform)
