@@ -17,6 +17,7 @@ from typing import Any, Protocol
 from aiohttp import web
 
 from bot.config import Settings
+from bot.core import metrics
 from bot.core.channels import Channel
 from bot.core.context import AppContext
 from bot.core.engine import Core
@@ -225,6 +226,7 @@ async def build_app(settings: Settings, *, migrate: bool = True) -> App:
     keys = audit_keys(settings)
     redactor.add(keys.secrets())
     db = Database(settings.database_url)
+    db.on_retry(lambda fault: metrics.DB_RETRIES.labels(type(fault).__name__).inc())
     registry = ToolRegistry()
     for toolset in builtin_toolsets():
         for spec in toolset.specs:

@@ -1,8 +1,9 @@
 """The terminal adapter (like Hubot's shell): chat with the bot on stdin/stdout.
 
 Approval cards are printed as text, every argument in full (neutralised by `bot.core.display`), and
-answered with `approve <id>` or `reject <id> [reason]`; `help`, `pending` and `cancel` (or 帮助, 待审批,
-取消) are the in-chat commands (`bot.core.commands`).
+answered with `approve <id>` or `reject <id> [reason]`; `edit <id>` asks for each argument in turn
+(Enter keeps it) and submits the edit when the last one is answered; `help`, `pending` and `cancel`
+(or 帮助, 待审批, 取消) are the in-chat commands (`bot.core.commands`).
 The conversation key is stable per OS user, so a new `chatops shell` picks up where the last
 one stopped (pending approvals included); `/new` starts a fresh conversation.
 """
@@ -10,18 +11,22 @@ one stopped (pending approvals included); `/new` starts a fresh conversation.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import getpass
 import sys
 import uuid
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import TextIO
 
 from bot.core import commands, i18n, language, texts
+from bot.core.approvals import EditResult
 from bot.core.cards import card_view, quoted, status_lines
 from bot.core.channels import CardView
+from bot.core.edit_form import EditForm
 from bot.core.engine import Core
 from bot.core.errors import StorageError
-from bot.core.events import DecisionRequest, IncomingMessage, Thread, User
+from bot.core.events import DecisionRequest, EditRequest, IncomingMessage, Thread, User
 
 
 def render_card(card: CardView) -> str:
@@ -53,6 +58,16 @@ def _render_card(card: CardView) -> str:
     return "\n".join(lines)
 
 
+@dataclass
+class _Editing:
+    """An `edit <id>` in progress: the form, and the values typed so far (Enter keeps a value)."""
+
+    form: EditForm
+    user: User
+    values: dict[str, str] = dataclasses.field(default_factory=dict)
+    index: int = 0
+
+
 class TerminalAdapter:
     """A `Channel` on a text stream, plus the input loop."""
 
@@ -66,6 +81,8 @@ class TerminalAdapter:
         self.session = session or self.user.id
         self.quit = asyncio.Event()
         self._shown: dict[str, set[str]] = {}
+        self._revisions: dict[str, int] = {}
+        self._editing: _Editing | None = None
 
     @property
     def conversation_key(self) -> str:
@@ -87,6 +104,9 @@ class TerminalAdapter:
         return card.approval_id
 
     async def update_card(self, thread: Thread, message_id: str, card: CardView) -> None:
+        if card.revision > self._revisions.get(card.approval_id, 1):
+            self._revisions[card.approval_id] = card.revision
+            self._print(render_card(card))  # an edited call: show the new version in full
         shown = self._shown.setdefault(card.approval_id, set())
         with i18n.speaking(card.lang, card.tz):
             lines = status_lines(card)
@@ -97,14 +117,19 @@ class TerminalAdapter:
 
     # ---- input --------------------------------------------------------
     async def handle_line(self, line: str) -> None:
-        """One line typed by the user."""
+        """One line typed by the user (an answer to the current edit prompt while editing)."""
+        if self._editing is not None:
+            await self._edit_answer(self._editing, line.rstrip("\r\n"))
+            return
         line = line.strip()
         if not line:
             return
         word, _, rest = line.partition(" ")
         command = word.lower()
         user = language.speak_with(self.core.ctx.policy, self.user, None, text=line)
-        if command in ("approve", "reject"):
+        if command == "edit":
+            await self._edit_start(rest.strip(), user)
+        elif command in ("approve", "reject"):
             approval_id, _, reason = rest.strip().partition(" ")
             if not approval_id:
                 usage = f"{command} <id>{' [reason]' if command == 'reject' else ''}"
@@ -131,6 +156,46 @@ class TerminalAdapter:
             self.quit.set()
         else:
             await self.send(line, user)
+
+    # ---- edit <id> ------------------------------------------------------
+    async def _edit_start(self, approval_id: str, user: User) -> None:
+        if not approval_id:
+            self._print(f"bot> {texts.TERMINAL_USAGE.format(usage='edit <id>')}")
+            return
+        outcome = await self.core.open_edit(EditRequest(approval_id, user))
+        if outcome.form is None:
+            self._print(f"bot> {outcome.message}")
+            return
+        self._editing = _Editing(outcome.form, user)
+        with i18n.speaking(user.lang, user.tz):
+            self._print(f"bot> {texts.TERMINAL_EDIT_START.format(approval_id=approval_id, tool=outcome.form.tool)}")
+        self._prompt(self._editing)
+
+    def _prompt(self, editing: _Editing) -> None:
+        current = editing.form.fields[editing.index]
+        kind = "|".join(current.options) if current.options else current.kind
+        required = str(texts.TERMINAL_EDIT_REQUIRED) if current.required else ""
+        with i18n.speaking(editing.user.lang, editing.user.tz):
+            prompt = texts.TERMINAL_EDIT_PROMPT.format(field=current.name, kind=kind, required=required, value=current.value)
+        self._print(f"bot> {prompt}")
+
+    async def _edit_answer(self, editing: _Editing, line: str) -> None:
+        if line.strip():
+            editing.values[editing.form.fields[editing.index].name] = line
+        editing.index += 1
+        if editing.index < len(editing.form.fields):
+            self._prompt(editing)
+            return
+        self._editing = None
+        form = editing.form
+        outcome = await self.core.edit(EditRequest(form.approval_id, editing.user, form.revision, editing.values))
+        self._print(f"bot> {outcome.message}")
+        with i18n.speaking(editing.user.lang, editing.user.tz):
+            for name, problem in (outcome.errors or {}).items():
+                self._print(f"bot> {texts.TERMINAL_EDIT_PROBLEM.format(field=name or form.tool, problem=problem)}")
+        if outcome.kind == EditResult.EDITED and outcome.card is not None:
+            self._revisions[form.approval_id] = outcome.card.revision
+            self._print(render_card(outcome.card))
 
     async def show_pending(self) -> None:
         """Show again, in full, every approval this user asked for that still waits for a decision."""

@@ -28,7 +28,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import Session, sessionmaker
-from tenacity import AsyncRetrying, retry_if_exception, stop_after_delay, wait_exponential_jitter
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_delay, wait_exponential_jitter
 
 SQLITE_BUSY_TIMEOUT_MS = 5_000  # the CLI's sync engine (Alembic, audit commands): plain busy waits are fine there
 URGENT_LOCK_WAIT = 1.0
@@ -189,6 +189,7 @@ class Database:
     def __init__(self, url: str) -> None:
         self.urls = normalise_url(url)
         self._after_commit: dict[str, list[Callable[[], None]]] = {}
+        self._on_retry: list[Callable[[BaseException], None]] = []
         if self.urls.is_sqlite:
             self.sync_engine = make_sync_engine(self.urls, busy_timeout_ms=0)
             self._sync_sessions = sessionmaker(self.sync_engine, expire_on_commit=False)
@@ -213,6 +214,16 @@ class Database:
     def after_audit_commit(self, callback: Callable[[], None]) -> None:
         """Call `callback` after every commit that staged audit rows (the chainer's wake-up)."""
         self.after_commit("audit_staged", callback)
+
+    def on_retry(self, callback: Callable[[BaseException], None]) -> None:
+        """Call `callback(fault)` each time a step is attempted again after a transient fault."""
+        self._on_retry.append(callback)
+
+    def _retrying(self, state: RetryCallState) -> None:
+        fault = state.outcome.exception() if state.outcome is not None else None
+        if fault is not None:
+            for callback in self._on_retry:
+                callback(fault)
 
     def after_commit(self, flag: str, callback: Callable[[], None]) -> None:
         """Call `callback` after every commit whose session set `session.info[flag]`."""
@@ -299,6 +310,7 @@ class Database:
             retry=retry_if_exception(is_transient),
             wait=wait_exponential_jitter(multiplier=0.05, max=2.0),
             stop=stop_after_delay(limit),
+            before_sleep=self._retrying,
             reraise=True,
         )
 

@@ -206,6 +206,11 @@ class Approval(SQLModel, table=True):
     finished_at: datetime | None = _ts(nullable=True)
     outcome: str | None = Field(default=None, sa_column=sa.Column(sa.Text(), nullable=True))
     created_at: datetime = _ts()
+    # Edit before approve: `revision` counts the versions of the frozen call (1 = as the model
+    # proposed it); a card's buttons carry it, so a click on an older card acts on nothing.
+    # `edits`: one entry per edit ({"user", "at", "revision", "fields"}), the editors of the call.
+    revision: int = Field(default=1, sa_column=sa.Column(sa.Integer(), nullable=False, server_default="1"))
+    edits: list[dict[str, Any]] | None = _json(nullable=True)
 
 
 class AuditEvent(SQLModel, table=True):

@@ -236,3 +236,36 @@ class LockHolder:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(30)
+
+
+class ReadOnlyFile:
+    """Makes a SQLite database unwritable from outside, for every connection already open: `chattr +i`
+    on the database and its write-ahead log, so each write fails (SQLITE_IOERR_WRITE on open
+    connections, SQLITE_READONLY on new ones) while reads go on. The shared-memory index (`-shm`) is
+    left alone: an immutable mapped file would end the process with SIGBUS, which is another fault."""
+
+    def __init__(self, path: str) -> None:
+        self.files = [path, path + "-wal"]
+        self.on = False
+
+    @staticmethod
+    def available(path: str) -> str | None:
+        """None when `chattr +i` works here, else why not (needs root and a file system with the flag)."""
+        try:
+            subprocess.run(["chattr", "+i", path], check=True, capture_output=True, text=True)
+            subprocess.run(["chattr", "-i", path], check=True, capture_output=True, text=True)
+        except (OSError, subprocess.CalledProcessError) as exc:
+            return f"chattr +i is not possible here: {exc}"
+        return None
+
+    async def make_read_only(self) -> None:
+        await asyncio.to_thread(subprocess.run, ["chattr", "+i", *self.files], check=True)
+        self.on = True
+
+    async def restore(self) -> None:
+        await asyncio.to_thread(self.restore_now)
+
+    def restore_now(self) -> None:
+        if self.on:
+            subprocess.run(["chattr", "-i", *self.files], check=True)
+            self.on = False

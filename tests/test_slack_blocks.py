@@ -58,8 +58,10 @@ def test_a_pending_card_shows_everything_two_decision_buttons_and_the_full_reque
     assert rendered[1] == {"type": "section", "text": {"type": "plain_text", "text": CARD.summary, "emoji": False}}
     actions = rendered[-1]
     assert actions["type"] == "actions"
-    approve, reject, full = actions["elements"]
+    assert actions["block_id"] == "chatops_decide:ap-abc@1"  # the revision the buttons act on
+    approve, reject, edit, full = actions["elements"]
     assert (full["action_id"], full["value"], full["text"]["text"]) == (VIEW_ACTION, "ap-abc", texts.FULL_REQUEST)
+    assert (edit["action_id"], edit["value"], edit["text"]["text"]) == ("chatops_edit", "ap-abc", texts.EDIT)
     assert (approve["action_id"], approve["style"], approve["value"], approve["text"]["text"]) == (
         APPROVE_ACTION,
         "primary",

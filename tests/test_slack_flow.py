@@ -77,6 +77,7 @@ async def test_mention_card_approve_runs_the_tool_updates_the_card_and_answers_i
     assert [(b["action_id"], b.get("style")) for b in buttons] == [
         ("chatops_approve", "primary"),
         ("chatops_reject", "danger"),
+        ("chatops_edit", None),
         ("chatops_view_full", None),
     ]
     value_blocks = [b["text"] for b in pending if b["type"] == "section" and "text" in b]

@@ -4,7 +4,10 @@ States (`ApprovalStatus`): pending -> approved | rejected | expired | cancelled;
 approved -> executing -> succeeded | failed | in_doubt (approved -> cancelled when the call may no
 longer run). Every transition is one conditional UPDATE (`WHERE status = ... [AND version = ...]`),
 so exactly one decision wins; every transition queues the card update in the same transaction.
-Nothing else writes an approval's status. Outcomes are returned, never rendered.
+An edit (`edit`) is such an update too: pending stays pending with new arguments, a new digest,
+`revision + 1`, the rule and preview computed again and the votes reset, so an edit racing a click
+has exactly one winner, and a click carrying an older revision acts on nothing.
+Nothing else writes an approval's status or arguments. Outcomes are returned, never rendered.
 """
 
 from __future__ import annotations
@@ -19,13 +22,15 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from bot.core import metrics, outbox, texts
+from bot.core import edit_form, metrics, outbox, texts
+from bot.core.cards import card_content
 from bot.core.channels import CardView
 from bot.core.context import AppContext
-from bot.core.events import DecisionRequest, User
-from bot.core.policy import CallRule
+from bot.core.events import DecisionRequest, EditRequest, User
+from bot.core.policy import RULE_STRENGTH, CallRule
 from storage.audit import canonical_json
 from storage.models import Approval, ApprovalStatus
+from tools.registry import CallProblem, PreparedCall
 
 S = ApprovalStatus
 _ID_ALPHABET = "abcdefghijkmnpqrstuvwxyz23456789"
@@ -72,6 +77,11 @@ def votes_of(approval: Approval) -> list[Vote]:
     return [Vote.from_dict(v) for v in approval.votes or []]
 
 
+def editors_of(approval: Approval) -> tuple[User, ...]:
+    """Everyone who edited the call: each counts as one of its requesters for separation of duties."""
+    return tuple(User.from_dict(e["user"]) for e in approval.edits or [])
+
+
 class Decision(StrEnum):
     APPROVED = "approved"
     REJECTED = "rejected"
@@ -80,6 +90,7 @@ class Decision(StrEnum):
     EXPIRED = "expired"
     NOT_ALLOWED = "not_allowed"
     NOT_FOUND = "not_found"
+    STALE = "stale"
 
 
 @dataclass(frozen=True)
@@ -95,6 +106,41 @@ class DecisionOutcome:
     @property
     def changed(self) -> bool:
         return self.kind in (Decision.APPROVED, Decision.REJECTED, Decision.VOTE_RECORDED, Decision.EXPIRED)
+
+
+class EditResult(StrEnum):
+    FORM = "form"  # the form to show (an Edit click)
+    EDITED = "edited"
+    INVALID = "invalid"
+    UNCHANGED = "unchanged"
+    STALE = "stale"
+    ALREADY = "already"
+    EXPIRED = "expired"
+    NOT_ALLOWED = "not_allowed"
+    NOT_FOUND = "not_found"
+
+
+@dataclass(frozen=True)
+class EditOutcome:
+    """What opening or submitting an edit achieved: the form to show, or the message for the editor
+    and the problems by field (`edit_form.FORM_ERROR` for the form as a whole). The engine adds `card`."""
+
+    kind: EditResult
+    message: str = ""
+    form: edit_form.EditForm | None = None
+    errors: dict[str, str] | None = None
+    card: CardView | None = None
+    approval: Approval | None = None
+
+
+@dataclass(frozen=True)
+class _NewVersion:
+    """A validated edit, ready to be stored (computed outside any transaction: previews do I/O)."""
+
+    prepared: PreparedCall
+    rule: CallRule
+    preview: list[str]
+    preview_ok: bool
 
 
 async def transition(session: AsyncSession, approval_id: str, from_status: S | tuple[S, ...], **values: Any) -> bool:
@@ -170,9 +216,13 @@ class ApprovalService:
             if not await self._expire(session, approval):
                 return None
             return DecisionOutcome(Decision.EXPIRED, texts.EXPIRED.format(at=texts.when(approval.expires_at)), approval=approval)
+        if req.revision is not None and req.revision != approval.revision:
+            await audit.record(session, "click_refused", status="stale", revision=req.revision, **common)
+            return DecisionOutcome(Decision.STALE, texts.STALE_CARD, approval=approval)
         rule = self.rule_for(approval)
         votes = approval.votes or []
-        verdict = ctx.policy.may_decide(rule, User.from_dict(approval.requester), req.user, list(votes))
+        requester = User.from_dict(approval.requester)
+        verdict = ctx.policy.may_decide(rule, requester, req.user, list(votes), editors_of(approval))
         if not verdict.allowed:
             await audit.record(session, "click_refused", status="not_allowed", reason=verdict.reason, **common)
             return DecisionOutcome(Decision.NOT_ALLOWED, texts.NOT_ALLOWED.format(reason=verdict.reason), approval=approval)
@@ -225,6 +275,123 @@ class ApprovalService:
         await outbox.enqueue_card_update(session, self.ctx, approval)
         return True
 
+    # ------------------------------------------------------------------ edits
+    async def open_edit(self, req: EditRequest) -> EditOutcome:
+        """The form for an Edit click, or why this person may not edit (nothing is written)."""
+        approval = await self._read(req.approval_id)
+        refusal = self._edit_refusal(approval, req)
+        if refusal is not None or approval is None:
+            return refusal or EditOutcome(EditResult.NOT_FOUND)
+        spec = self.ctx.registry.get(approval.tool_name)
+        assert spec is not None  # _edit_refusal refuses a vanished tool
+        requester = approval.requester or {}
+        form = edit_form.build_form(
+            approval.id, approval.revision, spec, approval.args, lang=requester.get("lang"), tz=requester.get("tz")
+        )
+        return EditOutcome(EditResult.FORM, form=form, approval=approval)
+
+    async def edit(self, req: EditRequest) -> EditOutcome:
+        """Store the submitted arguments as the approval's next revision, after checking them as the
+        model's were (schema, tool check, policy) and computing the preview again."""
+        approval = await self._read(req.approval_id)
+        refusal = self._edit_refusal(approval, req)
+        if refusal is not None or approval is None:
+            return refusal or EditOutcome(EditResult.NOT_FOUND)
+        checked = await self._check_edit(approval, req.values or {})
+        if isinstance(checked, EditOutcome):
+            return checked
+        for _ in range(8):
+            outcome = await self.ctx.db.run(
+                lambda session: self._edit_once(session, req, approval.revision, checked), urgent=True
+            )
+            if outcome is not None:
+                return outcome
+        raise RuntimeError("approval edit did not settle after repeated conflicts")
+
+    async def _read(self, approval_id: str) -> Approval | None:
+        if len(approval_id) > MAX_ID_LENGTH or "\x00" in approval_id:
+            return None
+        return await self.ctx.db.run(lambda session: session.get(Approval, approval_id), read=True)
+
+    def _edit_refusal(self, approval: Approval | None, req: EditRequest) -> EditOutcome | None:
+        """Why `req` may not edit this approval now, or None."""
+        if approval is None:
+            return EditOutcome(EditResult.NOT_FOUND, texts.NOT_FOUND.format(approval_id=req.approval_id[:MAX_ID_LENGTH]))
+        if approval.status != S.PENDING:
+            return EditOutcome(EditResult.ALREADY, texts.EDIT_DECIDED.format(status=approval.status), approval=approval)
+        if self.ctx.clock() >= approval.expires_at:
+            return EditOutcome(EditResult.EXPIRED, texts.EXPIRED.format(at=texts.when(approval.expires_at)), approval=approval)
+        if req.revision is not None and req.revision != approval.revision:
+            return EditOutcome(EditResult.STALE, str(texts.STALE_CARD), approval=approval)
+        if self.ctx.registry.get(approval.tool_name) is None:
+            return EditOutcome(EditResult.NOT_ALLOWED, texts.EDIT_TOOL_GONE.format(tool=approval.tool_name), approval=approval)
+        verdict = self.ctx.policy.may_edit(self.rule_for(approval), User.from_dict(approval.requester), req.user)
+        if not verdict.allowed:
+            return EditOutcome(EditResult.NOT_ALLOWED, texts.EDIT_NOT_ALLOWED.format(reason=verdict.reason), approval=approval)
+        return None
+
+    async def _check_edit(self, approval: Approval, values: dict[str, Any]) -> _NewVersion | EditOutcome:
+        """Typed values -> arguments validated against the tool's schema, its own check and the policy;
+        then the preview. Any problem comes back as an `invalid` outcome naming the field."""
+        ctx = self.ctx
+        spec = ctx.registry.get(approval.tool_name)
+        assert spec is not None
+        form = edit_form.build_form(approval.id, approval.revision, spec, approval.args)
+        args, errors = edit_form.read_values(form, approval.args, values)
+        prepared: PreparedCall | CallProblem | None = None
+        if not errors:
+            prepared = ctx.registry.prepare(spec.name, canonical_json(args))
+            if isinstance(prepared, CallProblem):
+                errors = edit_form.schema_errors(form, prepared.details, prepared.message)
+        if errors or not isinstance(prepared, PreparedCall):
+            return EditOutcome(EditResult.INVALID, str(texts.EDIT_INVALID_FORM), errors=errors, approval=approval)
+        if prepared.args == approval.args:
+            return EditOutcome(EditResult.UNCHANGED, str(texts.EDIT_UNCHANGED), approval=approval)
+        rule = ctx.policy.rule_for(spec, prepared.args)
+        if rule.rule == "deny":
+            problem = texts.EDIT_DENIED.format(reason=rule.reason)
+            return EditOutcome(EditResult.INVALID, problem, errors={edit_form.FORM_ERROR: problem}, approval=approval)
+        tool_ctx = ctx.tool_context.for_call(approval_id=None, requester=User.from_dict(approval.requester))
+        if (problem := await ctx.registry.check(tool_ctx, prepared)) is not None:
+            errors = edit_form.schema_errors(form, problem.details, problem.message)
+            return EditOutcome(EditResult.INVALID, str(texts.EDIT_INVALID_FORM), errors=errors, approval=approval)
+        preview, ok = await edit_form.preview_lines(tool_ctx, prepared, ctx.settings.tool_timeout)
+        return _NewVersion(prepared, rule, preview, ok)
+
+    async def _edit_once(self, session: AsyncSession, req: EditRequest, revision: int, new: _NewVersion) -> EditOutcome | None:
+        """The edit as one conditional UPDATE on (status pending, version, revision); None: retry."""
+        ctx = self.ctx
+        approval = await session.get(Approval, req.approval_id)
+        if approval is None:
+            return EditOutcome(EditResult.NOT_FOUND, texts.NOT_FOUND.format(approval_id=req.approval_id))
+        common = {"run_id": approval.run_id, "approval_id": approval.id, "platform": req.user.platform}
+        common.update(actor=req.user.key, tool=approval.tool_name)
+        if (refusal := self._edit_refusal(approval, EditRequest(req.approval_id, req.user, revision))) is not None:
+            await ctx.audit.record(session, "edit_refused", status=str(refusal.kind), **common)
+            return refusal
+        args, spec, now, before_rule = new.prepared.args, new.prepared.spec, ctx.clock(), approval.rule
+        card = card_content(spec.sentence(args), args, list(new.rule.risks), new.preview, new.rule.reason)
+        changes, before_sha, before_votes = edit_form.diff(approval.args, args), approval.args_sha256, len(approval.votes or [])
+        edit = {"user": req.user.to_dict(), "at": now.isoformat(), "revision": revision + 1}
+        edit["fields"] = [c["field"] for c in changes]
+        changed = await transition(
+            session, approval.id, S.PENDING, expect_version=approval.version, args=args, args_sha256=args_digest(args),
+            revision=revision + 1, votes=[], rule=new.rule.rule, card=ctx.redactor.redact(card),
+            preview_facts={"lines": new.preview} if new.preview_ok else None, edits=[*(approval.edits or []), edit],
+        )  # fmt: skip
+        if not changed:
+            return None
+        await ctx.audit.record(
+            session, "approval_edited", status=S.PENDING, revision=revision + 1, changes=changes,
+            args_sha256=args_digest(args), previous_sha256=before_sha, rule=new.rule.rule,
+            previous_rule=before_rule, votes_reset=before_votes, **common,
+        )  # fmt: skip
+        await outbox.enqueue_card_update(session, ctx, approval)
+        await session.refresh(approval)
+        escalated = RULE_STRENGTH.get(new.rule.rule, 0) > RULE_STRENGTH.get(before_rule, 0)
+        message = texts.EDITED_ESCALATED.format(rule=new.rule.rule) if escalated else texts.EDITED
+        return EditOutcome(EditResult.EDITED, str(message), approval=approval)
+
     # ------------------------------------------------------------------ execution bookkeeping
     async def start_execution(self, approval_id: str, problem_before: str | None = None) -> Approval | None:
         """approved -> executing under this replica's lease, after re-checking that the call may
@@ -270,7 +437,8 @@ class ApprovalService:
         if ctx.registry.get(approval.tool_name) is None:
             return f"the tool {approval.tool_name} is no longer available"
         approvers = [v.user for v in votes_of(approval) if v.approve]
-        verdict = ctx.policy.still_authorised(self.rule_for(approval), User.from_dict(approval.requester), approvers)
+        requester = User.from_dict(approval.requester)
+        verdict = ctx.policy.still_authorised(self.rule_for(approval), requester, approvers, editors_of(approval))
         if not verdict.allowed:
             return verdict.reason
         if args_digest(approval.args) != approval.args_sha256:
@@ -400,7 +568,16 @@ class ApprovalService:
 
 
 def model_result(approval: Approval) -> str:
-    """What the model reads for a decided call."""
+    """What the model reads for a decided call; for an edited call, first who edited it and the
+    final arguments (what ran, or would have)."""
+    result = _decided_result(approval)
+    if not approval.edits:
+        return result
+    names = ", ".join(dict.fromkeys(User.from_dict(e["user"]).label for e in approval.edits))
+    return texts.MODEL_EDITED.format(who=names, args=canonical_json(approval.args)) + "\n" + result
+
+
+def _decided_result(approval: Approval) -> str:
     who = approval.decided_by_name or approval.decided_by or "someone"
     match approval.status:
         case S.SUCCEEDED:

@@ -216,7 +216,14 @@ def card_view(approval: Approval) -> CardView:
         votes=votes,
         lang=(approval.requester or {}).get("lang"),
         tz=(approval.requester or {}).get("tz"),
+        revision=approval.revision or 1,
+        edited_by=tuple(dict.fromkeys(one_line(_editor(e)) for e in approval.edits or [])),
     )
+
+
+def _editor(edit: dict[str, Any]) -> str:
+    user = edit.get("user") or {}
+    return str(user.get("name") or user.get("id") or "?")
 
 
 async def load_card(db: Database, approval_id: str) -> tuple[CardView, Thread] | None:
@@ -234,6 +241,8 @@ def status_lines(card: CardView) -> list[str]:
     """The decision and outcome lines every renderer shows under a decided card, in the current
     language (renderers call this inside `i18n.speaking(card.lang, card.tz)`)."""
     lines: list[str] = []
+    if card.edited_by:
+        lines.append(texts.CARD_EDITED.format(who=", ".join(card.edited_by), revision=card.revision))
     who = card.decided_by or "?"
     at = texts.when(card.decided_at) if card.decided_at else "?"
     reason = texts.localize(card.reason)

@@ -48,6 +48,8 @@ class CardView:
     votes: tuple[str, ...] = field(default_factory=tuple)
     lang: str | None = None  # the requester's language: the card renders in it on every replica
     tz: str | None = None
+    revision: int = 1  # the version of the call shown; buttons carry it (an older card's click acts on nothing)
+    edited_by: tuple[str, ...] = ()  # who edited the call, if anyone
 
     @property
     def actionable(self) -> bool:

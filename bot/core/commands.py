@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Literal
 import sqlalchemy as sa
 
 from bot.core import texts
+from bot.core.approvals import editors_of
 from bot.core.cards import card_view
 from bot.core.channels import CardView
 from bot.core.events import Thread, User
@@ -122,7 +123,9 @@ async def pending_approvals(core: Core, user: User) -> list[tuple[Approval, str]
         requester = User.from_dict(approval.requester)
         if requester.key == user.key:
             found.append((approval, "requester"))
-        elif ctx.policy.may_decide(core.approvals.rule_for(approval), requester, user, list(approval.votes or [])).allowed:
+        elif ctx.policy.may_decide(
+            core.approvals.rule_for(approval), requester, user, list(approval.votes or []), editors_of(approval)
+        ).allowed:
             found.append((approval, "approver"))
     return found
 

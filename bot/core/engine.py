@@ -4,6 +4,8 @@
   schedules the agent; it returns in milliseconds so the adapter can ack at once.
 - `decide` applies an Approve/Reject click and returns at once with what the clicker should
   see; execution and the resumed agent run happen in the background, cards through the outbox.
+- `open_edit` / `edit`: the form for an Edit click, and a submitted edit (a new revision of the
+  frozen call, or the problems by field); the card update goes through the outbox.
 """
 
 from __future__ import annotations
@@ -11,16 +13,17 @@ from __future__ import annotations
 import dataclasses
 import logging
 import uuid
+from collections.abc import Awaitable
 
 import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from bot.core.approvals import ApprovalService, Decision, DecisionOutcome
+from bot.core.approvals import ApprovalService, Decision, DecisionOutcome, EditOutcome
 from bot.core.cards import card_view
 from bot.core.context import AppContext
 from bot.core.errors import StorageError
-from bot.core.events import DecisionRequest, IncomingMessage, User
+from bot.core.events import DecisionRequest, EditRequest, IncomingMessage, User
 from bot.core.executor import Executor
 from bot.core.outbox import Outbox
 from bot.core.run_store import RunStore
@@ -101,6 +104,27 @@ class Core:
         if outcome.approval is not None:
             outcome = dataclasses.replace(outcome, card=card_view(outcome.approval))
         return outcome
+
+    async def open_edit(self, req: EditRequest) -> EditOutcome:
+        """An Edit click: the form with the frozen arguments, or why this person may not edit."""
+        return self._with_card(await self._storing(self.approvals.open_edit(req)))
+
+    async def edit(self, req: EditRequest) -> EditOutcome:
+        """A submitted edit: stored as the call's next revision, or refused with the problems by field."""
+        return self._with_card(await self._storing(self.approvals.edit(req)))
+
+    @staticmethod
+    async def _storing(step: Awaitable[EditOutcome]) -> EditOutcome:
+        try:
+            return await step
+        except (OperationalError, LockBusy) as exc:
+            raise StorageError(f"could not record the edit: {type(exc).__name__}") from None
+
+    @staticmethod
+    def _with_card(outcome: EditOutcome) -> EditOutcome:
+        if outcome.approval is None:
+            return outcome
+        return dataclasses.replace(outcome, card=card_view(outcome.approval))
 
     async def _execute_then_resume(self, approval_id: str, run_id: str) -> None:
         await self.executor.execute(approval_id)

@@ -94,12 +94,31 @@ class IncomingMessage:
 
 @dataclass(frozen=True)
 class DecisionRequest:
-    """A click on Approve or Reject (or a typed decision in the terminal)."""
+    """A click on Approve or Reject (or a typed decision in the terminal). `revision`: the version
+    of the call the clicked card showed (None: not from a card, e.g. typed in the terminal)."""
 
     approval_id: str
     user: User
     approve: bool
     reason: str | None = None
+    revision: int | None = None
+
+
+@dataclass(frozen=True)
+class EditRequest:
+    """An Edit opened (`values` None) or submitted: the typed values by argument name, as entered
+    (text, or a bool / None where the platform's input gives one), for the card's `revision`."""
+
+    approval_id: str
+    user: User
+    revision: int | None = None
+    values: dict[str, Any] | None = None
+
+
+def card_revision(raw: Any) -> int:
+    """The revision a button carries; a button without one (posted before edits existed) is revision 1."""
+    text = str(raw if raw is not None else "")
+    return int(text) if text.isdigit() and len(text) <= 9 else 1
 
 
 _APPROVAL_ID = re.compile(r"[A-Za-z0-9_.:-]{1,40}")

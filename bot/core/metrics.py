@@ -32,6 +32,9 @@ TOOL_SECONDS = Histogram("chatops_tool_seconds", "Duration of one tool execution
 TOOL_OUTCOMES = Counter("chatops_tool_outcomes", "Tool executions, by tool and outcome", ["tool", "outcome"])
 OUTBOX_RETRIES = Counter("chatops_outbox_retries", "Deliveries to a chat platform that had to be retried", ["platform"])
 QUEUE_DEPTH = Gauge("chatops_queue_depth", "Work waiting, by kind", ["kind"], multiprocess_mode="livesum")
+DB_RETRIES = Counter(
+    "chatops_db_retries", "Database steps attempted again after a transient fault, by fault (exception class)", ["fault"]
+)
 LEASE_TAKEOVERS = Counter("chatops_lease_takeovers", "Work taken over from a replica whose lease expired", ["kind"])
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST

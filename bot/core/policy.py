@@ -212,8 +212,11 @@ class Policy:
         return tuple(out)
 
     # ---- decisions -----------------------------------------------------------------
-    def may_decide(self, rule: CallRule, requester: User, user: User, votes: list[dict[str, Any]]) -> Verdict:
-        """May `user` approve or reject a call under `rule` requested by `requester`?"""
+    def may_decide(
+        self, rule: CallRule, requester: User, user: User, votes: list[dict[str, Any]], editors: tuple[User, ...] = ()
+    ) -> Verdict:
+        """May `user` approve or reject a call under `rule` requested by `requester`? Whoever edited
+        the call (`editors`) counts as one of its requesters for separation of duties."""
         if user.is_bot:
             return Verdict(False, str(texts.BOTS_CANNOT_DECIDE))
         if not self.tenant_allowed(user) or (
@@ -231,17 +234,34 @@ class Policy:
             return Verdict(False, only.format(who=requester.label))
         if is_requester and (rule.separate or rule.rule == "two_person"):
             return Verdict(False, str(texts.REQUESTER_CANNOT_APPROVE))
+        if any(user.key == e.key for e in editors) and (rule.separate or rule.rule == "two_person"):
+            return Verdict(False, str(texts.EDITOR_CANNOT_APPROVE))
         if not rule.approvers:
             return Verdict(False, str(texts.NO_APPROVERS))
         if not listed:
             return Verdict(False, str(texts.NOT_AN_APPROVER))
         return Verdict(True)
 
-    def still_authorised(self, rule: CallRule, requester: User, approvers: list[User]) -> Verdict:
+    def may_edit(self, rule: CallRule, requester: User, user: User) -> Verdict:
+        """May `user` edit the frozen arguments of a pending call? Its requester and the approvers
+        the rule lists (never a bot, another tenant, or a call the policy denies)."""
+        if user.is_bot:
+            return Verdict(False, str(texts.BOTS_CANNOT_DECIDE))
+        if not self.tenant_allowed(user) or (
+            requester.tenant and user.platform == requester.platform and user.tenant != requester.tenant
+        ):
+            return Verdict(False, str(texts.OTHER_TENANT))
+        if rule.rule == "deny":
+            return Verdict(False, str(texts.ACTION_DENIED))
+        if user.key == requester.key or any(identity_matches(e, user) for e in rule.approvers):
+            return Verdict(True)
+        return Verdict(False, texts.ONLY_REQUESTER_OR_APPROVER_EDITS.format(who=requester.label))
+
+    def still_authorised(self, rule: CallRule, requester: User, approvers: list[User], editors: tuple[User, ...] = ()) -> Verdict:
         """Re-checked just before execution: enough approving votes must still be allowed."""
         if rule.rule == "deny":
             return Verdict(False, str(texts.NOW_DENIED))
-        valid = {a.key for a in approvers if self.may_decide(rule, requester, a, []).allowed}
+        valid = {a.key for a in approvers if self.may_decide(rule, requester, a, [], editors).allowed}
         if len(valid) >= rule.votes_needed:
             return Verdict(True)
         revoked = [a.label for a in approvers if a.key not in valid]

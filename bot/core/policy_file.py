@@ -226,11 +226,16 @@ class ReloadingPolicy(Policy):
     def rule_for(self, spec: ToolSpec, args: dict[str, Any]) -> CallRule:
         return self.current().rule_for(spec, args)
 
-    def may_decide(self, rule: CallRule, requester: User, user: User, votes: list[dict[str, Any]]) -> Verdict:
-        return self.current().may_decide(rule, requester, user, votes)
+    def may_decide(
+        self, rule: CallRule, requester: User, user: User, votes: list[dict[str, Any]], editors: tuple[User, ...] = ()
+    ) -> Verdict:
+        return self.current().may_decide(rule, requester, user, votes, editors)
 
-    def still_authorised(self, rule: CallRule, requester: User, approvers: list[User]) -> Verdict:
-        return self.current().still_authorised(rule, requester, approvers)
+    def may_edit(self, rule: CallRule, requester: User, user: User) -> Verdict:
+        return self.current().may_edit(rule, requester, user)
+
+    def still_authorised(self, rule: CallRule, requester: User, approvers: list[User], editors: tuple[User, ...] = ()) -> Verdict:
+        return self.current().still_authorised(rule, requester, approvers, editors)
 
     def describe(self, spec: ToolSpec) -> str:
         return self.current().describe(spec)

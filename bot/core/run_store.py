@@ -259,15 +259,19 @@ class RunStore:
             )
             claims = []
             for run in rows.scalars().all():
+                # Read before the UPDATE: the ORM brings the loaded row up to date with what it sets.
+                version, previous_owner = run.version, run.owner
                 took = await session.execute(
                     sa.update(Run)
-                    .where(Run.id == run.id, Run.version == run.version, Run.status == R.RUNNING)
-                    .values(owner=self.ctx.replica_id, lease_until=self._lease(), version=Run.version + 1, updated_at=now)
+                    .where(Run.id == run.id, Run.version == version, Run.status == R.RUNNING)
+                    .values(owner=self.ctx.replica_id, lease_until=self._lease(), version=version + 1, updated_at=now)
                 )
                 if not took.rowcount:  # type: ignore[attr-defined]
                     continue
-                await self.ctx.audit.record(session, "run_taken_over", run_id=run.id, status="running", previous_owner=run.owner)
-                claims.append(await self._claim_of(session, run, run.version + 1))
+                await self.ctx.audit.record(
+                    session, "run_taken_over", run_id=run.id, status="running", previous_owner=previous_owner
+                )
+                claims.append(await self._claim_of(session, run, version + 1))
             return claims
 
         return await self.ctx.db.run(take)
@@ -429,12 +433,11 @@ class RunStore:
         )
         if any(not ApprovalStatus(a.status).decided for a in approvals):
             return None
+        version = run.version + 1  # read before the UPDATE, which brings the loaded row up to date
         claimed = await session.execute(
             sa.update(Run)
             .where(Run.id == run_id, Run.status == R.WAITING, Run.version == run.version)
-            .values(
-                status=R.RUNNING, owner=ctx.replica_id, lease_until=self._lease(), version=Run.version + 1, updated_at=ctx.clock()
-            )
+            .values(status=R.RUNNING, owner=ctx.replica_id, lease_until=self._lease(), version=version, updated_at=ctx.clock())
         )
         if not claimed.rowcount:  # type: ignore[attr-defined]
             return None
@@ -458,7 +461,7 @@ class RunStore:
             session, "run_resumed", run_id=run_id, status="running", decided={a.id: a.status for a in approvals}
         )
         await session.flush()
-        return await self._claim_of(session, run, run.version)
+        return await self._claim_of(session, run, version)
 
     # ------------------------------------------------------------------ ending
     async def finish(self, claim: RunClaim, text: str, status: RunStatus, rows: list[Entry]) -> bool:

@@ -36,6 +36,36 @@ NOT_FOUND = "I do not know approval {approval_id}."
 NOT_ALLOWED = "You cannot decide this request: {reason}."
 SAME_APPROVER_TWICE = "You have already approved this request; another approver is needed."
 REQUESTER_CANNOT_APPROVE = "the person who asked cannot approve their own request"
+STALE_CARD = "This card shows an older version of the request (it was edited since). Use the updated card."
+
+# Edit before approve (the Edit button, its form, and the answers to a submitted edit)
+EDIT = "Edit"
+EDIT_TITLE = "Edit request"
+EDIT_SAVE = "Save"
+EDIT_CANCEL = "Cancel"
+EDIT_HINT = "Change the values, then save. The request is checked again and earlier approvals start over."
+EDIT_KEPT = "{field}: too long to edit here; it is kept as it is."
+EDIT_YES = "Yes"
+EDIT_NO = "No"
+EDITED = "Edited. Earlier approvals were reset; the card shows the new version."
+EDITED_ESCALATED = "Edited. The new values need a stricter rule ({rule}); earlier approvals were reset."
+EDIT_UNCHANGED = "Nothing was changed."
+EDIT_INVALID_FORM = "Some values are not valid; nothing was changed."
+EDIT_DENIED = "The policy denies the call with these values ({reason}); nothing was changed."
+EDIT_DECIDED = "This request is already {status}; it can no longer be edited."
+EDIT_TOOL_GONE = "The tool {tool} is no longer available, so this request cannot be edited."
+EDIT_NOT_ALLOWED = "You cannot edit this request: {reason}."
+EDIT_REQUIRED = "a value is required"
+EDIT_NOT_INTEGER = "must be a whole number"
+EDIT_NOT_NUMBER = "must be a number"
+EDIT_NOT_BOOLEAN = "must be true or false"
+EDIT_NOT_OPTION = "must be one of: {options}"
+EDIT_NOT_JSON = "must be valid JSON"
+EDIT_INVALID = "not valid: {problem}"
+EDITOR_CANNOT_APPROVE = "whoever edited the request cannot approve it"
+ONLY_REQUESTER_OR_APPROVER_EDITS = "only {who}, who asked, or a listed approver, can edit it"
+CARD_EDITED = "Edited by {who} (version {revision}); earlier approvals were reset."
+MODEL_EDITED = "Note: {who} edited the arguments of this call before it was decided. The final arguments were: {args}"
 
 # What the model reads as the result of a call that did not run
 MODEL_REJECTED = "Rejected by {who}: {reason}"
@@ -145,13 +175,18 @@ MENU_NO_CONVERSATION = "Cancel works inside a conversation: write “cancel” i
 TERMINAL_HELP = """Type a request for the bot, or:
   approve <id>            approve a pending action
   reject <id> [reason]    reject it (the reason goes to the assistant)
+  edit <id>               change its arguments first (asks for each one)
   help | pending | cancel what the bot can do, what waits for you, stop this conversation
   /new                    start a new conversation
   /quit                   leave (Ctrl-D also works)"""
 TERMINAL_WELCOME = "chatops terminal: you are {who}. Type help for commands."
 TERMINAL_USAGE = "usage: {usage}"
 TERMINAL_NEW = "new conversation started"
-TERMINAL_CARD_HINT = "type: approve {approval_id}   or   reject {approval_id} <reason>"
+TERMINAL_CARD_HINT = "type: approve {approval_id}   or   reject {approval_id} <reason>   or   edit {approval_id}"
+TERMINAL_EDIT_START = "Editing {approval_id} ({tool}): type a new value for each argument, or just press Enter to keep it."
+TERMINAL_EDIT_PROMPT = "{field} ({kind}{required}) [{value}]:"
+TERMINAL_EDIT_REQUIRED = ", required"
+TERMINAL_EDIT_PROBLEM = "{field}: {problem}"
 
 
 def when(at: datetime) -> str:

@@ -18,6 +18,7 @@ from bot.config import Settings
 from bot.core import channel_setup, texts
 from bot.core.approvals import args_digest
 from bot.core.context import AppContext
+from bot.core.edit_form import preview_lines
 from bot.core.model import ModelClient, ModelReply
 from bot.core.policy import Policy
 from bot.core.run_store import Proposal, RunClaim
@@ -135,15 +136,7 @@ class Turn:
             plan.proposals.append(Proposal(call_id, prepared, rule, preview, ok))
 
     async def _preview(self, tool_ctx: ToolContext, prepared: PreparedCall) -> tuple[list[str], bool]:
-        """The tool's code-computed preview for the card; a failing preview says so instead of blocking."""
-        if prepared.spec.preview is None:
-            return [], True
-        try:
-            lines = await asyncio.wait_for(prepared.spec.preview(tool_ctx, prepared.args), self.settings.tool_timeout)
-            return list(lines), True
-        except Exception as exc:  # noqa: BLE001 - the card must still be shown
-            log.warning("preview of %s failed: %s", prepared.spec.name, type(exc).__name__)
-            return [f"(preview unavailable: {type(exc).__name__})"], False
+        return await preview_lines(tool_ctx, prepared, self.settings.tool_timeout)
 
     async def _run_now(self, tool_ctx: ToolContext, prepared: PreparedCall) -> tuple[str, str]:
         """Run a call that needs no approval. Returns (result text for the model, status)."""

@@ -17,7 +17,8 @@ the core records and returns; runs, tools and card patches happen in the core's 
 Each person's language is chosen on the way in (`bot.core.language`; Feishu defaults to Chinese).
 In-chat commands (`帮助`/`help`, `待审批`/`pending`, `取消`/`cancel`) and the bot menu
 (`application.bot.menu_v6`, whose entries' `event_key` is one of those words) are answered through
-`bot.core.commands` and never reach the model.
+`bot.core.commands` and never reach the model. A card's Edit, Save and Cancel buttons end in
+`core.open_edit` / `core.edit` and are answered with the edit form card, or a toast and the card.
 lark-oapi is imported lazily (it takes seconds) and no lark type leaves this package.
 """
 
@@ -37,7 +38,7 @@ from aiohttp import web
 
 from bot.config import Settings
 from bot.core import commands, language, metrics, texts
-from bot.core.cards import cut
+from bot.core.cards import cut, load_card
 from bot.core.channels import CardView
 from bot.core.engine import Core
 from bot.core.errors import ConfigError, StorageError
@@ -199,6 +200,10 @@ class FeishuAdapter:
                 elif not await self.core.accept_message(msg):
                     log.debug("feishu: duplicate delivery %s", msg.dedupe_keys)
             return Answer({})
+        if (kind == "card.action.trigger" or (kind is None and "action" in payload)) and (
+            events.card_verb(payload) in events.EDIT_VERBS
+        ):
+            return await self._edit_action(payload)
         if kind == "card.action.trigger" or (kind is None and "action" in payload):
             request = events.to_decision(payload)
             request = replace(request, approval_id=checked_approval_id(request.approval_id))
@@ -217,6 +222,31 @@ class FeishuAdapter:
             await self._menu(payload)
             return Answer({})
         return Answer({})  # another subscribed event: acknowledge, never 500
+
+    async def _edit_action(self, payload: dict[str, Any]) -> Answer:
+        """Edit (-> the edit form card), Save (-> `core.edit`) or Cancel (-> the card as it is) on a card."""
+        verb, request = events.to_edit(payload)
+        request = replace(request, approval_id=checked_approval_id(request.approval_id))
+        self._answering.setdefault(request.approval_id, asyncio.Event())
+        try:
+            user = await self._identified(request.user)
+            card_lang = await language.card_language(self.core.ctx, request.approval_id)
+            user = language.speak_with(self.core.ctx.policy, user, events.click_chat(payload), fallback=card_lang)
+            request = replace(request, user=user)
+            if verb == "edit":
+                outcome = await self.core.open_edit(request)
+            elif verb == "edit_submit":
+                outcome = await self.core.edit(request)
+            else:
+                found = await load_card(self.core.ctx.db, request.approval_id)
+                return Answer(
+                    {"card": {"type": "raw", "data": cards.render_card(found[0])}} if found else {}, request.approval_id
+                )
+        except BaseException:
+            self._answered(request.approval_id)
+            raise
+        log.info("feishu %s of %s by %s: %s", verb, request.approval_id, user.key, outcome.kind)
+        return Answer(cards.edit_response(outcome, user.lang, user.tz), request.approval_id)
 
     async def _menu(self, payload: dict[str, Any]) -> None:
         """A bot menu entry: its `event_key` names the command; the answer goes to the person directly."""

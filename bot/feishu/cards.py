@@ -2,9 +2,12 @@
 
 The card shows what Slack's shows: summary, tool, every frozen argument, warnings and preview,
 the rule, the requester, the expiry and, once decided, `bot.core.cards.status_lines`. While pending
-it carries a form: an optional "reject reason" input plus Approve (primary) and Reject
-(danger) submit buttons whose `behaviors` callback value is `{"action", "approval_id"}`; the
-typed reason arrives as `action.form_value.reject_reason`.
+it carries a form: an optional "reject reason" input plus Approve (primary), Reject (danger) and
+Edit submit buttons whose `behaviors` callback value is `{"action", "approval_id", "revision"}`
+(the revision of the call shown, so a click on a card an edit replaced acts on nothing); the typed
+reason arrives as `action.form_value.reject_reason`. Edit answers with the edit form card
+(`edit_form_card`: a form of typed inputs, `select_static` for booleans and options, Save and
+Cancel); Save sends the values as `form_value.arg_<i>` with the names in the button's value.
 
 Everything that came from users or the model is rendered as `plain_text`, never markdown, so
 nobody can inject links or `<at id=all>` into a card; values arrive neutralised by
@@ -24,15 +27,18 @@ import re
 from typing import Any
 
 from bot.core import i18n, texts
-from bot.core.approvals import DecisionOutcome
+from bot.core.approvals import DecisionOutcome, EditOutcome, EditResult
 from bot.core.cards import chunks, cut, quoted, shorten, status_lines
 from bot.core.channels import CardView
+from bot.core.edit_form import EditField, EditForm
+from bot.feishu.events import ARG_INPUT
 
 MAX_CARD_BYTES = 28 * 1024  # Feishu's limit is 30 KB; keep a margin for the request envelope
 NOTICE_RESERVE = 1024  # room kept for the "does not fit" notice (twice)
 MIN_PANEL = 2048  # a compact card leaves at least this much for the full request
 PANEL_PIECE = 1000  # characters per text element in the panel
 REASON_INPUT = "reject_reason"
+INPUT_LIMIT = 1000  # an input's max_length; a longer value cannot be edited on a card
 _OPEN_ID = re.compile(r"ou_[0-9A-Za-z_-]{1,64}")
 _SHRINK_STEPS = (300, 150, 80, 40, 10)
 _COLOURS = {
@@ -54,6 +60,14 @@ _TOASTS = {
     "expired": "warning",
     "not_allowed": "error",
     "not_found": "error",
+    "stale": "warning",
+}
+_EDIT_TOASTS = {
+    EditResult.EDITED: "success",
+    EditResult.INVALID: "error",
+    EditResult.UNCHANGED: "info",
+    EditResult.NOT_ALLOWED: "error",
+    EditResult.NOT_FOUND: "error",
 }
 
 
@@ -61,7 +75,8 @@ def _text(content: str) -> dict[str, Any]:
     return {"tag": "div", "text": {"tag": "plain_text", "content": str(content)}}
 
 
-def _button(label: str, kind: str, verb: str, approval_id: str) -> dict[str, Any]:
+def _button(label: str, kind: str, verb: str, approval_id: str, revision: int = 1, **extra: Any) -> dict[str, Any]:
+    value = {"action": verb, "approval_id": approval_id, "revision": revision, **extra}
     return {
         "tag": "column",
         "width": "auto",
@@ -72,7 +87,7 @@ def _button(label: str, kind: str, verb: str, approval_id: str) -> dict[str, Any
                 "text": {"tag": "plain_text", "content": str(label)},
                 "type": kind,
                 "form_action_type": "submit",
-                "behaviors": [{"type": "callback", "value": {"action": verb, "approval_id": approval_id}}],
+                "behaviors": [{"type": "callback", "value": value}],
             }
         ],
     }
@@ -95,8 +110,9 @@ def _decision_form(card: CardView) -> dict[str, Any]:
                 "tag": "column_set",
                 "horizontal_spacing": "8px",
                 "columns": [
-                    _button(texts.APPROVE, "primary", "approve", card.approval_id),
-                    _button(texts.REJECT, "danger", "reject", card.approval_id),
+                    _button(texts.APPROVE, "primary", "approve", card.approval_id, card.revision),
+                    _button(texts.REJECT, "danger", "reject", card.approval_id, card.revision),
+                    _button(texts.EDIT, "default", "edit", card.approval_id, card.revision),
                 ],
             },
         ],
@@ -230,5 +246,75 @@ def callback_response(outcome: DecisionOutcome) -> dict[str, Any]:
     toast = {"type": _TOASTS.get(outcome.kind, "info"), "content": cut(str(outcome.message), 300)}
     response: dict[str, Any] = {"toast": toast}
     if outcome.card is not None and outcome.kind != "not_allowed":
+        response["card"] = {"type": "raw", "data": render_card(outcome.card)}
+    return response
+
+
+def _field_input(index: int, field: EditField) -> dict[str, Any]:
+    """The card 2.0 form component for one argument: a select for booleans and options, else an input."""
+    base: dict[str, Any] = {
+        "name": f"{ARG_INPUT}{index}",
+        "required": field.required,
+        "width": "fill",
+        "label": {"tag": "plain_text", "content": field.name},
+        "label_position": "top",
+    }
+    if field.kind == "boolean" or (field.kind == "enum" and field.options):
+        pairs = [(str(texts.EDIT_YES), "true"), (str(texts.EDIT_NO), "false")] if field.kind == "boolean" else []
+        pairs = pairs or [(o, o) for o in field.options]
+        options = [{"text": {"tag": "plain_text", "content": label}, "value": value} for label, value in pairs]
+        select = {**base, "tag": "select_static", "options": options}
+        if field.value in {value for _, value in pairs}:
+            select["initial_option"] = field.value
+        return select
+    element = {**base, "tag": "input", "max_length": INPUT_LIMIT, "default_value": field.value}
+    if field.multiline:
+        element.update(input_type="multiline_text", rows=4)
+    if field.description:
+        element["placeholder"] = {"tag": "plain_text", "content": field.description[:100]}
+    return element
+
+
+def edit_form_card(form: EditForm, lang: str | None, tz: str | None) -> dict[str, Any]:
+    """The edit form, in the editor's language: every argument in a typed input, Save and Cancel."""
+    with i18n.speaking(lang, tz):
+        elements: list[dict[str, Any]] = [_text(f"{form.tool} · {form.approval_id}"), _text(texts.EDIT_HINT)]
+        inputs: list[dict[str, Any]] = []
+        names: list[str] = []
+        for field in form.fields:
+            if len(field.value) > INPUT_LIMIT:
+                elements.append(_text(texts.EDIT_KEPT.format(field=field.name)))
+                continue
+            inputs.append(_field_input(len(names), field))
+            names.append(field.name)
+        buttons = [
+            _button(texts.EDIT_SAVE, "primary", "edit_submit", form.approval_id, form.revision, fields=names),
+            _button(texts.EDIT_CANCEL, "default", "edit_cancel", form.approval_id, form.revision),
+        ]
+        inputs.append({"tag": "column_set", "horizontal_spacing": "8px", "columns": buttons})
+        elements.append({"tag": "form", "name": "edit", "elements": inputs})
+        return {
+            "schema": "2.0",
+            "config": {"update_multi": True, "summary": {"content": str(texts.EDIT_TITLE)}},
+            "header": {
+                "title": {"tag": "plain_text", "content": str(texts.EDIT_TITLE)},
+                "subtitle": {"tag": "plain_text", "content": form.tool},
+                "template": "orange",
+            },
+            "body": {"elements": elements},
+        }
+
+
+def edit_response(outcome: EditOutcome, lang: str | None, tz: str | None) -> dict[str, Any]:
+    """The answer to an Edit, Save or Cancel click: the edit form; or a toast (refusals and problems,
+    the form staying as it is for problems) plus the approval card as it is now."""
+    if outcome.form is not None:
+        return {"card": {"type": "raw", "data": edit_form_card(outcome.form, lang, tz)}}
+    response: dict[str, Any] = {}
+    if outcome.message:
+        problems = "; ".join(f"{name}: {problem}" if name else problem for name, problem in (outcome.errors or {}).items())
+        content = f"{outcome.message} {problems}" if problems else outcome.message
+        response["toast"] = {"type": _EDIT_TOASTS.get(outcome.kind, "warning"), "content": cut(content, 300)}
+    if outcome.card is not None and outcome.kind not in (EditResult.INVALID, EditResult.NOT_ALLOWED):
         response["card"] = {"type": "raw", "data": render_card(outcome.card)}
     return response

@@ -1,9 +1,11 @@
-"""Feishu payloads (plain decrypted JSON) -> our `IncomingMessage` and `DecisionRequest`.
+"""Feishu payloads (plain decrypted JSON) -> our `IncomingMessage`, `DecisionRequest` and `EditRequest`.
 
 Pure functions, no SDK types, no I/O: both transports (webhook and long connection) hand the
 same JSON here. `to_message` returns None for a message the bot must ignore (a bot sender, a
 group message that does not @mention the bot); `BadPayload` means the JSON is not a usable
-event. `@_all` never counts as mentioning the bot.
+event. `@_all` never counts as mentioning the bot. A card button's callback value is
+`{"action", "approval_id", "revision"}` (`revision` missing on cards posted before edits: 1);
+`card_verb` says which button it was (approve, reject, edit, edit_submit, edit_cancel).
 """
 
 from __future__ import annotations
@@ -12,10 +14,12 @@ import json
 import re
 from typing import Any
 
-from bot.core.events import DecisionRequest, IncomingMessage, Thread, User
+from bot.core.events import DecisionRequest, EditRequest, IncomingMessage, Thread, User, card_revision
 
 PLATFORM = "feishu"
 REASON_LIMIT = 500
+EDIT_VERBS = ("edit", "edit_submit", "edit_cancel")
+ARG_INPUT = "arg_"  # an edit form input: `arg_<index>`; the submit button's value lists the names in order
 _MENTION_KEY = re.compile(r"@_(?:user_\d+|all)")
 
 
@@ -150,6 +154,34 @@ def to_menu(payload: dict[str, Any]) -> tuple[User, str]:
     return User(platform=PLATFORM, id=open_id, tenant=tenant, name=_str(operator.get("operator_name"))), key
 
 
+def _card_event(payload: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """(event, action, action value) of a card callback."""
+    event = _obj(payload.get("event")) if "event" in payload else payload
+    action = _obj(event.get("action"))
+    return event, action, _obj(action.get("value"))
+
+
+def card_verb(payload: dict[str, Any]) -> str | None:
+    """Which card button was clicked (`approve`, `reject`, `edit`, `edit_submit`, `edit_cancel`), if it says."""
+    verb = _card_event(payload)[2].get("action")
+    return verb if isinstance(verb, str) else None
+
+
+def to_edit(payload: dict[str, Any]) -> tuple[str, EditRequest]:
+    """An Edit, Save or Cancel click of the edit form: (verb, request); Save carries the typed values."""
+    _, action, value = _card_event(payload)
+    decision = to_decision(payload)
+    verb = str(value.get("action"))
+    values: dict[str, Any] | None = None
+    if verb == "edit_submit":
+        names = value.get("fields")
+        form = _obj(action.get("form_value"))
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise BadPayload("edit form without its field names")
+        values = {name: form[f"{ARG_INPUT}{i}"] for i, name in enumerate(names) if f"{ARG_INPUT}{i}" in form}
+    return verb, EditRequest(decision.approval_id, decision.user, decision.revision, values)
+
+
 def to_decision(payload: dict[str, Any]) -> DecisionRequest:
     """A `card.action.trigger` callback (or a legacy card frame) as a `DecisionRequest`."""
     event = _obj(payload.get("event")) if "event" in payload else payload
@@ -162,7 +194,7 @@ def to_decision(payload: dict[str, Any]) -> DecisionRequest:
     )
     verb = value.get("action")
     approval_id = _str(value.get("approval_id"))
-    if open_id is None or verb not in ("approve", "reject") or approval_id is None:
+    if open_id is None or verb not in ("approve", "reject", *EDIT_VERBS) or approval_id is None:
         raise BadPayload("card action without operator, action or approval id")
     if len(approval_id) > 64:
         raise BadPayload("approval id is too long")
@@ -173,4 +205,5 @@ def to_decision(payload: dict[str, Any]) -> DecisionRequest:
         user=User(platform=PLATFORM, id=open_id, tenant=tenant),
         approve=verb == "approve",
         reason=reason or None,
+        revision=card_revision(value.get("revision")),
     )

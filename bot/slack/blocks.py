@@ -1,4 +1,4 @@
-"""Block Kit rendering: the approval card, the "View full request" and reject-reason modals,
+"""Block Kit rendering: the approval card, the "View full request", reject-reason and Edit modals,
 and safe message text.
 
 What belongs here: turning the platform-neutral `CardView` into Slack blocks, and nothing
@@ -9,6 +9,9 @@ link, bold a forged line nor change what the approver reads; the only mrkdwn is 
 so); the modal shows every argument complete, split over up to 100 blocks, and says plainly
 when even that is not enough. Block Kit limits: header <= 150, section text <= 3000, <= 10
 fields of <= 2000 per section, button text <= 75, <= 50 blocks per message, 100 per modal.
+The card's buttons sit in a block whose id names the call's revision, so a click on a card that
+an edit has replaced is refused. The Edit modal has one typed input per argument (text, number,
+a Yes/No or option select, JSON text); a value longer than an input holds is listed as kept.
 """
 
 from __future__ import annotations
@@ -21,7 +24,21 @@ from typing import Any
 from bot.core import i18n, texts
 from bot.core.cards import chunks, quoted, shorten, status_lines
 from bot.core.channels import CardView
-from bot.slack.events import APPROVE_ACTION, FULL_VIEW, REASON_BLOCK, REASON_INPUT, REJECT_ACTION, REJECT_VIEW, VIEW_ACTION
+from bot.core.edit_form import EditField, EditForm
+from bot.slack.events import (
+    APPROVE_ACTION,
+    ARG_BLOCK,
+    ARG_INPUT,
+    EDIT_ACTION,
+    EDIT_VIEW,
+    FULL_VIEW,
+    REASON_BLOCK,
+    REASON_INPUT,
+    REJECT_ACTION,
+    REJECT_VIEW,
+    VIEW_ACTION,
+    decide_block,
+)
 
 HEADER_LIMIT = 150
 TEXT_LIMIT = 3000
@@ -36,6 +53,9 @@ COMPACT_MULTILINE = 1500  # a multi-line value (a mail body) on the card
 COMPACT_FIELDS = 10
 COMPACT_MULTILINE_FIELDS = 3
 FIXED_BLOCK = "chatops_fixed"
+INPUT_LIMIT = 3000  # plain_text_input max_length; a longer value cannot be edited in a modal
+OPTIONS_LIMIT = 100
+OPTION_TEXT = 75
 
 _USER_MENTION = re.compile(r"&lt;@([UW][A-Z0-9]+)&gt;")
 
@@ -142,9 +162,10 @@ def _card_blocks(card: CardView) -> list[dict[str, Any]]:
         buttons = [
             _button(texts.APPROVE, APPROVE_ACTION, card.approval_id, "primary"),
             _button(texts.REJECT, REJECT_ACTION, card.approval_id, "danger"),
+            _button(texts.EDIT, EDIT_ACTION, card.approval_id, None),
             *buttons,
         ]
-    blocks.append({"type": "actions", "block_id": f"chatops_decide:{card.approval_id}"[:255], "elements": buttons})
+    blocks.append({"type": "actions", "block_id": decide_block(card.approval_id, card.revision), "elements": buttons})
     if len(blocks) > MAX_BLOCKS:  # cannot happen with the compact caps; keep the last three (fixed lines, status, buttons)
         blocks = blocks[: MAX_BLOCKS - 3] + blocks[-3:]
     return blocks
@@ -223,6 +244,74 @@ def reject_modal(approval_id: str, place: dict[str, Any]) -> dict[str, Any]:
             }
         ],
     }
+
+
+def edit_modal(form: EditForm, place: dict[str, Any], lang: str | None, tz: str | None) -> dict[str, Any]:
+    """The Edit modal: one typed input per argument, prefilled with the frozen value, in the editor's language."""
+    with i18n.speaking(lang, tz):
+        return _edit_modal(form, place)
+
+
+def _edit_modal(form: EditForm, place: dict[str, Any]) -> dict[str, Any]:
+    blocks: list[dict[str, Any]] = [
+        {"type": "context", "elements": [plain(f"{form.tool} · {form.approval_id}")]},
+        {"type": "section", "text": plain(texts.EDIT_HINT)},
+    ]
+    first = None
+    for field in form.fields:
+        if len(blocks) >= MODAL_BLOCKS:
+            break
+        if len(field.value) > INPUT_LIMIT:
+            blocks.append({"type": "section", "text": plain(texts.EDIT_KEPT.format(field=field.name))})
+            continue
+        block: dict[str, Any] = {
+            "type": "input",
+            "block_id": (ARG_BLOCK + field.name)[:255],
+            "optional": not field.required,
+            "label": plain(field.name, 2000),
+            "element": _input(field),
+        }
+        if field.description:
+            block["hint"] = plain(field.description, 2000)
+        first = first or block["block_id"]
+        blocks.append(block)
+    meta = {"approval_id": form.approval_id, "revision": form.revision, "first": first, **place}
+    return {
+        "type": "modal",
+        "callback_id": EDIT_VIEW,
+        "private_metadata": json.dumps(meta)[:3000],
+        "title": plain(texts.EDIT_TITLE, 24),
+        "submit": plain(texts.EDIT_SAVE, 24),
+        "close": plain(texts.EDIT_CANCEL, 24),
+        "blocks": blocks,
+    }
+
+
+def _option(label: str, value: str) -> dict[str, Any]:
+    return {"text": plain(label, OPTION_TEXT), "value": value}
+
+
+def _input(field: EditField) -> dict[str, Any]:
+    """The Block Kit element for one argument, by kind."""
+    element: dict[str, Any]
+    if field.kind in ("integer", "number"):
+        element = {"type": "number_input", "is_decimal_allowed": field.kind == "number"}
+        if field.value:
+            element["initial_value"] = field.value
+    elif field.kind == "boolean" or (
+        field.kind == "enum" and 0 < len(field.options) <= OPTIONS_LIMIT and all(0 < len(o) <= 150 for o in field.options)
+    ):
+        pairs = [(str(texts.EDIT_YES), "true"), (str(texts.EDIT_NO), "false")] if field.kind == "boolean" else []
+        options = [_option(label, value) for label, value in pairs] or [_option(o, o) for o in field.options]
+        element = {"type": "static_select", "options": options}
+        chosen = next((o for o in options if o["value"] == field.value), None)
+        if chosen is not None:
+            element["initial_option"] = chosen
+    else:
+        element = {"type": "plain_text_input", "multiline": field.multiline, "max_length": INPUT_LIMIT}
+        if field.value:
+            element["initial_value"] = field.value
+    return {**element, "action_id": ARG_INPUT}
 
 
 def split_message(text: str, limit: int = MESSAGE_LIMIT) -> list[str]:

@@ -3,7 +3,8 @@
 What belongs here: deciding which Slack events are messages for the bot (and which are noise:
 our own posts, other bots, edits, channel chatter without a mention), stripping the bot's
 mention, choosing the conversation and the reply coordinates, the dedupe keys, and reading the
-clicker and the approval id out of `block_actions` / `view_submission` payloads.
+clicker, the approval id and the card's revision (in the buttons' `block_id`) out of
+`block_actions` / `view_submission` payloads, and the typed values out of a submitted Edit modal.
 
 The conversation rule (documented in the README, section Slack):
 - in a channel the bot only hears `app_mention`; the conversation is the thread of the mention
@@ -19,13 +20,18 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from bot.core.events import DecisionRequest, IncomingMessage, Thread, User
+from bot.core.events import DecisionRequest, EditRequest, IncomingMessage, Thread, User, card_revision
 
 PLATFORM = "slack"
 APPROVE_ACTION = "chatops_approve"
 REJECT_ACTION = "chatops_reject"
 REJECT_VIEW = "chatops_reject_reason"
 VIEW_ACTION = "chatops_view_full"
+EDIT_ACTION = "chatops_edit"
+EDIT_VIEW = "chatops_edit_form"
+DECIDE_BLOCK = "chatops_decide"  # the card's buttons: `chatops_decide:<approval id>@<revision>`
+ARG_BLOCK = "arg:"  # an Edit modal input: `arg:<argument name>`, its element's action_id `value`
+ARG_INPUT = "value"
 FULL_VIEW = "chatops_full_request"
 REASON_BLOCK = "reason"
 REASON_INPUT = "reason"
@@ -131,9 +137,51 @@ def clicker(body: dict[str, Any]) -> User:
     return User(PLATFORM, str(user.get("id")), tenant=str(tenant), name=name)
 
 
+def decide_block(approval_id: str, revision: int) -> str:
+    return f"{DECIDE_BLOCK}:{approval_id}@{revision}"[:255]
+
+
+def revision_of(action: dict[str, Any]) -> int:
+    """The revision of the call the clicked card showed (a card posted before edits existed: 1)."""
+    block = str(action.get("block_id") or "")
+    head, _, revision = block.rpartition("@")
+    return card_revision(revision) if head.startswith(DECIDE_BLOCK + ":") else 1
+
+
 def decision_from_action(body: dict[str, Any], action: dict[str, Any]) -> DecisionRequest:
-    """An Approve click (the button's value is the approval id, nothing else)."""
-    return DecisionRequest(approval_id=str(action.get("value") or ""), user=clicker(body), approve=True)
+    """An Approve click (the button's value is the approval id, its block the card's revision)."""
+    return DecisionRequest(
+        approval_id=str(action.get("value") or ""), user=clicker(body), approve=True, revision=revision_of(action)
+    )
+
+
+def edit_from_action(body: dict[str, Any], action: dict[str, Any]) -> EditRequest:
+    """An Edit click: which approval, which revision of it, who."""
+    return EditRequest(approval_id=str(action.get("value") or ""), user=clicker(body), revision=revision_of(action))
+
+
+def _typed(element: dict[str, Any]) -> Any:
+    if "selected_option" in element:
+        return (element.get("selected_option") or {}).get("value")
+    return element.get("value")
+
+
+def edit_from_view(body: dict[str, Any]) -> tuple[EditRequest, dict[str, Any]]:
+    """A submitted Edit modal: the typed values by argument name, and the place stored in the modal."""
+    view = body.get("view") or {}
+    try:
+        meta = json.loads(view.get("private_metadata") or "{}")
+    except json.JSONDecodeError:
+        meta = {}
+    meta = meta if isinstance(meta, dict) else {}
+    values: dict[str, Any] = {}
+    for block_id, inputs in ((view.get("state") or {}).get("values") or {}).items():
+        element = inputs.get(ARG_INPUT) if isinstance(inputs, dict) else None
+        if str(block_id).startswith(ARG_BLOCK) and isinstance(element, dict):
+            values[str(block_id)[len(ARG_BLOCK) :]] = _typed(element)
+    revision = card_revision(meta.get("revision"))
+    request = EditRequest(str(meta.get("approval_id") or ""), clicker(body), revision, values)
+    return request, meta
 
 
 def click_place(body: dict[str, Any]) -> dict[str, str | None]:
@@ -165,6 +213,10 @@ def decision_from_view(body: dict[str, Any]) -> tuple[DecisionRequest, dict[str,
     reason = ((values.get(REASON_BLOCK) or {}).get(REASON_INPUT) or {}).get("value")
     reason = reason.strip() if isinstance(reason, str) else None
     request = DecisionRequest(
-        approval_id=str(meta.get("approval_id") or ""), user=clicker(body), approve=False, reason=reason or None
+        approval_id=str(meta.get("approval_id") or ""),
+        user=clicker(body),
+        approve=False,
+        reason=reason or None,
+        revision=card_revision(meta.get("revision")),
     )
     return request, meta

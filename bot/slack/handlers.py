@@ -1,9 +1,10 @@
 """The Bolt listeners: Slack requests in, one core call each, nothing else.
 
 What belongs here: the event listener (a mention or a DM -> `core.accept_message`), the button
-listeners (Approve -> `core.decide`; Reject -> the reason modal; View full request -> a modal
-with every frozen argument), the modal submission
-(-> `core.decide` with the reason), and the error hook. The app runs with
+listeners (Approve -> `core.decide`; Reject -> the reason modal; Edit -> `core.open_edit` and the
+Edit modal; View full request -> a modal with every frozen argument), the modal submissions
+(-> `core.decide` with the reason; -> `core.edit`, problems shown in the modal under the field
+they concern with `response_action: errors`), and the error hook. The app runs with
 `process_before_response=True`, so a listener finishes before Slack gets its answer: an
 acknowledged message is always recorded, and one that could not be recorded (StorageError)
 is answered 500 (HTTP) or left unacknowledged (Socket Mode), so Slack delivers it again.
@@ -24,28 +25,42 @@ import logging
 import re
 from collections.abc import Callable, Coroutine
 from dataclasses import replace
-from typing import Any
+from typing import Any, TypeVar
 
 from slack_bolt.async_app import AsyncAck, AsyncApp
 from slack_bolt.request.async_request import AsyncBoltRequest
 from slack_sdk.web.async_client import AsyncWebClient
 
 from bot.core import commands, language, texts
+from bot.core.approvals import EditOutcome, EditResult
 from bot.core.cards import load_card
 from bot.core.engine import Core
 from bot.core.errors import StorageError
-from bot.core.events import DecisionRequest, User, checked_approval_id
+from bot.core.events import DecisionRequest, EditRequest, User, checked_approval_id
 from bot.slack import events
-from bot.slack.blocks import card_blocks, card_text, full_view, reject_modal
+from bot.slack.blocks import card_blocks, card_text, edit_modal, full_view, reject_modal
 from bot.slack.client import BotIdentity, SlackUnavailable, UserDirectory
 from bot.slack.groups import SlackGroups
 
 log = logging.getLogger("chatops.slack")
 
+_Request = TypeVar("_Request", DecisionRequest, EditRequest)
 Spawn = Callable[[Coroutine[Any, Any, Any], str], None]
 # Outcomes the card already shows; anything else is told privately to the clicker.
 _SHOWN_ON_CARD = frozenset({"approved", "rejected"})
 SLASH_COMMAND = "/chatops"
+
+
+def _modal_errors(outcome: EditOutcome, meta: dict[str, Any]) -> dict[str, str]:
+    """Problems by input block: each under its field; the rest (and refusals) under the first input."""
+    first = str(meta.get("first") or "")
+    errors: dict[str, str] = {}
+    for name, problem in (outcome.errors or {None: outcome.message}).items():
+        block = events.ARG_BLOCK + name if name else first
+        errors[block] = f"{errors[block]}; {problem}" if block in errors else str(problem)
+    if not outcome.errors or "" in outcome.errors:
+        errors[first] = errors.get(first) or str(outcome.message)
+    return {k: v[:2000] for k, v in errors.items() if k}
 
 
 class SlackHandlers:
@@ -68,6 +83,8 @@ class SlackHandlers:
         app.action(events.REJECT_ACTION)(self.on_reject)
         app.view(events.REJECT_VIEW)(self.on_reject_submit)
         app.action(events.VIEW_ACTION)(self.on_view_full)
+        app.action(events.EDIT_ACTION)(self.on_edit)
+        app.view(events.EDIT_VIEW)(self.on_edit_submit)
         app.command(SLASH_COMMAND)(self.on_slash_command)
         app.event(re.compile(".*"))(self.on_other_event)  # last: any other event is acknowledged, not retried
         app.error(self.on_error)
@@ -109,7 +126,7 @@ class SlackHandlers:
         author, groups = await asyncio.gather(self.users.author(user_id), self.groups.groups_of(user_id))
         return replace(author, groups=groups)
 
-    async def _identified(self, request: DecisionRequest, channel: str | None = None) -> DecisionRequest:
+    async def _identified(self, request: _Request, channel: str | None = None) -> _Request:
         """The decider as the policy judges them (bot flag and group memberships looked up now),
         speaking their language. The approval id is checked here too: a malformed one becomes a
         stand-in that is "not found"."""
@@ -139,7 +156,8 @@ class SlackHandlers:
         """Reject: open the modal asking why; the decision happens when it is submitted."""
         await ack()
         await self._identified(events.decision_from_action(body, action), events.click_place(body)["channel"])
-        view = reject_modal(checked_approval_id(str(action.get("value") or "")), events.click_place(body))
+        place = {**events.click_place(body), "revision": events.revision_of(action)}
+        view = reject_modal(checked_approval_id(str(action.get("value") or "")), place)
         self.spawn(self._open(str(body.get("trigger_id")), view), "slack-reject-modal")
 
     async def on_reject_submit(self, ack: AsyncAck, body: dict[str, Any]) -> None:
@@ -152,6 +170,31 @@ class SlackHandlers:
             await ack()
         else:
             await ack(response_action="errors", errors={events.REASON_BLOCK: str(outcome.message)})
+
+    async def on_edit(self, ack: AsyncAck, body: dict[str, Any], action: dict[str, Any]) -> None:
+        """Edit: the modal with the frozen arguments in typed inputs (or, privately, why not)."""
+        await ack()
+        place = events.click_place(body)
+        request = await self._identified(events.edit_from_action(body, action), place["channel"])
+        outcome = await self.core.open_edit(request)
+        if outcome.form is None:
+            self.spawn(self._tell(place, request.user.id, outcome.message), "slack-ephemeral")
+            return
+        view = edit_modal(outcome.form, place, request.user.lang, request.user.tz)
+        self.spawn(self._open(str(body.get("trigger_id")), view), "slack-edit-modal")
+
+    async def on_edit_submit(self, ack: AsyncAck, body: dict[str, Any]) -> None:
+        """The Edit modal was submitted: a new version of the call, or the problems under their fields."""
+        request, meta = events.edit_from_view(body)
+        request = replace(request, approval_id=checked_approval_id(request.approval_id))
+        request = await self._identified(request, meta.get("channel"))
+        outcome = await self.core.edit(request)
+        log.info("slack edit of %s by %s: %s", request.approval_id, request.user.key, outcome.kind)
+        if outcome.kind == EditResult.EDITED:
+            await ack()
+            self.spawn(self._tell(meta, request.user.id, outcome.message), "slack-ephemeral")
+            return
+        await ack(response_action="errors", errors=_modal_errors(outcome, meta))
 
     async def on_view_full(self, ack: AsyncAck, body: dict[str, Any], action: dict[str, Any]) -> None:
         """ "View full request": open a modal with every frozen argument, straight from the click's trigger_id."""

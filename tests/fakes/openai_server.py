@@ -29,14 +29,15 @@ class Reply:
     retry_after: float | None = None
     delay: float = 0.0
     raw_body: str | None = None
+    until: asyncio.Event | None = None  # answer only once the test sets this event (a hung model, then a late answer)
 
 
-def text(content: str, delay: float = 0.0) -> Reply:
-    return Reply(content=content, delay=delay)
+def text(content: str, delay: float = 0.0, until: asyncio.Event | None = None) -> Reply:
+    return Reply(content=content, delay=delay, until=until)
 
 
-def calls(*pairs: tuple[str, Any], content: str | None = None, delay: float = 0.0) -> Reply:
-    return Reply(content=content, calls=tuple(pairs), delay=delay)
+def calls(*pairs: tuple[str, Any], content: str | None = None, delay: float = 0.0, until: asyncio.Event | None = None) -> Reply:
+    return Reply(content=content, calls=tuple(pairs), delay=delay, until=until)
 
 
 def failure(status: int, retry_after: float | None = None, delay: float = 0.0) -> Reply:
@@ -52,6 +53,7 @@ class ScriptedModel:
     requests: list[dict[str, Any]] = field(default_factory=list)
     _ids: Any = field(default_factory=lambda: itertools.count(1))
     _runner: web.AppRunner | None = None
+    _arrived: asyncio.Condition = field(default_factory=asyncio.Condition)
     port: int = 0
 
     @property
@@ -61,12 +63,19 @@ class ScriptedModel:
     def script(self, *replies: Reply) -> None:
         self.queue.extend(replies)
 
+    async def wait_for_requests(self, count: int, timeout: float = 30.0) -> None:
+        """Wait until the server has received `count` requests in all."""
+        async with asyncio.timeout(timeout), self._arrived:
+            await self._arrived.wait_for(lambda: len(self.requests) >= count)
+
     def last_messages(self) -> list[dict[str, Any]]:
         return self.requests[-1]["messages"] if self.requests else []
 
     async def _completions(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
         self.requests.append(body)
+        async with self._arrived:
+            self._arrived.notify_all()
         if self.responder is not None:
             reply = self.responder(body)
         elif self.queue:
@@ -75,6 +84,8 @@ class ScriptedModel:
             reply = text("(script exhausted)")
         if reply.delay:
             await asyncio.sleep(reply.delay)
+        if reply.until is not None:
+            await reply.until.wait()
         if reply.status != 200:
             headers = {"retry-after": str(reply.retry_after)} if reply.retry_after is not None else {}
             error = {"error": {"message": f"scripted failure {reply.status}", "type": "server_error"}}
