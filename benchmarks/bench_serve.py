@@ -33,7 +33,7 @@ import tempfile
 import time
 import urllib.parse
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -465,7 +465,7 @@ class Bench:
         from tests.feishu_helpers import feishu_env
 
         print("memory: idle processes", flush=True)
-        self.report.add("RSS idle, bare Bolt (MB)", f"{max(bare.rss()):.0f}", "", "", "")
+        self.report.add("RSS bare Bolt, after the load (MB)", f"{max(bare.rss()):.0f}", "", "", "")
         bot = await self.chatops("idle-slack", self.database())
         await asyncio.sleep(1)
         self.report.add(
@@ -484,12 +484,14 @@ class Bench:
             "RSS idle, Slack + Feishu (MB)", "", " / ".join(f"{s:.0f}" for s in sizes), "", "< 150 MB", max(sizes) < 150
         )
 
-    async def replicas(self, bare_rate: Callable[[], float]) -> None:
+    async def replicas(self, bare: Server) -> None:
         if not await self._postgres_answers():
             self.report.add("three replicas on one PostgreSQL", "", f"skipped: no PostgreSQL at {self.opts.postgres_url}")
             return
         url = self.pg_schema()
         print("three replicas on one PostgreSQL", flush=True)
+        self.script.mode = "turn"
+        _, floor = await self.load.steady([bare.url], self.opts.steady_events, 20)
         bots = [await self.chatops("replica-1", url)]
         bots += await asyncio.gather(self.chatops("replica-2", url), self.chatops("replica-3", url))
         try:
@@ -497,7 +499,6 @@ class Bench:
             self.script.mode = "turn"
             n = self.opts.steady_events
             acks, rate = await self.load.steady(urls, n, 20)
-            floor = bare_rate()
             self.report.add(
                 f"3 replicas, {n} events spread, 20 senders: turns/s", f"{floor:.0f}/s", f"{rate:.0f}/s", f"{rate / floor:.2f}×", "",
             )  # fmt: skip
@@ -567,7 +568,6 @@ class Bench:
         phases = self.opts.phases
         bare = await self.bare()
         bot = await self.chatops("chatops", self.database())
-        rates: list[float] = []
         try:
             if "steady" in phases:
                 await self.steady(bare, bot)
@@ -579,16 +579,7 @@ class Bench:
             if "memory" in phases:
                 await self.idle_memory(bare)
             if "replicas" in phases:
-
-                def floor() -> float:
-                    if not rates:
-                        raise RuntimeError("unreachable")
-                    return rates[0]
-
-                self.script.mode = "turn"
-                _, rate = await self.load.steady([bare.url], self.opts.steady_events, 20)
-                rates.append(rate)
-                await self.replicas(floor)
+                await self.replicas(bare)
         finally:
             await asyncio.gather(bare.stop(), bot.stop())
             self.drop_schemas()
@@ -596,8 +587,7 @@ class Bench:
 
 
 def card_requester(card: dict[str, Any]) -> str:
-    """The requester of a card's conversation: whoever the thread's mention came from (the bench's users
-    are one per conversation; the card names the requester as <@U...>)."""
+    """The requester a card names (`<@U…>`): the person whose mention started the conversation."""
     found = json.dumps(card.get("blocks") or "")
     start = found.find("<@U")
     return found[start + 2 : found.find(">", start)] if start >= 0 else "U0ALICE"
