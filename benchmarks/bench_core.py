@@ -143,7 +143,7 @@ async def overhead_per_turn(db_url: str, turns: int) -> None:
     )
     print(
         f"  per turn, the audit chainer and outbox included: {sql['statements'] / turns:.1f} SQL statements, "
-        f"{sql['commits'] / turns:.1f} commits (deterministic, unlike the times)"
+        f"{sql['commits'] / turns:.1f} commits (barely moved by the machine's load, unlike the times)"
     )
 
 
