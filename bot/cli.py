@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
 from sqlalchemy.exc import SQLAlchemyError
+from sqlmodel import col
 
 from bot.config import Settings, load_settings, no_model_message
 from bot.core.errors import ChatopsError
@@ -126,8 +127,8 @@ async def _run_channels(app: App, settings: Settings, stop: asyncio.Event) -> No
 
         app.add_adapter(FeishuAdapter(app.core, settings))
         chat_channels.append("Feishu")
-    started = await _unless_stopped(app.start(serve_http=True), stop)
-    if started is None and stop.is_set():
+    await _unless_stopped(app.start(serve_http=True), stop)
+    if stop.is_set():
         return
     problems = await app.readiness().problems()
     log.info("chatops started: %s; %s", ", ".join(chat_channels), f"not ready yet: {problems}" if problems else "ready")
@@ -245,7 +246,10 @@ def _has_keyed_rows(url: str) -> bool:
     engine = make_sync_engine(normalise_url(url))
     try:
         with engine.connect() as conn:
-            return conn.execute(sa.select(AuditEvent.seq).where(AuditEvent.key_id.is_not(None)).limit(1)).first() is not None
+            return (
+                conn.execute(sa.select(col(AuditEvent.seq)).where(col(AuditEvent.key_id).is_not(None)).limit(1)).first()
+                is not None
+            )
     except SQLAlchemyError:
         return False  # no table yet: nothing keyed
     finally:

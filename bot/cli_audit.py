@@ -14,6 +14,7 @@ from typing import Any, TextIO
 
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
+from sqlmodel import col
 
 from bot.core.errors import ChatopsError
 from storage.audit import GENESIS_HASH, TAMPERED_KIND, ChainProblem, iter_rows, row_content, seal_problem, verify_chain
@@ -75,15 +76,15 @@ def audit_list(
     out: TextIO | None = None,
 ) -> None:
     out = out or sys.stdout
-    query = sa.select(AuditEvent).order_by(AuditEvent.seq.desc()).limit(limit)
+    query = sa.select(AuditEvent).order_by(col(AuditEvent.seq).desc()).limit(limit)
     if user:
-        query = query.where(AuditEvent.actor.contains(user))
+        query = query.where(col(AuditEvent.actor).contains(user))
     if tool:
-        query = query.where(AuditEvent.tool == tool)
+        query = query.where(col(AuditEvent.tool) == tool)
     if status:
-        query = query.where(AuditEvent.status == status)
+        query = query.where(col(AuditEvent.status) == status)
     if since:
-        query = query.where(AuditEvent.at >= parse_since(since))
+        query = query.where(col(AuditEvent.at) >= parse_since(since))
     with _session(database_url) as session:
         rows = list(reversed(session.execute(query).scalars().all()))
     out.write("seq  at  kind  run  approval  actor  tool  status\n")
@@ -95,16 +96,20 @@ def run_rows(session: Session, ref: str) -> list[AuditEvent]:
     """Every row of one run (or of the run an approval id belongs to), its request included, by seq."""
     run_id = ref
     if ref.startswith("ap-"):
-        owner = session.execute(sa.select(AuditEvent.run_id).where(AuditEvent.approval_id == ref).limit(1)).scalar()
+        owner = session.execute(sa.select(col(AuditEvent.run_id)).where(col(AuditEvent.approval_id) == ref).limit(1)).scalar()
         run_id = owner or ref
-    inbox_ids = session.execute(sa.select(InboxEvent.id).where(InboxEvent.run_id == run_id)).scalars().all()
-    rows = session.execute(sa.select(AuditEvent).where(AuditEvent.run_id == run_id).order_by(AuditEvent.seq)).scalars().all()
+    inbox_ids = session.execute(sa.select(col(InboxEvent.id)).where(col(InboxEvent.run_id) == run_id)).scalars().all()
+    rows = (
+        session.execute(sa.select(AuditEvent).where(col(AuditEvent.run_id) == run_id).order_by(col(AuditEvent.seq)))
+        .scalars()
+        .all()
+    )
     if not rows:
         return []
     requests = (
         [
             r
-            for r in session.execute(sa.select(AuditEvent).where(AuditEvent.kind == "request_received")).scalars()
+            for r in session.execute(sa.select(AuditEvent).where(col(AuditEvent.kind) == "request_received")).scalars()
             if (r.data or {}).get("inbox_id") in inbox_ids
         ]
         if inbox_ids
@@ -171,7 +176,7 @@ def audit_export(database_url: str, fmt: str, output: Path | None) -> None:
 
 
 def _staged_problems(session: Session, keys: AuditKeys) -> list[str]:
-    rows = session.execute(sa.select(*AuditStaged.__table__.c).order_by(AuditStaged.id)).all()
+    rows = session.execute(sa.select(*sa.inspect(AuditStaged).columns).order_by(col(AuditStaged.id))).all()
     return [f"staged row {row.id}: {why}" for row in rows if (why := seal_problem(keys, row)) is not None]
 
 
@@ -185,7 +190,7 @@ def _anchor_problem(session: Session, anchor: Path) -> str | None:
     for item in anchors:
         if item.seq == 0:
             continue  # anchored while the log was empty
-        stored = session.execute(sa.select(AuditEvent.hash).where(AuditEvent.seq == item.seq)).scalar()
+        stored = session.execute(sa.select(col(AuditEvent.hash)).where(col(AuditEvent.seq) == item.seq)).scalar()
         if stored != item.hash:
             why = "is missing (truncated?)" if stored is None else "has a different hash (rewritten?)"
             return f"anchored row {item.seq} {why}"
@@ -203,9 +208,13 @@ def audit_verify(database_url: str, anchor: Path | None, keys: AuditKeys, out: T
     out = out or sys.stdout
     with _session(database_url) as session:
         problem = chain_problem(session, keys)
-        last = session.execute(sa.select(AuditEvent.seq, AuditEvent.hash).order_by(AuditEvent.seq.desc()).limit(1)).first()
-        legacy = session.execute(sa.select(sa.func.count()).where(AuditEvent.key_id.is_(None))).scalar() or 0
-        tampered = session.execute(sa.select(AuditEvent.seq, AuditEvent.data).where(AuditEvent.kind == TAMPERED_KIND)).all()
+        last = session.execute(
+            sa.select(col(AuditEvent.seq), col(AuditEvent.hash)).order_by(col(AuditEvent.seq).desc()).limit(1)
+        ).first()
+        legacy = session.execute(sa.select(sa.func.count()).where(col(AuditEvent.key_id).is_(None))).scalar() or 0
+        tampered = session.execute(
+            sa.select(col(AuditEvent.seq), col(AuditEvent.data)).where(col(AuditEvent.kind) == TAMPERED_KIND)
+        ).all()
         failures = [
             f"row {seq} records a staged row altered before chaining ({(data or {}).get('problem')})" for seq, data in tampered
         ]
@@ -228,7 +237,9 @@ def audit_anchor(database_url: str, append: Path | None, out: TextIO | None = No
     """Print (or append to a file kept outside the database) the current head of the chain."""
     out = out or sys.stdout
     with _session(database_url) as session:
-        last = session.execute(sa.select(AuditEvent.seq, AuditEvent.hash).order_by(AuditEvent.seq.desc()).limit(1)).first()
+        last = session.execute(
+            sa.select(col(AuditEvent.seq), col(AuditEvent.hash)).order_by(col(AuditEvent.seq).desc()).limit(1)
+        ).first()
     seq, digest = (last[0], last[1]) if last else (0, GENESIS_HASH)
     line = append_anchor(append, seq, digest) if append is not None else anchor_line(seq, digest)
     out.write(line + "\n")

@@ -14,16 +14,21 @@ import smtplib
 import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import aiohttp
 import openai
+from openai.types.chat import ChatCompletionMessageParam, ChatCompletionToolParam
 
 from bot.config import Settings, no_model_message
 from storage.redact import Redactor
 
+if TYPE_CHECKING:
+    from slack_sdk.errors import SlackApiError
+
 CHECK_TIMEOUT = 20.0
 OK, FAIL, WARN, SKIP = "ok", "FAIL", "warn", "skip"
-PING_TOOL = {
+PING_TOOL: ChatCompletionToolParam = {
     "type": "function",
     "function": {
         "name": "ping",
@@ -64,9 +69,9 @@ async def check_model(settings: Settings) -> list[Finding]:
         ]
     key = settings.openai_api_key.get_secret_value() if settings.openai_api_key else "not-needed-for-this-endpoint"
     client = openai.AsyncOpenAI(api_key=key, base_url=settings.openai_base_url, timeout=15, max_retries=0)
-    messages = [{"role": "user", "content": "Reply with the word OK."}]
+    messages: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Reply with the word OK."}]
     try:
-        await client.chat.completions.create(model=settings.model or "", messages=messages, tools=[PING_TOOL])  # type: ignore[arg-type, list-item]
+        await client.chat.completions.create(model=settings.model or "", messages=messages, tools=[PING_TOOL])
     except openai.AuthenticationError:
         return [Finding("model", FAIL, "the endpoint refused the key (401)", "check OPENAI_API_KEY")]
     except openai.NotFoundError:
@@ -124,7 +129,7 @@ async def check_slack(settings: Settings) -> list[Finding]:
     return [*await _slack_auth(settings, SlackApiError), await _slack_transport(settings, SlackApiError)]
 
 
-async def _slack_auth(settings: Settings, api_error: type[Exception]) -> list[Finding]:
+async def _slack_auth(settings: Settings, api_error: type[SlackApiError]) -> list[Finding]:
     from slack_sdk.web.async_client import AsyncWebClient
 
     from bot.slack.scopes import NEEDED_BOT_SCOPES
@@ -134,7 +139,7 @@ async def _slack_auth(settings: Settings, api_error: type[Exception]) -> list[Fi
     try:
         response = await client.auth_test()
     except api_error as exc:
-        error = exc.response.get("error", "error")  # type: ignore[attr-defined]
+        error = exc.response.get("error", "error")
         return [Finding("slack auth.test", FAIL, f"Slack answered {error}", "check SLACK_BOT_TOKEN (xoxb-…, from Install App)")]
     except Exception as exc:  # noqa: BLE001 - network trouble, one line
         return [Finding("slack auth.test", FAIL, f"unreachable ({type(exc).__name__})", "check the network and SLACK_API_URL")]
@@ -152,7 +157,7 @@ async def _slack_auth(settings: Settings, api_error: type[Exception]) -> list[Fi
     return found
 
 
-async def _slack_transport(settings: Settings, api_error: type[Exception]) -> Finding:
+async def _slack_transport(settings: Settings, api_error: type[SlackApiError]) -> Finding:
     from slack_sdk.web.async_client import AsyncWebClient
 
     if settings.slack_app_token is None:
@@ -161,7 +166,7 @@ async def _slack_transport(settings: Settings, api_error: type[Exception]) -> Fi
     try:
         await client.apps_connections_open(app_token=settings.slack_app_token.get_secret_value())
     except api_error as exc:
-        error = exc.response.get("error", "error")  # type: ignore[attr-defined]
+        error = exc.response.get("error", "error")
         fix = "check SLACK_APP_TOKEN (xapp-…, an app-level token with connections:write) and that Socket Mode is on"
         return Finding("slack socket mode", FAIL, f"apps.connections.open: Slack answered {error}", fix)
     except Exception as exc:  # noqa: BLE001 - network trouble, one line

@@ -70,7 +70,7 @@ class JsonLines(JsonFormatter):
         if record.exc_text:
             log_data["exc_info"] = record.exc_text
 
-    converter = time.gmtime
+    converter = staticmethod(time.gmtime)
 
 
 def redacting_handler(stream: TextIO, redactor: Redactor, *, json_format: bool = False) -> logging.Handler:

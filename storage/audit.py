@@ -23,7 +23,7 @@ import hashlib
 import hmac
 import json
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -31,9 +31,10 @@ from typing import Any
 
 import orjson
 import sqlalchemy as sa
+from sqlmodel import SQLModel, col
 
 from storage.audit_keys import AuditKeyError, AuditKeys, default_key_file, key_id, load_keys
-from storage.engine import Database
+from storage.engine import Database, DbSession
 from storage.models import AuditEvent, AuditStaged, utcnow
 from storage.redact import Redactor
 
@@ -46,6 +47,12 @@ KEYED_KIND = "audit_keyed"
 ROTATED_KIND = "audit_key_rotated"
 TAMPERED_KIND = "audit_staged_tampered"
 _ADVISORY_LOCK_KEY = 7_240_001  # any constant shared by every replica
+
+
+def _table(model: type[SQLModel]) -> sa.Table:
+    """A model's table, for Core statements: an INSERT of many rows is one `executemany` there (the ORM's
+    bulk insert splits rows into one INSERT per set of non-NULL columns)."""
+    return SQLModel.metadata.tables[str(model.__tablename__)]
 
 
 def canonical_json(value: Any) -> str:
@@ -162,11 +169,11 @@ class AuditLog:
             self.redactor.add(self._keys.secrets())
         return self._keys
 
-    async def record(self, session: Any, kind: str, **fields_and_data: Any) -> None:
+    async def record(self, session: DbSession, kind: str, **fields_and_data: Any) -> None:
         """Stage one row (fields as for `entry`). Secrets are redacted before it is stored and hashed."""
         await self.record_many(session, [entry(kind, **fields_and_data)])
 
-    async def record_many(self, session: Any, entries: list[Entry]) -> None:
+    async def record_many(self, session: DbSession, entries: list[Entry]) -> None:
         """Stage rows in order, atomically with the caller's transaction. No lock is taken here."""
         if not entries:
             return
@@ -178,8 +185,7 @@ class AuditLog:
         ]
         for row in rows:
             row["seal"] = seal(key, row)
-        # Core INSERT on the table: one executemany (the ORM's bulk insert splits rows by their None columns).
-        await session.execute(sa.insert(AuditStaged.__table__), rows)
+        await session.execute(sa.insert(_table(AuditStaged)), rows)
         session.info["audit_staged"] = True
 
     async def chain(self, db: Database, batch: int = 500) -> int:
@@ -195,25 +201,27 @@ class AuditLog:
                     await session.execute(
                         sa.text("SELECT pg_advisory_xact_lock(:k, hashtext(current_schema()))"), {"k": _ADVISORY_LOCK_KEY}
                     )
-                staged = (await session.execute(sa.select(*AuditStaged.__table__.c).order_by(AuditStaged.id).limit(batch))).all()
+                staged = (
+                    await session.execute(sa.select(*sa.inspect(AuditStaged).columns).order_by(col(AuditStaged.id)).limit(batch))
+                ).all()
                 if not staged and self._ready:
                     return total
                 head = await _read_head(session)
                 rows = _link(keys, head, staged)
                 if rows:
-                    await session.execute(sa.insert(AuditEvent.__table__), rows)
+                    await session.execute(sa.insert(_table(AuditEvent)), rows)
                 if staged:
-                    await session.execute(sa.delete(AuditStaged).where(AuditStaged.id.in_([r.id for r in staged])))
+                    await session.execute(sa.delete(AuditStaged).where(col(AuditStaged.id).in_([r.id for r in staged])))
             self._ready = True
             total += len(staged)
             if len(staged) < batch:
                 return total
 
 
-async def _read_head(session: Any) -> _Head:
+async def _read_head(session: DbSession) -> _Head:
     """The newest row, with the key the next row must use (a rotation row names it)."""
-    columns = (AuditEvent.seq, AuditEvent.hash, AuditEvent.key_id, AuditEvent.kind, AuditEvent.data)
-    last = (await session.execute(sa.select(*columns).order_by(AuditEvent.seq.desc()).limit(1))).first()
+    columns = (col(AuditEvent.seq), col(AuditEvent.hash), col(AuditEvent.key_id), col(AuditEvent.kind), col(AuditEvent.data))
+    last = (await session.execute(sa.select(*columns).order_by(col(AuditEvent.seq).desc()).limit(1))).first()
     if not last:
         return _Head(0, GENESIS_HASH, None)
     seq, digest, kid, kind, data = last
@@ -224,7 +232,7 @@ async def _read_head(session: Any) -> _Head:
 
 def _append(rows: list[dict[str, Any]], head: _Head, fields: dict[str, Any], key: bytes | None) -> None:
     """Chain one row after `head` (keyed when `key` is given, else a legacy row) and advance it."""
-    row = {"seq": head.seq + 1, **{k: fields.get(k) for k in RECORDED}, "prev_hash": head.hash}
+    row: dict[str, Any] = {"seq": head.seq + 1, **{k: fields.get(k) for k in RECORDED}, "prev_hash": head.hash}
     row["key_id"] = key_id(key) if key is not None else None
     row["hash"] = keyed_hash(key, row) if key is not None else compute_hash(row)
     rows.append(row)
@@ -237,7 +245,7 @@ def _marker(kind: str, **data: Any) -> dict[str, Any]:
     return {"at": utcnow(), "kind": kind, "data": data}
 
 
-def _link(keys: AuditKeys, head: _Head, staged: list[Any]) -> list[dict[str, Any]]:
+def _link(keys: AuditKeys, head: _Head, staged: Sequence[Any]) -> list[dict[str, Any]]:
     """The rows that extend the chain after `head` with `staged` (plus keying/rotation rows)."""
     rows: list[dict[str, Any]] = []
     if head.key_id is None:  # never keyed: rows staged by an older version join the legacy prefix
@@ -341,7 +349,7 @@ def iter_rows(session: sa.orm.Session, batch: int = 2000) -> Iterator[AuditEvent
     last = 0
     while True:
         chunk = (
-            session.execute(sa.select(AuditEvent).where(AuditEvent.seq > last).order_by(AuditEvent.seq).limit(batch))
+            session.execute(sa.select(AuditEvent).where(col(AuditEvent.seq) > last).order_by(col(AuditEvent.seq)).limit(batch))
             .scalars()
             .all()
         )

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
+from sqlmodel import col
 
 from storage.engine import Database
 from storage.models import AuditEvent
@@ -78,7 +79,9 @@ def last_anchor(path: Path) -> tuple[int, str] | None:
 async def read_head(db: Database) -> tuple[int, str]:
     async with db.transaction() as session:
         last = (
-            await session.execute(sa.select(AuditEvent.seq, AuditEvent.hash).order_by(AuditEvent.seq.desc()).limit(1))
+            await session.execute(
+                sa.select(col(AuditEvent.seq), col(AuditEvent.hash)).order_by(col(AuditEvent.seq).desc()).limit(1)
+            )
         ).first()
     return (last[0], last[1]) if last else EMPTY_HEAD
 

@@ -21,13 +21,15 @@ import json
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar, TypeVarTuple, cast, overload
 
 import orjson
 import sqlalchemy as sa
-from sqlalchemy.engine import URL, make_url
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+from sqlalchemy.engine import URL, CursorResult, Result, make_url
+from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.sql import Executable
+from sqlalchemy.sql.selectable import TypedReturnsRows
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_delay, wait_exponential_jitter
 
 SQLITE_BUSY_TIMEOUT_MS = 5_000  # the CLI's sync engine (Alembic, audit commands): plain busy waits are fine there
@@ -43,6 +45,8 @@ _TRANSIENT_SQLSTATE_CLASSES = ("08", "40")
 _TRANSIENT_SQLSTATES = frozenset({"55P03", "57P01", "57P02", "57P03", "53300"})
 
 T = TypeVar("T")
+M = TypeVar("M")
+Ts = TypeVarTuple("Ts")
 
 
 @dataclass(frozen=True)
@@ -147,8 +151,39 @@ def _locked(exc: sa.exc.OperationalError) -> bool:
     return "locked" in str(exc.orig).lower() or "busy" in str(exc.orig).lower()
 
 
+class DbSession(Protocol):
+    """A transaction's session, whichever the database: an `AsyncSession` (PostgreSQL) or an
+    `InlineSession` (SQLite). Code annotates sessions with this, so the type checker refuses what
+    only one of the two offers."""
+
+    @property
+    def bind(self) -> Any: ...
+
+    @property
+    def info(self) -> dict[Any, Any]: ...
+
+    def add(self, instance: object) -> None: ...
+
+    async def get(self, entity: type[M], ident: Any) -> M | None: ...
+
+    @overload
+    async def execute(self, statement: TypedReturnsRows[*Ts], params: Any = None) -> Result[*Ts]: ...
+    @overload
+    async def execute(self, statement: Executable, params: Any = None) -> Result[*tuple[Any, ...]]: ...
+
+    async def flush(self) -> None: ...
+
+    async def refresh(self, instance: object) -> None: ...
+
+
+def rowcount(result: Result[*tuple[Any, ...]]) -> int:
+    """The rows an UPDATE or DELETE matched. Its result is a `CursorResult` (which has `rowcount`);
+    `Session.execute` is declared to return the `Result` base class."""
+    return cast("CursorResult[*tuple[Any, ...]]", result).rowcount
+
+
 class InlineSession:
-    """The part of `AsyncSession` the bot uses, over a synchronous SQLite session run inline."""
+    """The part of `AsyncSession` the bot uses (`DbSession`), over a synchronous SQLite session run inline."""
 
     def __init__(self, session: Session) -> None:
         self._session = session
@@ -158,17 +193,22 @@ class InlineSession:
         return self._session.bind
 
     @property
-    def info(self) -> dict[str, Any]:
+    def info(self) -> dict[Any, Any]:
         return self._session.info
 
     def add(self, instance: object) -> None:
         self._session.add(instance)
 
-    async def get(self, entity: Any, ident: Any, **kwargs: Any) -> Any:
-        return self._session.get(entity, ident, **kwargs)
+    async def get(self, entity: type[M], ident: Any) -> M | None:
+        return self._session.get(entity, ident)
 
-    async def execute(self, statement: Any, params: Any = None, **kwargs: Any) -> Any:
-        return self._session.execute(statement, params, **kwargs)
+    @overload
+    async def execute(self, statement: TypedReturnsRows[*Ts], params: Any = None) -> Result[*Ts]: ...
+    @overload
+    async def execute(self, statement: Executable, params: Any = None) -> Result[*tuple[Any, ...]]: ...
+
+    async def execute(self, statement: Executable, params: Any = None) -> Result[*tuple[Any, ...]]:
+        return self._session.execute(statement, params)
 
     async def flush(self) -> None:
         self._session.flush()
@@ -230,7 +270,7 @@ class Database:
         self._after_commit.setdefault(flag, []).append(callback)
 
     @asynccontextmanager
-    async def transaction(self, *, urgent: bool = False, read: bool = False) -> AsyncIterator[Any]:
+    async def transaction(self, *, urgent: bool = False, read: bool = False) -> AsyncIterator[DbSession]:
         """One transaction: committed on success, rolled back on any exception.
 
         `urgent=True` is for work a platform is waiting on (recording a message, a click): it skips
@@ -248,7 +288,7 @@ class Database:
             yield session
 
     @asynccontextmanager
-    async def _read(self) -> AsyncIterator[Any]:
+    async def _read(self) -> AsyncIterator[DbSession]:
         if self.engine is not None:
             async with self._sessions() as session, session.begin():
                 yield session
@@ -257,7 +297,7 @@ class Database:
             yield InlineSession(sync_session)
 
     @asynccontextmanager
-    async def _write(self, wait: float) -> AsyncIterator[Any]:
+    async def _write(self, wait: float) -> AsyncIterator[DbSession]:
         if self.engine is not None:
             async with self._sessions() as session:
                 async with session.begin():
@@ -316,7 +356,7 @@ class Database:
 
     async def run(
         self,
-        step: Callable[[AsyncSession], Awaitable[T]],
+        step: Callable[[DbSession], Awaitable[T]],
         *,
         urgent: bool = False,
         read: bool = False,

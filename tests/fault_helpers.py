@@ -19,10 +19,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.ext.asyncio import AsyncSession
 
 from bot.app import App
 from bot.core.events import IncomingMessage, Thread, User
+from storage.engine import DbSession
 from storage.models import Approval, InboxEvent, OutboxJob, Run
 from tests.support_tools import RecordingChannel
 from tools.context import ToolContext
@@ -137,7 +137,7 @@ async def settle(*apps: App) -> None:
 
 
 async def pending_ids(app: App) -> list[str]:
-    async def query(session: AsyncSession) -> list[str]:
+    async def query(session: DbSession) -> list[str]:
         rows = await session.execute(sa.select(Approval.id).where(Approval.status == "pending").order_by(Approval.created_at))
         return list(rows.scalars().all())
 
@@ -164,7 +164,7 @@ class Summary:
 
 
 async def summary(app: App) -> Summary:
-    async def query(session: AsyncSession) -> Summary:
+    async def query(session: DbSession) -> Summary:
         async def counts(column: Any) -> Counter[str]:
             return Counter(str(s) for s in (await session.execute(sa.select(column))).scalars().all())
 

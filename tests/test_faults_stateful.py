@@ -26,13 +26,13 @@ import pytest
 import sqlalchemy as sa
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
-from sqlalchemy.ext.asyncio import AsyncSession
 
 from bot.app import App
 from bot.cli_audit import audit_verify
 from bot.core.errors import StorageError
 from bot.core.events import DecisionRequest, IncomingMessage
 from storage.audit_keys import default_key_file, load_keys
+from storage.engine import DbSession
 from storage.models import Approval, InboxEvent, Run
 from tests.fakes.openai_server import Reply, calls, text
 from tests.fault_helpers import ALICE, FaultChannel, LockHolder, Stages, message, settle
@@ -95,7 +95,7 @@ async def retried(call: Any) -> Any:
 
 
 async def of_conversation(app: App, conv: str) -> tuple[dict[str, str], list[str]]:
-    async def query(session: AsyncSession) -> tuple[dict[str, str], list[str]]:
+    async def query(session: DbSession) -> tuple[dict[str, str], list[str]]:
         runs = (await session.execute(sa.select(Run.id, Run.status).where(Run.conversation_key == conv))).all()
         ids = [r for r, _ in runs]
         rows = (await session.execute(sa.select(Approval.id, Approval.status).where(Approval.run_id.in_(ids)))).all()
@@ -165,7 +165,7 @@ async def ended(world: World, conv: str) -> tuple[dict[str, str], list[str]]:
 async def dump(app: App, conv: str) -> str:
     """Every row of the conversation, for the report of a conversation that never settled."""
 
-    async def query(session: AsyncSession) -> str:
+    async def query(session: DbSession) -> str:
         runs = (await session.execute(sa.select(Run).where(Run.conversation_key == conv))).scalars().all()
         ids = [r.id for r in runs]
         approvals = (await session.execute(sa.select(Approval).where(Approval.run_id.in_(ids)))).scalars().all()

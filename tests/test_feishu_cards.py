@@ -43,7 +43,7 @@ def plain_texts(card: dict) -> list[str]:
     return [e["text"]["content"] for e in elements(card) if e["tag"] == "div"]
 
 
-def test_pending_card_shows_everything_and_two_buttons():
+def test_pending_card_shows_everything_and_three_buttons():
     card = render_card(view())
     assert card["schema"] == "2.0" and card["config"]["update_multi"] is True
     assert card["header"]["title"]["content"] == texts.CARD_TITLE
@@ -64,11 +64,12 @@ def test_pending_card_shows_everything_and_two_buttons():
     form = next(e for e in elements(card) if e["tag"] == "form")
     reason, buttons = form["elements"]
     assert reason["tag"] == "input" and reason["name"] == "reject_reason" and reason["required"] is False
-    approve, reject = (c["elements"][0] for c in buttons["columns"])
-    assert (approve["type"], reject["type"]) == ("primary", "danger")
-    assert approve["behaviors"] == [{"type": "callback", "value": {"action": "approve", "approval_id": "ap-test"}}]
-    assert reject["behaviors"][0]["value"] == {"action": "reject", "approval_id": "ap-test"}
-    assert approve["form_action_type"] == reject["form_action_type"] == "submit"
+    approve, reject, edit = (c["elements"][0] for c in buttons["columns"])
+    assert (approve["type"], reject["type"], edit["type"]) == ("primary", "danger", "default")
+    assert approve["behaviors"] == [{"type": "callback", "value": {"action": "approve", "approval_id": "ap-test", "revision": 1}}]
+    assert reject["behaviors"][0]["value"] == {"action": "reject", "approval_id": "ap-test", "revision": 1}
+    assert edit["behaviors"][0]["value"] == {"action": "edit", "approval_id": "ap-test", "revision": 1}
+    assert approve["form_action_type"] == reject["form_action_type"] == edit["form_action_type"] == "submit"
 
 
 @pytest.mark.parametrize(

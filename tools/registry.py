@@ -20,6 +20,7 @@ from typing import Any
 
 import docstring_parser
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
+from pydantic_core import ErrorDetails
 
 from tools.context import ToolContext
 from tools.errors import ArgumentError, ToolError
@@ -100,9 +101,7 @@ def _args_model(fn: ToolHandler, name: str) -> tuple[type[BaseModel], str]:
             raise TypeError(f"tool {name}: parameter {p.name!r} has no type hint")
         default = ... if p.default is inspect.Parameter.empty else p.default
         fields[p.name] = (hints[p.name], Field(default, description=param_docs.get(p.name) or None))
-    model = create_model(  # type: ignore[call-overload]
-        f"{name}_args", __config__=ConfigDict(extra="forbid", strict=False), **fields
-    )
+    model = create_model(f"{name}_args", __config__=ConfigDict(extra="forbid", strict=False), **fields)
     description = "\n\n".join(x for x in (doc.short_description, doc.long_description) if x)
     if not description:
         raise TypeError(f"tool {name}: a docstring is required (it is the model's description)")
@@ -154,7 +153,7 @@ class Toolset:
         return decorate
 
 
-def _loc(error: dict[str, Any]) -> str:
+def _loc(error: ErrorDetails) -> str:
     return ".".join(str(p) for p in error.get("loc", ())) or "(arguments)"
 
 

@@ -51,7 +51,7 @@ class _Staged:
     stage = "connecting"
 
     def _get_socket(self, host: str, port: int, timeout: float) -> socket.socket:
-        sock: socket.socket = super()._get_socket(host, port, timeout)  # type: ignore[misc]
+        sock: socket.socket = super()._get_socket(host, port, timeout)  # type: ignore[misc]  # private in smtplib, not in typeshed
         self.stage = "waiting for the greeting"
         return sock
 
@@ -64,11 +64,12 @@ class _SmtpSsl(_Staged, smtplib.SMTP_SSL):
     pass
 
 
-def _reply_text(code: int, reply: bytes) -> str:
-    return f"{code} {reply.decode('utf-8', 'replace')}".strip()
+def _reply_text(code: int, reply: bytes | str) -> str:
+    text = reply.decode("utf-8", "replace") if isinstance(reply, bytes) else reply  # smtplib's errors may carry str
+    return f"{code} {text}".strip()
 
 
-def _refused(code: int, reply: bytes, stage: str) -> Exception:
+def _refused(code: int, reply: bytes | str, stage: str) -> Exception:
     text = _reply_text(code, reply)
     if 400 <= code < 500:
         return _Temporary(f"the mail server answered {text} at {stage}")

@@ -41,7 +41,7 @@ def export(fmt: str) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
         session = Session(page.engine)
         try:
             batches = reader.iter_filtered(session, filters)
-            first = await asyncio.to_thread(next, batches, [])  # a database failure is still a clean 503 here
+            first: list[Any] = await asyncio.to_thread(next, batches, [])  # a database failure is still a clean 503 here
             await response.prepare(request)
             await _stream_rows(response, first, batches, fmt)
             await response.write_eof()

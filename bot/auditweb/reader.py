@@ -16,6 +16,7 @@ from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
+from sqlmodel import col
 
 from bot.cli_audit import parse_since
 from bot.core.errors import ChatopsError
@@ -83,21 +84,31 @@ class Filters:
         """The SQL conditions (LIKE wildcards in user text are matched literally)."""
         conditions: list[sa.ColumnElement[bool]] = []
         if self.q:
-            searched = (AuditEvent.run_id, AuditEvent.approval_id, AuditEvent.actor, AuditEvent.tool, AuditEvent.kind)
+            searched = (
+                col(AuditEvent.run_id),
+                col(AuditEvent.approval_id),
+                col(AuditEvent.actor),
+                col(AuditEvent.tool),
+                col(AuditEvent.kind),
+            )
             # `data` is stored as JSON text with non-ASCII escaped (\u5f20): search that spelling too.
             in_data = [
                 sa.cast(AuditEvent.data, sa.Text).icontains(v, autoescape=True) for v in {self.q, json.dumps(self.q)[1:-1]}
             ]
             conditions.append(sa.or_(*(c.icontains(self.q, autoescape=True) for c in searched), *in_data))
         if self.actor:
-            conditions.append(AuditEvent.actor.icontains(self.actor, autoescape=True))
-        for column, value in ((AuditEvent.tool, self.tool), (AuditEvent.status, self.status), (AuditEvent.kind, self.kind)):
+            conditions.append(col(AuditEvent.actor).icontains(self.actor, autoescape=True))
+        for column, value in (
+            (col(AuditEvent.tool), self.tool),
+            (col(AuditEvent.status), self.status),
+            (col(AuditEvent.kind), self.kind),
+        ):
             if value:
                 conditions.append(column == value)
         if self.since:
-            conditions.append(AuditEvent.at >= _moment("from", self.since))
+            conditions.append(col(AuditEvent.at) >= _moment("from", self.since))
         if self.until:
-            conditions.append(AuditEvent.at < _moment("to", self.until))
+            conditions.append(col(AuditEvent.at) < _moment("to", self.until))
         return conditions
 
 
@@ -133,15 +144,19 @@ def read_page(session: Session, filters: Filters, *, before: int | None, after: 
     where = filters.where()
     query = sa.select(AuditEvent).where(*where)
     if after is not None:
-        chunk = session.execute(query.where(AuditEvent.seq > after).order_by(AuditEvent.seq).limit(limit + 1)).scalars().all()
+        chunk = (
+            session.execute(query.where(col(AuditEvent.seq) > after).order_by(col(AuditEvent.seq)).limit(limit + 1))
+            .scalars()
+            .all()
+        )
         has_newer, rows = len(chunk) > limit, list(reversed(chunk[:limit]))
-        has_older = bool(rows) and _exists(session, where, AuditEvent.seq < rows[-1].seq)
+        has_older = bool(rows) and _exists(session, where, col(AuditEvent.seq) < rows[-1].seq)
     else:
         if before is not None:
-            query = query.where(AuditEvent.seq < before)
-        chunk = session.execute(query.order_by(AuditEvent.seq.desc()).limit(limit + 1)).scalars().all()
+            query = query.where(col(AuditEvent.seq) < before)
+        chunk = session.execute(query.order_by(col(AuditEvent.seq).desc()).limit(limit + 1)).scalars().all()
         has_older, rows = len(chunk) > limit, list(chunk[:limit])
-        has_newer = before is not None and bool(rows) and _exists(session, where, AuditEvent.seq > rows[0].seq)
+        has_newer = before is not None and bool(rows) and _exists(session, where, col(AuditEvent.seq) > rows[0].seq)
     total = session.execute(sa.select(sa.func.count()).select_from(AuditEvent).where(*where)).scalar_one()
     return Page(
         rows,
@@ -152,7 +167,7 @@ def read_page(session: Session, filters: Filters, *, before: int | None, after: 
 
 
 def _exists(session: Session, where: list[sa.ColumnElement[bool]], extra: sa.ColumnElement[bool]) -> bool:
-    return session.execute(sa.select(AuditEvent.seq).where(*where, extra).limit(1)).first() is not None
+    return session.execute(sa.select(col(AuditEvent.seq)).where(*where, extra).limit(1)).first() is not None
 
 
 def choices(session: Session) -> dict[str, list[str]]:
@@ -179,7 +194,7 @@ def iter_filtered(session: Session, filters: Filters) -> Iterator[list[AuditEven
     last = 0
     where = filters.where()
     while True:
-        query = sa.select(AuditEvent).where(*where, AuditEvent.seq > last).order_by(AuditEvent.seq).limit(EXPORT_BATCH)
+        query = sa.select(AuditEvent).where(*where, col(AuditEvent.seq) > last).order_by(col(AuditEvent.seq)).limit(EXPORT_BATCH)
         batch = list(session.execute(query).scalars().all())
         if not batch:
             return

@@ -7,6 +7,7 @@ import ipaddress
 import logging
 import signal
 from collections.abc import Callable
+from typing import Any
 
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
@@ -28,7 +29,7 @@ class PathOnlyAccessLog(AbstractAccessLogger):
         self.logger.info('%s "%s %s" %s %.3fs', request.remote, request.method, request.path, response.status, time)
 
 
-ACCESS_LOG = {"access_log": log, "access_log_class": PathOnlyAccessLog}
+ACCESS_LOG: dict[str, Any] = {"access_log": log, "access_log_class": PathOnlyAccessLog}
 
 
 def is_loopback(host: str) -> bool:

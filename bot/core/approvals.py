@@ -20,7 +20,7 @@ from enum import StrEnum
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlmodel import col
 
 from bot.core import edit_form, metrics, outbox, texts
 from bot.core.cards import card_content
@@ -29,6 +29,7 @@ from bot.core.context import AppContext
 from bot.core.events import DecisionRequest, EditRequest, User
 from bot.core.policy import RULE_STRENGTH, CallRule
 from storage.audit import canonical_json
+from storage.engine import DbSession, rowcount
 from storage.models import Approval, ApprovalStatus
 from tools.registry import CallProblem, PreparedCall
 
@@ -143,17 +144,17 @@ class _NewVersion:
     preview_ok: bool
 
 
-async def transition(session: AsyncSession, approval_id: str, from_status: S | tuple[S, ...], **values: Any) -> bool:
+async def transition(session: DbSession, approval_id: str, from_status: S | tuple[S, ...], **values: Any) -> bool:
     """UPDATE approval SET ... WHERE id = :id AND status IN (:from) [AND version = :version]."""
     allowed = (from_status,) if isinstance(from_status, str) else from_status
-    where = [Approval.id == approval_id, Approval.status.in_([str(s) for s in allowed])]
+    where = [col(Approval.id) == approval_id, col(Approval.status).in_([str(s) for s in allowed])]
     if "expect_version" in values:
         where.append(Approval.version == values.pop("expect_version"))
     if "expect_executor" in values:
         where.append(Approval.executor == values.pop("expect_executor"))
     values["version"] = Approval.version + 1
     result = await session.execute(sa.update(Approval).where(*where).values(**values))
-    return bool(result.rowcount)  # type: ignore[attr-defined]
+    return bool(rowcount(result))
 
 
 def _already(approval: Approval) -> DecisionOutcome:
@@ -192,7 +193,7 @@ class ApprovalService:
                 return outcome
         raise RuntimeError("approval decision did not settle after repeated conflicts")
 
-    async def _decide_once(self, session: AsyncSession, req: DecisionRequest) -> DecisionOutcome | None:
+    async def _decide_once(self, session: DbSession, req: DecisionRequest) -> DecisionOutcome | None:
         ctx = self.ctx
         approval = await session.get(Approval, req.approval_id)
         audit = ctx.audit
@@ -249,12 +250,12 @@ class ApprovalService:
         remaining = rule.votes_needed - approvals_count
         return DecisionOutcome(Decision.VOTE_RECORDED, texts.VOTE_RECORDED.format(remaining=remaining), approval=approval)
 
-    async def _expire(self, session: AsyncSession, approval: Approval) -> bool:
+    async def _expire(self, session: DbSession, approval: Approval) -> bool:
         return await self._end_pending(session, approval, S.EXPIRED, "approval_expired")
 
     async def _end_pending(
         self,
-        session: AsyncSession,
+        session: DbSession,
         approval: Approval,
         status: S,
         kind: str,
@@ -352,13 +353,13 @@ class ApprovalService:
             problem = texts.EDIT_DENIED.format(reason=rule.reason)
             return EditOutcome(EditResult.INVALID, problem, errors={edit_form.FORM_ERROR: problem}, approval=approval)
         tool_ctx = ctx.tool_context.for_call(approval_id=None, requester=User.from_dict(approval.requester))
-        if (problem := await ctx.registry.check(tool_ctx, prepared)) is not None:
-            errors = edit_form.schema_errors(form, problem.details, problem.message)
+        if (refused := await ctx.registry.check(tool_ctx, prepared)) is not None:
+            errors = edit_form.schema_errors(form, refused.details, refused.message)
             return EditOutcome(EditResult.INVALID, str(texts.EDIT_INVALID_FORM), errors=errors, approval=approval)
         preview, ok = await edit_form.preview_lines(tool_ctx, prepared, ctx.settings.tool_timeout)
         return _NewVersion(prepared, rule, preview, ok)
 
-    async def _edit_once(self, session: AsyncSession, req: EditRequest, revision: int, new: _NewVersion) -> EditOutcome | None:
+    async def _edit_once(self, session: DbSession, req: EditRequest, revision: int, new: _NewVersion) -> EditOutcome | None:
         """The edit as one conditional UPDATE on (status pending, version, revision); None: retry."""
         ctx = self.ctx
         approval = await session.get(Approval, req.approval_id)
@@ -402,7 +403,7 @@ class ApprovalService:
             metrics.APPROVALS.labels(str(S.EXECUTING)).inc()
         return started
 
-    async def _start_execution(self, session: AsyncSession, approval_id: str, problem_before: str | None) -> Approval | None:
+    async def _start_execution(self, session: DbSession, approval_id: str, problem_before: str | None) -> Approval | None:
         ctx = self.ctx
         approval = await session.get(Approval, approval_id)
         if approval is None or approval.status != S.APPROVED:
@@ -449,13 +450,15 @@ class ApprovalService:
         """Extend this replica's execution lease; False when the execution is no longer ours."""
         ctx = self.ctx
 
-        async def renew(session: AsyncSession) -> bool:
+        async def renew(session: DbSession) -> bool:
             result = await session.execute(
                 sa.update(Approval)
-                .where(Approval.id == approval_id, Approval.status == S.EXECUTING, Approval.executor == ctx.replica_id)
+                .where(
+                    col(Approval.id) == approval_id, col(Approval.status) == S.EXECUTING, col(Approval.executor) == ctx.replica_id
+                )
                 .values(lease_until=ctx.clock() + timedelta(seconds=ctx.settings.lease_seconds))
             )
-            return bool(result.rowcount)  # type: ignore[attr-defined]
+            return bool(rowcount(result))
 
         return await ctx.db.run(renew, deadline=ctx.settings.lease_seconds / 3)
 
@@ -466,7 +469,7 @@ class ApprovalService:
         ctx = self.ctx
         outcome = ctx.redactor.redact_text(outcome)
 
-        async def finish(session: AsyncSession) -> Approval | None:
+        async def finish(session: DbSession) -> Approval | None:
             approval = await session.get(Approval, approval_id)
             if approval is None:
                 return None
@@ -503,9 +506,9 @@ class ApprovalService:
         """pending -> expired for every approval past its expiry."""
         ctx = self.ctx
 
-        async def expire(session: AsyncSession) -> list[Approval]:
+        async def expire(session: DbSession) -> list[Approval]:
             rows = await session.execute(
-                sa.select(Approval).where(Approval.status == S.PENDING, Approval.expires_at <= ctx.clock()).limit(200)
+                sa.select(Approval).where(col(Approval.status) == S.PENDING, col(Approval.expires_at) <= ctx.clock()).limit(200)
             )
             return [a for a in rows.scalars().all() if await self._expire(session, a)]
 
@@ -519,11 +522,12 @@ class ApprovalService:
         ctx = self.ctx
         detail = "the process running it stopped answering before it finished"
 
-        async def mark(session: AsyncSession) -> list[Approval]:
+        async def mark(session: DbSession) -> list[Approval]:
             now = ctx.clock()
             rows = await session.execute(
                 sa.select(Approval).where(
-                    Approval.status == S.EXECUTING, sa.or_(Approval.lease_until.is_(None), Approval.lease_until < now)
+                    col(Approval.status) == S.EXECUTING,
+                    sa.or_(col(Approval.lease_until).is_(None), col(Approval.lease_until) < now),
                 )
             )
             marked = []
@@ -548,18 +552,20 @@ class ApprovalService:
         ctx = self.ctx
         cutoff = ctx.clock() - timedelta(seconds=older_than)
 
-        async def find(session: AsyncSession) -> list[str]:
+        async def find(session: DbSession) -> list[str]:
             rows = await session.execute(
-                sa.select(Approval.id).where(Approval.status == S.APPROVED, Approval.decided_at <= cutoff)
+                sa.select(col(Approval.id)).where(col(Approval.status) == S.APPROVED, col(Approval.decided_at) <= cutoff)
             )
             return list(rows.scalars().all())
 
         return await ctx.db.run(find, read=True)
 
-    async def cancel_pending(self, session: AsyncSession, where: Any, reason: str, *, actor: str | None = None) -> list[Approval]:
+    async def cancel_pending(
+        self, session: DbSession, where: sa.ColumnElement[bool], reason: str, *, actor: str | None = None
+    ) -> list[Approval]:
         """pending -> cancelled for the approvals matching `where`, inside the caller's transaction
         (`actor`: who cancelled them, when a person did)."""
-        rows = (await session.execute(sa.select(Approval).where(Approval.status == S.PENDING, where))).scalars().all()
+        rows = (await session.execute(sa.select(Approval).where(col(Approval.status) == S.PENDING, where))).scalars().all()
         cancelled = []
         for a in rows:
             if await self._end_pending(session, a, S.CANCELLED, "approval_cancelled", reason=reason, actor=actor):

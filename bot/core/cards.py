@@ -178,9 +178,8 @@ def _headline(outcome: str) -> str:
         parsed = json.loads(outcome)
     except ValueError:
         return outcome
-    if isinstance(parsed, dict) and isinstance(parsed.get("message"), str):
-        return parsed["message"]
-    return outcome
+    message = parsed.get("message") if isinstance(parsed, dict) else None
+    return message if isinstance(message, str) else outcome
 
 
 def _line(text: str, limit: int) -> str:

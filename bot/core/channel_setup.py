@@ -12,12 +12,15 @@ asks `refusal` for every call, so a tool absent from the request is also refused
 from __future__ import annotations
 
 import fnmatch
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from bot.core import i18n, texts
 from bot.core.events import Thread, User
 from tools.registry import CallProblem, PreparedCall, ToolRegistry, ToolSpec
+
+T = TypeVar("T")
 
 if TYPE_CHECKING:
     from bot.core.policy import Policy
@@ -65,16 +68,16 @@ class ChannelSetup:
 def effective(rules: tuple[ChannelRule, ...], platform: str, channel_id: str | None, tenant: str | None) -> ChannelSetup:
     """Each setting from the first matching rule that sets it."""
     found = [r for r in rules if r.matches(platform, channel_id, tenant)]
-
-    def first(attr: str) -> object:
-        return next((getattr(r, attr) for r in found if getattr(r, attr) is not None), None)
-
     return ChannelSetup(
-        language=first("language"),  # type: ignore[arg-type]
-        model=first("model"),  # type: ignore[arg-type]
-        system_prompt=first("system_prompt"),  # type: ignore[arg-type]
-        tools=first("tools"),  # type: ignore[arg-type]
+        language=_first(r.language for r in found),
+        model=_first(r.model for r in found),
+        system_prompt=_first(r.system_prompt for r in found),
+        tools=_first(r.tools for r in found),
     )
+
+
+def _first(values: Iterable[T | None]) -> T | None:
+    return next((v for v in values if v is not None), None)
 
 
 def channel_of(thread: Thread) -> str | None:

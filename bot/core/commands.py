@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
 import sqlalchemy as sa
+from sqlmodel import col
 
 from bot.core import texts
 from bot.core.approvals import editors_of
@@ -110,8 +111,12 @@ async def pending_approvals(core: Core, user: User) -> list[tuple[Approval, str]
             (
                 await session.execute(
                     sa.select(Approval)
-                    .where(Approval.status == "pending", Approval.platform == user.platform, Approval.expires_at > ctx.clock())
-                    .order_by(Approval.created_at)
+                    .where(
+                        col(Approval.status) == "pending",
+                        col(Approval.platform) == user.platform,
+                        col(Approval.expires_at) > ctx.clock(),
+                    )
+                    .order_by(col(Approval.created_at))
                     .limit(PENDING_SCAN_LIMIT)
                 )
             )
@@ -157,8 +162,8 @@ async def latest_conversation(core: Core, user: User) -> str | None:
             (
                 await session.execute(
                     sa.select(Run)
-                    .where(Run.platform == user.platform, Run.status.in_(("running", "waiting")))
-                    .order_by(Run.created_at.desc())
+                    .where(col(Run.platform) == user.platform, col(Run.status).in_(("running", "waiting")))
+                    .order_by(col(Run.created_at).desc())
                     .limit(PENDING_SCAN_LIMIT)
                 )
             )
@@ -182,21 +187,23 @@ async def cancel_conversation(core: Core, conversation_key: str, user: User) -> 
     """(the stopped run's id, the cancelled approval ids). The reason is stored in English and
     shown in each reader's language (`texts.localize`)."""
     ctx = core.ctx
-    reason = texts.CANCELLED_REASON.source.format(who=user.label)
+    reason = texts.english(texts.CANCELLED_REASON).format(who=user.label)
     async with ctx.db.transaction(urgent=True) as session:
         conv = await session.get(Conversation, conversation_key)
         run = await session.get(Run, conv.active_run_id) if conv is not None and conv.active_run_id else None
         if conv is None or run is None or run.status not in ("running", "waiting"):
             return None, []
-        gone = await core.approvals.cancel_pending(session, Approval.run_id == run.id, reason, actor=user.key)
+        gone = await core.approvals.cancel_pending(session, col(Approval.run_id) == run.id, reason, actor=user.key)
         cancelled = [a.id for a in gone]
         await session.execute(
             sa.update(Run)
-            .where(Run.id == run.id, Run.status.in_(("running", "waiting")))
+            .where(col(Run.id) == run.id, col(Run.status).in_(("running", "waiting")))
             .values(status=RunStatus.CANCELLED, lease_until=None, updated_at=ctx.clock())
         )
         await session.execute(
-            sa.update(InboxEvent).where(InboxEvent.run_id == run.id, InboxEvent.status == "running").values(status="done")
+            sa.update(InboxEvent)
+            .where(col(InboxEvent.run_id) == run.id, col(InboxEvent.status) == "running")
+            .values(status="done")
         )
         conv.active_run_id = None
         conv.version += 1

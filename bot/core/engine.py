@@ -17,7 +17,7 @@ from collections.abc import Awaitable
 
 import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError, OperationalError
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlmodel import col
 
 from bot.core.approvals import ApprovalService, Decision, DecisionOutcome, EditOutcome
 from bot.core.cards import card_view
@@ -28,7 +28,7 @@ from bot.core.executor import Executor
 from bot.core.outbox import Outbox
 from bot.core.run_store import RunStore
 from bot.core.runner import Runner
-from storage.engine import LockBusy, is_transient
+from storage.engine import DbSession, LockBusy, is_transient
 from storage.models import Approval, ApprovalStatus, InboxEvent, SeenKey
 
 log = logging.getLogger("chatops.core")
@@ -68,7 +68,7 @@ class Core:
         self.start_conversation(msg.conversation_key)
         return True
 
-    async def _record(self, session: AsyncSession, msg: IncomingMessage, inbox_id: str) -> None:
+    async def _record(self, session: DbSession, msg: IncomingMessage, inbox_id: str) -> None:
         ctx, now = self.ctx, self.ctx.clock()
         # Plain INSERTs (no ORM unit of work): this is the ack path. A key seen before -> IntegrityError.
         keys = [{"key": k[:300], "inbox_id": inbox_id, "created_at": now} for k in msg.dedupe_keys]
@@ -138,14 +138,16 @@ class Core:
     async def pending_for(self, conversation_key: str) -> list[Approval]:
         """Approvals still waiting in a conversation (the terminal lists them)."""
 
-        async def query(session: AsyncSession) -> list[Approval]:
+        async def query(session: DbSession) -> list[Approval]:
             rows = await session.execute(
                 sa.select(Approval)
                 .where(
-                    Approval.status == ApprovalStatus.PENDING,
-                    Approval.run_id.in_(sa.select(InboxEvent.run_id).where(InboxEvent.conversation_key == conversation_key)),
+                    col(Approval.status) == ApprovalStatus.PENDING,
+                    col(Approval.run_id).in_(
+                        sa.select(col(InboxEvent.run_id)).where(col(InboxEvent.conversation_key) == conversation_key)
+                    ),
                 )
-                .order_by(Approval.created_at)
+                .order_by(col(Approval.created_at))
             )
             return list(rows.scalars().all())
 
@@ -154,15 +156,15 @@ class Core:
     async def pending_of(self, user: User) -> list[Approval]:
         """Approvals waiting on a decision that `user` asked for."""
 
-        async def query(session: AsyncSession) -> list[Approval]:
+        async def query(session: DbSession) -> list[Approval]:
             rows = await session.execute(
                 sa.select(Approval)
                 .where(
-                    Approval.status == ApprovalStatus.PENDING,
-                    Approval.requester_id == user.id,
-                    Approval.platform == user.platform,
+                    col(Approval.status) == ApprovalStatus.PENDING,
+                    col(Approval.requester_id) == user.id,
+                    col(Approval.platform) == user.platform,
                 )
-                .order_by(Approval.created_at)
+                .order_by(col(Approval.created_at))
             )
             return list(rows.scalars().all())
 

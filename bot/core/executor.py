@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable
+from typing import Any
 
 from bot.core import leases, metrics
 from bot.core.approvals import ApprovalService
@@ -50,17 +52,17 @@ class Executor:
         await self.approvals.finish_execution(approval_id, status, outcome)
         return True
 
-    async def _run(self, call: object, tool: str) -> tuple[S, str]:
+    async def _run(self, call: Awaitable[Any], tool: str) -> tuple[S, str]:
         started = time.perf_counter()
         status, outcome = await self._outcome(call, tool)
         metrics.TOOL_SECONDS.labels(tool).observe(time.perf_counter() - started)
         metrics.TOOL_OUTCOMES.labels(tool, str(status)).inc()
         return status, outcome
 
-    async def _outcome(self, call: object, tool: str) -> tuple[S, str]:
+    async def _outcome(self, call: Awaitable[Any], tool: str) -> tuple[S, str]:
         timeout = self.ctx.settings.tool_timeout
         try:
-            value = await asyncio.wait_for(call, timeout)  # type: ignore[arg-type]
+            value = await asyncio.wait_for(call, timeout)
             return S.SUCCEEDED, result_text(value)
         except ToolInDoubt as exc:
             return S.IN_DOUBT, exc.message

@@ -104,7 +104,7 @@ class Text(str):
     def __format__(self, spec: str) -> str:
         return format(self.render(), spec)
 
-    def format(self, *args: Any, **kwargs: Any) -> str:  # type: ignore[override]
+    def format(self, *args: Any, **kwargs: Any) -> str:
         return self.render().format(*args, **kwargs)
 
     def __repr__(self) -> str:

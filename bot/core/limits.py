@@ -13,37 +13,38 @@ from datetime import datetime, timedelta
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlmodel import col
 
+from storage.engine import DbSession, rowcount
 from storage.models import Quota
 
 WINDOW = timedelta(minutes=1)
 
 
-async def _ensure_row(session: AsyncSession, key: str, now: datetime) -> None:
+async def _ensure_row(session: DbSession, key: str, now: datetime) -> None:
     insert = pg_insert if session.bind.dialect.name == "postgresql" else sqlite_insert
     await session.execute(
         insert(Quota).values(key=key, window_start=now, count=0, version=0).on_conflict_do_nothing(index_elements=["key"])
     )
 
 
-async def admit(session: AsyncSession, key: str, limit: int, now: datetime) -> bool:
+async def admit(session: DbSession, key: str, limit: int, now: datetime) -> bool:
     """Take one of `limit` slots of the current minute for `key`; False when none is left."""
     await _ensure_row(session, key, now)
-    stale = Quota.window_start <= now - WINDOW
+    stale = col(Quota.window_start) <= now - WINDOW
     result = await session.execute(
         sa.update(Quota)
-        .where(Quota.key == key, sa.or_(stale, Quota.count < limit))
+        .where(col(Quota.key) == key, sa.or_(stale, col(Quota.count) < limit))
         .values(
-            count=sa.case((stale, 1), else_=Quota.count + 1),
-            window_start=sa.case((stale, now), else_=Quota.window_start),
+            count=sa.case((stale, 1), else_=col(Quota.count) + 1),
+            window_start=sa.case((stale, now), else_=col(Quota.window_start)),
             version=Quota.version + 1,
         )
     )
-    return bool(result.rowcount)  # type: ignore[attr-defined]
+    return bool(rowcount(result))
 
 
-async def lock_user(session: AsyncSession, key: str, now: datetime) -> None:
+async def lock_user(session: DbSession, key: str, now: datetime) -> None:
     """Hold `key`'s quota row until the transaction ends (serialises per-user counts)."""
     await _ensure_row(session, key, now)
-    await session.execute(sa.update(Quota).where(Quota.key == key).values(version=Quota.version + 1))
+    await session.execute(sa.update(Quota).where(col(Quota.key) == key).values(version=col(Quota.version) + 1))

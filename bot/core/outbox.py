@@ -19,13 +19,14 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlmodel import col
 
 from bot.core import metrics, texts
 from bot.core.cards import card_view
 from bot.core.channels import DeliveryFailed
 from bot.core.context import AppContext
 from bot.core.events import Thread
+from storage.engine import DbSession
 from storage.models import Approval, ApprovalStatus, OutboxJob, OutboxKind, OutboxStatus
 
 log = logging.getLogger("chatops.outbox")
@@ -51,22 +52,22 @@ def _job(ctx: AppContext, kind: OutboxKind, thread: dict[str, Any], **values: An
     }
 
 
-async def _insert(session: AsyncSession, job: dict[str, Any]) -> None:
+async def _insert(session: DbSession, job: dict[str, Any]) -> None:
     await session.execute(sa.insert(OutboxJob).values(**job))
     session.info["outbox_queued"] = True
 
 
-async def enqueue_reply(session: AsyncSession, ctx: AppContext, thread: dict[str, Any], text: str, *, run_id: str | None) -> None:
+async def enqueue_reply(session: DbSession, ctx: AppContext, thread: dict[str, Any], text: str, *, run_id: str | None) -> None:
     """Queue a reply or notice in the caller's transaction (redacted before it is stored)."""
     await _insert(session, _job(ctx, OutboxKind.REPLY, thread, run_id=run_id, text=ctx.redactor.redact_text(text)))
 
 
-async def enqueue_card(session: AsyncSession, ctx: AppContext, approval: Approval) -> None:
+async def enqueue_card(session: DbSession, ctx: AppContext, approval: Approval) -> None:
     """Queue the first post of an approval's card."""
     await _insert(session, _job(ctx, OutboxKind.CARD, approval.thread, run_id=approval.run_id, approval_id=approval.id))
 
 
-async def enqueue_card_update(session: AsyncSession, ctx: AppContext, approval: Approval) -> None:
+async def enqueue_card_update(session: DbSession, ctx: AppContext, approval: Approval) -> None:
     """Queue a refresh of an approval's card; it renders the approval's state at delivery time."""
     job = _job(ctx, OutboxKind.CARD_UPDATE, approval.thread, run_id=None, approval_id=approval.id)
     job["thread_key"] = f"update:{approval.id}"
@@ -116,26 +117,30 @@ class Outbox:
                     log.warning("outbox job %s: %s; it will be tried again", job_id, type(exc).__name__)
         return len(tried)
 
-    async def _due(self, session: AsyncSession, limit: int) -> list[int]:
+    async def _due(self, session: DbSession, limit: int) -> list[int]:
         now = self.ctx.clock()
         earlier = sa.orm.aliased(OutboxJob)
         blocked = (
-            sa.select(earlier.id)
-            .where(earlier.thread_key == OutboxJob.thread_key, earlier.status == OutboxStatus.PENDING, earlier.id < OutboxJob.id)
+            sa.select(col(earlier.id))
+            .where(
+                col(earlier.thread_key) == col(OutboxJob.thread_key),
+                col(earlier.status) == OutboxStatus.PENDING,
+                col(earlier.id) < col(OutboxJob.id),
+            )
             .exists()
         )
         rows = await session.execute(
-            sa.select(OutboxJob.id)
+            sa.select(col(OutboxJob.id))
             .where(
-                OutboxJob.status == OutboxStatus.PENDING,
-                OutboxJob.next_attempt_at <= now,
-                sa.or_(OutboxJob.lease_until.is_(None), OutboxJob.lease_until < now),
+                col(OutboxJob.status) == OutboxStatus.PENDING,
+                col(OutboxJob.next_attempt_at) <= now,
+                sa.or_(col(OutboxJob.lease_until).is_(None), col(OutboxJob.lease_until) < now),
                 ~blocked,
             )
-            .order_by(OutboxJob.id)
+            .order_by(col(OutboxJob.id))
             .limit(limit)
         )
-        return list(rows.scalars().all())
+        return [job_id for job_id in rows.scalars() if job_id is not None]  # a stored row's id is never None
 
     async def deliver(self, job_id: int) -> None:
         """Claim one job and try to deliver it once; schedules the next attempt on failure."""
@@ -150,15 +155,15 @@ class Outbox:
             return
         await self.ctx.db.run(lambda s: self._sent(s, job, message_id, rendered_at))
 
-    async def _claim(self, session: AsyncSession, job_id: int) -> OutboxJob | None:
+    async def _claim(self, session: DbSession, job_id: int) -> OutboxJob | None:
         now = self.ctx.clock()
         claimed = await session.execute(
             sa.update(OutboxJob)
             .where(
-                OutboxJob.id == job_id,
-                OutboxJob.status == OutboxStatus.PENDING,
-                OutboxJob.next_attempt_at <= now,
-                sa.or_(OutboxJob.lease_until.is_(None), OutboxJob.lease_until < now),
+                col(OutboxJob.id) == job_id,
+                col(OutboxJob.status) == OutboxStatus.PENDING,
+                col(OutboxJob.next_attempt_at) <= now,
+                sa.or_(col(OutboxJob.lease_until).is_(None), col(OutboxJob.lease_until) < now),
             )
             .values(
                 owner=self.ctx.replica_id, lease_until=now + timedelta(seconds=CLAIM_SECONDS), attempts=OutboxJob.attempts + 1
@@ -185,11 +190,11 @@ class Outbox:
             await channel.update_card(thread, approval.card_message_id, card_view(approval))
         return None
 
-    async def _sent(self, session: AsyncSession, job: OutboxJob, message_id: str | None, rendered_at: datetime) -> None:
+    async def _sent(self, session: DbSession, job: OutboxJob, message_id: str | None, rendered_at: datetime) -> None:
         ctx = self.ctx
         await session.execute(
             sa.update(OutboxJob)
-            .where(OutboxJob.id == job.id)
+            .where(col(OutboxJob.id) == job.id)
             .values(status=OutboxStatus.SENT, message_id=message_id, lease_until=None, last_error=None)
         )
         if job.kind == OutboxKind.REPLY:
@@ -198,12 +203,12 @@ class Outbox:
         await session.execute(
             sa.update(OutboxJob)
             .where(
-                OutboxJob.approval_id == job.approval_id,
-                OutboxJob.kind == OutboxKind.CARD_UPDATE,
-                OutboxJob.status == OutboxStatus.PENDING,
-                OutboxJob.created_at <= rendered_at,
-                OutboxJob.id != job.id,
-                sa.or_(OutboxJob.lease_until.is_(None), OutboxJob.lease_until < rendered_at),
+                col(OutboxJob.approval_id) == job.approval_id,
+                col(OutboxJob.kind) == OutboxKind.CARD_UPDATE,
+                col(OutboxJob.status) == OutboxStatus.PENDING,
+                col(OutboxJob.created_at) <= rendered_at,
+                col(OutboxJob.id) != job.id,
+                sa.or_(col(OutboxJob.lease_until).is_(None), col(OutboxJob.lease_until) < rendered_at),
             )
             .values(status=OutboxStatus.SENT, last_error="superseded by a newer rendering")
         )
@@ -211,7 +216,7 @@ class Outbox:
         if approval is None or job.kind != OutboxKind.CARD:
             return
         if message_id:
-            await session.execute(sa.update(Approval).where(Approval.id == approval.id).values(card_message_id=message_id))
+            await session.execute(sa.update(Approval).where(col(Approval.id) == approval.id).values(card_message_id=message_id))
         await ctx.audit.record(
             session,
             "card_posted",
@@ -245,7 +250,7 @@ class Outbox:
             self._wake.set()
 
     async def _record_failure(
-        self, session: AsyncSession, job: OutboxJob, failure: DeliveryFailed, now: datetime, delay: float, give_up: bool
+        self, session: DbSession, job: OutboxJob, failure: DeliveryFailed, now: datetime, delay: float, give_up: bool
     ) -> Delivered:
         ctx = self.ctx
         values: dict[str, Any] = {"lease_until": None, "last_error": ctx.redactor.redact_text(failure.reason)[:ERROR_LIMIT]}
@@ -253,7 +258,7 @@ class Outbox:
             values["status"] = OutboxStatus.GAVE_UP
         else:
             values["next_attempt_at"] = now + timedelta(seconds=delay)
-        await session.execute(sa.update(OutboxJob).where(OutboxJob.id == job.id).values(**values))
+        await session.execute(sa.update(OutboxJob).where(col(OutboxJob.id) == job.id).values(**values))
         if not give_up:
             return Delivered()
         await ctx.audit.record(
@@ -264,7 +269,9 @@ class Outbox:
             return Delivered()
         from bot.core.approvals import ApprovalService  # the service queues card updates through this module
 
-        cancelled = await ApprovalService(ctx).cancel_pending(session, Approval.id == job.approval_id, texts.CARD_UNDELIVERED)
+        cancelled = await ApprovalService(ctx).cancel_pending(
+            session, col(Approval.id) == job.approval_id, texts.CARD_UNDELIVERED
+        )
         for approval in cancelled:
             notice = texts.CARD_UNDELIVERED_NOTICE.format(tool=approval.tool_name)
             await enqueue_reply(session, ctx, approval.thread, notice, run_id=approval.run_id)

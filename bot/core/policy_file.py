@@ -71,8 +71,8 @@ class _Access(_Strict):
 
 
 class _Limits(_Strict):
-    requests_per_minute: int | None = Field(None, ge=1)
-    max_pending_approvals: int | None = Field(None, ge=1)
+    requests_per_minute: int | None = Field(default=None, ge=1)
+    max_pending_approvals: int | None = Field(default=None, ge=1)
 
 
 class _Arguments(_Strict):

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlmodel import col
 
 from bot.core import limits, metrics, outbox, texts
 from bot.core.approvals import ApprovalService, args_digest, expiry, model_result, new_approval_id
@@ -23,6 +23,7 @@ from bot.core.context import AppContext
 from bot.core.events import IncomingMessage, Thread, User
 from bot.core.policy import CallRule, Verdict
 from storage.audit import Entry, entry
+from storage.engine import DbSession, rowcount
 from storage.models import (
     Approval,
     ApprovalStatus,
@@ -107,11 +108,11 @@ class RunStore:
         self.ctx = ctx
         self.approvals = approvals
 
-    def _lease(self) -> Any:
+    def _lease(self) -> datetime:
         return self.ctx.clock() + timedelta(seconds=self.ctx.settings.lease_seconds)
 
-    def _mine(self, claim: RunClaim) -> Any:
-        return sa.and_(Run.id == claim.run_id, Run.version == claim.version, Run.status == R.RUNNING)
+    def _mine(self, claim: RunClaim) -> sa.ColumnElement[bool]:
+        return sa.and_(col(Run.id) == claim.run_id, col(Run.version) == claim.version, col(Run.status) == R.RUNNING)
 
     # ------------------------------------------------------------------ starting
     async def start_run(self, key: str) -> Started:
@@ -122,15 +123,15 @@ class RunStore:
             if result is not None:
                 return result
 
-    async def _queued(self, session: AsyncSession, key: str, statuses: tuple[str, ...] = (Q.QUEUED,)) -> list[InboxEvent]:
+    async def _queued(self, session: DbSession, key: str, statuses: tuple[str, ...] = (Q.QUEUED,)) -> list[InboxEvent]:
         rows = await session.execute(
             sa.select(InboxEvent)
-            .where(InboxEvent.conversation_key == key, InboxEvent.status.in_(statuses))
-            .order_by(InboxEvent.created_at, InboxEvent.id)
+            .where(col(InboxEvent.conversation_key) == key, col(InboxEvent.status).in_(statuses))
+            .order_by(col(InboxEvent.created_at), col(InboxEvent.id))
         )
         return list(rows.scalars().all())
 
-    async def _start_once(self, session: AsyncSession, key: str) -> Started | None:
+    async def _start_once(self, session: DbSession, key: str) -> Started | None:
         """One attempt; None means "every message was refused, look again"."""
         ctx = self.ctx
         queued = await self._queued(session, key)
@@ -166,16 +167,18 @@ class RunStore:
         )
         claimed = await session.execute(
             sa.update(Conversation)
-            .where(Conversation.key == key, Conversation.active_run_id.is_(None), Conversation.version == conv.version)
+            .where(
+                col(Conversation.key) == key, col(Conversation.active_run_id).is_(None), col(Conversation.version) == conv.version
+            )
             .values(active_run_id=run.id, version=Conversation.version + 1)
         )
-        if not claimed.rowcount:  # type: ignore[attr-defined]
+        if not rowcount(claimed):
             return Started()  # another replica took it; it will drain the queue
         session.add(run)
         last = await self._admit(session, run, queued, conv)
         if last is None:
             run.status = R.DONE
-            await session.execute(sa.update(Conversation).where(Conversation.key == key).values(active_run_id=None))
+            await session.execute(sa.update(Conversation).where(col(Conversation.key) == key).values(active_run_id=None))
             return None
         self._set_requester(run, last)
         return Started(RunClaim(run.id, 1, key, 0, last.thread, last.user, last.channel_id, list(conv.messages)))
@@ -186,12 +189,12 @@ class RunStore:
         run.requester = msg.user.to_dict()
         run.thread = {**msg.thread.to_dict(), "channel_id": msg.channel_id}
 
-    async def _supersede(self, session: AsyncSession, active: Run, queued: list[InboxEvent]) -> None:
+    async def _supersede(self, session: DbSession, active: Run, queued: list[InboxEvent]) -> None:
         """A newer message cancels its own author's pending approvals; others' cards stay valid, and
         the message waits (held) until they are decided."""
         authors = {IncomingMessage.from_dict(e.payload).user.id for e in queued}
         await self.approvals.cancel_pending(
-            session, sa.and_(Approval.run_id == active.id, Approval.requester_id.in_(authors)), texts.SUPERSEDED
+            session, sa.and_(col(Approval.run_id) == active.id, col(Approval.requester_id).in_(authors)), texts.SUPERSEDED
         )
         if await self._undecided(session, active):
             for event in queued:
@@ -199,13 +202,13 @@ class RunStore:
                 msg = IncomingMessage.from_dict(event.payload)
                 await outbox.enqueue_reply(session, self.ctx, msg.thread.to_dict(), texts.WAITING_FOR_OTHERS, run_id=active.id)
 
-    async def _undecided(self, session: AsyncSession, run: Run) -> bool:
-        rows = await session.execute(sa.select(Approval.status).where(Approval.run_id == run.id, Approval.step == run.step))
+    async def _undecided(self, session: DbSession, run: Run) -> bool:
+        rows = await session.execute(
+            sa.select(col(Approval.status)).where(col(Approval.run_id) == run.id, col(Approval.step) == run.step)
+        )
         return any(not ApprovalStatus(s).decided for s in rows.scalars().all())
 
-    async def _admit(
-        self, session: AsyncSession, run: Run, queued: list[InboxEvent], conv: Conversation
-    ) -> IncomingMessage | None:
+    async def _admit(self, session: DbSession, run: Run, queued: list[InboxEvent], conv: Conversation) -> IncomingMessage | None:
         """Move queued messages into the run; refuse those policy or a limit forbids. Returns the last
         admitted message (its author is the requester of what follows), or None."""
         ctx = self.ctx
@@ -233,7 +236,7 @@ class RunStore:
         conv.updated_at = ctx.clock()
         return last
 
-    async def _may_run(self, session: AsyncSession, msg: IncomingMessage) -> Verdict:
+    async def _may_run(self, session: DbSession, msg: IncomingMessage) -> Verdict:
         policy = self.ctx.policy
         verdict = policy.may_use(msg.user, msg.channel_id)
         limit = policy.request_limit()
@@ -243,19 +246,21 @@ class RunStore:
 
     # ------------------------------------------------------------------ leases
     async def renew(self, claim: RunClaim) -> bool:
-        async def renew(session: AsyncSession) -> bool:
+        async def renew(session: DbSession) -> bool:
             result = await session.execute(sa.update(Run).where(self._mine(claim)).values(lease_until=self._lease()))
-            return bool(result.rowcount)  # type: ignore[attr-defined]
+            return bool(rowcount(result))
 
         return await self.ctx.db.run(renew, deadline=self.ctx.settings.lease_seconds / 3)
 
     async def take_over_expired(self) -> list[RunClaim]:
         """Claim every running run whose lease expired (its owner stalled, lost the database or died)."""
 
-        async def take(session: AsyncSession) -> list[RunClaim]:
+        async def take(session: DbSession) -> list[RunClaim]:
             now = self.ctx.clock()
             rows = await session.execute(
-                sa.select(Run).where(Run.status == R.RUNNING, sa.or_(Run.lease_until.is_(None), Run.lease_until < now)).limit(50)
+                sa.select(Run)
+                .where(col(Run.status) == R.RUNNING, sa.or_(col(Run.lease_until).is_(None), col(Run.lease_until) < now))
+                .limit(50)
             )
             claims = []
             for run in rows.scalars().all():
@@ -263,10 +268,10 @@ class RunStore:
                 version, previous_owner = run.version, run.owner
                 took = await session.execute(
                     sa.update(Run)
-                    .where(Run.id == run.id, Run.version == version, Run.status == R.RUNNING)
+                    .where(col(Run.id) == run.id, col(Run.version) == version, col(Run.status) == R.RUNNING)
                     .values(owner=self.ctx.replica_id, lease_until=self._lease(), version=version + 1, updated_at=now)
                 )
-                if not took.rowcount:  # type: ignore[attr-defined]
+                if not rowcount(took):
                     continue
                 await self.ctx.audit.record(
                     session, "run_taken_over", run_id=run.id, status="running", previous_owner=previous_owner
@@ -276,7 +281,7 @@ class RunStore:
 
         return await self.ctx.db.run(take)
 
-    async def _claim_of(self, session: AsyncSession, run: Run, version: int) -> RunClaim:
+    async def _claim_of(self, session: DbSession, run: Run, version: int) -> RunClaim:
         conv = await session.get(Conversation, run.conversation_key)
         messages = list(conv.messages) if conv else []
         thread, requester = Thread.from_dict(run.thread), User.from_dict(run.requester)
@@ -287,13 +292,13 @@ class RunStore:
     async def hand_back(self) -> int:
         """On shutdown: end the leases this replica holds so another replica takes the runs at once."""
 
-        async def release(session: AsyncSession) -> int:
+        async def release(session: DbSession) -> int:
             result = await session.execute(
                 sa.update(Run)
-                .where(Run.owner == self.ctx.replica_id, Run.status == R.RUNNING)
+                .where(col(Run.owner) == self.ctx.replica_id, col(Run.status) == R.RUNNING)
                 .values(lease_until=self.ctx.clock())
             )
-            return int(result.rowcount)  # type: ignore[attr-defined]
+            return rowcount(result)
 
         return await self.ctx.db.run(release, deadline=5)
 
@@ -318,7 +323,7 @@ class RunStore:
         return record
 
     async def _record_step(
-        self, session: AsyncSession, claim: RunClaim, step: int, assistant: dict[str, Any],
+        self, session: DbSession, claim: RunClaim, step: int, assistant: dict[str, Any],
         results: dict[str, str], proposals: list[Proposal], rows: list[Entry],
     ) -> StepRecord:  # fmt: skip
         ctx = self.ctx
@@ -345,7 +350,7 @@ class RunStore:
 
     async def _within_pending_limit(
         self,
-        session: AsyncSession,
+        session: DbSession,
         claim: RunClaim,
         count: int,
         results: dict[str, str],
@@ -363,9 +368,9 @@ class RunStore:
                 sa.select(sa.func.count())
                 .select_from(Approval)
                 .where(
-                    Approval.status == S.PENDING,
-                    Approval.requester_id == requester.id,
-                    Approval.platform == claim.thread.platform,
+                    col(Approval.status) == S.PENDING,
+                    col(Approval.requester_id) == requester.id,
+                    col(Approval.platform) == claim.thread.platform,
                 )
             )
         ).scalar_one()
@@ -382,7 +387,7 @@ class RunStore:
         )
         return False
 
-    async def _create_approval(self, session: AsyncSession, claim: RunClaim, step: int, p: Proposal, rows: list[Entry]) -> str:
+    async def _create_approval(self, session: DbSession, claim: RunClaim, step: int, p: Proposal, rows: list[Entry]) -> str:
         ctx, now = self.ctx, self.ctx.clock()
         spec, args = p.prepared.spec, p.prepared.args
         card = card_content(spec.sentence(args), args, list(p.rule.risks), p.preview, p.rule.reason)
@@ -421,13 +426,13 @@ class RunStore:
         """waiting -> running once every approval of the step is decided (any replica may win)."""
         return await self.ctx.db.run(lambda s: self._resume(s, run_id))
 
-    async def _resume(self, session: AsyncSession, run_id: str) -> RunClaim | None:
+    async def _resume(self, session: DbSession, run_id: str) -> RunClaim | None:
         ctx = self.ctx
         run = await session.get(Run, run_id)
         if run is None or run.status != R.WAITING:
             return None
         approvals = (
-            (await session.execute(sa.select(Approval).where(Approval.run_id == run_id, Approval.step == run.step)))
+            (await session.execute(sa.select(Approval).where(col(Approval.run_id) == run_id, col(Approval.step) == run.step)))
             .scalars()
             .all()
         )
@@ -436,10 +441,10 @@ class RunStore:
         version = run.version + 1  # read before the UPDATE, which brings the loaded row up to date
         claimed = await session.execute(
             sa.update(Run)
-            .where(Run.id == run_id, Run.status == R.WAITING, Run.version == run.version)
+            .where(col(Run.id) == run_id, col(Run.status) == R.WAITING, col(Run.version) == run.version)
             .values(status=R.RUNNING, owner=ctx.replica_id, lease_until=self._lease(), version=version, updated_at=ctx.clock())
         )
-        if not claimed.rowcount:  # type: ignore[attr-defined]
+        if not rowcount(claimed):
             return None
         conv = await session.get(Conversation, run.conversation_key)
         assert conv is not None
@@ -473,7 +478,7 @@ class RunStore:
         return more
 
     async def _finish(
-        self, session: AsyncSession, claim: RunClaim, text: str, status: RunStatus, rows: list[Entry]
+        self, session: DbSession, claim: RunClaim, text: str, status: RunStatus, rows: list[Entry]
     ) -> tuple[bool, bool]:
         ctx = self.ctx
         run = (await session.execute(sa.select(Run).where(self._mine(claim)))).scalar_one_or_none()
@@ -489,7 +494,9 @@ class RunStore:
         run.status, run.updated_at, run.lease_until = status, ctx.clock(), None
         run.step += sum(1 for row in rows if row.kind == "model_call")
         await session.execute(
-            sa.update(InboxEvent).where(InboxEvent.run_id == run.id, InboxEvent.status == Q.RUNNING).values(status=Q.DONE)
+            sa.update(InboxEvent)
+            .where(col(InboxEvent.run_id) == run.id, col(InboxEvent.status) == Q.RUNNING)
+            .values(status=Q.DONE)
         )
         await outbox.enqueue_reply(session, ctx, claim.thread.to_dict(), text, run_id=run.id)
         await ctx.audit.record_many(
@@ -505,13 +512,15 @@ class RunStore:
         """Waiting runs whose step has no undecided approval left (a resume was lost)."""
         undecided = [str(s) for s in ApprovalStatus if not s.decided]
 
-        async def find(session: AsyncSession) -> list[str]:
+        async def find(session: DbSession) -> list[str]:
             open_approval = (
-                sa.select(Approval.id)
-                .where(Approval.run_id == Run.id, Approval.step == Run.step, Approval.status.in_(undecided))
+                sa.select(col(Approval.id))
+                .where(
+                    col(Approval.run_id) == col(Run.id), col(Approval.step) == col(Run.step), col(Approval.status).in_(undecided)
+                )
                 .exists()
             )
-            rows = await session.execute(sa.select(Run.id).where(Run.status == R.WAITING, ~open_approval).limit(200))
+            rows = await session.execute(sa.select(col(Run.id)).where(col(Run.status) == R.WAITING, ~open_approval).limit(200))
             return list(rows.scalars().all())
 
         return await self.ctx.db.run(find, read=True)
@@ -519,10 +528,10 @@ class RunStore:
     async def queue_depths(self) -> dict[str, int]:
         """How much work waits: queued messages, pending approvals, undelivered outbox jobs."""
 
-        async def count(session: AsyncSession) -> dict[str, int]:
-            queued = sa.select(sa.func.count()).select_from(InboxEvent).where(InboxEvent.status == Q.QUEUED)
-            pending = sa.select(sa.func.count()).select_from(Approval).where(Approval.status == S.PENDING)
-            outbox_jobs = sa.select(sa.func.count()).select_from(OutboxJob).where(OutboxJob.status == OutboxStatus.PENDING)
+        async def count(session: DbSession) -> dict[str, int]:
+            queued = sa.select(sa.func.count()).select_from(InboxEvent).where(col(InboxEvent.status) == Q.QUEUED)
+            pending = sa.select(sa.func.count()).select_from(Approval).where(col(Approval.status) == S.PENDING)
+            outbox_jobs = sa.select(sa.func.count()).select_from(OutboxJob).where(col(OutboxJob.status) == OutboxStatus.PENDING)
             return {
                 "inbox": (await session.execute(queued)).scalar_one(),
                 "approvals": (await session.execute(pending)).scalar_one(),
@@ -535,11 +544,15 @@ class RunStore:
         """Conversations with queued messages and no run holding them."""
         cutoff = self.ctx.clock() - timedelta(seconds=older_than)
 
-        async def find(session: AsyncSession) -> list[str]:
+        async def find(session: DbSession) -> list[str]:
             rows = await session.execute(
-                sa.select(InboxEvent.conversation_key)
-                .outerjoin(Conversation, Conversation.key == InboxEvent.conversation_key)
-                .where(InboxEvent.status == Q.QUEUED, InboxEvent.created_at <= cutoff, Conversation.active_run_id.is_(None))
+                sa.select(col(InboxEvent.conversation_key))
+                .outerjoin(Conversation, col(Conversation.key) == col(InboxEvent.conversation_key))
+                .where(
+                    col(InboxEvent.status) == Q.QUEUED,
+                    col(InboxEvent.created_at) <= cutoff,
+                    col(Conversation.active_run_id).is_(None),
+                )
                 .distinct()
             )
             return list(rows.scalars().all())

@@ -19,6 +19,7 @@ from bot.core.outbox import Outbox
 from bot.core.run_store import RunClaim, RunStore
 from bot.core.turn import Turn, model_row
 from storage.audit import entry
+from storage.engine import DbSession
 from storage.models import RunStatus
 
 log = logging.getLogger("chatops.runner")
@@ -98,8 +99,8 @@ class Runner:
             claim.step = step
 
     async def _slow_notice(self, claim: RunClaim) -> None:
-        async def queue(session: object) -> None:
-            await outbox.enqueue_reply(session, self.ctx, claim.thread.to_dict(), texts.MODEL_SLOW, run_id=claim.run_id)  # type: ignore[arg-type]
+        async def queue(session: DbSession) -> None:
+            await outbox.enqueue_reply(session, self.ctx, claim.thread.to_dict(), texts.MODEL_SLOW, run_id=claim.run_id)
 
         await self.ctx.db.run(queue)
 

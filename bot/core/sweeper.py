@@ -12,17 +12,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import socket
 from collections.abc import Awaitable, Callable
 
 import sqlalchemy as sa
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlmodel import col
 
 from bot.core import metrics
 from bot.core.engine import Core
 from bot.core.run_store import RunClaim
+from storage.engine import DbSession
 from storage.models import Approval, Replica
 
 log = logging.getLogger("chatops.sweeper")
@@ -40,7 +42,7 @@ class Sweeper:
         ctx = self.ctx
         now = ctx.clock()
 
-        async def beat(session: AsyncSession) -> None:
+        async def beat(session: DbSession) -> None:
             row = await session.get(Replica, ctx.replica_id)
             if row is None:
                 session.add(
@@ -53,7 +55,7 @@ class Sweeper:
 
     async def leave(self) -> None:
         """Graceful shutdown: forget this replica."""
-        await self.ctx.db.run(lambda s: s.execute(sa.delete(Replica).where(Replica.id == self.ctx.replica_id)), deadline=5)
+        await self.ctx.db.run(lambda s: s.execute(sa.delete(Replica).where(col(Replica.id) == self.ctx.replica_id)), deadline=5)
 
     async def sweep(self) -> None:
         """One recovery pass (also run once at start-up)."""
@@ -93,12 +95,12 @@ class Sweeper:
         core = self.core
         for approval_id in await core.approvals.approved_but_not_started(APPROVED_GRACE):
             if await core.executor.execute(approval_id):
-                approval = await self.ctx.db.run(lambda s, i=approval_id: self._approval(s, i), read=True)
+                approval = await self.ctx.db.run(functools.partial(self._approval, approval_id=approval_id), read=True)
                 if approval is not None:
                     core.resume_later(approval.run_id)
 
     @staticmethod
-    async def _approval(session: AsyncSession, approval_id: str) -> Approval | None:
+    async def _approval(session: DbSession, approval_id: str) -> Approval | None:
         return await session.get(Approval, approval_id)
 
     async def _take_over(self) -> None:

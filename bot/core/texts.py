@@ -194,6 +194,12 @@ def when(at: datetime) -> str:
     return i18n.when(at)
 
 
+def english(text: str) -> str:
+    """The English source of one of our sentences (a constant here is an `i18n.Text` at run time; the type
+    checker sees the `str` it is declared as)."""
+    return text.source if isinstance(text, i18n.Text) else text
+
+
 def _register() -> None:
     """Turn every UPPERCASE sentence of this module into an `i18n.Text` keyed by its name."""
     for name, value in list(globals().items()):

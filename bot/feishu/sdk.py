@@ -99,21 +99,21 @@ async def in_daemon_thread(function: Callable[[], T]) -> T:
     loop = asyncio.get_running_loop()
     future: asyncio.Future[T] = loop.create_future()
 
-    def settle(result: T | None, error: BaseException | None) -> None:
-        if future.done():
-            return
-        if error is not None:
+    def succeed(result: T) -> None:
+        if not future.done():
+            future.set_result(result)
+
+    def fail(error: BaseException) -> None:
+        if not future.done():
             future.set_exception(error)
-        else:
-            future.set_result(result)  # type: ignore[arg-type]
 
     def run() -> None:
         try:
             result = function()
         except BaseException as exc:  # noqa: BLE001 - handed to the awaiting coroutine
-            loop.call_soon_threadsafe(settle, None, exc)
+            loop.call_soon_threadsafe(fail, exc)
         else:
-            loop.call_soon_threadsafe(settle, result, None)
+            loop.call_soon_threadsafe(succeed, result)
 
     threading.Thread(target=run, name="lark-oapi-import", daemon=True).start()
     return await future
@@ -122,7 +122,7 @@ async def in_daemon_thread(function: Callable[[], T]) -> T:
 def ws_client_class(ws: ModuleType) -> type:
     """A `lark_oapi.ws.client.Client` whose data frames (event *and* card) go to `self.handler`."""
 
-    class _Client(ws.Client):  # type: ignore[misc, name-defined]
+    class _Client(ws.Client):  # type: ignore[misc, name-defined]  # a class of a module imported at run time
         handler: FrameHandler
 
         async def _handle_data_frame(self, frame: Any) -> None:
@@ -164,7 +164,7 @@ def stop_reconnecting(client: Any) -> None:
     client._auto_reconnect = False
 
 
-def set_module_loop(ws: ModuleType, loop: Any) -> None:
+def set_module_loop(ws: Any, loop: Any) -> None:
     """The SDK's import-time global loop, replaced by the connection thread's own."""
     ws.loop = loop
 

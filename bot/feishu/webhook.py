@@ -185,7 +185,7 @@ def _challenge(body: bytes, encrypt_key: str, verification_token: str | None) ->
     valid = len(body) <= CHALLENGE_MAX_BYTES and isinstance(encrypted, str) and padded
     valid = valid and isinstance(payload, dict) and Envelope(payload).challenge is not None
     valid = valid and (verification_token is None or _token_matches(verification_token, payload))
-    if not valid:
+    if not valid or not isinstance(payload, dict):
         raise UNSIGNED
     return payload
 

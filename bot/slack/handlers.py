@@ -55,7 +55,7 @@ def _modal_errors(outcome: EditOutcome, meta: dict[str, Any]) -> dict[str, str]:
     """Problems by input block: each under its field; the rest (and refusals) under the first input."""
     first = str(meta.get("first") or "")
     errors: dict[str, str] = {}
-    for name, problem in (outcome.errors or {None: outcome.message}).items():
+    for name, problem in (outcome.errors or {"": outcome.message}).items():  # "": the form as a whole
         block = events.ARG_BLOCK + name if name else first
         errors[block] = f"{errors[block]}; {problem}" if block in errors else str(problem)
     if not outcome.errors or "" in outcome.errors:

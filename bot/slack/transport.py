@@ -203,6 +203,6 @@ class SocketDoor:
             await asyncio.gather(self._task, return_exceptions=True)
         try:
             async with asyncio.timeout(CLOSE_TIMEOUT):
-                await self.handler.close_async()
+                await self.handler.close_async()  # type: ignore[no-untyped-call]  # slack-bolt leaves it unannotated
         except Exception as exc:  # noqa: BLE001 - closing a dead socket
             log.warning("slack: closing Socket Mode: %s", type(exc).__name__)

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_core import ErrorDetails
 
 from tools.errors import ToolConfigError
 
@@ -113,7 +114,7 @@ def _expand(value: Any, where: str) -> Any:
     return value
 
 
-def _describe(error: dict[str, Any]) -> str:
+def _describe(error: ErrorDetails) -> str:
     loc = [str(part) for part in error["loc"]]
     message = error["msg"].removeprefix("Value error, ")
     if len(loc) >= 2 and loc[0] == "mcpServers":

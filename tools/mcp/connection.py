@@ -17,7 +17,7 @@ import os
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager, suppress
-from typing import IO, Any
+from typing import Any, TextIO
 
 import anyio
 import httpx2
@@ -103,7 +103,7 @@ class UnsentCalls(httpx2.AsyncHTTPTransport):
 
 
 @asynccontextmanager
-async def _transport(config: ServerConfig, errlog: IO[str] | None, lost: asyncio.Event, unsent: list[str]) -> AsyncIterator[Any]:
+async def _transport(config: ServerConfig, errlog: TextIO | None, lost: asyncio.Event, unsent: list[str]) -> AsyncIterator[Any]:
     if config.url is not None:
         timeout = httpx2.Timeout(30.0, read=300.0)
         async with (
@@ -243,7 +243,7 @@ class Connection:
                 await asyncio.wait_for(self._closing.wait(), delay)
         await self._set_state("closed")
 
-    async def _session(self, errlog: IO[str]) -> None:
+    async def _session(self, errlog: TextIO) -> None:
         scope = anyio.CancelScope(deadline=anyio.current_time() + self.connect_timeout)
         with scope:
             async with Client(

@@ -138,7 +138,9 @@ def build_spec(
 ) -> ToolSpec:
     """The ToolSpec for one listed tool. Raises SchemaError when its input schema is unusable."""
     parameters, validator = _schema(tool)
-    args_model = type(f"{openai_name(server, tool.name)}_args", (McpArguments,), {"schema_validator": validator})
+    args_model: type[McpArguments] = type(
+        f"{openai_name(server, tool.name)}_args", (McpArguments,), {"schema_validator": validator}
+    )
     kind = classify(config, tool)
     description = (tool.description or tool.title or f"The {tool.name} tool").strip()
     description = f"[MCP server {server}] {description}"[:DESCRIPTION_LIMIT]
