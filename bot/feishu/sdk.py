@@ -77,7 +77,7 @@ def _light_packages() -> None:
         if parent:
             setattr(sys.modules[parent], child, package)
     dispatcher = ModuleType(_DISPATCHER)
-    dispatcher.EventDispatcherHandler = _NoDispatcher  # type: ignore[attr-defined]
+    dispatcher.EventDispatcherHandler = _NoDispatcher  # type: ignore[attr-defined]  # a module made here, at run time
     sys.modules[_DISPATCHER] = dispatcher
 
 
