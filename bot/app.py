@@ -1,6 +1,11 @@
 """Assembling and running the bot: settings -> database -> tools -> policy -> model -> core ->
 channels -> HTTP server -> sweeper, and shutting it all down in reverse order.
 
+An App has a role (`Role`): `inline` does everything in one process (the terminal chat, tests,
+`--workers 0`); `front` takes events and acks them (channels, HTTP, no sweeper: its Core signals
+the workers); `worker` takes no events and does the work (sweeper, outbox, executions, runs),
+its channels opened for delivery only.
+
 Stopping is bounded (`STOP_BUDGET` seconds in all): first no new events (the HTTP server stops
 accepting, Socket Mode and the long connection close), then in-flight acks finish, then
 background work gets what is left of the budget and the rest is cancelled.
@@ -12,6 +17,7 @@ import asyncio
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from enum import StrEnum
 from typing import Any, Protocol
 
 from aiohttp import web
@@ -25,7 +31,7 @@ from bot.core.errors import ConfigError, StorageError
 from bot.core.model import ModelClient
 from bot.core.policy import Policy
 from bot.core.sweeper import Sweeper
-from bot.health import Readiness, health_routes
+from bot.health import Readiness, ReadinessSource, health_routes
 from bot.toolsetup import build_tool_services, mcp_call_timeout, operator_errors
 from storage.audit import AuditLog
 from storage.audit_anchor import Anchorer
@@ -52,6 +58,9 @@ class Adapter(Channel, Protocol):
 
     async def start(self) -> None:
         """Connect (Socket Mode, long connection) or prepare clients. Called after the server is up."""
+
+    async def open_for_delivery(self) -> None:
+        """Prepare only what posting and updating needs (a worker process takes no events)."""
 
     async def stop(self) -> None:
         """Disconnect and release clients."""
@@ -80,6 +89,12 @@ def load_policy(settings: Settings) -> Policy:
     return ReloadingPolicy(settings.policy_file)
 
 
+class Role(StrEnum):
+    INLINE = "inline"
+    FRONT = "front"
+    WORKER = "worker"
+
+
 @dataclass
 class App:
     """A running bot. `build_app` creates it; `start`/`stop` run it."""
@@ -88,7 +103,9 @@ class App:
     ctx: AppContext
     core: Core
     sweeper: Sweeper
+    role: Role = Role.INLINE
     adapters: list[Adapter] = field(default_factory=list)
+    ready_sources: list[ReadinessSource] = field(default_factory=list)
     closers: list[Callable[[], Any]] = field(default_factory=list)
     runner: web.AppRunner | None = None
     stopping: bool = False
@@ -108,7 +125,7 @@ class App:
             self.closers.append(close)
 
     def readiness(self) -> Readiness:
-        return Readiness(self.ctx.db, lambda: list(self.adapters), lambda: self.stopping)
+        return Readiness(self.ctx.db, lambda: [*self.adapters, *self.ready_sources], lambda: self.stopping)
 
     def web_app(self) -> web.Application:
         application = web.Application(client_max_size=1024 * 1024)
@@ -125,13 +142,17 @@ class App:
             await self.ctx.audit.chain(self.ctx.db)
         except AuditKeyError as exc:
             raise ConfigError("CHATOPS_AUDIT_KEY", f"does not fit the audit chain: {exc}") from None
-        await self.sweeper.sweep()  # recover what a previous process left behind
+        if self.role != Role.FRONT:
+            await self.sweeper.sweep()  # recover what a previous process left behind
         for adapter in self.adapters:
-            await adapter.start()
-        if serve_http:
+            await (adapter.open_for_delivery() if self.role == Role.WORKER else adapter.start())
+        if serve_http and self.role != Role.WORKER:
             await self._serve(http_required)
-        self._sweep_task = asyncio.create_task(self.sweeper.run_forever(), name="sweeper")
-        self._outbox_task = asyncio.create_task(self.core.out.run_forever(OUTBOX_POLL), name="outbox")
+        if self.role != Role.FRONT:
+            self._sweep_task = asyncio.create_task(self.sweeper.run_forever(), name="sweeper")
+            self._outbox_task = asyncio.create_task(self.core.out.run_forever(OUTBOX_POLL), name="outbox")
+        if self.role == Role.WORKER:
+            return  # the front anchors the audit chain
         self._anchorer = Anchorer(
             self.ctx.db,
             self.settings.audit_anchor_path,
@@ -213,8 +234,11 @@ class App:
             log.warning("stopping: %s failed (%s)", what, type(exc).__name__)
 
 
-async def build_app(settings: Settings, *, migrate: bool = True) -> App:
-    """Wire every component from settings. Raises ChatopsError subclasses with clear messages."""
+async def build_app(
+    settings: Settings, *, migrate: bool = True, role: Role = Role.INLINE, wake: Callable[[], None] | None = None
+) -> App:
+    """Wire every component from settings. Raises ChatopsError subclasses with clear messages.
+    A `front` app needs `wake` (how its Core signals the workers)."""
     redactor = Redactor(settings.secret_values())
     if migrate:
         try:
@@ -267,6 +291,7 @@ async def build_app(settings: Settings, *, migrate: bool = True) -> App:
         await asyncio.sleep(CHAIN_DEBOUNCE)  # let the commits of a busy moment share one chaining pass
         await ctx.audit.chain(db)
 
-    db.after_audit_commit(lambda: ctx.tasks.spawn_coalesced("audit-chain", chain_soon))
-    core = Core(ctx)
-    return App(settings=settings, ctx=ctx, core=core, sweeper=Sweeper(core), closers=closers)
+    if role != Role.FRONT:  # the front's rows are chained by the workers' next commit (or sweep)
+        db.after_audit_commit(lambda: ctx.tasks.spawn_coalesced("audit-chain", chain_soon))
+    core = Core(ctx, wake=wake if role == Role.FRONT else None)
+    return App(settings=settings, ctx=ctx, core=core, sweeper=Sweeper(core), role=role, closers=closers)

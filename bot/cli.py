@@ -89,13 +89,35 @@ async def _unless_stopped(awaitable: Awaitable[T], stop: asyncio.Event) -> T | N
     return None
 
 
-async def _serve(settings: Settings, *, force_terminal: bool) -> None:
+def _uses_terminal(settings: Settings, force_terminal: bool) -> bool:
+    return force_terminal or not (settings.slack_enabled or settings.feishu_enabled)
+
+
+def _worker_count(args: argparse.Namespace, settings: Settings) -> int:
+    """`--workers`, else CHATOPS_WORKERS, else the CPU cores; 0 for the terminal chat."""
+    if args.command != "serve" or _uses_terminal(settings, False):
+        return 0
+    if args.workers is not None:
+        return int(args.workers)
+    if settings.workers is not None:
+        return settings.workers
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+async def _serve(
+    settings: Settings, *, force_terminal: bool, workers: int = 0, env_file: Path | None = None, run_dir: Path | None = None
+) -> None:
     from bot.app import build_app
 
     if not settings.model_configured:
         raise ChatopsError(no_model_message(settings))
-    use_terminal = force_terminal or not (settings.slack_enabled or settings.feishu_enabled)
+    use_terminal = _uses_terminal(settings, force_terminal)
     stop = _stop_on_signals()
+    if workers > 0 and run_dir is not None and not use_terminal:
+        from bot.cli_workers import serve_front
+
+        await serve_front(settings, workers, env_file, run_dir, stop)
+        return
     app = await _unless_stopped(build_app(settings), stop)  # configuration errors are reported first
     if app is None:
         return
@@ -111,6 +133,17 @@ async def _serve(settings: Settings, *, force_terminal: bool) -> None:
 
 
 async def _run_channels(app: App, settings: Settings, stop: asyncio.Event) -> None:
+    chat_channels = _add_channels(app, settings)
+    await _unless_stopped(app.start(serve_http=True), stop)
+    if stop.is_set():
+        return
+    problems = await app.readiness().problems()
+    log.info("chatops started: %s; %s", ", ".join(chat_channels), f"not ready yet: {problems}" if problems else "ready")
+    await stop.wait()
+
+
+def _add_channels(app: App, settings: Settings) -> list[str]:
+    """Build the configured channel adapters into `app`; their names."""
     chat_channels = []
     if settings.slack_enabled:
         from bot.slack import SlackAdapter
@@ -127,12 +160,7 @@ async def _run_channels(app: App, settings: Settings, stop: asyncio.Event) -> No
 
         app.add_adapter(FeishuAdapter(app.core, settings))
         chat_channels.append("Feishu")
-    await _unless_stopped(app.start(serve_http=True), stop)
-    if stop.is_set():
-        return
-    problems = await app.readiness().problems()
-    log.info("chatops started: %s; %s", ", ".join(chat_channels), f"not ready yet: {problems}" if problems else "ready")
-    await stop.wait()
+    return chat_channels
 
 
 async def _run_terminal(app: App, stop: asyncio.Event) -> None:
@@ -290,7 +318,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="chatops", description="A chat-ops bot whose write actions wait for human approval.")
     parser.add_argument("--env-file", type=Path, default=Path(".env"), help="dotenv file to read (default: ./.env)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    sub.add_parser("serve", help="run every configured channel (the terminal chat when none is configured)")
+    serve = sub.add_parser("serve", help="run every configured channel (the terminal chat when none is configured)")
+    serve.add_argument(
+        "--workers",
+        type=int,
+        metavar="N",
+        help="worker processes that run the agent, executions and deliveries (default: CHATOPS_WORKERS, else the CPU "
+        "cores); 0 = everything in this one process",
+    )
+    worker = sub.add_parser("worker", help="(started by `chatops serve`) one worker process")
+    worker.add_argument("--wake-dir", type=Path, required=True, help="where the front's wake-up sockets live (SQLite)")
+    worker.add_argument("--index", type=int, default=0, help="the worker's number, for its log lines")
     sub.add_parser("shell", help="chat with the bot in this terminal")
     tools = sub.add_parser(
         "tools", help="list every tool with its source, read/write, approval rule and whether its service is configured"
@@ -354,8 +392,23 @@ def run(argv: Sequence[str] | None = None) -> int:
 
     if args.command in ("serve", "shell"):
         settings = _settings(args)
+        workers, run_dir = _worker_count(args, settings), None
+        if workers > 0 and settings.model_configured:
+            from bot.cli_workers import prepare_run_dir
+
+            run_dir = prepare_run_dir()  # before anything imports prometheus_client
+        serving = _serve(
+            settings, force_terminal=args.command == "shell", workers=workers, env_file=args.env_file, run_dir=run_dir
+        )
         with contextlib.suppress(KeyboardInterrupt):
-            asyncio.run(_serve(settings, force_terminal=args.command == "shell"))
+            asyncio.run(serving)
+        return 0
+    if args.command == "worker":
+        from bot.cli_workers import work
+
+        settings = _settings(args)
+        with contextlib.suppress(KeyboardInterrupt):
+            asyncio.run(work(settings, args.wake_dir, args.index))
         return 0
     if args.command == "tools":
         asyncio.run(_tools(_settings(args), args.channel))

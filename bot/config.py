@@ -60,6 +60,7 @@ class Settings(BaseModel):
     tool_timeout: float = Field(60.0, alias="CHATOPS_TOOL_TIMEOUT", gt=0)
     sweep_interval: float = Field(5.0, alias="CHATOPS_SWEEP_INTERVAL", gt=0)
     lease_seconds: float = Field(30.0, alias="CHATOPS_LEASE_SECONDS", ge=1)
+    workers: int | None = Field(None, alias="CHATOPS_WORKERS", ge=0, le=256)
     outbox_deadline: float = Field(600.0, alias="CHATOPS_OUTBOX_DEADLINE", gt=0)
     model_notice_after: float = Field(15.0, alias="CHATOPS_MODEL_NOTICE_AFTER", gt=0)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", alias="CHATOPS_LOG_LEVEL")

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable
 from typing import Protocol
 
@@ -21,6 +22,7 @@ from bot.core import metrics
 from storage.engine import Database
 
 DB_TIMEOUT = 3.0
+BUSY_ATTEMPTS, BUSY_PAUSE = 20, 0.05
 CHECK_TIMEOUT = 5.0
 
 
@@ -40,8 +42,17 @@ async def database_problem(db: Database) -> str | None:
             sync_engine = db.sync_engine
 
             def ping() -> None:
-                with sync_engine.connect() as conn:
-                    conn.execute(sa.text("SELECT 1 FROM alembic_version"))
+                # Other processes (workers, replicas) write too: a moment of SQLITE_BUSY while one of
+                # them checkpoints the WAL is not "not ready"; look again until the time bound.
+                for attempt in range(BUSY_ATTEMPTS):
+                    try:
+                        with sync_engine.connect() as conn:
+                            conn.execute(sa.text("SELECT 1 FROM alembic_version"))
+                        return
+                    except sa.exc.OperationalError as exc:
+                        if attempt + 1 == BUSY_ATTEMPTS or not ("locked" in str(exc) or "busy" in str(exc)):
+                            raise
+                        time.sleep(BUSY_PAUSE)
 
             await asyncio.wait_for(asyncio.to_thread(ping), DB_TIMEOUT)
         else:

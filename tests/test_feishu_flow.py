@@ -240,3 +240,43 @@ async def test_a_rejected_app_secret_stops_start_up_with_the_variable_named(bots
     with pytest.raises(ConfigError, match=r"FEISHU_APP_SECRET was rejected by Feishu \(code 10014\)"):
         await bots.run(app)
     assert len(fake_feishu.calls_to("token")) == 1  # not retried
+
+
+async def test_with_workers_the_card_is_refreshed_after_the_click_answer(feishu_bot, model):
+    """`serve --workers N`: the front answers a click with the card as it was; a worker's card update may
+    land before that answer and be covered by it. The front queues one more refresh, due a moment after
+    its answer, which a later update does not swallow: the card ends on the real state, patched after the
+    click was answered."""
+    from bot.app import Role, build_app
+    from tests.feishu_helpers import FeishuBot
+
+    model.script(calls(("create_crm_lead", LEAD)), text("Created."))
+    worker = await feishu_bot()  # delivers cards and runs the work, as a worker process would
+    await worker.send(at_bot("create a lead for Zhang San", message_id="om_ask"))
+    await worker.settle()
+    card = worker.card()
+    approval_id = approval_id_of(card)
+
+    front_app = await build_app(worker.app.settings, role=Role.FRONT, wake=lambda: None)
+    front_adapter = FeishuAdapter(front_app.core, front_app.settings)
+    front_app.add_adapter(front_adapter)
+    await front_app.start(serve_http=True)
+    front = FeishuBot(front_app, front_adapter, worker.fake, worker.http, worker.key)
+    try:
+        status, answer = await front.send(click(approval_id, "approve", card_message_id=card.message_id))
+        assert status == 200 and answer["card"]["type"] == "raw"  # the card as it was at the click
+        answered_at = utcnow()
+        patches_at_answer = len(worker.fake.messages[card.message_id].patches)
+        await worker.app.sweeper.pick_up()  # the worker's wake-up: the approved call, then the card updates
+        await worker.settle()
+        async with asyncio.timeout(30):
+            while await worker.count("outbox_job", "status = 'pending'"):
+                await worker.app.core.out.deliver_due()  # the refresh is due a moment after the answer
+                await worker.settle()
+    finally:
+        await front_app.stop()
+    assert utcnow() - answered_at >= timedelta(seconds=0.9)  # the last rendering came after the answer
+    patches = worker.fake.messages[card.message_id].patches
+    assert len(patches) > patches_at_answer
+    final = worker.fake.cards()[-1].json
+    assert final["header"]["template"] == "green"  # succeeded, not the state at the click

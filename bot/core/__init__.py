@@ -9,7 +9,7 @@ Modules:
 - `approvals`   the approval record and its transitions; `executor` runs an approved call;
 - `outbox`      cards, replies and notices through the channels;
 - `cards`       the platform-neutral card built from a stored approval;
-- `sweeper`     periodic recovery on every replica;
+- `sweeper`     periodic recovery on every replica, and a worker process's pick-up of new work on a wake-up;
 - `policy`, `policy_file`, `memberships`  who may use, approve and what;
 - `model`       the OpenAI-compatible client; `context` the explicit dependency bundle;
 - `events`, `channels`  the small types shared with the adapters; `texts` every user-facing

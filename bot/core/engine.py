@@ -6,6 +6,11 @@
   see; execution and the resumed agent run happen in the background, cards through the outbox.
 - `open_edit` / `edit`: the form for an Edit click, and a submitted edit (a new revision of the
   frozen call, or the problems by field); the card update goes through the outbox.
+
+Where "the background" is depends on how the Core was built: in one process (`wake=None`, the
+terminal chat, tests) it spawns the work as tasks of this process; in the front process of
+`chatops serve --workers N` (`wake` given) it only signals the worker processes, which claim the
+work from the database (`Sweeper.pick_up`).
 """
 
 from __future__ import annotations
@@ -13,12 +18,13 @@ from __future__ import annotations
 import dataclasses
 import logging
 import uuid
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 
 import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlmodel import col
 
+from bot.core import outbox
 from bot.core.approvals import ApprovalService, Decision, DecisionOutcome, EditOutcome
 from bot.core.cards import card_view
 from bot.core.context import AppContext
@@ -32,20 +38,23 @@ from storage.engine import DbSession, LockBusy, is_transient
 from storage.models import Approval, ApprovalStatus, InboxEvent, SeenKey
 
 log = logging.getLogger("chatops.core")
+CARD_ANSWER_GRACE = 1.0  # seconds: a click's answer reaches the platform well within this
 
 
 class Core:
-    """The bot's core; one per process (or per simulated replica in tests)."""
+    """The bot's core; one per process (or per simulated replica in tests). With `wake`, work is
+    not run here: `wake()` tells the worker processes to claim it (it must not block)."""
 
-    def __init__(self, ctx: AppContext) -> None:
+    def __init__(self, ctx: AppContext, wake: Callable[[], None] | None = None) -> None:
         self.ctx = ctx
+        self.wake = wake
         self.approvals = ApprovalService(ctx)
         self.out = Outbox(ctx)
         self.store = RunStore(ctx, self.approvals)
         self.runner = Runner(ctx, self.store, self.out)
         self.executor = Executor(ctx, self.approvals)
         self.out.on_card_given_up.append(lambda approval: self.resume_later(approval.run_id))
-        ctx.db.after_commit("outbox_queued", self.out.kick)
+        ctx.db.after_commit("outbox_queued", wake or self.out.kick)
 
     # ------------------------------------------------------------------ inbound messages
     async def accept_message(self, msg: IncomingMessage) -> bool:
@@ -86,6 +95,9 @@ class Core:
         )  # fmt: skip
 
     def start_conversation(self, key: str) -> None:
+        if self.wake is not None:
+            self.wake()
+            return
         self.ctx.tasks.spawn(self.runner.process_conversation(key), name=f"conversation-{key}")
 
     # ------------------------------------------------------------------ decisions
@@ -97,7 +109,9 @@ class Core:
             raise StorageError(f"could not record the decision: {type(exc).__name__}") from None
         if outcome.changed and outcome.approval is not None:
             approval = outcome.approval
-            if outcome.kind == Decision.APPROVED:
+            if outcome.kind == Decision.APPROVED and self.wake is not None:
+                self.wake()
+            elif outcome.kind == Decision.APPROVED:
                 self.ctx.tasks.spawn(self._execute_then_resume(approval.id, approval.run_id), name=f"execute-{approval.id}")
             else:
                 self.resume_later(approval.run_id)
@@ -126,12 +140,33 @@ class Core:
             return outcome
         return dataclasses.replace(outcome, card=card_view(outcome.approval))
 
+    async def card_answered(self, approval_id: str) -> None:
+        """A click is about to be answered with the card as it is now (Feishu shows that answer in place
+        of the card). Where other processes deliver card updates, one of theirs could land just before
+        that answer and be covered by it: queue one more refresh, due a moment later, which renders the
+        state at delivery time. In one process the adapter orders its own updates after the answer."""
+        if self.wake is None:
+            return
+
+        async def queue(session: DbSession) -> None:
+            approval = await session.get(Approval, approval_id)
+            if approval is not None:
+                await outbox.enqueue_card_update(session, self.ctx, approval, after=CARD_ANSWER_GRACE)
+
+        try:
+            await self.ctx.db.run(queue, urgent=True)
+        except Exception as exc:  # noqa: BLE001 - the card then shows the state at the click until its next update
+            log.warning("could not queue a refresh of the card of %s: %s", approval_id, type(exc).__name__)
+
     async def _execute_then_resume(self, approval_id: str, run_id: str) -> None:
         await self.executor.execute(approval_id)
         await self.runner.resume(run_id)
 
     def resume_later(self, run_id: str) -> None:
         """Resume a waiting run in the background if its approvals are all decided."""
+        if self.wake is not None:
+            self.wake()
+            return
         self.ctx.tasks.spawn(self.runner.resume(run_id), name=f"resume-{run_id}")
 
     # ------------------------------------------------------------------ queries and shutdown

@@ -67,10 +67,12 @@ async def enqueue_card(session: DbSession, ctx: AppContext, approval: Approval) 
     await _insert(session, _job(ctx, OutboxKind.CARD, approval.thread, run_id=approval.run_id, approval_id=approval.id))
 
 
-async def enqueue_card_update(session: DbSession, ctx: AppContext, approval: Approval) -> None:
-    """Queue a refresh of an approval's card; it renders the approval's state at delivery time."""
+async def enqueue_card_update(session: DbSession, ctx: AppContext, approval: Approval, *, after: float = 0.0) -> None:
+    """Queue a refresh of an approval's card (due `after` seconds from now); it renders the approval's
+    state at delivery time."""
     job = _job(ctx, OutboxKind.CARD_UPDATE, approval.thread, run_id=None, approval_id=approval.id)
     job["thread_key"] = f"update:{approval.id}"
+    job["next_attempt_at"] = job["next_attempt_at"] + timedelta(seconds=after)
     await _insert(session, job)
 
 
@@ -199,7 +201,8 @@ class Outbox:
         )
         if job.kind == OutboxKind.REPLY:
             return
-        # Card updates queued before this rendering show nothing newer than it did: they are done too.
+        # Card updates queued before this rendering show nothing newer than it did: they are done too
+        # (not those due later on purpose: a refresh after a click's answer must still come).
         await session.execute(
             sa.update(OutboxJob)
             .where(
@@ -207,6 +210,7 @@ class Outbox:
                 col(OutboxJob.kind) == OutboxKind.CARD_UPDATE,
                 col(OutboxJob.status) == OutboxStatus.PENDING,
                 col(OutboxJob.created_at) <= rendered_at,
+                col(OutboxJob.next_attempt_at) <= rendered_at,
                 col(OutboxJob.id) != job.id,
                 sa.or_(col(OutboxJob.lease_until).is_(None), col(OutboxJob.lease_until) < rendered_at),
             )

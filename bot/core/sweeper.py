@@ -6,6 +6,12 @@ left `approved`; take over runs whose lease ran out, whether or not their owner 
 waiting runs whose approvals are all decided; start conversations with queued messages nobody
 holds; deliver outbox jobs that are due. Each part is independent: one failing is logged and the
 others still run.
+
+In a worker process (`chatops serve --workers N`) the sweeper is also how work starts: the front
+only records and signals, `wake()` then runs `pick_up`, the prompt part of a pass (approvals left
+`approved`, decided waiting runs, queued conversations nobody holds, due outbox jobs) with no
+grace, since no front ever starts that work itself. The claims are the usual conditional ones, so
+any number of workers, on any number of machines, can pick up the same item: one wins.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import socket
 from collections.abc import Awaitable, Callable
 
 import sqlalchemy as sa
+from sqlalchemy.exc import IntegrityError
 from sqlmodel import col
 
 from bot.core import metrics
@@ -37,6 +44,7 @@ class Sweeper:
         self.core = core
         self.ctx = core.ctx
         self._stop = asyncio.Event()
+        self._woken = asyncio.Event()
 
     async def heartbeat(self) -> None:
         ctx = self.ctx
@@ -79,6 +87,32 @@ class Sweeper:
             await part()
         except Exception as exc:  # noqa: BLE001 - one failing part must not stop the others
             log.warning("sweep step %s failed: %s", getattr(part, "__name__", "?"), type(exc).__name__)
+
+    async def pick_up(self) -> None:
+        """Start the work that waits now, each item in a tracked task of its own (a worker's wake-up)."""
+        for part in (self._approved_now, self._resume_waiting, self._start_idle_now):
+            await self._guarded(part)
+        self.core.out.kick()
+
+    async def _approved_now(self) -> None:
+        for approval_id in await self.core.approvals.approved_but_not_started(0):
+            self.ctx.tasks.spawn_coalesced(f"execute-{approval_id}", functools.partial(self._execute, approval_id))
+
+    async def _execute(self, approval_id: str) -> None:
+        if await self.core.executor.execute(approval_id):
+            approval = await self.ctx.db.run(functools.partial(self._approval, approval_id=approval_id), read=True)
+            if approval is not None:
+                await self.core.runner.resume(approval.run_id)
+
+    async def _start_idle_now(self) -> None:
+        for key in await self.core.store.idle_conversations(0):
+            self.ctx.tasks.spawn_coalesced(f"conversation-{key}", functools.partial(self._start, key))
+
+    async def _start(self, key: str) -> None:
+        try:
+            await self.core.runner.process_conversation(key)
+        except IntegrityError:  # another worker created the conversation's row first: that one runs it
+            log.debug("conversation %s was started by another worker", key)
 
     async def _expire(self) -> None:
         for approval in await self.core.approvals.expire_overdue():
@@ -128,10 +162,23 @@ class Sweeper:
             metrics.QUEUE_DEPTH.labels(kind).set(count)
 
     async def run_forever(self) -> None:
+        """A full pass every `sweep_interval` seconds; a `pick_up` pass on every wake-up in between
+        (wake-ups that come while a pass runs are served by one more pass)."""
+        loop = asyncio.get_running_loop()
         while not self._stop.is_set():
             await self.sweep()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stop.wait(), self.ctx.settings.sweep_interval)
+            deadline = loop.time() + self.ctx.settings.sweep_interval
+            while not self._stop.is_set() and (left := deadline - loop.time()) > 0:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._woken.wait(), left)
+                if self._woken.is_set() and not self._stop.is_set():
+                    self._woken.clear()
+                    await self.pick_up()
+
+    def wake(self) -> None:
+        """Work may be waiting (a worker's signal): pick it up now. Safe to call from the event loop only."""
+        self._woken.set()
 
     def stop(self) -> None:
         self._stop.set()
+        self._woken.set()

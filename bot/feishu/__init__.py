@@ -131,6 +131,10 @@ class FeishuAdapter:
             )
             await self._long.start()
 
+    async def open_for_delivery(self) -> None:
+        """A worker posts through the API client alone (no bot identity, no long connection), built
+        at its first post: a worker that never posts to Feishu never imports lark-oapi."""
+
     async def not_ready(self) -> list[str]:
         """Tenant token and bot identity known (asked again every `token_recheck` s); long connection up when used."""
         if self._loop is None:
@@ -214,6 +218,8 @@ class FeishuAdapter:
                 user = language.speak_with(self.core.ctx.policy, user, events.click_chat(payload), fallback=card_lang)
                 request = replace(request, user=user)
                 outcome = await self.core.decide(request)
+                if outcome.changed:
+                    await self.core.card_answered(request.approval_id)
             except BaseException:
                 self._answered(request.approval_id)
                 raise
@@ -360,6 +366,7 @@ class FeishuAdapter:
         await self._post(thread, "text", json.dumps({"text": safe}, ensure_ascii=False), key=None)
 
     async def show_working(self, thread: Thread) -> None:
+        await self.api.open()
         try:
             await self.api.react(thread.coords["message_id"], WORKING_EMOJI)
         except FeishuApiError as exc:
@@ -376,9 +383,11 @@ class FeishuAdapter:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(pending.wait(), 3)
             self._answering.pop(card.approval_id, None)
+        await self.api.open()
         await self.api.patch(message_id, json.dumps(cards.render_card(card), ensure_ascii=False))
 
     async def _post(self, thread: Thread, msg_type: str, content: str, *, key: str | None) -> str:
+        await self.api.open()
         coords = thread.coords
         try:
             return await self.api.reply(coords["message_id"], msg_type, content, in_thread=bool(coords.get("in_thread")), key=key)

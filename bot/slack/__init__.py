@@ -92,6 +92,9 @@ class SlackAdapter:
         if self.socket is not None:
             await self.socket.start()
 
+    async def open_for_delivery(self) -> None:
+        """A worker posts through the Web API client alone: nothing to connect."""
+
     async def not_ready(self) -> list[str]:
         """auth.test passed (asked again every `auth_recheck` seconds) and, in Socket Mode, the socket is up."""
         problems = []

@@ -1,0 +1,118 @@
+"""`chatops serve` with worker processes: the front (channels, acks, the supervisor) and
+`chatops worker` (the agent, executions, deliveries). See `bot.supervisor` and `bot.wake`.
+
+The front records each event and signals; it runs no model call, no tool and no delivery. Each
+worker claims work from the database, so fronts and workers on any number of machines can share
+one PostgreSQL with no other coordination.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import shutil
+import stat
+import sys
+import tempfile
+from pathlib import Path
+
+from bot.config import Settings
+from bot.supervisor import Workers, WorkersReadiness, forget_metrics_of, prepare_metrics_dir
+from bot.wake import PgNotifier, SocketListener, SocketNotifier, listen_pg
+from storage.engine import normalise_url
+
+log = logging.getLogger("chatops")
+WORKERS_STOP_BUDGET = 7.5  # seconds the workers get after SIGTERM (the front's watchdog fires at 8.5)
+
+
+def prepare_run_dir() -> Path:
+    """A private directory for this `chatops serve`: wake-up sockets and (unless the operator set
+    PROMETHEUS_MULTIPROC_DIR) the metrics files of every process."""
+    run_dir = Path(tempfile.mkdtemp(prefix="chatops-"))
+    prepare_metrics_dir(run_dir)
+    return run_dir
+
+
+async def serve_front(settings: Settings, count: int, env_file: Path | None, run_dir: Path, stop: asyncio.Event) -> None:
+    """Start `count` workers and the channels; serve until `stop`; stop both within the bound."""
+    from bot.app import Role, build_app
+    from bot.cli import _add_channels, _unless_stopped
+
+    urls = normalise_url(settings.database_url)
+    notifier = SocketNotifier(run_dir) if urls.is_sqlite else PgNotifier(urls.async_url)
+    args = [*(["--env-file", str(env_file)] if env_file else []), "worker", "--wake-dir", str(run_dir)]
+    workers = Workers(count, args, forget_metrics_of)
+    app = None
+    try:
+        app = await _unless_stopped(build_app(settings, role=Role.FRONT, wake=notifier.wake), stop)
+        if app is None:
+            return
+        app.ready_sources.append(WorkersReadiness(workers))
+        chat_channels = _add_channels(app, settings)
+        await workers.start()
+        await _unless_stopped(app.start(serve_http=True), stop)
+        problems = None if stop.is_set() else await _unless_stopped(app.readiness().problems(), stop)
+        if problems is None:
+            return
+        log.info("chatops started: %s; %s", ", ".join(chat_channels), f"not ready yet: {problems}" if problems else "ready")
+        await stop.wait()
+    finally:
+        await asyncio.gather(*([app.stop()] if app is not None else []), workers.stop(WORKERS_STOP_BUDGET))
+        await notifier.close()
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+async def work(settings: Settings, wake_dir: Path, index: int) -> None:
+    """One worker process: listen for wake-ups, recover, then sweep and pick up work until stopped."""
+    from bot.app import Role, build_app
+    from bot.cli import _add_channels, _stop_on_signals, _unless_stopped
+
+    stop = _stop_on_signals()
+    _stop_when_parent_leaves(stop)
+    app = await _unless_stopped(build_app(settings, migrate=False, role=Role.WORKER), stop)
+    if app is None:
+        return
+    listener: SocketListener | None = None
+    listening: asyncio.Task[None] | None = None
+    try:
+        _add_channels(app, settings)
+        if app.ctx.db.is_sqlite:
+            listener = SocketListener(wake_dir / f"worker-{index}.sock", app.sweeper.wake)
+        else:
+            listening = asyncio.create_task(listen_pg(app.ctx.db.urls.async_url, app.sweeper.wake, stop), name="listen")
+        await _unless_stopped(app.start(serve_http=False), stop)
+        if not stop.is_set():
+            log.info("worker %d ready", index)
+            await stop.wait()
+    finally:
+        if listener is not None:
+            await listener.close()
+        if listening is not None:
+            listening.cancel()
+            await asyncio.gather(listening, return_exceptions=True)
+        await app.stop()
+
+
+def _stop_when_parent_leaves(stop: asyncio.Event) -> None:
+    """The supervisor holds our stdin (a pipe) open: end-of-file means it is gone, so stop too."""
+    fd = sys.stdin.fileno() if sys.stdin is not None else -1
+    if fd < 0 or not stat.S_ISFIFO(os.fstat(fd).st_mode):
+        return  # not started by a supervisor
+    loop = asyncio.get_running_loop()
+
+    def readable() -> None:
+        try:
+            if os.read(fd, 4096):
+                return
+        except BlockingIOError:
+            return
+        except OSError:
+            pass
+        loop.remove_reader(fd)
+        if not stop.is_set():
+            log.warning("the supervisor is gone: stopping")
+            stop.set()
+
+    os.set_blocking(fd, False)
+    loop.add_reader(fd, readable)
