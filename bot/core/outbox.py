@@ -26,7 +26,7 @@ from bot.core.cards import card_view
 from bot.core.channels import DeliveryFailed
 from bot.core.context import AppContext
 from bot.core.events import Thread
-from storage.engine import DbSession
+from storage.engine import DbSession, rowcount
 from storage.models import Approval, ApprovalStatus, OutboxJob, OutboxKind, OutboxStatus
 
 log = logging.getLogger("chatops.outbox")
@@ -170,10 +170,10 @@ class Outbox:
             .values(
                 owner=self.ctx.replica_id, lease_until=now + timedelta(seconds=CLAIM_SECONDS), attempts=OutboxJob.attempts + 1
             )
-            .returning(OutboxJob)  # the claimed job in the same statement (SQLite >= 3.35, PostgreSQL)
         )
-        job: OutboxJob | None = claimed.scalar_one_or_none()
-        return job
+        if not rowcount(claimed):
+            return None
+        return await session.get(OutboxJob, job_id)
 
     async def _send(self, job: OutboxJob) -> str | None:
         channel = self.ctx.channel(job.platform)
