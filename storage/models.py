@@ -100,6 +100,9 @@ class OutboxKind(StrEnum):
     REPLY = "reply"
     CARD = "card"
     CARD_UPDATE = "card_update"
+    PROGRESS = "progress"  # the run's one progress message: posted once, then edited in place
+    ANSWER = "answer"  # a run's final text: replaces the progress message (or streams, when long)
+    HOME_REFRESH = "home_refresh"  # re-publish a person's Slack App Home (`thread` names the user)
 
 
 class OutboxStatus(StrEnum):
@@ -211,6 +214,7 @@ class Approval(SQLModel, table=True):
     # `edits`: one entry per edit ({"user", "at", "revision", "fields"}), the editors of the call.
     revision: int = Field(default=1, sa_column=sa.Column(sa.Integer(), nullable=False, server_default="1"))
     edits: list[dict[str, Any]] | None = _json(nullable=True)
+    reminded_at: datetime | None = _ts(nullable=True)  # the expiry reminder was queued (set once, conditionally)
 
 
 class AuditEvent(SQLModel, table=True):

@@ -30,7 +30,8 @@ async def test_slack_429_storms_on_post_message_and_update_still_deliver_card_up
     bot = await slack_bot(toolsets=[stages.toolset()])
     fake_slack.rate_limit("chat.postMessage", times=STORM, retry_after=1)
     assert (await bot.send(mention("store a note")))[0] == 200
-    await fake_slack.wait_for("chat.postMessage", timeout=90)  # the card, after the storm
+    # the progress line and the card, after the storm
+    await fake_slack.wait_until(lambda: any(m.get("blocks") for m in fake_slack.messages.values()), timeout=90)
     card = card_message(fake_slack)
     approval_id = approval_id_of(card)
     assert len(fake_slack.calls_to("chat.postMessage", ok_only=False)) > STORM
@@ -38,7 +39,8 @@ async def test_slack_429_storms_on_post_message_and_update_still_deliver_card_up
     fake_slack.rate_limit("chat.update", times=STORM, retry_after=1)
     fake_slack.rate_limit("chat.postMessage", times=STORM, retry_after=1)
     assert (await bot.send(click(card)))[0] == 200
-    await fake_slack.wait_for("chat.postMessage", count=2, timeout=90)
+    # the answer replaces the progress line (chat.update), after the storms
+    await fake_slack.wait_until(lambda: "Stored." in [r["text"] for r in bot.replies()], timeout=90)
     while "Done:" not in str(fake_slack.messages[card["ts"]].get("blocks")):  # the last card update, after its retries
         await fake_slack.wait_for("chat.update", count=len(fake_slack.calls_to("chat.update")) + 1, timeout=90)
     await bot.settle()

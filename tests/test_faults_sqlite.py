@@ -112,16 +112,17 @@ async def test_a_lock_held_during_a_write_tool_delays_its_record_which_lands_onc
 
     stages.during_write = hold_the_lock
     assert (await bot.send(mention("store a note")))[0] == 200
-    await bot.fake.wait_for("chat.postMessage", timeout=60)
+    await bot.fake.wait_for("chat.postMessage", count=2, timeout=60)  # progress line, card
     card = card_message(bot.fake)
     approval_id = approval_id_of(card)
     assert (await bot.send(click(card)))[0] == 200
     await locked.wait()  # the tool ran and returned; its record now waits for the lock
     refused = await check_fast_answers_while_locked(bot)
     await lock.release()
-    await bot.fake.wait_for("chat.postMessage", count=2, timeout=60)  # the card, then "Stored."
+    # "Stored." replaces the run's progress line (posted before the card)
+    await bot.fake.wait_until(lambda: "Stored." in [r["text"] for r in bot.replies()], timeout=60)
     assert (await bot.send(refused, retry_num=1))[0] == 200
-    await bot.fake.wait_for("chat.postMessage", count=3, timeout=60)
+    await bot.fake.wait_for("chat.postMessage", count=3, timeout=60)  # progress line, card, "second answer"
     await bot.settle()
     await settle(bot.app)
     assert stages.runs == [approval_id]
@@ -190,7 +191,7 @@ async def test_a_read_only_file_during_a_write_tool_records_what_was_done_once_w
 
     stages.during_write = make_read_only
     assert (await bot.send(mention("store a note")))[0] == 200
-    await bot.fake.wait_for("chat.postMessage", timeout=60)
+    await bot.fake.wait_for("chat.postMessage", count=2, timeout=60)  # progress line, card
     card = card_message(bot.fake)
     approval_id = approval_id_of(card)
     assert (await bot.send(click(card)))[0] == 200
@@ -199,9 +200,10 @@ async def test_a_read_only_file_during_a_write_tool_records_what_was_done_once_w
     refused = await check_fast_answers_while_locked(bot)
     await asyncio.sleep(READ_ONLY_SECONDS)
     await fault.restore()
-    await bot.fake.wait_for("chat.postMessage", count=2, timeout=60)  # the card, then "Stored."
+    # "Stored." replaces the run's progress line (posted before the card)
+    await bot.fake.wait_until(lambda: "Stored." in [r["text"] for r in bot.replies()], timeout=60)
     assert (await bot.send(refused, retry_num=1))[0] == 200
-    await bot.fake.wait_for("chat.postMessage", count=3, timeout=60)
+    await bot.fake.wait_for("chat.postMessage", count=3, timeout=60)  # progress line, card, "second answer"
     await bot.settle()
     await settle(bot.app)
     assert stages.runs == [approval_id]

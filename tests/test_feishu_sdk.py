@@ -53,7 +53,7 @@ def test_the_sdk_prints_nothing_itself_after_load():
 
 
 def test_only_the_services_used_are_imported():
-    """`import lark_oapi` would load every generated service (~146 MB); a Feishu process loads im, contact and ws."""
+    """`import lark_oapi` would load every generated service (~146 MB); a Feishu process loads im, contact, cardkit and ws."""
     probe = (
         "import sys\n"
         "from bot.feishu import sdk\n"
@@ -66,4 +66,4 @@ def test_only_the_services_used_are_imported():
         "print(sorted(loaded))\n"
     )
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=True)
-    assert done.stdout.strip() == "['contact', 'im']", done.stdout + done.stderr
+    assert done.stdout.strip() == "['cardkit', 'contact', 'im']", done.stdout + done.stderr

@@ -185,7 +185,7 @@ async def test_stops_in_time_in_the_middle_of_an_execution_and_hands_its_run_bac
         async with aiohttp.ClientSession() as http:
             for payload in (mention("mail the weekly report"), None):
                 if payload is None:
-                    await fake.wait_for("chat.postMessage")
+                    await fake.wait_for("chat.postMessage", count=2)  # the progress line, then the card
                     payload = click(card_message(fake))
                 body, content_type = encode(payload)
                 headers = {"Content-Type": content_type, **signed(body)}

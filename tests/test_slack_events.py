@@ -23,7 +23,14 @@ def test_a_channel_mention_is_a_thread_conversation_answered_in_that_thread():
     assert msg.text == "create a lead for <@U0OTHER>"  # only the bot's own mention is removed
     assert (msg.user.platform, msg.user.id, msg.user.tenant, msg.user.name) == ("slack", ALICE, TEAM_ID, "Alice")
     assert msg.user.key == f"slack:{TEAM_ID}:{ALICE}"
-    assert msg.thread.coords == {"team": TEAM_ID, "channel": CHANNEL, "thread_ts": "1.000100", "ts": "1.000100", "dm": False}
+    assert msg.thread.coords == {
+        "team": TEAM_ID,
+        "channel": CHANNEL,
+        "thread_ts": "1.000100",
+        "ts": "1.000100",
+        "dm": False,
+        "user": ALICE,
+    }
     assert msg.conversation_key == f"slack:{TEAM_ID}:{CHANNEL}:1.000100"
     assert msg.dedupe_keys == ("slack:evt:Ev1", f"slack:msg:{TEAM_ID}:{CHANNEL}:1.000100")
     assert msg.channel_id == CHANNEL

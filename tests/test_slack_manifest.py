@@ -40,8 +40,15 @@ def test_the_bot_has_the_scopes_it_uses_and_no_more(manifest):
     assert "user" not in manifest["oauth_config"]["scopes"]  # no user token
 
 
-def test_it_hears_mentions_and_dms_only(manifest):
-    assert set(manifest["settings"]["event_subscriptions"]["bot_events"]) == {"app_mention", "message.im"}
+def test_it_hears_mentions_dms_and_home_opens_only(manifest):
+    assert set(manifest["settings"]["event_subscriptions"]["bot_events"]) == {"app_mention", "message.im", "app_home_opened"}
+
+
+def test_the_home_tab_is_on_and_has_its_handler(manifest):
+    assert manifest["features"]["app_home"]["home_tab_enabled"] is True
+    handlers = (ROOT / "bot" / "slack" / "handlers.py").read_text(encoding="utf-8")
+    assert 'app.event("app_home_opened")' in handlers  # a subscribed event someone listens to
+    assert "views_publish" in handlers
 
 
 def test_buttons_socket_mode_and_the_messages_tab_are_on(manifest):

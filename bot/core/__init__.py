@@ -16,7 +16,8 @@ Modules:
   sentence, `i18n` its two languages (gettext catalogues in `locales/`, the current language),
   `language` which language a person gets; `errors` the operator-facing exception root;
 - `commands`  the in-chat commands (help, pending, cancel); `channel_setup` per-channel prompt,
-  model, tools and language.
+  model, tools and language; `home` a person's pending approvals and recent runs (Slack App Home), `home_audience`
+  whose home a change concerns.
 
 Import rules (enforced by `tests/test_layout.py`): `bot.core` imports only `bot.core.*`,
 `bot.config`, `storage`, `tools`, the standard library and non-platform libraries. It never

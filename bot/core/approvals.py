@@ -1,5 +1,8 @@
 """The approval service: the one owner of the approval state machine.
 
+A pending approval near its expiry gets one reminder in its thread (`remind_near_expiry`, from the
+sweeper; a once-only flag, not a state).
+
 States (`ApprovalStatus`): pending -> approved | rejected | expired | cancelled;
 approved -> executing -> succeeded | failed | in_doubt (approved -> cancelled when the call may no
 longer run). Every transition is one conditional UPDATE (`WHERE status = ... [AND version = ...]`),
@@ -22,10 +25,11 @@ from typing import Any
 import sqlalchemy as sa
 from sqlmodel import col
 
-from bot.core import edit_form, metrics, outbox, texts
+from bot.core import edit_form, i18n, metrics, outbox, texts
 from bot.core.cards import card_content
 from bot.core.channels import CardView
 from bot.core.context import AppContext
+from bot.core.display import one_line
 from bot.core.events import DecisionRequest, EditRequest, User
 from bot.core.policy import RULE_STRENGTH, CallRule
 from storage.audit import canonical_json
@@ -36,6 +40,8 @@ from tools.registry import CallProblem, PreparedCall
 S = ApprovalStatus
 _ID_ALPHABET = "abcdefghijkmnpqrstuvwxyz23456789"
 MAX_ID_LENGTH = 40
+REMIND_AT = 0.8  # a pending approval gets its one reminder after this share of its lifetime
+REMIND_SCAN = 500
 
 
 def new_approval_id() -> str:
@@ -559,6 +565,46 @@ class ApprovalService:
             return list(rows.scalars().all())
 
         return await ctx.db.run(find, read=True)
+
+    async def remind_near_expiry(self) -> list[Approval]:
+        """Queue one reminder in the thread of each pending approval past `REMIND_AT` of its lifetime.
+        The flag is set by a conditional UPDATE (`reminded_at IS NULL`), so across replicas and sweeps
+        exactly one reminder is queued, in the same transaction as the flag and its audit row."""
+        ctx = self.ctx
+
+        async def remind(session: DbSession) -> list[Approval]:
+            now = ctx.clock()
+            rows = await session.execute(
+                sa.select(Approval)
+                .where(col(Approval.status) == S.PENDING, col(Approval.reminded_at).is_(None), col(Approval.expires_at) > now)
+                .order_by(col(Approval.expires_at))
+                .limit(REMIND_SCAN)
+            )
+            due = [a for a in rows.scalars().all() if now >= a.created_at + (a.expires_at - a.created_at) * REMIND_AT]
+            reminded = []
+            for a in due:
+                flagged = await session.execute(
+                    sa.update(Approval)
+                    .where(col(Approval.id) == a.id, col(Approval.status) == S.PENDING, col(Approval.reminded_at).is_(None))
+                    .values(reminded_at=now)
+                )
+                if not rowcount(flagged):
+                    continue  # another replica (or a decision) got there first
+                requester = a.requester or {}
+                with i18n.speaking(requester.get("lang"), requester.get("tz")):
+                    summary = one_line((a.card or {}).get("summary") or a.tool_name)[:200]
+                    notice = texts.EXPIRY_REMINDER.format(
+                        approval_id=a.id, tool=a.tool_name, summary=summary, at=texts.when(a.expires_at)
+                    )
+                await outbox.enqueue_reply(session, ctx, a.thread, notice, run_id=a.run_id)
+                await ctx.audit.record(
+                    session, "approval_reminded", run_id=a.run_id, approval_id=a.id, tool=a.tool_name, status=S.PENDING,
+                    expires_at=a.expires_at.isoformat(),
+                )  # fmt: skip
+                reminded.append(a)
+            return reminded
+
+        return await ctx.db.run(remind)
 
     async def cancel_pending(
         self, session: DbSession, where: sa.ColumnElement[bool], reason: str, *, actor: str | None = None

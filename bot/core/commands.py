@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Literal
 import sqlalchemy as sa
 from sqlmodel import col
 
-from bot.core import texts
+from bot.core import outbox, texts
 from bot.core.approvals import editors_of
 from bot.core.cards import card_view
 from bot.core.channels import CardView
@@ -207,6 +207,7 @@ async def cancel_conversation(core: Core, conversation_key: str, user: User) -> 
         )
         conv.active_run_id = None
         conv.version += 1
+        await outbox.enqueue_progress(session, ctx, run.thread, str(texts.PROGRESS_STOPPED), run_id=run.id, edit_only=True)
         await ctx.audit.record(
             session,
             "run_cancelled",

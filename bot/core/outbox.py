@@ -6,6 +6,12 @@ Delivery is tried at once after the commit (`Outbox.deliver`), and again by the 
 A card that could not be delivered by then is cancelled (nobody can approve what nobody sees) and
 the model is told; a reply that could not be delivered is recorded as such. Jobs of one run are
 delivered in order; a job is claimed under a short lease, so two replicas never send it together.
+
+Progress: a run's `progress` jobs keep ONE message per run up to date (the first is posted, later ones
+edit it; a newer progress or the answer supersedes a waiting one, so a burst of steps costs one edit;
+they give up after `PROGRESS_DEADLINE`, nothing depends on them). The run's `answer` replaces that
+message (the adapter may stream a long answer instead). `home_refresh` jobs re-publish a person's
+home view (Slack App Home), at most one waiting per person.
 """
 
 from __future__ import annotations
@@ -21,11 +27,11 @@ from typing import Any
 import sqlalchemy as sa
 from sqlmodel import col
 
-from bot.core import metrics, texts
+from bot.core import home_audience, metrics, texts
 from bot.core.cards import card_view
 from bot.core.channels import DeliveryFailed
 from bot.core.context import AppContext
-from bot.core.events import Thread
+from bot.core.events import Thread, User
 from storage.engine import DbSession, rowcount
 from storage.models import Approval, ApprovalStatus, OutboxJob, OutboxKind, OutboxStatus
 
@@ -34,6 +40,8 @@ log = logging.getLogger("chatops.outbox")
 CLAIM_SECONDS = 30.0
 BACKOFF_FIRST, BACKOFF_MAX = 1.0, 60.0
 ERROR_LIMIT = 500
+PROGRESS_DEADLINE = 60.0  # a progress edit older than this is not worth sending
+QUIET_KINDS = frozenset({OutboxKind.PROGRESS, OutboxKind.HOME_REFRESH})  # given up without an audit row
 
 
 def _job(ctx: AppContext, kind: OutboxKind, thread: dict[str, Any], **values: Any) -> dict[str, Any]:
@@ -63,8 +71,9 @@ async def enqueue_reply(session: DbSession, ctx: AppContext, thread: dict[str, A
 
 
 async def enqueue_card(session: DbSession, ctx: AppContext, approval: Approval) -> None:
-    """Queue the first post of an approval's card."""
+    """Queue the first post of an approval's card (and a refresh of the homes that list it)."""
     await _insert(session, _job(ctx, OutboxKind.CARD, approval.thread, run_id=approval.run_id, approval_id=approval.id))
+    await enqueue_home_refresh(session, ctx, approval)
 
 
 async def enqueue_card_update(session: DbSession, ctx: AppContext, approval: Approval, *, after: float = 0.0) -> None:
@@ -74,6 +83,61 @@ async def enqueue_card_update(session: DbSession, ctx: AppContext, approval: App
     job["thread_key"] = f"update:{approval.id}"
     job["next_attempt_at"] = job["next_attempt_at"] + timedelta(seconds=after)
     await _insert(session, job)
+    await enqueue_home_refresh(session, ctx, approval)
+
+
+async def _supersede_progress(session: DbSession, run_id: str) -> None:
+    """Waiting (unclaimed) progress edits of a run are replaced by what is queued now."""
+    await session.execute(
+        sa.update(OutboxJob)
+        .where(
+            col(OutboxJob.run_id) == run_id,
+            col(OutboxJob.kind) == OutboxKind.PROGRESS,
+            col(OutboxJob.status) == OutboxStatus.PENDING,
+            col(OutboxJob.lease_until).is_(None),
+        )
+        .values(status=OutboxStatus.SENT, last_error="superseded by a newer progress")
+    )
+
+
+async def enqueue_progress(
+    session: DbSession, ctx: AppContext, thread: dict[str, Any], text: str, *, run_id: str, edit_only: bool = False
+) -> None:
+    """Queue the run's progress line (it edits the run's one progress message in place); `edit_only`:
+    a last word for a progress message that exists (a stopped run), never a new message."""
+    await _supersede_progress(session, run_id)
+    thread = {**thread, "edit_only": True} if edit_only else thread
+    job = _job(ctx, OutboxKind.PROGRESS, thread, run_id=run_id, text=ctx.redactor.redact_text(text))
+    job["deadline"] = job["created_at"] + timedelta(seconds=min(PROGRESS_DEADLINE, ctx.settings.outbox_deadline))
+    await _insert(session, job)
+
+
+async def enqueue_answer(session: DbSession, ctx: AppContext, thread: dict[str, Any], text: str, *, run_id: str) -> None:
+    """Queue a run's final text: it replaces the run's progress message when there is one."""
+    await _supersede_progress(session, run_id)
+    await _insert(session, _job(ctx, OutboxKind.ANSWER, thread, run_id=run_id, text=ctx.redactor.redact_text(text)))
+
+
+async def enqueue_home_refresh(session: DbSession, ctx: AppContext, approval: Approval) -> None:
+    """Queue a home refresh for each person `approval` concerns, unless one is already waiting for
+    them (coalesced: the refresh renders the home when it is delivered, so it shows this change too)."""
+    if approval.platform not in home_audience.HOME_PLATFORMS:
+        return
+    for person in home_audience.concerned(ctx, approval):
+        key = f"home:{approval.platform}:{person['user']}"[:300]
+        waiting = await session.execute(
+            sa.select(col(OutboxJob.id))
+            .where(
+                col(OutboxJob.thread_key) == key,
+                col(OutboxJob.status) == OutboxStatus.PENDING,
+                col(OutboxJob.lease_until).is_(None),
+            )
+            .limit(1)
+        )
+        if waiting.first() is None:
+            job = _job(ctx, OutboxKind.HOME_REFRESH, {"platform": approval.platform, "coords": person}, run_id=None)
+            job["thread_key"] = key
+            await _insert(session, job)
 
 
 @dataclass(frozen=True)
@@ -183,6 +247,8 @@ class Outbox:
         if job.kind == OutboxKind.REPLY:
             await channel.post_reply(thread, job.text or "")
             return None
+        if job.kind in (OutboxKind.PROGRESS, OutboxKind.ANSWER, OutboxKind.HOME_REFRESH):
+            return await self._send_other(channel, job, thread)
         approval = await self.ctx.db.run(lambda s: s.get(Approval, job.approval_id), read=True)
         if approval is None:
             return None
@@ -192,6 +258,45 @@ class Outbox:
             await channel.update_card(thread, approval.card_message_id, card_view(approval))
         return None
 
+    async def _send_other(self, channel: Any, job: OutboxJob, thread: Thread) -> str | None:
+        """Progress, answers and home refreshes; a channel without progress messages (the terminal)
+        gets the answer as a reply and no progress at all."""
+        if job.kind == OutboxKind.HOME_REFRESH:
+            if hasattr(channel, "publish_home"):
+                coords = thread.coords
+                await channel.publish_home(User(job.platform, str(coords.get("user")), tenant=coords.get("team")))
+            return None
+        progress_id = await self.ctx.db.run(lambda s: self._progress_message(s, job.run_id), read=True)
+        if not hasattr(channel, "post_progress"):
+            if job.kind == OutboxKind.ANSWER:
+                await channel.post_reply(thread, job.text or "")
+            return None
+        if job.kind == OutboxKind.ANSWER:
+            await channel.post_answer(thread, job.text or "", progress_id)
+            return None
+        if progress_id is None:
+            if job.thread.get("edit_only"):
+                return None
+            return str(await channel.post_progress(thread, job.text or "") or "") or None
+        await channel.update_progress(thread, progress_id, job.text or "")
+        return progress_id
+
+    @staticmethod
+    async def _progress_message(session: DbSession, run_id: str | None) -> str | None:
+        """The id of the run's posted progress message, if any."""
+        row = await session.execute(
+            sa.select(col(OutboxJob.message_id))
+            .where(
+                col(OutboxJob.run_id) == run_id,
+                col(OutboxJob.kind) == OutboxKind.PROGRESS,
+                col(OutboxJob.status) == OutboxStatus.SENT,
+                col(OutboxJob.message_id).is_not(None),
+            )
+            .order_by(col(OutboxJob.id))
+            .limit(1)
+        )
+        return row.scalar_one_or_none()
+
     async def _sent(self, session: DbSession, job: OutboxJob, message_id: str | None, rendered_at: datetime) -> None:
         ctx = self.ctx
         await session.execute(
@@ -199,7 +304,7 @@ class Outbox:
             .where(col(OutboxJob.id) == job.id)
             .values(status=OutboxStatus.SENT, message_id=message_id, lease_until=None, last_error=None)
         )
-        if job.kind == OutboxKind.REPLY:
+        if job.kind not in (OutboxKind.CARD, OutboxKind.CARD_UPDATE):
             return
         # Card updates queued before this rendering show nothing newer than it did: they are done too
         # (not those due later on purpose: a refresh after a click's answer must still come).
@@ -263,7 +368,7 @@ class Outbox:
         else:
             values["next_attempt_at"] = now + timedelta(seconds=delay)
         await session.execute(sa.update(OutboxJob).where(col(OutboxJob.id) == job.id).values(**values))
-        if not give_up:
+        if not give_up or job.kind in QUIET_KINDS:
             return Delivered()
         await ctx.audit.record(
             session, "delivery_failed", run_id=job.run_id, approval_id=job.approval_id, platform=job.platform,

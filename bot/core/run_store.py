@@ -16,7 +16,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlmodel import col
 
-from bot.core import limits, metrics, outbox, texts
+from bot.core import i18n, limits, metrics, outbox, texts
 from bot.core.approvals import ApprovalService, args_digest, expiry, model_result, new_approval_id
 from bot.core.cards import card_content
 from bot.core.context import AppContext
@@ -342,6 +342,9 @@ class RunStore:
         ]
         conv.messages = [*conv.messages, *ctx.redactor.redact([assistant, *([] if proposals else tool_messages)])]
         conv.updated_at = now
+        if proposals:  # the progress line first: the cards follow it in the thread
+            line = texts.PROGRESS_WAITING.format(count=len(proposals))
+            await outbox.enqueue_progress(session, ctx, claim.thread.to_dict(), line, run_id=claim.run_id)
         created = [await self._create_approval(session, claim, step, p, rows) for p in proposals]
         if created:
             run.status, run.pending_results = R.WAITING, ctx.redactor.redact(results)
@@ -462,6 +465,9 @@ class RunStore:
         if last is not None:
             self._set_requester(run, last)
         run.pending_results = {}
+        with i18n.speaking(run.requester.get("lang"), run.requester.get("tz")):
+            progress = str(texts.PROGRESS_CONTINUING)
+        await outbox.enqueue_progress(session, ctx, run.thread, progress, run_id=run_id)
         await ctx.audit.record(
             session, "run_resumed", run_id=run_id, status="running", decided={a.id: a.status for a in approvals}
         )
@@ -498,7 +504,7 @@ class RunStore:
             .where(col(InboxEvent.run_id) == run.id, col(InboxEvent.status) == Q.RUNNING)
             .values(status=Q.DONE)
         )
-        await outbox.enqueue_reply(session, ctx, claim.thread.to_dict(), text, run_id=run.id)
+        await outbox.enqueue_answer(session, ctx, claim.thread.to_dict(), text, run_id=run.id)
         await ctx.audit.record_many(
             session, [*rows, entry("reply_posted", run_id=run.id, platform=run.platform, status=status, text=text)]
         )

@@ -87,7 +87,7 @@ class Runner:
             first = model_row(claim.run_id, reply)
             if not reply.tool_calls:
                 return None, await self.store.finish(claim, reply.content or "", R.DONE, [first])
-            plan = await self.turn.plan(claim, reply)
+            plan = await self.turn.plan(claim, reply, lambda line: self._progress(claim, line))
             assistant = reply.assistant_message()
             record = await self.store.record_step(claim, step, assistant, plan.results, plan.proposals, [first, *plan.rows])
             if not record.owned:
@@ -99,8 +99,14 @@ class Runner:
             claim.step = step
 
     async def _slow_notice(self, claim: RunClaim) -> None:
+        """The model is slow: the run's progress message says so (no extra message)."""
+        await self._progress(claim, str(texts.MODEL_SLOW))
+
+    async def _progress(self, claim: RunClaim, line: str) -> None:
+        """Queue a progress line for the run (it edits the run's one progress message)."""
+
         async def queue(session: DbSession) -> None:
-            await outbox.enqueue_reply(session, self.ctx, claim.thread.to_dict(), texts.MODEL_SLOW, run_id=claim.run_id)
+            await outbox.enqueue_progress(session, self.ctx, claim.thread.to_dict(), line, run_id=claim.run_id)
 
         await self.ctx.db.run(queue)
 

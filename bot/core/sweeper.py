@@ -1,11 +1,12 @@
 """The sweeper: periodic recovery on every replica, so that nothing waits forever.
 
-Each pass: heartbeat this replica; chain staged audit rows; expire overdue approvals; mark as
+Each pass: heartbeat this replica; chain staged audit rows; expire overdue approvals; remind once
+about approvals near their expiry (`ApprovalService.remind_near_expiry`); mark as
 `in_doubt` (reported, never re-run) executions whose lease ran out; execute approvals a decider
 left `approved`; take over runs whose lease ran out, whether or not their owner is alive; resume
 waiting runs whose approvals are all decided; start conversations with queued messages nobody
-holds; deliver outbox jobs that are due. Each part is independent: one failing is logged and the
-others still run.
+holds; hand outbox jobs that are due to the outbox's tracked delivery task. Each part is
+independent: one failing is logged and the others still run.
 
 In a worker process (`chatops serve --workers N`) the sweeper is also how work starts: the front
 only records and signals, `wake()` then runs `pick_up`, the prompt part of a pass (approvals left
@@ -71,12 +72,13 @@ class Sweeper:
             self.heartbeat,
             lambda: self.ctx.audit.chain(self.ctx.db),
             self._expire,
+            self.core.approvals.remind_near_expiry,
             self._in_doubt,
             self._approved,
             self._take_over,
             self._resume_waiting,
             self._start_idle,
-            self.core.out.deliver_due,
+            self._deliver,
             self._measure_queues,
         ):
             await self._guarded(part)
@@ -155,6 +157,12 @@ class Sweeper:
     async def _start_idle(self) -> None:
         for key in await self.core.store.idle_conversations(QUEUED_GRACE):
             self.core.start_conversation(key)
+
+    async def _deliver(self) -> None:
+        """Due outbox jobs (retries, other replicas' leftovers) go to the outbox's one tracked delivery
+        task, so whoever waits for this process's background work (a clean stop, a test) waits for
+        them too, instead of delivering here in the sweeper's own loop."""
+        self.core.out.kick()
 
     async def _measure_queues(self) -> None:
         """The work waiting right now, for the `chatops_queue_depth` gauge."""

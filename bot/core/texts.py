@@ -114,6 +114,27 @@ REJECT = "Reject"
 REJECT_REASON_PROMPT = "Why are you rejecting this? (the assistant will read it)"
 
 MODEL_SLOW = "Still waiting for the language model… I will answer here as soon as it replies."
+
+# The run's progress message (edited in place, then replaced by the answer)
+PROGRESS_SEARCHING_CRM = "Searching the CRM…"
+PROGRESS_RUNNING = "Running {tool}…"
+PROGRESS_WAITING = "Waiting for approval of {count} action(s)…"
+PROGRESS_CONTINUING = "Decided; working on the result…"
+PROGRESS_STOPPED = "Stopped."
+EXPIRY_REMINDER = "⏰ Approval {approval_id} ({tool}: {summary}) expires at {at}. Decide it before then, or nothing will run."
+
+# The Slack App Home tab
+HOME_PENDING = "Waiting for a decision ({count})"
+HOME_PENDING_NONE = "Nothing is waiting for you."
+HOME_ROLE = "You are the {role} · expires {at}"
+HOME_RECENT = "Your recent requests"
+HOME_RECENT_NONE = "No requests yet. Mention me in a channel or write to me here."
+HOME_RUN = "{at} · {status} · {asked}"
+RUN_RUNNING = "working"
+RUN_WAITING = "waiting for approval"
+RUN_DONE = "done"
+RUN_FAILED = "failed"
+RUN_CANCELLED = "cancelled"
 WAITING_FOR_OTHERS = "Your message will be handled once the pending approval(s) in this thread are decided."
 CARD_UNDELIVERED = "the approval card could not be delivered to the chat"
 CARD_UNDELIVERED_NOTICE = "I could not show the approval card for {tool} in this chat, so it was cancelled and nothing was run."

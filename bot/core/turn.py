@@ -40,6 +40,18 @@ SYSTEM_PROMPT = (
 )
 
 SlowNotice = Callable[[], Awaitable[None]]
+Progress = Callable[[str], Awaitable[None]]
+PROGRESS_PHRASES = {"search_crm_leads": texts.PROGRESS_SEARCHING_CRM}  # tool -> its progress line
+
+
+def doing(tool: str) -> str:
+    """The progress line while `tool` runs (in the current language)."""
+    phrase = PROGRESS_PHRASES.get(tool)
+    return str(phrase) if phrase is not None else texts.PROGRESS_RUNNING.format(tool=tool)
+
+
+async def _nothing(_: str) -> None:
+    return None
 
 
 @dataclass
@@ -90,8 +102,9 @@ class Turn:
         except Exception as exc:  # noqa: BLE001 - a notice that cannot be queued must not end the run
             log.warning("could not queue the slow-model notice: %s", type(exc).__name__)
 
-    async def plan(self, claim: RunClaim, reply: ModelReply) -> Plan:
-        """Classify every tool call of `reply`: invalid, denied, run now, or proposed for approval."""
+    async def plan(self, claim: RunClaim, reply: ModelReply, progress: Progress = _nothing) -> Plan:
+        """Classify every tool call of `reply`: invalid, denied, run now, or proposed for approval.
+        `progress(line)` is awaited before a call that runs now (the run's progress message)."""
 
         tool_ctx = self.tool_context.for_call(approval_id=None, requester=claim.requester)
         plan = Plan()
@@ -107,10 +120,12 @@ class Turn:
                           message=prepared.message, details=prepared.details)
                 )  # fmt: skip
                 continue
-            await self._classify(claim, tool_ctx, call.id, prepared, plan)
+            await self._classify(claim, tool_ctx, call.id, prepared, plan, progress)
         return plan
 
-    async def _classify(self, claim: RunClaim, tool_ctx: ToolContext, call_id: str, prepared: PreparedCall, plan: Plan) -> None:
+    async def _classify(
+        self, claim: RunClaim, tool_ctx: ToolContext, call_id: str, prepared: PreparedCall, plan: Plan, progress: Progress
+    ) -> None:
         rule = self.policy.rule_for(prepared.spec, prepared.args)
         name = prepared.spec.name
         plan.rows.append(
@@ -120,6 +135,7 @@ class Turn:
         if rule.rule == "deny":
             plan.results[call_id] = texts.MODEL_DENIED.format(reason=rule.reason)
         elif rule.rule == "auto":
+            await _tell(progress, doing(name))
             plan.results[call_id], status = await self._run_now(tool_ctx, prepared)
             plan.rows.append(
                 entry(
@@ -151,6 +167,13 @@ class Turn:
         except Exception as exc:
             log.exception("read tool %s crashed", prepared.spec.name)
             return texts.MODEL_FAILED_TOOL.format(detail=f"internal error ({type(exc).__name__})"), "failed"
+
+
+async def _tell(progress: Progress, line: str) -> None:
+    try:
+        await progress(line)
+    except Exception as exc:  # noqa: BLE001 - progress is a courtesy: the call still runs
+        log.warning("could not queue a progress line: %s", type(exc).__name__)
 
 
 def model_row(run_id: str, reply: ModelReply) -> Entry:

@@ -6,10 +6,11 @@ Layout of the package (each module says what belongs in it):
 - `webhook.py`  decryption, signature, token and timestamp checks for `POST /feishu/events`;
 - `longconn.py` lark-oapi's websocket client in its own thread and event loop;
 - `client.py`   lark-oapi service calls (`sdk.ApiClient`) with timeouts, token refresh and rate-limit backoff;
-- `groups.py`   department and group-chat memberships for the policy's `feishu-dept:`/`feishu-group:` entries.
+- `groups.py`   department and group-chat memberships for the policy's `feishu-dept:`/`feishu-group:` entries;
+- `stream.py`   a long answer as a CardKit streaming card, with a plain reply as fallback.
 
 This module is the `Channel` the core talks to (reply in the thread, "OnIt" reaction, card post and
-patch) plus the adapter's lifecycle. In: the webhook route (FEISHU_MODE=webhook) and the long
+patch, the run's progress line and its answer) plus the adapter's lifecycle. In: the webhook route (FEISHU_MODE=webhook) and the long
 connection (FEISHU_MODE=ws, the default) both end in `dispatch(payload)`, which translates the JSON
 and calls `core.accept_message` or `core.decide` (with the person's memberships looked up first,
 within about a second, when the policy names departments or chats). Nothing slow happens there:
@@ -44,7 +45,7 @@ from bot.core.engine import Core
 from bot.core.errors import ConfigError, StorageError
 from bot.core.events import Thread, User, checked_approval_id
 from bot.core.refusals import record_refused_request
-from bot.feishu import cards, events
+from bot.feishu import cards, events, stream
 from bot.feishu.client import RATE_LIMITED, TOKEN_INVALID, CredentialsRejected, FeishuApi, FeishuApiError
 from bot.feishu.groups import FeishuGroups
 from bot.feishu.longconn import LongConnection
@@ -372,6 +373,45 @@ class FeishuAdapter:
         except FeishuApiError as exc:
             log.warning("feishu: reaction failed (%s); saying it instead", exc.code)
             await self.post_reply(thread, str(texts.WORKING))
+
+    async def post_progress(self, thread: Thread, text: str) -> str | None:
+        """The run's progress line: a text message, edited in place later (`update_progress`)."""
+        return await self._post(thread, "text", self._text(text), key=None)
+
+    async def update_progress(self, thread: Thread, message_id: str, text: str) -> None:
+        await self.api.open()
+        await self.api.edit(message_id, "text", self._text(text))
+
+    async def post_answer(self, thread: Thread, text: str, progress_id: str | None) -> None:
+        """The answer: a CardKit streaming card when long (the progress line is then withdrawn), else
+        in place of the progress line; a plain reply when there is none, or when the edit is refused
+        (e.g. the message can no longer be edited)."""
+
+        async def post(msg_type: str, content: str) -> str:
+            return await self._post(thread, msg_type, content, key=None)
+
+        await self.api.open()  # a worker builds its client at its first post
+        if len(text) > stream.STREAM_AFTER and await stream.stream_answer(self.api, post, text):
+            if progress_id is not None:
+                try:
+                    await self.api.recall(progress_id)
+                except FeishuApiError as exc:  # cosmetic: the answer is there; never post it twice
+                    log.warning("feishu: could not withdraw the progress line (code %s)", exc.code)
+            return
+        if progress_id is not None:
+            try:
+                await self.api.edit(progress_id, "text", self._text(text))
+                return
+            except FeishuApiError as exc:
+                if exc.code is None or exc.code == RATE_LIMITED or exc.code in TOKEN_INVALID:
+                    raise  # try the same edit again later
+                log.warning("feishu: the progress message cannot be edited (code %s); replying instead", exc.code)
+        await self.post_reply(thread, text)
+
+    @staticmethod
+    def _text(text: str) -> str:
+        safe = _AT_TAG.sub("<\u200b", cut(text, TEXT_LIMIT))  # model output cannot @mention anyone
+        return json.dumps({"text": safe}, ensure_ascii=False)
 
     async def post_card(self, thread: Thread, card: CardView) -> str | None:
         content = json.dumps(cards.render_card(card), ensure_ascii=False)

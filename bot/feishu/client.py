@@ -2,7 +2,7 @@
 
 What this adds to the SDK (1.7.5), each verified in its source:
 
-- Import cost: only the `im` and `contact` services are imported (`sdk.load`; the whole SDK takes
+- Import cost: only the `im`, `contact` and `cardkit` services are imported (`sdk.load`; the whole SDK takes
   seconds and ~146 MB), in a worker thread, once, by `open()`.
 - Blocking I/O: the SDK fetches tenant tokens with `requests` even on its `a*` methods, so every
   call runs the sync method in `asyncio.to_thread`; `timeout` bounds each HTTP request (the
@@ -69,6 +69,7 @@ class FeishuApi:
         self._enum: Any = None
         self._im: Any = None
         self._contact: Any = None
+        self._cardkit: Any = None
 
     async def open(self) -> None:
         """Import lark-oapi and build the client (off the event loop: the import is slow)."""
@@ -78,6 +79,7 @@ class FeishuApi:
     def _build(self) -> None:
         self._im = sdk.load("lark_oapi.api.im.v1")
         self._contact = sdk.load("lark_oapi.api.contact.v3")
+        self._cardkit = sdk.load("lark_oapi.api.cardkit.v1")
         self._model = sdk.load("lark_oapi.core.model")
         self._enum = sdk.load("lark_oapi.core.enum")
         self._client = sdk.ApiClient(self.app_id, self._secret, domain=self.domain, timeout=self.timeout)
@@ -123,6 +125,43 @@ class FeishuApi:
         body = self._im.PatchMessageRequestBody({"content": content})
         request = self._im.PatchMessageRequest.builder().message_id(message_id).request_body(body).build()
         await self._call("patch", self._client.im.v1.message.patch, request)
+
+    async def edit(self, message_id: str, msg_type: str, content: str) -> None:
+        """Edit a text or post message the bot sent (`PUT /open-apis/im/v1/messages/:id`)."""
+        body = self._im.UpdateMessageRequestBody({"msg_type": msg_type, "content": content})
+        request = self._im.UpdateMessageRequest.builder().message_id(message_id).request_body(body).build()
+        await self._call("edit", self._client.im.v1.message.update, request)
+
+    async def recall(self, message_id: str) -> None:
+        """Withdraw a message the bot sent (`DELETE /open-apis/im/v1/messages/:id`)."""
+        request = self._im.DeleteMessageRequest.builder().message_id(message_id).build()
+        await self._call("recall", self._client.im.v1.message.delete, request)
+
+    # ------------------------------------------------------------------ CardKit (streaming cards)
+    async def create_card(self, card: dict[str, Any]) -> str:
+        """A card entity (`POST /open-apis/cardkit/v1/cards`); returns its card_id."""
+        body = self._cardkit.CreateCardRequestBody({"type": "card_json", "data": json.dumps(card, ensure_ascii=False)})
+        request = self._cardkit.CreateCardRequest.builder().request_body(body).build()
+        response = await self._call("card create", self._client.cardkit.v1.card.create, request)
+        return str(response.data.card_id)
+
+    async def stream_text(self, card_id: str, element_id: str, content: str, sequence: int) -> None:
+        """The element's full text so far; the client types out what is new (`PUT .../elements/:id/content`)."""
+        body = self._cardkit.ContentCardElementRequestBody(
+            {"content": content, "sequence": sequence, "uuid": f"{card_id}-{sequence}"}
+        )
+        request = (
+            self._cardkit.ContentCardElementRequest.builder().card_id(card_id).element_id(element_id).request_body(body).build()
+        )
+        await self._call("card stream", self._client.cardkit.v1.card_element.content, request)
+
+    async def card_settings(self, card_id: str, settings: dict[str, Any], sequence: int) -> None:
+        """Change a card entity's `config` (e.g. end streaming mode: `PATCH .../cards/:id/settings`)."""
+        body = self._cardkit.SettingsCardRequestBody(
+            {"settings": json.dumps(settings), "sequence": sequence, "uuid": f"{card_id}-{sequence}"}
+        )
+        request = self._cardkit.SettingsCardRequest.builder().card_id(card_id).request_body(body).build()
+        await self._call("card settings", self._client.cardkit.v1.card.settings, request)
 
     async def react(self, message_id: str, emoji: str) -> None:
         """Add an emoji reaction to a message."""

@@ -9,6 +9,11 @@ CALL_SCOPES: dict[str, tuple[str, ...]] = {
     "reply": ("im:message:send_as_bot",),
     "send": ("im:message:send_as_bot",),
     "patch": ("im:message:send_as_bot",),
+    "edit": ("im:message:send_as_bot",),
+    "recall": ("im:message:send_as_bot",),  # the progress line, once a streamed answer replaced it
+    "card create": ("cardkit:card:write",),  # long answers: a CardKit streaming card
+    "card stream": ("cardkit:card:write",),
+    "card settings": ("cardkit:card:write",),  # the run's progress line (a text message, at most 20 edits)
     "reaction": ("im:message.reactions:write_only",),
     "user info": ("contact:contact.base:readonly", "contact:user.department:readonly"),
     "chat members": ("im:chat.members:read",),

@@ -187,7 +187,7 @@ def _check_domain(domain: str) -> None:
 
 
 class ApiClient:
-    """The part of `lark_oapi.Client` the adapter uses: `im`, `contact` and `request`, built like
+    """The part of `lark_oapi.Client` the adapter uses: `im`, `contact`, `cardkit` and `request`, built like
     `lark_oapi.Client.builder()...build()` but without loading the other services."""
 
     def __init__(self, app_id: str, app_secret: str, *, domain: str, timeout: float) -> None:
@@ -200,6 +200,7 @@ class ApiClient:
         self._config = config
         self.im = load("lark_oapi.api.im.service").ImService(config)
         self.contact = load("lark_oapi.api.contact.service").ContactService(config)
+        self.cardkit = load("lark_oapi.api.cardkit.service").CardkitService(config)
 
     def request(self, request: Any) -> Any:
         """`lark_oapi.Client.request`: a raw call (token, transport, JSON answer) for APIs without a model."""

@@ -5,12 +5,13 @@ Layout of the package (each module says what belongs in it):
 - `blocks.py`    `CardView` -> Block Kit, the reject-reason modal, safe message text;
 - `client.py`    the `AsyncWebClient` (base URL, bounded 429 retries), `auth.test`, user names;
 - `groups.py`    user-group memberships for the policy's `slack-group:` entries (`usergroups.users.list`);
-- `handlers.py`  the Bolt listeners, one core call each;
+- `handlers.py`  the Bolt listeners, one core call each (and the App Home, rendered by `home.py`);
+- `stream.py`    a long answer through Slack's streaming API, with a plain post as fallback;
 - `transport.py` the Bolt app and its two doors: `POST /slack/events` and Socket Mode;
 - `poster.py`    the `tools.services.SlackPoster` the notification tool posts with.
 
-This module is the `Channel` the core talks to (post a reply, react, post and update a card)
-plus the adapter's lifecycle. Socket Mode is used when SLACK_APP_TOKEN is set; otherwise the
+This module is the `Channel` the core talks to (post a reply, react, post and update a card, the
+run's progress message and its answer, a person's App Home) plus the adapter's lifecycle. Socket Mode is used when SLACK_APP_TOKEN is set; otherwise the
 HTTP route is mounted and SLACK_SIGNING_SECRET verifies every request.
 """
 
@@ -31,12 +32,13 @@ from slack_sdk.web.async_client import AsyncWebClient
 from bot.config import Settings
 from bot.core.channels import CardView, DeliveryFailed
 from bot.core.engine import Core
-from bot.core.events import Thread
+from bot.core.events import Thread, User
 from bot.core.refusals import record_refused_request
 from bot.slack.blocks import card_blocks, card_text, safe_message, split_message
 from bot.slack.client import REJECTED_TOKEN_ERRORS, BotIdentity, SlackUnavailable, UserDirectory, make_client
 from bot.slack.groups import SlackGroups
 from bot.slack.handlers import SlackHandlers
+from bot.slack.stream import STREAM_AFTER, stream_answer
 from bot.slack.transport import HttpDoor, SocketDoor, build_bolt_app
 
 __all__ = ["SlackAdapter"]
@@ -61,7 +63,8 @@ class SlackAdapter:
         self.groups = SlackGroups(self.client, lambda: core.ctx.policy.group_refs("slack"))
         secret = settings.slack_signing_secret.get_secret_value() if settings.slack_signing_secret else None
         self.bolt = build_bolt_app(self.client, self.identity, secret)
-        SlackHandlers(core, self.client, self.identity, self.users, self.groups, self._spawn).register(self.bolt)
+        self.handlers = SlackHandlers(core, self.client, self.identity, self.users, self.groups, self._spawn)
+        self.handlers.register(self.bolt)
         app_token = settings.slack_app_token.get_secret_value() if settings.slack_app_token else None
         self.socket = SocketDoor(self.bolt, app_token) if app_token else None
         self.http = HttpDoor(self.bolt, secret, self._refused) if self.socket is None and secret else None
@@ -180,6 +183,53 @@ class SlackAdapter:
             await self.client.chat_update(
                 channel=thread.coords["channel"], ts=message_id, text=card_text(card), blocks=card_blocks(card)
             )
+
+    # ------------------------------------------------------------------ progress, answers, home
+    async def post_progress(self, thread: Thread, text: str) -> str | None:
+        coords = thread.coords
+        async with delivery():
+            response = await self.client.chat_postMessage(
+                channel=coords["channel"], thread_ts=coords.get("thread_ts"), text=safe_message(text), unfurl_links=False
+            )
+        ts = response.get("ts")
+        return str(ts) if ts else None
+
+    async def update_progress(self, thread: Thread, message_id: str, text: str) -> None:
+        async with delivery():
+            await self.client.chat_update(channel=thread.coords["channel"], ts=message_id, text=safe_message(text))
+
+    async def post_answer(self, thread: Thread, text: str, progress_id: str | None) -> None:
+        """The answer: streamed when long and the thread allows it (the progress message is then
+        removed), else in place of the progress message (`chat.update`), else a plain post."""
+        coords = thread.coords
+        long = len(text) > STREAM_AFTER and coords.get("thread_ts")
+        if long and await stream_answer(self.client, thread, safe_message(text)):
+            if progress_id:
+                await self._remove(coords["channel"], progress_id)
+            return
+        parts = split_message(safe_message(text))
+        if progress_id is None:
+            await self.post_reply(thread, text)
+            return
+        async with delivery():
+            await self.client.chat_update(channel=coords["channel"], ts=progress_id, text=parts[0])
+        for part in parts[1:]:
+            async with delivery():
+                await self.client.chat_postMessage(
+                    channel=coords["channel"], thread_ts=coords.get("thread_ts"), text=part, unfurl_links=False
+                )
+
+    async def _remove(self, channel: str, ts: str) -> None:
+        """Best effort: the streamed answer is already there, a leftover progress line is cosmetic."""
+        try:
+            await self.client.chat_delete(channel=channel, ts=ts)
+        except Exception as exc:  # noqa: BLE001 - never post the answer twice over a cosmetic failure
+            log.warning("slack: could not remove the progress message: %s", _describe(exc))
+
+    async def publish_home(self, user: User) -> None:
+        """Re-publish a person's App Home (a `home_refresh` job: an approval they see changed)."""
+        async with delivery():
+            await self.handlers.publish_home(user)
 
 
 # Slack errors that no retry can fix: the post is given up at once (the outbox reports it).

@@ -103,7 +103,7 @@ def thread_for(body: dict[str, Any], event: dict[str, Any]) -> tuple[Thread, str
     team, channel, ts = team_of(body), str(event.get("channel")), str(event.get("ts"))
     in_dm = event.get("channel_type") == "im"
     thread_ts = event.get("thread_ts") or (None if in_dm else ts)
-    coords = {"team": team, "channel": channel, "thread_ts": thread_ts, "ts": ts, "dm": in_dm}
+    coords = {"team": team, "channel": channel, "thread_ts": thread_ts, "ts": ts, "dm": in_dm, "user": event.get("user")}
     key = f"slack:{team}:{channel}:{thread_ts}" if thread_ts else f"slack:{team}:{channel}"
     return Thread(PLATFORM, coords), key
 
@@ -190,6 +190,12 @@ def click_place(body: dict[str, Any]) -> dict[str, str | None]:
     container = body.get("container") or {}
     channel = (body.get("channel") or {}).get("id") or container.get("channel_id")
     return {"channel": channel, "thread_ts": message.get("thread_ts") or container.get("thread_ts")}
+
+
+def from_home(body: dict[str, Any]) -> bool:
+    """Was this click made on the App Home tab (not on a card in a conversation)?"""
+    view = body.get("view") or {}
+    return (body.get("container") or {}).get("type") == "view" and view.get("type") == "home"
 
 
 def command_place(body: dict[str, Any]) -> tuple[User, str, str | None]:

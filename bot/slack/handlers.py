@@ -16,6 +16,10 @@ In-chat commands (`help`, `pending`, `cancel`, in English or Chinese, as a whole
 through the `/chatops` slash command) are answered here through `bot.core.commands` and never
 reach the model: `help` and `pending` privately (ephemeral; pending cards keep working buttons),
 `cancel` in the thread.
+The App Home tab (`app_home_opened`) is published here (`home.py` renders it); its Approve/Reject
+buttons carry the card's action ids, so they reach `on_approve` / `on_reject` like the card's:
+the same `Core.decide`, audit and authorisation. A click from the home re-publishes it with the
+outcome on top; later changes arrive as `home_refresh` outbox jobs (`SlackAdapter.publish_home`).
 """
 
 from __future__ import annotations
@@ -37,10 +41,13 @@ from bot.core.cards import load_card
 from bot.core.engine import Core
 from bot.core.errors import StorageError
 from bot.core.events import DecisionRequest, EditRequest, User, checked_approval_id
+from bot.core.home import home_for
 from bot.slack import events
 from bot.slack.blocks import card_blocks, card_text, edit_modal, full_view, reject_modal
 from bot.slack.client import BotIdentity, SlackUnavailable, UserDirectory
+from bot.slack.events import team_of as workspace_of
 from bot.slack.groups import SlackGroups
+from bot.slack.home import home_view
 
 log = logging.getLogger("chatops.slack")
 
@@ -86,6 +93,7 @@ class SlackHandlers:
         app.action(events.EDIT_ACTION)(self.on_edit)
         app.view(events.EDIT_VIEW)(self.on_edit_submit)
         app.command(SLASH_COMMAND)(self.on_slash_command)
+        app.event("app_home_opened")(self.on_home_opened)
         app.event(re.compile(".*"))(self.on_other_event)  # last: any other event is acknowledged, not retried
         app.error(self.on_error)
 
@@ -148,7 +156,9 @@ class SlackHandlers:
         request = await self._identified(events.decision_from_action(body, action), events.click_place(body)["channel"])
         outcome = await self.core.decide(request)
         log.info("slack click on %s by %s: %s", request.approval_id, request.user.key, outcome.kind)
-        if outcome.kind not in _SHOWN_ON_CARD:
+        if events.from_home(body):
+            self.spawn(self.publish_home(request.user, str(outcome.message)), "slack-home-click")
+        elif outcome.kind not in _SHOWN_ON_CARD:
             place = events.click_place(body)
             self.spawn(self._tell(place, request.user.id, outcome.message), "slack-ephemeral")
 
@@ -216,6 +226,23 @@ class SlackHandlers:
         await self.client.chat_postEphemeral(
             channel=place["channel"], user=user_id, text=str(text), thread_ts=place.get("thread_ts")
         )
+
+    # ------------------------------------------------------------------ App Home
+    async def on_home_opened(self, body: dict[str, Any], event: dict[str, Any]) -> None:
+        """The person opened the app: publish their home (pending approvals, recent requests)."""
+        if event.get("tab") != "home" or not event.get("user"):
+            return
+        user = User(events.PLATFORM, str(event["user"]), tenant=workspace_of(body))
+        self.spawn(self.publish_home(user), "slack-home")
+
+    async def publish_home(self, user: User, notice: str | None = None) -> None:
+        """Build the person's home view now, in their language, and publish it (`views.publish`)."""
+        author = await self._lookup(user.id)
+        user = replace(user, name=user.name or author.name, is_bot=author.is_bot, groups=author.groups)
+        lang = language.choose(self.core.ctx.policy, user, None, locale=author.locale)
+        user = replace(user, lang=lang, tz=author.tz or user.tz)  # `home_view` renders in it; nothing else changes
+        view = await home_for(self.core, user)
+        await self.client.views_publish(user_id=user.id, view=home_view(view, notice))
 
     # ------------------------------------------------------------------ commands
     async def on_slash_command(self, ack: AsyncAck, body: dict[str, Any]) -> None:

@@ -13,16 +13,25 @@ METHOD_SCOPES: dict[str, str | None] = {
     "chat_postMessage": "chat:write",
     "chat_postEphemeral": "chat:write",
     "chat_update": "chat:write",
+    "chat_delete": "chat:write",  # the bot's own progress message, once a streamed answer replaced it
+    "chat_startStream": "chat:write",  # long answers, streamed
+    "chat_appendStream": "chat:write",
+    "chat_stopStream": "chat:write",
     "reactions_add": "reactions:write",
     "usergroups_users_list": "usergroups:read",
     "users_info": "users:read",
     "views_open": None,
+    "views_publish": None,  # the App Home tab
 }
 # Subscribed bot event -> the scope that delivers it.
-EVENT_SCOPES: dict[str, str] = {"app_mention": "app_mentions:read", "message.im": "im:history"}
+EVENT_SCOPES: dict[str, str | None] = {
+    "app_mention": "app_mentions:read",
+    "message.im": "im:history",
+    "app_home_opened": None,  # the App Home tab; no scope
+}
 # The `/chatops` slash command in manifest.yml (help | pending | cancel).
 COMMAND_SCOPES: frozenset[str] = frozenset({"commands"})
 
 NEEDED_BOT_SCOPES: frozenset[str] = frozenset(
-    {scope for scope in METHOD_SCOPES.values() if scope} | set(EVENT_SCOPES.values()) | COMMAND_SCOPES
+    {scope for scope in (*METHOD_SCOPES.values(), *EVENT_SCOPES.values()) if scope} | COMMAND_SCOPES
 )

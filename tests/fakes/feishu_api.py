@@ -1,7 +1,9 @@
 """A fake Feishu Open API: a real aiohttp server on 127.0.0.1:0 the real lark-oapi client talks to.
 
 Point `lark.Client` (FEISHU_DOMAIN) at `fake.url`. It serves the tenant token, bot info, message
-create / reply / PATCH and reactions, a user's departments (`set_departments`) and a group chat's
+create / reply / PATCH (cards) / PUT (text edits) / DELETE (recall) and reactions, CardKit card
+entities (create, streaming text with a rising `sequence`, settings; `card_entities`, failures
+injected with `fail_next[kind] = n`), a user's departments (`set_departments`) and a group chat's
 members, paged (`set_chat_members`), honours `uuid` idempotency keys, keeps every message
 (so tests can read a card after it was patched) and records each call. `fail_token_once()`
 makes the next API call answer 99991663 (the token is rotated), `rate_limit_once()` answers
@@ -68,6 +70,8 @@ class FakeFeishu:
         self.acks: list[dict[str, Any]] = []
         self.departments: dict[str, list[str]] = {}  # open_id -> open_department_ids
         self.chat_members: dict[str, list[str]] = {}  # chat_id -> member open_ids
+        self.card_entities: dict[str, dict[str, Any]] = {}  # CardKit: card_id -> {"card", "text", "sequence", "streaming"}
+        self.fail_next: dict[str, int] = {}  # call kind -> how many of its next calls answer an error
         self._ids = itertools.count(1)
         self._token = "t-1"
         self._tokens = itertools.count(2)
@@ -91,6 +95,11 @@ class FakeFeishu:
         app.router.add_post("/open-apis/im/v1/messages", self._create)
         app.router.add_post("/open-apis/im/v1/messages/{mid}/reply", self._reply)
         app.router.add_patch("/open-apis/im/v1/messages/{mid}", self._patch)
+        app.router.add_put("/open-apis/im/v1/messages/{mid}", self._edit)
+        app.router.add_delete("/open-apis/im/v1/messages/{mid}", self._recall)
+        app.router.add_post("/open-apis/cardkit/v1/cards", self._card_create)
+        app.router.add_put("/open-apis/cardkit/v1/cards/{card_id}/elements/{element_id}/content", self._card_stream)
+        app.router.add_patch("/open-apis/cardkit/v1/cards/{card_id}/settings", self._card_settings)
         app.router.add_post("/open-apis/im/v1/messages/{mid}/reactions", self._react)
         app.router.add_get("/open-apis/contact/v3/users/{uid}", self._user)
         app.router.add_get("/open-apis/im/v1/chats/{chat_id}/members", self._members)
@@ -147,7 +156,8 @@ class FakeFeishu:
         self.recalled.add(message_id)
 
     def calls_to(self, kind: str) -> list[Call]:
-        """Calls by kind: token, bot_info, create, reply, patch, reaction, user, chat_members."""
+        """Calls by kind: token, bot_info, create, reply, patch, edit, recall, reaction, user, chat_members,
+        card_create, card_stream, card_settings."""
         return [c for c in self.calls if _kind(c) == kind]
 
     def sent(self) -> list[Message]:
@@ -202,7 +212,10 @@ class FakeFeishu:
         if body.get("msg_type") == "interactive":
             size = len(body.get("content", "").encode())
             card = json.loads(body.get("content") or "{}")
-            if size > CARD_LIMIT or card.get("schema") != "2.0":
+            entity = (card.get("data") or {}).get("card_id") if card.get("type") == "card" else None
+            if entity is not None and entity not in self.card_entities:
+                return web.json_response({"code": 230099, "msg": "card_id is invalid"}, status=400)
+            if size > CARD_LIMIT or (entity is None and card.get("schema") != "2.0"):
                 return web.json_response({"code": 230099, "msg": "card content is invalid"}, status=400)
         key = body.get("uuid")
         if key and key in self._by_uuid:
@@ -249,6 +262,80 @@ class FakeFeishu:
         assert message is not None
         message.patches.append(call.body["content"])
         message.content = call.body["content"]
+        return await self._done(web.json_response({"code": 0, "msg": "ok", "data": {}}))
+
+    async def _edit(self, request: web.Request) -> web.Response:
+        """`PUT /im/v1/messages/:id`: edit a text or post message the bot sent (cards need PATCH)."""
+        call, problem = await self._record(request)
+        message = self.messages.get(request.match_info["mid"])
+        if problem is None and (message is None or message.msg_type not in ("text", "post")):
+            problem = web.json_response({"code": 230001, "msg": "this message type cannot be edited"}, status=400)
+        if problem is not None:
+            return await self._done(problem)
+        assert message is not None
+        message.patches.append(call.body["content"])
+        message.content = call.body["content"]
+        return await self._done(web.json_response({"code": 0, "msg": "ok", "data": {"message_id": message.message_id}}))
+
+    def _injected(self, kind: str) -> web.Response | None:
+        if self.fail_next.get(kind, 0) > 0:
+            self.fail_next[kind] -= 1
+            return web.json_response({"code": 300099, "msg": f"injected {kind} failure"}, status=400)
+        return None
+
+    async def _recall(self, request: web.Request) -> web.Response:
+        """`DELETE /im/v1/messages/:id`: the bot withdraws its own message."""
+        _, problem = await self._record(request)
+        if problem is None and self.messages.pop(request.match_info["mid"], None) is None:
+            problem = web.json_response({"code": 230011, "msg": "the message was withdrawn or does not exist"}, status=400)
+        return await self._done(problem or web.json_response({"code": 0, "msg": "ok", "data": {}}))
+
+    async def _card_create(self, request: web.Request) -> web.Response:
+        """`POST /cardkit/v1/cards` with `type: card_json`: a card entity (JSON 2.0 only)."""
+        call, problem = await self._record(request)
+        problem = problem or self._injected("card_create")
+        card = json.loads(call.body.get("data") or "{}") if problem is None else {}
+        if problem is None and (call.body.get("type") != "card_json" or card.get("schema") != "2.0"):
+            problem = web.json_response({"code": 200621, "msg": "card json is invalid"}, status=400)
+        if problem is not None:
+            return await self._done(problem)
+        card_id = f"7{next(self._ids):018d}"
+        streaming = bool((card.get("config") or {}).get("streaming_mode"))
+        self.card_entities[card_id] = {"card": card, "text": "", "sequence": 0, "streaming": streaming}
+        return await self._done(web.json_response({"code": 0, "msg": "ok", "data": {"card_id": card_id}}))
+
+    def _entity_problem(self, card_id: str, sequence: Any) -> web.Response | None:
+        entity = self.card_entities.get(card_id)
+        if entity is None:
+            return web.json_response({"code": 300301, "msg": "card not found"}, status=400)
+        if not isinstance(sequence, int) or sequence <= entity["sequence"]:
+            return web.json_response({"code": 300317, "msg": "sequence must increase"}, status=400)
+        return None
+
+    async def _card_stream(self, request: web.Request) -> web.Response:
+        """`PUT .../elements/:element_id/content`: the element's full text so far (streaming mode only)."""
+        call, problem = await self._record(request)
+        card_id = request.match_info["card_id"]
+        problem = problem or self._injected("card_stream") or self._entity_problem(card_id, call.body.get("sequence"))
+        if problem is None and not self.card_entities[card_id]["streaming"]:
+            problem = web.json_response({"code": 300309, "msg": "streaming mode is closed"}, status=400)
+        if problem is not None:
+            return await self._done(problem)
+        entity = self.card_entities[card_id]
+        entity["text"], entity["sequence"] = call.body["content"], call.body["sequence"]
+        return await self._done(web.json_response({"code": 0, "msg": "ok", "data": {}}))
+
+    async def _card_settings(self, request: web.Request) -> web.Response:
+        """`PATCH .../settings`: the card's `config` (e.g. `streaming_mode: false`)."""
+        call, problem = await self._record(request)
+        card_id = request.match_info["card_id"]
+        problem = problem or self._entity_problem(card_id, call.body.get("sequence"))
+        if problem is not None:
+            return await self._done(problem)
+        entity = self.card_entities[card_id]
+        config = json.loads(call.body.get("settings") or "{}").get("config") or {}
+        entity["streaming"] = bool(config.get("streaming_mode", entity["streaming"]))
+        entity["sequence"] = call.body["sequence"]
         return await self._done(web.json_response({"code": 0, "msg": "ok", "data": {}}))
 
     async def _react(self, request: web.Request) -> web.Response:
@@ -351,6 +438,12 @@ def _kind(call: Call) -> str:
         return "user"
     if path.endswith("/members"):
         return "chat_members"
+    if "/cardkit/v1/cards" in path:
+        return "card_stream" if path.endswith("/content") else "card_settings" if path.endswith("/settings") else "card_create"
     if call.method == "PATCH":
         return "patch"
+    if call.method == "PUT":
+        return "edit"
+    if call.method == "DELETE":
+        return "recall"
     return "create"

@@ -3,7 +3,9 @@
 The bot's real `AsyncWebClient` talks to it through SLACK_API_URL. Every call is recorded as an
 `ApiCall` (method name, parsed parameters, token, HTTP status) and answered the way Slack does for
 the methods the bot uses (`auth.test`, `chat.postMessage` returns a fresh `ts`, `chat.update`,
-`chat.postEphemeral`, `reactions.add`, `conversations.replies`, `views.open`, `users.info`,
+`chat.delete`, the streaming trio `chat.startStream` / `chat.appendStream` / `chat.stopStream` (a
+streamed message grows in `messages`, `streaming` while open), `views.publish` (the latest home
+view per user in `homes`), `chat.postEphemeral`, `reactions.add`, `conversations.replies`, `views.open`, `users.info`,
 `usergroups.users.list` (members set with `set_usergroup`), `apps.connections.open`...). A test can make a method answer 429 with Retry-After, or a Slack
 error, a number of times. `wait_for` waits on calls instead of sleeping.
 
@@ -48,6 +50,7 @@ class FakeSlackApi:
     messages: dict[str, dict[str, Any]] = field(default_factory=dict)
     acks: dict[str, dict[str, Any]] = field(default_factory=dict)
     usergroups: dict[str, list[str]] = field(default_factory=dict)
+    homes: dict[str, dict[str, Any]] = field(default_factory=dict)
     # What a token installed from manifest.yml has; Slack sends it as `x-oauth-scopes` on every answer.
     scopes: list[str] = field(
         default_factory=lambda: [
@@ -123,6 +126,11 @@ class FakeSlackApi:
             await self._changed.wait_for(lambda: len(self.calls_to(method)) >= count)
         return self.calls_to(method)
 
+    async def wait_until(self, predicate: Any, timeout: float = 10.0) -> None:
+        """Wait until `predicate()` holds, checked after every answered call."""
+        async with asyncio.timeout(timeout), self._changed:
+            await self._changed.wait_for(predicate)
+
     # ------------------------------------------------------------------ Web API
     async def _api(self, request: web.Request) -> web.Response:
         method = request.match_info["method"]
@@ -192,6 +200,52 @@ class FakeSlackApi:
         if message is not None:
             message.update(text=p.get("text"), blocks=p.get("blocks"))
         return {"channel": p.get("channel"), "ts": p.get("ts"), "text": p.get("text")}
+
+    def _m_chat_delete(self, p: dict[str, Any]) -> dict[str, Any]:
+        if self.messages.pop(str(p.get("ts")), None) is None:
+            return {"ok": False, "error": "message_not_found"}
+        return {"channel": p.get("channel"), "ts": p.get("ts")}
+
+    def _m_chat_startStream(self, p: dict[str, Any]) -> dict[str, Any]:
+        if not p.get("thread_ts"):
+            return {"ok": False, "error": "invalid_arguments"}
+        if not str(p.get("channel", "")).startswith("D") and not p.get("recipient_user_id"):
+            return {"ok": False, "error": "missing_recipient_user_id"}  # required when streaming to channels
+        ts = self._new_ts()
+        self.messages[ts] = {
+            "channel": p.get("channel"),
+            "text": p.get("markdown_text") or "",
+            "blocks": None,
+            "thread_ts": p.get("thread_ts"),
+            "ts": ts,
+            "streaming": True,
+        }
+        return {"channel": p.get("channel"), "ts": ts}
+
+    def _m_chat_appendStream(self, p: dict[str, Any]) -> dict[str, Any]:
+        message = self.messages.get(str(p.get("ts")))
+        if message is None or not message.get("streaming"):
+            return {"ok": False, "error": "message_not_in_streaming_state"}
+        message["text"] += p.get("markdown_text") or ""
+        return {"channel": p.get("channel"), "ts": p.get("ts")}
+
+    def _m_chat_stopStream(self, p: dict[str, Any]) -> dict[str, Any]:
+        message = self.messages.get(str(p.get("ts")))
+        if message is None or not message.get("streaming"):
+            return {"ok": False, "error": "message_not_in_streaming_state"}
+        message["text"] += p.get("markdown_text") or ""
+        message["streaming"] = False
+        return {"channel": p.get("channel"), "ts": p.get("ts"), "message": message}
+
+    def _m_views_publish(self, p: dict[str, Any]) -> dict[str, Any]:
+        view = p.get("view")
+        view = json.loads(view) if isinstance(view, str) else view
+        if not isinstance(view, dict) or view.get("type") != "home":
+            return {"ok": False, "error": "invalid_arguments"}
+        if len(view.get("blocks") or []) > 100:
+            return {"ok": False, "error": "invalid_blocks"}
+        self.homes[str(p.get("user_id"))] = view
+        return {"view": {"id": "V" + uuid.uuid4().hex[:10].upper(), **view}}
 
     def _m_chat_postEphemeral(self, _: dict[str, Any]) -> dict[str, Any]:
         return {"message_ts": self._new_ts()}
