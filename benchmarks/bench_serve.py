@@ -219,11 +219,12 @@ class Load:
     def _scan(self) -> None:
         calls = self.slack.calls
         for call in calls[self._seen :]:
-            if call.method == "chat.postMessage" and call.status == 200:
-                if call.params.get("text") == ANSWER:
-                    self.answers += 1
-                elif "Approval needed" in json.dumps(call.params.get("blocks") or ""):
-                    self.cards.append(call.params)
+            if call.status != 200 or call.method not in ("chat.postMessage", "chat.update"):
+                continue
+            if call.params.get("text") == ANSWER:  # posted, or written over the run's progress message
+                self.answers += 1
+            elif call.method == "chat.postMessage" and "Approval needed" in json.dumps(call.params.get("blocks") or ""):
+                self.cards.append(call.params)
         self._seen = len(calls)
 
     async def wait_answers(self, count: int, within: float) -> bool:
