@@ -195,3 +195,8 @@ async def terminal_bot(bots: Bots) -> TerminalFactory:
         return TerminalBot(app, adapter, out)
 
     return start
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests marked `long` first: with several workers (pytest-xdist) they start at once instead of last."""
+    items.sort(key=lambda item: item.get_closest_marker("long") is None)

@@ -205,6 +205,7 @@ async def world(bots, model, tmp_path):
     assert await asyncio.to_thread(audit_verify, w.url, None, keys, out), out.getvalue()
 
 
+@pytest.mark.long
 @pytest.mark.timeout(1200)  # 200 examples take about 3 minutes on 2 cores; more with CHATOPS_STATEFUL_EXAMPLES
 @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck), database=None)
 @example(ops=["double_click", "double_click", "lease_expiry", "second_replica"])
