@@ -15,6 +15,8 @@ import time
 import uuid
 from pathlib import Path
 
+import sqlalchemy as sa
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bot.app import build_app
@@ -39,6 +41,21 @@ class AnswerQueue(RecordingChannel):
 def pct(values: list[float], p: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
+
+
+def count_sql(engine: sa.Engine) -> dict[str, int]:
+    """Statements and commits on `engine` from now on (noise-free, unlike timings)."""
+    counts = {"statements": 0, "commits": 0}
+
+    @sa.event.listens_for(engine, "before_cursor_execute")
+    def _statement(*_: object) -> None:
+        counts["statements"] += 1
+
+    @sa.event.listens_for(engine, "commit")
+    def _commit(*_: object) -> None:
+        counts["commits"] += 1
+
+    return counts
 
 
 def message(i: int, run: str) -> IncomingMessage:
@@ -90,30 +107,43 @@ async def overhead_per_turn(db_url: str, turns: int) -> None:
         channel = AnswerQueue("bench")
         app.ctx.channels["bench"] = channel
         await app.start(serve_http=False)
+        counts = count_sql(app.ctx.db.sync_engine)
         model_ms: list[float] = []
         totals: list[float] = []
+        cpu = 0.0  # process CPU time of the turns (and of the fake model, subtracted below)
         try:
             run = uuid.uuid4().hex[:6]
             for i in range(turns):
+                cpu_started = time.process_time()
                 before = len(model.requests)
                 started = time.perf_counter()
                 await app.core.accept_message(message(i, run))
                 await channel.answers.get()  # the turn ends when its answer is posted
                 totals.append((time.perf_counter() - started) * 1000)
+                cpu += time.process_time() - cpu_started
                 await app.ctx.tasks.idle()  # let the audit chainer finish outside the measurement
                 assert len(model.requests) == before + 2
             # Time the model round trip alone (same client, same server) to subtract it.
+            sql = dict(counts)
+            model_cpu = time.process_time()
             for _ in range(turns):
                 started = time.perf_counter()
                 await app.ctx.model.complete([{"role": "user", "content": "x"}], [])
                 model_ms.append((time.perf_counter() - started) * 1000)
+            model_cpu = time.process_time() - model_cpu
         finally:
             await app.stop()
     per_model_call = statistics.median(model_ms)
     own = [t - 2 * per_model_call for t in totals]
+    own_cpu = (cpu - 2 * model_cpu) / turns * 1000
     print(
         f"bot's own time per turn (2 model calls + 1 read tool, model round trips subtracted), {turns} turns: "
-        f"median {statistics.median(own):.1f} ms, p90 {pct(own, 90):.1f} ms"
+        f"median {statistics.median(own):.1f} ms, p90 {pct(own, 90):.1f} ms; "
+        f"CPU {own_cpu:.1f} ms per turn (steadier than wall time on a shared machine)"
+    )
+    print(
+        f"  per turn, the audit chainer and outbox included: {sql['statements'] / turns:.1f} SQL statements, "
+        f"{sql['commits'] / turns:.1f} commits (barely moved by the machine's load, unlike the times)"
     )
 
 

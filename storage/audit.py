@@ -29,8 +29,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import orjson
 import sqlalchemy as sa
-from sqlmodel import col
+from sqlmodel import SQLModel, col
 
 from storage.audit_keys import AuditKeyError, AuditKeys, default_key_file, key_id, load_keys
 from storage.engine import Database, DbSession
@@ -46,6 +47,12 @@ KEYED_KIND = "audit_keyed"
 ROTATED_KIND = "audit_key_rotated"
 TAMPERED_KIND = "audit_staged_tampered"
 _ADVISORY_LOCK_KEY = 7_240_001  # any constant shared by every replica
+
+
+def _table(model: type[SQLModel]) -> sa.Table:
+    """A model's table, for Core statements: an INSERT of many rows is one `executemany` there (the ORM's
+    bulk insert splits rows into one INSERT per set of non-NULL columns)."""
+    return SQLModel.metadata.tables[str(model.__tablename__)]
 
 
 def canonical_json(value: Any) -> str:
@@ -173,12 +180,12 @@ class AuditLog:
         key = self.keys_for(session.bind.url).current
         now = utcnow()
         rows = [
-            {"at": now, "kind": e.kind, **e.fields, "data": json.loads(canonical_json(self.redactor.redact(e.data)))}
+            {"at": now, "kind": e.kind, **e.fields, "data": orjson.loads(canonical_json(self.redactor.redact(e.data)))}
             for e in entries
         ]
         for row in rows:
             row["seal"] = seal(key, row)
-        await session.execute(sa.insert(AuditStaged), rows)
+        await session.execute(sa.insert(_table(AuditStaged)), rows)
         session.info["audit_staged"] = True
 
     async def chain(self, db: Database, batch: int = 500) -> int:
@@ -202,7 +209,7 @@ class AuditLog:
                 head = await _read_head(session)
                 rows = _link(keys, head, staged)
                 if rows:
-                    await session.execute(sa.insert(AuditEvent), rows)
+                    await session.execute(sa.insert(_table(AuditEvent)), rows)
                 if staged:
                     await session.execute(sa.delete(AuditStaged).where(col(AuditStaged.id).in_([r.id for r in staged])))
             self._ready = True

@@ -17,11 +17,13 @@ the thread hand-offs of an async driver would only slow every transaction down (
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar, TypeVarTuple, cast, overload
 
+import orjson
 import sqlalchemy as sa
 from sqlalchemy.engine import URL, CursorResult, Result, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
@@ -106,14 +108,30 @@ def _sqlite_connect_listeners(sync_engine: sa.Engine, busy_timeout_ms: int = SQL
         conn.exec_driver_sql("BEGIN" if conn.get_execution_options().get("chatops_read") else "BEGIN IMMEDIATE")
 
 
+def dump_json(value: Any) -> str:
+    """JSON columns, written (conversation history, payloads, audit data: several per step): orjson,
+    about ten times faster than `json.dumps`; the standard library for what orjson refuses (integers
+    beyond 64 bits, non-string keys), so every value stores as before."""
+    try:
+        return orjson.dumps(value).decode("utf-8")
+    except TypeError:
+        return json.dumps(value)
+
+
+def _json_options() -> dict[str, Any]:
+    return {"json_serializer": dump_json, "json_deserializer": orjson.loads}
+
+
 def make_sync_engine(urls: DatabaseUrls, *, busy_timeout_ms: int = SQLITE_BUSY_TIMEOUT_MS) -> sa.Engine:
     """A synchronous engine: the CLI and migrations (busy waits allowed), and the bot on SQLite
     (`busy_timeout_ms=0`: the bot waits for the lock asynchronously, see `Database`)."""
     if urls.is_sqlite:
-        engine = sa.create_engine(urls.sync_url, connect_args={"timeout": busy_timeout_ms / 1000}, pool_size=4, max_overflow=8)
+        engine = sa.create_engine(
+            urls.sync_url, connect_args={"timeout": busy_timeout_ms / 1000}, pool_size=4, max_overflow=8, **_json_options()
+        )
         _sqlite_connect_listeners(engine, busy_timeout_ms)
         return engine
-    return sa.create_engine(urls.sync_url, pool_pre_ping=True)
+    return sa.create_engine(urls.sync_url, pool_pre_ping=True, **_json_options())
 
 
 def make_async_engine(urls: DatabaseUrls, pool_size: int = DEFAULT_POOL_SIZE) -> AsyncEngine:
@@ -122,7 +140,9 @@ def make_async_engine(urls: DatabaseUrls, pool_size: int = DEFAULT_POOL_SIZE) ->
 
     No pre-ping round trip per checkout: a connection found dead fails its attempt, the pool
     replaces it and the retry layer runs the transaction again."""
-    return create_async_engine(urls.async_url, pool_size=pool_size, max_overflow=pool_size, pool_recycle=1800, pool_timeout=10)
+    return create_async_engine(
+        urls.async_url, pool_size=pool_size, max_overflow=pool_size, pool_recycle=1800, pool_timeout=10, **_json_options()
+    )
 
 
 class LockBusy(Exception):

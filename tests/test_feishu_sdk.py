@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import subprocess
+import sys
 import time
 
 from bot.feishu import sdk
@@ -48,3 +50,20 @@ def test_the_sdk_prints_nothing_itself_after_load():
     sdk.load("lark_oapi.ws.client")
     lark_logger = logging.getLogger(sdk.SDK_LOGGER)
     assert lark_logger.handlers == [] and lark_logger.propagate
+
+
+def test_only_the_services_used_are_imported():
+    """`import lark_oapi` would load every generated service (~146 MB); a Feishu process loads im, contact, cardkit and ws."""
+    probe = (
+        "import sys\n"
+        "from bot.feishu import sdk\n"
+        "from bot.feishu.client import FeishuApi\n"
+        "client = FeishuApi(app_id='cli_x', app_secret='secret', domain='http://127.0.0.1:9')\n"
+        "client._build()\n"
+        "sdk.load('lark_oapi.ws.client')\n"
+        "assert client._client.im.v1.message.reply and client._client.contact.v3.user.get\n"
+        "loaded = {m.split('.')[2] for m in sys.modules if m.startswith('lark_oapi.api.')}\n"
+        "print(sorted(loaded))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=True)
+    assert done.stdout.strip() == "['cardkit', 'contact', 'im']", done.stdout + done.stderr

@@ -156,7 +156,7 @@ class RunStore:
             conversation_key=key,
             platform=first.thread.platform,
             requester=first.user.to_dict(),
-            thread=first.thread.to_dict(),
+            thread={**first.thread.to_dict(), "channel_id": first.channel_id},  # as `_set_requester` leaves it: no UPDATE
             status=R.RUNNING,
             owner=ctx.replica_id,
             lease_until=self._lease(),
@@ -508,10 +508,11 @@ class RunStore:
         await ctx.audit.record_many(
             session, [*rows, entry("reply_posted", run_id=run.id, platform=run.platform, status=status, text=text)]
         )
-        held = await self._queued(session, run.conversation_key, (HELD,))
-        for event in held:
-            event.status = Q.QUEUED  # their run ended without resuming: they start a run of their own
-        return True, bool(held or await self._queued(session, run.conversation_key))
+        waiting = await self._queued(session, run.conversation_key, (HELD, Q.QUEUED))
+        for event in waiting:
+            if event.status == HELD:
+                event.status = Q.QUEUED  # their run ended without resuming: they start a run of their own
+        return True, bool(waiting)
 
     async def waiting_and_decided(self) -> list[str]:
         """Waiting runs whose step has no undecided approval left (a resume was lost)."""

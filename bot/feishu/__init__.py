@@ -5,7 +5,7 @@ Layout of the package (each module says what belongs in it):
 - `cards.py`    `CardView` -> card JSON 2.0 (under 30 KB) and the card-callback answer;
 - `webhook.py`  decryption, signature, token and timestamp checks for `POST /feishu/events`;
 - `longconn.py` lark-oapi's websocket client in its own thread and event loop;
-- `client.py`   lark-oapi `Client` calls with timeouts, token refresh and rate-limit backoff;
+- `client.py`   lark-oapi service calls (`sdk.ApiClient`) with timeouts, token refresh and rate-limit backoff;
 - `groups.py`   department and group-chat memberships for the policy's `feishu-dept:`/`feishu-group:` entries;
 - `stream.py`   a long answer as a CardKit streaming card, with a plain reply as fallback.
 

@@ -1,9 +1,9 @@
-"""The Feishu Open API calls the adapter makes, through lark-oapi's `lark.Client`.
+"""The Feishu Open API calls the adapter makes, through lark-oapi's services (`sdk.ApiClient`).
 
 What this adds to the SDK (1.7.5), each verified in its source:
 
-- Import cost: `import lark_oapi` loads every generated service (about 5 s), so `open()` does it
-  in a worker thread, once.
+- Import cost: only the `im`, `contact` and `cardkit` services are imported (`sdk.load`; the whole SDK takes
+  seconds and ~146 MB), in a worker thread, once, by `open()`.
 - Blocking I/O: the SDK fetches tenant tokens with `requests` even on its `a*` methods, so every
   call runs the sync method in `asyncio.to_thread`; `timeout` bounds each HTTP request (the
   token fetch included), and an outer `asyncio.wait_for` bounds the whole call.
@@ -65,7 +65,8 @@ class FeishuApi:
         self.attempts = attempts
         self.max_backoff = max_backoff
         self._client: Any = None
-        self._lark: Any = None
+        self._model: Any = None
+        self._enum: Any = None
         self._im: Any = None
         self._contact: Any = None
         self._cardkit: Any = None
@@ -76,24 +77,22 @@ class FeishuApi:
             await sdk.in_daemon_thread(self._build)
 
     def _build(self) -> None:
-        lark = sdk.load("lark_oapi")
         self._im = sdk.load("lark_oapi.api.im.v1")
         self._contact = sdk.load("lark_oapi.api.contact.v3")
         self._cardkit = sdk.load("lark_oapi.api.cardkit.v1")
-        self._lark = lark
-        builder = lark.Client.builder().app_id(self.app_id).app_secret(self._secret)
-        builder = builder.domain(self.domain).timeout(self.timeout)
-        self._client = builder.log_level(lark.LogLevel.WARNING).build()
+        self._model = sdk.load("lark_oapi.core.model")
+        self._enum = sdk.load("lark_oapi.core.enum")
+        self._client = sdk.ApiClient(self.app_id, self._secret, domain=self.domain, timeout=self.timeout)
 
     # ------------------------------------------------------------------ calls
     async def bot_open_id(self) -> str:
         """The bot's own open_id, from `GET /open-apis/bot/v3/info` (no SDK model for it)."""
-        lark = self._lark
+        enum = self._enum
         request = (
-            lark.BaseRequest.builder()
-            .http_method(lark.HttpMethod.GET)
+            self._model.BaseRequest.builder()
+            .http_method(enum.HttpMethod.GET)
             .uri("/open-apis/bot/v3/info")
-            .token_types({lark.AccessTokenType.TENANT})
+            .token_types({enum.AccessTokenType.TENANT})
             .build()
         )
         response = await self._call("bot info", self._client.request, request)

@@ -10,6 +10,15 @@ The long connection and the token refresh need what the SDK does not expose publ
 - `lark_oapi.core.token.manager.TokenManager.cache`: the process-wide token cache, where a
   token Feishu rejected is dropped (`set(key, "", 0)`).
 
+Memory: `import lark_oapi` runs the package's `__init__`, which imports every generated service
+(about 146 MB and seconds of CPU), and `lark_oapi.ws.client` imports the event dispatcher, which
+imports every service's event models. `load` imports only what it is asked for: the packages
+`lark_oapi`, `lark_oapi.api` and `lark_oapi.event` are registered without running their
+`__init__`, and `lark_oapi.event.dispatcher_handler` is replaced by a stand-in (the long
+connection hands frames to `_handle_data_frame`, overridden below, never to a dispatcher).
+`ApiClient` is the part of `lark_oapi.Client` we use (`im`, `contact`, `request`), built from the
+same `Config` the SDK's builder fills. A Feishu process so stays at about 130 MB instead of 250.
+
 `tests/test_feishu_sdk.py` checks each of these against the installed SDK and fails loudly when a
 new version changes them; `pyproject.toml` pins lark-oapi to `>=1.7.5,<1.8`.
 
@@ -23,10 +32,13 @@ from __future__ import annotations
 import asyncio
 import base64
 import importlib
+import importlib.util
 import json
 import logging
+import sys
 import threading
 import time
+import urllib.parse
 from collections.abc import Callable
 from types import ModuleType
 from typing import Any, TypeVar
@@ -39,8 +51,40 @@ SDK_LOGGER = "Lark"
 TOKEN_CACHE_KEY = "self_tenant_token:{app_id}"
 
 
+_LIGHT_PACKAGES = ("lark_oapi", "lark_oapi.api", "lark_oapi.event")
+_DISPATCHER = "lark_oapi.event.dispatcher_handler"
+
+
+class _NoDispatcher:
+    """Stands in for `EventDispatcherHandler` (the long connection's frames never reach it)."""
+
+
+def _light_packages() -> None:
+    """Register lark-oapi's heavy package modules without running their `__init__` (see above).
+    Nothing to do when the whole SDK was imported already."""
+    if "lark_oapi" in sys.modules:
+        return
+    spec = importlib.util.find_spec("lark_oapi")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError("lark_oapi")
+    root = next(iter(spec.submodule_search_locations))
+    for name in _LIGHT_PACKAGES:
+        package = ModuleType(name)
+        package.__path__ = [root + name.removeprefix("lark_oapi").replace(".", "/")]
+        package.__package__ = name
+        sys.modules[name] = package
+        parent, _, child = name.rpartition(".")
+        if parent:
+            setattr(sys.modules[parent], child, package)
+    dispatcher = ModuleType(_DISPATCHER)
+    dispatcher.EventDispatcherHandler = _NoDispatcher  # type: ignore[attr-defined]  # a module made here, at run time
+    sys.modules[_DISPATCHER] = dispatcher
+
+
 def load(name: str) -> ModuleType:
-    """Import a lark-oapi module (slow: call it off the event loop) and route the SDK's logs."""
+    """Import a lark-oapi module (slow: call it off the event loop) and route the SDK's logs.
+    Only `name` and what it imports are loaded, never the whole SDK."""
+    _light_packages()
     module = importlib.import_module(name)
     sdk_logger = logging.getLogger(SDK_LOGGER)
     for handler in list(sdk_logger.handlers):
@@ -129,3 +173,46 @@ def forget_tenant_token(app_id: str) -> None:
     """Drop the cached tenant token of `app_id` (Feishu said it is invalid)."""
     manager = load("lark_oapi.core.token.manager").TokenManager
     manager.cache.set(TOKEN_CACHE_KEY.format(app_id=app_id), "", 0)
+
+
+def _check_domain(domain: str) -> None:
+    """The SDK builder's check (`lark_oapi.client._validate_domain`): the app secret goes only to an
+    https origin, or plain http on loopback (tests)."""
+    parsed = urllib.parse.urlsplit(domain)
+    loopback = parsed.scheme == "http" and (parsed.hostname or "").lower() in ("127.0.0.1", "localhost", "::1")
+    if not (parsed.scheme == "https" or loopback) or not parsed.netloc or "@" in parsed.netloc:
+        raise ValueError(f"the Feishu domain must be an https origin (got {domain!r})")
+    if parsed.path or parsed.query or parsed.fragment:
+        raise ValueError(f"the Feishu domain must be an origin without a path (got {domain!r})")
+
+
+class ApiClient:
+    """The part of `lark_oapi.Client` the adapter uses: `im`, `contact`, `cardkit` and `request`, built like
+    `lark_oapi.Client.builder()...build()` but without loading the other services."""
+
+    def __init__(self, app_id: str, app_secret: str, *, domain: str, timeout: float) -> None:
+        _check_domain(domain)
+        model, enum = load("lark_oapi.core.model"), load("lark_oapi.core.enum")
+        config = model.Config()
+        config.app_id, config.app_secret, config.domain, config.timeout = app_id, app_secret, domain, timeout
+        config.log_level = enum.LogLevel.WARNING
+        load("lark_oapi.core.log").logger.setLevel(int(config.log_level.value))
+        self._config = config
+        self.im = load("lark_oapi.api.im.service").ImService(config)
+        self.contact = load("lark_oapi.api.contact.service").ContactService(config)
+        self.cardkit = load("lark_oapi.api.cardkit.service").CardkitService(config)
+
+    def request(self, request: Any) -> Any:
+        """`lark_oapi.Client.request`: a raw call (token, transport, JSON answer) for APIs without a model."""
+        model, token, http = load("lark_oapi.core.model"), load("lark_oapi.core.token"), load("lark_oapi.core.http")
+        option = model.RequestOption()
+        token.verify(self._config, request, option)
+        raw = http.Transport.execute(self._config, request, option)
+        response = model.BaseResponse()
+        content_type = raw.headers.get("Content-Type")
+        if content_type is not None and content_type.startswith("application/json"):
+            response = load("lark_oapi.core.json").JSON.unmarshal(str(raw.content, "utf-8"), model.BaseResponse)
+        elif 200 <= raw.status_code < 300:
+            response.code = 0
+        response.raw = raw
+        return response
