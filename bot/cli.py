@@ -25,6 +25,7 @@ from bot.config import Settings, load_settings, no_model_message
 from bot.core.errors import ChatopsError
 from bot.logsetup import setup_logging
 from storage.audit_keys import AuditKeyError, AuditKeys, append_key, load_keys
+from storage.engine import normalise_url
 from storage.redact import Redactor
 
 if TYPE_CHECKING:
@@ -94,13 +95,17 @@ def _uses_terminal(settings: Settings, force_terminal: bool) -> bool:
 
 
 def _worker_count(args: argparse.Namespace, settings: Settings) -> int:
-    """`--workers`, else CHATOPS_WORKERS, else the CPU cores; 0 for the terminal chat."""
+    """`--workers`, else CHATOPS_WORKERS, else the CPU cores on PostgreSQL and 0 on SQLite; 0 for the
+    terminal chat. SQLite has one writer at a time: worker processes would hold its lock against the
+    front's acks (a burst of 200 conversations was refused 1,692 times before all were recorded)."""
     if args.command != "serve" or _uses_terminal(settings, False):
         return 0
     if args.workers is not None:
         return int(args.workers)
     if settings.workers is not None:
         return settings.workers
+    if normalise_url(settings.database_url).is_sqlite:
+        return 0
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
@@ -324,7 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         metavar="N",
         help="worker processes that run the agent, executions and deliveries (default: CHATOPS_WORKERS, else the CPU "
-        "cores); 0 = everything in this one process",
+        "cores on PostgreSQL and 0 on SQLite); 0 = everything in this one process",
     )
     worker = sub.add_parser("worker", help="(started by `chatops serve`) one worker process")
     worker.add_argument("--wake-dir", type=Path, required=True, help="where the front's wake-up sockets live (SQLite)")

@@ -263,3 +263,24 @@ async def test_two_serves_share_one_postgres_and_execute_once(tmp_path, postgres
     assert len(smtp.delivered) == 1
     assert [row[0] for row in query(postgres_url, "SELECT status FROM approval")] == ["succeeded"]
     assert sum(m.get("text") == SENT for m in fake.messages.values()) == 1
+
+
+@pytest.mark.parametrize(
+    ("database_url", "env", "args", "expected"),
+    [
+        ("sqlite:///x.db", {}, [], 0),  # one writer at a time: no worker processes unless asked
+        ("sqlite:///x.db", {}, ["--workers", "2"], 2),
+        ("sqlite:///x.db", {"CHATOPS_WORKERS": "3"}, [], 3),
+        ("postgresql://u@h/db", {}, [], "cpus"),
+        ("postgresql://u@h/db", {"CHATOPS_WORKERS": "0"}, [], 0),
+    ],
+)
+def test_the_default_number_of_workers_follows_the_database(database_url, env, args, expected):
+    from bot.cli import _worker_count, build_parser
+    from tests.conftest import make_settings
+
+    settings = make_settings(
+        "http://127.0.0.1:9/v1", database_url, SLACK_BOT_TOKEN="xoxb-1", SLACK_SIGNING_SECRET="s" * 32, **env
+    )
+    count = _worker_count(build_parser().parse_args(["serve", *args]), settings)
+    assert count == (len(os.sched_getaffinity(0)) if expected == "cpus" else expected)
