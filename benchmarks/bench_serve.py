@@ -493,8 +493,11 @@ class Bench:
         print("three replicas on one PostgreSQL", flush=True)
         self.script.mode = "turn"
         _, floor = await self.load.steady([bare.url], self.opts.steady_events, 20)
-        bots = [await self.chatops("replica-1", url)]
-        bots += await asyncio.gather(self.chatops("replica-2", url), self.chatops("replica-3", url))
+        # 3 replicas x (front + workers) processes, each with a pool of up to 2 x CHATOPS_DB_POOL_SIZE connections,
+        # must stay under PostgreSQL's max_connections (100 by default; README, "Several replicas on PostgreSQL").
+        pool = {"CHATOPS_DB_POOL_SIZE": "4"}
+        bots = [await self.chatops("replica-1", url, **pool)]
+        bots += await asyncio.gather(self.chatops("replica-2", url, **pool), self.chatops("replica-3", url, **pool))
         try:
             urls = [b.url for b in bots]
             self.script.mode = "turn"
@@ -626,6 +629,7 @@ async def main() -> None:
     parser.add_argument("--big-burst", type=int, help="the second burst (default 1000, quick 500)")
     parser.add_argument("--pending", type=int, help="pending approvals for the memory figure (default 1000, quick 200)")
     parser.add_argument("--output", type=Path, help="also write the table (markdown) here")
+    parser.add_argument("--keep", type=Path, help="keep the processes' logs and databases in this folder")
     parser.add_argument("--profile", type=Path, help="run each chatops process under cProfile, writing DIR/<name>.prof")
     args = parser.parse_args()
     opts = Options(args.quick, args.db, args.postgres_url, shlex.split(args.serve_args), set(args.phases.split(",")))
@@ -637,7 +641,8 @@ async def main() -> None:
     opts.big_burst = args.big_burst or opts.big_burst
     opts.pending = args.pending or opts.pending
     started = time.perf_counter()
-    with tempfile.TemporaryDirectory() as tmp:
+    with contextlib.nullcontext(str(args.keep)) if args.keep else tempfile.TemporaryDirectory() as tmp:
+        await asyncio.to_thread(Path(tmp).mkdir, parents=True, exist_ok=True)
         async with fakes() as (slack, model, http):
             table = await Bench(opts, Path(tmp), slack, model, http).run()
     print(

@@ -14,6 +14,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.exc import IntegrityError
 from sqlmodel import col
 
 from bot.core import i18n, limits, metrics, outbox, texts
@@ -118,8 +119,15 @@ class RunStore:
     async def start_run(self, key: str) -> Started:
         """Claim the conversation and move its queued messages into a new run. Nothing to drive when
         there is nothing queued, another run holds the conversation, or every message was refused."""
+        collisions = 0
         while True:
-            result = await self.ctx.db.run(lambda s: self._start_once(s, key))
+            try:
+                result = await self.ctx.db.run(lambda s: self._start_once(s, key))
+            except IntegrityError:  # another replica created the conversation's row meanwhile: look again
+                collisions += 1
+                if collisions > 3:
+                    raise
+                continue
             if result is not None:
                 return result
 

@@ -26,7 +26,6 @@ import socket
 from collections.abc import Awaitable, Callable
 
 import sqlalchemy as sa
-from sqlalchemy.exc import IntegrityError
 from sqlmodel import col
 
 from bot.core import metrics
@@ -111,10 +110,7 @@ class Sweeper:
             self.ctx.tasks.spawn_coalesced(f"conversation-{key}", functools.partial(self._start, key))
 
     async def _start(self, key: str) -> None:
-        try:
-            await self.core.runner.process_conversation(key)
-        except IntegrityError:  # another worker created the conversation's row first: that one runs it
-            log.debug("conversation %s was started by another worker", key)
+        await self.core.runner.process_conversation(key)
 
     async def _expire(self) -> None:
         for approval in await self.core.approvals.expire_overdue():
