@@ -56,99 +56,60 @@ async def check_fast_answers_while_locked(bot: SlackBot) -> dict:
     return refused
 
 
-@pytest.fixture
-async def holder(request):
-    holders: list[LockHolder] = []
+class LockFault:
+    """Another process holds the write lock while the test looks, then lets go."""
 
-    def make(path: str) -> LockHolder:
-        holders.append(LockHolder(path))
-        return holders[-1]
+    counts_retries = False  # the bot waits for the lock within one attempt (async polling)
 
-    yield make
-    for h in holders:
-        h.kill()
+    def __init__(self, path: str) -> None:
+        self.holder = LockHolder(path)
 
+    async def begin(self) -> None:
+        await self.holder.hold()
 
-async def test_a_lock_held_during_a_turn_delays_it_but_acks_stay_fast_and_nothing_is_lost(slack_bot, model, holder):
-    in_flight = asyncio.Event()
+    async def end(self) -> None:
+        await self.holder.release()
 
-    def respond(body):
-        question = body["messages"][-1]["content"]
-        if "first" in question:
-            in_flight.set()
-            return text("first answer", delay=0.5)
-        return text("second answer")
-
-    model.responder = respond
-    bot = await slack_bot()
-    lock = holder(database_path(bot))
-    status, took = await timed_send(bot, mention("first question"))
-    assert status == 200 and took < BOUND
-    await in_flight.wait()
-    await lock.hold()  # the run's next write (its answer) now waits for another process
-    refused = await check_fast_answers_while_locked(bot)
-    await lock.release()
-    status, _ = await bot.send(refused, retry_num=1)  # Slack's redelivery of the refused event
-    assert status == 200
-    await bot.fake.wait_for("chat.postMessage", count=2, timeout=60)
-    await bot.settle()
-    await settle(bot.app)
-    assert sorted(r["text"] for r in bot.replies()) == ["first answer", "second answer"]
-    assert await bot.count("inbox_event") == 2
-    assert [len([r for r in model.requests if "second" in r["messages"][-1]["content"]])] == [1]
-    assert (await summary(bot.app)).stuck == []
+    def clean_up(self) -> None:
+        self.holder.kill()
 
 
-async def test_a_lock_held_during_a_write_tool_delays_its_record_which_lands_once_released(slack_bot, model, holder):
-    locked = asyncio.Event()
-    stages = Stages()
-    model.script(calls(("store_note", {"topic": "x"})), text("Stored."), text("second answer"))
-    bot = await slack_bot(toolsets=[stages.toolset()])
-    lock = holder(database_path(bot))
+class ReadOnlyFault:
+    """The file is made read-only from outside for a few seconds: every write fails meanwhile."""
 
-    async def hold_the_lock() -> None:
-        await lock.hold()
-        locked.set()
+    counts_retries = True  # each failed write is attempted again (chatops_db_retries_total)
 
-    stages.during_write = hold_the_lock
-    assert (await bot.send(mention("store a note")))[0] == 200
-    await bot.fake.wait_for("chat.postMessage", count=2, timeout=60)  # progress line, card
-    card = card_message(bot.fake)
-    approval_id = approval_id_of(card)
-    assert (await bot.send(click(card)))[0] == 200
-    await locked.wait()  # the tool ran and returned; its record now waits for the lock
-    refused = await check_fast_answers_while_locked(bot)
-    await lock.release()
-    # "Stored." replaces the run's progress line (posted before the card)
-    await bot.fake.wait_until(lambda: "Stored." in [r["text"] for r in bot.replies()], timeout=60)
-    assert (await bot.send(refused, retry_num=1))[0] == 200
-    await bot.fake.wait_for("chat.postMessage", count=3, timeout=60)  # progress line, card, "second answer"
-    await bot.settle()
-    await settle(bot.app)
-    assert stages.runs == [approval_id]
-    state = await summary(bot.app)
-    assert state.approvals == {approval_id: "succeeded"} and state.stuck == []
-    assert [r["text"] for r in bot.replies()].count("second answer") == 1
+    def __init__(self, path: str) -> None:
+        self.file = ReadOnlyFile(path)
+
+    async def begin(self) -> None:
+        await self.file.make_read_only()
+
+    async def end(self) -> None:
+        await asyncio.sleep(READ_ONLY_SECONDS)  # the fault's length, not a wait for the bot
+        await self.file.restore()
+
+    def clean_up(self) -> None:
+        self.file.restore_now()
 
 
-@pytest.fixture
-async def read_only(tmp_path):
-    """Makes the bot's database read-only from outside; always restored, even when a test fails."""
-    reason = ReadOnlyFile.available(str(tmp_path))
-    if reason is not None:
+@pytest.fixture(params=["locked", "read-only"])
+async def fault(request, tmp_path):
+    """A factory: `fault(database_path)` -> the fault this test run injects; always cleaned up."""
+    if request.param == "read-only" and (reason := ReadOnlyFile.available(str(tmp_path))) is not None:
         pytest.skip(reason)
-    made: list[ReadOnlyFile] = []
+    made: list[LockFault | ReadOnlyFault] = []
 
-    def make(path: str) -> ReadOnlyFile:
-        made.append(ReadOnlyFile(path))
+    def make(path: str) -> LockFault | ReadOnlyFault:
+        made.append(LockFault(path) if request.param == "locked" else ReadOnlyFault(path))
         return made[-1]
 
     yield make
     for f in made:
-        f.restore_now()
+        f.clean_up()
 
 
-async def test_a_read_only_file_during_a_turn_delays_it_but_acks_stay_fast_and_nothing_is_lost(slack_bot, model, read_only):
+async def test_a_fault_during_a_turn_delays_it_but_acks_stay_fast_and_nothing_is_lost(slack_bot, model, fault):
     in_flight = asyncio.Event()
 
     def respond(body):
@@ -160,54 +121,56 @@ async def test_a_read_only_file_during_a_turn_delays_it_but_acks_stay_fast_and_n
 
     model.responder = respond
     bot = await slack_bot()
-    fault = read_only(database_path(bot))
-    assert (await bot.send(mention("first question")))[0] == 200
+    injected = fault(database_path(bot))
+    status, took = await timed_send(bot, mention("first question"))
+    assert status == 200 and took < BOUND
     await in_flight.wait()
     retries = await db_retries(bot)
-    await fault.make_read_only()  # the run's next write (its answer) fails until the file is writable again
+    await injected.begin()  # the run's next write (its answer) cannot happen for now
     refused = await check_fast_answers_while_locked(bot)
-    await asyncio.sleep(READ_ONLY_SECONDS)
-    await fault.restore()
-    assert (await bot.send(refused, retry_num=1))[0] == 200  # Slack's redelivery of the refused event
-    await bot.fake.wait_for("chat.postMessage", count=2, timeout=60)
+    await injected.end()
+    status, _ = await bot.send(refused, retry_num=1)  # Slack's redelivery of the refused event
+    assert status == 200
+    await bot.fake.wait_until(lambda: sorted(r["text"] for r in bot.replies()) == ["first answer", "second answer"], 60)
     await bot.settle()
     await settle(bot.app)
-    assert sorted(r["text"] for r in bot.replies()) == ["first answer", "second answer"]
     assert await bot.count("inbox_event") == 2
+    assert [len([r for r in model.requests if "second" in r["messages"][-1]["content"]])] == [1]
     assert (await summary(bot.app)).stuck == []
-    assert await db_retries(bot) > retries  # the run's writes met the fault and were attempted again
+    if injected.counts_retries:
+        assert await db_retries(bot) > retries  # the run's writes met the fault and were attempted again
 
 
-async def test_a_read_only_file_during_a_write_tool_records_what_was_done_once_writable(slack_bot, model, read_only):
-    unwritable = asyncio.Event()
+async def test_a_fault_during_a_write_tool_delays_its_record_which_lands_afterwards(slack_bot, model, fault):
+    faulty = asyncio.Event()
     stages = Stages()
     model.script(calls(("store_note", {"topic": "x"})), text("Stored."), text("second answer"))
     bot = await slack_bot(toolsets=[stages.toolset()])
-    fault = read_only(database_path(bot))
+    injected = fault(database_path(bot))
 
-    async def make_read_only() -> None:
-        await fault.make_read_only()
-        unwritable.set()
+    async def inject() -> None:
+        await injected.begin()
+        faulty.set()
 
-    stages.during_write = make_read_only
+    stages.during_write = inject
     assert (await bot.send(mention("store a note")))[0] == 200
     await bot.fake.wait_for("chat.postMessage", count=2, timeout=60)  # progress line, card
     card = card_message(bot.fake)
     approval_id = approval_id_of(card)
     assert (await bot.send(click(card)))[0] == 200
-    await unwritable.wait()  # the tool ran and returned; its record cannot be written for now
+    await faulty.wait()  # the tool ran and returned; its record cannot be written for now
     retries = await db_retries(bot)
     refused = await check_fast_answers_while_locked(bot)
-    await asyncio.sleep(READ_ONLY_SECONDS)
-    await fault.restore()
-    # "Stored." replaces the run's progress line (posted before the card)
+    await injected.end()
+    # "Stored." replaces the run's progress line (posted before the card): sent is recorded as sent
     await bot.fake.wait_until(lambda: "Stored." in [r["text"] for r in bot.replies()], timeout=60)
     assert (await bot.send(refused, retry_num=1))[0] == 200
-    await bot.fake.wait_for("chat.postMessage", count=3, timeout=60)  # progress line, card, "second answer"
+    await bot.fake.wait_until(lambda: "second answer" in [r["text"] for r in bot.replies()], timeout=60)
     await bot.settle()
     await settle(bot.app)
     assert stages.runs == [approval_id]
     state = await summary(bot.app)
     assert state.approvals == {approval_id: "succeeded"} and state.stuck == []
     assert [r["text"] for r in bot.replies()].count("second answer") == 1
-    assert await db_retries(bot) > retries  # the execution's record met the fault and was attempted again
+    if injected.counts_retries:
+        assert await db_retries(bot) > retries  # the execution's record met the fault and was attempted again

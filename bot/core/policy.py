@@ -217,14 +217,8 @@ class Policy:
     ) -> Verdict:
         """May `user` approve or reject a call under `rule` requested by `requester`? Whoever edited
         the call (`editors`) counts as one of its requesters for separation of duties."""
-        if user.is_bot:
-            return Verdict(False, str(texts.BOTS_CANNOT_DECIDE))
-        if not self.tenant_allowed(user) or (
-            requester.tenant and user.platform == requester.platform and user.tenant != requester.tenant
-        ):
-            return Verdict(False, str(texts.OTHER_TENANT))
-        if rule.rule == "deny":
-            return Verdict(False, str(texts.ACTION_DENIED))
+        if (refused := self._outsider(rule, requester, user)) is not None:
+            return refused
         is_requester = user.key == requester.key
         listed = any(identity_matches(e, user) for e in rule.approvers)
         if rule.rule in ("auto", "confirm"):
@@ -242,9 +236,9 @@ class Policy:
             return Verdict(False, str(texts.NOT_AN_APPROVER))
         return Verdict(True)
 
-    def may_edit(self, rule: CallRule, requester: User, user: User) -> Verdict:
-        """May `user` edit the frozen arguments of a pending call? Its requester and the approvers
-        the rule lists (never a bot, another tenant, or a call the policy denies)."""
+    def _outsider(self, rule: CallRule, requester: User, user: User) -> Verdict | None:
+        """Who may never act on a call, whatever the rule: a bot, someone of another tenant; and nobody
+        on a call the policy denies."""
         if user.is_bot:
             return Verdict(False, str(texts.BOTS_CANNOT_DECIDE))
         if not self.tenant_allowed(user) or (
@@ -253,6 +247,13 @@ class Policy:
             return Verdict(False, str(texts.OTHER_TENANT))
         if rule.rule == "deny":
             return Verdict(False, str(texts.ACTION_DENIED))
+        return None
+
+    def may_edit(self, rule: CallRule, requester: User, user: User) -> Verdict:
+        """May `user` edit the frozen arguments of a pending call? Its requester and the approvers
+        the rule lists (never a bot, another tenant, or a call the policy denies)."""
+        if (refused := self._outsider(rule, requester, user)) is not None:
+            return refused
         if user.key == requester.key or any(identity_matches(e, user) for e in rule.approvers):
             return Verdict(True)
         return Verdict(False, texts.ONLY_REQUESTER_OR_APPROVER_EDITS.format(who=requester.label))

@@ -214,10 +214,7 @@ class FeishuAdapter:
             request = replace(request, approval_id=checked_approval_id(request.approval_id))
             self._answering.setdefault(request.approval_id, asyncio.Event())
             try:
-                user = await self._identified(request.user)
-                card_lang = await language.card_language(self.core.ctx, request.approval_id)
-                user = language.speak_with(self.core.ctx.policy, user, events.click_chat(payload), fallback=card_lang)
-                request = replace(request, user=user)
+                request = replace(request, user=await self._clicker(request.user, request.approval_id, payload))
                 outcome = await self.core.decide(request)
                 if outcome.changed:
                     await self.core.card_answered(request.approval_id)
@@ -236,9 +233,7 @@ class FeishuAdapter:
         request = replace(request, approval_id=checked_approval_id(request.approval_id))
         self._answering.setdefault(request.approval_id, asyncio.Event())
         try:
-            user = await self._identified(request.user)
-            card_lang = await language.card_language(self.core.ctx, request.approval_id)
-            user = language.speak_with(self.core.ctx.policy, user, events.click_chat(payload), fallback=card_lang)
+            user = await self._clicker(request.user, request.approval_id, payload)
             request = replace(request, user=user)
             if verb == "edit":
                 outcome = await self.core.open_edit(request)
@@ -281,6 +276,12 @@ class FeishuAdapter:
             except FeishuApiError as exc:
                 log.warning("feishu: a command answer could not be posted (code %s)", exc.code)
                 return
+
+    async def _clicker(self, user: User, approval_id: str, payload: dict[str, Any]) -> User:
+        """Who clicked a card, as the policy judges them, speaking the card's (or the chat's) language."""
+        identified = await self._identified(user)
+        card_lang = await language.card_language(self.core.ctx, approval_id)
+        return language.speak_with(self.core.ctx.policy, identified, events.click_chat(payload), fallback=card_lang)
 
     async def _identified(self, user: User) -> User:
         """The person as the policy judges them: memberships looked up now; the bot itself counts as a bot."""
