@@ -36,6 +36,9 @@ from tests.support_tools import Ledger, notes_toolset
 
 __all__ = ["fake_feishu", "feishu_bot"]  # fixtures used by this module
 
+WAITING = (
+    "Asked for approval of 1 action(s): see the card(s) below."  # the run's progress line above its card; the answer comes below
+)
 LEAD = {"name": "Zhang San", "email": "zhangsan@example.com", "need": "a product demo", "company": "Acme"}
 
 
@@ -69,8 +72,8 @@ async def test_seed_scenario_group_mention_to_final_reply_in_the_thread(feishu_b
     assert any(texts.CARD_SUCCEEDED.split(":")[0] in e.get("text", {}).get("content", "") for e in final["body"]["elements"])
     assert bot.fake.messages[card.message_id].patches  # the outcome was patched into the card
     replies = [m for m in bot.fake.sent() if m.msg_type == "text"]
-    assert [m.json["text"] for m in replies] == ["Created the lead for Zhang San."]
-    assert replies[0].reply_to == "om_ask" and replies[0].in_thread
+    assert [m.json["text"] for m in replies] == [WAITING, "Created the lead for Zhang San."]  # the answer below the card
+    assert all(r.reply_to == "om_ask" and r.in_thread for r in replies)
 
 
 async def test_seed_scenario_in_a_dm(feishu_bot, model):
@@ -85,7 +88,7 @@ async def test_seed_scenario_in_a_dm(feishu_bot, model):
     await bot.send(click(approval_id))
     await bot.settle()
     assert [e["approval_id"] for e in ledger.effects] == [approval_id]
-    assert bot.fake.texts() == ["Noted."]
+    assert bot.fake.texts() == [WAITING, "Noted."]
     assert not next(m for m in bot.fake.sent() if m.msg_type == "text").in_thread
 
 
@@ -122,7 +125,7 @@ async def test_reject_with_a_reason_from_the_card_form(feishu_bot, model):
     assert ledger.effects == []
     assert "Rejected by ou_alice: not this topic" in card_text(bot.fake.cards()[-1])
     assert any("not this topic" in str(m.get("content")) for m in model.requests[-1]["messages"] if m["role"] == "tool")
-    assert bot.fake.texts() == ["Understood, I did not write it."]
+    assert bot.fake.texts() == [WAITING, "Understood, I did not write it."]
 
 
 async def test_unauthorized_click_gets_a_toast_and_changes_nothing(feishu_bot, model):

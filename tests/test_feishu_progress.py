@@ -14,7 +14,7 @@ COUNT = ("count_notes", {"topic": "ops"})
 NOTE = ("write_note", {"topic": "ops", "text": "重启 web-1"})
 
 
-async def test_the_progress_line_is_edited_in_place_and_becomes_the_answer(feishu_bot, model):
+async def test_the_progress_line_is_edited_in_place_and_the_answer_comes_below_the_card(feishu_bot, model):
     ledger = Ledger()
     model.script(calls(COUNT), calls(NOTE), text("已记录。"))
     bot = await feishu_bot(toolsets=[notes_toolset(ledger)])
@@ -22,15 +22,16 @@ async def test_the_progress_line_is_edited_in_place_and_becomes_the_answer(feish
     await bot.settle()
     (progress,) = [m for m in bot.fake.sent() if m.msg_type == "text"]
     assert progress.reply_to == "om_ask" and progress.in_thread
-    assert progress.json["text"] == "正在等待 1 项操作的审批…"  # in Chinese, the Feishu default
+    assert progress.json["text"] == "已请求审批 1 项操作，见下方卡片。"  # in Chinese, the Feishu default
     assert len(bot.fake.calls_to("edit")) == 1  # "正在运行 count_notes…" -> waiting
 
     card = bot.card()
     await bot.send(click(approval_id_of(card), "approve", card_message_id=card.message_id))
     await bot.settle()
     assert len(ledger.effects) == 1
-    (answer,) = [m for m in bot.fake.sent() if m.msg_type == "text"]
-    assert answer.message_id == progress.message_id and answer.json["text"] == "已记录。"
+    waiting, answer = [m for m in bot.fake.sent() if m.msg_type == "text"]  # the answer below the card
+    assert waiting.message_id == progress.message_id and waiting.json["text"] == "已请求审批 1 项操作，见下方卡片。"
+    assert answer.json["text"] == "已记录。" and answer.reply_to == "om_ask" and answer.in_thread
 
 
 async def test_an_answer_whose_edit_is_refused_is_replied(feishu_bot, model):

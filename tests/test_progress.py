@@ -31,7 +31,7 @@ def progress_texts(fake) -> list[str]:
     return texts
 
 
-async def test_one_progress_message_is_edited_in_place_and_replaced_by_the_answer(slack_bot, fake_slack, model):
+async def test_one_progress_message_is_edited_in_place_and_the_answer_comes_below_the_card(slack_bot, fake_slack, model):
     ledger = Ledger()
     model.script(calls(COUNT), calls(NOTE), text("Stored the note."))
     bot = await slack_bot(toolsets=[notes_toolset(ledger)])
@@ -41,15 +41,18 @@ async def test_one_progress_message_is_edited_in_place_and_replaced_by_the_answe
 
     (progress,) = bot.replies()  # one plain message so far: the progress line, above the card
     assert (progress["channel"], progress["thread_ts"]) == (CHANNEL, root)
-    assert progress["text"] == "Waiting for approval of 1 action(s)…"
-    assert progress_texts(fake_slack)[:2] == ["Running count_notes…", "Waiting for approval of 1 action(s)…"]
+    assert progress["text"] == "Asked for approval of 1 action(s): see the card(s) below."
+    assert progress_texts(fake_slack)[:2] == ["Running count_notes…", "Asked for approval of 1 action(s): see the card(s) below."]
     assert list(fake_slack.messages).index(progress["ts"]) < list(fake_slack.messages).index(card_message(fake_slack)["ts"])
 
     await bot.send(click(card_message(fake_slack)))
     await bot.settle()
     assert len(ledger.effects) == 1
-    (answer,) = bot.replies()  # still one plain message: the answer replaced the progress line
-    assert answer["ts"] == progress["ts"] and answer["text"] == "Stored the note."
+    waiting, answer = bot.replies()  # the answer is a new message below the card; the line above stays true
+    assert waiting["ts"] == progress["ts"] and waiting["text"] == progress["text"]
+    order = list(fake_slack.messages)
+    assert order.index(answer["ts"]) > order.index(card_message(fake_slack)["ts"])
+    assert answer["text"] == "Stored the note." and answer["thread_ts"] == root
     assert progress_texts(fake_slack)[-1] == "Stored the note."
 
 
@@ -121,7 +124,7 @@ async def test_cancel_closes_the_progress_message_and_posts_nothing_new_for_it(s
     await bot.send(mention("write a note", ts=root))
     await bot.settle()
     (progress,) = bot.replies()
-    assert progress["text"] == "Waiting for approval of 1 action(s)…"
+    assert progress["text"] == "Asked for approval of 1 action(s): see the card(s) below."
 
     await bot.send(mention("cancel", thread_ts=root))
     await bot.settle()

@@ -88,7 +88,7 @@ async def test_a_call_proposed_for_bobs_message_is_bobs_request_and_alices_card_
     assert [e["topic"] for e in ledger.effects] == ["alice", "bob"]
     requested = await actors(bot.app, "approval_requested")
     assert [a.split(":")[-1] for a in requested if a] == [ALICE, BOB]
-    assert bot.replies()[0]["text"] == "Both stored."  # the answer replaced the run's progress message, above the cards
+    assert bot.replies()[-1]["text"] == "Both stored."  # the answer is the newest message, below the cards
 
 
 async def test_a_newer_message_supersedes_only_its_own_authors_pending_card(slack_bot, fake_slack, model):

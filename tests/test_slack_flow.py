@@ -218,7 +218,11 @@ async def test_a_dm_is_a_conversation_answered_in_the_dm(slack_bot, fake_slack, 
     await bot.send(dm("thanks"))
     await bot.settle()
     replies = bot.replies()
-    assert [(r["text"], r["channel"], r["thread_ts"]) for r in replies] == [("Done.", DM, None), ("You're welcome.", DM, None)]
+    assert [(r["text"], r["channel"], r["thread_ts"]) for r in replies] == [
+        ("Asked for approval of 1 action(s): see the card(s) below.", DM, None),
+        ("Done.", DM, None),
+        ("You're welcome.", DM, None),
+    ]
     # Both DM messages belong to one conversation: the model saw the earlier turn.
     assert "write a note" in json.dumps(model.requests[-1]["messages"])
 

@@ -113,7 +113,8 @@ async def enqueue_progress(
 
 
 async def enqueue_answer(session: DbSession, ctx: AppContext, thread: dict[str, Any], text: str, *, run_id: str) -> None:
-    """Queue a run's final text: it replaces the run's progress message when there is one."""
+    """Queue a run's final text: it replaces the run's progress message when there is one and no card
+    was posted below it since (see `Outbox._progress_message`)."""
     await _supersede_progress(session, run_id)
     await _insert(session, _job(ctx, OutboxKind.ANSWER, thread, run_id=run_id, text=ctx.redactor.redact_text(text)))
 
@@ -266,7 +267,8 @@ class Outbox:
                 coords = thread.coords
                 await channel.publish_home(User(job.platform, str(coords.get("user")), tenant=coords.get("team")))
             return None
-        progress_id = await self.ctx.db.run(lambda s: self._progress_message(s, job.run_id), read=True)
+        last_word = bool(job.thread.get("edit_only"))  # a stopped run closes its newest progress line
+        progress_id = await self.ctx.db.run(lambda s: self._progress_message(s, job.run_id, newest=last_word), read=True)
         if not hasattr(channel, "post_progress"):
             if job.kind == OutboxKind.ANSWER:
                 await channel.post_reply(thread, job.text or "")
@@ -282,20 +284,31 @@ class Outbox:
         return progress_id
 
     @staticmethod
-    async def _progress_message(session: DbSession, run_id: str | None) -> str | None:
-        """The id of the run's posted progress message, if any."""
-        row = await session.execute(
-            sa.select(col(OutboxJob.message_id))
-            .where(
-                col(OutboxJob.run_id) == run_id,
-                col(OutboxJob.kind) == OutboxKind.PROGRESS,
-                col(OutboxJob.status) == OutboxStatus.SENT,
-                col(OutboxJob.message_id).is_not(None),
+    async def _progress_message(session: DbSession, run_id: str | None, *, newest: bool = False) -> str | None:
+        """The id of the run's progress message to edit, if any: its newest one, unless a card of the run
+        was posted below it since (then the next line or the answer is a new message below the cards: an
+        edit far above notifies nobody). `newest`: that message whatever came below (a stopped run's
+        last word)."""
+        mine = (col(OutboxJob.run_id) == run_id, col(OutboxJob.status) == OutboxStatus.SENT)
+        message_id = (
+            await session.execute(
+                sa.select(col(OutboxJob.message_id))
+                .where(*mine, col(OutboxJob.kind) == OutboxKind.PROGRESS, col(OutboxJob.message_id).is_not(None))
+                .order_by(col(OutboxJob.id).desc())
+                .limit(1)
             )
-            .order_by(col(OutboxJob.id))
-            .limit(1)
+        ).scalar_one_or_none()
+        if message_id is None or newest:
+            return message_id
+        posted = (
+            sa.select(sa.func.min(col(OutboxJob.id)))
+            .where(*mine, col(OutboxJob.kind) == OutboxKind.PROGRESS, col(OutboxJob.message_id) == message_id)
+            .scalar_subquery()
+        )  # jobs of a run are delivered in order: a card sent by a later job is below the message
+        below = await session.execute(
+            sa.select(col(OutboxJob.id)).where(*mine, col(OutboxJob.kind) == OutboxKind.CARD, col(OutboxJob.id) > posted).limit(1)
         )
-        return row.scalar_one_or_none()
+        return None if below.first() is not None else message_id
 
     async def _sent(self, session: DbSession, job: OutboxJob, message_id: str | None, rendered_at: datetime) -> None:
         ctx = self.ctx

@@ -115,10 +115,10 @@ REJECT_REASON_PROMPT = "Why are you rejecting this? (the assistant will read it)
 
 MODEL_SLOW = "Still waiting for the language model… I will answer here as soon as it replies."
 
-# The run's progress message (edited in place, then replaced by the answer)
+# The run's progress message (edited in place, then replaced by the answer, or kept above the cards)
 PROGRESS_SEARCHING_CRM = "Searching the CRM…"
 PROGRESS_RUNNING = "Running {tool}…"
-PROGRESS_WAITING = "Waiting for approval of {count} action(s)…"
+PROGRESS_WAITING = "Asked for approval of {count} action(s): see the card(s) below."
 PROGRESS_CONTINUING = "Decided; working on the result…"
 PROGRESS_STOPPED = "Stopped."
 EXPIRY_REMINDER = "⏰ Approval {approval_id} ({tool}: {summary}) expires at {at}. Decide it before then, or nothing will run."
