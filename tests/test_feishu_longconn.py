@@ -58,7 +58,10 @@ async def test_approval_flow_over_the_long_connection(feishu_bot, model):
     assert ack["data"]["toast"]["type"] == "success" and ack["data"]["card"]["type"] == "raw"
     await bot.settle()
     assert [e["approval_id"] for e in ledger.effects] == [approval_id]
-    assert bot.fake.texts() == ["Stored."]
+    assert bot.fake.texts() == [
+        "Asked for approval of 1 action(s): see the card(s) below.",
+        "Stored.",
+    ]  # the pause line above the card, the answer below it
 
 
 async def test_card_frames_are_answered_not_dropped(feishu_bot, model):

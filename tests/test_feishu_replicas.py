@@ -55,7 +55,10 @@ async def test_card_from_one_replica_clicked_on_the_other_executes_once(feishu_b
     assert [e["approval_id"] for e in ledger.effects] == [approval_id]
     assert sorted(answer["toast"]["type"] for _, answer in answers) == ["success", "warning", "warning"]
     assert card.json["header"]["template"] == "green"  # patched to the outcome
-    assert fake_feishu.texts() == ["Stored."]
+    assert fake_feishu.texts() == [
+        "Asked for approval of 1 action(s): see the card(s) below.",
+        "Stored.",
+    ]  # the pause line above the card, the answer below it
 
 
 async def test_a_conversation_continues_on_whichever_replica_gets_the_next_message(feishu_bot, fake_feishu, model, db_url):

@@ -72,4 +72,7 @@ async def test_simultaneous_clicks_on_two_replicas_run_the_tool_once(slack_bot, 
     await settle_all([first, second])
     assert [e["approval_id"] for e in ledger.effects] == [approval_id]
     assert len(fake_slack.calls_to("chat.postEphemeral")) == 7
-    assert [r["text"] for r in first.replies()] == ["Stored."]
+    assert [r["text"] for r in first.replies()] == [
+        "Asked for approval of 1 action(s): see the card(s) below.",
+        "Stored.",
+    ]  # the pause line above the card, the answer below it
