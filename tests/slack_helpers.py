@@ -112,16 +112,23 @@ def approval_id_of(message: dict[str, Any]) -> str:
     raise AssertionError("the card has no Approve button")
 
 
-def click(message: dict[str, Any], *, user: str = ALICE, approve: bool = True) -> dict[str, Any]:
-    """A `block_actions` payload for a click on the card's Approve or Reject button."""
-    action_id = APPROVE_ACTION if approve else REJECT_ACTION
+def interaction(kind: str, user: str = ALICE) -> dict[str, Any]:
+    """What every interactivity payload from `user` carries (`block_actions`, `view_submission`...)."""
     return {
-        "type": "block_actions",
+        "type": kind,
         "team": {"id": TEAM_ID, "domain": "fake"},
         "user": {"id": user, "username": user.lower(), "name": user.lower(), "team_id": TEAM_ID},
         "api_app_id": "A0CHATOPS",
         "token": "legacy",
         "trigger_id": f"trigger-{next(_ids)}",
+    }
+
+
+def click(message: dict[str, Any], *, user: str = ALICE, approve: bool = True) -> dict[str, Any]:
+    """A `block_actions` payload for a click on the card's Approve or Reject button."""
+    action_id = APPROVE_ACTION if approve else REJECT_ACTION
+    return {
+        **interaction("block_actions", user),
         "container": {"type": "message", "message_ts": message["ts"], "channel_id": message["channel"]},
         "channel": {"id": message["channel"], "name": "ops"},
         "message": {"ts": message["ts"], "thread_ts": message.get("thread_ts"), "blocks": message["blocks"]},

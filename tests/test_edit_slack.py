@@ -11,7 +11,6 @@ from typing import Any
 from bot.slack.events import ARG_BLOCK, ARG_INPUT, EDIT_ACTION, EDIT_VIEW
 from storage.models import Approval
 from tests.fakes.openai_server import calls, text, tool_results
-from tests.fakes.slack_api import TEAM_ID
 from tests.slack_helpers import (  # noqa: F401 - fixtures
     ALICE,
     BOB,
@@ -19,6 +18,7 @@ from tests.slack_helpers import (  # noqa: F401 - fixtures
     card_message,
     click,
     fake_slack_fixture,
+    interaction,
     mention,
     next_ts,
     slack_bot_fixture,
@@ -60,15 +60,7 @@ def submission(view: dict[str, Any], changes: dict[str, str], *, user: str = ALI
         else:
             typed = changes.get(name, element.get("initial_value"))
             values[block["block_id"]] = {ARG_INPUT: {"type": element["type"], "value": typed}}
-    return {
-        "type": "view_submission",
-        "team": {"id": TEAM_ID, "domain": "fake"},
-        "user": {"id": user, "username": user.lower(), "name": user.lower(), "team_id": TEAM_ID},
-        "api_app_id": "A0CHATOPS",
-        "token": "legacy",
-        "trigger_id": f"trigger-{next_ts()}",
-        "view": {**view, "state": {"values": values}},
-    }
+    return {**interaction("view_submission", user), "view": {**view, "state": {"values": values}}}
 
 
 async def test_edit_modal_refuses_bad_values_in_the_form_then_updates_the_card_and_old_clicks_act_on_nothing(

@@ -14,7 +14,6 @@ import sqlalchemy as sa
 from bot.slack.events import APPROVE_ACTION, REJECT_ACTION, decide_block
 from storage.models import AuditEvent, OutboxJob
 from tests.fakes.openai_server import calls, text
-from tests.fakes.slack_api import TEAM_ID
 from tests.slack_helpers import (  # noqa: F401 - fixtures
     ALICE,
     BOB,
@@ -23,6 +22,7 @@ from tests.slack_helpers import (  # noqa: F401 - fixtures
     click,
     event_body,
     fake_slack_fixture,
+    interaction,
     mention,
     slack_bot_fixture,
 )
@@ -45,12 +45,7 @@ def home_click(approval_id: str, *, user: str = ALICE, approve: bool = True, rev
     """A `block_actions` from a button on the App Home tab (no channel, no message: a view); its block
     names the revision of the call the home showed, like the card's."""
     return {
-        "type": "block_actions",
-        "team": {"id": TEAM_ID, "domain": "fake"},
-        "user": {"id": user, "username": user.lower(), "name": user.lower(), "team_id": TEAM_ID},
-        "api_app_id": "A0CHATOPS",
-        "token": "legacy",
-        "trigger_id": f"trigger-home-{time.monotonic_ns()}",
+        **interaction("block_actions", user),
         "container": {"type": "view", "view_id": "V0HOME"},
         "view": {"id": "V0HOME", "type": "home", "blocks": []},
         "actions": [
