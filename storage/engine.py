@@ -5,8 +5,9 @@ layer for transient database faults.
 SQLite, in WAL mode with `synchronous=FULL`: the event loop never waits on SQLite's lock. A write
 transaction takes `BEGIN IMMEDIATE` without any busy wait (`busy_timeout=0`); while another
 connection or process holds the lock, the attempt is repeated with `asyncio.sleep` between tries,
-so every other coroutine keeps running. Work a platform is waiting on (an ack) gives up after
-`URGENT_LOCK_WAIT` (`LockBusy`: the adapter answers 503 and the platform redelivers); background
+so every other coroutine keeps running. Work a platform is waiting on (an ack) gives up once
+`URGENT_BUDGET` is spent, lock waits and retries together (`LockBusy`: the adapter answers 503
+and the platform redelivers, well inside Slack's 3 s); background
 work waits longer and is then retried by the retry layer. Read transactions take a plain `BEGIN`
 and never wait for the write lock (WAL readers neither block nor are blocked). Once the lock is
 held, statements run inline: they take microseconds, and a transaction body never suspends, so
@@ -33,13 +34,12 @@ from sqlalchemy.sql.selectable import TypedReturnsRows
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_delay, wait_exponential_jitter
 
 SQLITE_BUSY_TIMEOUT_MS = 5_000  # the CLI's sync engine (Alembic, audit commands): plain busy waits are fine there
-URGENT_LOCK_WAIT = 1.0
+URGENT_BUDGET = 1.0  # seconds an ack's database step may take in all: lock waits and retries share it
 BACKGROUND_LOCK_WAIT = 10.0
 LOCK_POLL_FIRST, LOCK_POLL_MAX = 0.001, 0.02
 BACKGROUND_CONNECTIONS = 8
 DEFAULT_POOL_SIZE = 10
 RETRY_DEADLINE = 60.0
-URGENT_RETRY_DEADLINE = 0.5
 # SQLSTATE classes and codes that mean "try the whole transaction again": connection exceptions,
 # transaction rollbacks (serialization failure, deadlock), lock not available, admin shutdown.
 _TRANSIENT_SQLSTATE_CLASSES = ("08", "40")
@@ -274,18 +274,20 @@ class Database:
         self._after_commit.setdefault(flag, []).append(callback)
 
     @asynccontextmanager
-    async def transaction(self, *, urgent: bool = False, read: bool = False) -> AsyncIterator[DbSession]:
+    async def transaction(
+        self, *, urgent: bool = False, read: bool = False, lock_wait: float = URGENT_BUDGET
+    ) -> AsyncIterator[DbSession]:
         """One transaction: committed on success, rolled back on any exception.
 
         `urgent=True` is for work a platform is waiting on (recording a message, a click): it skips
-        the background gate and waits at most `URGENT_LOCK_WAIT` for SQLite's write lock (`LockBusy`).
+        the background gate and waits at most `lock_wait` for SQLite's write lock (`LockBusy`).
         `read=True` never takes the write lock."""
         if read:
             async with self._read() as session:
                 yield session
             return
         if urgent:
-            async with self._write(URGENT_LOCK_WAIT) as session:
+            async with self._write(lock_wait) as session:
                 yield session
             return
         async with self._background, self._write(BACKGROUND_LOCK_WAIT) as session:
@@ -349,7 +351,7 @@ class Database:
 
     def attempts(self, *, urgent: bool = False, deadline: float | None = None) -> AsyncRetrying:
         """The retry policy for one database step (tenacity): transient faults only, bounded backoff."""
-        limit = deadline if deadline is not None else URGENT_RETRY_DEADLINE if urgent else RETRY_DEADLINE
+        limit = deadline if deadline is not None else URGENT_BUDGET if urgent else RETRY_DEADLINE
         return AsyncRetrying(
             retry=retry_if_exception(is_transient),
             wait=wait_exponential_jitter(multiplier=0.05, max=2.0),
@@ -369,10 +371,14 @@ class Database:
         """`step(session)` in one transaction, attempted again from the start on transient faults.
 
         `step` must be safe to run more than once: everything it does happens inside the
-        transaction, which a failed attempt rolled back."""
+        transaction, which a failed attempt rolled back. An urgent step's attempts share
+        `URGENT_BUDGET`: each waits for the lock only as long as the budget has left."""
+        loop = asyncio.get_running_loop()
+        budget_ends = loop.time() + URGENT_BUDGET
         async for attempt in self.attempts(urgent=urgent, deadline=deadline):
             with attempt:
-                async with self.transaction(urgent=urgent, read=read) as session:
+                lock_wait = max(0.0, budget_ends - loop.time())
+                async with self.transaction(urgent=urgent, read=read, lock_wait=lock_wait) as session:
                     return await step(session)
         raise AssertionError("unreachable: tenacity re-raises the last error")
 
