@@ -26,7 +26,7 @@ from slack_sdk.signature import SignatureVerifier
 
 from bot.app import build_app
 from bot.slack import SlackAdapter
-from tests.conftest import make_settings
+from tests.conftest import PRODUCT_DEFAULTS, make_settings
 from tests.fakes.openai_server import ScriptedModel, text
 from tests.fakes.slack_api import FakeSlackApi
 from tests.slack_helpers import SIGNING_SECRET, mention, slack_env
@@ -41,7 +41,7 @@ async def run(db_url: str, events: int, wave: int, model_delay: float) -> None:
     verifier = SignatureVerifier(SIGNING_SECRET)
     async with FakeSlackApi() as slack, ScriptedModel() as model:
         model.responder = lambda body: text("done", delay=model_delay)
-        settings = make_settings(model.url, db_url, **slack_env(slack))
+        settings = make_settings(model.url, db_url, **slack_env(slack), **PRODUCT_DEFAULTS)
         app = await build_app(settings)
         app.add_adapter(SlackAdapter(app.core, settings))
         await app.start(serve_http=True)

@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bot.app import build_app
 from bot.core.events import IncomingMessage, Thread, User
-from tests.conftest import make_settings
+from tests.conftest import PRODUCT_DEFAULTS, make_settings
 from tests.fakes.openai_server import ScriptedModel, calls, text
 from tests.support_tools import Ledger, RecordingChannel, notes_toolset
 
@@ -66,7 +66,7 @@ def message(i: int, run: str) -> IncomingMessage:
 async def concurrent_conversations(db_url: str, n: int, model_delay: float) -> None:
     async with ScriptedModel() as model:
         model.responder = lambda body: text("ok", delay=model_delay)
-        app = await build_app(make_settings(model.url, db_url))
+        app = await build_app(make_settings(model.url, db_url, **PRODUCT_DEFAULTS))
         app.ctx.channels["bench"] = RecordingChannel("bench")
         await app.start(serve_http=False)
         try:
@@ -101,7 +101,7 @@ async def overhead_per_turn(db_url: str, turns: int) -> None:
         model.responder = lambda body: (
             text("done") if body["messages"][-1]["role"] == "tool" else calls(("count_notes", {"topic": "x"}))
         )
-        app = await build_app(make_settings(model.url, db_url))
+        app = await build_app(make_settings(model.url, db_url, **PRODUCT_DEFAULTS))
         for spec in notes_toolset(ledger).specs:
             app.ctx.registry.add(spec)
         channel = AnswerQueue("bench")

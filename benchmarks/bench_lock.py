@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bot.app import build_app
 from bot.slack import SlackAdapter
-from tests.conftest import make_settings
+from tests.conftest import PRODUCT_DEFAULTS, make_settings
 from tests.fakes.openai_server import ScriptedModel, text
 from tests.fakes.slack_api import FakeSlackApi
 from tests.fault_helpers import LockHolder
@@ -60,7 +60,7 @@ async def healthz(http: aiohttp.ClientSession, url: str) -> float:
 async def run(path: Path, events: int) -> None:
     async with FakeSlackApi() as slack, ScriptedModel() as model:
         model.responder = lambda body: text("done")
-        settings = make_settings(model.url, f"sqlite:///{path}", **slack_env(slack))
+        settings = make_settings(model.url, f"sqlite:///{path}", **slack_env(slack), **PRODUCT_DEFAULTS)
         app = await build_app(settings)
         app.add_adapter(SlackAdapter(app.core, settings))
         await app.start(serve_http=True)

@@ -285,13 +285,14 @@ async def build_app(
         model=model,
         tool_context=tools.context,
         tool_problems=tool_problems,
+        delivers_outbox=role != Role.FRONT,
     )
 
-    async def chain_soon() -> None:
-        await asyncio.sleep(CHAIN_DEBOUNCE)  # let the commits of a busy moment share one chaining pass
+    async def chain() -> None:
         await ctx.audit.chain(db)
 
     if role != Role.FRONT:  # the front's rows are chained by the workers' next commit (or sweep)
-        db.after_audit_commit(lambda: ctx.tasks.spawn_coalesced("audit-chain", chain_soon))
+        # The commits of a busy moment share one chaining pass (`CHAIN_DEBOUNCE`).
+        db.after_audit_commit(lambda: ctx.tasks.spawn_coalesced("audit-chain", chain, delay=CHAIN_DEBOUNCE))
     core = Core(ctx, wake=wake if role == Role.FRONT else None)
     return App(settings=settings, ctx=ctx, core=core, sweeper=Sweeper(core), role=role, closers=closers)

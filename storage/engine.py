@@ -12,15 +12,18 @@ work waits longer and is then retried by the retry layer. Read transactions take
 and never wait for the write lock (WAL readers neither block nor are blocked). Once the lock is
 held, statements run inline: they take microseconds, and a transaction body never suspends, so
 the thread hand-offs of an async driver would only slow every transaction down (measured in
-`benchmarks/`). PostgreSQL: psycopg 3, native asyncio.
+`benchmarks/`); only the COMMIT, whose fsync takes milliseconds, is handed to one committer
+thread, so the loop answers acks and drives other runs meanwhile. PostgreSQL: psycopg 3, native asyncio.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar, TypeVarTuple, cast, overload
 
@@ -37,6 +40,7 @@ SQLITE_BUSY_TIMEOUT_MS = 5_000  # the CLI's sync engine (Alembic, audit commands
 URGENT_BUDGET = 1.0  # seconds an ack's database step may take in all: lock waits and retries share it
 BACKGROUND_LOCK_WAIT = 10.0
 LOCK_POLL_FIRST, LOCK_POLL_MAX = 0.001, 0.02
+COMMIT_WAIT = 30.0  # seconds a cancelled writer still waits for its commit to finish (a stuck disk)
 BACKGROUND_CONNECTIONS = 8
 DEFAULT_POOL_SIZE = 10
 RETRY_DEADLINE = 60.0
@@ -230,7 +234,7 @@ class Database:
 
     def __init__(self, url: str, *, pool_size: int = DEFAULT_POOL_SIZE) -> None:
         self.urls = normalise_url(url)
-        self._after_commit: dict[str, list[Callable[[], None]]] = {}
+        self._after_commit: dict[str, list[Callable[[Any], None]]] = {}
         self._on_retry: list[Callable[[BaseException], None]] = []
         if self.urls.is_sqlite:
             self.sync_engine = make_sync_engine(self.urls, busy_timeout_ms=0)
@@ -240,6 +244,7 @@ class Database:
             # SQLite has one writer at a time: our own writers queue here (FIFO); other processes
             # are waited for by polling (`_begin_sqlite`), never by a busy wait on the loop.
             self._write_lock: asyncio.Lock | None = asyncio.Lock()
+            self._committer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-commit")
         else:
             self.engine = make_async_engine(self.urls, pool_size)
             self.sync_engine = self.engine.sync_engine
@@ -271,7 +276,12 @@ class Database:
 
     def after_commit(self, flag: str, callback: Callable[[], None]) -> None:
         """Call `callback` after every commit whose session set `session.info[flag]`."""
-        self._after_commit.setdefault(flag, []).append(callback)
+        self.after_commit_value(flag, lambda _value: callback())
+
+    def after_commit_value(self, key: str, callback: Callable[[Any], None]) -> None:
+        """Call `callback(session.info[key])` after every commit whose session set that key (to
+        something true): what a transaction leaves for after its commit, e.g. jobs it claimed."""
+        self._after_commit.setdefault(key, []).append(callback)
 
     @asynccontextmanager
     async def transaction(
@@ -308,7 +318,7 @@ class Database:
             async with self._sessions() as session:
                 async with session.begin():
                     yield session
-                raised = [flag for flag in self._after_commit if session.info.pop(flag, False)]
+                raised = self._raised(session.info)
         else:
             assert self._write_lock is not None
             deadline = asyncio.get_running_loop().time() + wait
@@ -320,14 +330,38 @@ class Database:
             try:
                 with self._sync_sessions() as sync_session:
                     await self._begin_sqlite(sync_session, deadline)
-                    with _committing(sync_session):
+                    async with self._committing(sync_session):
                         yield InlineSession(sync_session)
-                    raised = [flag for flag in self._after_commit if sync_session.info.pop(flag, False)]
+                    raised = self._raised(sync_session.info)
             finally:
                 self._write_lock.release()
-        for flag in raised:
+        for flag, value in raised:
             for callback in self._after_commit[flag]:
-                callback()
+                callback(value)
+
+    def _raised(self, info: dict[Any, Any]) -> list[tuple[str, Any]]:
+        """The after-commit keys a committed session set, with their values (taken out of `info`)."""
+        raised = [(flag, info.pop(flag, None)) for flag in self._after_commit]
+        return [(flag, value) for flag, value in raised if value]
+
+    @asynccontextmanager
+    async def _committing(self, session: Session) -> AsyncIterator[None]:
+        """Commit the transaction `_begin_sqlite` opened, or roll it back on any exception. The
+        commit (SQLite's fsync: milliseconds) runs on the one committer thread, so the event loop
+        goes on meanwhile; the write lock stays held until it is done, even if the caller is
+        cancelled (the connection is never closed under a running commit)."""
+        try:
+            yield
+        except BaseException:
+            session.rollback()
+            raise
+        commit = asyncio.get_running_loop().run_in_executor(self._committer, session.commit)
+        try:
+            await asyncio.shield(commit)
+        except asyncio.CancelledError:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(asyncio.shield(commit), COMMIT_WAIT)
+            raise
 
     @staticmethod
     async def _begin_sqlite(session: Session, deadline: float) -> None:
@@ -387,14 +421,4 @@ class Database:
             await self.engine.dispose()
         else:
             self.sync_engine.dispose()
-
-
-@contextmanager
-def _committing(session: Session) -> Iterator[None]:
-    """Commit the transaction `_begin_sqlite` opened, or roll it back on any exception."""
-    try:
-        yield
-    except BaseException:
-        session.rollback()
-        raise
-    session.commit()
+            self._committer.shutdown(wait=False)

@@ -102,6 +102,10 @@ def db_url(request: pytest.FixtureRequest) -> str:
     return str(request.getfixturevalue(name))
 
 
+# What the suite's settings change from the product's defaults, set back (the benchmarks use these).
+PRODUCT_DEFAULTS = {"CHATOPS_PROGRESS_AFTER": str(Settings.model_fields["progress_after"].default)}
+
+
 def make_settings(model_url: str, database_url: str, **env: str) -> Settings:
     """Settings exactly as load_settings builds them, from an explicit environment."""
     environ = {
@@ -110,6 +114,7 @@ def make_settings(model_url: str, database_url: str, **env: str) -> Settings:
         "OPENAI_API_KEY": "sk-test-not-a-real-key",
         "DATABASE_URL": database_url,
         "CHATOPS_PORT": "0",
+        "CHATOPS_PROGRESS_AFTER": "0",  # progress lines at once, so tests see them (the delay: test_progress.py)
         **env,
     }
     return load_settings(env_file=None, environ=environ)

@@ -65,6 +65,27 @@ async def test_a_run_without_steps_answers_with_one_plain_post(slack_bot, fake_s
     assert fake_slack.calls_to("chat.update") == []
 
 
+async def test_a_run_that_answers_within_a_second_shows_no_progress_line(slack_bot, fake_slack, model):
+    model.script(calls(COUNT), text("3 notes."))
+    bot = await slack_bot(toolsets=[notes_toolset(Ledger())], env={"CHATOPS_PROGRESS_AFTER": "1"})  # the default
+    await bot.send(mention("count the notes"))
+    await bot.settle()
+    assert [m["text"] for m in bot.replies()] == ["3 notes."]  # no "Running count_notes…" first
+    assert progress_texts(fake_slack) == ["3 notes."] and fake_slack.calls_to("chat.update") == []
+
+
+async def test_a_run_still_working_after_a_second_shows_its_step_then_the_answer_replaces_it(slack_bot, fake_slack, model):
+    model.script(calls(COUNT), text("3 notes.", delay=2.5))  # the model thinks long after the tool ran
+    bot = await slack_bot(toolsets=[notes_toolset(Ledger())], env={"CHATOPS_PROGRESS_AFTER": "1"})
+    await bot.send(mention("count the notes"))
+    (posted,) = await fake_slack.wait_for("chat.postMessage", timeout=10)  # about a second in, mid-run
+    assert posted.params["text"] == "Running count_notes…"
+    assert len(model.requests) == 2  # the answer was not there yet
+    await bot.settle()
+    (answer,) = bot.replies()
+    assert answer["text"] == "3 notes." and progress_texts(fake_slack) == ["Running count_notes…", "3 notes."]
+
+
 async def test_a_slow_model_edits_the_progress_message_instead_of_adding_one(slack_bot, fake_slack, model):
     model.script(text("finally", delay=1.5))
     bot = await slack_bot(env={"CHATOPS_MODEL_NOTICE_AFTER": "0.1"})

@@ -44,8 +44,9 @@ class TaskSet:
         task.add_done_callback(self._done)
         return task
 
-    def spawn_coalesced(self, key: str, factory: Callable[[], Coroutine[Any, Any, Any]]) -> None:
-        """Run `factory()` now, or once more after the running one if it is already running."""
+    def spawn_coalesced(self, key: str, factory: Callable[[], Coroutine[Any, Any, Any]], delay: float = 0.0) -> None:
+        """Run `factory()` now (or after `delay`: requests made meanwhile share that run), or once
+        more after the running one if it is already running."""
         if key in self._coalesced:
             self._again.add(key)
             return
@@ -53,6 +54,8 @@ class TaskSet:
         async def loop() -> None:
             try:
                 while True:
+                    if delay:
+                        await asyncio.sleep(delay)
                     self._again.discard(key)
                     await factory()
                     if key not in self._again:
@@ -108,6 +111,7 @@ class AppContext:
     clock: Callable[[], datetime] = utcnow
     tasks: TaskSet = field(default_factory=TaskSet)
     tool_problems: dict[str, str] = field(default_factory=dict)
+    delivers_outbox: bool = True  # False in the front process of `chatops serve --workers N`
 
     def channel(self, platform: str) -> Channel | None:
         return self.channels.get(platform)

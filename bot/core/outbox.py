@@ -1,8 +1,11 @@
 """The durable outbox: every card, card update and reply the core sends is a job row written in the
 same transaction as the state change that calls for it, then delivered by any replica.
 
-Delivery is tried at once after the commit (`Outbox.deliver`), and again by the delivery loop on
-429 (after the platform's Retry-After), 5xx and network errors, until the job's deadline passes.
+Delivery is tried at once after the commit, and again by the delivery loop on 429 (after the
+platform's Retry-After), 5xx and network errors, until the job's deadline passes. A job queued by a
+process that delivers, with nothing earlier still waiting in its thread, is stored already claimed
+by that process (its lease in the same INSERT) and handed to it after the commit: no look for due
+jobs and no claim of its own (two transactions fewer per message).
 A card that could not be delivered by then is cancelled (nobody can approve what nobody sees) and
 the model is told; a reply that could not be delivered is recorded as such. Jobs of one run are
 delivered in order; a job is claimed under a short lease, so two replicas never send it together.
@@ -24,6 +27,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
+import orjson
 import sqlalchemy as sa
 from sqlmodel import col
 
@@ -44,12 +48,17 @@ PROGRESS_DEADLINE = 60.0  # a progress edit older than this is not worth sending
 QUIET_KINDS = frozenset({OutboxKind.PROGRESS, OutboxKind.HOME_REFRESH})  # given up without an audit row
 
 
+def _thread_key(thread: dict[str, Any]) -> str:
+    """What orders the jobs of no run: those of one chat thread go out in order."""
+    return "thread:" + orjson.dumps(thread, option=orjson.OPT_SORT_KEYS).decode()[:290]
+
+
 def _job(ctx: AppContext, kind: OutboxKind, thread: dict[str, Any], **values: Any) -> dict[str, Any]:
     now = ctx.clock()
     return {
         "kind": kind,
         "platform": thread["platform"],
-        "thread_key": values.get("run_id") or "-",
+        "thread_key": values.get("run_id") or _thread_key(thread),
         "thread": thread,
         "status": OutboxStatus.PENDING,
         "attempts": 0,
@@ -60,19 +69,37 @@ def _job(ctx: AppContext, kind: OutboxKind, thread: dict[str, Any], **values: An
     }
 
 
-async def _insert(session: DbSession, job: dict[str, Any]) -> None:
+async def _insert(session: DbSession, ctx: AppContext, job: dict[str, Any]) -> None:
+    """Store `job`. When this process delivers and nothing queued earlier in its thread is still
+    waiting (but jobs this transaction claimed), the job is stored already claimed by this process
+    and handed to it after the commit (`Outbox.deliver_claimed`): no look for due jobs, no claim of
+    its own. Otherwise it waits for the delivery rounds (`outbox_queued`)."""
+    born: list[OutboxJob] = session.info.setdefault("outbox_born", [])
+    if ctx.delivers_outbox and job["next_attempt_at"] <= job["created_at"]:
+        waiting = await session.execute(
+            sa.select(col(OutboxJob.id)).where(
+                col(OutboxJob.thread_key) == job["thread_key"], col(OutboxJob.status) == OutboxStatus.PENDING
+            )
+        )
+        if set(waiting.scalars()) <= {b.id for b in born}:
+            lease = job["created_at"] + timedelta(seconds=CLAIM_SECONDS)
+            job = {**job, "owner": ctx.replica_id, "lease_until": lease, "attempts": 1}
+            inserted = await session.execute(sa.insert(OutboxJob).values(**job).returning(col(OutboxJob.id)))
+            born.append(OutboxJob(id=inserted.scalar_one(), **job))
+            return
     await session.execute(sa.insert(OutboxJob).values(**job))
-    session.info["outbox_queued"] = True
+    if job["next_attempt_at"] <= job["created_at"]:  # one due later is kicked then (`outbox_due_later`)
+        session.info["outbox_queued"] = True
 
 
 async def enqueue_reply(session: DbSession, ctx: AppContext, thread: dict[str, Any], text: str, *, run_id: str | None) -> None:
     """Queue a reply or notice in the caller's transaction (redacted before it is stored)."""
-    await _insert(session, _job(ctx, OutboxKind.REPLY, thread, run_id=run_id, text=ctx.redactor.redact_text(text)))
+    await _insert(session, ctx, _job(ctx, OutboxKind.REPLY, thread, run_id=run_id, text=ctx.redactor.redact_text(text)))
 
 
 async def enqueue_card(session: DbSession, ctx: AppContext, approval: Approval) -> None:
     """Queue the first post of an approval's card (and a refresh of the homes that list it)."""
-    await _insert(session, _job(ctx, OutboxKind.CARD, approval.thread, run_id=approval.run_id, approval_id=approval.id))
+    await _insert(session, ctx, _job(ctx, OutboxKind.CARD, approval.thread, run_id=approval.run_id, approval_id=approval.id))
     await enqueue_home_refresh(session, ctx, approval)
 
 
@@ -82,7 +109,7 @@ async def enqueue_card_update(session: DbSession, ctx: AppContext, approval: App
     job = _job(ctx, OutboxKind.CARD_UPDATE, approval.thread, run_id=None, approval_id=approval.id)
     job["thread_key"] = f"update:{approval.id}"
     job["next_attempt_at"] = job["next_attempt_at"] + timedelta(seconds=after)
-    await _insert(session, job)
+    await _insert(session, ctx, job)
     await enqueue_home_refresh(session, ctx, approval)
 
 
@@ -101,22 +128,36 @@ async def _supersede_progress(session: DbSession, run_id: str) -> None:
 
 
 async def enqueue_progress(
-    session: DbSession, ctx: AppContext, thread: dict[str, Any], text: str, *, run_id: str, edit_only: bool = False
+    session: DbSession,
+    ctx: AppContext,
+    thread: dict[str, Any],
+    text: str,
+    *,
+    run_id: str,
+    edit_only: bool = False,
+    not_before: datetime | None = None,
 ) -> None:
     """Queue the run's progress line (it edits the run's one progress message in place); `edit_only`:
-    a last word for a progress message that exists (a stopped run), never a new message."""
+    a last word for a progress message that exists (a stopped run), never a new message;
+    `not_before`: a working line waits until then, so a run that answers sooner (its answer
+    supersedes the line) never shows one."""
     await _supersede_progress(session, run_id)
     thread = {**thread, "edit_only": True} if edit_only else thread
     job = _job(ctx, OutboxKind.PROGRESS, thread, run_id=run_id, text=ctx.redactor.redact_text(text))
-    job["deadline"] = job["created_at"] + timedelta(seconds=min(PROGRESS_DEADLINE, ctx.settings.outbox_deadline))
-    await _insert(session, job)
+    if not_before is not None and not_before > job["next_attempt_at"]:
+        job["next_attempt_at"] = not_before
+        session.info.setdefault("outbox_due_later", []).append(not_before)
+    job["deadline"] = max(job["next_attempt_at"], job["created_at"]) + timedelta(
+        seconds=min(PROGRESS_DEADLINE, ctx.settings.outbox_deadline)
+    )
+    await _insert(session, ctx, job)
 
 
 async def enqueue_answer(session: DbSession, ctx: AppContext, thread: dict[str, Any], text: str, *, run_id: str) -> None:
     """Queue a run's final text: it replaces the run's progress message when there is one and no card
     was posted below it since (see `Outbox._progress_message`)."""
     await _supersede_progress(session, run_id)
-    await _insert(session, _job(ctx, OutboxKind.ANSWER, thread, run_id=run_id, text=ctx.redactor.redact_text(text)))
+    await _insert(session, ctx, _job(ctx, OutboxKind.ANSWER, thread, run_id=run_id, text=ctx.redactor.redact_text(text)))
 
 
 async def enqueue_home_refresh(session: DbSession, ctx: AppContext, approval: Approval) -> None:
@@ -138,7 +179,7 @@ async def enqueue_home_refresh(session: DbSession, ctx: AppContext, approval: Ap
         if waiting.first() is None:
             job = _job(ctx, OutboxKind.HOME_REFRESH, {"platform": approval.platform, "coords": person}, run_id=None)
             job["thread_key"] = key
-            await _insert(session, job)
+            await _insert(session, ctx, job)
 
 
 @dataclass(frozen=True)
@@ -156,10 +197,12 @@ class Outbox:
         self._wake = asyncio.Event()
         self._stopped = asyncio.Event()
         self.on_card_given_up: list[Any] = []  # callbacks(approval) set by the engine (resume the run)
+        self._kicks = 0  # how many times delivery rounds were asked for
 
     def kick(self) -> None:
         """Deliver due jobs now, in a tracked background task (coalesced); the delivery loop is only
         for retries and for jobs other replicas left behind."""
+        self._kicks += 1
         self.ctx.tasks.spawn_coalesced("outbox-deliver", self._deliver_round)
 
     async def _deliver_round(self) -> None:
@@ -212,15 +255,57 @@ class Outbox:
     async def deliver(self, job_id: int) -> None:
         """Claim one job and try to deliver it once; schedules the next attempt on failure."""
         job = await self.ctx.db.run(lambda s: self._claim(s, job_id))
-        if job is None:
-            return
+        if job is not None:
+            await self._attempt(job)
+
+    async def _attempt(self, job: OutboxJob) -> bool:
+        """Try to deliver a job this process holds the claim of; True if it was delivered."""
         rendered_at = self.ctx.clock()  # a card is rendered from the approval as it is from now on
         try:
             message_id = await self._send(job)
         except Exception as exc:  # noqa: BLE001 - every failure is classified and retried or reported
             await self._failed(job, exc)
-            return
+            return False
         await self.ctx.db.run(lambda s: self._sent(s, job, message_id, rendered_at))
+        return True
+
+    def deliver_claimed(self, jobs: list[OutboxJob]) -> None:
+        """After the commit that stored `jobs` already claimed by this process: deliver them in order,
+        in a tracked background task."""
+        self.ctx.tasks.spawn(self._deliver_claimed(jobs, self._kicks), name="outbox-claimed")
+
+    async def _deliver_claimed(self, jobs: list[OutboxJob], kicks: int) -> None:
+        stuck: set[str] = set()  # threads whose earlier job was not delivered
+        for job in jobs:
+            if job.thread_key in stuck:  # it waits for the one before it: handed back to the delivery rounds
+                await self._release([job.id])
+                continue
+            try:
+                delivered = await self._attempt(job)
+            except Exception as exc:  # noqa: BLE001 - bookkeeping failed: its lease runs out, it is tried again
+                log.warning("outbox job %s: %s; it will be tried again", job.id, type(exc).__name__)
+                delivered = False
+            if not delivered:
+                stuck.add(job.thread_key)
+        if self._kicks != kicks:  # jobs queued meanwhile may have waited for these
+            self.kick()
+
+    async def _release(self, job_ids: list[int | None]) -> None:
+        release = (
+            sa.update(OutboxJob)
+            .where(col(OutboxJob.id).in_(job_ids), col(OutboxJob.owner) == self.ctx.replica_id)
+            .values(lease_until=None, attempts=OutboxJob.attempts - 1)
+        )
+        try:
+            await self.ctx.db.run(lambda s: s.execute(release))
+        except Exception as exc:  # noqa: BLE001 - their leases run out instead
+            log.warning("outbox: could not hand back %d job(s): %s", len(job_ids), type(exc).__name__)
+        self.kick()
+
+    def kick_at(self, times: list[datetime]) -> None:
+        """Deliver again when the earliest of `times` comes (jobs queued to wait until then)."""
+        delay = max(0.0, (min(times) - self.ctx.clock()).total_seconds())
+        asyncio.get_running_loop().call_later(delay, lambda: None if self._stopped.is_set() else self.kick())
 
     async def _claim(self, session: DbSession, job_id: int) -> OutboxJob | None:
         now = self.ctx.clock()

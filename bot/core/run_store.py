@@ -54,6 +54,7 @@ class RunClaim:
     requester: User
     channel_id: str | None
     messages: list[dict[str, Any]]
+    progress_from: datetime | None = None  # a working line waits until then (`CHATOPS_PROGRESS_AFTER`)
 
 
 @dataclass(frozen=True)
@@ -189,7 +190,8 @@ class RunStore:
             await session.execute(sa.update(Conversation).where(col(Conversation.key) == key).values(active_run_id=None))
             return None
         self._set_requester(run, last)
-        return Started(RunClaim(run.id, 1, key, 0, last.thread, last.user, last.channel_id, list(conv.messages)))
+        claim = RunClaim(run.id, 1, key, 0, last.thread, last.user, last.channel_id, list(conv.messages), self._progress_from())
+        return Started(claim)
 
     @staticmethod
     def _set_requester(run: Run, msg: IncomingMessage) -> None:
@@ -253,6 +255,17 @@ class RunStore:
         return verdict
 
     # ------------------------------------------------------------------ leases
+    async def queue_progress(self, claim: RunClaim, line: str) -> None:
+        """Queue a working line for the run, unless it is no longer this claim's to speak for (it
+        paused, ended or was taken over since the line was made)."""
+
+        async def queue(session: DbSession) -> None:
+            if (await session.execute(sa.select(col(Run.id)).where(self._mine(claim)))).first() is None:
+                return
+            await outbox.enqueue_progress(session, self.ctx, claim.thread.to_dict(), line, run_id=claim.run_id)
+
+        await self.ctx.db.run(queue)
+
     async def renew(self, claim: RunClaim) -> bool:
         async def renew(session: DbSession) -> bool:
             result = await session.execute(sa.update(Run).where(self._mine(claim)).values(lease_until=self._lease()))
@@ -294,8 +307,13 @@ class RunStore:
         messages = list(conv.messages) if conv else []
         thread, requester = Thread.from_dict(run.thread), User.from_dict(run.requester)
         return RunClaim(
-            run.id, version, run.conversation_key, run.step, thread, requester, run.thread.get("channel_id"), messages
-        )
+            run.id, version, run.conversation_key, run.step, thread, requester, run.thread.get("channel_id"), messages,
+            progress_from=self._progress_from(),
+        )  # fmt: skip
+
+    def _progress_from(self) -> datetime:
+        """When a working line of a run claimed now may appear: a run that answers sooner shows none."""
+        return self.ctx.clock() + timedelta(seconds=self.ctx.settings.progress_after)
 
     async def hand_back(self) -> int:
         """On shutdown: end the leases this replica holds so another replica takes the runs at once."""
@@ -475,7 +493,7 @@ class RunStore:
         run.pending_results = {}
         with i18n.speaking(run.requester.get("lang"), run.requester.get("tz")):
             progress = str(texts.PROGRESS_CONTINUING)
-        await outbox.enqueue_progress(session, ctx, run.thread, progress, run_id=run_id)
+        await outbox.enqueue_progress(session, ctx, run.thread, progress, run_id=run_id, not_before=self._progress_from())
         await ctx.audit.record(
             session, "run_resumed", run_id=run_id, status="running", decided={a.id: a.status for a in approvals}
         )

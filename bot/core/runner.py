@@ -11,15 +11,15 @@ from __future__ import annotations
 import logging
 import uuid
 
-from bot.core import leases, outbox, texts
+from bot.core import leases, texts
 from bot.core.context import AppContext
 from bot.core.errors import ModelUnavailable
 from bot.core.logcontext import log_ids
 from bot.core.outbox import Outbox
+from bot.core.progress_lines import HeldLines
 from bot.core.run_store import RunClaim, RunStore
 from bot.core.turn import Turn, model_row
 from storage.audit import entry
-from storage.engine import DbSession
 from storage.models import RunStatus
 
 log = logging.getLogger("chatops.runner")
@@ -34,6 +34,7 @@ class Runner:
         self.store = store
         self.out = out
         self.turn = Turn.of(ctx)
+        self.held_lines = HeldLines(ctx, store.queue_progress)
 
     async def process_conversation(self, key: str) -> None:
         """Start runs for this conversation's queued messages, one run at a time."""
@@ -70,6 +71,8 @@ class Runner:
                 return await self._advance(claim)
             except Exception as exc:  # noqa: BLE001 - any error ends the run, never the conversation
                 return None, await self._fail(claim, exc)
+            finally:
+                self.held_lines.drop(claim.run_id)
 
     async def _advance(self, claim: RunClaim) -> tuple[RunClaim | None, bool]:
         """Steps until an answer (-> (None, more queued)), a pause ((resumed claim | None, False))."""
@@ -103,12 +106,10 @@ class Runner:
         await self._progress(claim, str(texts.MODEL_SLOW))
 
     async def _progress(self, claim: RunClaim, line: str) -> None:
-        """Queue a progress line for the run (it edits the run's one progress message)."""
-
-        async def queue(session: DbSession) -> None:
-            await outbox.enqueue_progress(session, self.ctx, claim.thread.to_dict(), line, run_id=claim.run_id)
-
-        await self.ctx.db.run(queue)
+        """A working line for the run's one progress message: held while the run is young (see
+        `progress_lines`), queued at once after that."""
+        if not self.held_lines.offer(claim, line):
+            await self.store.queue_progress(claim, line)
 
     async def _fail(self, claim: RunClaim, exc: Exception) -> bool:
         """End the run with one sentence to the user and an audit row; free the conversation."""

@@ -101,17 +101,21 @@ class LongConnection:
             _ONE_PER_PROCESS.release()
 
     def _shutdown(self, loop: asyncio.AbstractEventLoop) -> None:
-        tasks = [t for t in asyncio.all_tasks(loop) if not t.done()]
-        for task in tasks:
-            task.cancel()
-        if tasks:
-            loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
-        websocket = sdk.websocket_of(self._client) if self._client is not None else None
-        if websocket is not None:
-            with contextlib.suppress(Exception):  # closing a dead socket
-                loop.run_until_complete(asyncio.wait_for(websocket.close(), 2))
-            sdk.forget_websocket(self._client)
-        loop.close()
+        try:
+            tasks = [t for t in asyncio.all_tasks(loop) if not t.done()]
+            for task in tasks:
+                task.cancel()
+            if tasks:
+                _complete(loop, asyncio.gather(*tasks, return_exceptions=True))
+            websocket = sdk.websocket_of(self._client) if self._client is not None else None
+            if websocket is not None:
+                with contextlib.suppress(Exception):  # closing a dead socket
+                    _complete(loop, asyncio.wait_for(websocket.close(), 2))
+                sdk.forget_websocket(self._client)
+        except Exception as exc:  # noqa: BLE001 - the thread ends either way; one line, no traceback
+            log.warning("feishu long connection: shutting down: %s", type(exc).__name__)
+        finally:
+            loop.close()
 
     async def stop(self) -> None:
         """Stop the connection and wait (at most `STOP_TIMEOUT`) for the thread to finish."""
@@ -126,3 +130,17 @@ class LongConnection:
             await asyncio.to_thread(self._thread.join, STOP_TIMEOUT)
             if self._thread.is_alive():
                 log.warning("the Feishu long connection thread did not stop within %.0fs", STOP_TIMEOUT)
+
+
+def _complete(loop: asyncio.AbstractEventLoop, awaitable: Any) -> None:
+    """Run `awaitable` to its end on the connection's own loop, even when `stop()` (from the bot's
+    loop) asks that loop to stop meanwhile: `run_until_complete` then returns early with a
+    RuntimeError, and the work is resumed."""
+    future = asyncio.ensure_future(awaitable, loop=loop)
+    for _ in range(5):  # each early return needs one more stop() landing: a few at most
+        with contextlib.suppress(RuntimeError):
+            loop.run_until_complete(future)
+        if future.done():
+            future.result()
+            return
+    future.cancel()
