@@ -44,7 +44,7 @@ from tools.registry import ToolRegistry
 from tools.services import SlackPoster
 
 log = logging.getLogger("chatops")
-CHAIN_DEBOUNCE = 0.02
+CHAIN_DEBOUNCE = 0.1  # seconds: the commits of a busy moment share one chaining pass
 OUTBOX_POLL = 1.0  # seconds between two looks for due outbox jobs (retries, other replicas' leftovers)
 STOP_BUDGET = 7.0  # seconds App.stop may take; SIGTERM must end the process within 10
 ACK_GRACE = 3.0  # seconds in-flight HTTP requests (acks) get to finish once stopping starts

@@ -17,11 +17,10 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import uuid
 from collections.abc import Awaitable, Callable
 
 import sqlalchemy as sa
-from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.exc import OperationalError
 from sqlmodel import col
 
 from bot.core import outbox
@@ -31,11 +30,12 @@ from bot.core.context import AppContext
 from bot.core.errors import StorageError
 from bot.core.events import DecisionRequest, EditRequest, IncomingMessage, User
 from bot.core.executor import Executor
+from bot.core.intake import Intake
 from bot.core.outbox import Outbox
 from bot.core.run_store import RunStore
 from bot.core.runner import Runner
 from storage.engine import DbSession, LockBusy, is_transient
-from storage.models import Approval, ApprovalStatus, InboxEvent, SeenKey
+from storage.models import Approval, ApprovalStatus, InboxEvent
 
 log = logging.getLogger("chatops.core")
 CARD_ANSWER_GRACE = 1.0  # seconds: a click's answer reaches the platform well within this
@@ -53,6 +53,7 @@ class Core:
         self.store = RunStore(ctx, self.approvals)
         self.runner = Runner(ctx, self.store, self.out)
         self.executor = Executor(ctx, self.approvals)
+        self.intake = Intake(ctx)
         self.out.on_card_given_up.append(lambda approval: self.resume_later(approval.run_id))
         ctx.db.after_commit("outbox_queued", wake or self.out.kick)
         if ctx.delivers_outbox:
@@ -66,11 +67,9 @@ class Core:
         Raises StorageError when the message could not be recorded (the database is away or its
         lock stayed busy for about a second): the adapter must then answer the platform with an
         error so it redelivers (never ack what was not stored)."""
-        inbox_id = "in-" + uuid.uuid4().hex[:16]
         try:
-            await self.ctx.db.run(lambda s: self._record(s, msg, inbox_id), urgent=True)
-        except IntegrityError:
-            return False
+            if not await self.intake.record(msg):
+                return False
         except (OperationalError, LockBusy) as exc:
             raise StorageError(f"could not record the message: {type(exc).__name__}") from None
         except Exception as exc:
@@ -79,23 +78,6 @@ class Core:
             raise
         self.start_conversation(msg.conversation_key)
         return True
-
-    async def _record(self, session: DbSession, msg: IncomingMessage, inbox_id: str) -> None:
-        ctx, now = self.ctx, self.ctx.clock()
-        # Plain INSERTs (no ORM unit of work): this is the ack path. A key seen before -> IntegrityError.
-        keys = [{"key": k[:300], "inbox_id": inbox_id, "created_at": now} for k in msg.dedupe_keys]
-        await session.execute(sa.insert(SeenKey), keys)
-        payload = ctx.redactor.redact(msg.to_dict())
-        await session.execute(
-            sa.insert(InboxEvent).values(
-                id=inbox_id, platform=msg.thread.platform, conversation_key=msg.conversation_key, payload=payload,
-                status="queued", created_at=now, updated_at=now,
-            )
-        )  # fmt: skip
-        await ctx.audit.record(
-            session, "request_received", platform=msg.user.platform, actor=msg.user.key, status="queued",
-            inbox_id=inbox_id, conversation=msg.conversation_key, text=msg.text, keys=list(msg.dedupe_keys),
-        )  # fmt: skip
 
     def start_conversation(self, key: str) -> None:
         if self.wake is not None:
