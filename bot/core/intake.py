@@ -52,10 +52,16 @@ class Intake:
         return await asyncio.shield(pending.done)  # a caller that gives up does not cancel the batch
 
     async def _flush_all(self) -> None:
+        batch: list[_Pending] = []
         try:
             while self._waiting:
                 batch, self._waiting = self._waiting[:BATCH_LIMIT], self._waiting[BATCH_LIMIT:]
                 await self._flush(batch)
+        except BaseException as exc:  # cancelled at shutdown: nobody is left waiting for an answer
+            for pending in [*batch, *self._waiting]:
+                _settle(pending.done, exc)
+            self._waiting = []
+            raise
         finally:
             self._flushing = False
 
@@ -122,7 +128,9 @@ def _keys(msg: IncomingMessage) -> list[str]:
 def _settle(done: asyncio.Future[bool], outcome: bool | BaseException) -> None:
     if done.done():
         return
-    if isinstance(outcome, BaseException):
+    if isinstance(outcome, asyncio.CancelledError):
+        done.cancel()
+    elif isinstance(outcome, BaseException):
         done.set_exception(outcome)
         done.add_done_callback(lambda f: f.exception())  # retrieved even if its caller gave up
     else:
