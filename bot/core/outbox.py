@@ -198,6 +198,7 @@ class Outbox:
         self._stopped = asyncio.Event()
         self.on_card_given_up: list[Any] = []  # callbacks(approval) set by the engine (resume the run)
         self._kicks = 0  # how many times delivery rounds were asked for
+        self._covered: dict[int, int] = {}  # card job -> newest card update its rendering read shows
 
     def kick(self) -> None:
         """Deliver due jobs now, in a tracked background task (coalesced); the delivery loop is only
@@ -260,13 +261,15 @@ class Outbox:
 
     async def _attempt(self, job: OutboxJob) -> bool:
         """Try to deliver a job this process holds the claim of; True if it was delivered."""
-        rendered_at = self.ctx.clock()  # a card is rendered from the approval as it is from now on
+        rendered_at = self.ctx.clock()
         try:
             message_id = await self._send(job)
         except Exception as exc:  # noqa: BLE001 - every failure is classified and retried or reported
+            self._covered.pop(job.id or 0, None)
             await self._failed(job, exc)
             return False
-        await self.ctx.db.run(lambda s: self._sent(s, job, message_id, rendered_at))
+        covered = self._covered.pop(job.id or 0, 0)
+        await self.ctx.db.run(lambda s: self._sent(s, job, message_id, rendered_at, covered))
         return True
 
     def deliver_claimed(self, jobs: list[OutboxJob]) -> None:
@@ -335,7 +338,7 @@ class Outbox:
             return None
         if job.kind in (OutboxKind.PROGRESS, OutboxKind.ANSWER, OutboxKind.HOME_REFRESH):
             return await self._send_other(channel, job, thread)
-        approval = await self.ctx.db.run(lambda s: s.get(Approval, job.approval_id), read=True)
+        approval = await self.ctx.db.run(lambda s: self._rendering(s, job), read=True)
         if approval is None:
             return None
         if job.kind == OutboxKind.CARD:
@@ -395,7 +398,22 @@ class Outbox:
         )
         return None if below.first() is not None else message_id
 
-    async def _sent(self, session: DbSession, job: OutboxJob, message_id: str | None, rendered_at: datetime) -> None:
+    async def _rendering(self, session: DbSession, job: OutboxJob) -> Approval | None:
+        """The approval a card job renders, and (kept in `_covered`) the newest card update of it that
+        was committed before this read: that rendering shows its change, so it is done too. Jobs are
+        read first, the approval after: a job visible here was committed with its change before."""
+        covered = await session.execute(
+            sa.select(sa.func.max(col(OutboxJob.id))).where(
+                col(OutboxJob.approval_id) == job.approval_id, col(OutboxJob.kind) == OutboxKind.CARD_UPDATE
+            )
+        )
+        if job.id is not None:
+            self._covered[job.id] = covered.scalar_one_or_none() or 0
+        return await session.get(Approval, job.approval_id)
+
+    async def _sent(
+        self, session: DbSession, job: OutboxJob, message_id: str | None, rendered_at: datetime, covered: int
+    ) -> None:
         ctx = self.ctx
         await session.execute(
             sa.update(OutboxJob)
@@ -404,15 +422,16 @@ class Outbox:
         )
         if job.kind not in (OutboxKind.CARD, OutboxKind.CARD_UPDATE):
             return
-        # Card updates queued before this rendering show nothing newer than it did: they are done too
-        # (not those due later on purpose: a refresh after a click's answer must still come).
+        # Card updates committed before this rendering read the approval show nothing newer than it
+        # does: they are done too (not those due later on purpose: a refresh after a click's answer
+        # must still come). Ids, not times: a job timed before the read may have committed after it.
         await session.execute(
             sa.update(OutboxJob)
             .where(
                 col(OutboxJob.approval_id) == job.approval_id,
                 col(OutboxJob.kind) == OutboxKind.CARD_UPDATE,
                 col(OutboxJob.status) == OutboxStatus.PENDING,
-                col(OutboxJob.created_at) <= rendered_at,
+                col(OutboxJob.id) <= covered,
                 col(OutboxJob.next_attempt_at) <= rendered_at,
                 col(OutboxJob.id) != job.id,
                 sa.or_(col(OutboxJob.lease_until).is_(None), col(OutboxJob.lease_until) < rendered_at),
