@@ -31,14 +31,15 @@ from typing import Any
 
 import orjson
 import sqlalchemy as sa
-from sqlmodel import SQLModel, col
+from sqlmodel import col
 
 from storage.audit_keys import AuditKeyError, AuditKeys, default_key_file, key_id, load_keys
 from storage.engine import Database, DbSession
-from storage.models import AuditEvent, AuditStaged, utcnow
+from storage.models import AuditEvent, AuditStaged, table_of, utcnow
 from storage.redact import Redactor
 
 __all__ = ["AuditKeyError", "AuditKeys", "AuditLog", "ChainProblem", "verify_chain"]
+_STAGE = sa.insert(table_of(AuditStaged))  # built once: every step of every run stages rows
 
 log = logging.getLogger("chatops.audit")
 
@@ -47,12 +48,6 @@ KEYED_KIND = "audit_keyed"
 ROTATED_KIND = "audit_key_rotated"
 TAMPERED_KIND = "audit_staged_tampered"
 _ADVISORY_LOCK_KEY = 7_240_001  # any constant shared by every replica
-
-
-def _table(model: type[SQLModel]) -> sa.Table:
-    """A model's table, for Core statements: an INSERT of many rows is one `executemany` there (the ORM's
-    bulk insert splits rows into one INSERT per set of non-NULL columns)."""
-    return SQLModel.metadata.tables[str(model.__tablename__)]
 
 
 def canonical_json(value: Any) -> str:
@@ -185,7 +180,7 @@ class AuditLog:
         ]
         for row in rows:
             row["seal"] = seal(key, row)
-        await session.execute(sa.insert(_table(AuditStaged)), rows)
+        await session.execute(_STAGE, rows)
         session.info["audit_staged"] = True
 
     async def chain(self, db: Database, batch: int = 500) -> int:
@@ -209,7 +204,7 @@ class AuditLog:
                 head = await _read_head(session)
                 rows = _link(keys, head, staged)
                 if rows:
-                    await session.execute(sa.insert(_table(AuditEvent)), rows)
+                    await session.execute(sa.insert(table_of(AuditEvent)), rows)
                 if staged:
                     await session.execute(sa.delete(AuditStaged).where(col(AuditStaged.id).in_([r.id for r in staged])))
             self._ready = True

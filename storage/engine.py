@@ -34,7 +34,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.sql import Executable
 from sqlalchemy.sql.selectable import TypedReturnsRows
-from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_delay, wait_exponential_jitter
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_before_delay, wait_random_exponential
 
 SQLITE_BUSY_TIMEOUT_MS = 5_000  # the CLI's sync engine (Alembic, audit commands): plain busy waits are fine there
 URGENT_BUDGET = 1.0  # seconds an ack's database step may take in all: lock waits and retries share it
@@ -388,8 +388,10 @@ class Database:
         limit = deadline if deadline is not None else URGENT_BUDGET if urgent else RETRY_DEADLINE
         return AsyncRetrying(
             retry=retry_if_exception(is_transient),
-            wait=wait_exponential_jitter(multiplier=0.05, max=2.0),
-            stop=stop_after_delay(limit),
+            # Full jitter (a random pause up to the exponential step): replicas retrying the same fault
+            # spread out; an ack's pauses stay short, and no attempt starts after the deadline.
+            wait=wait_random_exponential(multiplier=0.05, max=0.2 if urgent else 2.0),
+            stop=stop_before_delay(limit),
             before_sleep=self._retrying,
             reraise=True,
         )
@@ -401,14 +403,19 @@ class Database:
         urgent: bool = False,
         read: bool = False,
         deadline: float | None = None,
+        since: float | None = None,
     ) -> T:
         """`step(session)` in one transaction, attempted again from the start on transient faults.
 
         `step` must be safe to run more than once: everything it does happens inside the
         transaction, which a failed attempt rolled back. An urgent step's attempts share
-        `URGENT_BUDGET`: each waits for the lock only as long as the budget has left."""
+        `URGENT_BUDGET`: each waits for the lock only as long as the budget has left. The budget
+        runs from `since` (the loop's clock when the platform's request arrived) when given: time
+        the request already waited counts against it."""
         loop = asyncio.get_running_loop()
-        budget_ends = loop.time() + URGENT_BUDGET
+        budget_ends = (loop.time() if since is None else since) + URGENT_BUDGET
+        if urgent and deadline is None:
+            deadline = max(0.0, budget_ends - loop.time())
         async for attempt in self.attempts(urgent=urgent, deadline=deadline):
             with attempt:
                 lock_wait = max(0.0, budget_ends - loop.time())

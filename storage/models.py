@@ -20,6 +20,13 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+def table_of(model: type[SQLModel]) -> sa.Table:
+    """A model's table, for Core statements: built once at import and run with bound parameters, they
+    skip the ORM's per-call statement building (most of a statement's cost on SQLite); an INSERT of
+    many rows is one `executemany` (the ORM's bulk insert splits rows by their set of non-NULL columns)."""
+    return SQLModel.metadata.tables[str(model.__tablename__)]
+
+
 class UTCDateTime(TypeDecorator[datetime]):
     """A timestamp stored in UTC and always read back timezone-aware (SQLite drops the zone)."""
 

@@ -5,13 +5,16 @@ and a message the database refuses fails alone while the rest of its burst is re
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 import sqlalchemy as sa
 
 from bot.core.errors import StorageError
 from bot.core.events import IncomingMessage, Thread, User
+from storage.engine import URGENT_BUDGET
 from tests.fakes.openai_server import text
+from tests.fault_helpers import LockHolder
 
 BURST = 60
 
@@ -76,4 +79,31 @@ async def test_at_rest_each_message_has_its_own_transaction_and_nothing_waits(bo
     for i in range(n):
         assert await app.core.accept_message(message(100 + i))
     assert await inbox(app) == n
+    await app.ctx.tasks.idle()
+
+
+async def test_a_message_behind_a_waiting_batch_is_answered_within_its_own_budget(bots, model, sqlite_url):
+    """Another process holds the write lock: the first message's batch waits out the ack budget
+    (`URGENT_BUDGET`) and is refused; a second message arriving meanwhile waits for that batch, and its
+    own budget counts from its arrival, so it is refused about when the first is, not a budget later."""
+    model.responder = lambda body: text("ok")
+    app = await bots.run(await bots.start())
+    holder = LockHolder(app.settings.database_url.removeprefix("sqlite:///"))
+    await holder.hold()
+    try:
+        first = asyncio.create_task(app.core.accept_message(message(1)))
+        for _ in range(20):  # let the first batch start waiting for the lock
+            await asyncio.sleep(0)
+        started = time.perf_counter()
+        with pytest.raises(StorageError):
+            await app.core.accept_message(message(2))
+        waited = time.perf_counter() - started
+        with pytest.raises(StorageError):
+            await first
+    finally:
+        await holder.release()
+    # Counted from the batch instead, it would be about two budgets (the first batch's, then its own).
+    assert waited < URGENT_BUDGET * 1.5, waited
+    assert await app.core.accept_message(message(2))  # redelivered after the release: recorded once
+    assert await inbox(app) == 1
     await app.ctx.tasks.idle()

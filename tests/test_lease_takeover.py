@@ -77,6 +77,9 @@ async def test_a_taken_over_run_that_pauses_on_an_approval_resumes_and_executes_
 
     outcome = await a.core.decide(DecisionRequest(cards[0].approval_id, ALICE, approve=True))
     assert outcome.changed
+    # A executes, resumes and answers before anyone sweeps: to B (clock ahead) every lease of A has
+    # run out, so a sweep of B while A still worked would take the resumed run over once more.
+    await a.ctx.tasks.idle()
     await settle(a, b)
     assert stages.runs == [cards[0].approval_id]
     replies = a.ctx.channels[PLATFORM].replies + b.ctx.channels[PLATFORM].replies

@@ -153,3 +153,21 @@ async def test_cancel_closes_the_progress_message_and_posts_nothing_new_for_it(s
     assert texts[0] == "Stopped." and fake_slack.messages[progress["ts"]]["text"] == "Stopped."
     assert texts[1].startswith("Stopped. 1 pending approval(s) cancelled")  # the command's own answer
     assert len(texts) == 2
+
+
+async def test_after_a_decision_a_quick_run_just_answers_and_a_slow_one_says_it_is_working(slack_bot, fake_slack, model):
+    ledger = Ledger()
+    model.script(calls(NOTE), text("Stored the note."), calls(NOTE), text("Stored it again.", delay=2.5))
+    bot = await slack_bot(toolsets=[notes_toolset(ledger)], env={"CHATOPS_PROGRESS_AFTER": "1"})  # the default
+    for answer in ("Stored the note.", "Stored it again."):
+        before = len(progress_texts(fake_slack))
+        await bot.send(mention("write a note"))
+        await bot.settle()
+        await bot.send(click(card_message(fake_slack)))
+        await bot.settle()
+        after_click = progress_texts(fake_slack)[before:]
+        assert after_click[-1] == answer
+    assert len(ledger.effects) == 2
+    quick, slow = progress_texts(fake_slack)[: -len(after_click)], after_click
+    assert "Decided; working on the result…" not in quick  # answered within a second of the decision
+    assert slow[-2:] == ["Decided; working on the result…", "Stored it again."]  # the line, then the answer in its place

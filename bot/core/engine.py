@@ -58,7 +58,6 @@ class Core:
         ctx.db.after_commit("outbox_queued", wake or self.out.kick)
         if ctx.delivers_outbox:
             ctx.db.after_commit_value("outbox_born", self.out.deliver_claimed)
-            ctx.db.after_commit_value("outbox_due_later", self.out.kick_at)
 
     # ------------------------------------------------------------------ inbound messages
     async def accept_message(self, msg: IncomingMessage) -> bool:

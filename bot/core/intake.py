@@ -5,7 +5,9 @@ that arrive while a recording transaction is running wait for the next one, whic
 at rest each message has a transaction of its own (no added latency); in a burst, one transaction
 (one commit, one fsync on SQLite, one set of round trips on PostgreSQL) records many, so acks keep
 up. A key that another replica recorded between our look and our INSERT makes the whole batch fail
-its uniqueness check; the batch is then recorded one message at a time, each on its own.
+its uniqueness check; the batch is then recorded one message at a time, each on its own. A batch
+has the ack budget left to its earliest message (`URGENT_BUDGET`, counted from that arrival), so a
+message that waited for the batch before it is still answered in time (refused, if need be).
 """
 
 from __future__ import annotations
@@ -22,9 +24,13 @@ from bot.core.context import AppContext
 from bot.core.events import IncomingMessage
 from storage.audit import entry
 from storage.engine import DbSession, is_transient
-from storage.models import InboxEvent, SeenKey
+from storage.models import InboxEvent, SeenKey, table_of
 
 BATCH_LIMIT = 200  # messages per recording transaction
+# Built once (building a statement costs more than running it on SQLite); an INSERT of many rows is one
+# `executemany`.
+_SEEN = sa.select(col(SeenKey.key)).where(col(SeenKey.key).in_(sa.bindparam("keys", expanding=True)))
+_INSERT_KEYS, _INSERT_EVENTS = sa.insert(table_of(SeenKey)), sa.insert(table_of(InboxEvent))
 
 
 @dataclass
@@ -32,6 +38,7 @@ class _Pending:
     msg: IncomingMessage
     inbox_id: str = field(default_factory=lambda: "in-" + uuid.uuid4().hex[:16])
     done: asyncio.Future[bool] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+    arrived: float = field(default_factory=lambda: asyncio.get_running_loop().time())
 
 
 class Intake:
@@ -67,7 +74,10 @@ class Intake:
 
     async def _flush(self, batch: list[_Pending]) -> None:
         try:
-            outcome = await self.ctx.db.run(lambda s: self._record_batch(s, batch), urgent=True)
+            # The ack budget runs from the earliest arrival: a message that waited for the batch before
+            # it (say, behind a write lock held elsewhere) has less of it left.
+            since = min(p.arrived for p in batch)
+            outcome = await self.ctx.db.run(lambda s: self._record_batch(s, batch), urgent=True, since=since)
         except Exception as exc:  # noqa: BLE001 - sorted below; every waiting caller learns its outcome
             if len(batch) > 1 and not is_transient(exc):
                 # A key recorded meanwhile by another replica, or one message the database refuses:
@@ -86,7 +96,7 @@ class Intake:
         """Insert the new messages of `batch`; {inbox id: new?}. Keys already seen (stored, or earlier in
         the batch) make a message a duplicate."""
         keys = {k for p in batch for k in _keys(p.msg)}
-        seen = set((await session.execute(sa.select(col(SeenKey.key)).where(col(SeenKey.key).in_(keys)))).scalars())
+        seen = set((await session.execute(_SEEN, {"keys": list(keys)})).scalars())
         fresh: list[_Pending] = []
         for pending in batch:
             mine = set(_keys(pending.msg))
@@ -101,7 +111,7 @@ class Intake:
     async def _insert(self, session: DbSession, fresh: list[_Pending]) -> None:
         ctx, now = self.ctx, self.ctx.clock()
         keys = [{"key": k, "inbox_id": p.inbox_id, "created_at": now} for p in fresh for k in _keys(p.msg)]
-        await session.execute(sa.insert(SeenKey), keys)
+        await session.execute(_INSERT_KEYS, keys)
         events = [
             {
                 "id": p.inbox_id, "platform": p.msg.thread.platform, "conversation_key": p.msg.conversation_key,
@@ -109,7 +119,7 @@ class Intake:
             }
             for p in fresh
         ]  # fmt: skip
-        await session.execute(sa.insert(InboxEvent), events)
+        await session.execute(_INSERT_EVENTS, events)
         rows = [
             entry(
                 "request_received", platform=p.msg.user.platform, actor=p.msg.user.key, status="queued", inbox_id=p.inbox_id,

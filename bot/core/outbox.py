@@ -23,7 +23,7 @@ import asyncio
 import contextlib
 import logging
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -37,7 +37,7 @@ from bot.core.channels import DeliveryFailed
 from bot.core.context import AppContext
 from bot.core.events import Thread, User
 from storage.engine import DbSession, rowcount
-from storage.models import Approval, ApprovalStatus, OutboxJob, OutboxKind, OutboxStatus
+from storage.models import Approval, ApprovalStatus, OutboxJob, OutboxKind, OutboxStatus, table_of
 
 log = logging.getLogger("chatops.outbox")
 
@@ -47,10 +47,56 @@ ERROR_LIMIT = 500
 PROGRESS_DEADLINE = 60.0  # a progress edit older than this is not worth sending
 QUIET_KINDS = frozenset({OutboxKind.PROGRESS, OutboxKind.HOME_REFRESH})  # given up without an audit row
 
+# The statements of every reply, built once (building one costs more than running it on SQLite).
+_JOBS = table_of(OutboxJob)
+_WAITING_IN_THREAD = sa.select(_JOBS.c.id).where(
+    _JOBS.c.thread_key == sa.bindparam("thread_key"), _JOBS.c.status == OutboxStatus.PENDING
+)
+_INSERT = sa.insert(_JOBS)
+_INSERT_RETURNING_ID = sa.insert(_JOBS).returning(_JOBS.c.id)
+_SUPERSEDE_PROGRESS = (
+    sa.update(_JOBS)
+    .where(
+        _JOBS.c.run_id == sa.bindparam("b_run_id"),
+        _JOBS.c.kind == OutboxKind.PROGRESS,
+        _JOBS.c.status == OutboxStatus.PENDING,
+        _JOBS.c.lease_until.is_(None),
+    )
+    .values(status=OutboxStatus.SENT, last_error="superseded by a newer progress")
+)
+_NEWEST_PROGRESS = (
+    sa.select(_JOBS.c.message_id)
+    .where(
+        _JOBS.c.run_id == sa.bindparam("b_run_id"),
+        _JOBS.c.status == OutboxStatus.SENT,
+        _JOBS.c.kind == OutboxKind.PROGRESS,
+        _JOBS.c.message_id.is_not(None),
+    )
+    .order_by(_JOBS.c.id.desc())
+    .limit(1)
+)
+_MARK_SENT = (
+    sa.update(_JOBS)
+    .where(_JOBS.c.id == sa.bindparam("b_id"))
+    .values(status=OutboxStatus.SENT, message_id=sa.bindparam("b_message_id"), lease_until=None, last_error=None)
+)
+
 
 def _thread_key(thread: dict[str, Any]) -> str:
     """What orders the jobs of no run: those of one chat thread go out in order."""
     return "thread:" + orjson.dumps(thread, option=orjson.OPT_SORT_KEYS).decode()[:290]
+
+
+@dataclass
+class BornJobs:
+    """The jobs a transaction stored already claimed by this process, delivered after its commit; for
+    an answer among them, the progress message it replaces, looked up in that transaction."""
+
+    jobs: list[OutboxJob] = field(default_factory=list)
+    replaces: dict[int, str | None] = field(default_factory=dict)
+
+    def __bool__(self) -> bool:
+        return bool(self.jobs)
 
 
 def _job(ctx: AppContext, kind: OutboxKind, thread: dict[str, Any], **values: Any) -> dict[str, Any]:
@@ -69,27 +115,24 @@ def _job(ctx: AppContext, kind: OutboxKind, thread: dict[str, Any], **values: An
     }
 
 
-async def _insert(session: DbSession, ctx: AppContext, job: dict[str, Any]) -> None:
+async def _insert(session: DbSession, ctx: AppContext, job: dict[str, Any]) -> int | None:
     """Store `job`. When this process delivers and nothing queued earlier in its thread is still
     waiting (but jobs this transaction claimed), the job is stored already claimed by this process
     and handed to it after the commit (`Outbox.deliver_claimed`): no look for due jobs, no claim of
-    its own. Otherwise it waits for the delivery rounds (`outbox_queued`)."""
-    born: list[OutboxJob] = session.info.setdefault("outbox_born", [])
+    its own (returns its id then). Otherwise it waits for the delivery rounds (`outbox_queued`)."""
+    born: BornJobs = session.info.setdefault("outbox_born", BornJobs())
     if ctx.delivers_outbox and job["next_attempt_at"] <= job["created_at"]:
-        waiting = await session.execute(
-            sa.select(col(OutboxJob.id)).where(
-                col(OutboxJob.thread_key) == job["thread_key"], col(OutboxJob.status) == OutboxStatus.PENDING
-            )
-        )
-        if set(waiting.scalars()) <= {b.id for b in born}:
+        waiting = await session.execute(_WAITING_IN_THREAD, {"thread_key": job["thread_key"]})
+        if set(waiting.scalars()) <= {b.id for b in born.jobs}:
             lease = job["created_at"] + timedelta(seconds=CLAIM_SECONDS)
             job = {**job, "owner": ctx.replica_id, "lease_until": lease, "attempts": 1}
-            inserted = await session.execute(sa.insert(OutboxJob).values(**job).returning(col(OutboxJob.id)))
-            born.append(OutboxJob(id=inserted.scalar_one(), **job))
-            return
-    await session.execute(sa.insert(OutboxJob).values(**job))
-    if job["next_attempt_at"] <= job["created_at"]:  # one due later is kicked then (`outbox_due_later`)
+            inserted = await session.execute(_INSERT_RETURNING_ID, job)
+            born.jobs.append(OutboxJob(id=inserted.scalar_one(), **job))
+            return born.jobs[-1].id
+    await session.execute(_INSERT, job)
+    if job["next_attempt_at"] <= job["created_at"]:  # one due later waits for the delivery loop's rounds
         session.info["outbox_queued"] = True
+    return None
 
 
 async def enqueue_reply(session: DbSession, ctx: AppContext, thread: dict[str, Any], text: str, *, run_id: str | None) -> None:
@@ -115,16 +158,7 @@ async def enqueue_card_update(session: DbSession, ctx: AppContext, approval: App
 
 async def _supersede_progress(session: DbSession, run_id: str) -> None:
     """Waiting (unclaimed) progress edits of a run are replaced by what is queued now."""
-    await session.execute(
-        sa.update(OutboxJob)
-        .where(
-            col(OutboxJob.run_id) == run_id,
-            col(OutboxJob.kind) == OutboxKind.PROGRESS,
-            col(OutboxJob.status) == OutboxStatus.PENDING,
-            col(OutboxJob.lease_until).is_(None),
-        )
-        .values(status=OutboxStatus.SENT, last_error="superseded by a newer progress")
-    )
+    await session.execute(_SUPERSEDE_PROGRESS, {"b_run_id": run_id})
 
 
 async def enqueue_progress(
@@ -135,29 +169,25 @@ async def enqueue_progress(
     *,
     run_id: str,
     edit_only: bool = False,
-    not_before: datetime | None = None,
 ) -> None:
     """Queue the run's progress line (it edits the run's one progress message in place); `edit_only`:
-    a last word for a progress message that exists (a stopped run), never a new message;
-    `not_before`: a working line waits until then, so a run that answers sooner (its answer
-    supersedes the line) never shows one."""
+    a last word for a progress message that exists (a stopped run), never a new message. (A line
+    that should wait until a run has worked a while is held by the runner, `progress_lines`.)"""
     await _supersede_progress(session, run_id)
     thread = {**thread, "edit_only": True} if edit_only else thread
     job = _job(ctx, OutboxKind.PROGRESS, thread, run_id=run_id, text=ctx.redactor.redact_text(text))
-    if not_before is not None and not_before > job["next_attempt_at"]:
-        job["next_attempt_at"] = not_before
-        session.info.setdefault("outbox_due_later", []).append(not_before)
-    job["deadline"] = max(job["next_attempt_at"], job["created_at"]) + timedelta(
-        seconds=min(PROGRESS_DEADLINE, ctx.settings.outbox_deadline)
-    )
+    job["deadline"] = job["created_at"] + timedelta(seconds=min(PROGRESS_DEADLINE, ctx.settings.outbox_deadline))
     await _insert(session, ctx, job)
 
 
 async def enqueue_answer(session: DbSession, ctx: AppContext, thread: dict[str, Any], text: str, *, run_id: str) -> None:
     """Queue a run's final text: it replaces the run's progress message when there is one and no card
-    was posted below it since (see `Outbox._progress_message`)."""
+    was posted below it since (see `progress_message`)."""
     await _supersede_progress(session, run_id)
-    await _insert(session, ctx, _job(ctx, OutboxKind.ANSWER, thread, run_id=run_id, text=ctx.redactor.redact_text(text)))
+    job = _job(ctx, OutboxKind.ANSWER, thread, run_id=run_id, text=ctx.redactor.redact_text(text))
+    born_id = await _insert(session, ctx, job)
+    if born_id is not None:  # nothing of the run waits before it: the message it replaces is known now
+        session.info["outbox_born"].replaces[born_id] = await progress_message(session, run_id)
 
 
 async def enqueue_home_refresh(session: DbSession, ctx: AppContext, approval: Approval) -> None:
@@ -182,6 +212,35 @@ async def enqueue_home_refresh(session: DbSession, ctx: AppContext, approval: Ap
             await _insert(session, ctx, job)
 
 
+async def progress_message(session: DbSession, run_id: str | None, *, newest: bool = False) -> str | None:
+    """The id of the run's progress message to edit, if any: its newest one, unless a card of the run
+    was posted below it since (then the next line or the answer is a new message below the cards: an
+    edit far above notifies nobody). `newest`: that message whatever came below (a stopped run's
+    last word)."""
+    message_id = (await session.execute(_NEWEST_PROGRESS, {"b_run_id": run_id})).scalar_one_or_none()
+    if message_id is None or newest:
+        return message_id
+    mine = (col(OutboxJob.run_id) == run_id, col(OutboxJob.status) == OutboxStatus.SENT)
+    posted = (
+        sa.select(sa.func.min(col(OutboxJob.id)))
+        .where(*mine, col(OutboxJob.kind) == OutboxKind.PROGRESS, col(OutboxJob.message_id) == message_id)
+        .scalar_subquery()
+    )  # jobs of a run are delivered in order: a card sent by a later job is below the message
+    below = await session.execute(
+        sa.select(col(OutboxJob.id)).where(*mine, col(OutboxJob.kind) == OutboxKind.CARD, col(OutboxJob.id) > posted).limit(1)
+    )
+    return None if below.first() is not None else message_id
+
+
+@dataclass(frozen=True)
+class Sent:
+    """What sending a job did: the message it posted (if any), and for a card rendering the newest
+    card update of its approval committed before the rendering read it (that update is shown too)."""
+
+    message_id: str | None = None
+    covers_updates_to: int = 0
+
+
 @dataclass(frozen=True)
 class Delivered:
     """What one delivery attempt did: the approval a card belongs to when it was given up."""
@@ -198,7 +257,6 @@ class Outbox:
         self._stopped = asyncio.Event()
         self.on_card_given_up: list[Any] = []  # callbacks(approval) set by the engine (resume the run)
         self._kicks = 0  # how many times delivery rounds were asked for
-        self._covered: dict[int, int] = {}  # card job -> newest card update its rendering read shows
 
     def kick(self) -> None:
         """Deliver due jobs now, in a tracked background task (coalesced); the delivery loop is only
@@ -259,32 +317,31 @@ class Outbox:
         if job is not None:
             await self._attempt(job)
 
-    async def _attempt(self, job: OutboxJob) -> bool:
-        """Try to deliver a job this process holds the claim of; True if it was delivered."""
+    async def _attempt(self, job: OutboxJob, replaces: dict[int, str | None] | None = None) -> bool:
+        """Try to deliver a job this process holds the claim of; True if it was delivered. `replaces`:
+        the progress message an answer replaces, when its transaction looked it up."""
         rendered_at = self.ctx.clock()
         try:
-            message_id = await self._send(job)
+            sent = await self._send(job, replaces or {})
         except Exception as exc:  # noqa: BLE001 - every failure is classified and retried or reported
-            self._covered.pop(job.id or 0, None)
             await self._failed(job, exc)
             return False
-        covered = self._covered.pop(job.id or 0, 0)
-        await self.ctx.db.run(lambda s: self._sent(s, job, message_id, rendered_at, covered))
+        await self.ctx.db.run(lambda s: self._sent(s, job, sent, rendered_at))
         return True
 
-    def deliver_claimed(self, jobs: list[OutboxJob]) -> None:
-        """After the commit that stored `jobs` already claimed by this process: deliver them in order,
-        in a tracked background task."""
-        self.ctx.tasks.spawn(self._deliver_claimed(jobs, self._kicks), name="outbox-claimed")
+    def deliver_claimed(self, born: BornJobs) -> None:
+        """After the commit that stored `born` jobs already claimed by this process: deliver them in
+        order, in a tracked background task."""
+        self.ctx.tasks.spawn(self._deliver_claimed(born, self._kicks), name="outbox-claimed")
 
-    async def _deliver_claimed(self, jobs: list[OutboxJob], kicks: int) -> None:
+    async def _deliver_claimed(self, born: BornJobs, kicks: int) -> None:
         stuck: set[str] = set()  # threads whose earlier job was not delivered
-        for job in jobs:
+        for job in born.jobs:
             if job.thread_key in stuck:  # it waits for the one before it: handed back to the delivery rounds
                 await self._release([job.id])
                 continue
             try:
-                delivered = await self._attempt(job)
+                delivered = await self._attempt(job, born.replaces)
             except Exception as exc:  # noqa: BLE001 - bookkeeping failed: its lease runs out, it is tried again
                 log.warning("outbox job %s: %s; it will be tried again", job.id, type(exc).__name__)
                 delivered = False
@@ -305,11 +362,6 @@ class Outbox:
             log.warning("outbox: could not hand back %d job(s): %s", len(job_ids), type(exc).__name__)
         self.kick()
 
-    def kick_at(self, times: list[datetime]) -> None:
-        """Deliver again when the earliest of `times` comes (jobs queued to wait until then)."""
-        delay = max(0.0, (min(times) - self.ctx.clock()).total_seconds())
-        asyncio.get_running_loop().call_later(delay, lambda: None if self._stopped.is_set() else self.kick())
-
     async def _claim(self, session: DbSession, job_id: int) -> OutboxJob | None:
         now = self.ctx.clock()
         claimed = await session.execute(
@@ -328,26 +380,26 @@ class Outbox:
             return None
         return await session.get(OutboxJob, job_id)
 
-    async def _send(self, job: OutboxJob) -> str | None:
+    async def _send(self, job: OutboxJob, replaces: dict[int, str | None]) -> Sent:
         channel = self.ctx.channel(job.platform)
         if channel is None:
             raise DeliveryFailed(f"no {job.platform} channel is running in this process")
         thread = Thread.from_dict(job.thread)
         if job.kind == OutboxKind.REPLY:
             await channel.post_reply(thread, job.text or "")
-            return None
+            return Sent()
         if job.kind in (OutboxKind.PROGRESS, OutboxKind.ANSWER, OutboxKind.HOME_REFRESH):
-            return await self._send_other(channel, job, thread)
-        approval = await self.ctx.db.run(lambda s: self._rendering(s, job), read=True)
+            return Sent(await self._send_other(channel, job, thread, replaces))
+        approval, covered = await self.ctx.db.run(lambda s: self._rendering(s, job), read=True)
         if approval is None:
-            return None
+            return Sent(covers_updates_to=covered)
         if job.kind == OutboxKind.CARD:
-            return await channel.post_card(thread, card_view(approval))
+            return Sent(await channel.post_card(thread, card_view(approval)), covered)
         if approval.card_message_id:
             await channel.update_card(thread, approval.card_message_id, card_view(approval))
-        return None
+        return Sent(covers_updates_to=covered)
 
-    async def _send_other(self, channel: Any, job: OutboxJob, thread: Thread) -> str | None:
+    async def _send_other(self, channel: Any, job: OutboxJob, thread: Thread, replaces: dict[int, str | None]) -> str | None:
         """Progress, answers and home refreshes; a channel without progress messages (the terminal)
         gets the answer as a reply and no progress at all."""
         if job.kind == OutboxKind.HOME_REFRESH:
@@ -355,12 +407,15 @@ class Outbox:
                 coords = thread.coords
                 await channel.publish_home(User(job.platform, str(coords.get("user")), tenant=coords.get("team")))
             return None
-        last_word = bool(job.thread.get("edit_only"))  # a stopped run closes its newest progress line
-        progress_id = await self.ctx.db.run(lambda s: self._progress_message(s, job.run_id, newest=last_word), read=True)
         if not hasattr(channel, "post_progress"):
             if job.kind == OutboxKind.ANSWER:
                 await channel.post_reply(thread, job.text or "")
             return None
+        last_word = bool(job.thread.get("edit_only"))  # a stopped run closes its newest progress line
+        if job.id is not None and job.id in replaces:
+            progress_id = replaces[job.id]
+        else:
+            progress_id = await self.ctx.db.run(lambda s: progress_message(s, job.run_id, newest=last_word), read=True)
         if job.kind == OutboxKind.ANSWER:
             await channel.post_answer(thread, job.text or "", progress_id)
             return None
@@ -372,54 +427,20 @@ class Outbox:
         return progress_id
 
     @staticmethod
-    async def _progress_message(session: DbSession, run_id: str | None, *, newest: bool = False) -> str | None:
-        """The id of the run's progress message to edit, if any: its newest one, unless a card of the run
-        was posted below it since (then the next line or the answer is a new message below the cards: an
-        edit far above notifies nobody). `newest`: that message whatever came below (a stopped run's
-        last word)."""
-        mine = (col(OutboxJob.run_id) == run_id, col(OutboxJob.status) == OutboxStatus.SENT)
-        message_id = (
-            await session.execute(
-                sa.select(col(OutboxJob.message_id))
-                .where(*mine, col(OutboxJob.kind) == OutboxKind.PROGRESS, col(OutboxJob.message_id).is_not(None))
-                .order_by(col(OutboxJob.id).desc())
-                .limit(1)
-            )
-        ).scalar_one_or_none()
-        if message_id is None or newest:
-            return message_id
-        posted = (
-            sa.select(sa.func.min(col(OutboxJob.id)))
-            .where(*mine, col(OutboxJob.kind) == OutboxKind.PROGRESS, col(OutboxJob.message_id) == message_id)
-            .scalar_subquery()
-        )  # jobs of a run are delivered in order: a card sent by a later job is below the message
-        below = await session.execute(
-            sa.select(col(OutboxJob.id)).where(*mine, col(OutboxJob.kind) == OutboxKind.CARD, col(OutboxJob.id) > posted).limit(1)
-        )
-        return None if below.first() is not None else message_id
-
-    async def _rendering(self, session: DbSession, job: OutboxJob) -> Approval | None:
-        """The approval a card job renders, and (kept in `_covered`) the newest card update of it that
-        was committed before this read: that rendering shows its change, so it is done too. Jobs are
-        read first, the approval after: a job visible here was committed with its change before."""
+    async def _rendering(session: DbSession, job: OutboxJob) -> tuple[Approval | None, int]:
+        """The approval a card job renders, and the newest card update of it that was committed before
+        this read: that rendering shows its change, so it is done too. Jobs are read first, the
+        approval after: a job visible here was committed with its change before."""
         covered = await session.execute(
             sa.select(sa.func.max(col(OutboxJob.id))).where(
                 col(OutboxJob.approval_id) == job.approval_id, col(OutboxJob.kind) == OutboxKind.CARD_UPDATE
             )
         )
-        if job.id is not None:
-            self._covered[job.id] = covered.scalar_one_or_none() or 0
-        return await session.get(Approval, job.approval_id)
+        return await session.get(Approval, job.approval_id), covered.scalar_one_or_none() or 0
 
-    async def _sent(
-        self, session: DbSession, job: OutboxJob, message_id: str | None, rendered_at: datetime, covered: int
-    ) -> None:
-        ctx = self.ctx
-        await session.execute(
-            sa.update(OutboxJob)
-            .where(col(OutboxJob.id) == job.id)
-            .values(status=OutboxStatus.SENT, message_id=message_id, lease_until=None, last_error=None)
-        )
+    async def _sent(self, session: DbSession, job: OutboxJob, sent: Sent, rendered_at: datetime) -> None:
+        ctx, message_id = self.ctx, sent.message_id
+        await session.execute(_MARK_SENT, {"b_id": job.id, "b_message_id": message_id})
         if job.kind not in (OutboxKind.CARD, OutboxKind.CARD_UPDATE):
             return
         # Card updates committed before this rendering read the approval show nothing newer than it
@@ -431,7 +452,7 @@ class Outbox:
                 col(OutboxJob.approval_id) == job.approval_id,
                 col(OutboxJob.kind) == OutboxKind.CARD_UPDATE,
                 col(OutboxJob.status) == OutboxStatus.PENDING,
-                col(OutboxJob.id) <= covered,
+                col(OutboxJob.id) <= sent.covers_updates_to,
                 col(OutboxJob.next_attempt_at) <= rendered_at,
                 col(OutboxJob.id) != job.id,
                 sa.or_(col(OutboxJob.lease_until).is_(None), col(OutboxJob.lease_until) < rendered_at),

@@ -2,8 +2,9 @@
 pausing on approvals, resuming, finishing, failing, and the leases that say who works on a run.
 
 Every method is one transaction through `Database.run` (retried on transient faults from the
-start, so each body is safe to run twice). A run is claimed with `version + 1` and a lease; every
-later write checks that version, so a replica that lost its lease changes nothing.
+start, so each body is safe to run twice), but `defer_step`, which keeps a young run's read-only
+step for its next write. A run is claimed with `version + 1` and a lease; every later write checks
+that version, so a replica that lost its lease changes nothing.
 """
 
 from __future__ import annotations
@@ -35,11 +36,36 @@ from storage.models import (
     OutboxStatus,
     Run,
     RunStatus,
+    table_of,
 )
 from tools.registry import PreparedCall
 
 R, S, Q = RunStatus, ApprovalStatus, InboxStatus
 HELD = "held"  # queued behind someone else's pending approval; admitted when the run resumes
+
+# The statements of every turn, built once (building one costs more than running it on SQLite). Bound
+# names are not column names: SQLAlchemy keeps those for the SET clause.
+_RUNS, _CONVERSATIONS, _INBOX = table_of(Run), table_of(Conversation), table_of(InboxEvent)
+_MINE_WHERE = (
+    _RUNS.c.id == sa.bindparam("b_run_id"), _RUNS.c.version == sa.bindparam("b_version"), _RUNS.c.status == R.RUNNING
+)  # fmt: skip
+_MY_RUN = sa.select(Run).where(*_MINE_WHERE)
+_RENEW = sa.update(_RUNS).where(*_MINE_WHERE).values(lease_until=sa.bindparam("b_lease_until"))
+_QUEUED = (
+    sa.select(InboxEvent)
+    .where(col(InboxEvent.conversation_key) == sa.bindparam("key"), col(InboxEvent.status).in_(sa.bindparam("statuses", expanding=True)))
+    .order_by(col(InboxEvent.created_at), col(InboxEvent.id))
+)  # fmt: skip
+_CLAIM_CONVERSATION = (
+    sa.update(_CONVERSATIONS)
+    .where(_CONVERSATIONS.c.key == sa.bindparam("b_key"), _CONVERSATIONS.c.active_run_id.is_(None),
+           _CONVERSATIONS.c.version == sa.bindparam("b_version"))
+    .values(active_run_id=sa.bindparam("b_run_id"), version=_CONVERSATIONS.c.version + 1)
+)  # fmt: skip
+_CONVERSATION = sa.select(Conversation).where(col(Conversation.key) == sa.bindparam("b_key"))
+_INBOX_DONE = (
+    sa.update(_INBOX).where(_INBOX.c.run_id == sa.bindparam("b_run_id"), _INBOX.c.status == Q.RUNNING).values(status=Q.DONE)
+)
 
 
 @dataclass
@@ -55,6 +81,23 @@ class RunClaim:
     channel_id: str | None
     messages: list[dict[str, Any]]
     progress_from: datetime | None = None  # a working line waits until then (`CHATOPS_PROGRESS_AFTER`)
+    opening_line: str | None = None  # a resumed run's first working line, held like every other
+    lost: bool = False  # a lease renewal found the run taken over: its driver stops at the next step
+    # Read-only steps not yet stored: their messages and audit rows land with the run's next write.
+    unrecorded_messages: list[dict[str, Any]] = field(default_factory=list)
+    unrecorded_rows: list[Entry] = field(default_factory=list)
+
+    def young(self, now: datetime) -> bool:
+        """Still inside `CHATOPS_PROGRESS_AFTER` since it was claimed: a quick run shows no working
+        line, and its read-only steps are not stored one by one (see `RunStore.defer_step`)."""
+        return self.progress_from is not None and now < self.progress_from
+
+    def unrecorded(self) -> tuple[list[dict[str, Any]], list[Entry]]:
+        """What the run's next write must store first (copies: a retried transaction sees the same)."""
+        return list(self.unrecorded_messages), list(self.unrecorded_rows)
+
+    def recorded(self) -> None:
+        self.unrecorded_messages, self.unrecorded_rows = [], []
 
 
 @dataclass(frozen=True)
@@ -99,6 +142,12 @@ def trim_history(messages: list[dict[str, Any]], limit: int) -> list[dict[str, A
     return messages[-1:]
 
 
+def tool_messages(assistant: dict[str, Any], results: dict[str, str]) -> list[dict[str, Any]]:
+    """The tool messages answering `assistant`'s calls that have a result, in the calls' order."""
+    calls = assistant.get("tool_calls") or []
+    return [{"role": "tool", "tool_call_id": c["id"], "content": results[c["id"]]} for c in calls if c["id"] in results]
+
+
 def safe_name(user: User) -> str:
     """OpenAI's `name` field allows only [a-zA-Z0-9_-]{1,64}."""
     cleaned = "".join(ch if ch.isascii() and (ch.isalnum() or ch in "_-") else "_" for ch in user.id)
@@ -115,6 +164,16 @@ class RunStore:
 
     def _mine(self, claim: RunClaim) -> sa.ColumnElement[bool]:
         return sa.and_(col(Run.id) == claim.run_id, col(Run.version) == claim.version, col(Run.status) == R.RUNNING)
+
+    @staticmethod
+    async def _my_run(session: DbSession, claim: RunClaim) -> Run | None:
+        """The run, if it is still this claim's (same version, running)."""
+        found = await session.execute(_MY_RUN, {"b_run_id": claim.run_id, "b_version": claim.version})
+        return found.scalar_one_or_none()
+
+    @staticmethod
+    async def _conversation(session: DbSession, key: str) -> Conversation | None:
+        return (await session.execute(_CONVERSATION, {"b_key": key})).scalar_one_or_none()
 
     # ------------------------------------------------------------------ starting
     async def start_run(self, key: str) -> Started:
@@ -133,11 +192,7 @@ class RunStore:
                 return result
 
     async def _queued(self, session: DbSession, key: str, statuses: tuple[str, ...] = (Q.QUEUED,)) -> list[InboxEvent]:
-        rows = await session.execute(
-            sa.select(InboxEvent)
-            .where(col(InboxEvent.conversation_key) == key, col(InboxEvent.status).in_(statuses))
-            .order_by(col(InboxEvent.created_at), col(InboxEvent.id))
-        )
+        rows = await session.execute(_QUEUED, {"key": key, "statuses": [str(s) for s in statuses]})
         return list(rows.scalars().all())
 
     async def _start_once(self, session: DbSession, key: str) -> Started | None:
@@ -146,7 +201,7 @@ class RunStore:
         queued = await self._queued(session, key)
         if not queued:
             return Started()
-        conv = await session.get(Conversation, key)
+        conv = await self._conversation(session, key)
         if conv is None:
             conv = Conversation(key=key, platform=queued[0].platform, messages=[], updated_at=ctx.clock())
             session.add(conv)
@@ -174,13 +229,7 @@ class RunStore:
             created_at=ctx.clock(),
             updated_at=ctx.clock(),
         )
-        claimed = await session.execute(
-            sa.update(Conversation)
-            .where(
-                col(Conversation.key) == key, col(Conversation.active_run_id).is_(None), col(Conversation.version) == conv.version
-            )
-            .values(active_run_id=run.id, version=Conversation.version + 1)
-        )
+        claimed = await session.execute(_CLAIM_CONVERSATION, {"b_key": key, "b_version": conv.version, "b_run_id": run.id})
         if not rowcount(claimed):
             return Started()  # another replica took it; it will drain the queue
         session.add(run)
@@ -268,10 +317,13 @@ class RunStore:
 
     async def renew(self, claim: RunClaim) -> bool:
         async def renew(session: DbSession) -> bool:
-            result = await session.execute(sa.update(Run).where(self._mine(claim)).values(lease_until=self._lease()))
+            params = {"b_run_id": claim.run_id, "b_version": claim.version, "b_lease_until": self._lease()}
+            result = await session.execute(_RENEW, params)
             return bool(rowcount(result))
 
-        return await self.ctx.db.run(renew, deadline=self.ctx.settings.lease_seconds / 3)
+        kept = await self.ctx.db.run(renew, deadline=self.ctx.settings.lease_seconds / 3)
+        claim.lost = claim.lost or not kept
+        return kept
 
     async def take_over_expired(self) -> list[RunClaim]:
         """Claim every running run whose lease expired (its owner stalled, lost the database or died)."""
@@ -303,7 +355,7 @@ class RunStore:
         return await self.ctx.db.run(take)
 
     async def _claim_of(self, session: DbSession, run: Run, version: int) -> RunClaim:
-        conv = await session.get(Conversation, run.conversation_key)
+        conv = await self._conversation(session, run.conversation_key)
         messages = list(conv.messages) if conv else []
         thread, requester = Thread.from_dict(run.thread), User.from_dict(run.requester)
         return RunClaim(
@@ -329,6 +381,18 @@ class RunStore:
         return await self.ctx.db.run(release, deadline=5)
 
     # ------------------------------------------------------------------ steps
+    @staticmethod
+    def defer_step(claim: RunClaim, step: int, assistant: dict[str, Any], results: dict[str, str], rows: list[Entry]) -> None:
+        """A step of a young run that only read (nothing waits on a person, nothing changed outside):
+        kept with the claim and stored by the run's next write, in the same transaction. A run that
+        answers quickly thus writes its start and its finish only; should this process die first,
+        whoever takes the run over repeats the reads, which change nothing, and records them then."""
+        new = [assistant, *tool_messages(assistant, results)]
+        claim.unrecorded_messages = [*claim.unrecorded_messages, *new]
+        claim.unrecorded_rows = [*claim.unrecorded_rows, *rows]
+        claim.messages = [*claim.messages, *new]
+        claim.step = step
+
     async def record_step(
         self,
         claim: RunClaim,
@@ -344,6 +408,8 @@ class RunStore:
         record = await self.ctx.db.run(
             lambda s: self._record_step(s, claim, step, assistant, dict(results), proposals, list(rows))
         )
+        if record.owned:
+            claim.recorded()
         if record.created:
             metrics.APPROVALS.labels("pending").inc(len(record.created))
         return record
@@ -353,20 +419,19 @@ class RunStore:
         results: dict[str, str], proposals: list[Proposal], rows: list[Entry],
     ) -> StepRecord:  # fmt: skip
         ctx = self.ctx
-        run = (await session.execute(sa.select(Run).where(self._mine(claim)))).scalar_one_or_none()
+        run = await self._my_run(session, claim)
         if run is None:
             return StepRecord(owned=False)
-        conv = await session.get(Conversation, claim.conversation_key)
+        conv = await self._conversation(session, claim.conversation_key)
         assert conv is not None
         if proposals and not await self._within_pending_limit(session, claim, len(proposals), results, proposals, rows):
             proposals = []
         now = ctx.clock()
         run.step, run.updated_at, run.lease_until = step, now, self._lease()
-        calls = assistant.get("tool_calls") or []
-        tool_messages = [
-            {"role": "tool", "tool_call_id": c["id"], "content": results[c["id"]]} for c in calls if c["id"] in results
-        ]
-        conv.messages = [*conv.messages, *ctx.redactor.redact([assistant, *([] if proposals else tool_messages)])]
+        answers = tool_messages(assistant, results)
+        earlier, earlier_rows = claim.unrecorded()
+        rows[:0] = earlier_rows
+        conv.messages = [*conv.messages, *ctx.redactor.redact([*earlier, assistant, *([] if proposals else answers)])]
         conv.updated_at = now
         if proposals:  # the progress line first: the cards follow it in the thread
             line = texts.PROGRESS_WAITING.format(count=len(proposals))
@@ -375,7 +440,7 @@ class RunStore:
         if created:
             run.status, run.pending_results = R.WAITING, ctx.redactor.redact(results)
         await ctx.audit.record_many(session, rows)
-        return StepRecord(owned=True, created=created, tool_messages=[] if created else tool_messages)
+        return StepRecord(owned=True, created=created, tool_messages=[] if created else answers)
 
     async def _within_pending_limit(
         self,
@@ -475,7 +540,7 @@ class RunStore:
         )
         if not rowcount(claimed):
             return None
-        conv = await session.get(Conversation, run.conversation_key)
+        conv = await self._conversation(session, run.conversation_key)
         assert conv is not None
         results = dict(run.pending_results or {})
         results.update({a.tool_call_id: model_result(a) for a in approvals})
@@ -491,20 +556,21 @@ class RunStore:
         if last is not None:
             self._set_requester(run, last)
         run.pending_results = {}
-        with i18n.speaking(run.requester.get("lang"), run.requester.get("tz")):
-            progress = str(texts.PROGRESS_CONTINUING)
-        await outbox.enqueue_progress(session, ctx, run.thread, progress, run_id=run_id, not_before=self._progress_from())
         await ctx.audit.record(
             session, "run_resumed", run_id=run_id, status="running", decided={a.id: a.status for a in approvals}
         )
         await session.flush()
-        return await self._claim_of(session, run, version)
+        claim = await self._claim_of(session, run, version)
+        with i18n.speaking(run.requester.get("lang"), run.requester.get("tz")):
+            claim.opening_line = str(texts.PROGRESS_CONTINUING)
+        return claim
 
     # ------------------------------------------------------------------ ending
     async def finish(self, claim: RunClaim, text: str, status: RunStatus, rows: list[Entry]) -> bool:
         """Queue the final text, close the run and release the conversation in one transaction.
         Returns True when more messages are queued in the conversation."""
         finished, more = await self.ctx.db.run(lambda s: self._finish(s, claim, text, status, list(rows)))
+        claim.recorded()
         if finished:
             metrics.RUNS.labels(str(status)).inc()
         return more
@@ -513,23 +579,23 @@ class RunStore:
         self, session: DbSession, claim: RunClaim, text: str, status: RunStatus, rows: list[Entry]
     ) -> tuple[bool, bool]:
         ctx = self.ctx
-        run = (await session.execute(sa.select(Run).where(self._mine(claim)))).scalar_one_or_none()
+        run = await self._my_run(session, claim)
         if run is None:
             return False, False  # taken over meanwhile; the new owner finishes it
-        conv = await session.get(Conversation, run.conversation_key)
+        earlier, earlier_rows = claim.unrecorded()
+        rows[:0] = earlier_rows
+        conv = await self._conversation(session, run.conversation_key)
         if conv is not None:
+            messages = [*conv.messages, *ctx.redactor.redact(earlier)]
             if status == R.DONE:
-                answer = {"role": "assistant", "content": ctx.redactor.redact_text(text)}
-                conv.messages = trim_history([*conv.messages, answer], ctx.settings.history_limit)
+                messages.append({"role": "assistant", "content": ctx.redactor.redact_text(text)})
+            conv.messages = trim_history(messages, ctx.settings.history_limit)
             conv.active_run_id = None if conv.active_run_id == run.id else conv.active_run_id
             conv.version += 1
         run.status, run.updated_at, run.lease_until = status, ctx.clock(), None
         run.step += sum(1 for row in rows if row.kind == "model_call")
-        await session.execute(
-            sa.update(InboxEvent)
-            .where(col(InboxEvent.run_id) == run.id, col(InboxEvent.status) == Q.RUNNING)
-            .values(status=Q.DONE)
-        )
+        await session.flush()  # the ORM's changes first: a statement built once does not flush them
+        await session.execute(_INBOX_DONE, {"b_run_id": run.id})
         await outbox.enqueue_answer(session, ctx, claim.thread.to_dict(), text, run_id=run.id)
         await ctx.audit.record_many(
             session, [*rows, entry("reply_posted", run_id=run.id, platform=run.platform, status=status, text=text)]

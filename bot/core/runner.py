@@ -68,6 +68,7 @@ class Runner:
         period = self.ctx.settings.lease_seconds / 3
         async with leases.kept(lambda: self.store.renew(claim), period, claim.run_id):
             try:
+                await self._open(claim)
                 return await self._advance(claim)
             except Exception as exc:  # noqa: BLE001 - any error ends the run, never the conversation
                 return None, await self._fail(claim, exc)
@@ -79,6 +80,8 @@ class Runner:
         ctx = self.ctx
         step = claim.step
         while True:
+            if claim.lost:
+                return None, False  # taken over (see the lease renewal); the new owner goes on from what is stored
             if step >= ctx.settings.max_steps:
                 return None, await self.store.finish(claim, texts.MAX_STEPS.format(steps=step), R.FAILED, [])
             try:
@@ -92,6 +95,9 @@ class Runner:
                 return None, await self.store.finish(claim, reply.content or "", R.DONE, [first])
             plan = await self.turn.plan(claim, reply, lambda line: self._progress(claim, line))
             assistant = reply.assistant_message()
+            if plan.only_read and claim.young(ctx.clock()):
+                self.store.defer_step(claim, step, assistant, plan.results, [first, *plan.rows])
+                continue
             record = await self.store.record_step(claim, step, assistant, plan.results, plan.proposals, [first, *plan.rows])
             if not record.owned:
                 return None, False  # another replica took the run over
@@ -100,6 +106,16 @@ class Runner:
                 return await self.store.resume(claim.run_id), False
             claim.messages = [*claim.messages, assistant, *record.tool_messages]
             claim.step = step
+
+    async def _open(self, claim: RunClaim) -> None:
+        """A resumed run's first working line ("Decided; working on the result…"), held like the others:
+        a run that answers soon after the decision just posts its answer."""
+        if claim.opening_line is None:
+            return
+        try:
+            await self._progress(claim, claim.opening_line)
+        except Exception as exc:  # noqa: BLE001 - a working line is a courtesy: the run goes on
+            log.warning("could not queue a progress line: %s", type(exc).__name__)
 
     async def _slow_notice(self, claim: RunClaim) -> None:
         """The model is slow: the run's progress message says so (no extra message)."""

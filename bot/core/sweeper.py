@@ -166,11 +166,11 @@ class Sweeper:
             metrics.QUEUE_DEPTH.labels(kind).set(count)
 
     async def run_forever(self) -> None:
-        """A full pass every `sweep_interval` seconds; a `pick_up` pass on every wake-up in between
+        """A full pass every `sweep_interval` seconds after the one `App.start` ran (not a second one
+        at once: it would come at no chosen time); a `pick_up` pass on every wake-up in between
         (wake-ups that come while a pass runs are served by one more pass)."""
         loop = asyncio.get_running_loop()
         while not self._stop.is_set():
-            await self.sweep()
             deadline = loop.time() + self.ctx.settings.sweep_interval
             while not self._stop.is_set() and (left := deadline - loop.time()) > 0:
                 with contextlib.suppress(TimeoutError):
@@ -178,6 +178,8 @@ class Sweeper:
                 if self._woken.is_set() and not self._stop.is_set():
                     self._woken.clear()
                     await self.pick_up()
+            if not self._stop.is_set():
+                await self.sweep()
 
     def wake(self) -> None:
         """Work may be waiting (a worker's signal): pick it up now. Safe to call from the event loop only."""

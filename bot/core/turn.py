@@ -61,6 +61,12 @@ class Plan:
     results: dict[str, str] = field(default_factory=dict)
     proposals: list[Proposal] = field(default_factory=list)
     rows: list[Entry] = field(default_factory=list)
+    changed: bool = False  # a call that is not read-only ran now (an `auto` rule): the step must be stored
+
+    @property
+    def only_read(self) -> bool:
+        """Nothing to ask a person and nothing changed outside: repeating this step changes nothing."""
+        return not self.proposals and not self.changed
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -136,6 +142,7 @@ class Turn:
             plan.results[call_id] = texts.MODEL_DENIED.format(reason=rule.reason)
         elif rule.rule == "auto":
             await _tell(progress, doing(name))
+            plan.changed = plan.changed or not prepared.spec.read_only
             plan.results[call_id], status = await self._run_now(tool_ctx, prepared)
             plan.rows.append(
                 entry(
