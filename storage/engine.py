@@ -403,19 +403,14 @@ class Database:
         urgent: bool = False,
         read: bool = False,
         deadline: float | None = None,
-        since: float | None = None,
     ) -> T:
         """`step(session)` in one transaction, attempted again from the start on transient faults.
 
         `step` must be safe to run more than once: everything it does happens inside the
         transaction, which a failed attempt rolled back. An urgent step's attempts share
-        `URGENT_BUDGET`: each waits for the lock only as long as the budget has left. The budget
-        runs from `since` (the loop's clock when the platform's request arrived) when given: time
-        the request already waited counts against it."""
+        `URGENT_BUDGET`: each waits for the lock only as long as the budget has left."""
         loop = asyncio.get_running_loop()
-        budget_ends = (loop.time() if since is None else since) + URGENT_BUDGET
-        if urgent and deadline is None:
-            deadline = max(0.0, budget_ends - loop.time())
+        budget_ends = loop.time() + URGENT_BUDGET
         async for attempt in self.attempts(urgent=urgent, deadline=deadline):
             with attempt:
                 lock_wait = max(0.0, budget_ends - loop.time())

@@ -82,10 +82,11 @@ async def test_at_rest_each_message_has_its_own_transaction_and_nothing_waits(bo
     await app.ctx.tasks.idle()
 
 
-async def test_a_message_behind_a_waiting_batch_is_answered_within_its_own_budget(bots, model, sqlite_url):
-    """Another process holds the write lock: the first message's batch waits out the ack budget
-    (`URGENT_BUDGET`) and is refused; a second message arriving meanwhile waits for that batch, and its
-    own budget counts from its arrival, so it is refused about when the first is, not a budget later."""
+async def test_a_message_behind_a_waiting_batch_is_still_answered_inside_slacks_three_seconds(bots, model, sqlite_url):
+    """Another process holds the write lock: the first message's batch waits out its budget
+    (`URGENT_BUDGET`) and is refused; a second message arriving meanwhile waits for that batch, then its
+    own budget, and is refused too, inside Slack's 3 s (no retry starts past a budget: before, a retry's
+    random pause of up to a second could carry a budget to 1.9 s and this ack to 2.9 s)."""
     model.responder = lambda body: text("ok")
     app = await bots.run(await bots.start())
     holder = LockHolder(app.settings.database_url.removeprefix("sqlite:///"))
@@ -102,8 +103,7 @@ async def test_a_message_behind_a_waiting_batch_is_answered_within_its_own_budge
             await first
     finally:
         await holder.release()
-    # Counted from the batch instead, it would be about two budgets (the first batch's, then its own).
-    assert waited < URGENT_BUDGET * 1.5, waited
+    assert waited < URGENT_BUDGET * 2.5, waited  # two budgets, plus room for a loaded machine
     assert await app.core.accept_message(message(2))  # redelivered after the release: recorded once
     assert await inbox(app) == 1
     await app.ctx.tasks.idle()

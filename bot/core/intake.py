@@ -6,8 +6,8 @@ at rest each message has a transaction of its own (no added latency); in a burst
 (one commit, one fsync on SQLite, one set of round trips on PostgreSQL) records many, so acks keep
 up. A key that another replica recorded between our look and our INSERT makes the whole batch fail
 its uniqueness check; the batch is then recorded one message at a time, each on its own. A batch
-has the ack budget left to its earliest message (`URGENT_BUDGET`, counted from that arrival), so a
-message that waited for the batch before it is still answered in time (refused, if need be).
+waits at most `URGENT_BUDGET` for the database; a message may first wait for the batch before it, so
+its ack comes within about two budgets (2 s, inside Slack's 3 s), refused with 5xx if need be.
 """
 
 from __future__ import annotations
@@ -38,7 +38,6 @@ class _Pending:
     msg: IncomingMessage
     inbox_id: str = field(default_factory=lambda: "in-" + uuid.uuid4().hex[:16])
     done: asyncio.Future[bool] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
-    arrived: float = field(default_factory=lambda: asyncio.get_running_loop().time())
 
 
 class Intake:
@@ -74,10 +73,7 @@ class Intake:
 
     async def _flush(self, batch: list[_Pending]) -> None:
         try:
-            # The ack budget runs from the earliest arrival: a message that waited for the batch before
-            # it (say, behind a write lock held elsewhere) has less of it left.
-            since = min(p.arrived for p in batch)
-            outcome = await self.ctx.db.run(lambda s: self._record_batch(s, batch), urgent=True, since=since)
+            outcome = await self.ctx.db.run(lambda s: self._record_batch(s, batch), urgent=True)
         except Exception as exc:  # noqa: BLE001 - sorted below; every waiting caller learns its outcome
             if len(batch) > 1 and not is_transient(exc):
                 # A key recorded meanwhile by another replica, or one message the database refuses:
