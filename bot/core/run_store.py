@@ -50,6 +50,7 @@ _MINE_WHERE = (
     _RUNS.c.id == sa.bindparam("b_run_id"), _RUNS.c.version == sa.bindparam("b_version"), _RUNS.c.status == R.RUNNING
 )  # fmt: skip
 _MY_RUN = sa.select(Run).where(*_MINE_WHERE)
+_STILL_MINE = sa.select(_RUNS.c.id).where(*_MINE_WHERE)
 _RENEW = sa.update(_RUNS).where(*_MINE_WHERE).values(lease_until=sa.bindparam("b_lease_until"))
 _QUEUED = (
     sa.select(InboxEvent)
@@ -162,14 +163,13 @@ class RunStore:
     def _lease(self) -> datetime:
         return self.ctx.clock() + timedelta(seconds=self.ctx.settings.lease_seconds)
 
-    def _mine(self, claim: RunClaim) -> sa.ColumnElement[bool]:
-        return sa.and_(col(Run.id) == claim.run_id, col(Run.version) == claim.version, col(Run.status) == R.RUNNING)
-
     @staticmethod
-    async def _my_run(session: DbSession, claim: RunClaim) -> Run | None:
-        """The run, if it is still this claim's (same version, running)."""
-        found = await session.execute(_MY_RUN, {"b_run_id": claim.run_id, "b_version": claim.version})
-        return found.scalar_one_or_none()
+    def _mine(claim: RunClaim) -> dict[str, Any]:
+        """The bound values of `_MINE_WHERE`: the run is still this claim's (same version, running)."""
+        return {"b_run_id": claim.run_id, "b_version": claim.version}
+
+    async def _my_run(self, session: DbSession, claim: RunClaim) -> Run | None:
+        return (await session.execute(_MY_RUN, self._mine(claim))).scalar_one_or_none()
 
     @staticmethod
     async def _conversation(session: DbSession, key: str) -> Conversation | None:
@@ -309,7 +309,7 @@ class RunStore:
         paused, ended or was taken over since the line was made)."""
 
         async def queue(session: DbSession) -> None:
-            if (await session.execute(sa.select(col(Run.id)).where(self._mine(claim)))).first() is None:
+            if (await session.execute(_STILL_MINE, self._mine(claim))).first() is None:
                 return
             await outbox.enqueue_progress(session, self.ctx, claim.thread.to_dict(), line, run_id=claim.run_id)
 
@@ -317,8 +317,7 @@ class RunStore:
 
     async def renew(self, claim: RunClaim) -> bool:
         async def renew(session: DbSession) -> bool:
-            params = {"b_run_id": claim.run_id, "b_version": claim.version, "b_lease_until": self._lease()}
-            result = await session.execute(_RENEW, params)
+            result = await session.execute(_RENEW, {**self._mine(claim), "b_lease_until": self._lease()})
             return bool(rowcount(result))
 
         kept = await self.ctx.db.run(renew, deadline=self.ctx.settings.lease_seconds / 3)
