@@ -275,7 +275,7 @@ class OutboxJob(SQLModel, table=True):
     thread_key: str = Field(index=True, max_length=300)
     thread: dict[str, Any] = _json()
     approval_id: str | None = Field(default=None, index=True, max_length=40)
-    run_id: str | None = Field(default=None, max_length=40)
+    run_id: str | None = Field(default=None, index=True, max_length=40)  # a run's jobs, sent ones included
     text: str | None = Field(default=None, sa_column=sa.Column(sa.Text(), nullable=True))
     status: str = Field(default=OutboxStatus.PENDING, index=True, max_length=20)
     attempts: int = 0

@@ -10,6 +10,9 @@ import sys
 
 import pytest
 import sqlalchemy as sa
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+from sqlmodel import SQLModel
 
 from bot.core.events import DecisionRequest, IncomingMessage, Thread, User
 from storage.audit import AuditLog, verify_chain
@@ -26,6 +29,20 @@ def test_migrations_reach_head_and_are_idempotent(db_url):
     upgrade(db_url)
     upgrade(db_url)
     assert current_revision(db_url) == head_revision()
+
+
+def test_migrations_build_exactly_the_schema_the_models_declare(db_url):
+    """A column or index declared on a model but missing from the migrations (or the other way round)
+    is a schema the code was never run against: e.g. the outbox's run id index, which keeps an answer
+    from reading every sent job."""
+    upgrade(db_url)
+    engine = make_sync_engine(normalise_url(db_url))
+    try:
+        with engine.connect() as conn:
+            differences = compare_metadata(MigrationContext.configure(conn), SQLModel.metadata)
+    finally:
+        engine.dispose()
+    assert differences == []
 
 
 def test_sqlite_connections_use_wal_full_sync_busy_timeout_and_foreign_keys(sqlite_url):
