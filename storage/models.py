@@ -47,9 +47,10 @@ class UTCDateTime(TypeDecorator[datetime]):
 
 
 class InboxStatus(StrEnum):
-    """An inbound message: waiting for a run, in one, finished, or refused by policy or a limit."""
+    """An inbound message: waiting for a run (or held), in one, finished, or refused by policy or a limit."""
 
     QUEUED = "queued"
+    HELD = "held"  # queued behind someone else's pending approval; admitted when the run resumes
     RUNNING = "running"
     DONE = "done"
     REFUSED = "refused"

@@ -37,7 +37,8 @@ def history_writes(app) -> list[int]:
     writes = [0]
 
     def count(_conn, _cursor, statement: str, *_: object) -> None:
-        if " ".join(statement.lower().replace('"', "").split()).startswith("update conversation set messages"):
+        sql = " ".join(statement.lower().replace('"', "").split())
+        if sql.startswith("insert into conversation") or (sql.startswith("update conversation set") and "messages=" in sql):
             writes[0] += 1
 
     sa.event.listen(app.ctx.db.sync_engine, "before_cursor_execute", count)

@@ -4,14 +4,20 @@ cards and replies out, recovery. It knows no platform: adapters translate payloa
 
 Modules:
 - `engine`      `Core`, the two entry points the adapters call (a message, a click);
-- `runner`      the run lifecycle (start, advance, resume, finish);
-- `tool_calls`  one agent step's tool calls (run reads, freeze writes);
-- `approvals`   the approval record and its transitions; `executor` runs an approved call;
+- `intake`      recording inbound messages before the ack (group commit); `refusals` audit rows for
+  malformed signed requests;
+- `runner`      the run lifecycle (start, advance, resume, finish); `turn` one model turn without SQL;
+  `run_store` all SQL of a run, `run_rows` its statements on the run, conversation and inbox rows;
+  `leases` who works on a run; `progress_lines` working lines held until a run has worked a while;
+- `approvals`   the approval service (the state machine); `executor` runs an approved call;
+  `limits` per-user limits;
 - `outbox`      cards, replies and notices through the channels;
-- `cards`       the platform-neutral card built from a stored approval;
+- `cards`       the platform-neutral card built from a stored approval; `display` what makes its values
+  honest to read; `edit_form` edit before approve;
 - `sweeper`     periodic recovery on every replica, and a worker process's pick-up of new work on a wake-up;
 - `policy`, `policy_file`, `memberships`  who may use, approve and what;
-- `model`       the OpenAI-compatible client; `context` the explicit dependency bundle;
+- `model`       the OpenAI-compatible client; `context` the explicit dependency bundle; `metrics` every
+  metric; `logcontext` the ids log lines carry;
 - `events`, `channels`  the small types shared with the adapters; `texts` every user-facing
   sentence, `i18n` its two languages (gettext catalogues in `locales/`, the current language),
   `language` which language a person gets; `errors` the operator-facing exception root;

@@ -23,7 +23,7 @@ from bot.core.approvals import editors_of
 from bot.core.cards import card_view
 from bot.core.channels import CardView
 from bot.core.events import Thread, User
-from storage.models import Approval, Conversation, InboxEvent, Run, RunStatus
+from storage.models import Approval, ApprovalStatus, Conversation, InboxEvent, InboxStatus, Run, RunStatus
 
 if TYPE_CHECKING:
     from bot.core.engine import Core
@@ -112,7 +112,7 @@ async def pending_approvals(core: Core, user: User) -> list[tuple[Approval, str]
                 await session.execute(
                     sa.select(Approval)
                     .where(
-                        col(Approval.status) == "pending",
+                        col(Approval.status) == ApprovalStatus.PENDING,
                         col(Approval.platform) == user.platform,
                         col(Approval.expires_at) > ctx.clock(),
                     )
@@ -191,19 +191,19 @@ async def cancel_conversation(core: Core, conversation_key: str, user: User) -> 
     async with ctx.db.transaction(urgent=True) as session:
         conv = await session.get(Conversation, conversation_key)
         run = await session.get(Run, conv.active_run_id) if conv is not None and conv.active_run_id else None
-        if conv is None or run is None or run.status not in ("running", "waiting"):
+        if conv is None or run is None or run.status not in (RunStatus.RUNNING, RunStatus.WAITING):
             return None, []
         gone = await core.approvals.cancel_pending(session, col(Approval.run_id) == run.id, reason, actor=user.key)
         cancelled = [a.id for a in gone]
         await session.execute(
             sa.update(Run)
-            .where(col(Run.id) == run.id, col(Run.status).in_(("running", "waiting")))
+            .where(col(Run.id) == run.id, col(Run.status).in_((RunStatus.RUNNING, RunStatus.WAITING)))
             .values(status=RunStatus.CANCELLED, lease_until=None, updated_at=ctx.clock())
         )
         await session.execute(
             sa.update(InboxEvent)
-            .where(col(InboxEvent.run_id) == run.id, col(InboxEvent.status) == "running")
-            .values(status="done")
+            .where(col(InboxEvent.run_id) == run.id, col(InboxEvent.status) == InboxStatus.RUNNING)
+            .values(status=InboxStatus.DONE)
         )
         conv.active_run_id = None
         conv.version += 1

@@ -24,7 +24,7 @@ from bot.core.context import AppContext
 from bot.core.events import IncomingMessage
 from storage.audit import entry
 from storage.engine import DbSession, is_transient
-from storage.models import InboxEvent, SeenKey, table_of
+from storage.models import InboxEvent, InboxStatus, SeenKey, table_of
 
 BATCH_LIMIT = 200  # messages per recording transaction
 # Built once (building a statement costs more than running it on SQLite); an INSERT of many rows is one
@@ -111,7 +111,7 @@ class Intake:
         events = [
             {
                 "id": p.inbox_id, "platform": p.msg.thread.platform, "conversation_key": p.msg.conversation_key,
-                "payload": ctx.redactor.redact(p.msg.to_dict()), "status": "queued", "created_at": now, "updated_at": now,
+                "payload": ctx.redactor.redact(p.msg.to_dict()), "status": InboxStatus.QUEUED, "created_at": now, "updated_at": now,
             }
             for p in fresh
         ]  # fmt: skip

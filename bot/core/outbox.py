@@ -115,15 +115,18 @@ def _job(ctx: AppContext, kind: OutboxKind, thread: dict[str, Any], **values: An
     }
 
 
-async def _insert(session: DbSession, ctx: AppContext, job: dict[str, Any]) -> int | None:
+async def _insert(session: DbSession, ctx: AppContext, job: dict[str, Any], *, first: bool = False) -> int | None:
     """Store `job`. When this process delivers and nothing queued earlier in its thread is still
     waiting (but jobs this transaction claimed), the job is stored already claimed by this process
     and handed to it after the commit (`Outbox.deliver_claimed`): no look for due jobs, no claim of
-    its own (returns its id then). Otherwise it waits for the delivery rounds (`outbox_queued`)."""
+    its own (returns its id then). Otherwise it waits for the delivery rounds (`outbox_queued`).
+    `first`: the caller knows nothing was ever queued in the job's thread (no look)."""
     born: BornJobs = session.info.setdefault("outbox_born", BornJobs())
     if ctx.delivers_outbox and job["next_attempt_at"] <= job["created_at"]:
-        waiting = await session.execute(_WAITING_IN_THREAD, {"thread_key": job["thread_key"]})
-        if set(waiting.scalars()) <= {b.id for b in born.jobs}:
+        waiting: set[int] = set()
+        if not first:
+            waiting = set((await session.execute(_WAITING_IN_THREAD, {"thread_key": job["thread_key"]})).scalars())
+        if waiting <= {b.id for b in born.jobs}:
             lease = job["created_at"] + timedelta(seconds=CLAIM_SECONDS)
             job = {**job, "owner": ctx.replica_id, "lease_until": lease, "attempts": 1}
             inserted = await session.execute(_INSERT_RETURNING_ID, job)
@@ -180,14 +183,18 @@ async def enqueue_progress(
     await _insert(session, ctx, job)
 
 
-async def enqueue_answer(session: DbSession, ctx: AppContext, thread: dict[str, Any], text: str, *, run_id: str) -> None:
+async def enqueue_answer(
+    session: DbSession, ctx: AppContext, thread: dict[str, Any], text: str, *, run_id: str, first: bool = False
+) -> None:
     """Queue a run's final text: it replaces the run's progress message when there is one and no card
-    was posted below it since (see `progress_message`)."""
-    await _supersede_progress(session, run_id)
+    was posted below it since (see `progress_message`). `first`: nothing of the run was ever queued
+    (no progress message to replace or supersede, nothing to wait behind: three statements fewer)."""
+    if not first:
+        await _supersede_progress(session, run_id)
     job = _job(ctx, OutboxKind.ANSWER, thread, run_id=run_id, text=ctx.redactor.redact_text(text))
-    born_id = await _insert(session, ctx, job)
+    born_id = await _insert(session, ctx, job, first=first)
     if born_id is not None:  # nothing of the run waits before it: the message it replaces is known now
-        session.info["outbox_born"].replaces[born_id] = await progress_message(session, run_id)
+        session.info["outbox_born"].replaces[born_id] = None if first else await progress_message(session, run_id)
 
 
 async def enqueue_home_refresh(session: DbSession, ctx: AppContext, approval: Approval) -> None:

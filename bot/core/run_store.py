@@ -1,5 +1,6 @@
 """All SQL of a run: claiming a conversation's queued messages into a run, recording each step,
 pausing on approvals, resuming, finishing, failing, and the leases that say who works on a run.
+The statements on the run, conversation and inbox rows are `run_rows`'.
 
 Every method is one transaction through `Database.run` (retried on transient faults from the
 start, so each body is safe to run twice), but `defer_step`, which keeps a young run's read-only
@@ -9,7 +10,7 @@ that version, so a replica that lost its lease changes nothing.
 
 from __future__ import annotations
 
-import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -18,12 +19,13 @@ import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import col
 
-from bot.core import i18n, limits, metrics, outbox, texts
+from bot.core import i18n, limits, metrics, outbox, run_rows, texts
 from bot.core.approvals import ApprovalService, args_digest, expiry, model_result, new_approval_id
 from bot.core.cards import card_content
 from bot.core.context import AppContext
 from bot.core.events import IncomingMessage, Thread, User
 from bot.core.policy import CallRule, Verdict
+from bot.core.run_rows import ConversationRow, QueuedMessage
 from storage.audit import Entry, entry
 from storage.engine import DbSession, rowcount
 from storage.models import (
@@ -36,37 +38,10 @@ from storage.models import (
     OutboxStatus,
     Run,
     RunStatus,
-    table_of,
 )
 from tools.registry import PreparedCall
 
 R, S, Q = RunStatus, ApprovalStatus, InboxStatus
-HELD = "held"  # queued behind someone else's pending approval; admitted when the run resumes
-
-# The statements of every turn, built once (building one costs more than running it on SQLite). Bound
-# names are not column names: SQLAlchemy keeps those for the SET clause.
-_RUNS, _CONVERSATIONS, _INBOX = table_of(Run), table_of(Conversation), table_of(InboxEvent)
-_MINE_WHERE = (
-    _RUNS.c.id == sa.bindparam("b_run_id"), _RUNS.c.version == sa.bindparam("b_version"), _RUNS.c.status == R.RUNNING
-)  # fmt: skip
-_MY_RUN = sa.select(Run).where(*_MINE_WHERE)
-_STILL_MINE = sa.select(_RUNS.c.id).where(*_MINE_WHERE)
-_RENEW = sa.update(_RUNS).where(*_MINE_WHERE).values(lease_until=sa.bindparam("b_lease_until"))
-_QUEUED = (
-    sa.select(InboxEvent)
-    .where(col(InboxEvent.conversation_key) == sa.bindparam("key"), col(InboxEvent.status).in_(sa.bindparam("statuses", expanding=True)))
-    .order_by(col(InboxEvent.created_at), col(InboxEvent.id))
-)  # fmt: skip
-_CLAIM_CONVERSATION = (
-    sa.update(_CONVERSATIONS)
-    .where(_CONVERSATIONS.c.key == sa.bindparam("b_key"), _CONVERSATIONS.c.active_run_id.is_(None),
-           _CONVERSATIONS.c.version == sa.bindparam("b_version"))
-    .values(active_run_id=sa.bindparam("b_run_id"), version=_CONVERSATIONS.c.version + 1)
-)  # fmt: skip
-_CONVERSATION = sa.select(Conversation).where(col(Conversation.key) == sa.bindparam("b_key"))
-_INBOX_DONE = (
-    sa.update(_INBOX).where(_INBOX.c.run_id == sa.bindparam("b_run_id"), _INBOX.c.status == Q.RUNNING).values(status=Q.DONE)
-)
 
 
 @dataclass
@@ -84,6 +59,9 @@ class RunClaim:
     progress_from: datetime | None = None  # a working line waits until then (`CHATOPS_PROGRESS_AFTER`)
     opening_line: str | None = None  # a resumed run's first working line, held like every other
     lost: bool = False  # a lease renewal found the run taken over: its driver stops at the next step
+    # Nothing of the run was queued for delivery yet (a run this claim started and that has shown no
+    # line, card or notice): its answer has no progress message to replace and nothing to wait behind.
+    quiet: bool = False
     # Read-only steps not yet stored: their messages and audit rows land with the run's next write.
     unrecorded_messages: list[dict[str, Any]] = field(default_factory=list)
     unrecorded_rows: list[Entry] = field(default_factory=list)
@@ -99,6 +77,10 @@ class RunClaim:
 
     def recorded(self) -> None:
         self.unrecorded_messages, self.unrecorded_rows = [], []
+
+
+class _Taken(Exception):
+    """Another replica claimed the conversation while this one admitted its messages (rolled back)."""
 
 
 @dataclass(frozen=True)
@@ -163,18 +145,6 @@ class RunStore:
     def _lease(self) -> datetime:
         return self.ctx.clock() + timedelta(seconds=self.ctx.settings.lease_seconds)
 
-    @staticmethod
-    def _mine(claim: RunClaim) -> dict[str, Any]:
-        """The bound values of `_MINE_WHERE`: the run is still this claim's (same version, running)."""
-        return {"b_run_id": claim.run_id, "b_version": claim.version}
-
-    async def _my_run(self, session: DbSession, claim: RunClaim) -> Run | None:
-        return (await session.execute(_MY_RUN, self._mine(claim))).scalar_one_or_none()
-
-    @staticmethod
-    async def _conversation(session: DbSession, key: str) -> Conversation | None:
-        return (await session.execute(_CONVERSATION, {"b_key": key})).scalar_one_or_none()
-
     # ------------------------------------------------------------------ starting
     async def start_run(self, key: str) -> Started:
         """Claim the conversation and move its queued messages into a new run. Nothing to drive when
@@ -188,78 +158,62 @@ class RunStore:
                 if collisions > 3:
                     raise
                 continue
+            except _Taken:
+                return Started()  # another replica claimed the conversation first; it drains the queue
             if result is not None:
                 return result
-
-    async def _queued(self, session: DbSession, key: str, statuses: tuple[str, ...] = (Q.QUEUED,)) -> list[InboxEvent]:
-        rows = await session.execute(_QUEUED, {"key": key, "statuses": [str(s) for s in statuses]})
-        return list(rows.scalars().all())
 
     async def _start_once(self, session: DbSession, key: str) -> Started | None:
         """One attempt; None means "every message was refused, look again"."""
         ctx = self.ctx
-        queued = await self._queued(session, key)
+        queued = await run_rows.queued(session, key)
         if not queued:
             return Started()
-        conv = await self._conversation(session, key)
-        if conv is None:
-            conv = Conversation(key=key, platform=queued[0].platform, messages=[], updated_at=ctx.clock())
-            session.add(conv)
-            await session.flush()
-        if conv.active_run_id is not None:
+        conv = await run_rows.conversation(session, key)
+        if conv is not None and conv.active_run_id is not None:
             active = await session.get(Run, conv.active_run_id)
             if active is not None and active.status == R.WAITING:
                 await self._supersede(session, active, queued)
                 return Started(resume_run_id=active.id)
             if active is not None and active.status == R.RUNNING:
                 return Started()  # the running run takes these messages when it finishes
-            conv.active_run_id = None  # a stale lock; take the conversation
-        first = IncomingMessage.from_dict(queued[0].payload)
-        run = Run(
-            id="run-" + uuid.uuid4().hex[:16],
-            conversation_key=key,
-            platform=first.thread.platform,
-            requester=first.user.to_dict(),
-            thread={**first.thread.to_dict(), "channel_id": first.channel_id},  # as `_set_requester` leaves it: no UPDATE
-            status=R.RUNNING,
-            owner=ctx.replica_id,
-            lease_until=self._lease(),
-            version=1,
-            pending_results={},
-            created_at=ctx.clock(),
-            updated_at=ctx.clock(),
-        )
-        claimed = await session.execute(_CLAIM_CONVERSATION, {"b_key": key, "b_version": conv.version, "b_run_id": run.id})
-        if not rowcount(claimed):
-            return Started()  # another replica took it; it will drain the queue
-        session.add(run)
-        last = await self._admit(session, run, queued, conv)
+            # else a stale lock (its run ended): take the conversation
+        run_id = run_rows.new_run_id()
+        last, messages = await self._admit(session, run_id, queued, conv.messages if conv else [])
+        now, requester, platform = ctx.clock(), last or queued[0].message, queued[0].message.thread.platform
+        holder = run_id if last else None  # every message refused: nothing to run, nothing holds it
+        if conv is None:
+            await run_rows.create_conversation(session, key, platform, messages, holder, now)
+        elif not await run_rows.claim_conversation(session, conv, holder, messages, now):
+            raise _Taken  # rolls the admission back: the replica that took the conversation admits them
+        await run_rows.insert_run(
+            session, id=run_id, conversation_key=key, platform=platform, requester=requester.user.to_dict(),
+            thread=self._thread_of(requester), status=R.RUNNING if last else R.DONE, step=0, owner=ctx.replica_id,
+            lease_until=self._lease() if last else None, version=1, pending_results={}, created_at=now, updated_at=now,
+        )  # fmt: skip
         if last is None:
-            run.status = R.DONE
-            await session.execute(sa.update(Conversation).where(col(Conversation.key) == key).values(active_run_id=None))
             return None
-        self._set_requester(run, last)
-        claim = RunClaim(run.id, 1, key, 0, last.thread, last.user, last.channel_id, list(conv.messages), self._progress_from())
+        claim = RunClaim(run_id, 1, key, 0, last.thread, last.user, last.channel_id, messages, self._progress_from())
+        claim.quiet = True
         return Started(claim)
 
     @staticmethod
-    def _set_requester(run: Run, msg: IncomingMessage) -> None:
-        """What follows answers `msg`: its author is the requester, its thread the place to answer."""
-        run.requester = msg.user.to_dict()
-        run.thread = {**msg.thread.to_dict(), "channel_id": msg.channel_id}
+    def _thread_of(msg: IncomingMessage) -> dict[str, Any]:
+        """Where what follows `msg` is answered, as a run stores it (its author is the requester)."""
+        return {**msg.thread.to_dict(), "channel_id": msg.channel_id}
 
-    async def _supersede(self, session: DbSession, active: Run, queued: list[InboxEvent]) -> None:
+    async def _supersede(self, session: DbSession, active: Run, queued: list[QueuedMessage]) -> None:
         """A newer message cancels its own author's pending approvals; others' cards stay valid, and
         the message waits (held) until they are decided."""
-        authors = {IncomingMessage.from_dict(e.payload).user.id for e in queued}
+        authors = {q.message.user.id for q in queued}
         await self.approvals.cancel_pending(
             session, sa.and_(col(Approval.run_id) == active.id, col(Approval.requester_id).in_(authors)), texts.SUPERSEDED
         )
         if await self._undecided(session, active):
-            for event in queued:
-                event.status = HELD
-                msg = IncomingMessage.from_dict(event.payload)
-                await outbox.enqueue_reply(session, self.ctx, msg.thread.to_dict(), texts.WAITING_FOR_OTHERS, run_id=active.id)
+            await run_rows.set_statuses(session, [(q.id, Q.HELD) for q in queued], None, self.ctx.clock())
+            for q in queued:
+                thread = q.message.thread.to_dict()
+                await outbox.enqueue_reply(session, self.ctx, thread, texts.WAITING_FOR_OTHERS, run_id=active.id)
 
     async def _undecided(self, session: DbSession, run: Run) -> bool:
         rows = await session.execute(
@@ -267,20 +221,22 @@ class RunStore:
         )
         return any(not ApprovalStatus(s).decided for s in rows.scalars().all())
 
-    async def _admit(self, session: DbSession, run: Run, queued: list[InboxEvent], conv: Conversation) -> IncomingMessage | None:
+    async def _admit(
+        self, session: DbSession, run_id: str, queued: list[QueuedMessage], history: list[dict[str, Any]]
+    ) -> tuple[IncomingMessage | None, list[dict[str, Any]]]:
         """Move queued messages into the run; refuse those policy or a limit forbids. Returns the last
-        admitted message (its author is the requester of what follows), or None."""
+        admitted message (its author is the requester of what follows), or None, and the history
+        with the admitted messages (trimmed)."""
         ctx = self.ctx
         last: IncomingMessage | None = None
-        messages = list(conv.messages or [])
-        for event in queued:
-            msg = IncomingMessage.from_dict(event.payload)
+        messages, statuses, rows = list(history), [], []
+        for q in queued:
+            msg = q.message
             verdict = await self._may_run(session, msg)
-            event.status, event.run_id, event.updated_at = Q.RUNNING, run.id, ctx.clock()
-            common = {"run_id": run.id, "platform": msg.user.platform, "actor": msg.user.key}
+            common = {"run_id": run_id, "platform": msg.user.platform, "actor": msg.user.key}
             if not verdict.allowed:
-                event.status = Q.REFUSED
-                await ctx.audit.record(session, "request_refused", status="refused", reason=verdict.reason, **common)
+                statuses.append((q.id, Q.REFUSED))
+                rows.append(entry("request_refused", status="refused", reason=verdict.reason, **common))
                 notice = (
                     verdict.reason
                     if verdict.reason.startswith("You ")
@@ -289,11 +245,12 @@ class RunStore:
                 await outbox.enqueue_reply(session, ctx, msg.thread.to_dict(), notice, run_id=None)
                 continue
             last = msg
+            statuses.append((q.id, Q.RUNNING))
             messages.append({"role": "user", "content": ctx.redactor.redact_text(msg.text), "name": safe_name(msg.user)})
-            await ctx.audit.record(session, "run_started", status="running", inbox_id=event.id, text=msg.text, **common)
-        conv.messages = trim_history(messages, ctx.settings.history_limit)
-        conv.updated_at = ctx.clock()
-        return last
+            rows.append(entry("run_started", status="running", inbox_id=q.id, text=msg.text, **common))
+        await run_rows.set_statuses(session, statuses, run_id, ctx.clock())
+        await ctx.audit.record_many(session, rows)
+        return last, trim_history(messages, ctx.settings.history_limit)
 
     async def _may_run(self, session: DbSession, msg: IncomingMessage) -> Verdict:
         policy = self.ctx.policy
@@ -308,17 +265,17 @@ class RunStore:
         """Queue a working line for the run, unless it is no longer this claim's to speak for (it
         paused, ended or was taken over since the line was made)."""
 
+        claim.quiet = False
+
         async def queue(session: DbSession) -> None:
-            if (await session.execute(_STILL_MINE, self._mine(claim))).first() is None:
-                return
-            await outbox.enqueue_progress(session, self.ctx, claim.thread.to_dict(), line, run_id=claim.run_id)
+            if await run_rows.still_mine(session, claim.run_id, claim.version):
+                await outbox.enqueue_progress(session, self.ctx, claim.thread.to_dict(), line, run_id=claim.run_id)
 
         await self.ctx.db.run(queue)
 
     async def renew(self, claim: RunClaim) -> bool:
         async def renew(session: DbSession) -> bool:
-            result = await session.execute(_RENEW, {**self._mine(claim), "b_lease_until": self._lease()})
-            return bool(rowcount(result))
+            return await run_rows.renew(session, claim.run_id, claim.version, self._lease())
 
         kept = await self.ctx.db.run(renew, deadline=self.ctx.settings.lease_seconds / 3)
         claim.lost = claim.lost or not kept
@@ -354,8 +311,8 @@ class RunStore:
         return await self.ctx.db.run(take)
 
     async def _claim_of(self, session: DbSession, run: Run, version: int) -> RunClaim:
-        conv = await self._conversation(session, run.conversation_key)
-        messages = list(conv.messages) if conv else []
+        conv = await run_rows.conversation(session, run.conversation_key)
+        messages = conv.messages if conv else []
         thread, requester = Thread.from_dict(run.thread), User.from_dict(run.requester)
         return RunClaim(
             run.id, version, run.conversation_key, run.step, thread, requester, run.thread.get("channel_id"), messages,
@@ -404,6 +361,7 @@ class RunStore:
         """One step in one transaction: the assistant message, results of calls that ran, and either
         the approvals (pause) or the tool messages (go on). Proposals over the requester's pending limit
         are refused here, atomically with the count."""
+        claim.quiet = False  # a step may queue a line, cards or a notice
         record = await self.ctx.db.run(
             lambda s: self._record_step(s, claim, step, assistant, dict(results), proposals, list(rows))
         )
@@ -417,27 +375,24 @@ class RunStore:
         self, session: DbSession, claim: RunClaim, step: int, assistant: dict[str, Any],
         results: dict[str, str], proposals: list[Proposal], rows: list[Entry],
     ) -> StepRecord:  # fmt: skip
-        ctx = self.ctx
-        run = await self._my_run(session, claim)
-        if run is None:
+        ctx, now = self.ctx, self.ctx.clock()
+        if not await run_rows.advance(session, claim.run_id, claim.version, step, now, self._lease()):
             return StepRecord(owned=False)
-        conv = await self._conversation(session, claim.conversation_key)
+        conv = await run_rows.conversation(session, claim.conversation_key)
         assert conv is not None
         if proposals and not await self._within_pending_limit(session, claim, len(proposals), results, proposals, rows):
             proposals = []
-        now = ctx.clock()
-        run.step, run.updated_at, run.lease_until = step, now, self._lease()
         answers = tool_messages(assistant, results)
         earlier, earlier_rows = claim.unrecorded()
         rows[:0] = earlier_rows
-        conv.messages = [*conv.messages, *ctx.redactor.redact([*earlier, assistant, *([] if proposals else answers)])]
-        conv.updated_at = now
+        new = ctx.redactor.redact([*earlier, assistant, *([] if proposals else answers)])
+        await run_rows.save_messages(session, conv.key, [*conv.messages, *new], now)
         if proposals:  # the progress line first: the cards follow it in the thread
             line = texts.PROGRESS_WAITING.format(count=len(proposals))
             await outbox.enqueue_progress(session, ctx, claim.thread.to_dict(), line, run_id=claim.run_id)
         created = [await self._create_approval(session, claim, step, p, rows) for p in proposals]
         if created:
-            run.status, run.pending_results = R.WAITING, ctx.redactor.redact(results)
+            await run_rows.pause(session, claim.run_id, ctx.redactor.redact(results))
         await ctx.audit.record_many(session, rows)
         return StepRecord(owned=True, created=created, tool_messages=[] if created else answers)
 
@@ -520,7 +475,6 @@ class RunStore:
         return await self.ctx.db.run(lambda s: self._resume(s, run_id))
 
     async def _resume(self, session: DbSession, run_id: str) -> RunClaim | None:
-        ctx = self.ctx
         run = await session.get(Run, run_id)
         if run is None or run.status != R.WAITING:
             return None
@@ -531,38 +485,41 @@ class RunStore:
         )
         if any(not ApprovalStatus(a.status).decided for a in approvals):
             return None
-        version = run.version + 1  # read before the UPDATE, which brings the loaded row up to date
-        claimed = await session.execute(
-            sa.update(Run)
-            .where(col(Run.id) == run_id, col(Run.status) == R.WAITING, col(Run.version) == run.version)
-            .values(status=R.RUNNING, owner=ctx.replica_id, lease_until=self._lease(), version=version, updated_at=ctx.clock())
-        )
-        if not rowcount(claimed):
+        if not await run_rows.resume(session, run_id, run.version, self.ctx.replica_id, self._lease(), self.ctx.clock()):
             return None
-        conv = await self._conversation(session, run.conversation_key)
+        conv = await run_rows.conversation(session, run.conversation_key)
         assert conv is not None
+        messages = self._answered(run, approvals, conv)
+        queued = await run_rows.queued(session, conv.key, (Q.QUEUED, Q.HELD))
+        last, messages = await self._admit(session, run_id, queued, messages) if queued else (None, messages)
+        requester, thread = (last.user.to_dict(), self._thread_of(last)) if last else (run.requester, run.thread)
+        if last is not None:
+            await run_rows.set_requester(session, run_id, requester, thread)
+        await run_rows.save_messages(session, conv.key, messages, self.ctx.clock())
+        await self.ctx.audit.record(
+            session, "run_resumed", run_id=run_id, status="running", decided={a.id: a.status for a in approvals}
+        )
+        claim = RunClaim(
+            run_id, run.version + 1, conv.key, run.step, Thread.from_dict(thread), User.from_dict(requester),
+            thread.get("channel_id"), messages, progress_from=self._progress_from(),
+        )  # fmt: skip
+        with i18n.speaking(requester.get("lang"), requester.get("tz")):
+            claim.opening_line = str(texts.PROGRESS_CONTINUING)
+        return claim
+
+    def _answered(self, run: Run, approvals: Sequence[Approval], conv: ConversationRow) -> list[dict[str, Any]]:
+        """The history with the paused step's tool messages: the results of the calls that ran, and
+        what became of each approval."""
         results = dict(run.pending_results or {})
         results.update({a.tool_call_id: model_result(a) for a in approvals})
         last_calls = next((m for m in reversed(conv.messages) if m.get("role") == "assistant" and m.get("tool_calls")), None)
         lost = texts.MODEL_CANCELLED.format(reason="lost")
-        tool_messages = [
+        answers = [
             {"role": "tool", "tool_call_id": c["id"], "content": results.get(c["id"], lost)}
             for c in (last_calls or {}).get("tool_calls", [])
         ]
-        conv.messages = ctx.redactor.redact([*conv.messages, *tool_messages])
-        queued = await self._queued(session, conv.key, (Q.QUEUED, HELD))
-        last = await self._admit(session, run, queued, conv) if queued else None
-        if last is not None:
-            self._set_requester(run, last)
-        run.pending_results = {}
-        await ctx.audit.record(
-            session, "run_resumed", run_id=run_id, status="running", decided={a.id: a.status for a in approvals}
-        )
-        await session.flush()
-        claim = await self._claim_of(session, run, version)
-        with i18n.speaking(run.requester.get("lang"), run.requester.get("tz")):
-            claim.opening_line = str(texts.PROGRESS_CONTINUING)
-        return claim
+        redacted: list[dict[str, Any]] = self.ctx.redactor.redact([*conv.messages, *answers])
+        return redacted
 
     # ------------------------------------------------------------------ ending
     async def finish(self, claim: RunClaim, text: str, status: RunStatus, rows: list[Entry]) -> bool:
@@ -577,33 +534,27 @@ class RunStore:
     async def _finish(
         self, session: DbSession, claim: RunClaim, text: str, status: RunStatus, rows: list[Entry]
     ) -> tuple[bool, bool]:
-        ctx = self.ctx
-        run = await self._my_run(session, claim)
-        if run is None:
-            return False, False  # taken over meanwhile; the new owner finishes it
+        ctx, now = self.ctx, self.ctx.clock()
         earlier, earlier_rows = claim.unrecorded()
         rows[:0] = earlier_rows
-        conv = await self._conversation(session, run.conversation_key)
+        steps = sum(1 for row in rows if row.kind == "model_call")
+        if not await run_rows.end(session, claim.run_id, claim.version, status, steps, now):
+            return False, False  # taken over meanwhile; the new owner finishes it
+        key = claim.conversation_key
+        conv = await run_rows.conversation(session, key)
         if conv is not None:
             messages = [*conv.messages, *ctx.redactor.redact(earlier)]
             if status == R.DONE:
                 messages.append({"role": "assistant", "content": ctx.redactor.redact_text(text)})
-            conv.messages = trim_history(messages, ctx.settings.history_limit)
-            conv.active_run_id = None if conv.active_run_id == run.id else conv.active_run_id
-            conv.version += 1
-        run.status, run.updated_at, run.lease_until = status, ctx.clock(), None
-        run.step += sum(1 for row in rows if row.kind == "model_call")
-        await session.flush()  # the ORM's changes first: a statement built once does not flush them
-        await session.execute(_INBOX_DONE, {"b_run_id": run.id})
-        await outbox.enqueue_answer(session, ctx, claim.thread.to_dict(), text, run_id=run.id)
-        await ctx.audit.record_many(
-            session, [*rows, entry("reply_posted", run_id=run.id, platform=run.platform, status=status, text=text)]
-        )
-        waiting = await self._queued(session, run.conversation_key, (HELD, Q.QUEUED))
-        for event in waiting:
-            if event.status == HELD:
-                event.status = Q.QUEUED  # their run ended without resuming: they start a run of their own
-        return True, bool(waiting)
+            await run_rows.release_conversation(
+                session, key, claim.run_id, trim_history(messages, ctx.settings.history_limit), now
+            )
+        await run_rows.done(session, claim.run_id)
+        await outbox.enqueue_answer(session, ctx, claim.thread.to_dict(), text, run_id=claim.run_id, first=claim.quiet)
+        posted = entry("reply_posted", run_id=claim.run_id, platform=claim.thread.platform, status=status, text=text)
+        await ctx.audit.record_many(session, [*rows, posted])
+        # Messages held behind this run's approvals start a run of their own (it ended without resuming).
+        return True, await run_rows.release_held(session, key)
 
     async def waiting_and_decided(self) -> list[str]:
         """Waiting runs whose step has no undecided approval left (a resume was lost)."""
