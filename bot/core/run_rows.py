@@ -98,8 +98,10 @@ _INBOX_DONE = (
 _UNHOLD = (
     sa.update(_INBOX).where(_INBOX.c.conversation_key == sa.bindparam("b_key"), _INBOX.c.status == Q.HELD).values(status=Q.QUEUED)
 )
-_ANY_QUEUED = (
-    sa.select(_INBOX.c.id).where(_INBOX.c.conversation_key == sa.bindparam("b_key"), _INBOX.c.status == Q.QUEUED).limit(1)
+_WAITING_STATUSES = (
+    sa.select(_INBOX.c.status)
+    .where(_INBOX.c.conversation_key == sa.bindparam("b_key"), _INBOX.c.status.in_((Q.HELD, Q.QUEUED)))
+    .distinct()
 )
 
 
@@ -224,5 +226,7 @@ async def done(session: DbSession, run_id: str) -> None:
 async def release_held(session: DbSession, key: str) -> bool:
     """Messages held behind the ended run's approvals queue for a run of their own. True when
     anything of the conversation is queued now."""
-    await session.execute(_UNHOLD, {"b_key": key})
-    return (await session.execute(_ANY_QUEUED, {"b_key": key})).first() is not None
+    waiting = set((await session.execute(_WAITING_STATUSES, {"b_key": key})).scalars())
+    if Q.HELD in waiting:
+        await session.execute(_UNHOLD, {"b_key": key})
+    return bool(waiting)
