@@ -39,7 +39,19 @@ from storage.models import AuditEvent, AuditStaged, table_of, utcnow
 from storage.redact import Redactor
 
 __all__ = ["AuditKeyError", "AuditKeys", "AuditLog", "ChainProblem", "verify_chain"]
-_STAGE = sa.insert(table_of(AuditStaged))  # built once: every step of every run stages rows
+# Built once: every step of every run stages rows, and the chainer moves them after each commit.
+_STAGED_TABLE, _EVENTS = table_of(AuditStaged), table_of(AuditEvent)
+_STAGE = sa.insert(_STAGED_TABLE)
+_OLDEST_STAGED = sa.select(_STAGED_TABLE).order_by(_STAGED_TABLE.c.id).limit(sa.bindparam("b_limit"))
+_CHAIN = sa.insert(_EVENTS)
+_UNSTAGE = sa.delete(_STAGED_TABLE).where(_STAGED_TABLE.c.id.in_(sa.bindparam("b_ids", expanding=True)))
+_HEAD = (
+    sa.select(_EVENTS.c.seq, _EVENTS.c.hash, _EVENTS.c.key_id, _EVENTS.c.kind, _EVENTS.c.data)
+    .order_by(_EVENTS.c.seq.desc())
+    .limit(1)
+)
+# One chainer per schema at a time (replicas of other deployments on the server don't wait).
+_CHAINER_LOCK = sa.text("SELECT pg_advisory_xact_lock(:k, hashtext(current_schema()))")
 
 log = logging.getLogger("chatops.audit")
 
@@ -192,21 +204,16 @@ class AuditLog:
         while True:
             async with db.transaction() as session:
                 if session.bind.dialect.name == "postgresql":
-                    # One chainer per schema at a time (replicas of other deployments on the server don't wait).
-                    await session.execute(
-                        sa.text("SELECT pg_advisory_xact_lock(:k, hashtext(current_schema()))"), {"k": _ADVISORY_LOCK_KEY}
-                    )
-                staged = (
-                    await session.execute(sa.select(*sa.inspect(AuditStaged).columns).order_by(col(AuditStaged.id)).limit(batch))
-                ).all()
+                    await session.execute(_CHAINER_LOCK, {"k": _ADVISORY_LOCK_KEY})
+                staged = (await session.execute(_OLDEST_STAGED, {"b_limit": batch})).all()
                 if not staged and self._ready:
                     return total
                 head = await _read_head(session)
                 rows = _link(keys, head, staged)
                 if rows:
-                    await session.execute(sa.insert(table_of(AuditEvent)), rows)
+                    await session.execute(_CHAIN, rows)
                 if staged:
-                    await session.execute(sa.delete(AuditStaged).where(col(AuditStaged.id).in_([r.id for r in staged])))
+                    await session.execute(_UNSTAGE, {"b_ids": [r.id for r in staged]})
             self._ready = True
             total += len(staged)
             if len(staged) < batch:
@@ -215,8 +222,7 @@ class AuditLog:
 
 async def _read_head(session: DbSession) -> _Head:
     """The newest row, with the key the next row must use (a rotation row names it)."""
-    columns = (col(AuditEvent.seq), col(AuditEvent.hash), col(AuditEvent.key_id), col(AuditEvent.kind), col(AuditEvent.data))
-    last = (await session.execute(sa.select(*columns).order_by(col(AuditEvent.seq).desc()).limit(1))).first()
+    last = (await session.execute(_HEAD)).first()
     if not last:
         return _Head(0, GENESIS_HASH, None)
     seq, digest, kid, kind, data = last
