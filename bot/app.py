@@ -64,7 +64,10 @@ class Adapter(Channel, Protocol):
         """Prepare only what posting and updating needs (a worker process takes no events)."""
 
     async def stop(self) -> None:
-        """Disconnect and release clients."""
+        """Stop taking events (disconnect); delivering still works until `close`."""
+
+    async def close(self) -> None:
+        """Release what delivering needed (HTTP sessions), once nothing is sent any more."""
 
     async def not_ready(self) -> list[str]:
         """Why the channel cannot take events now (empty when it can)."""
@@ -221,6 +224,8 @@ class App:
             await asyncio.wait_for(self.sweeper.leave(), 0.5)
         except Exception:  # noqa: BLE001 - best effort on the way out
             log.warning("could not deregister this replica")
+        for adapter in self.adapters:
+            await self._bounded(adapter.close(), 0.5, f"closing the {adapter.platform} clients")
         for close in reversed(self.closers):
             result = close()
             if asyncio.iscoroutine(result):

@@ -168,6 +168,9 @@ class FeishuAdapter:
             self._bot_id_task.cancel()
         await self.groups.close()
 
+    async def close(self) -> None:
+        """Nothing of ours to release: lark-oapi's client opens and closes its own connections."""
+
     def _learn_bot_id(self) -> None:
         """Fetch the bot's open_id in the background (once; again on demand while unknown, with backoff)."""
         idle = self._bot_id_task is None or self._bot_id_task.done()

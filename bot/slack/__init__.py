@@ -25,6 +25,7 @@ from collections.abc import AsyncIterator, Coroutine
 from contextlib import asynccontextmanager
 from typing import Any
 
+import aiohttp
 from aiohttp import web
 from slack_sdk.errors import SlackApiError
 from slack_sdk.web.async_client import AsyncWebClient
@@ -57,7 +58,10 @@ class SlackAdapter:
 
     def __init__(self, core: Core, settings: Settings, *, client: AsyncWebClient | None = None) -> None:
         self.core = core
-        self.client = client or make_client(settings)
+        # One session for every Web API call of this process (made here: the adapter is built in
+        # the running loop), closed by `close()` when the bot has stopped delivering.
+        self._session = aiohttp.ClientSession() if client is None else None
+        self.client = client or make_client(settings, self._session)
         self.identity = BotIdentity(self.client)
         self.users = UserDirectory(self.client)
         self.groups = SlackGroups(self.client, lambda: core.ctx.policy.group_refs("slack"))
@@ -136,6 +140,11 @@ class SlackAdapter:
         except TimeoutError:
             for task in list(self._tasks):
                 task.cancel()
+
+    async def close(self) -> None:
+        """After the last delivery: the Web API session and its kept-alive connections."""
+        if self._session is not None:
+            await self._session.close()
 
     async def idle(self) -> None:
         """Wait for the adapter's own background calls (ephemeral answers, modals)."""

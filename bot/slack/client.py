@@ -2,8 +2,9 @@
 
 What belongs here: building the one `AsyncWebClient` (base URL from SLACK_API_URL, bounded
 retries: a connection error once, a 429 up to `RATE_LIMIT_RETRIES` times honouring
-Retry-After), the cached `auth.test` identity Bolt authorises with, and a small in-memory
-cache of display names. The cache only saves API calls; nothing depends on it surviving.
+Retry-After, one aiohttp session whose connections are kept alive between calls), the cached
+`auth.test` identity Bolt authorises with, and a small in-memory cache of display names. The
+cache only saves API calls; nothing depends on it surviving.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 
+import aiohttp
 from slack_bolt.authorization import AuthorizeResult
 from slack_sdk.errors import SlackApiError
 from slack_sdk.http_retry.builtin_async_handlers import (
@@ -39,13 +41,15 @@ class SlackUnavailable(Exception):
     """Slack's API could not tell us who the bot is; the delivery is answered with an error (and retried)."""
 
 
-def make_client(settings: Settings) -> AsyncWebClient:
-    """The bot-token client every API call (and Bolt itself) uses."""
+def make_client(settings: Settings, session: aiohttp.ClientSession | None = None) -> AsyncWebClient:
+    """The bot-token client every API call (and Bolt itself) uses. Without `session`, slack_sdk
+    opens a new aiohttp session, and so a new connection (a TLS handshake with Slack), per call."""
     token = settings.slack_bot_token.get_secret_value() if settings.slack_bot_token else None
     return AsyncWebClient(
         token=token,
         base_url=settings.slack_api_url,
         timeout=HTTP_TIMEOUT,
+        session=session,
         retry_handlers=[
             AsyncConnectionErrorRetryHandler(max_retry_count=1),
             AsyncRateLimitErrorRetryHandler(max_retry_count=RATE_LIMIT_RETRIES),

@@ -70,7 +70,9 @@ def build_bolt_app(client: AsyncWebClient, identity: BotIdentity, signing_secret
     _silence_bolt_verifier_log()
     # Bolt gets a token-less twin of our client: it copies base URL and retries into its per-request
     # clients and sets the token from `authorize` (our cached auth.test), never calling auth.test itself.
-    twin = AsyncWebClient(base_url=client.base_url, timeout=client.timeout, retry_handlers=client.retry_handlers)
+    twin = AsyncWebClient(
+        base_url=client.base_url, timeout=client.timeout, retry_handlers=client.retry_handlers, session=client.session
+    )
     return AsyncApp(
         name="chatops.slack.app",
         client=twin,
