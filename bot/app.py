@@ -31,6 +31,7 @@ from bot.core.engine import Core
 from bot.core.errors import ConfigError, StorageError
 from bot.core.model import ModelClient
 from bot.core.policy import Policy
+from bot.core.run_slots import RunSlots
 from bot.core.sweeper import Sweeper
 from bot.health import Readiness, ReadinessSource, health_routes
 from bot.toolsetup import build_tool_services, mcp_call_timeout, operator_errors
@@ -294,6 +295,7 @@ async def build_app(
         policy=load_policy(settings),
         model=model,
         tool_context=tools.context,
+        run_slots=RunSlots(settings.progress_after),
         tool_problems=tool_problems,
         delivers_outbox=role != Role.FRONT,
     )

@@ -9,6 +9,7 @@ Modules:
 - `runner`      the run lifecycle (start, advance, resume, finish); `turn` one model turn without SQL;
   `run_store` all SQL of a run, `run_rows` its statements on the run, conversation and inbox rows;
   `leases` who works on a run; `progress_lines` working lines held until a run has worked a while;
+  `run_slots` how many new runs a process drives at once;
 - `approvals`   the approval service (the state machine); `executor` runs an approved call;
   `limits` per-user limits;
 - `outbox`      cards, replies and notices through the channels;

@@ -20,6 +20,7 @@ from bot.config import Settings
 from bot.core.channels import Channel
 from bot.core.model import ModelClient
 from bot.core.policy import Policy
+from bot.core.run_slots import RunSlots
 from storage.audit import AuditLog
 from storage.engine import Database
 from storage.models import utcnow
@@ -106,6 +107,7 @@ class AppContext:
     policy: Policy
     model: ModelClient
     tool_context: ToolContext
+    run_slots: RunSlots  # how many new runs this process drives at once
     channels: dict[str, Channel] = field(default_factory=dict)
     replica_id: str = field(default_factory=new_replica_id)
     clock: Callable[[], datetime] = utcnow

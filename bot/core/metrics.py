@@ -35,6 +35,12 @@ QUEUE_DEPTH = Gauge("chatops_queue_depth", "Work waiting, by kind", ["kind"], mu
 DB_RETRIES = Counter(
     "chatops_db_retries", "Database steps attempted again after a transient fault, by fault (exception class)", ["fault"]
 )
+RUN_SLOTS = Gauge(
+    "chatops_run_slots",
+    "New runs the processes may drive at once (limit), drive now (busy) and hold back while they catch up (waiting)",
+    ["state"],
+    multiprocess_mode="livesum",
+)
 LEASE_TAKEOVERS = Counter("chatops_lease_takeovers", "Work taken over from a replica whose lease expired", ["kind"])
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST

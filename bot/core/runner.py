@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import uuid
 
-from bot.core import leases, texts
+from bot.core import leases, run_slots, texts
 from bot.core.context import AppContext
 from bot.core.errors import ModelUnavailable
 from bot.core.logcontext import log_ids
@@ -37,16 +37,20 @@ class Runner:
         self.held_lines = HeldLines(ctx, store.queue_progress)
 
     async def process_conversation(self, key: str) -> None:
-        """Start runs for this conversation's queued messages, one run at a time."""
+        """Start runs for this conversation's queued messages, one run at a time, each in one of
+        this process's run slots (`run_slots`)."""
         while True:
-            started = await self.store.start_run(key)
+            more = False
+            async with self.ctx.run_slots.run() as timing:
+                started = await self.store.start_run(key)
+                if started.claim is not None:
+                    timing.ran = True
+                    await self.out.show_working(started.claim.thread)
+                    more = await self.drive(started.claim)
             if started.resume_run_id is not None:
                 await self.resume(started.resume_run_id)
                 return
-            if started.claim is None:
-                return
-            await self.out.show_working(started.claim.thread)
-            if not await self.drive(started.claim):
+            if not more:
                 return
 
     async def resume(self, run_id: str) -> None:
@@ -85,7 +89,8 @@ class Runner:
             if step >= ctx.settings.max_steps:
                 return None, await self.store.finish(claim, texts.MAX_STEPS.format(steps=step), R.FAILED, [])
             try:
-                reply = await self.turn.think(claim, lambda: self._slow_notice(claim))
+                with run_slots.outside():
+                    reply = await self.turn.think(claim, lambda: self._slow_notice(claim))
             except ModelUnavailable as exc:
                 row = entry("model_error", run_id=claim.run_id, status="error", error=str(exc))
                 return None, await self.store.finish(claim, texts.MODEL_FAILED, R.FAILED, [row])
@@ -93,7 +98,8 @@ class Runner:
             first = model_row(claim.run_id, reply)
             if not reply.tool_calls:
                 return None, await self.store.finish(claim, reply.content or "", R.DONE, [first])
-            plan = await self.turn.plan(claim, reply, lambda line: self._progress(claim, line))
+            with run_slots.outside():
+                plan = await self.turn.plan(claim, reply, lambda line: self._progress(claim, line))
             assistant = reply.assistant_message()
             if plan.only_read and claim.young(ctx.clock()):
                 self.store.defer_step(claim, step, assistant, plan.results, [first, *plan.rows])

@@ -161,7 +161,10 @@ class Sweeper:
         self.core.out.kick()
 
     async def _measure_queues(self) -> None:
-        """The work waiting right now, for the `chatops_queue_depth` gauge."""
+        """The work waiting right now, for the `chatops_queue_depth` gauge, and this process's run slots."""
+        slots = self.ctx.run_slots
+        for state, count in (("limit", slots.limit), ("busy", slots.busy), ("waiting", slots.waiting)):
+            metrics.RUN_SLOTS.labels(state).set(count)
         for kind, count in (await self.core.store.queue_depths()).items():
             metrics.QUEUE_DEPTH.labels(kind).set(count)
 
