@@ -70,20 +70,25 @@ async def test_slow_runs_shrink_the_slots_to_a_floor_and_a_quick_one_adds_one():
     await busy.finish()
 
 
-async def test_a_run_that_waited_long_on_its_model_leaves_the_slots_alone():
+async def test_a_run_slow_only_for_its_model_takes_no_slot_away():
     slots = RunSlots(progress_after=1.0)
     slots.limit = 10
     busy = Run(slots, ran=False)
     await busy.entered.wait()
     await Run(slots, own=5.0, outside=2.0).finish()  # a 2 s model: slow, and no number of slots helps
     assert slots.limit == 10
+    await Run(slots, own=0.0, outside=2.0).finish()  # quick but for its model: the slots keep up
+    assert slots.limit == 11
     await busy.finish()
 
 
 async def test_an_idle_process_starts_the_next_burst_wide():
     slots = RunSlots(progress_after=1.0)
     slots.limit = MIN_SLOTS
-    await Run(slots).finish()  # the last run: nobody busy, nobody waiting
+    await Run(slots, own=5.0).finish()  # the last run: nobody busy, nobody waiting
+    assert slots.limit == FIRST_SLOTS
+    slots.limit = MIN_SLOTS
+    await Run(slots, ran=False).finish()  # a look that found nothing to run leaves it idle too
     assert slots.limit == FIRST_SLOTS
 
 

@@ -5,8 +5,8 @@ A process driving more runs than its CPU keeps up with makes every one of them s
 and fewer turns per second. So a new run takes a slot, and the number of slots follows how much of
 the process's own time runs take (a run's time minus its waits for the model and its tools): one
 slot more after a run that stayed quick, a quarter fewer after one that did not, and as many as at
-start once the process is idle again. A run whose model and tools alone took longer than
-`CHATOPS_PROGRESS_AFTER` does not count (no number of slots would have kept it quick), so a slow
+start once the process is idle again. A slow run whose model and tools alone took longer than
+`CHATOPS_PROGRESS_AFTER` takes no slot away (no number of slots would have kept it quick), so a slow
 model never shrinks the slots.
 
 A run that has held its slot for `STALE_AFTER` no longer counts (a stuck tool must not keep new runs
@@ -87,6 +87,8 @@ class RunSlots:
             self._active.discard(timing)
             if timing.ran:
                 self._learn(timing)
+            if not self._active and not self._waiting:
+                self.limit = max(self.limit, FIRST_SLOTS)  # idle again: the next burst starts wide
             self._let_in()
 
     def _working(self) -> int:
@@ -114,14 +116,10 @@ class RunSlots:
         timing.started = time.monotonic()  # its own time starts with its slot
 
     def _learn(self, timing: RunTime) -> None:
-        if timing.outside >= self.progress_after:
-            return  # its model or tools alone outlasted `CHATOPS_PROGRESS_AFTER`: no number of slots helps
         if timing.own() <= self.quick:
             self.limit = min(MAX_SLOTS, self.limit + 1)
-        else:
-            self.limit = max(MIN_SLOTS, self.limit * 3 // 4)
-        if not self._active and not self._waiting:
-            self.limit = max(self.limit, FIRST_SLOTS)  # idle again: the next burst starts wide
+        elif timing.outside < self.progress_after:  # (a run whose model or tools alone took longer
+            self.limit = max(MIN_SLOTS, self.limit * 3 // 4)  # could not have stayed quick anyway)
 
     def _let_in(self) -> None:
         while self._waiting and self._working() < self.limit:
