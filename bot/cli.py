@@ -11,10 +11,8 @@ import asyncio
 import contextlib
 import logging
 import os
-import signal
 import sys
-import threading
-from collections.abc import Awaitable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
@@ -23,6 +21,7 @@ from sqlmodel import col
 
 from bot.config import Settings, load_settings, no_model_message
 from bot.core.errors import ChatopsError
+from bot.lifecycle import add_channels, stop_on_signals, unless_stopped
 from bot.logsetup import setup_logging
 from storage.audit_keys import AuditKeyError, AuditKeys, append_key, load_keys
 from storage.engine import normalise_url
@@ -39,7 +38,6 @@ NO_CHANNEL = (
     "Set SLACK_BOT_TOKEN (with SLACK_APP_TOKEN or SLACK_SIGNING_SECRET) or FEISHU_APP_ID and FEISHU_APP_SECRET; "
     "see .env.example."
 )
-HARD_EXIT_AFTER = 8.5  # seconds after SIGTERM/SIGINT: whatever still runs, the process exits (0)
 
 
 def _settings(args: argparse.Namespace, *, logs: bool = True) -> Settings:
@@ -48,46 +46,6 @@ def _settings(args: argparse.Namespace, *, logs: bool = True) -> Settings:
     if logs:
         setup_logging(settings.log_level, Redactor(settings.secret_values()), json_format=settings.log_format == "json")
     return settings
-
-
-def _hard_exit() -> None:
-    log.warning("stopping took longer than %.1fs; exiting now", HARD_EXIT_AFTER)
-    logging.shutdown()
-    os._exit(0)
-
-
-def _stop_on_signals() -> asyncio.Event:
-    """SIGTERM/SIGINT set the returned event once; a watchdog then guarantees the exit."""
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-
-    def on_signal(sig: signal.Signals) -> None:
-        if stop.is_set():
-            return
-        log.info("%s received: stopping", sig.name)
-        stop.set()
-        watchdog = threading.Timer(HARD_EXIT_AFTER, _hard_exit)
-        watchdog.daemon = True
-        watchdog.start()
-
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, on_signal, sig)
-    return stop
-
-
-async def _unless_stopped(awaitable: Awaitable[T], stop: asyncio.Event) -> T | None:
-    """The awaitable's result, or None (it is cancelled) when `stop` is set first."""
-    task = asyncio.ensure_future(awaitable)
-    stopper = asyncio.create_task(stop.wait())
-    try:
-        await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        stopper.cancel()
-    if task.done():
-        return task.result()
-    task.cancel()
-    await asyncio.gather(task, return_exceptions=True)
-    return None
 
 
 def _uses_terminal(settings: Settings, force_terminal: bool) -> bool:
@@ -117,13 +75,13 @@ async def _serve(
     if not settings.model_configured:
         raise ChatopsError(no_model_message(settings))
     use_terminal = _uses_terminal(settings, force_terminal)
-    stop = _stop_on_signals()
+    stop = stop_on_signals()
     if workers > 0 and run_dir is not None and not use_terminal:
         from bot.cli_workers import serve_front
 
         await serve_front(settings, workers, env_file, run_dir, stop)
         return
-    app = await _unless_stopped(build_app(settings), stop)  # configuration errors are reported first
+    app = await unless_stopped(build_app(settings), stop)  # configuration errors are reported first
     if app is None:
         return
     try:
@@ -138,34 +96,13 @@ async def _serve(
 
 
 async def _run_channels(app: App, settings: Settings, stop: asyncio.Event) -> None:
-    chat_channels = _add_channels(app, settings)
-    await _unless_stopped(app.start(serve_http=True), stop)
+    chat_channels = add_channels(app, settings)
+    await unless_stopped(app.start(serve_http=True), stop)
     if stop.is_set():
         return
     problems = await app.readiness().problems()
     log.info("chatops started: %s; %s", ", ".join(chat_channels), f"not ready yet: {problems}" if problems else "ready")
     await stop.wait()
-
-
-def _add_channels(app: App, settings: Settings) -> list[str]:
-    """Build the configured channel adapters into `app`; their names."""
-    chat_channels = []
-    if settings.slack_enabled:
-        from bot.slack import SlackAdapter
-        from bot.slack.poster import SlackWebPoster
-        from bot.toolsetup import http_timeouts
-
-        slack = SlackAdapter(app.core, settings)
-        app.add_adapter(slack)
-        poster = SlackWebPoster(slack.client, http_timeouts(settings))
-        app.use_slack_poster(poster, poster.close)
-        chat_channels.append("Slack")
-    if settings.feishu_enabled:
-        from bot.feishu import FeishuAdapter
-
-        app.add_adapter(FeishuAdapter(app.core, settings))
-        chat_channels.append("Feishu")
-    return chat_channels
 
 
 async def _run_terminal(app: App, stop: asyncio.Event) -> None:
@@ -174,7 +111,7 @@ async def _run_terminal(app: App, stop: asyncio.Event) -> None:
     terminal = TerminalAdapter(app.core)
     app.ctx.channels["terminal"] = terminal
     await app.start(serve_http=True, http_required=False)
-    await _unless_stopped(terminal.run(), stop)
+    await unless_stopped(terminal.run(), stop)
 
 
 async def _tools(settings: Settings, channel: str | None = None) -> None:

@@ -18,6 +18,7 @@ import tempfile
 from pathlib import Path
 
 from bot.config import Settings
+from bot.lifecycle import add_channels, stop_on_signals, unless_stopped
 from bot.supervisor import Workers, WorkersReadiness, forget_metrics_of, prepare_metrics_dir
 from bot.wake import PgNotifier, SocketListener, SocketNotifier, listen_pg
 from storage.engine import normalise_url
@@ -37,7 +38,6 @@ def prepare_run_dir() -> Path:
 async def serve_front(settings: Settings, count: int, env_file: Path | None, run_dir: Path, stop: asyncio.Event) -> None:
     """Start `count` workers and the channels; serve until `stop`; stop both within the bound."""
     from bot.app import Role, build_app
-    from bot.cli import _add_channels, _unless_stopped
 
     urls = normalise_url(settings.database_url)
     notifier = SocketNotifier(run_dir) if urls.is_sqlite else PgNotifier(urls.async_url)
@@ -45,14 +45,14 @@ async def serve_front(settings: Settings, count: int, env_file: Path | None, run
     workers = Workers(count, args, forget_metrics_of)
     app = None
     try:
-        app = await _unless_stopped(build_app(settings, role=Role.FRONT, wake=notifier.wake), stop)
+        app = await unless_stopped(build_app(settings, role=Role.FRONT, wake=notifier.wake), stop)
         if app is None:
             return
         app.ready_sources.append(WorkersReadiness(workers))
-        chat_channels = _add_channels(app, settings)
+        chat_channels = add_channels(app, settings)
         await workers.start()
-        await _unless_stopped(app.start(serve_http=True), stop)
-        problems = None if stop.is_set() else await _unless_stopped(app.readiness().problems(), stop)
+        await unless_stopped(app.start(serve_http=True), stop)
+        problems = None if stop.is_set() else await unless_stopped(app.readiness().problems(), stop)
         if problems is None:
             return
         log.info("chatops started: %s; %s", ", ".join(chat_channels), f"not ready yet: {problems}" if problems else "ready")
@@ -66,22 +66,21 @@ async def serve_front(settings: Settings, count: int, env_file: Path | None, run
 async def work(settings: Settings, wake_dir: Path, index: int) -> None:
     """One worker process: listen for wake-ups, recover, then sweep and pick up work until stopped."""
     from bot.app import Role, build_app
-    from bot.cli import _add_channels, _stop_on_signals, _unless_stopped
 
-    stop = _stop_on_signals()
+    stop = stop_on_signals()
     _stop_when_parent_leaves(stop)
-    app = await _unless_stopped(build_app(settings, migrate=False, role=Role.WORKER), stop)
+    app = await unless_stopped(build_app(settings, migrate=False, role=Role.WORKER), stop)
     if app is None:
         return
     listener: SocketListener | None = None
     listening: asyncio.Task[None] | None = None
     try:
-        _add_channels(app, settings)
+        add_channels(app, settings)
         if app.ctx.db.is_sqlite:
             listener = SocketListener(wake_dir / f"worker-{index}.sock", app.sweeper.wake)
         else:
             listening = asyncio.create_task(listen_pg(app.ctx.db.urls.async_url, app.sweeper.wake, stop), name="listen")
-        await _unless_stopped(app.start(serve_http=False), stop)
+        await unless_stopped(app.start(serve_http=False), stop)
         if not stop.is_set():
             log.info("worker %d ready", index)
             await stop.wait()

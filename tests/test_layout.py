@@ -10,7 +10,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 PLATFORM_SDKS = ("slack_sdk", "slack_bolt", "lark_oapi")
 ADAPTERS = ("bot.slack", "bot.feishu", "bot.terminal")
-APP_LAYER = ("bot.app", "bot.cli", "bot.cli_audit", "bot.auditweb", "bot.logsetup")
+APP_LAYER = ("bot.app", "bot.cli", "bot.cli_audit", "bot.cli_workers", "bot.lifecycle", "bot.auditweb", "bot.logsetup")
 
 
 def imports_of(path: Path) -> list[tuple[int, str]]:

@@ -29,6 +29,6 @@ Modules:
 Import rules (enforced by `tests/test_layout.py`): `bot.core` imports only `bot.core.*`,
 `bot.config`, `storage`, `tools`, the standard library and non-platform libraries. It never
 imports an adapter (`bot.slack`, `bot.feishu`, `bot.terminal`), the app assembly or CLI
-(`bot.app`, `bot.cli`, `bot.cli_audit`, `bot.logsetup`), nor a platform SDK (`slack_sdk`,
+(`bot.app`, `bot.cli`, `bot.cli_audit`, `bot.cli_workers`, `bot.lifecycle`, `bot.logsetup`), nor a platform SDK (`slack_sdk`,
 `slack_bolt`, `lark_oapi`).
 """

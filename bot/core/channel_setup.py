@@ -14,16 +14,13 @@ from __future__ import annotations
 import fnmatch
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from bot.core import i18n, texts
 from bot.core.events import Thread, User
 from tools.registry import CallProblem, PreparedCall, ToolRegistry, ToolSpec
 
 T = TypeVar("T")
-
-if TYPE_CHECKING:
-    from bot.core.policy import Policy
 
 
 @dataclass(frozen=True)
@@ -93,14 +90,20 @@ def parse_channel(spec: str) -> tuple[str, str | None]:
     return platform, channel or None
 
 
-def for_run(policy: Policy, thread: Thread, requester: User) -> ChannelSetup:
+class SetupSource(Protocol):
+    """Where a channel's setup comes from (the policy)."""
+
+    def channel_setup(self, platform: str, channel_id: str | None, tenant: str | None = None) -> ChannelSetup: ...
+
+
+def for_run(policy: SetupSource, thread: Thread, requester: User) -> ChannelSetup:
     """The setup of a run's channel; also makes the requester's language current (the runner's entry point)."""
     i18n.speak(requester.lang, requester.tz)
     return policy.channel_setup(thread.platform, channel_of(thread), requester.tenant)
 
 
 def refusal(
-    policy: Policy, thread: Thread, requester: User, call: PreparedCall | CallProblem, registry: ToolRegistry
+    policy: SetupSource, thread: Thread, requester: User, call: PreparedCall | CallProblem, registry: ToolRegistry
 ) -> CallProblem | None:
     """A `CallProblem` when the model called a tool this channel does not offer, else None."""
     if not isinstance(call, PreparedCall):

@@ -49,7 +49,7 @@ class Core:
         self.ctx = ctx
         self.wake = wake
         self.approvals = ApprovalService(ctx)
-        self.out = Outbox(ctx)
+        self.out = Outbox(ctx, self.approvals)
         self.store = RunStore(ctx, self.approvals)
         self.runner = Runner(ctx, self.store, self.out)
         self.executor = Executor(ctx, self.approvals)

@@ -25,7 +25,7 @@ import logging
 import random
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 import sqlalchemy as sa
@@ -255,11 +255,18 @@ class Delivered:
     gave_up_card: Approval | None = None
 
 
+class PendingCanceller(Protocol):
+    """What the outbox needs of the approval service: a card nobody could see is cancelled."""
+
+    async def cancel_pending(self, session: DbSession, where: sa.ColumnElement[bool], reason: str) -> list[Approval]: ...
+
+
 class Outbox:
     """Delivers queued jobs through the channel adapters."""
 
-    def __init__(self, ctx: AppContext) -> None:
+    def __init__(self, ctx: AppContext, approvals: PendingCanceller) -> None:
         self.ctx = ctx
+        self.approvals = approvals
         self._wake = asyncio.Event()
         self._stopped = asyncio.Event()
         self.on_card_given_up: list[Any] = []  # callbacks(approval) set by the engine (resume the run)
@@ -521,11 +528,7 @@ class Outbox:
         )  # fmt: skip
         if job.kind != OutboxKind.CARD:
             return Delivered()
-        from bot.core.approvals import ApprovalService  # the service queues card updates through this module
-
-        cancelled = await ApprovalService(ctx).cancel_pending(
-            session, col(Approval.id) == job.approval_id, texts.CARD_UNDELIVERED
-        )
+        cancelled = await self.approvals.cancel_pending(session, col(Approval.id) == job.approval_id, texts.CARD_UNDELIVERED)
         for approval in cancelled:
             notice = texts.CARD_UNDELIVERED_NOTICE.format(tool=approval.tool_name)
             await enqueue_reply(session, ctx, approval.thread, notice, run_id=approval.run_id)

@@ -14,7 +14,8 @@ from email_validator import EmailNotValidError, validate_email
 from pydantic import Field
 
 from tools.context import ToolContext
-from tools.crm.backend import Lead, LeadFields, Status, open_backend
+from tools.crm.backend import Lead, LeadFields, Status
+from tools.crm.choice import open_backend
 from tools.errors import ArgumentError
 from tools.registry import Toolset
 

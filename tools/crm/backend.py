@@ -1,4 +1,4 @@
-"""What every CRM backend offers the CRM tools, and the choice between them (CHATOPS_CRM).
+"""What every CRM backend offers the CRM tools (the choice between them, CHATOPS_CRM, is `choice`).
 
 A backend speaks in `Lead`s and `LeadFields`; it never sees the model or the approval flow.
 Both backends keep one lead per (lower-cased) e-mail address: `upsert` updates the existing
@@ -7,15 +7,8 @@ lead instead of creating a duplicate, so re-running an approved creation is harm
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any, Literal, Protocol, get_args
-
-from tools.errors import ToolUnavailable
-
-if TYPE_CHECKING:
-    from tools.context import ToolContext
+from typing import Any, Literal, Protocol, get_args
 
 Outcome = Literal["created", "updated", "unchanged"]
 Status = Literal["new", "open", "in_progress", "open_deal", "unqualified", "attempted_to_contact", "connected", "bad_timing"]
@@ -81,29 +74,3 @@ class CrmBackend(Protocol):
 
 def normalise_email(email: str) -> str:
     return email.strip().lower()
-
-
-def open_backend(ctx: ToolContext) -> AbstractAsyncContextManager[CrmBackend]:
-    """The configured backend, open for the duration of one tool call."""
-    if ctx.crm.backend == "hubspot":
-        return _hubspot(ctx)
-    return _builtin(ctx)
-
-
-@asynccontextmanager
-async def _builtin(ctx: ToolContext) -> AsyncIterator[CrmBackend]:
-    from tools.crm.builtin import BuiltinCrm
-
-    if ctx.db is None:
-        raise ToolUnavailable("The built-in CRM has no database in this process.")
-    yield BuiltinCrm(ctx.db)
-
-
-@asynccontextmanager
-async def _hubspot(ctx: ToolContext) -> AsyncIterator[CrmBackend]:
-    from tools.crm.hubspot import HubSpotCrm
-
-    if ctx.crm.hubspot is None:
-        raise ToolUnavailable("The HubSpot CRM is selected (CHATOPS_CRM=hubspot) but HUBSPOT_TOKEN is not set.")
-    async with HubSpotCrm.connect(ctx.crm.hubspot) as crm:
-        yield crm

@@ -1,0 +1,85 @@
+"""What every long-running `chatops` process shares: stopping on SIGTERM/SIGINT (with a watchdog
+that guarantees the exit), awaiting start-up unless a stop comes first, and building the configured
+channel adapters into an app. Used by `bot.cli` (one process) and `bot.cli_workers` (the front and
+its workers)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import threading
+from collections.abc import Awaitable
+from typing import TYPE_CHECKING, TypeVar
+
+from bot.config import Settings
+
+if TYPE_CHECKING:
+    from bot.app import App
+
+log = logging.getLogger("chatops")
+T = TypeVar("T")
+
+HARD_EXIT_AFTER = 8.5  # seconds after SIGTERM/SIGINT: whatever still runs, the process exits (0)
+
+
+def _hard_exit() -> None:
+    log.warning("stopping took longer than %.1fs; exiting now", HARD_EXIT_AFTER)
+    logging.shutdown()
+    os._exit(0)
+
+
+def stop_on_signals() -> asyncio.Event:
+    """SIGTERM/SIGINT set the returned event once; a watchdog then guarantees the exit."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def on_signal(sig: signal.Signals) -> None:
+        if stop.is_set():
+            return
+        log.info("%s received: stopping", sig.name)
+        stop.set()
+        watchdog = threading.Timer(HARD_EXIT_AFTER, _hard_exit)
+        watchdog.daemon = True
+        watchdog.start()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, on_signal, sig)
+    return stop
+
+
+async def unless_stopped(awaitable: Awaitable[T], stop: asyncio.Event) -> T | None:
+    """The awaitable's result, or None (it is cancelled) when `stop` is set first."""
+    task = asyncio.ensure_future(awaitable)
+    stopper = asyncio.create_task(stop.wait())
+    try:
+        await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopper.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    return None
+
+
+def add_channels(app: App, settings: Settings) -> list[str]:
+    """Build the configured channel adapters into `app`; their names."""
+    chat_channels = []
+    if settings.slack_enabled:
+        from bot.slack import SlackAdapter
+        from bot.slack.poster import SlackWebPoster
+        from bot.toolsetup import http_timeouts
+
+        slack = SlackAdapter(app.core, settings)
+        app.add_adapter(slack)
+        poster = SlackWebPoster(slack.client, http_timeouts(settings))
+        app.use_slack_poster(poster, poster.close)
+        chat_channels.append("Slack")
+    if settings.feishu_enabled:
+        from bot.feishu import FeishuAdapter
+
+        app.add_adapter(FeishuAdapter(app.core, settings))
+        chat_channels.append("Feishu")
+    return chat_channels
