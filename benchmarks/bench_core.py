@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import statistics
 import sys
 import tempfile
@@ -107,6 +108,8 @@ async def overhead_per_turn(db_url: str, turns: int) -> None:
         channel = AnswerQueue("bench")
         app.ctx.channels["bench"] = channel
         await app.start(serve_http=False)
+        gc.collect()
+        gc.freeze()  # as `chatops serve` does once started (`bot.lifecycle.start`)
         counts = count_sql(app.ctx.db.sync_engine)
         model_ms: list[float] = []
         totals: list[float] = []

@@ -14,7 +14,6 @@ background work gets what is left of the budget and the rest is cancelled.
 from __future__ import annotations
 
 import asyncio
-import gc
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -156,10 +155,6 @@ class App:
         if self.role != Role.FRONT:
             self._sweep_task = asyncio.create_task(self.sweeper.run_forever(), name="sweeper")
             self._outbox_task = asyncio.create_task(self.core.out.run_forever(OUTBOX_POLL), name="outbox")
-        # What start-up made (modules, clients, catalogues: ~200,000 objects) lives as long as the
-        # process: out of the collector's sight, a full collection no longer walks it (50 ms each, a
-        # pause every ack would wait out).
-        gc.freeze()
         if self.role == Role.WORKER:
             return  # the front anchors the audit chain
         self._anchorer = Anchorer(

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, TypeVar
 from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import col
 
+from bot import lifecycle
 from bot.config import Settings, load_settings, no_model_message
 from bot.core.errors import ChatopsError
 from bot.lifecycle import add_channels, stop_on_signals, unless_stopped
@@ -97,8 +98,7 @@ async def _serve(
 
 async def _run_channels(app: App, settings: Settings, stop: asyncio.Event) -> None:
     chat_channels = add_channels(app, settings)
-    await unless_stopped(app.start(serve_http=True), stop)
-    if stop.is_set():
+    if not await lifecycle.start(app, stop, serve_http=True):
         return
     problems = await app.readiness().problems()
     log.info("chatops started: %s; %s", ", ".join(chat_channels), f"not ready yet: {problems}" if problems else "ready")
@@ -110,8 +110,8 @@ async def _run_terminal(app: App, stop: asyncio.Event) -> None:
 
     terminal = TerminalAdapter(app.core)
     app.ctx.channels["terminal"] = terminal
-    await app.start(serve_http=True, http_required=False)
-    await unless_stopped(terminal.run(), stop)
+    if await lifecycle.start(app, stop, serve_http=True, http_required=False):
+        await unless_stopped(terminal.run(), stop)
 
 
 async def _tools(settings: Settings, channel: str | None = None) -> None:

@@ -17,6 +17,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from bot import lifecycle
 from bot.config import Settings
 from bot.lifecycle import add_channels, stop_on_signals, unless_stopped
 from bot.supervisor import Workers, WorkersReadiness, forget_metrics_of, prepare_metrics_dir
@@ -51,8 +52,8 @@ async def serve_front(settings: Settings, count: int, env_file: Path | None, run
         app.ready_sources.append(WorkersReadiness(workers))
         chat_channels = add_channels(app, settings)
         await workers.start()
-        await unless_stopped(app.start(serve_http=True), stop)
-        problems = None if stop.is_set() else await unless_stopped(app.readiness().problems(), stop)
+        started = await lifecycle.start(app, stop, serve_http=True)
+        problems = await unless_stopped(app.readiness().problems(), stop) if started else None
         if problems is None:
             return
         log.info("chatops started: %s; %s", ", ".join(chat_channels), f"not ready yet: {problems}" if problems else "ready")
@@ -80,8 +81,7 @@ async def work(settings: Settings, wake_dir: Path, index: int) -> None:
             listener = SocketListener(wake_dir / f"worker-{index}.sock", app.sweeper.wake)
         else:
             listening = asyncio.create_task(listen_pg(app.ctx.db.urls.async_url, app.sweeper.wake, stop), name="listen")
-        await unless_stopped(app.start(serve_http=False), stop)
-        if not stop.is_set():
+        if await lifecycle.start(app, stop, serve_http=False):
             log.info("worker %d ready", index)
             await stop.wait()
     finally:

@@ -6,6 +6,7 @@ its workers)."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import signal
@@ -47,6 +48,19 @@ def stop_on_signals() -> asyncio.Event:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, on_signal, sig)
     return stop
+
+
+async def start(app: App, stop: asyncio.Event, *, serve_http: bool, http_required: bool = True) -> bool:
+    """Start `app` unless `stop` comes first (False then). What start-up made (modules, clients,
+    catalogues: ~200,000 objects) lives as long as the process: collected once and then frozen out
+    of the collector's sight, a full collection no longer walks it (~50 ms each, a pause every ack
+    in the process would wait out)."""
+    await unless_stopped(app.start(serve_http=serve_http, http_required=http_required), stop)
+    if stop.is_set():
+        return False
+    gc.collect()
+    gc.freeze()
+    return True
 
 
 async def unless_stopped(awaitable: Awaitable[T], stop: asyncio.Event) -> T | None:

@@ -193,8 +193,7 @@ class RunStore:
         )  # fmt: skip
         if last is None:
             return None
-        claim = RunClaim(run_id, 1, key, 0, last.thread, last.user, last.channel_id, messages, self._progress_from())
-        claim.quiet = True
+        claim = RunClaim(run_id, 1, key, 0, last.thread, last.user, last.channel_id, messages, self._progress_from(), quiet=True)
         return Started(claim)
 
     @staticmethod
