@@ -65,6 +65,7 @@ class Settings(BaseModel):
     outbox_deadline: float = Field(600.0, alias="CHATOPS_OUTBOX_DEADLINE", gt=0)
     model_notice_after: float = Field(15.0, alias="CHATOPS_MODEL_NOTICE_AFTER", gt=0)
     progress_after: float = Field(1.0, alias="CHATOPS_PROGRESS_AFTER", ge=0)
+    retention_days: int = Field(30, alias="CHATOPS_RETENTION_DAYS", ge=0)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", alias="CHATOPS_LOG_LEVEL")
     audit_token: SecretStr | None = Field(None, alias="CHATOPS_AUDIT_TOKEN")
 

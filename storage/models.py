@@ -150,7 +150,7 @@ class InboxEvent(SQLModel, table=True):
     status: str = Field(default="queued", index=True, max_length=20)
     run_id: str | None = Field(default=None, max_length=40)
     created_at: datetime = _ts()
-    updated_at: datetime = _ts()
+    updated_at: datetime = _ts(index=True)  # answered ones are forgotten by it (`CHATOPS_RETENTION_DAYS`)
 
 
 class Conversation(SQLModel, table=True):
@@ -286,7 +286,7 @@ class OutboxJob(SQLModel, table=True):
     lease_until: datetime | None = _ts(nullable=True)
     last_error: str | None = Field(default=None, max_length=500)
     message_id: str | None = Field(default=None, max_length=200)
-    created_at: datetime = _ts()
+    created_at: datetime = _ts(index=True)  # delivered ones are forgotten by it (`CHATOPS_RETENTION_DAYS`)
 
 
 class Quota(SQLModel, table=True):

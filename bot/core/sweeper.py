@@ -5,8 +5,9 @@ about approvals near their expiry (`ApprovalService.remind_near_expiry`); mark a
 `in_doubt` (reported, never re-run) executions whose lease ran out; execute approvals a decider
 left `approved`; take over runs whose lease ran out, whether or not their owner is alive; resume
 waiting runs whose approvals are all decided; start conversations with queued messages nobody
-holds; hand outbox jobs that are due to the outbox's tracked delivery task. Each part is
-independent: one failing is logged and the others still run.
+holds; hand outbox jobs that are due to the outbox's tracked delivery task; once an hour, forget
+what is older than `CHATOPS_RETENTION_DAYS` (`retention`). Each part is independent: one failing is
+logged and the others still run.
 
 In a worker process (`chatops serve --workers N`) the sweeper is also how work starts: the front
 only records and signals, `wake()` then runs `pick_up`, the prompt part of a pass (approvals left
@@ -30,6 +31,7 @@ from sqlmodel import col
 
 from bot.core import metrics
 from bot.core.engine import Core
+from bot.core.retention import Retention
 from bot.core.run_store import RunClaim
 from storage.engine import DbSession
 from storage.models import Approval, Replica
@@ -45,6 +47,7 @@ class Sweeper:
         self.ctx = core.ctx
         self._stop = asyncio.Event()
         self._woken = asyncio.Event()
+        self.retention = Retention(core.ctx)
 
     async def heartbeat(self) -> None:
         ctx = self.ctx
@@ -79,6 +82,7 @@ class Sweeper:
             self._start_idle,
             self._deliver,
             self._measure_queues,
+            self._forget,
         ):
             await self._guarded(part)
 
@@ -159,6 +163,10 @@ class Sweeper:
         task, so whoever waits for this process's background work (a clean stop, a test) waits for
         them too, instead of delivering here in the sweeper's own loop."""
         self.core.out.kick()
+
+    async def _forget(self) -> None:
+        if self.retention.due():
+            await self.retention.forget()
 
     async def _measure_queues(self) -> None:
         """The work waiting right now, for the `chatops_queue_depth` gauge, and this process's run slots."""

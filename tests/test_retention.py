@@ -1,0 +1,113 @@
+"""Retention (`CHATOPS_RETENTION_DAYS`): finished delivery keys, inbox messages and outbox jobs are
+forgotten after that many days, in batches; what is in flight, conversations, runs, approvals and
+the audit chain are kept. Both backends, through the sweeper as it runs in the product."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import sqlalchemy as sa
+
+from bot.core import retention
+from bot.core.channels import DeliveryFailed
+from bot.core.retention import Retention
+from storage.engine import make_sync_engine, normalise_url
+from storage.models import utcnow
+from tests.fakes.openai_server import text
+from tests.fault_helpers import PLATFORM, FaultChannel, message, settle
+
+QUIET = {"CHATOPS_SWEEP_INTERVAL": "3600"}  # sweeps only when the test says
+
+
+async def answered_bot(bots, db_url, model, count: int, **env: str):
+    """A bot that has answered `count` messages (each its own conversation)."""
+    model.responder = lambda body: text("done")
+    app = await bots.start(database_url=db_url, **QUIET, **env)
+    app.ctx.channels[PLATFORM] = FaultChannel()
+    await bots.run(app)
+    for i in range(count):
+        assert await app.core.accept_message(message(f"hello {i}", conversation=f"c{i}", key=f"k{i}"))
+    await settle(app)
+    return app
+
+
+def counts(db_url: str) -> dict[str, int]:
+    engine = make_sync_engine(normalise_url(db_url))
+    try:
+        with engine.connect() as conn:
+            return {
+                table: conn.execute(sa.text(f"SELECT COUNT(*) FROM {table}")).scalar_one()
+                for table in ("seen_key", "inbox_event", "outbox_job", "conversation", "run", "audit_event")
+            }
+    finally:
+        engine.dispose()
+
+
+async def test_finished_rows_older_than_the_retention_are_forgotten_and_the_record_is_kept(bots, model, db_url):
+    app = await answered_bot(bots, db_url, model, 3)
+    before = counts(db_url)
+    assert before["seen_key"] == before["inbox_event"] == 3 and before["outbox_job"] >= 3
+
+    assert await app.sweeper.retention.forget() == {"delivery keys": 0, "answered messages": 0, "delivered outbox jobs": 0}
+    app.ctx.clock = lambda: utcnow() + timedelta(days=31)  # a month on
+    forgotten = await app.sweeper.retention.forget()
+
+    assert forgotten == {"delivery keys": 3, "answered messages": 3, "delivered outbox jobs": before["outbox_job"]}
+    after = counts(db_url)
+    assert (after["seen_key"], after["inbox_event"], after["outbox_job"]) == (0, 0, 0)
+    kept = ("conversation", "run", "audit_event")
+    assert {t: after[t] for t in kept} == {t: before[t] for t in kept}
+
+
+async def test_messages_in_flight_and_recent_keys_are_kept_and_still_refuse_a_redelivery(bots, model, db_url):
+    app = await answered_bot(bots, db_url, model, 1)
+    app.ctx.clock = lambda: utcnow() + timedelta(days=31)
+
+    async def down() -> None:
+        raise DeliveryFailed("the platform is down")
+
+    channel = FaultChannel()
+    channel.before_reply = down  # the answer's outbox job stays pending
+    app.ctx.channels[PLATFORM] = channel
+    assert await app.core.accept_message(message("a new one", conversation="fresh", key="new-key"))
+    await settle(app)
+    await app.sweeper.retention.forget()
+
+    assert not await app.core.accept_message(message("a new one", conversation="fresh", key="new-key"))  # still a duplicate
+    engine = make_sync_engine(normalise_url(db_url))
+    try:
+        with engine.connect() as conn:
+            keys = set(conn.execute(sa.text("SELECT key FROM seen_key")).scalars())
+            pending = conn.execute(sa.text("SELECT COUNT(*) FROM outbox_job WHERE status = 'pending'")).scalar_one()
+    finally:
+        engine.dispose()
+    assert keys == {"new-key"} and pending >= 1  # the old key went, the new one and the undelivered answer stayed
+
+
+async def test_a_backlog_is_forgotten_in_batches_each_its_own_transaction(bots, model, db_url):
+    app = await answered_bot(bots, db_url, model, 5)
+    deletes: list[int] = []
+    sa.event.listen(
+        app.ctx.db.sync_engine, "after_cursor_execute",
+        lambda _c, cursor, statement, *_: deletes.append(cursor.rowcount) if statement.startswith("DELETE FROM seen_key") else None,
+    )  # fmt: skip
+    app.ctx.clock = lambda: utcnow() + timedelta(days=31)
+    forgotten = await Retention(app.ctx, batch=2).forget()
+    assert forgotten["delivery keys"] == 5 and forgotten["answered messages"] == 5
+    assert deletes == [2, 2, 1]  # three transactions of at most two rows
+
+
+async def test_retention_zero_keeps_everything_and_a_pass_runs_at_start_then_hourly(bots, model, db_url):
+    app = await answered_bot(bots, db_url, model, 1, CHATOPS_RETENTION_DAYS="0")
+    app.ctx.clock = lambda: utcnow() + timedelta(days=365)
+    assert not app.sweeper.retention.due()
+    await app.sweeper.sweep()
+    assert counts(db_url)["seen_key"] == 1
+
+    other = await answered_bot(bots, db_url, model, 0)
+    assert not other.sweeper.retention.due()  # the start-up sweep made a pass
+    later = utcnow() + timedelta(seconds=retention.PASS_EVERY + 1)
+    other.ctx.clock = lambda: later
+    assert other.sweeper.retention.due()
+    await other.sweeper.sweep()  # a pass is part of a sweep
+    assert not other.sweeper.retention.due()
