@@ -5,9 +5,10 @@ about approvals near their expiry (`ApprovalService.remind_near_expiry`); mark a
 `in_doubt` (reported, never re-run) executions whose lease ran out; execute approvals a decider
 left `approved`; take over runs whose lease ran out, whether or not their owner is alive; resume
 waiting runs whose approvals are all decided; start conversations with queued messages nobody
-holds; hand outbox jobs that are due to the outbox's tracked delivery task; once an hour, forget
-what is older than `CHATOPS_RETENTION_DAYS` (`retention`). Each part is independent: one failing is
-logged and the others still run.
+holds; hand outbox jobs that are due to the outbox's tracked delivery task. Each part is
+independent: one failing is logged and the others still run. After the periodic passes (not the one
+at start-up, which the port waits for), about once an hour, forget what is older than
+`CHATOPS_RETENTION_DAYS` (`retention`).
 
 In a worker process (`chatops serve --workers N`) the sweeper is also how work starts: the front
 only records and signals, `wake()` then runs `pick_up`, the prompt part of a pass (approvals left
@@ -82,7 +83,6 @@ class Sweeper:
             self._start_idle,
             self._deliver,
             self._measure_queues,
-            self._forget,
         ):
             await self._guarded(part)
 
@@ -191,6 +191,7 @@ class Sweeper:
                     await self.pick_up()
             if not self._stop.is_set():
                 await self.sweep()
+                await self._guarded(self._forget)  # not in the start-up pass: it delays nothing
 
     def wake(self) -> None:
         """Work may be waiting (a worker's signal): pick it up now. Safe to call from the event loop only."""
