@@ -3,7 +3,8 @@
 
 Forgotten after that many days: delivery keys (platforms redeliver within minutes or hours, so an
 older key can never see its event again), inbox messages that were answered or refused (their
-payload is the user's text), and outbox jobs that were delivered or given up. Kept: everything
+payload is the user's text), outbox jobs that were delivered or given up, and the rows of replicas
+that stopped without leaving (killed) and have been silent as long. Kept: everything
 still in flight (queued, held or running messages, pending jobs), conversations, runs,
 approvals and the audit chain, which records what happened and is never pruned here.
 
@@ -21,14 +22,14 @@ import sqlalchemy as sa
 
 from bot.core.context import AppContext
 from storage.engine import DbSession, rowcount
-from storage.models import InboxEvent, InboxStatus, OutboxJob, OutboxStatus, SeenKey, table_of
+from storage.models import InboxEvent, InboxStatus, OutboxJob, OutboxStatus, Replica, SeenKey, table_of
 
 log = logging.getLogger("chatops.retention")
 BATCH = 500  # rows per transaction
 MAX_BATCHES = 40  # per table and pass: a large backlog is worked off over several passes
 PASS_EVERY = 3600.0  # seconds between passes in one process
 
-_KEYS, _INBOX, _JOBS = table_of(SeenKey), table_of(InboxEvent), table_of(OutboxJob)
+_KEYS, _INBOX, _JOBS, _REPLICAS = table_of(SeenKey), table_of(InboxEvent), table_of(OutboxJob), table_of(Replica)
 _CUTOFF: sa.BindParameter[datetime] = sa.bindparam("b_cutoff")
 _FORGETTABLE = {
     "delivery keys": (_KEYS, _KEYS.c.key, _KEYS.c.created_at < _CUTOFF),
@@ -38,6 +39,7 @@ _FORGETTABLE = {
     "delivered outbox jobs": (
         _JOBS, _JOBS.c.id, sa.and_(_JOBS.c.status.in_((OutboxStatus.SENT, OutboxStatus.GAVE_UP)), _JOBS.c.created_at < _CUTOFF),
     ),
+    "silent replicas": (_REPLICAS, _REPLICAS.c.id, _REPLICAS.c.heartbeat_at < _CUTOFF),  # killed, never left
 }  # fmt: skip
 _DELETES = {
     what: sa.delete(table).where(key.in_(sa.select(key).where(older).limit(sa.bindparam("b_batch"))))
