@@ -105,6 +105,8 @@ async def test_retention_zero_keeps_everything_and_a_pass_is_due_hourly_but_not_
     app = await answered_bot(bots, db_url, model, 1, CHATOPS_RETENTION_DAYS="0")
     app.ctx.clock = lambda: utcnow() + timedelta(days=365)
     assert not app.sweeper.retention.due()
+    assert set((await app.sweeper.retention.forget()).values()) == {0}  # even when asked
+    assert counts(db_url)["seen_key"] == 1
 
     other = await answered_bot(bots, db_url, model, 0)
     await other.sweeper.sweep()

@@ -63,6 +63,8 @@ class Retention:
     async def forget(self) -> dict[str, int]:
         now = self.ctx.clock()
         self._last = now
+        if self.ctx.settings.retention_days <= 0:  # keep everything
+            return dict.fromkeys(_DELETES, 0)
         cutoff = now - timedelta(days=self.ctx.settings.retention_days)
         forgotten = {what: await self._delete(statement, cutoff) for what, statement in _DELETES.items()}
         if any(forgotten.values()):
