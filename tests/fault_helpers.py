@@ -152,14 +152,16 @@ class Summary:
     inbox: Counter[str]
     approvals: dict[str, str]
     outbox: Counter[str]
+    outbox_due: int = 0  # pending jobs whose time to be sent has come
 
     @property
     def stuck(self) -> list[str]:
-        """Anything still in a state that needs a live process to move on."""
+        """Anything still in a state that needs a live process to move on now. (An outbox job that waits
+        for its retry time after a fault is scheduled, not stuck: the delivery loop sends it then.)"""
         out = [f"run {s}" for s in ("running",) if self.runs[s]]
         out += [f"inbox {s}" for s in ("queued",) if self.inbox[s]]  # "running" belongs to a run (maybe waiting)
         out += [f"approval {a} {s}" for a, s in self.approvals.items() if s in ("executing", "approved")]
-        out += [f"outbox {s}" for s in ("pending",) if self.outbox[s]]
+        out += ["outbox pending"] if self.outbox_due else []
         return out
 
 
@@ -169,7 +171,15 @@ async def summary(app: App) -> Summary:
             return Counter(str(s) for s in (await session.execute(sa.select(column))).scalars().all())
 
         approvals = {a: str(s) for a, s in (await session.execute(sa.select(Approval.id, Approval.status))).all()}
-        return Summary(await counts(Run.status), await counts(InboxEvent.status), approvals, await counts(OutboxJob.status))
+        due = sa.select(sa.func.count()).where(OutboxJob.status == "pending", OutboxJob.next_attempt_at <= app.ctx.clock())
+        outbox = await counts(OutboxJob.status)
+        return Summary(
+            await counts(Run.status),
+            await counts(InboxEvent.status),
+            approvals,
+            outbox,
+            (await session.execute(due)).scalar_one(),
+        )
 
     return await app.ctx.db.run(query, read=True)
 
