@@ -141,3 +141,21 @@ async def test_feishu_two_people_in_one_topic_each_request_is_their_own(feishu_b
     assert [e["topic"] for e in ledger.effects] == ["alice", "bob"]
     requested = await actors(bot.app, "approval_requested")
     assert [a.split(":")[-1] for a in requested if a] == [fh.ALICE, fh.BOB]
+
+
+async def test_a_message_held_behind_a_run_that_is_cancelled_gets_a_run_of_its_own(slack_bot, fake_slack, model):
+    model.script(calls(("write_note", {"topic": "alice", "text": "from alice"})), text("Bob's answer."))
+    fake_slack.add_user(ALICE, "Alice")
+    fake_slack.add_user(BOB, "Bob")
+    bot = await slack_bot(toolsets=[notes_toolset(Ledger())])
+    root = next_ts()
+    assert (await bot.send(mention("note for alice", ts=root)))[0] == 200
+    await bot.settle()
+    assert (await bot.send(mention("a question from bob", user=BOB, thread_ts=root)))[0] == 200
+    await bot.settle()
+    assert texts.WAITING_FOR_OTHERS in [r["text"] for r in bot.replies()]  # held behind Alice's card
+
+    assert (await bot.send(mention("cancel", thread_ts=root)))[0] == 200  # Alice stops her run
+    await bot.settle()
+    await bot.fake.wait_until(lambda: "Bob's answer." in [r["text"] for r in bot.replies()], timeout=30)
+    assert (await approvals(bot.app))[0].status == "cancelled"

@@ -18,12 +18,12 @@ from typing import TYPE_CHECKING, Literal
 import sqlalchemy as sa
 from sqlmodel import col
 
-from bot.core import outbox, texts
+from bot.core import outbox, run_rows, texts
 from bot.core.approvals import editors_of
 from bot.core.cards import card_view
 from bot.core.channels import CardView
 from bot.core.events import Thread, User
-from storage.models import Approval, ApprovalStatus, Conversation, InboxEvent, InboxStatus, Run, RunStatus
+from storage.models import Approval, ApprovalStatus, Conversation, Run, RunStatus
 
 if TYPE_CHECKING:
     from bot.core.engine import Core
@@ -185,7 +185,8 @@ async def cancel(core: Core, user: User, where: Where) -> Reply:
 
 async def cancel_conversation(core: Core, conversation_key: str, user: User) -> tuple[str | None, list[str]]:
     """(the stopped run's id, the cancelled approval ids). The reason is stored in English and
-    shown in each reader's language (`texts.localize`)."""
+    shown in each reader's language (`texts.localize`). Messages held behind the run's cards
+    start a run of their own."""
     ctx = core.ctx
     reason = texts.english(texts.CANCELLED_REASON).format(who=user.label)
     async with ctx.db.transaction(urgent=True) as session:
@@ -200,11 +201,8 @@ async def cancel_conversation(core: Core, conversation_key: str, user: User) -> 
             .where(col(Run.id) == run.id, col(Run.status).in_((RunStatus.RUNNING, RunStatus.WAITING)))
             .values(status=RunStatus.CANCELLED, lease_until=None, updated_at=ctx.clock())
         )
-        await session.execute(
-            sa.update(InboxEvent)
-            .where(col(InboxEvent.run_id) == run.id, col(InboxEvent.status) == InboxStatus.RUNNING)
-            .values(status=InboxStatus.DONE)
-        )
+        await run_rows.done(session, run.id)
+        more = await run_rows.release_held(session, conversation_key)  # waiting behind this run's cards
         conv.active_run_id = None
         conv.version += 1
         await outbox.enqueue_progress(session, ctx, run.thread, str(texts.PROGRESS_STOPPED), run_id=run.id, edit_only=True)
@@ -218,4 +216,6 @@ async def cancel_conversation(core: Core, conversation_key: str, user: User) -> 
             cancelled=cancelled,
         )
     log.info("run %s cancelled by %s (%d approvals)", run.id, user.key, len(cancelled))
+    if more:
+        core.start_conversation(conversation_key)
     return run.id, cancelled
