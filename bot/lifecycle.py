@@ -1,6 +1,6 @@
 """What every long-running `chatops` process shares: stopping on SIGTERM/SIGINT (with a watchdog
-that guarantees the exit), awaiting start-up unless a stop comes first, and building the configured
-channel adapters into an app. Used by `bot.cli` (one process) and `bot.cli_workers` (the front and
+that guarantees the exit), starting its app unless a stop comes first (then freezing the start-up
+heap out of the collector's way), and building the configured channel adapters into an app. Used by `bot.cli` (one process) and `bot.cli_workers` (the front and
 its workers)."""
 
 from __future__ import annotations

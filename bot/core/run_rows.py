@@ -128,7 +128,7 @@ def new_run_id() -> str:
     return "run-" + uuid.uuid4().hex[:16]
 
 
-def mine(run_id: str, version: int) -> dict[str, Any]:
+def _mine(run_id: str, version: int) -> dict[str, Any]:
     """The bound values that fence a run's writes: still this claim's (same version, running)."""
     return {"b_run_id": run_id, "b_version": version}
 
@@ -139,22 +139,22 @@ async def insert_run(session: DbSession, **values: Any) -> None:
 
 
 async def still_mine(session: DbSession, run_id: str, version: int) -> bool:
-    return (await session.execute(_STILL_MINE, mine(run_id, version))).first() is not None
+    return (await session.execute(_STILL_MINE, _mine(run_id, version))).first() is not None
 
 
 async def renew(session: DbSession, run_id: str, version: int, lease_until: datetime) -> bool:
-    return bool(rowcount(await session.execute(_RENEW, {**mine(run_id, version), "b_lease_until": lease_until})))
+    return bool(rowcount(await session.execute(_RENEW, {**_mine(run_id, version), "b_lease_until": lease_until})))
 
 
 async def advance(session: DbSession, run_id: str, version: int, step: int, now: datetime, lease_until: datetime) -> bool:
     """The run moves to `step` and its lease is renewed; False when it is no longer this claim's."""
-    values = {**mine(run_id, version), "b_step": step, "b_now": now, "b_lease_until": lease_until}
+    values = {**_mine(run_id, version), "b_step": step, "b_now": now, "b_lease_until": lease_until}
     return bool(rowcount(await session.execute(_ADVANCE, values)))
 
 
 async def end(session: DbSession, run_id: str, version: int, status: RunStatus, steps: int, now: datetime) -> bool:
     """The run ends with `status` after `steps` more model calls; False when it is no longer this claim's."""
-    values = {**mine(run_id, version), "b_status": status, "b_steps": steps, "b_now": now}
+    values = {**_mine(run_id, version), "b_status": status, "b_steps": steps, "b_now": now}
     return bool(rowcount(await session.execute(_END, values)))
 
 

@@ -118,8 +118,8 @@ class RunSlots:
     def _learn(self, timing: RunTime) -> None:
         if timing.own() <= self.quick:
             self.limit = min(MAX_SLOTS, self.limit + 1)
-        elif timing.outside < self.progress_after:  # (a run whose model or tools alone took longer
-            self.limit = max(MIN_SLOTS, self.limit * 3 // 4)  # could not have stayed quick anyway)
+        elif timing.outside < self.progress_after:  # slow, and not merely for waiting on its model or tools
+            self.limit = max(MIN_SLOTS, self.limit * 3 // 4)
 
     def _let_in(self) -> None:
         while self._waiting and self._working() < self.limit:
