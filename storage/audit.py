@@ -36,22 +36,23 @@ from sqlmodel import col
 from storage.audit_keys import AuditKeyError, AuditKeys, default_key_file, key_id, load_keys
 from storage.engine import Database, DbSession
 from storage.models import AuditEvent, AuditStaged, table_of, utcnow
+from storage.prepared import Prepared
 from storage.redact import Redactor
 
 __all__ = ["AuditKeyError", "AuditKeys", "AuditLog", "ChainProblem", "verify_chain"]
-# Built once: every step of every run stages rows, and the chainer moves them after each commit.
+# Prepared once (`storage.prepared`): every step of every run stages rows, and the chainer moves them after each commit.
 _STAGED_TABLE, _EVENTS = table_of(AuditStaged), table_of(AuditEvent)
-_STAGE = sa.insert(_STAGED_TABLE)
-_OLDEST_STAGED = sa.select(_STAGED_TABLE).order_by(_STAGED_TABLE.c.id).limit(sa.bindparam("b_limit"))
-_CHAIN = sa.insert(_EVENTS)
-_UNSTAGE = sa.delete(_STAGED_TABLE).where(_STAGED_TABLE.c.id.in_(sa.bindparam("b_ids", expanding=True)))
-_HEAD = (
+_STAGE = Prepared(sa.insert(_STAGED_TABLE))
+_OLDEST_STAGED = Prepared(sa.select(_STAGED_TABLE).order_by(_STAGED_TABLE.c.id).limit(sa.bindparam("b_limit")))
+_CHAIN = Prepared(sa.insert(_EVENTS))
+_UNSTAGE = Prepared(sa.delete(_STAGED_TABLE).where(_STAGED_TABLE.c.id.in_(sa.bindparam("b_ids", expanding=True))))
+_HEAD = Prepared(
     sa.select(_EVENTS.c.seq, _EVENTS.c.hash, _EVENTS.c.key_id, _EVENTS.c.kind, _EVENTS.c.data)
     .order_by(_EVENTS.c.seq.desc())
     .limit(1)
 )
 # One chainer per schema at a time (replicas of other deployments on the server don't wait).
-_CHAINER_LOCK = sa.text("SELECT pg_advisory_xact_lock(:k, hashtext(current_schema()))")
+_CHAINER_LOCK = Prepared(sa.text("SELECT pg_advisory_xact_lock(:k, hashtext(current_schema()))"))
 
 log = logging.getLogger("chatops.audit")
 
@@ -192,7 +193,7 @@ class AuditLog:
         ]
         for row in rows:
             row["seal"] = seal(key, row)
-        await session.execute(_STAGE, rows)
+        await _STAGE.run_many(session, rows)
         session.info["audit_staged"] = True
 
     async def chain(self, db: Database, batch: int = 500) -> int:
@@ -204,16 +205,16 @@ class AuditLog:
         while True:
             async with db.transaction() as session:
                 if session.bind.dialect.name == "postgresql":
-                    await session.execute(_CHAINER_LOCK, {"k": _ADVISORY_LOCK_KEY})
-                staged = (await session.execute(_OLDEST_STAGED, {"b_limit": batch})).all()
+                    await _CHAINER_LOCK.run(session, {"k": _ADVISORY_LOCK_KEY})
+                staged = (await _OLDEST_STAGED.run(session, {"b_limit": batch})).all()
                 if not staged and self._ready:
                     return total
                 head = await _read_head(session)
                 rows = _link(keys, head, staged)
                 if rows:
-                    await session.execute(_CHAIN, rows)
+                    await _CHAIN.run_many(session, rows)
                 if staged:
-                    await session.execute(_UNSTAGE, {"b_ids": [r.id for r in staged]})
+                    await _UNSTAGE.run(session, {"b_ids": [r.id for r in staged]})
             self._ready = True
             total += len(staged)
             if len(staged) < batch:
@@ -222,7 +223,7 @@ class AuditLog:
 
 async def _read_head(session: DbSession) -> _Head:
     """The newest row, with the key the next row must use (a rotation row names it)."""
-    last = (await session.execute(_HEAD)).first()
+    last = (await _HEAD.run(session)).first()
     if not last:
         return _Head(0, GENESIS_HASH, None)
     seq, digest, kid, kind, data = last

@@ -208,6 +208,10 @@ class InlineSession:
     async def get(self, entity: type[M], ident: Any) -> M | None:
         return self._session.get(entity, ident)
 
+    def connection(self) -> sa.Connection:
+        """The transaction's connection (`storage.prepared` runs hot statements on its driver)."""
+        return self._session.connection()
+
     @overload
     async def execute(self, statement: TypedReturnsRows[*Ts], params: Any = None) -> Result[*Ts]: ...
     @overload

@@ -25,12 +25,12 @@ from bot.core.events import IncomingMessage
 from storage.audit import entry
 from storage.engine import DbSession, is_transient
 from storage.models import InboxEvent, InboxStatus, SeenKey, table_of
+from storage.prepared import Prepared
 
 BATCH_LIMIT = 200  # messages per recording transaction
-# Built once (building a statement costs more than running it on SQLite); an INSERT of many rows is one
-# `executemany`.
-_SEEN = sa.select(col(SeenKey.key)).where(col(SeenKey.key).in_(sa.bindparam("keys", expanding=True)))
-_INSERT_KEYS, _INSERT_EVENTS = sa.insert(table_of(SeenKey)), sa.insert(table_of(InboxEvent))
+# Prepared once (`storage.prepared`); an INSERT of many rows is one `executemany`.
+_SEEN = Prepared(sa.select(col(SeenKey.key)).where(col(SeenKey.key).in_(sa.bindparam("keys", expanding=True))))
+_INSERT_KEYS, _INSERT_EVENTS = Prepared(sa.insert(table_of(SeenKey))), Prepared(sa.insert(table_of(InboxEvent)))
 
 
 @dataclass
@@ -92,7 +92,7 @@ class Intake:
         """Insert the new messages of `batch`; {inbox id: new?}. Keys already seen (stored, or earlier in
         the batch) make a message a duplicate."""
         keys = {k for p in batch for k in _keys(p.msg)}
-        seen = set((await session.execute(_SEEN, {"keys": list(keys)})).scalars())
+        seen = set((await _SEEN.run(session, {"keys": list(keys)})).scalars())
         fresh: list[_Pending] = []
         for pending in batch:
             mine = set(_keys(pending.msg))
@@ -107,7 +107,7 @@ class Intake:
     async def _insert(self, session: DbSession, fresh: list[_Pending]) -> None:
         ctx, now = self.ctx, self.ctx.clock()
         keys = [{"key": k, "inbox_id": p.inbox_id, "created_at": now} for p in fresh for k in _keys(p.msg)]
-        await session.execute(_INSERT_KEYS, keys)
+        await _INSERT_KEYS.run_many(session, keys)
         events = [
             {
                 "id": p.inbox_id, "platform": p.msg.thread.platform, "conversation_key": p.msg.conversation_key,
@@ -115,7 +115,7 @@ class Intake:
             }
             for p in fresh
         ]  # fmt: skip
-        await session.execute(_INSERT_EVENTS, events)
+        await _INSERT_EVENTS.run_many(session, events)
         rows = [
             entry(
                 "request_received", platform=p.msg.user.platform, actor=p.msg.user.key, status="queued", inbox_id=p.inbox_id,

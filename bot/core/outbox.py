@@ -38,6 +38,7 @@ from bot.core.context import AppContext
 from bot.core.events import Thread, User
 from storage.engine import DbSession, rowcount
 from storage.models import Approval, ApprovalStatus, OutboxJob, OutboxKind, OutboxStatus, table_of
+from storage.prepared import Prepared
 
 log = logging.getLogger("chatops.outbox")
 
@@ -47,14 +48,14 @@ ERROR_LIMIT = 500
 PROGRESS_DEADLINE = 60.0  # a progress edit older than this is not worth sending
 QUIET_KINDS = frozenset({OutboxKind.PROGRESS, OutboxKind.HOME_REFRESH})  # given up without an audit row
 
-# The statements of every reply, built once (building one costs more than running it on SQLite).
+# The statements of every reply, prepared once (`storage.prepared`).
 _JOBS = table_of(OutboxJob)
-_WAITING_IN_THREAD = sa.select(_JOBS.c.id).where(
-    _JOBS.c.thread_key == sa.bindparam("thread_key"), _JOBS.c.status == OutboxStatus.PENDING
+_WAITING_IN_THREAD = Prepared(
+    sa.select(_JOBS.c.id).where(_JOBS.c.thread_key == sa.bindparam("thread_key"), _JOBS.c.status == OutboxStatus.PENDING)
 )
-_INSERT = sa.insert(_JOBS)
-_INSERT_RETURNING_ID = sa.insert(_JOBS).returning(_JOBS.c.id)
-_SUPERSEDE_PROGRESS = (
+_INSERT = Prepared(sa.insert(_JOBS))
+_INSERT_RETURNING_ID = Prepared(sa.insert(_JOBS).returning(_JOBS.c.id))
+_SUPERSEDE_PROGRESS = Prepared(
     sa.update(_JOBS)
     .where(
         _JOBS.c.run_id == sa.bindparam("b_run_id"),
@@ -64,7 +65,7 @@ _SUPERSEDE_PROGRESS = (
     )
     .values(status=OutboxStatus.SENT, last_error="superseded by a newer progress")
 )
-_NEWEST_PROGRESS = (
+_NEWEST_PROGRESS = Prepared(
     sa.select(_JOBS.c.message_id)
     .where(
         _JOBS.c.run_id == sa.bindparam("b_run_id"),
@@ -75,7 +76,7 @@ _NEWEST_PROGRESS = (
     .order_by(_JOBS.c.id.desc())
     .limit(1)
 )
-_MARK_SENT = (
+_MARK_SENT = Prepared(
     sa.update(_JOBS)
     .where(_JOBS.c.id == sa.bindparam("b_id"))
     .values(status=OutboxStatus.SENT, message_id=sa.bindparam("b_message_id"), lease_until=None, last_error=None)
@@ -125,14 +126,14 @@ async def _insert(session: DbSession, ctx: AppContext, job: dict[str, Any], *, f
     if ctx.delivers_outbox and job["next_attempt_at"] <= job["created_at"]:
         waiting: set[int] = set()
         if not first:
-            waiting = set((await session.execute(_WAITING_IN_THREAD, {"thread_key": job["thread_key"]})).scalars())
+            waiting = set((await _WAITING_IN_THREAD.run(session, {"thread_key": job["thread_key"]})).scalars())
         if waiting <= {b.id for b in born.jobs}:
             lease = job["created_at"] + timedelta(seconds=CLAIM_SECONDS)
             job = {**job, "owner": ctx.replica_id, "lease_until": lease, "attempts": 1}
-            inserted = await session.execute(_INSERT_RETURNING_ID, job)
+            inserted = await _INSERT_RETURNING_ID.run(session, job)
             born.jobs.append(OutboxJob(id=inserted.scalar_one(), **job))
             return born.jobs[-1].id
-    await session.execute(_INSERT, job)
+    await _INSERT.run(session, job)
     if job["next_attempt_at"] <= job["created_at"]:  # one due later waits for the delivery loop's rounds
         session.info["outbox_queued"] = True
     return None
@@ -161,7 +162,7 @@ async def enqueue_card_update(session: DbSession, ctx: AppContext, approval: App
 
 async def _supersede_progress(session: DbSession, run_id: str) -> None:
     """Waiting (unclaimed) progress edits of a run are replaced by what is queued now."""
-    await session.execute(_SUPERSEDE_PROGRESS, {"b_run_id": run_id})
+    await _SUPERSEDE_PROGRESS.run(session, {"b_run_id": run_id})
 
 
 async def enqueue_progress(
@@ -224,7 +225,7 @@ async def progress_message(session: DbSession, run_id: str | None, *, newest: bo
     was posted below it since (then the next line or the answer is a new message below the cards: an
     edit far above notifies nobody). `newest`: that message whatever came below (a stopped run's
     last word)."""
-    message_id = (await session.execute(_NEWEST_PROGRESS, {"b_run_id": run_id})).scalar_one_or_none()
+    message_id = (await _NEWEST_PROGRESS.run(session, {"b_run_id": run_id})).scalar_one_or_none()
     if message_id is None or newest:
         return message_id
     mine = (col(OutboxJob.run_id) == run_id, col(OutboxJob.status) == OutboxStatus.SENT)
@@ -454,7 +455,7 @@ class Outbox:
 
     async def _sent(self, session: DbSession, job: OutboxJob, sent: Sent, rendered_at: datetime) -> None:
         ctx, message_id = self.ctx, sent.message_id
-        await session.execute(_MARK_SENT, {"b_id": job.id, "b_message_id": message_id})
+        await _MARK_SENT.run(session, {"b_id": job.id, "b_message_id": message_id})
         if job.kind not in (OutboxKind.CARD, OutboxKind.CARD_UPDATE):
             return
         # Card updates committed before this rendering read the approval show nothing newer than it

@@ -17,8 +17,9 @@ from typing import Any
 import sqlalchemy as sa
 
 from bot.core.events import IncomingMessage
-from storage.engine import DbSession, rowcount
+from storage.engine import DbSession
 from storage.models import Conversation, InboxEvent, InboxStatus, Run, RunStatus, table_of
+from storage.prepared import Prepared
 
 R, Q = RunStatus, InboxStatus
 # Bound names are not column names: SQLAlchemy keeps those for the SET clause.
@@ -26,52 +27,54 @@ _RUNS, _CONVERSATIONS, _INBOX = table_of(Run), table_of(Conversation), table_of(
 _MINE_WHERE = (
     _RUNS.c.id == sa.bindparam("b_run_id"), _RUNS.c.version == sa.bindparam("b_version"), _RUNS.c.status == R.RUNNING
 )  # fmt: skip
-_STILL_MINE = sa.select(_RUNS.c.id).where(*_MINE_WHERE)
-_RENEW = sa.update(_RUNS).where(*_MINE_WHERE).values(lease_until=sa.bindparam("b_lease_until"))
-_ADVANCE = (
+_STILL_MINE = Prepared(sa.select(_RUNS.c.id).where(*_MINE_WHERE))
+_RENEW = Prepared(sa.update(_RUNS).where(*_MINE_WHERE).values(lease_until=sa.bindparam("b_lease_until")))
+_ADVANCE = Prepared(
     sa.update(_RUNS)
     .where(*_MINE_WHERE)
     .values(step=sa.bindparam("b_step"), updated_at=sa.bindparam("b_now"), lease_until=sa.bindparam("b_lease_until"))
 )
-_END = (
+_END = Prepared(
     sa.update(_RUNS)
     .where(*_MINE_WHERE)
     .values(status=sa.bindparam("b_status"), step=_RUNS.c.step + sa.bindparam("b_steps"), updated_at=sa.bindparam("b_now"),
             lease_until=None)
 )  # fmt: skip
-_PAUSE = (
+_PAUSE = Prepared(
     sa.update(_RUNS)
     .where(_RUNS.c.id == sa.bindparam("b_run_id"))
     .values(status=R.WAITING, pending_results=sa.bindparam("b_results", type_=sa.JSON()))
 )
-_RESUME = (
+_RESUME = Prepared(
     sa.update(_RUNS)
     .where(_RUNS.c.id == sa.bindparam("b_run_id"), _RUNS.c.status == R.WAITING, _RUNS.c.version == sa.bindparam("b_version"))
     .values(status=R.RUNNING, owner=sa.bindparam("b_owner"), lease_until=sa.bindparam("b_lease_until"),
             version=_RUNS.c.version + 1, updated_at=sa.bindparam("b_now"), pending_results={})
 )  # fmt: skip
-_SET_REQUESTER = (
+_SET_REQUESTER = Prepared(
     sa.update(_RUNS)
     .where(_RUNS.c.id == sa.bindparam("b_run_id"))
     .values(requester=sa.bindparam("b_requester", type_=sa.JSON()), thread=sa.bindparam("b_thread", type_=sa.JSON()))
 )
-_INSERT_RUN = sa.insert(_RUNS)
-_CONVERSATION = sa.select(_CONVERSATIONS.c.messages, _CONVERSATIONS.c.active_run_id, _CONVERSATIONS.c.version).where(
-    _CONVERSATIONS.c.key == sa.bindparam("b_key")
+_INSERT_RUN = Prepared(sa.insert(_RUNS))
+_CONVERSATION = Prepared(
+    sa.select(_CONVERSATIONS.c.messages, _CONVERSATIONS.c.active_run_id, _CONVERSATIONS.c.version).where(
+        _CONVERSATIONS.c.key == sa.bindparam("b_key")
+    )
 )
-_INSERT_CONVERSATION = sa.insert(_CONVERSATIONS)
-_CLAIM_CONVERSATION = (
+_INSERT_CONVERSATION = Prepared(sa.insert(_CONVERSATIONS))
+_CLAIM_CONVERSATION = Prepared(
     sa.update(_CONVERSATIONS)
     .where(_CONVERSATIONS.c.key == sa.bindparam("b_key"), _CONVERSATIONS.c.version == sa.bindparam("b_version"))
     .values(active_run_id=sa.bindparam("b_run_id"), version=_CONVERSATIONS.c.version + 1,
             messages=sa.bindparam("b_messages", type_=sa.JSON()), updated_at=sa.bindparam("b_now"))
 )  # fmt: skip
-_SAVE_MESSAGES = (
+_SAVE_MESSAGES = Prepared(
     sa.update(_CONVERSATIONS)
     .where(_CONVERSATIONS.c.key == sa.bindparam("b_key"))
     .values(messages=sa.bindparam("b_messages", type_=sa.JSON()), updated_at=sa.bindparam("b_now"))
 )
-_RELEASE_CONVERSATION = (
+_RELEASE_CONVERSATION = Prepared(
     sa.update(_CONVERSATIONS)
     .where(_CONVERSATIONS.c.key == sa.bindparam("b_key"))
     .values(
@@ -82,23 +85,23 @@ _RELEASE_CONVERSATION = (
         version=_CONVERSATIONS.c.version + 1,
     )
 )  # fmt: skip
-_QUEUED = (
+_QUEUED = Prepared(
     sa.select(_INBOX.c.id, _INBOX.c.status, _INBOX.c.payload)
     .where(_INBOX.c.conversation_key == sa.bindparam("b_key"), _INBOX.c.status.in_(sa.bindparam("b_statuses", expanding=True)))
     .order_by(_INBOX.c.created_at, _INBOX.c.id)
 )  # fmt: skip
-_SET_INBOX_STATUS = (
+_SET_INBOX_STATUS = Prepared(
     sa.update(_INBOX)
     .where(_INBOX.c.id == sa.bindparam("b_id"))
     .values(status=sa.bindparam("b_status"), run_id=sa.bindparam("b_run_id"), updated_at=sa.bindparam("b_now"))
 )
-_INBOX_DONE = (
+_INBOX_DONE = Prepared(
     sa.update(_INBOX).where(_INBOX.c.run_id == sa.bindparam("b_run_id"), _INBOX.c.status == Q.RUNNING).values(status=Q.DONE)
 )
-_UNHOLD = (
+_UNHOLD = Prepared(
     sa.update(_INBOX).where(_INBOX.c.conversation_key == sa.bindparam("b_key"), _INBOX.c.status == Q.HELD).values(status=Q.QUEUED)
 )
-_WAITING_STATUSES = (
+_WAITING_STATUSES = Prepared(
     sa.select(_INBOX.c.status)
     .where(_INBOX.c.conversation_key == sa.bindparam("b_key"), _INBOX.c.status.in_((Q.HELD, Q.QUEUED)))
     .distinct()
@@ -135,48 +138,48 @@ def _mine(run_id: str, version: int) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------- runs
 async def insert_run(session: DbSession, **values: Any) -> None:
-    await session.execute(_INSERT_RUN, values)
+    await _INSERT_RUN.run(session, values)
 
 
 async def still_mine(session: DbSession, run_id: str, version: int) -> bool:
-    return (await session.execute(_STILL_MINE, _mine(run_id, version))).first() is not None
+    return (await _STILL_MINE.run(session, _mine(run_id, version))).first() is not None
 
 
 async def renew(session: DbSession, run_id: str, version: int, lease_until: datetime) -> bool:
-    return bool(rowcount(await session.execute(_RENEW, {**_mine(run_id, version), "b_lease_until": lease_until})))
+    return bool((await _RENEW.run(session, {**_mine(run_id, version), "b_lease_until": lease_until})).rowcount)
 
 
 async def advance(session: DbSession, run_id: str, version: int, step: int, now: datetime, lease_until: datetime) -> bool:
     """The run moves to `step` and its lease is renewed; False when it is no longer this claim's."""
     values = {**_mine(run_id, version), "b_step": step, "b_now": now, "b_lease_until": lease_until}
-    return bool(rowcount(await session.execute(_ADVANCE, values)))
+    return bool((await _ADVANCE.run(session, values)).rowcount)
 
 
 async def end(session: DbSession, run_id: str, version: int, status: RunStatus, steps: int, now: datetime) -> bool:
     """The run ends with `status` after `steps` more model calls; False when it is no longer this claim's."""
     values = {**_mine(run_id, version), "b_status": status, "b_steps": steps, "b_now": now}
-    return bool(rowcount(await session.execute(_END, values)))
+    return bool((await _END.run(session, values)).rowcount)
 
 
 async def pause(session: DbSession, run_id: str, results: dict[str, str]) -> None:
     """The run waits on its step's approvals, keeping the results of the calls that ran."""
-    await session.execute(_PAUSE, {"b_run_id": run_id, "b_results": results})
+    await _PAUSE.run(session, {"b_run_id": run_id, "b_results": results})
 
 
 async def resume(session: DbSession, run_id: str, version: int, owner: str, lease_until: datetime, now: datetime) -> bool:
     """waiting -> running (`version + 1`) under `owner`'s lease; False when another replica resumed it first."""
     values = {"b_run_id": run_id, "b_version": version, "b_owner": owner, "b_lease_until": lease_until, "b_now": now}
-    return bool(rowcount(await session.execute(_RESUME, values)))
+    return bool((await _RESUME.run(session, values)).rowcount)
 
 
 async def set_requester(session: DbSession, run_id: str, requester: dict[str, Any], thread: dict[str, Any]) -> None:
     """What follows answers a newer message: its author is the requester, its thread the place to answer."""
-    await session.execute(_SET_REQUESTER, {"b_run_id": run_id, "b_requester": requester, "b_thread": thread})
+    await _SET_REQUESTER.run(session, {"b_run_id": run_id, "b_requester": requester, "b_thread": thread})
 
 
 # ---------------------------------------------------------------------- conversations
 async def conversation(session: DbSession, key: str) -> ConversationRow | None:
-    row = (await session.execute(_CONVERSATION, {"b_key": key})).first()
+    row = (await _CONVERSATION.run(session, {"b_key": key})).first()
     return None if row is None else ConversationRow(key, list(row.messages or []), row.active_run_id, row.version)
 
 
@@ -185,7 +188,7 @@ async def create_conversation(
 ) -> None:
     """A new conversation, held by `run_id` (an `IntegrityError` when another replica created it meanwhile)."""
     values = {"key": key, "platform": platform, "messages": messages, "active_run_id": run_id, "version": 1, "updated_at": now}
-    await session.execute(_INSERT_CONVERSATION, values)
+    await _INSERT_CONVERSATION.run(session, values)
 
 
 async def claim_conversation(
@@ -193,40 +196,40 @@ async def claim_conversation(
 ) -> bool:
     """Hold the conversation for `run_id` with its new history, unless it changed since `conv` was read."""
     values = {"b_key": conv.key, "b_version": conv.version, "b_run_id": run_id, "b_messages": messages, "b_now": now}
-    return bool(rowcount(await session.execute(_CLAIM_CONVERSATION, values)))
+    return bool((await _CLAIM_CONVERSATION.run(session, values)).rowcount)
 
 
 async def save_messages(session: DbSession, key: str, messages: list[dict[str, Any]], now: datetime) -> None:
-    await session.execute(_SAVE_MESSAGES, {"b_key": key, "b_messages": messages, "b_now": now})
+    await _SAVE_MESSAGES.run(session, {"b_key": key, "b_messages": messages, "b_now": now})
 
 
 async def release_conversation(session: DbSession, key: str, run_id: str, messages: list[dict[str, Any]], now: datetime) -> None:
     """Store the history and let go of the conversation, if `run_id` holds it."""
-    await session.execute(_RELEASE_CONVERSATION, {"b_key": key, "b_run_id": run_id, "b_messages": messages, "b_now": now})
+    await _RELEASE_CONVERSATION.run(session, {"b_key": key, "b_run_id": run_id, "b_messages": messages, "b_now": now})
 
 
 # ---------------------------------------------------------------------- inbox
 async def queued(session: DbSession, key: str, statuses: tuple[InboxStatus, ...] = (Q.QUEUED,)) -> list[QueuedMessage]:
-    rows = await session.execute(_QUEUED, {"b_key": key, "b_statuses": [str(s) for s in statuses]})
-    return [QueuedMessage(row.id, InboxStatus(row.status), IncomingMessage.from_dict(row.payload)) for row in rows]
+    rows = await _QUEUED.run(session, {"b_key": key, "b_statuses": [str(s) for s in statuses]})
+    return [QueuedMessage(row.id, InboxStatus(row.status), IncomingMessage.from_dict(row.payload)) for row in rows.all()]
 
 
 async def set_statuses(session: DbSession, statuses: list[tuple[str, InboxStatus]], run_id: str | None, now: datetime) -> None:
     """Move inbox messages (id, new status) into `run_id` (None: into no run yet)."""
     if statuses:
         params = [{"b_id": id_, "b_status": status, "b_run_id": run_id, "b_now": now} for id_, status in statuses]
-        await session.execute(_SET_INBOX_STATUS, params)
+        await _SET_INBOX_STATUS.run_many(session, params)
 
 
 async def done(session: DbSession, run_id: str) -> None:
     """The run's messages are answered."""
-    await session.execute(_INBOX_DONE, {"b_run_id": run_id})
+    await _INBOX_DONE.run(session, {"b_run_id": run_id})
 
 
 async def release_held(session: DbSession, key: str) -> bool:
     """Messages held behind the ended run's approvals queue for a run of their own. True when
     anything of the conversation is queued now."""
-    waiting = set((await session.execute(_WAITING_STATUSES, {"b_key": key})).scalars())
+    waiting = set((await _WAITING_STATUSES.run(session, {"b_key": key})).scalars())
     if Q.HELD in waiting:
-        await session.execute(_UNHOLD, {"b_key": key})
+        await _UNHOLD.run(session, {"b_key": key})
     return bool(waiting)

@@ -1,0 +1,120 @@
+"""Prepared statements (`storage.prepared`) on both databases: values go in and come back as
+SQLAlchemy would store and read them, IN lists expand, driver errors arrive as SQLAlchemy's
+exception classes, a connection killed from outside is discarded and the step retried on a new
+one, cursor-event listeners still see every statement, and a statement that would need
+SQLAlchemy's Python-side defaults is refused."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+
+import pytest
+import sqlalchemy as sa
+
+from storage.engine import Database, DbSession, is_transient
+from storage.migrate import upgrade
+from storage.models import Conversation, SeenKey, table_of
+from storage.prepared import Prepared
+from tests.fault_helpers import schema_of, terminate_backends
+
+_CONVERSATIONS, _KEYS = table_of(Conversation), table_of(SeenKey)
+INSERT_CONVERSATION = Prepared(sa.insert(_CONVERSATIONS))
+CONVERSATION = Prepared(
+    sa.select(_CONVERSATIONS.c.messages, _CONVERSATIONS.c.updated_at, _CONVERSATIONS.c.version).where(
+        _CONVERSATIONS.c.key == sa.bindparam("b_key")
+    )
+)
+INSERT_KEYS = Prepared(sa.insert(_KEYS))
+KEYS_IN = Prepared(sa.select(_KEYS.c.key).where(_KEYS.c.key.in_(sa.bindparam("b_keys", expanding=True))).order_by(_KEYS.c.key))
+BUMP = Prepared(
+    sa.update(_CONVERSATIONS).where(_CONVERSATIONS.c.key == sa.bindparam("b_key")).values(version=_CONVERSATIONS.c.version + 1)
+)
+WHEN = datetime(2026, 12, 3, 8, 30, 15, 123456, tzinfo=UTC)
+HISTORY = [{"role": "user", "content": "客户张三 <zhangsan@example.com>", "n": 2**40, "nested": {"ok": True, "none": None}}]
+
+
+@pytest.fixture
+async def db(db_url: str) -> AsyncIterator[Database]:
+    upgrade(db_url)
+    database = Database(db_url)
+    yield database
+    await database.dispose()
+
+
+def conversation(key: str) -> dict[str, object]:
+    return {"key": key, "platform": "slack", "messages": HISTORY, "active_run_id": None, "version": 1, "updated_at": WHEN}
+
+
+async def test_values_come_back_as_sqlalchemy_stores_and_reads_them(db: Database):
+    async def write(session: DbSession) -> int:
+        await INSERT_CONVERSATION.run(session, conversation("c1"))
+        return (await BUMP.run(session, {"b_key": "c1"})).rowcount
+
+    assert await db.run(write) == 1
+    row = (await db.run(lambda s: CONVERSATION.run(s, {"b_key": "c1"}), read=True)).one()
+    assert (row.messages, row.updated_at, row.version) == (HISTORY, WHEN, 2)  # JSON and an aware UTC time, by name
+
+    async def through_the_orm(session: DbSession) -> Conversation | None:
+        return await session.get(Conversation, "c1")
+
+    stored = await db.run(through_the_orm, read=True)  # what the ORM reads is what was written
+    assert stored is not None and (stored.messages, stored.updated_at, stored.version) == (HISTORY, WHEN, 2)
+
+
+async def test_in_lists_expand_and_many_rows_go_in_one_executemany(db: Database):
+    rows = [{"key": f"k{i}", "inbox_id": f"in-{i}", "created_at": WHEN} for i in range(5)]
+    await db.run(lambda s: INSERT_KEYS.run_many(s, rows))
+    found = await db.run(lambda s: KEYS_IN.run(s, {"b_keys": ["k3", "k1", "nope"]}), read=True)
+    assert found.scalars() == ["k1", "k3"]
+    assert (await db.run(lambda s: KEYS_IN.run(s, {"b_keys": []}), read=True)).all() == []
+
+
+async def test_a_duplicate_key_is_sqlalchemys_integrity_error_and_nothing_of_the_transaction_stays(db: Database):
+    async def twice(session: DbSession) -> None:
+        await INSERT_CONVERSATION.run(session, conversation("c2"))
+        await INSERT_KEYS.run_many(session, [{"key": "dup", "inbox_id": "in-1", "created_at": WHEN}] * 2)
+
+    with pytest.raises(sa.exc.IntegrityError) as raised:
+        await db.run(twice)
+    assert not is_transient(raised.value)  # not retried: the same insert would fail again
+    assert (await db.run(lambda s: CONVERSATION.run(s, {"b_key": "c2"}), read=True)).first() is None
+
+
+async def test_cursor_listeners_see_every_prepared_statement(db: Database):
+    seen: list[tuple[str, bool]] = []
+    after: list[object] = []
+
+    def before(_conn, _cursor, statement: str, _params, context, executemany: bool) -> None:
+        context.mark = statement  # a tracer keeps its span on the context between the two events
+        seen.append((" ".join(statement.replace('"', "").split()[:3]), executemany))
+
+    sa.event.listen(db.sync_engine, "before_cursor_execute", before)
+    sa.event.listen(db.sync_engine, "after_cursor_execute", lambda *args: after.append(args[4].mark))
+    await db.run(lambda s: INSERT_KEYS.run_many(s, [{"key": "e1", "inbox_id": "in-1", "created_at": WHEN}]))
+    await db.run(lambda s: KEYS_IN.run(s, {"b_keys": ["e1"]}), read=True)
+    prepared = [s for s in seen if not s[0].startswith("BEGIN")]
+    assert prepared == [("INSERT INTO seen_key", True), ("SELECT seen_key.key FROM", False)]
+    assert len(after) == len(seen)
+
+
+async def test_a_statement_that_needs_python_side_defaults_is_refused(db: Database):
+    partial = {"key": "c3", "platform": "slack", "messages": [], "updated_at": WHEN}  # no version: its default is Python's
+    with pytest.raises(TypeError, match="Python-side defaults"):
+        await db.run(lambda s: INSERT_CONVERSATION.run(s, partial))
+
+
+async def test_a_connection_killed_from_outside_is_discarded_and_the_step_runs_again(postgres_url: str):
+    upgrade(postgres_url)
+    db = Database(postgres_url)
+    try:
+        await db.run(lambda s: INSERT_CONVERSATION.run(s, conversation("c4")))  # the pool holds a live connection now
+        assert terminate_backends(postgres_url, schema_of(postgres_url)) >= 1
+        attempts: list[BaseException] = []
+        db.on_retry(attempts.append)
+        assert (await db.run(lambda s: BUMP.run(s, {"b_key": "c4"}))).rowcount == 1
+        assert len(attempts) == 1 and isinstance(attempts[0], sa.exc.DBAPIError) and is_transient(attempts[0])
+        row = (await db.run(lambda s: CONVERSATION.run(s, {"b_key": "c4"}), read=True)).one()
+        assert row.version == 2  # exactly one bump: the killed attempt changed nothing
+    finally:
+        await db.dispose()
