@@ -191,8 +191,9 @@ def rowcount(result: Result[*tuple[Any, ...]]) -> int:
 class InlineSession:
     """The part of `AsyncSession` the bot uses (`DbSession`), over a synchronous SQLite session run inline."""
 
-    def __init__(self, session: Session) -> None:
+    def __init__(self, session: Session, connection: sa.Connection | None = None) -> None:
         self._session = session
+        self._connection = connection  # the transaction's, once known
 
     @property
     def bind(self) -> Any:
@@ -210,7 +211,9 @@ class InlineSession:
 
     def connection(self) -> sa.Connection:
         """The transaction's connection (`storage.prepared` runs hot statements on its driver)."""
-        return self._session.connection()
+        if self._connection is None:
+            self._connection = self._session.connection()
+        return self._connection
 
     @overload
     async def execute(self, statement: TypedReturnsRows[*Ts], params: Any = None) -> Result[*Ts]: ...
@@ -333,9 +336,9 @@ class Database:
                 raise LockBusy("the database is busy") from None
             try:
                 with self._sync_sessions() as sync_session:
-                    await self._begin_sqlite(sync_session, deadline)
+                    connection = await self._begin_sqlite(sync_session, deadline)
                     async with self._committing(sync_session):
-                        yield InlineSession(sync_session)
+                        yield InlineSession(sync_session, connection)
                     raised = self._raised(sync_session.info)
             finally:
                 self._write_lock.release()
@@ -368,7 +371,7 @@ class Database:
             raise
 
     @staticmethod
-    async def _begin_sqlite(session: Session, deadline: float) -> None:
+    async def _begin_sqlite(session: Session, deadline: float) -> sa.Connection:
         """`BEGIN IMMEDIATE` without a busy wait: while another connection holds the lock, try again
         after a short async sleep (other coroutines run meanwhile) until `deadline`."""
         loop = asyncio.get_running_loop()
@@ -376,8 +379,7 @@ class Database:
         while True:
             try:
                 session.begin()
-                session.connection()  # emits BEGIN IMMEDIATE (the "begin" listener)
-                return
+                return session.connection()  # emits BEGIN IMMEDIATE (the "begin" listener)
             except sa.exc.OperationalError as exc:
                 session.rollback()
                 if not _locked(exc):

@@ -82,6 +82,7 @@ class _Driver:
 
     dialect: Dialect
     connection: Any  # sqlite3.Connection or psycopg.AsyncConnection
+    cursor: Any  # one for the whole transaction (a new one per statement costs ~15% of psycopg's time)
     is_async: bool
     events: sa.Connection
     invalidate: Callable[[BaseException], Any]
@@ -90,7 +91,7 @@ class _Driver:
         """Run `sql` once (or, `many`, once per parameter set): the rows it returned and the rows it changed."""
         events = self.events.dispatch
         context = _EventContext() if events.before_cursor_execute or events.after_cursor_execute else None
-        cursor = self.connection.cursor()
+        cursor = self.cursor
         try:
             if context is not None:
                 events.before_cursor_execute(self.events, cursor, sql, args, context, many)
@@ -106,10 +107,6 @@ class _Driver:
             return fetched, cursor.rowcount
         except self.dialect.loaded_dbapi.Error as exc:
             raise await self._wrapped(exc, sql) from exc
-        finally:
-            closed = cursor.close()
-            if closed is not None:
-                await closed
 
     async def _wrapped(self, exc: BaseException, sql: str) -> sa.exc.DBAPIError:
         """SQLAlchemy's exception for a driver error; a lost connection is taken out of the pool."""
@@ -219,12 +216,14 @@ async def _driver_of(session: DbSession) -> _Driver:
         return cast(_Driver, driver)
     if isinstance(session, InlineSession):
         sync = session.connection()
-        driver = _Driver(sync.dialect, sync.connection.driver_connection, False, sync, sync.invalidate)
+        dbapi: Any = sync.connection.driver_connection
+        driver = _Driver(sync.dialect, dbapi, dbapi.cursor(), False, sync, sync.invalidate)
     else:
         connection: AsyncConnection = await cast(AsyncSession, session).connection()
         raw = await connection.get_raw_connection()
         events = connection.sync_connection
         assert events is not None  # a started transaction's connection
-        driver = _Driver(connection.dialect, raw.driver_connection, True, events, connection.invalidate)
+        dbapi = cast(Any, raw.driver_connection)
+        driver = _Driver(connection.dialect, dbapi, dbapi.cursor(), True, events, connection.invalidate)
     session.info[_DRIVER] = driver
     return driver
