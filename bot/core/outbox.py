@@ -36,7 +36,7 @@ from bot.core.cards import card_view
 from bot.core.channels import DeliveryFailed
 from bot.core.context import AppContext
 from bot.core.events import Thread, User
-from storage.engine import DbSession, rowcount
+from storage.engine import DbSession
 from storage.models import Approval, ApprovalStatus, OutboxJob, OutboxKind, OutboxStatus, table_of
 from storage.prepared import Prepared
 
@@ -80,6 +80,31 @@ _MARK_SENT = Prepared(
     sa.update(_JOBS)
     .where(_JOBS.c.id == sa.bindparam("b_id"))
     .values(status=OutboxStatus.SENT, message_id=sa.bindparam("b_message_id"), lease_until=None, last_error=None)
+)
+
+# Delivery rounds: jobs due now whose thread has nothing earlier still pending, and the claim of one.
+_EARLIER = _JOBS.alias("earlier")
+_CLAIMABLE = (
+    _JOBS.c.status == OutboxStatus.PENDING,
+    _JOBS.c.next_attempt_at <= sa.bindparam("b_now"),
+    sa.or_(_JOBS.c.lease_until.is_(None), _JOBS.c.lease_until < sa.bindparam("b_now")),
+)
+_DUE = Prepared(
+    sa.select(_JOBS.c.id)
+    .where(
+        *_CLAIMABLE,
+        ~sa.select(_EARLIER.c.id)
+        .where(_EARLIER.c.thread_key == _JOBS.c.thread_key, _EARLIER.c.status == OutboxStatus.PENDING, _EARLIER.c.id < _JOBS.c.id)
+        .exists(),
+    )
+    .order_by(_JOBS.c.id)
+    .limit(sa.bindparam("b_limit"))
+)
+_CLAIM = Prepared(
+    sa.update(_JOBS)
+    .where(_JOBS.c.id == sa.bindparam("b_id"), *_CLAIMABLE)
+    .values(owner=sa.bindparam("b_owner"), lease_until=sa.bindparam("b_lease_until"), attempts=_JOBS.c.attempts + 1)
+    .returning(*_JOBS.c)
 )
 
 
@@ -302,29 +327,7 @@ class Outbox:
         return len(tried)
 
     async def _due(self, session: DbSession, limit: int) -> list[int]:
-        now = self.ctx.clock()
-        earlier = sa.orm.aliased(OutboxJob)
-        blocked = (
-            sa.select(col(earlier.id))
-            .where(
-                col(earlier.thread_key) == col(OutboxJob.thread_key),
-                col(earlier.status) == OutboxStatus.PENDING,
-                col(earlier.id) < col(OutboxJob.id),
-            )
-            .exists()
-        )
-        rows = await session.execute(
-            sa.select(col(OutboxJob.id))
-            .where(
-                col(OutboxJob.status) == OutboxStatus.PENDING,
-                col(OutboxJob.next_attempt_at) <= now,
-                sa.or_(col(OutboxJob.lease_until).is_(None), col(OutboxJob.lease_until) < now),
-                ~blocked,
-            )
-            .order_by(col(OutboxJob.id))
-            .limit(limit)
-        )
-        return [job_id for job_id in rows.scalars() if job_id is not None]  # a stored row's id is never None
+        return (await _DUE.run(session, {"b_now": self.ctx.clock(), "b_limit": limit})).scalars()
 
     async def deliver(self, job_id: int) -> None:
         """Claim one job and try to deliver it once; schedules the next attempt on failure."""
@@ -379,21 +382,12 @@ class Outbox:
 
     async def _claim(self, session: DbSession, job_id: int) -> OutboxJob | None:
         now = self.ctx.clock()
-        claimed = await session.execute(
-            sa.update(OutboxJob)
-            .where(
-                col(OutboxJob.id) == job_id,
-                col(OutboxJob.status) == OutboxStatus.PENDING,
-                col(OutboxJob.next_attempt_at) <= now,
-                sa.or_(col(OutboxJob.lease_until).is_(None), col(OutboxJob.lease_until) < now),
-            )
-            .values(
-                owner=self.ctx.replica_id, lease_until=now + timedelta(seconds=CLAIM_SECONDS), attempts=OutboxJob.attempts + 1
-            )
+        lease = now + timedelta(seconds=CLAIM_SECONDS)
+        claimed = await _CLAIM.run(
+            session, {"b_id": job_id, "b_now": now, "b_owner": self.ctx.replica_id, "b_lease_until": lease}
         )
-        if not rowcount(claimed):
-            return None
-        return await session.get(OutboxJob, job_id)
+        row = claimed.first()
+        return None if row is None else OutboxJob(**row._asdict())
 
     async def _send(self, job: OutboxJob, replaces: dict[int, str | None]) -> Sent:
         channel = self.ctx.channel(job.platform)
