@@ -115,7 +115,7 @@ class _Driver:
             invalidated = self.invalidate(exc)
             if invalidated is not None:
                 await invalidated
-        error = sa.exc.DBAPIError.instance(
+        error = sa.exc.DBAPIError.instance(  # without the values: they may hold what the redactor would hide
             sql, None, cast(Exception, exc), self.dialect.loaded_dbapi.Error, connection_invalidated=lost, dialect=self.dialect
         )
         return cast(sa.exc.DBAPIError, error)
@@ -165,8 +165,9 @@ class Prepared:
 
     async def run(self, session: DbSession, params: Mapping[str, Any] | None = None) -> Rows:
         driver = await _driver_of(session)
-        plan = self._plan(driver.dialect, params or {})
-        sql, args = plan.bind(params or {})
+        values = params or {}
+        plan = self._plan(driver.dialect, values)
+        sql, args = plan.bind(values)
         fetched, count = await driver.execute(sql, args, many=False)
         return Rows(plan.rows(fetched) if fetched else [], count)
 
@@ -188,7 +189,12 @@ class Prepared:
         return plan
 
     def _compile(self, dialect: Dialect, columns: tuple[str, ...] | None) -> _Plan:
-        compiled = cast(SQLCompiler, self.statement.compile(dialect=dialect, column_keys=list(columns) if columns else None))
+        # `for_executemany`: an INSERT returns only what it asks for (compiled for one row, PostgreSQL's
+        # would also return the new key unasked, fetched and thrown away on every message and answer).
+        if columns is None:
+            compiled = cast(SQLCompiler, self.statement.compile(dialect=dialect))
+        else:
+            compiled = cast(SQLCompiler, self.statement.compile(dialect=dialect, column_keys=list(columns), for_executemany=True))
         if compiled.insert_prefetch or compiled.update_prefetch:
             raise TypeError(f"{self.statement}: columns with Python-side defaults need a value; give every column one")
         processors = {
@@ -196,8 +202,7 @@ class Prepared:
             for name, bind in compiled.binds.items()
             if (processor := bind.type.dialect_impl(dialect).bind_processor(dialect)) is not None
         }
-        # A SELECT's columns, or what an INSERT, UPDATE or DELETE returns (PostgreSQL's INSERT returns
-        # its new key unasked, as SQLAlchemy compiles it).
+        # A SELECT's columns, or what an INSERT, UPDATE or DELETE asked to return.
         if isinstance(self.statement, sa.Select):
             columns_out = list(self.statement.selected_columns)
         else:

@@ -14,7 +14,7 @@ import sqlalchemy as sa
 
 from storage.engine import Database, DbSession, is_transient
 from storage.migrate import upgrade
-from storage.models import Conversation, SeenKey, table_of
+from storage.models import AuditStaged, Conversation, SeenKey, table_of
 from storage.prepared import Prepared
 from tests.fault_helpers import schema_of, terminate_backends
 
@@ -30,6 +30,9 @@ KEYS_IN = Prepared(sa.select(_KEYS.c.key).where(_KEYS.c.key.in_(sa.bindparam("b_
 BUMP = Prepared(
     sa.update(_CONVERSATIONS).where(_CONVERSATIONS.c.key == sa.bindparam("b_key")).values(version=_CONVERSATIONS.c.version + 1)
 )
+_STAGED = table_of(AuditStaged)
+STAGE = Prepared(sa.insert(_STAGED))
+STAGE_RETURNING_ID = Prepared(sa.insert(_STAGED).returning(_STAGED.c.id))
 WHEN = datetime(2026, 12, 3, 8, 30, 15, 123456, tzinfo=UTC)
 HISTORY = [{"role": "user", "content": "客户张三 <zhangsan@example.com>", "n": 2**40, "nested": {"ok": True, "none": None}}]
 
@@ -118,3 +121,21 @@ async def test_a_connection_killed_from_outside_is_discarded_and_the_step_runs_a
         assert row.version == 2  # exactly one bump: the killed attempt changed nothing
     finally:
         await db.dispose()
+
+
+async def test_an_insert_returns_only_what_it_asks_for(db: Database):
+    inserts: list[str] = []
+    sa.event.listen(
+        db.sync_engine,
+        "before_cursor_execute",
+        lambda _c, _k, statement, *_: inserts.append(statement) if "INSERT" in statement else None,
+    )
+    row = {"at": WHEN, "kind": "k", **dict.fromkeys(("run_id", "approval_id", "platform", "actor", "tool", "status")), "data": {}}
+    row["seal"] = "s"
+
+    async def stage(session: DbSession) -> int:
+        await STAGE.run(session, row)  # a new key PostgreSQL would hand back unasked, were it compiled for one row
+        return (await STAGE_RETURNING_ID.run(session, row)).scalar_one()
+
+    assert isinstance(await db.run(stage), int)
+    assert ["RETURNING" in statement for statement in inserts] == [False, True]

@@ -1,6 +1,7 @@
 """The run store's statements on the run, conversation and inbox rows, and the small records they
-read. Built once at import and run with bound parameters (SQLAlchemy Core): a turn's start, steps
-and finish go without the ORM's unit of work, whose flush cost more than the statements themselves.
+read. Prepared once at import (`storage.prepared`) and run with bound parameters: a turn's start,
+steps and finish go without the ORM's unit of work and SQLAlchemy's per-execution layers, which cost
+more than the statements themselves.
 
 Every write of a run's own row is fenced by the claim's version (`mine`): a replica that lost its
 lease changes nothing. A conversation's row is written by whoever holds it (`active_run_id`), and
