@@ -82,7 +82,12 @@ class _Driver:
 
     dialect: Dialect
     connection: Any  # sqlite3.Connection or psycopg.AsyncConnection
-    cursor: Any  # one for the whole transaction (a new one per statement costs ~15% of psycopg's time)
+    # psycopg: one cursor for the whole transaction (a new one per statement costs ~15% of its time).
+    # sqlite3: None, a cursor per statement, closed at once on this thread: a cursor left to the
+    # garbage collector resets its last statement wherever the collector runs (the committer
+    # thread, say), and that statement is shared through the connection's statement cache with
+    # whichever cursor runs the same SQL next ("bad parameter or other API misuse").
+    cursor: Any
     is_async: bool
     events: sa.Connection
     invalidate: Callable[[BaseException], Any]
@@ -91,7 +96,7 @@ class _Driver:
         """Run `sql` once (or, `many`, once per parameter set): the rows it returned and the rows it changed."""
         events = self.events.dispatch
         context = _EventContext() if events.before_cursor_execute or events.after_cursor_execute else None
-        cursor = self.cursor
+        cursor = self.cursor if self.is_async else self.connection.cursor()
         try:
             if context is not None:
                 events.before_cursor_execute(self.events, cursor, sql, args, context, many)
@@ -107,6 +112,9 @@ class _Driver:
             return fetched, cursor.rowcount
         except self.dialect.loaded_dbapi.Error as exc:
             raise await self._wrapped(exc, sql) from exc
+        finally:
+            if not self.is_async:
+                cursor.close()
 
     async def _wrapped(self, exc: BaseException, sql: str) -> sa.exc.DBAPIError:
         """SQLAlchemy's exception for a driver error; a lost connection is taken out of the pool."""
@@ -222,7 +230,7 @@ async def _driver_of(session: DbSession) -> _Driver:
     if isinstance(session, InlineSession):
         sync = session.connection()
         dbapi: Any = sync.connection.driver_connection
-        driver = _Driver(sync.dialect, dbapi, dbapi.cursor(), False, sync, sync.invalidate)
+        driver = _Driver(sync.dialect, dbapi, None, False, sync, sync.invalidate)
     else:
         connection: AsyncConnection = await cast(AsyncSession, session).connection()
         raw = await connection.get_raw_connection()
