@@ -34,10 +34,11 @@ import sqlalchemy as sa
 from sqlmodel import col
 
 from storage.audit_keys import AuditKeyError, AuditKeys, default_key_file, key_id, load_keys
-from storage.engine import Database, DbSession
+from storage.engine import Database
 from storage.models import AuditEvent, AuditStaged, table_of, utcnow
 from storage.prepared import Prepared
 from storage.redact import Redactor
+from storage.sessions import DbSession
 
 __all__ = ["AuditKeyError", "AuditKeys", "AuditLog", "ChainProblem", "verify_chain"]
 # Prepared once (`storage.prepared`): every step of every run stages rows, and the chainer moves them after each commit.

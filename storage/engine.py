@@ -21,20 +21,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar, TypeVarTuple, cast, overload
+from typing import Any, TypeVar
 
 import orjson
 import sqlalchemy as sa
-from sqlalchemy.engine import URL, CursorResult, Result, make_url
+from sqlalchemy.engine import URL, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
-from sqlalchemy.orm import Session, sessionmaker
-from sqlalchemy.sql import Executable
-from sqlalchemy.sql.selectable import TypedReturnsRows
+from sqlalchemy.orm import sessionmaker
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_before_delay, wait_random_exponential
+
+from storage.sessions import DbSession, InlineSession, PostgresSession
 
 SQLITE_BUSY_TIMEOUT_MS = 5_000  # the CLI's sync engine (Alembic, audit commands): plain busy waits are fine there
 URGENT_BUDGET = 1.0  # seconds an ack's database step may take in all: lock waits and retries share it
@@ -50,8 +51,6 @@ _TRANSIENT_SQLSTATE_CLASSES = ("08", "40")
 _TRANSIENT_SQLSTATES = frozenset({"55P03", "57P01", "57P02", "57P03", "53300"})
 
 T = TypeVar("T")
-M = TypeVar("M")
-Ts = TypeVarTuple("Ts")
 
 
 @dataclass(frozen=True)
@@ -109,7 +108,16 @@ def _sqlite_connect_listeners(sync_engine: sa.Engine, busy_timeout_ms: int = SQL
 
     @sa.event.listens_for(sync_engine, "begin")
     def _on_begin(conn: sa.Connection) -> None:
-        conn.exec_driver_sql("BEGIN" if conn.get_execution_options().get("chatops_read") else "BEGIN IMMEDIATE")
+        # Straight to the driver: through `exec_driver_sql` each BEGIN cost as much as a whole
+        # prepared statement does (`storage.prepared`), five times a turn.
+        sql = "BEGIN" if conn.get_execution_options().get("chatops_read") else "BEGIN IMMEDIATE"
+        cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]  # a live connection's
+        try:
+            cursor.execute(sql)
+        except sqlite3.Error as exc:  # SQLAlchemy's class for it (OperationalError: the lock is busy)
+            raise sa.exc.DBAPIError.instance(sql, None, exc, sqlite3.Error) from exc
+        finally:
+            cursor.close()
 
 
 def dump_json(value: Any) -> str:
@@ -157,86 +165,12 @@ def _locked(exc: sa.exc.OperationalError) -> bool:
     return "locked" in str(exc.orig).lower() or "busy" in str(exc.orig).lower()
 
 
-class DbSession(Protocol):
-    """A transaction's session, whichever the database: an `AsyncSession` (PostgreSQL) or an
-    `InlineSession` (SQLite). Code annotates sessions with this, so the type checker refuses what
-    only one of the two offers."""
-
-    @property
-    def bind(self) -> Any: ...
-
-    @property
-    def info(self) -> dict[Any, Any]: ...
-
-    def add(self, instance: object) -> None: ...
-
-    async def get(self, entity: type[M], ident: Any) -> M | None: ...
-
-    @overload
-    async def execute(self, statement: TypedReturnsRows[*Ts], params: Any = None) -> Result[*Ts]: ...
-    @overload
-    async def execute(self, statement: Executable, params: Any = None) -> Result[*tuple[Any, ...]]: ...
-
-    async def flush(self) -> None: ...
-
-    async def refresh(self, instance: object) -> None: ...
-
-
-def rowcount(result: Result[*tuple[Any, ...]]) -> int:
-    """The rows an UPDATE or DELETE matched. Its result is a `CursorResult` (which has `rowcount`);
-    `Session.execute` is declared to return the `Result` base class."""
-    return cast("CursorResult[*tuple[Any, ...]]", result).rowcount
-
-
-class InlineSession:
-    """The part of `AsyncSession` the bot uses (`DbSession`), over a synchronous SQLite session run inline."""
-
-    def __init__(self, session: Session, connection: sa.Connection | None = None) -> None:
-        self._session = session
-        self._connection = connection  # the transaction's, once known
-
-    @property
-    def bind(self) -> Any:
-        return self._session.bind
-
-    @property
-    def info(self) -> dict[Any, Any]:
-        return self._session.info
-
-    def add(self, instance: object) -> None:
-        self._session.add(instance)
-
-    async def get(self, entity: type[M], ident: Any) -> M | None:
-        return self._session.get(entity, ident)
-
-    def connection(self) -> sa.Connection:
-        """The transaction's connection (`storage.prepared` runs hot statements on its driver)."""
-        if self._connection is None:
-            self._connection = self._session.connection()
-        return self._connection
-
-    @overload
-    async def execute(self, statement: TypedReturnsRows[*Ts], params: Any = None) -> Result[*Ts]: ...
-    @overload
-    async def execute(self, statement: Executable, params: Any = None) -> Result[*tuple[Any, ...]]: ...
-
-    async def execute(self, statement: Executable, params: Any = None) -> Result[*tuple[Any, ...]]:
-        return self._session.execute(statement, params)
-
-    async def flush(self) -> None:
-        self._session.flush()
-
-    async def refresh(self, instance: object) -> None:
-        self._session.refresh(instance)
-
-
 class Database:
     """The database handle the bot's components share (through the context, never a global).
 
-    `transaction()` yields an `AsyncSession` (PostgreSQL) or an `InlineSession` (SQLite); both
-    offer `get`, `execute`, `add`, `flush`, `refresh`, `info` and `bind`. `run(fn)` runs
-    `fn(session)` in a transaction and runs it again, from the start, on a transient fault (the
-    one retry layer).
+    `transaction()` yields a `PostgresSession` or an `InlineSession` (SQLite), both `DbSession`s
+    (`storage.sessions`). `run(fn)` runs `fn(session)` in a transaction and runs it again, from the
+    start, on a transient fault (the one retry layer).
     """
 
     def __init__(self, url: str, *, pool_size: int = DEFAULT_POOL_SIZE) -> None:
@@ -246,7 +180,7 @@ class Database:
         if self.urls.is_sqlite:
             self.sync_engine = make_sync_engine(self.urls, busy_timeout_ms=0)
             self._sync_sessions = sessionmaker(self.sync_engine, expire_on_commit=False)
-            self._sync_reads = sessionmaker(self.sync_engine.execution_options(chatops_read=True), expire_on_commit=False)
+            self._read_engine = self.sync_engine.execution_options(chatops_read=True)
             self.engine: AsyncEngine | None = None
             # SQLite has one writer at a time: our own writers queue here (FIFO); other processes
             # are waited for by polling (`_begin_sqlite`), never by a busy wait on the loop.
@@ -313,19 +247,23 @@ class Database:
     @asynccontextmanager
     async def _read(self) -> AsyncIterator[DbSession]:
         if self.engine is not None:
-            async with self._sessions() as session, session.begin():
+            async with self._postgres() as session:
                 yield session
             return
-        with self._sync_reads() as sync_session, sync_session.begin():
-            yield InlineSession(sync_session)
+        inline = InlineSession(self._read_engine.connect(), self._sync_sessions)
+        try:
+            inline.connection().begin()
+            yield inline
+            inline.commit()
+        finally:
+            inline.close()
 
     @asynccontextmanager
     async def _write(self, wait: float) -> AsyncIterator[DbSession]:
         if self.engine is not None:
-            async with self._sessions() as session:
-                async with session.begin():
-                    yield session
-                raised = self._raised(session.info)
+            async with self._postgres() as session:
+                yield session
+            raised = self._raised(session.info)
         else:
             assert self._write_lock is not None
             deadline = asyncio.get_running_loop().time() + wait
@@ -335,16 +273,33 @@ class Database:
             except TimeoutError:
                 raise LockBusy("the database is busy") from None
             try:
-                with self._sync_sessions() as sync_session:
-                    connection = await self._begin_sqlite(sync_session, deadline)
-                    async with self._committing(sync_session):
-                        yield InlineSession(sync_session, connection)
-                    raised = self._raised(sync_session.info)
+                inline = InlineSession(await self._begin_sqlite(deadline), self._sync_sessions)
+                try:
+                    async with self._committing(inline):
+                        yield inline
+                finally:
+                    inline.close()
+                raised = self._raised(inline.info)
             finally:
                 self._write_lock.release()
         for flag, value in raised:
             for callback in self._after_commit[flag]:
                 callback(value)
+
+    @asynccontextmanager
+    async def _postgres(self) -> AsyncIterator[PostgresSession]:
+        """One PostgreSQL transaction: committed on success, rolled back on any exception."""
+        assert self.engine is not None
+        session = PostgresSession(await self.engine.connect(), self._sessions)
+        try:
+            await (await session.connection()).begin()
+            yield session
+            await session.commit()
+        finally:
+            # Once committed, a failure to hand the connection back loses only the connection (the
+            # pool replaces it); it must not fail a step that is done.
+            with contextlib.suppress(Exception):
+                await session.close()
 
     def _raised(self, info: dict[Any, Any]) -> list[tuple[str, Any]]:
         """The after-commit keys a committed session set, with their values (taken out of `info`)."""
@@ -352,7 +307,7 @@ class Database:
         return [(flag, value) for flag, value in raised if value]
 
     @asynccontextmanager
-    async def _committing(self, session: Session) -> AsyncIterator[None]:
+    async def _committing(self, session: InlineSession) -> AsyncIterator[None]:
         """Commit the transaction `_begin_sqlite` opened, or roll it back on any exception. The
         commit (SQLite's fsync: milliseconds) runs on the one committer thread, so the event loop
         goes on meanwhile; the write lock stays held until it is done, even if the caller is
@@ -370,19 +325,20 @@ class Database:
                 await asyncio.wait_for(asyncio.shield(commit), COMMIT_WAIT)
             raise
 
-    @staticmethod
-    async def _begin_sqlite(session: Session, deadline: float) -> sa.Connection:
-        """`BEGIN IMMEDIATE` without a busy wait: while another connection holds the lock, try again
-        after a short async sleep (other coroutines run meanwhile) until `deadline`."""
+    async def _begin_sqlite(self, deadline: float) -> sa.Connection:
+        """A connection in a `BEGIN IMMEDIATE` transaction, without a busy wait: while another
+        connection holds the lock, try again after a short async sleep (other coroutines run
+        meanwhile) until `deadline`."""
         loop = asyncio.get_running_loop()
         pause = LOCK_POLL_FIRST
         while True:
+            connection = self.sync_engine.connect()
             try:
-                session.begin()
-                return session.connection()  # emits BEGIN IMMEDIATE (the "begin" listener)
-            except sa.exc.OperationalError as exc:
-                session.rollback()
-                if not _locked(exc):
+                connection.begin()  # emits BEGIN IMMEDIATE (the "begin" listener)
+                return connection
+            except BaseException as exc:
+                connection.close()
+                if not (isinstance(exc, sa.exc.OperationalError) and _locked(exc)):
                     raise
                 if loop.time() + pause > deadline:
                     raise LockBusy("the database is busy") from None

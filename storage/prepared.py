@@ -27,11 +27,11 @@ from typing import Any, cast
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Dialect
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
+from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.sql import ClauseElement
 from sqlalchemy.sql.compiler import SQLCompiler
 
-from storage.engine import DbSession, InlineSession
+from storage.sessions import DbSession, InlineSession, PostgresSession
 
 __all__ = ["Prepared", "Rows"]
 
@@ -232,7 +232,7 @@ async def _driver_of(session: DbSession) -> _Driver:
         dbapi: Any = sync.connection.driver_connection
         driver = _Driver(sync.dialect, dbapi, None, False, sync, sync.invalidate)
     else:
-        connection: AsyncConnection = await cast(AsyncSession, session).connection()
+        connection: AsyncConnection = await cast(PostgresSession, session).connection()
         raw = await connection.get_raw_connection()
         events = connection.sync_connection
         assert events is not None  # a started transaction's connection

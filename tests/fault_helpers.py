@@ -22,8 +22,8 @@ import sqlalchemy as sa
 
 from bot.app import App
 from bot.core.events import IncomingMessage, Thread, User
-from storage.engine import DbSession
 from storage.models import Approval, InboxEvent, OutboxJob, Run
+from storage.sessions import DbSession
 from tests.support_tools import RecordingChannel
 from tools.context import ToolContext
 from tools.registry import Toolset

@@ -32,8 +32,8 @@ from bot.cli_audit import audit_verify
 from bot.core.errors import StorageError
 from bot.core.events import DecisionRequest, IncomingMessage
 from storage.audit_keys import default_key_file, load_keys
-from storage.engine import DbSession
 from storage.models import Approval, InboxEvent, Run
+from storage.sessions import DbSession
 from tests.fakes.openai_server import Reply, calls, text
 from tests.fault_helpers import ALICE, FaultChannel, LockHolder, Stages, message, settle
 

@@ -17,10 +17,11 @@ from datetime import UTC, datetime
 import pytest
 import sqlalchemy as sa
 
-from storage.engine import Database, DbSession, is_transient
+from storage.engine import Database, is_transient
 from storage.migrate import upgrade
 from storage.models import AuditStaged, Conversation, SeenKey, table_of
 from storage.prepared import Prepared
+from storage.sessions import DbSession
 from tests.fault_helpers import schema_of, terminate_backends
 
 _CONVERSATIONS, _KEYS = table_of(Conversation), table_of(SeenKey)
@@ -185,3 +186,24 @@ async def test_sqlite_cursors_are_closed_on_the_loop_thread_after_each_statement
             collector.join()
     finally:
         await db.dispose()
+
+
+async def test_prepared_and_orm_work_in_one_transaction_commit_or_roll_back_together(db: Database):
+    # A transaction is a connection's; the ORM session joins it only when asked for (storage.sessions).
+    async def both(session: DbSession, key: str, fail: bool) -> None:
+        await INSERT_CONVERSATION.run(session, conversation(key))
+        session.add(SeenKey(key=f"seen-{key}", inbox_id="in-1", created_at=WHEN))
+        await session.flush()
+        assert (await session.get(Conversation, key)) is not None  # the ORM sees the prepared row
+        if fail:
+            raise RuntimeError("the step fails after both wrote")
+
+    with pytest.raises(RuntimeError):
+        await db.run(lambda s: both(s, "t1", True))
+    await db.run(lambda s: both(s, "t2", False))
+
+    async def found(session: DbSession) -> list[object]:
+        keys = (await KEYS_IN.run(session, {"b_keys": ["seen-t1", "seen-t2"]})).scalars()
+        return [*keys, *[k for k in ("t1", "t2") if await session.get(Conversation, k) is not None]]
+
+    assert await db.run(found, read=True) == ["seen-t2", "t2"]

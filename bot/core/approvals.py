@@ -33,8 +33,8 @@ from bot.core.display import one_line
 from bot.core.events import DecisionRequest, EditRequest, User
 from bot.core.policy import RULE_STRENGTH, CallRule
 from storage.audit import canonical_json
-from storage.engine import DbSession, rowcount
 from storage.models import Approval, ApprovalStatus
+from storage.sessions import DbSession, rowcount
 from tools.registry import CallProblem, PreparedCall
 
 S = ApprovalStatus

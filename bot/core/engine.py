@@ -34,8 +34,9 @@ from bot.core.intake import Intake
 from bot.core.outbox import Outbox
 from bot.core.run_store import RunStore
 from bot.core.runner import Runner
-from storage.engine import DbSession, LockBusy, is_transient
+from storage.engine import LockBusy, is_transient
 from storage.models import Approval, ApprovalStatus, InboxEvent
+from storage.sessions import DbSession
 
 log = logging.getLogger("chatops.core")
 CARD_ANSWER_GRACE = 1.0  # seconds: a click's answer reaches the platform well within this

@@ -22,8 +22,8 @@ from bot.core.cards import card_view
 from bot.core.channels import CardView
 from bot.core.context import AppContext
 from bot.core.events import User
-from storage.engine import DbSession
 from storage.models import InboxEvent, Run
+from storage.sessions import DbSession
 
 if TYPE_CHECKING:
     from bot.core.engine import Core

@@ -23,9 +23,10 @@ from sqlmodel import col
 from bot.core.context import AppContext
 from bot.core.events import IncomingMessage
 from storage.audit import entry
-from storage.engine import DbSession, is_transient
+from storage.engine import is_transient
 from storage.models import InboxEvent, InboxStatus, SeenKey, table_of
 from storage.prepared import Prepared
+from storage.sessions import DbSession
 
 BATCH_LIMIT = 200  # messages per recording transaction
 # Prepared once (`storage.prepared`); an INSERT of many rows is one `executemany`.

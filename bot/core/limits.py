@@ -15,8 +15,8 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlmodel import col
 
-from storage.engine import DbSession, rowcount
 from storage.models import Quota
+from storage.sessions import DbSession, rowcount
 
 WINDOW = timedelta(minutes=1)
 

@@ -36,9 +36,9 @@ from bot.core.cards import card_view
 from bot.core.channels import DeliveryFailed
 from bot.core.context import AppContext
 from bot.core.events import Thread, User
-from storage.engine import DbSession
 from storage.models import Approval, ApprovalStatus, OutboxJob, OutboxKind, OutboxStatus, table_of
 from storage.prepared import Prepared
+from storage.sessions import DbSession
 
 log = logging.getLogger("chatops.outbox")
 

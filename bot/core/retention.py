@@ -21,8 +21,8 @@ from datetime import datetime, timedelta
 import sqlalchemy as sa
 
 from bot.core.context import AppContext
-from storage.engine import DbSession, rowcount
 from storage.models import InboxEvent, InboxStatus, OutboxJob, OutboxStatus, Replica, SeenKey, table_of
+from storage.sessions import DbSession, rowcount
 
 log = logging.getLogger("chatops.retention")
 BATCH = 500  # rows per transaction

@@ -18,9 +18,9 @@ from typing import Any
 import sqlalchemy as sa
 
 from bot.core.events import IncomingMessage
-from storage.engine import DbSession
 from storage.models import Conversation, InboxEvent, InboxStatus, Run, RunStatus, table_of
 from storage.prepared import Prepared
+from storage.sessions import DbSession
 
 R, Q = RunStatus, InboxStatus
 # Bound names are not column names: SQLAlchemy keeps those for the SET clause.

@@ -27,7 +27,6 @@ from bot.core.events import IncomingMessage, Thread, User
 from bot.core.policy import CallRule, Verdict
 from bot.core.run_rows import ConversationRow, QueuedMessage
 from storage.audit import Entry, entry
-from storage.engine import DbSession, rowcount
 from storage.models import (
     Approval,
     ApprovalStatus,
@@ -39,6 +38,7 @@ from storage.models import (
     Run,
     RunStatus,
 )
+from storage.sessions import DbSession, rowcount
 from tools.registry import PreparedCall
 
 R, S, Q = RunStatus, ApprovalStatus, InboxStatus

@@ -34,8 +34,8 @@ from bot.core import metrics
 from bot.core.engine import Core
 from bot.core.retention import Retention
 from bot.core.run_store import RunClaim
-from storage.engine import DbSession
 from storage.models import Approval, Replica
+from storage.sessions import DbSession
 
 log = logging.getLogger("chatops.sweeper")
 APPROVED_GRACE = 2.0  # seconds a decider has to start what it approved before any replica does
