@@ -10,12 +10,13 @@ opens, commits and closes them.
 
 from __future__ import annotations
 
-from typing import Any, Protocol, TypeVar, TypeVarTuple, cast, overload
+from collections.abc import Callable
+from typing import Any, Generic, Protocol, TypeVar, TypeVarTuple, cast, overload
 
 import sqlalchemy as sa
 from sqlalchemy.engine import CursorResult, Result
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession, async_sessionmaker
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
+from sqlalchemy.orm import Session
 from sqlalchemy.sql import Executable
 from sqlalchemy.sql.selectable import TypedReturnsRows
 
@@ -23,6 +24,8 @@ __all__ = ["DbSession", "InlineSession", "PostgresSession", "rowcount"]
 
 M = TypeVar("M")
 Ts = TypeVarTuple("Ts")
+C = TypeVar("C", sa.Connection, AsyncConnection)
+S = TypeVar("S", Session, AsyncSession)
 
 # The joined ORM session's commit and rollback are the transaction's own.
 _JOIN = "control_fully"
@@ -59,18 +62,18 @@ def rowcount(result: Result[*tuple[Any, ...]]) -> int:
     return cast("CursorResult[*tuple[Any, ...]]", result).rowcount
 
 
-class InlineSession:
-    """The part of `AsyncSession` the bot uses (`DbSession`), over one SQLite `Connection`'s
-    transaction, run inline; a `Session` joins it when the ORM is first asked for."""
+class _Joined(Generic[C, S]):
+    """What both sessions share: the transaction's connection, the ORM session that joins it on
+    first use, and `info` (what the transaction leaves for after its commit)."""
 
-    def __init__(self, connection: sa.Connection, sessions: sessionmaker[Session]) -> None:
-        self._connection = connection
-        self._sessions = sessions
-        self._orm: Session | None = None
+    def __init__(self, connection: C, sessions: Callable[..., S]) -> None:
+        self._connection: C = connection
+        self._sessions: Callable[..., S] = sessions
+        self._orm: S | None = None
         self.info: dict[Any, Any] = {}
 
     @property
-    def _session(self) -> Session:
+    def _session(self) -> S:
         if self._orm is None:
             self._orm = self._sessions(bind=self._connection, join_transaction_mode=_JOIN)
         return self._orm
@@ -81,6 +84,11 @@ class InlineSession:
 
     def add(self, instance: object) -> None:
         self._session.add(instance)
+
+
+class InlineSession(_Joined[sa.Connection, Session]):
+    """The part of `AsyncSession` the bot uses (`DbSession`), over one SQLite `Connection`'s
+    transaction, run inline; a `Session` joins it when the ORM is first asked for."""
 
     async def get(self, entity: type[M], ident: Any) -> M | None:
         return self._session.get(entity, ident)
@@ -125,28 +133,9 @@ class InlineSession:
         self._session.refresh(instance)
 
 
-class PostgresSession:
+class PostgresSession(_Joined[AsyncConnection, AsyncSession]):
     """The part of `AsyncSession` the bot uses (`DbSession`), over one `AsyncConnection`'s
     transaction; an `AsyncSession` joins it when the ORM is first asked for."""
-
-    def __init__(self, connection: AsyncConnection, sessions: async_sessionmaker[AsyncSession]) -> None:
-        self._connection = connection
-        self._sessions = sessions
-        self._orm: AsyncSession | None = None
-        self.info: dict[Any, Any] = {}
-
-    @property
-    def _session(self) -> AsyncSession:
-        if self._orm is None:
-            self._orm = self._sessions(bind=self._connection, join_transaction_mode=_JOIN)
-        return self._orm
-
-    @property
-    def bind(self) -> Any:
-        return self._connection.engine
-
-    def add(self, instance: object) -> None:
-        self._session.add(instance)
 
     async def get(self, entity: type[M], ident: Any) -> M | None:
         return await self._session.get(entity, ident)
