@@ -33,8 +33,8 @@ _JOIN = "control_fully"
 
 class DbSession(Protocol):
     """A transaction's session, whichever the database: a `PostgresSession` or an `InlineSession`
-    (SQLite). Code annotates sessions with this, so the type checker refuses what
-    only one of the two offers."""
+    (SQLite). Code annotates sessions with this, so the type checker refuses what only one of the
+    two offers."""
 
     @property
     def bind(self) -> Any: ...
