@@ -7,10 +7,7 @@ left to the garbage collector broke statements on the loop thread when collected
 
 from __future__ import annotations
 
-import gc
-import os
 import sqlite3
-import threading
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 
@@ -40,8 +37,6 @@ _STAGED = table_of(AuditStaged)
 STAGE = Prepared(sa.insert(_STAGED))
 STAGE_RETURNING_ID = Prepared(sa.insert(_STAGED).returning(_STAGED.c.id))
 WHEN = datetime(2026, 12, 3, 8, 30, 15, 123456, tzinfo=UTC)
-# Statements raced against the garbage collector on another thread (the bug it found: ~1 in 1,000).
-GC_RACE_ROUNDS = 3000 if os.environ.get("CHATOPS_SLOW") == "1" else 200
 HISTORY = [{"role": "user", "content": "客户张三 <zhangsan@example.com>", "n": 2**40, "nested": {"ok": True, "none": None}}]
 
 
@@ -152,7 +147,10 @@ async def test_an_insert_returns_only_what_it_asks_for(db: Database):
 async def test_sqlite_cursors_are_closed_on_the_loop_thread_after_each_statement(tmp_path):
     # A cursor left to the garbage collector resets its last statement on whichever thread the
     # collector runs (the committer thread, say), while the connection's statement cache shares that
-    # statement with the next cursor running the same SQL: "bad parameter or other API misuse".
+    # statement with the next cursor running the same SQL: "bad parameter or other API misuse" (seen
+    # in CI once; from outside, a thread running the collector while audit rows were recorded: 3 in
+    # 3,000 transactions before, 0 in 9,000 after). A race too rare to catch in a bounded run, so the
+    # test holds the property that rules it out: no cursor of ours is left open.
     url = f"sqlite:///{tmp_path / 'cursors.db'}"
     upgrade(url)
     db = Database(url)
@@ -169,21 +167,6 @@ async def test_sqlite_cursors_are_closed_on_the_loop_thread_after_each_statement
         for cursor in cursors:
             with pytest.raises(sqlite3.ProgrammingError, match="closed cursor"):
                 cursor.execute("SELECT 1")
-
-        collecting = threading.Event()
-
-        def collect() -> None:  # the cyclic collector, run on another thread as often as it can
-            while not collecting.is_set():
-                gc.collect(0)
-
-        collector = threading.Thread(target=collect)
-        collector.start()
-        try:
-            for i in range(GC_RACE_ROUNDS):
-                await db.run(lambda s, i=i: INSERT_KEYS.run_many(s, [{"key": f"r{i}", "inbox_id": "in-1", "created_at": WHEN}]))
-        finally:
-            collecting.set()
-            collector.join()
     finally:
         await db.dispose()
 
