@@ -292,7 +292,7 @@ class Database:
         assert self.engine is not None
         session = PostgresSession(await self.engine.connect(), self._sessions)
         try:
-            await (await session.connection()).begin()
+            await session.connection().begin()
             yield session
             await session.commit()
         finally:
@@ -345,9 +345,14 @@ class Database:
                 await asyncio.sleep(pause)
                 pause = min(LOCK_POLL_MAX, pause * 2)
 
+    @staticmethod
+    def _limit(urgent: bool, deadline: float | None) -> float:
+        """Seconds a step's attempts may take in all."""
+        return deadline if deadline is not None else URGENT_BUDGET if urgent else RETRY_DEADLINE
+
     def attempts(self, *, urgent: bool = False, deadline: float | None = None) -> AsyncRetrying:
         """The retry policy for one database step (tenacity): transient faults only, bounded backoff."""
-        limit = deadline if deadline is not None else URGENT_BUDGET if urgent else RETRY_DEADLINE
+        limit = self._limit(urgent, deadline)
         return AsyncRetrying(
             retry=retry_if_exception(is_transient),
             # Full jitter (a random pause up to the exponential step): replicas retrying the same fault
@@ -384,8 +389,8 @@ class Database:
             if not is_transient(exc):
                 raise
             first_fault: BaseException | None = exc
-        limit = deadline if deadline is not None else URGENT_BUDGET if urgent else RETRY_DEADLINE
-        async for attempt in self.attempts(urgent=urgent, deadline=limit - (loop.time() - started)):
+        left = self._limit(urgent, deadline) - (loop.time() - started)
+        async for attempt in self.attempts(urgent=urgent, deadline=left):
             with attempt:
                 if first_fault is not None:
                     fault, first_fault = first_fault, None

@@ -27,7 +27,6 @@ from typing import Any, cast
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Dialect
-from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.sql import ClauseElement
 from sqlalchemy.sql.compiler import SQLCompiler
 
@@ -96,7 +95,7 @@ class _Driver:
         """Run `sql` once (or, `many`, once per parameter set): the rows it returned and the rows it changed."""
         events = self.events.dispatch
         context = _EventContext() if events.before_cursor_execute or events.after_cursor_execute else None
-        cursor = self.cursor if self.is_async else self.connection.cursor()
+        cursor = self.cursor if self.cursor is not None else self.connection.cursor()
         try:
             if context is not None:
                 events.before_cursor_execute(self.events, cursor, sql, args, context, many)
@@ -113,7 +112,7 @@ class _Driver:
         except self.dialect.loaded_dbapi.Error as exc:
             raise await self._wrapped(exc, sql) from exc
         finally:
-            if not self.is_async:
+            if cursor is not self.cursor:
                 cursor.close()
 
     async def _wrapped(self, exc: BaseException, sql: str) -> sa.exc.DBAPIError:
@@ -232,7 +231,7 @@ async def _driver_of(session: DbSession) -> _Driver:
         dbapi: Any = sync.connection.driver_connection
         driver = _Driver(sync.dialect, dbapi, None, False, sync, sync.invalidate)
     else:
-        connection: AsyncConnection = await cast(PostgresSession, session).connection()
+        connection = cast(PostgresSession, session).connection()
         raw = await connection.get_raw_connection()
         events = connection.sync_connection
         assert events is not None  # a started transaction's connection

@@ -85,6 +85,10 @@ class _Joined(Generic[C, S]):
     def add(self, instance: object) -> None:
         self._session.add(instance)
 
+    def connection(self) -> C:
+        """The transaction's connection (`storage.prepared` runs hot statements on its driver)."""
+        return self._connection
+
 
 class InlineSession(_Joined[sa.Connection, Session]):
     """The part of `AsyncSession` the bot uses (`DbSession`), over one SQLite `Connection`'s
@@ -92,10 +96,6 @@ class InlineSession(_Joined[sa.Connection, Session]):
 
     async def get(self, entity: type[M], ident: Any) -> M | None:
         return self._session.get(entity, ident)
-
-    def connection(self) -> sa.Connection:
-        """The transaction's connection (`storage.prepared` runs hot statements on its driver)."""
-        return self._connection
 
     def commit(self) -> None:
         """Flush what the ORM holds (if it was used) and commit."""
@@ -139,10 +139,6 @@ class PostgresSession(_Joined[AsyncConnection, AsyncSession]):
 
     async def get(self, entity: type[M], ident: Any) -> M | None:
         return await self._session.get(entity, ident)
-
-    async def connection(self) -> AsyncConnection:
-        """The transaction's connection (`storage.prepared` runs hot statements on its driver)."""
-        return self._connection
 
     @overload
     async def execute(self, statement: TypedReturnsRows[*Ts], params: Any = None) -> Result[*Ts]: ...
