@@ -13,7 +13,7 @@ import sqlalchemy as sa
 from bot.core import texts
 from bot.core.events import DecisionRequest, User
 from storage.models import Approval, AuditEvent, Run, utcnow
-from tests.fakes.openai_server import calls, failure, text, tool_results
+from tests.fakes.openai_server import calls, dropped, failure, text, tool_results
 from tests.support_tools import Ledger, notes_toolset
 
 BOB = User("terminal", "bob", "local", "bob")
@@ -231,12 +231,32 @@ async def test_model_failure_after_retries_tells_the_user_and_runs_no_tool(termi
     assert errors and "HTTP 503" in errors[0].data["error"]
 
 
+async def test_a_dropped_model_connection_is_retried_then_answered(terminal_bot, model):
+    model.script(dropped(), text("hello after a dropped connection"))
+    bot = await terminal_bot(toolsets=[notes_toolset(Ledger())], CHATOPS_MODEL_RETRIES="1")
+    await bot.say("hi")
+    assert len(model.requests) == 2
+    assert "bot> hello after a dropped connection" in bot.transcript()
+
+
+async def test_a_model_endpoint_that_keeps_dropping_is_reported_as_such(terminal_bot, model):
+    model.script(dropped(), dropped())
+    bot = await terminal_bot(toolsets=[notes_toolset(Ledger())], CHATOPS_MODEL_RETRIES="1")
+    await bot.say("hi")
+    assert len(model.requests) == 2
+    assert f"bot> {texts.MODEL_FAILED}" in bot.transcript()
+    errors = await audit_rows(bot.app, kind="model_error")
+    assert errors[0].data["error"] == "model endpoint closed the connection"
+
+
 async def test_model_timeout_is_bounded(terminal_bot, model):
     model.script(text("too slow", delay=2), text("too slow", delay=2))
     bot = await terminal_bot(toolsets=[notes_toolset(Ledger())], CHATOPS_MODEL_TIMEOUT="0.3", CHATOPS_MODEL_RETRIES="1")
     await bot.say("hi")
     assert len(model.requests) == 2
     assert "language model is not answering" in bot.transcript()
+    errors = await audit_rows(bot.app, kind="model_error")
+    assert errors[0].data["error"] == "model endpoint timed out"
 
 
 async def test_tool_failures_and_doubt_reach_the_model(terminal_bot, model):

@@ -58,6 +58,12 @@ _SET_REQUESTER = Prepared(
     .values(requester=sa.bindparam("b_requester", type_=sa.JSON()), thread=sa.bindparam("b_thread", type_=sa.JSON()))
 )
 _INSERT_RUN = Prepared(sa.insert(_RUNS))
+# PostgreSQL: one start of a conversation at a time (a transaction lock on the conversation's key;
+# SQLite's write lock already serialises every write). Workers woken by one signal all look at the
+# same waiting conversations: a second start waits for the first one's commit and then finds the
+# queue drained, instead of racing it to the conversation's row, failing and rolling back.
+_START_LOCK = Prepared(sa.text("SELECT pg_advisory_xact_lock(:namespace, hashtext(:key))"))
+_START_LOCK_NAMESPACE = 7_240_003  # beside the audit chainer's and the migrations' locks
 _CONVERSATION = Prepared(
     sa.select(_CONVERSATIONS.c.messages, _CONVERSATIONS.c.active_run_id, _CONVERSATIONS.c.version).where(
         _CONVERSATIONS.c.key == sa.bindparam("b_key")
@@ -210,6 +216,12 @@ async def release_conversation(session: DbSession, key: str, run_id: str, messag
 
 
 # ---------------------------------------------------------------------- inbox
+async def lock_for_start(session: DbSession, key: str) -> None:
+    """Wait until no other transaction is starting a run of this conversation (held until commit)."""
+    if session.bind.dialect.name == "postgresql":
+        await _START_LOCK.run(session, {"namespace": _START_LOCK_NAMESPACE, "key": key})
+
+
 async def queued(session: DbSession, key: str, statuses: tuple[InboxStatus, ...] = (Q.QUEUED,)) -> list[QueuedMessage]:
     rows = await _QUEUED.run(session, {"b_key": key, "b_statuses": [str(s) for s in statuses]})
     return [QueuedMessage(row.id, InboxStatus(row.status), IncomingMessage.from_dict(row.payload)) for row in rows.all()]

@@ -166,6 +166,7 @@ class RunStore:
     async def _start_once(self, session: DbSession, key: str) -> Started | None:
         """One attempt; None means "every message was refused, look again"."""
         ctx = self.ctx
+        await run_rows.lock_for_start(session, key)
         queued = await run_rows.queued(session, key)
         if not queued:
             return Started()

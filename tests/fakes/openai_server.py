@@ -30,6 +30,7 @@ class Reply:
     delay: float = 0.0
     raw_body: str | None = None
     until: asyncio.Event | None = None  # answer only once the test sets this event (a hung model, then a late answer)
+    drop: bool = False  # close the connection without an answer (a crashed or restarted endpoint)
 
 
 def text(content: str, delay: float = 0.0, until: asyncio.Event | None = None) -> Reply:
@@ -42,6 +43,11 @@ def calls(*pairs: tuple[str, Any], content: str | None = None, delay: float = 0.
 
 def failure(status: int, retry_after: float | None = None, delay: float = 0.0) -> Reply:
     return Reply(status=status, retry_after=retry_after, delay=delay)
+
+
+def dropped() -> Reply:
+    """The connection is closed once the request has arrived, with no answer at all."""
+    return Reply(drop=True)
 
 
 @dataclass
@@ -86,6 +92,10 @@ class ScriptedModel:
             await asyncio.sleep(reply.delay)
         if reply.until is not None:
             await reply.until.wait()
+        if reply.drop:
+            assert request.transport is not None
+            request.transport.close()
+            raise web.HTTPInternalServerError  # never sent: the connection is gone
         if reply.status != 200:
             headers = {"retry-after": str(reply.retry_after)} if reply.retry_after is not None else {}
             error = {"error": {"message": f"scripted failure {reply.status}", "type": "server_error"}}
