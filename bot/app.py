@@ -31,7 +31,7 @@ from bot.core.errors import ConfigError, StorageError
 from bot.core.model import ModelClient
 from bot.core.policy import Policy
 from bot.core.run_slots import RunSlots
-from bot.core.sweeper import Sweeper
+from bot.core.sweeper import EVERY_CONVERSATION, Share, Sweeper
 from bot.health import Readiness, ReadinessSource, health_routes
 from bot.toolsetup import build_tool_services, mcp_call_timeout, operator_errors
 from storage.audit import AuditLog
@@ -241,10 +241,16 @@ class App:
 
 
 async def build_app(
-    settings: Settings, *, migrate: bool = True, role: Role = Role.INLINE, wake: Callable[[], None] | None = None
+    settings: Settings,
+    *,
+    migrate: bool = True,
+    role: Role = Role.INLINE,
+    wake: Callable[[], None] | None = None,
+    share: Share = EVERY_CONVERSATION,
 ) -> App:
     """Wire every component from settings. Raises ChatopsError subclasses with clear messages.
-    A `front` app needs `wake` (how its Core signals the workers)."""
+    A `front` app needs `wake` (how its Core signals the workers); a worker gets its `share` of the
+    queued conversations."""
     redactor = Redactor(settings.secret_values())
     if migrate:
         try:
@@ -302,4 +308,4 @@ async def build_app(
         # The commits of a busy moment share one chaining pass (`CHAIN_DEBOUNCE`).
         db.after_audit_commit(lambda: ctx.tasks.spawn_coalesced("audit-chain", chain, delay=CHAIN_DEBOUNCE))
     core = Core(ctx, wake=wake if role == Role.FRONT else None)
-    return App(settings=settings, ctx=ctx, core=core, sweeper=Sweeper(core), role=role, closers=closers)
+    return App(settings=settings, ctx=ctx, core=core, sweeper=Sweeper(core, share), role=role, closers=closers)

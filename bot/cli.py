@@ -270,7 +270,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     worker = sub.add_parser("worker", help="(started by `chatops serve`) one worker process")
     worker.add_argument("--wake-dir", type=Path, required=True, help="where the front's wake-up sockets live (SQLite)")
-    worker.add_argument("--index", type=int, default=0, help="the worker's number, for its log lines")
+    worker.add_argument("--index", type=int, default=0, help="the worker's number (0 to N-1), for its share and log lines")
+    worker.add_argument("--of", type=int, default=1, help="how many workers this machine runs (N)")
     sub.add_parser("shell", help="chat with the bot in this terminal")
     tools = sub.add_parser(
         "tools", help="list every tool with its source, read/write, approval rule and whether its service is configured"
@@ -347,10 +348,11 @@ def run(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.command == "worker":
         from bot.cli_workers import work
+        from bot.core.sweeper import Share
 
         settings = _settings(args)
         with contextlib.suppress(KeyboardInterrupt):
-            asyncio.run(work(settings, args.wake_dir, args.index))
+            asyncio.run(work(settings, args.wake_dir, Share(args.index, args.of)))
         return 0
     if args.command == "tools":
         asyncio.run(_tools(_settings(args), args.channel))

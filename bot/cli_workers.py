@@ -19,6 +19,7 @@ from pathlib import Path
 
 from bot import lifecycle
 from bot.config import Settings
+from bot.core.sweeper import Share
 from bot.lifecycle import add_channels, stop_on_signals, unless_stopped
 from bot.supervisor import Workers, WorkersReadiness, forget_metrics_of, prepare_metrics_dir
 from bot.wake import PgNotifier, SocketListener, SocketNotifier, listen_pg
@@ -64,13 +65,13 @@ async def serve_front(settings: Settings, count: int, env_file: Path | None, run
         shutil.rmtree(run_dir, ignore_errors=True)
 
 
-async def work(settings: Settings, wake_dir: Path, index: int) -> None:
-    """One worker process: listen for wake-ups, recover, then sweep and pick up work until stopped."""
+async def work(settings: Settings, wake_dir: Path, share: Share) -> None:
+    """One worker process: listen for wake-ups, recover, then sweep and pick up work (`share`) until stopped."""
     from bot.app import Role, build_app
 
     stop = stop_on_signals()
     _stop_when_parent_leaves(stop)
-    app = await unless_stopped(build_app(settings, migrate=False, role=Role.WORKER), stop)
+    app = await unless_stopped(build_app(settings, migrate=False, role=Role.WORKER, share=share), stop)
     if app is None:
         return
     listener: SocketListener | None = None
@@ -78,11 +79,11 @@ async def work(settings: Settings, wake_dir: Path, index: int) -> None:
     try:
         add_channels(app, settings)
         if app.ctx.db.is_sqlite:
-            listener = SocketListener(wake_dir / f"worker-{index}.sock", app.sweeper.wake)
+            listener = SocketListener(wake_dir / f"worker-{share.index}.sock", app.sweeper.wake)
         else:
             listening = asyncio.create_task(listen_pg(app.ctx.db.urls.async_url, app.sweeper.wake, stop), name="listen")
         if await lifecycle.start(app, stop, serve_http=False):
-            log.info("worker %d ready", index)
+            log.info("worker %d ready", share.index)
             await stop.wait()
     finally:
         if listener is not None:

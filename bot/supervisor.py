@@ -52,7 +52,7 @@ class Workers:
 
     async def _spawn(self, index: int) -> None:
         proc = await asyncio.create_subprocess_exec(
-            *WORKER_COMMAND, *self.args, "--index", str(index), stdin=asyncio.subprocess.PIPE
+            *WORKER_COMMAND, *self.args, "--index", str(index), "--of", str(self.count), stdin=asyncio.subprocess.PIPE
         )
         self.procs[index] = proc
         log.info("worker %d started (pid %d)", index, proc.pid)

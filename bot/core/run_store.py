@@ -588,21 +588,21 @@ class RunStore:
 
         return await self.ctx.db.run(count, read=True)
 
-    async def idle_conversations(self, older_than: float) -> list[str]:
-        """Conversations with queued messages and no run holding them."""
+    async def idle_conversations(self, older_than: float) -> list[tuple[str, datetime]]:
+        """Conversations with queued messages and no run holding them, with their oldest such message's time."""
         cutoff = self.ctx.clock() - timedelta(seconds=older_than)
 
-        async def find(session: DbSession) -> list[str]:
+        async def find(session: DbSession) -> list[tuple[str, datetime]]:
             rows = await session.execute(
-                sa.select(col(InboxEvent.conversation_key))
+                sa.select(col(InboxEvent.conversation_key), sa.func.min(col(InboxEvent.created_at)))
                 .outerjoin(Conversation, col(Conversation.key) == col(InboxEvent.conversation_key))
                 .where(
                     col(InboxEvent.status) == Q.QUEUED,
                     col(InboxEvent.created_at) <= cutoff,
                     col(Conversation.active_run_id).is_(None),
                 )
-                .distinct()
+                .group_by(col(InboxEvent.conversation_key))
             )
-            return list(rows.scalars().all())
+            return [(key, oldest) for key, oldest in rows.all()]
 
         return await self.ctx.db.run(find, read=True)

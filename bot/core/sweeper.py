@@ -14,7 +14,11 @@ In a worker process (`chatops serve --workers N`) the sweeper is also how work s
 only records and signals, `wake()` then runs `pick_up`, the prompt part of a pass (approvals left
 `approved`, decided waiting runs, queued conversations nobody holds, due outbox jobs) with no
 grace, since no front ever starts that work itself. The claims are the usual conditional ones, so
-any number of workers, on any number of machines, can pick up the same item: one wins.
+any number of workers, on any number of machines, can pick up the same item: one wins. So that the
+workers of one machine do not all try every queued conversation, each starts at once only its
+`Share` of them; another's it starts only once it has waited `SHARE_GRACE` while this worker has
+a run slot free (that worker is busy, stopped or gone), and the periodic pass starts every
+conversation left queued past `QUEUED_GRACE`.
 """
 
 from __future__ import annotations
@@ -25,7 +29,10 @@ import functools
 import logging
 import os
 import socket
+import zlib
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import timedelta
 
 import sqlalchemy as sa
 from sqlmodel import col
@@ -40,12 +47,28 @@ from storage.sessions import DbSession
 log = logging.getLogger("chatops.sweeper")
 APPROVED_GRACE = 2.0  # seconds a decider has to start what it approved before any replica does
 QUEUED_GRACE = 2.0
+SHARE_GRACE = timedelta(seconds=0.5)  # how long a queued conversation is left to the worker whose share it is
+
+
+@dataclass(frozen=True)
+class Share:
+    """The queued conversations worker `index` of `count` on this machine starts as soon as it is woken."""
+
+    index: int = 0
+    count: int = 1
+
+    def holds(self, key: str) -> bool:
+        return self.count <= 1 or zlib.crc32(key.encode()) % self.count == self.index
+
+
+EVERY_CONVERSATION = Share()  # a process that is the only one to run conversations here
 
 
 class Sweeper:
-    def __init__(self, core: Core) -> None:
+    def __init__(self, core: Core, share: Share = EVERY_CONVERSATION) -> None:
         self.core = core
         self.ctx = core.ctx
+        self.share = share
         self._stop = asyncio.Event()
         self._woken = asyncio.Event()
         self.retention = Retention(core.ctx)
@@ -110,8 +133,11 @@ class Sweeper:
                 await self.core.runner.resume(approval.run_id)
 
     async def _start_idle_now(self) -> None:
-        for key in await self.core.store.idle_conversations(0):
-            self.ctx.tasks.spawn_coalesced(f"conversation-{key}", functools.partial(self._start, key))
+        ctx = self.ctx
+        slots, others_after = ctx.run_slots, ctx.clock() - SHARE_GRACE
+        for key, oldest in await self.core.store.idle_conversations(0):
+            if self.share.holds(key) or (oldest <= others_after and slots.busy + slots.waiting < slots.limit):
+                ctx.tasks.spawn_coalesced(f"conversation-{key}", functools.partial(self._start, key))
 
     async def _start(self, key: str) -> None:
         await self.core.runner.process_conversation(key)
@@ -155,7 +181,7 @@ class Sweeper:
             self.core.resume_later(run_id)
 
     async def _start_idle(self) -> None:
-        for key in await self.core.store.idle_conversations(QUEUED_GRACE):
+        for key, _ in await self.core.store.idle_conversations(QUEUED_GRACE):
             self.core.start_conversation(key)
 
     async def _deliver(self) -> None:
