@@ -75,6 +75,11 @@ class RunSlots:
     def waiting(self) -> int:
         return len(self._waiting)
 
+    @property
+    def has_room(self) -> bool:
+        """A new run would start now, not wait for a slot."""
+        return self.busy + self.waiting < self.limit
+
     @asynccontextmanager
     async def run(self) -> AsyncIterator[RunTime]:
         timing = RunTime(time.monotonic())

@@ -134,9 +134,9 @@ class Sweeper:
 
     async def _start_idle_now(self) -> None:
         ctx = self.ctx
-        slots, others_after = ctx.run_slots, ctx.clock() - SHARE_GRACE
+        others_after = ctx.clock() - SHARE_GRACE
         for key, oldest in await self.core.store.idle_conversations(0):
-            if self.share.holds(key) or (oldest <= others_after and slots.busy + slots.waiting < slots.limit):
+            if self.share.holds(key) or (oldest <= others_after and ctx.run_slots.has_room):
                 ctx.tasks.spawn_coalesced(f"conversation-{key}", functools.partial(self._start, key))
 
     async def _start(self, key: str) -> None:
