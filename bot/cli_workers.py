@@ -27,6 +27,7 @@ from storage.engine import normalise_url
 
 log = logging.getLogger("chatops")
 WORKERS_STOP_BUDGET = 7.5  # seconds the workers get after SIGTERM (the front's watchdog fires at 8.5)
+WORKER_NICENESS = 5  # added to a worker's niceness: under a full CPU the front (acks) is scheduled first
 
 
 def prepare_run_dir() -> Path:
@@ -69,6 +70,7 @@ async def work(settings: Settings, wake_dir: Path, share: Share) -> None:
     """One worker process: listen for wake-ups, recover, then sweep and pick up work (`share`) until stopped."""
     from bot.app import Role, build_app
 
+    os.nice(WORKER_NICENESS)  # the front's acks come first when the CPU is short
     stop = stop_on_signals()
     _stop_when_parent_leaves(stop)
     app = await unless_stopped(build_app(settings, migrate=False, role=Role.WORKER, share=share), stop)

@@ -21,6 +21,7 @@ import pytest
 import sqlalchemy as sa
 from aiohttp import web
 
+from bot.cli_workers import WORKER_NICENESS
 from bot.supervisor import Workers, WorkersReadiness
 from tests.fakes.openai_server import Reply, ScriptedModel, calls, text
 from tests.fakes.slack_api import FakeSlackApi
@@ -173,6 +174,8 @@ async def test_a_message_runs_in_a_worker_card_click_one_execution_reply(tmp_pat
             await bot.answered(SENT)
             owners = {owner_pid(row[0]) for row in query(db_url, "SELECT owner FROM run")}
             assert owners <= bot.worker_pids() and bot.serving.proc.pid not in owners
+            front_niceness = os.getpriority(os.PRIO_PROCESS, bot.serving.proc.pid)
+            assert {os.getpriority(os.PRIO_PROCESS, pid) for pid in bot.worker_pids()} == {front_niceness + WORKER_NICENESS}
             status, page = await bot.get("/metrics")  # the front shows the workers' core metrics
             assert status == 200 and re.search(r'chatops_runs_total\{outcome="done"\} 1\.0', page), page
             ready = await bot.get("/readyz")
