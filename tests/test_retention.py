@@ -4,6 +4,8 @@ the audit chain are kept. Both backends, through the sweeper as it runs in the p
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from datetime import timedelta
 
 import sqlalchemy as sa
@@ -116,3 +118,28 @@ async def test_retention_zero_keeps_everything_and_a_pass_is_due_hourly_but_not_
     later = utcnow() + timedelta(seconds=retention.PASS_EVERY + 1)
     other.ctx.clock = lambda: later
     assert other.sweeper.retention.due()
+
+
+async def test_the_periodic_sweep_runs_retention_on_its_own(bots, model, db_url):
+    model.responder = lambda body: text("done")
+    app = await bots.start(database_url=db_url, CHATOPS_SWEEP_INTERVAL="0.1")
+    app.ctx.channels[PLATFORM] = FaultChannel()
+    forgot = asyncio.Event()
+
+    class Forgot(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if record.getMessage().startswith("retention: forgot"):
+                forgot.set()
+
+    handler = Forgot()
+    logging.getLogger(retention.log.name).addHandler(handler)
+    try:
+        await bots.run(app)
+        assert await app.core.accept_message(message("hello", conversation="c0", key="k0"))
+        await settle(app)
+        assert counts(db_url)["seen_key"] == 1
+        app.ctx.clock = lambda: utcnow() + timedelta(days=31)  # a month on: nobody calls forget() but the loop
+        await asyncio.wait_for(forgot.wait(), 30)
+    finally:
+        logging.getLogger(retention.log.name).removeHandler(handler)
+    assert counts(db_url)["seen_key"] == 0
