@@ -12,6 +12,7 @@ from pathlib import Path
 
 import sqlalchemy as sa
 
+from bot.core.run_store import RunClaim
 from storage.models import AuditEvent, Conversation, Run, utcnow
 from tests.fakes.openai_server import calls, text
 from tests.fault_helpers import PLATFORM, FaultChannel, message, settle
@@ -133,3 +134,26 @@ async def test_a_step_whose_auto_rule_changed_something_is_stored_at_once(bots, 
     hung.set()
     await settle(app)
     assert app.ctx.channels[PLATFORM].replies == ["Stored."]
+
+
+async def test_a_line_released_after_its_drive_ended_costs_no_transaction(bots, model, db_url):
+    """A held line whose timer fired just as its run answered (its queueing task runs after the
+    answer): it is dropped in memory, not fenced by a read of the run."""
+    model.script(text("hello"))
+    app = await started(bots, db_url, Ledger())
+    msg = message("hello")
+    assert await app.core.accept_message(msg)
+    await settle(app)
+
+    async def the_run(session):
+        return (await session.execute(sa.select(Run))).scalar_one()
+
+    run = await app.ctx.db.run(the_run, read=True)
+    ended = RunClaim(run.id, run.version, run.conversation_key, run.step, msg.thread, msg.user, None, [], ended=True)
+    statements = [0]
+    sa.event.listen(app.ctx.db.sync_engine, "before_cursor_execute", lambda *_: statements.__setitem__(0, statements[0] + 1))
+
+    await app.core.runner.store.queue_progress(ended, "Running count_notes…")
+
+    assert statements[0] == 0
+    assert app.ctx.channels[PLATFORM].replies == ["hello"]

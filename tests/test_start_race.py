@@ -106,3 +106,46 @@ async def test_two_workers_starting_the_same_conversations_at_once_never_collide
     assert [(key, status) for key, status, _ in await runs(first)] == sorted((key, "done") for key in keys)
     replies = first.ctx.channels[PLATFORM].replies + second.ctx.channels[PLATFORM].replies
     assert replies == ["answered"] * CONVERSATIONS
+
+
+def start_reads(app, key: str) -> list[int]:
+    """How many times a start of this replica reads the conversation's queue from now on."""
+    reads = [0]
+
+    def count(_conn, _cursor, statement: str, parameters, *_: object) -> None:
+        sql = " ".join(statement.lower().replace('"', "").split())
+        values = parameters.values() if isinstance(parameters, dict) else parameters  # psycopg's are named
+        if sql.startswith("select inbox_event.id, inbox_event.status, inbox_event.payload") and key in values:
+            reads[0] += 1
+
+    sa.event.listen(app.ctx.db.sync_engine, "before_cursor_execute", count)
+    return reads
+
+
+async def test_wake_ups_while_a_conversation_waits_for_a_run_slot_start_it_once(bots, model, db_url):
+    model.responder = lambda body: text("answered")
+    worker = await replica(bots, db_url)
+    (key,) = await waiting_conversations(worker, 1)
+    slots, held, release = worker.ctx.run_slots, asyncio.Event(), asyncio.Event()
+    slots.limit = 1
+
+    async def busy_slot() -> None:  # another run holds the worker's only slot
+        async with slots.run():
+            held.set()
+            await release.wait()
+
+    holder = asyncio.create_task(busy_slot())
+    await held.wait()
+    reads = start_reads(worker, key)
+    await worker.sweeper.pick_up()
+    async with asyncio.timeout(10):
+        while not slots.waiting:  # the conversation's task takes its place in the line for a slot
+            await asyncio.sleep(0)
+    for _ in range(2):  # two more wake-ups while it waits
+        await worker.sweeper.pick_up()
+    release.set()
+    await holder
+    await worker.ctx.tasks.idle()
+
+    assert reads[0] == 1  # its one start read the whole queue; nobody started it again for nothing
+    assert worker.ctx.channels[PLATFORM].replies == ["answered"]

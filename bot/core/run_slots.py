@@ -76,9 +76,9 @@ class RunSlots:
         return len(self._waiting)
 
     @property
-    def has_room(self) -> bool:
-        """A new run would start now, not wait for a slot."""
-        return self.busy + self.waiting < self.limit
+    def idle(self) -> bool:
+        """No run holds or waits for a slot here."""
+        return not self._active and not self._waiting
 
     @asynccontextmanager
     async def run(self) -> AsyncIterator[RunTime]:
@@ -92,7 +92,7 @@ class RunSlots:
             self._active.discard(timing)
             if timing.ran:
                 self._learn(timing)
-            if not self._active and not self._waiting:
+            if self.idle:
                 self.limit = max(self.limit, FIRST_SLOTS)  # idle again: the next burst starts wide
             self._let_in()
 

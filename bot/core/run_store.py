@@ -59,6 +59,7 @@ class RunClaim:
     progress_from: datetime | None = None  # a working line waits until then (`CHATOPS_PROGRESS_AFTER`)
     opening_line: str | None = None  # a resumed run's first working line, held like every other
     lost: bool = False  # a lease renewal found the run taken over: its driver stops at the next step
+    ended: bool = False  # this claim's drive is over (answered, paused, failed or lost): no more lines for it
     # Nothing of the run was queued for delivery yet (a run this claim started and that has shown no
     # line, card or notice): its answer has no progress message to replace and nothing to wait behind.
     quiet: bool = False
@@ -141,6 +142,9 @@ class RunStore:
     def __init__(self, ctx: AppContext, approvals: ApprovalService) -> None:
         self.ctx = ctx
         self.approvals = approvals
+        # Conversations a start in this process is about to read the queue of (waiting for a run
+        # slot, or for the database): that read takes whatever is queued by then.
+        self.unread: set[str] = set()
 
     def _lease(self) -> datetime:
         return self.ctx.clock() + timedelta(seconds=self.ctx.settings.lease_seconds)
@@ -168,6 +172,7 @@ class RunStore:
         ctx = self.ctx
         await run_rows.lock_for_start(session, key)
         queued = await run_rows.queued(session, key)
+        self.unread.discard(key)
         if not queued:
             return Started()
         conv = await run_rows.conversation(session, key)
@@ -263,12 +268,14 @@ class RunStore:
     # ------------------------------------------------------------------ leases
     async def queue_progress(self, claim: RunClaim, line: str) -> None:
         """Queue a working line for the run, unless it is no longer this claim's to speak for (it
-        paused, ended or was taken over since the line was made)."""
-
+        paused, ended or was taken over since the line was made; a held line released just as its
+        run answered is dropped without asking the database)."""
+        if claim.ended:
+            return
         claim.quiet = False
 
         async def queue(session: DbSession) -> None:
-            if await run_rows.still_mine(session, claim.run_id, claim.version):
+            if not claim.ended and await run_rows.still_mine(session, claim.run_id, claim.version):
                 await outbox.enqueue_progress(session, self.ctx, claim.thread.to_dict(), line, run_id=claim.run_id)
 
         await self.ctx.db.run(queue)

@@ -41,12 +41,16 @@ class Runner:
         this process's run slots (`run_slots`)."""
         while True:
             more = False
-            async with self.ctx.run_slots.run() as timing:
-                started = await self.store.start_run(key)
-                if started.claim is not None:
-                    timing.ran = True
-                    await self.out.show_working(started.claim.thread)
-                    more = await self.drive(started.claim)
+            self.store.unread.add(key)
+            try:
+                async with self.ctx.run_slots.run() as timing:
+                    started = await self.store.start_run(key)
+                    if started.claim is not None:
+                        timing.ran = True
+                        await self.out.show_working(started.claim.thread)
+                        more = await self.drive(started.claim)
+            finally:
+                self.store.unread.discard(key)
             if started.resume_run_id is not None:
                 await self.resume(started.resume_run_id)
                 return
@@ -77,6 +81,7 @@ class Runner:
             except Exception as exc:  # noqa: BLE001 - any error ends the run, never the conversation
                 return None, await self._fail(claim, exc)
             finally:
+                claim.ended = True
                 self.held_lines.drop(claim.run_id)
 
     async def _advance(self, claim: RunClaim) -> tuple[RunClaim | None, bool]:

@@ -17,8 +17,9 @@ grace, since no front ever starts that work itself. The claims are the usual con
 any number of workers, on any number of machines, can pick up the same item: one wins. So that the
 workers of one machine do not all try every queued conversation, each starts at once only its
 `Share` of them; another's it starts only once it has waited `SHARE_GRACE` while this worker has
-a run slot free (that worker is busy, stopped or gone), and the periodic pass starts every
-conversation left queued past `QUEUED_GRACE`.
+no run at all (that worker is stopped, gone or far behind: a busy worker steals nothing, or under load
+every worker would try every conversation again), and the periodic pass starts every conversation
+left queued past `QUEUED_GRACE`.
 """
 
 from __future__ import annotations
@@ -136,8 +137,17 @@ class Sweeper:
         ctx = self.ctx
         others_after = ctx.clock() - SHARE_GRACE
         for key, oldest in await self.core.store.idle_conversations(0):
-            if self.share.holds(key) or (oldest <= others_after and ctx.run_slots.has_room):
-                ctx.tasks.spawn_coalesced(f"conversation-{key}", functools.partial(self._start, key))
+            if self.share.holds(key) or (oldest <= others_after and ctx.run_slots.idle):
+                self._start_here(key)
+
+    def _start_here(self, key: str) -> None:
+        """Start the conversation in this process, unless a start of it here has yet to read its
+        queue (that start takes what is queued now: a second one would find nothing)."""
+        unread = self.core.store.unread
+        if key in unread:
+            return
+        unread.add(key)  # from now on, not once its task first runs: wake-ups come in between
+        self.ctx.tasks.spawn_coalesced(f"conversation-{key}", functools.partial(self._start, key))
 
     async def _start(self, key: str) -> None:
         await self.core.runner.process_conversation(key)
@@ -181,8 +191,13 @@ class Sweeper:
             self.core.resume_later(run_id)
 
     async def _start_idle(self) -> None:
+        """Conversations left queued past `QUEUED_GRACE`, whoever's share they are: a front signals
+        the workers, any other process starts them itself."""
         for key, _ in await self.core.store.idle_conversations(QUEUED_GRACE):
-            self.core.start_conversation(key)
+            if self.core.wake is not None:
+                self.core.start_conversation(key)
+            else:
+                self._start_here(key)
 
     async def _deliver(self) -> None:
         """Due outbox jobs (retries, other replicas' leftovers) go to the outbox's one tracked delivery
