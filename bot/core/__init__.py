@@ -4,15 +4,15 @@ cards and replies out, recovery. It knows no platform: adapters translate payloa
 
 Modules:
 - `engine`      `Core`, the two entry points the adapters call (a message, a click);
-- `intake`      recording inbound messages before the ack (group commit); `refusals` audit rows for
-  malformed signed requests;
+- `intake`      recording inbound messages before the ack (group commit, `group_commit`); `refusals`
+  audit rows for malformed signed requests;
 - `runner`      the run lifecycle (start, advance, resume, finish); `turn` one model turn without SQL;
   `run_store` all SQL of a run, `run_rows` its statements on the run, conversation and inbox rows;
   `leases` who works on a run; `progress_lines` working lines held until a run has worked a while;
   `run_slots` how many new runs a process drives at once;
 - `approvals`   the approval service (the state machine); `executor` runs an approved call;
   `limits` per-user limits;
-- `outbox`      cards, replies and notices through the channels;
+- `outbox`      cards, replies and notices through the channels (delivered ones marked sent by group commit);
 - `cards`       the platform-neutral card built from a stored approval; `display` what makes its values
   honest to read; `edit_form` edit before approve;
 - `sweeper`     periodic recovery on every replica, and a worker process's pick-up of new work on a wake-up;

@@ -22,6 +22,7 @@ from sqlmodel import col
 
 from bot.core.context import AppContext
 from bot.core.events import IncomingMessage
+from bot.core.group_commit import settle
 from storage.audit import entry
 from storage.engine import is_transient
 from storage.models import InboxEvent, InboxStatus, SeenKey, table_of
@@ -66,7 +67,7 @@ class Intake:
                 await self._flush(batch)
         except BaseException as exc:  # cancelled at shutdown: nobody is left waiting for an answer
             for pending in [*batch, *self._waiting]:
-                _settle(pending.done, exc)
+                settle(pending.done, exc)
             self._waiting = []
             raise
         finally:
@@ -83,11 +84,11 @@ class Intake:
                 return
             if not isinstance(exc, IntegrityError):
                 for pending in batch:
-                    _settle(pending.done, exc)
+                    settle(pending.done, exc)
                 return
             outcome = {batch[0].inbox_id: False}  # its key was recorded meanwhile: a duplicate
         for pending in batch:
-            _settle(pending.done, outcome[pending.inbox_id])
+            settle(pending.done, outcome[pending.inbox_id])
 
     async def _record_batch(self, session: DbSession, batch: list[_Pending]) -> dict[str, bool]:
         """Insert the new messages of `batch`; {inbox id: new?}. Keys already seen (stored, or earlier in
@@ -130,15 +131,3 @@ class Intake:
 def _keys(msg: IncomingMessage) -> list[str]:
     """The message's delivery keys as stored (the column holds 300 characters), each once."""
     return list(dict.fromkeys(k[:300] for k in msg.dedupe_keys))
-
-
-def _settle(done: asyncio.Future[bool], outcome: bool | BaseException) -> None:
-    if done.done():
-        return
-    if isinstance(outcome, asyncio.CancelledError):
-        done.cancel()
-    elif isinstance(outcome, BaseException):
-        done.set_exception(outcome)
-        done.add_done_callback(lambda f: f.exception())  # retrieved even if its caller gave up
-    else:
-        done.set_result(outcome)

@@ -36,6 +36,7 @@ from bot.core.cards import card_view
 from bot.core.channels import DeliveryFailed
 from bot.core.context import AppContext
 from bot.core.events import Thread, User
+from bot.core.group_commit import GroupCommit
 from storage.models import Approval, ApprovalStatus, OutboxJob, OutboxKind, OutboxStatus, table_of
 from storage.prepared import Prepared
 from storage.sessions import DbSession
@@ -297,6 +298,8 @@ class Outbox:
         self._stopped = asyncio.Event()
         self.on_card_given_up: list[Any] = []  # callbacks(approval) set by the engine (resume the run)
         self._kicks = 0  # how many times delivery rounds were asked for
+        # Jobs delivered together are marked sent together (a card's bookkeeping has its own transaction).
+        self._marks: GroupCommit[dict[str, Any]] = GroupCommit(ctx.tasks, "outbox-sent", self._mark_sent)
 
     def kick(self) -> None:
         """Deliver due jobs now, in a tracked background task (coalesced); the delivery loop is only
@@ -344,8 +347,14 @@ class Outbox:
         except Exception as exc:  # noqa: BLE001 - every failure is classified and retried or reported
             await self._failed(job, exc)
             return False
-        await self.ctx.db.run(lambda s: self._sent(s, job, sent, rendered_at))
+        if job.kind in (OutboxKind.CARD, OutboxKind.CARD_UPDATE):
+            await self.ctx.db.run(lambda s: self._card_sent(s, job, sent, rendered_at))
+        else:
+            await self._marks.submit({"b_id": job.id, "b_message_id": sent.message_id})
         return True
+
+    async def _mark_sent(self, marks: list[dict[str, Any]]) -> None:
+        await self.ctx.db.run(lambda s: _MARK_SENT.run_many(s, marks))
 
     def deliver_claimed(self, born: BornJobs) -> None:
         """After the commit that stored `born` jobs already claimed by this process: deliver them in
@@ -447,11 +456,9 @@ class Outbox:
         )
         return await session.get(Approval, job.approval_id), covered.scalar_one_or_none() or 0
 
-    async def _sent(self, session: DbSession, job: OutboxJob, sent: Sent, rendered_at: datetime) -> None:
+    async def _card_sent(self, session: DbSession, job: OutboxJob, sent: Sent, rendered_at: datetime) -> None:
         ctx, message_id = self.ctx, sent.message_id
         await _MARK_SENT.run(session, {"b_id": job.id, "b_message_id": message_id})
-        if job.kind not in (OutboxKind.CARD, OutboxKind.CARD_UPDATE):
-            return
         # Card updates committed before this rendering read the approval show nothing newer than it
         # does: they are done too (not those due later on purpose: a refresh after a click's answer
         # must still come). Ids, not times: a job timed before the read may have committed after it.
