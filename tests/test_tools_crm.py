@@ -10,10 +10,11 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from storage.engine import Database
+from storage.engine import BACKGROUND_LOCK_WAIT, Database
 from storage.migrate import upgrade
 from storage.models import CrmLead
 from tests.fakes.hubspot import CONTACTS, FakeHubSpot
+from tests.fault_helpers import LockHolder
 from tests.tool_env import tool_context as build_context
 from tools import crm
 from tools.context import ToolContext
@@ -138,6 +139,26 @@ async def test_builtin_refusals_before_any_card(db_url: str, db: Database) -> No
     prepared = ToolRegistry(crm.toolset.specs).prepare("update_crm_lead", '{"lead_id": 1, "status": "won"}')
     assert not isinstance(prepared, PreparedCall) and prepared.kind == "invalid_arguments"
     assert await lead_rows(db) == []
+
+
+async def test_builtin_reads_do_not_wait_for_the_sqlite_write_lock(sqlite_url: str, tmp_path) -> None:
+    """A search or a look-up only reads: another process holding SQLite's write lock (a backup, a
+    long write of another replica) does not hold it up."""
+    await asyncio.to_thread(upgrade, sqlite_url)
+    db = Database(sqlite_url)
+    holder = LockHolder(sqlite_url.removeprefix("sqlite:///"))
+    try:
+        ctx = tool_context(sqlite_url, db, approval_id="ap_1")
+        created = await call(ctx, "create_crm_lead", NEW_LEAD)
+        await holder.hold()
+        async with asyncio.timeout(BACKGROUND_LOCK_WAIT / 2):  # a write would wait for the lock this long, then fail
+            found = await call(ctx, "search_crm_leads", {"query": "acme"})
+            preview_lines = await preview(ctx, "create_crm_lead", NEW_LEAD)  # looks the e-mail up
+        assert [lead["name"] for lead in found["leads"]] == ["Zhang San"]
+        assert preview_lines and str(created["lead"]["id"]) in " ".join(preview_lines)
+    finally:
+        holder.kill()
+        await db.dispose()
 
 
 # ---- HubSpot backend -----------------------------------------------------------------------------

@@ -35,12 +35,12 @@ class BuiltinCrm:
         self.db = db
 
     async def get(self, lead_id: int) -> Lead | None:
-        async with self.db.transaction() as session:
+        async with self.db.transaction(read=True) as session:
             row = await session.get(CrmLead, lead_id)
             return _lead(row) if row is not None else None
 
     async def find_by_email(self, email: str) -> Lead | None:
-        async with self.db.transaction() as session:
+        async with self.db.transaction(read=True) as session:
             row = (await session.execute(select(CrmLead).where(CrmLead.email == normalise_email(email)))).scalar_one_or_none()
             return _lead(row) if row is not None else None
 
@@ -50,7 +50,7 @@ class BuiltinCrm:
         statement = select(CrmLead).order_by(col(CrmLead.id)).limit(SEARCH_LIMIT)
         if text:
             statement = statement.where(sa.or_(*(c.icontains(text, autoescape=True) for c in columns)))
-        async with self.db.transaction() as session:
+        async with self.db.transaction(read=True) as session:  # no write lock: reads never wait for writers
             return [_lead(row) for row in (await session.execute(statement)).scalars()]
 
     async def upsert(self, fields: LeadFields, *, approval_id: str | None) -> tuple[Outcome, Lead]:
