@@ -77,7 +77,7 @@ def last_anchor(path: Path) -> tuple[int, str] | None:
 
 
 async def read_head(db: Database) -> tuple[int, str]:
-    async with db.transaction() as session:
+    async with db.transaction(read=True) as session:
         last = (
             await session.execute(
                 sa.select(col(AuditEvent.seq), col(AuditEvent.hash)).order_by(col(AuditEvent.seq).desc()).limit(1)

@@ -3,6 +3,7 @@ Feishu bot menu, and per-channel tool sets (absent from the model request, refus
 
 from __future__ import annotations
 
+import asyncio
 import json
 import urllib.parse
 
@@ -191,3 +192,29 @@ async def test_feishu_commands_in_chinese_and_the_bot_menu(feishu_bot, model):
     assert "已取消：Alice 已取消" in bot.fake.messages[card.message_id].content
     status, answer = await bot.send(click(approval_id, "approve", card_message_id=card.message_id))
     assert answer["toast"]["type"] == "warning" and ledger.effects == []
+
+
+async def test_what_only_reads_does_not_wait_for_the_sqlite_write_lock(bots, model, sqlite_url):
+    """A person's home (pending approvals, recent runs) and the cancel menu's look-up only read:
+    another process holding SQLite's write lock does not hold them up."""
+    from bot.core import commands, home
+    from storage.engine import BACKGROUND_LOCK_WAIT
+    from tests.fault_helpers import PLATFORM, FaultChannel, LockHolder, message, settle
+
+    model.script(calls(("write_note", {"topic": "ops", "text": "restart web-1"})))
+    app = await bots.start(toolsets=[notes_toolset(Ledger())])
+    app.ctx.channels[PLATFORM] = FaultChannel()
+    await bots.run(app)
+    msg = message("write a note")
+    assert await app.core.accept_message(msg)
+    await settle(app)
+    holder = LockHolder(sqlite_url.removeprefix("sqlite:///"))
+    await holder.hold()
+    try:
+        async with asyncio.timeout(BACKGROUND_LOCK_WAIT / 2):  # a write would wait for the lock this long
+            view = await home.home_for(app.core, msg.user)
+            conversation = await commands.latest_conversation(app.core, msg.user)
+    finally:
+        holder.kill()
+    assert [role for _, role in view.pending] == ["requester"] and len(view.recent) == 1
+    assert conversation == msg.conversation_key

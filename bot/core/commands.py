@@ -106,7 +106,7 @@ def help_text(core: Core, user: User, where: Where) -> str:
 async def pending_approvals(core: Core, user: User) -> list[tuple[Approval, str]]:
     """Pending approvals on the user's platform they asked for, or may decide; with their role."""
     ctx = core.ctx
-    async with ctx.db.transaction() as session:
+    async with ctx.db.transaction(read=True) as session:
         rows = (
             (
                 await session.execute(
@@ -157,7 +157,7 @@ async def pending(core: Core, user: User) -> Reply:
 # ---------------------------------------------------------------------- cancel
 async def latest_conversation(core: Core, user: User) -> str | None:
     """The conversation of the user's most recent unfinished run (a menu click names no thread)."""
-    async with core.ctx.db.transaction() as session:
+    async with core.ctx.db.transaction(read=True) as session:
         runs = (
             (
                 await session.execute(

@@ -61,7 +61,7 @@ async def home_for(core: Core, user: User) -> HomeView:
 
 async def recent_runs(ctx: AppContext, user: User) -> list[RecentRun]:
     """The person's latest runs on their platform, newest first, with the text that started each."""
-    async with ctx.db.transaction() as session:
+    async with ctx.db.transaction(read=True) as session:
         runs = (
             (
                 await session.execute(

@@ -74,6 +74,6 @@ def speak_with(
 
 async def card_language(ctx: AppContext, approval_id: str) -> str | None:
     """The language an approval's card is shown in (its requester's), for a click's fallback."""
-    async with ctx.db.transaction() as session:
+    async with ctx.db.transaction(read=True) as session:
         approval = await session.get(Approval, approval_id)
     return (approval.requester or {}).get("lang") if approval is not None else None
