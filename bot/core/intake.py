@@ -8,6 +8,7 @@ up. A key that another replica recorded between our look and our INSERT makes th
 its uniqueness check; the batch is then recorded one message at a time, each on its own. A batch
 waits at most `URGENT_BUDGET` for the database; a message may first wait for the batch before it, so
 its ack comes within about two budgets (2 s, inside Slack's 3 s), refused with 5xx if need be.
+The batching itself is `bot.core.group_commit`'s; here is how a batch is recorded and sorted out.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from sqlmodel import col
 
 from bot.core.context import AppContext
 from bot.core.events import IncomingMessage
-from bot.core.group_commit import settle
+from bot.core.group_commit import GroupCommit
 from storage.audit import entry
 from storage.engine import is_transient
 from storage.models import InboxEvent, InboxStatus, SeenKey, table_of
@@ -35,11 +36,10 @@ _SEEN = Prepared(sa.select(col(SeenKey.key)).where(col(SeenKey.key).in_(sa.bindp
 _INSERT_KEYS, _INSERT_EVENTS = Prepared(sa.insert(table_of(SeenKey))), Prepared(sa.insert(table_of(InboxEvent)))
 
 
-@dataclass
+@dataclass(frozen=True)
 class _Pending:
     msg: IncomingMessage
     inbox_id: str = field(default_factory=lambda: "in-" + uuid.uuid4().hex[:16])
-    done: asyncio.Future[bool] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
 
 
 class Intake:
@@ -48,47 +48,25 @@ class Intake:
 
     def __init__(self, ctx: AppContext) -> None:
         self.ctx = ctx
-        self._waiting: list[_Pending] = []
-        self._flushing = False
+        self._batches: GroupCommit[_Pending, bool] = GroupCommit(ctx.tasks, "intake", self._record_all, BATCH_LIMIT)
 
     async def record(self, msg: IncomingMessage) -> bool:
-        pending = _Pending(msg)
-        self._waiting.append(pending)
-        if not self._flushing:
-            self._flushing = True
-            self.ctx.tasks.spawn(self._flush_all(), name="intake")
-        return await asyncio.shield(pending.done)  # a caller that gives up does not cancel the batch
+        return await self._batches.submit(_Pending(msg))
 
-    async def _flush_all(self) -> None:
-        batch: list[_Pending] = []
-        try:
-            while self._waiting:
-                batch, self._waiting = self._waiting[:BATCH_LIMIT], self._waiting[BATCH_LIMIT:]
-                await self._flush(batch)
-        except BaseException as exc:  # cancelled at shutdown: nobody is left waiting for an answer
-            for pending in [*batch, *self._waiting]:
-                settle(pending.done, exc)
-            self._waiting = []
-            raise
-        finally:
-            self._flushing = False
-
-    async def _flush(self, batch: list[_Pending]) -> None:
+    async def _record_all(self, batch: list[_Pending]) -> list[bool | BaseException]:
+        """Each message's outcome: new (True), a duplicate (False), or what kept it from being recorded."""
         try:
             outcome = await self.ctx.db.run(lambda s: self._record_batch(s, batch), urgent=True)
         except Exception as exc:  # noqa: BLE001 - sorted below; every waiting caller learns its outcome
             if len(batch) > 1 and not is_transient(exc):
                 # A key recorded meanwhile by another replica, or one message the database refuses:
                 # each on its own, so one bad message never holds the others back.
-                await asyncio.gather(*(self._flush([one]) for one in batch))
-                return
+                alone = await asyncio.gather(*(self._record_all([one]) for one in batch))
+                return [outcomes[0] for outcomes in alone]
             if not isinstance(exc, IntegrityError):
-                for pending in batch:
-                    settle(pending.done, exc)
-                return
+                return [exc] * len(batch)
             outcome = {batch[0].inbox_id: False}  # its key was recorded meanwhile: a duplicate
-        for pending in batch:
-            settle(pending.done, outcome[pending.inbox_id])
+        return [outcome[pending.inbox_id] for pending in batch]
 
     async def _record_batch(self, session: DbSession, batch: list[_Pending]) -> dict[str, bool]:
         """Insert the new messages of `batch`; {inbox id: new?}. Keys already seen (stored, or earlier in

@@ -299,7 +299,7 @@ class Outbox:
         self.on_card_given_up: list[Any] = []  # callbacks(approval) set by the engine (resume the run)
         self._kicks = 0  # how many times delivery rounds were asked for
         # Jobs delivered together are marked sent together (a card's bookkeeping has its own transaction).
-        self._marks: GroupCommit[dict[str, Any]] = GroupCommit(ctx.tasks, "outbox-sent", self._mark_sent)
+        self._marks: GroupCommit[dict[str, Any], None] = GroupCommit(ctx.tasks, "outbox-sent", self._mark_sent)
 
     def kick(self) -> None:
         """Deliver due jobs now, in a tracked background task (coalesced); the delivery loop is only
@@ -353,8 +353,9 @@ class Outbox:
             await self._marks.submit({"b_id": job.id, "b_message_id": sent.message_id})
         return True
 
-    async def _mark_sent(self, marks: list[dict[str, Any]]) -> None:
+    async def _mark_sent(self, marks: list[dict[str, Any]]) -> list[None]:
         await self.ctx.db.run(lambda s: _MARK_SENT.run_many(s, marks))
+        return [None] * len(marks)
 
     def deliver_claimed(self, born: BornJobs) -> None:
         """After the commit that stored `born` jobs already claimed by this process: deliver them in
