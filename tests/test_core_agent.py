@@ -13,7 +13,7 @@ import sqlalchemy as sa
 from bot.core import texts
 from bot.core.events import DecisionRequest, User
 from storage.models import Approval, AuditEvent, Run, utcnow
-from tests.fakes.openai_server import calls, dropped, failure, text, tool_results
+from tests.fakes.openai_server import calls, dropped, failure, raw, text, tool_results
 from tests.support_tools import Ledger, notes_toolset
 
 BOB = User("terminal", "bob", "local", "bob")
@@ -247,6 +247,60 @@ async def test_a_model_endpoint_that_keeps_dropping_is_reported_as_such(terminal
     assert f"bot> {texts.MODEL_FAILED}" in bot.transcript()
     errors = await audit_rows(bot.app, kind="model_error")
     assert errors[0].data["error"] == "model endpoint closed the connection"
+
+
+# A server that answers 200 with what is not a usable completion: each is retried, then reported.
+UNUSABLE = {
+    "not JSON": ("<html>gateway</html>", "not JSON"),
+    "no choices": ('{"model": "m", "choices": []}', "no choices"),
+    "empty message": ('{"choices": [{"message": {"role": "assistant"}}]}', "neither text nor tool calls"),
+    "call without id": (
+        '{"choices": [{"message": {"tool_calls": [{"type": "function", "function": {"name": "count_notes"}}]}}]}',
+        "a tool call without an id or a name",
+    ),
+    "arguments not an object": (
+        '{"choices": [{"message": {"tool_calls": [{"id": "c1", "function": {"name": "count_notes", "arguments": "[1]"}}]}}]}',
+        "arguments of count_notes are not a JSON object",
+    ),
+    "content not text": (
+        '{"choices": [{"message": {"content": {"text": "hi"}}}]}',
+        "not a completion (at choices.0.message.content)",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", UNUSABLE, ids=list(UNUSABLE))
+async def test_an_unusable_model_answer_is_retried_then_reported(terminal_bot, model, case):
+    body, why = UNUSABLE[case]
+    model.script(raw(body), text("hello after a bad answer"), raw(body), raw(body))
+    bot = await terminal_bot(toolsets=[notes_toolset(Ledger())], CHATOPS_MODEL_RETRIES="1")
+    await bot.say("hi")
+    assert "bot> hello after a bad answer" in bot.transcript()
+    await bot.say("hi again")
+    assert len(model.requests) == 4
+    assert f"bot> {texts.MODEL_FAILED}" in bot.transcript()
+    errors = await audit_rows(bot.app, kind="model_error")
+    assert [e.data["error"] for e in errors] == [f"model reply unusable: {why}"]
+
+
+async def test_a_compatible_server_that_omits_and_adds_fields_is_understood(terminal_bot, model):
+    """Only what the bot reads is required: no id, object or created; extra fields anywhere; null usage counts."""
+    ledger = Ledger()
+    tool_call = (
+        '{"id": "c1", "type": "function", "function": {"name": "count_notes", "arguments": "{\\"topic\\": \\"x\\"}"}, "index": 0}'
+    )
+    model.script(
+        raw(
+            f'{{"choices": [{{"message": {{"content": null, "tool_calls": [{tool_call}]}}, "logprobs": null}}], "system_fingerprint": "fp"}}'
+        ),
+        raw(
+            '{"model": "local-7b", "choices": [{"message": {"content": "There are 0 notes."}}], "usage": {"prompt_tokens": null}}'
+        ),
+    )
+    bot = await terminal_bot(toolsets=[notes_toolset(ledger)])
+    await bot.say("how many notes?")
+    assert "bot> There are 0 notes." in bot.transcript()
+    assert tool_results(model.requests[-1]) != []
 
 
 async def test_model_timeout_is_bounded(terminal_bot, model):

@@ -45,6 +45,11 @@ def failure(status: int, retry_after: float | None = None, delay: float = 0.0) -
     return Reply(status=status, retry_after=retry_after, delay=delay)
 
 
+def raw(body: str) -> Reply:
+    """A 200 answer with exactly this body (a broken or merely unusual OpenAI-compatible server)."""
+    return Reply(raw_body=body)
+
+
 def dropped() -> Reply:
     """The connection is closed once the request has arrived, with no answer at all."""
     return Reply(drop=True)
