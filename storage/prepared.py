@@ -184,6 +184,9 @@ class Prepared:
         driver = await _driver_of(session)
         plan = self._plan(driver.dialect, rows[0])
         sql, first = plan.bind(rows[0])
+        if len(rows) == 1:  # psycopg runs every `executemany` in a pipeline of its own: ~0.3 ms more for one row
+            await driver.execute(sql, first, many=False)
+            return
         await driver.execute(sql, [first, *(plan.bind(row)[1] for row in rows[1:])], many=True)
 
     def _plan(self, dialect: Dialect, params: Mapping[str, Any]) -> _Plan:
