@@ -312,6 +312,7 @@ class Options:
     replica_approvals: int = 100
     model_delay: float = 2.0
     profile: Path | None = None
+    bot_env: list[str] = field(default_factory=list)  # NAME=VALUE settings for every chatops process
 
 
 class Bench:
@@ -336,6 +337,7 @@ class Bench:
             SLACK_API_URL=self.slack.url,
             SLACK_SIGNING_SECRET=SIGNING_SECRET,
             CHATOPS_LOG_LEVEL="WARNING",
+            **dict(setting.split("=", 1) for setting in self.opts.bot_env),
             **extra,
         )
         return env
@@ -623,6 +625,9 @@ async def main() -> None:
     )
     parser.add_argument("--postgres-url", default=POSTGRES_URL)
     parser.add_argument("--serve-args", default="", help='extra `chatops serve` flags, e.g. --serve-args="--workers 2"')
+    parser.add_argument(
+        "--bot-env", action="append", default=[], metavar="NAME=VALUE", help="a setting for every chatops process (repeatable)"
+    )
     parser.add_argument("--phases", default="steady,burst,memory,replicas", help="comma-separated subset")
     parser.add_argument("--events", type=int, help="events per steady-load run (default 300, quick 100)")
     parser.add_argument("--burst", type=int, help="the first burst (default 200)")
@@ -636,6 +641,7 @@ async def main() -> None:
     if args.quick:
         opts.steady_events, opts.big_burst, opts.pending, opts.replica_approvals = 100, 500, 200, 30
     opts.profile = args.profile
+    opts.bot_env = args.bot_env
     opts.steady_events = args.events or opts.steady_events
     opts.burst = args.burst or opts.burst
     opts.big_burst = args.big_burst or opts.big_burst

@@ -101,7 +101,12 @@ async def _run_channels(app: App, settings: Settings, stop: asyncio.Event) -> No
     if not await lifecycle.start(app, stop, serve_http=True):
         return
     problems = await app.readiness().problems()
-    log.info("chatops started: %s; %s", ", ".join(chat_channels), f"not ready yet: {problems}" if problems else "ready")
+    log.info(
+        "chatops started: %s; %s (event loop: %s)",
+        ", ".join(chat_channels),
+        f"not ready yet: {problems}" if problems else "ready",
+        lifecycle.loop_name(),
+    )
     await stop.wait()
 
 
@@ -344,7 +349,7 @@ def run(argv: Sequence[str] | None = None) -> int:
             settings, force_terminal=args.command == "shell", workers=workers, env_file=args.env_file, run_dir=run_dir
         )
         with contextlib.suppress(KeyboardInterrupt):
-            asyncio.run(serving)
+            lifecycle.run(serving, settings)
         return 0
     if args.command == "worker":
         from bot.cli_workers import work
@@ -352,7 +357,7 @@ def run(argv: Sequence[str] | None = None) -> int:
 
         settings = _settings(args)
         with contextlib.suppress(KeyboardInterrupt):
-            asyncio.run(work(settings, args.wake_dir, Share(args.index, args.of)))
+            lifecycle.run(work(settings, args.wake_dir, Share(args.index, args.of)), settings)
         return 0
     if args.command == "tools":
         asyncio.run(_tools(_settings(args), args.channel))

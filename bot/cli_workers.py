@@ -58,7 +58,12 @@ async def serve_front(settings: Settings, count: int, env_file: Path | None, run
         problems = await unless_stopped(app.readiness().problems(), stop) if started else None
         if problems is None:
             return
-        log.info("chatops started: %s; %s", ", ".join(chat_channels), f"not ready yet: {problems}" if problems else "ready")
+        log.info(
+            "chatops started: %s; %s (event loop: %s)",
+            ", ".join(chat_channels),
+            f"not ready yet: {problems}" if problems else "ready",
+            lifecycle.loop_name(),
+        )
         await stop.wait()
     finally:
         await asyncio.gather(*([app.stop()] if app is not None else []), workers.stop(WORKERS_STOP_BUDGET))
@@ -85,7 +90,7 @@ async def work(settings: Settings, wake_dir: Path, share: Share) -> None:
         else:
             listening = asyncio.create_task(listen_pg(app.ctx.db.urls.async_url, app.sweeper.wake, stop), name="listen")
         if await lifecycle.start(app, stop, serve_http=False):
-            log.info("worker %d ready", share.index)
+            log.info("worker %d ready (event loop: %s)", share.index, lifecycle.loop_name())
             await stop.wait()
     finally:
         if listener is not None:

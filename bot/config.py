@@ -75,6 +75,7 @@ class Settings(BaseModel):
     audit_anchor_file: Path | None = Field(None, alias="CHATOPS_AUDIT_ANCHOR_FILE")
     audit_anchor_interval: float = Field(300.0, alias="CHATOPS_AUDIT_ANCHOR_INTERVAL", gt=0)
     log_format: Literal["text", "json"] = Field("text", alias="CHATOPS_LOG_FORMAT")
+    event_loop: Literal["auto", "uvloop", "asyncio"] = Field("auto", alias="CHATOPS_EVENT_LOOP")
 
     # Slack
     slack_bot_token: SecretStr | None = Field(None, alias="SLACK_BOT_TOKEN")

@@ -176,6 +176,8 @@ async def test_a_message_runs_in_a_worker_card_click_one_execution_reply(tmp_pat
             assert owners <= bot.worker_pids() and bot.serving.proc.pid not in owners
             front_niceness = os.getpriority(os.PRIO_PROCESS, bot.serving.proc.pid)
             assert {os.getpriority(os.PRIO_PROCESS, pid) for pid in bot.worker_pids()} == {front_niceness + WORKER_NICENESS}
+            loops = [m.group(1) for line in bot.serving.lines if (m := re.search(r"ready \(event loop: (\w+)\)", line))]
+            assert loops == ["uvloop"] * 3, loops  # the front and both workers, on the default CHATOPS_EVENT_LOOP
             status, page = await bot.get("/metrics")  # the front shows the workers' core metrics
             assert status == 200 and re.search(r'chatops_runs_total\{outcome="done"\} 1\.0', page), page
             ready = await bot.get("/readyz")
