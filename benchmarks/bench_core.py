@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bot.app import build_app
 from bot.core.events import IncomingMessage, Thread, User
+from bot.lifecycle import loop_factory
 from tests.conftest import PRODUCT_DEFAULTS, make_settings
 from tests.fakes.openai_server import ScriptedModel, calls, text
 from tests.support_tools import Ledger, RecordingChannel, notes_toolset
@@ -180,4 +181,6 @@ async def main() -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    # On the event loop `chatops serve` runs on (CHATOPS_EVENT_LOOP's default: uvloop where installed).
+    with asyncio.Runner(loop_factory=loop_factory("auto")) as runner:
+        runner.run(main())
