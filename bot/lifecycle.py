@@ -1,4 +1,5 @@
-"""What every long-running `chatops` process shares: stopping on SIGTERM/SIGINT (with a watchdog
+"""What every long-running `chatops` process shares: the event loop it runs on (`run`,
+CHATOPS_EVENT_LOOP), stopping on SIGTERM/SIGINT (with a watchdog
 that guarantees the exit), starting its app unless a stop comes first (then freezing the start-up
 heap out of the collector's way), and building the configured channel adapters into an app. Used by `bot.cli` (one process) and `bot.cli_workers` (the front and
 its workers)."""
