@@ -35,6 +35,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async
 from sqlalchemy.orm import sessionmaker
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_before_delay, wait_random_exponential
 
+from storage.retrying import first_then_retry
 from storage.sessions import DbSession, InlineSession, PostgresSession
 
 SQLITE_BUSY_TIMEOUT_MS = 5_000  # the CLI's sync engine (Alembic, audit commands): plain busy waits are fine there
@@ -377,26 +378,16 @@ class Database:
         transaction, which a failed attempt rolled back. An urgent step's attempts share
         `URGENT_BUDGET`: each waits for the lock only as long as the budget has left.
 
-        The first attempt runs outside tenacity, whose machinery costs ~80 µs a step (most steps
-        need no second attempt); a transient fault hands the step to the retry policy with that
-        fault as its first attempt, so the pauses, the deadline and the callbacks stay the policy's."""
+        The first attempt runs outside tenacity (`storage.retrying`); the policy's deadline counts
+        from the step's start."""
         loop = asyncio.get_running_loop()
         started = loop.time()
         budget_ends = started + URGENT_BUDGET
-        try:
-            return await self._attempt(step, urgent=urgent, read=read, budget_ends=budget_ends)
-        except Exception as exc:
-            if not is_transient(exc):
-                raise
-            first_fault: BaseException | None = exc
-        left = self._limit(urgent, deadline) - (loop.time() - started)
-        async for attempt in self.attempts(urgent=urgent, deadline=left):
-            with attempt:
-                if first_fault is not None:
-                    fault, first_fault = first_fault, None
-                    raise fault
-                return await self._attempt(step, urgent=urgent, read=read, budget_ends=budget_ends)
-        raise AssertionError("unreachable: tenacity re-raises the last error")
+        return await first_then_retry(
+            lambda: self._attempt(step, urgent=urgent, read=read, budget_ends=budget_ends),
+            lambda: self.attempts(urgent=urgent, deadline=self._limit(urgent, deadline) - (loop.time() - started)),
+            is_transient,
+        )
 
     async def _attempt(self, step: Callable[[DbSession], Awaitable[T]], *, urgent: bool, read: bool, budget_ends: float) -> T:
         lock_wait = max(0.0, budget_ends - asyncio.get_running_loop().time())

@@ -25,6 +25,7 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_aft
 from bot.core import metrics
 from bot.core.errors import ModelUnavailable
 from storage.redact import Redactor
+from storage.retrying import first_then_retry
 
 # The openai client insists on a key; local OpenAI-compatible servers (Ollama, vLLM) ignore it.
 _PLACEHOLDER_KEY = "not-needed-for-this-endpoint"
@@ -194,30 +195,18 @@ class ModelClient:
         if tools:
             body["tools"] = tools
         content = orjson.dumps(body)
-        # The first attempt runs outside tenacity, whose machinery costs ~0.1 ms a call; a
-        # retryable fault hands the call to the retry policy with that fault as its first attempt.
         try:
-            return await self._once(content)
-        except Exception as exc:  # noqa: BLE001 - sorted below: retried, or "model unavailable"
-            if not _retryable(exc) or self.retries == 0:
-                raise ModelUnavailable(_describe(exc)) from None
-            first_fault: BaseException | None = exc
-        attempts = AsyncRetrying(
+            return await first_then_retry(lambda: self._once(content), self._policy, _retryable)
+        except Exception as exc:  # noqa: BLE001 - every failure after the one retry layer is "model unavailable"
+            raise ModelUnavailable(_describe(exc)) from None
+
+    def _policy(self) -> AsyncRetrying:
+        return AsyncRetrying(
             retry=retry_if_exception(_retryable),
             stop=stop_after_attempt(self.retries + 1),
             wait=_wait,
             reraise=True,
         )
-        try:
-            async for attempt in attempts:
-                with attempt:
-                    if first_fault is not None:
-                        fault, first_fault = first_fault, None
-                        raise fault
-                    return await self._once(content)
-        except Exception as exc:  # noqa: BLE001 - every failure after the one retry layer is "model unavailable"
-            raise ModelUnavailable(_describe(exc)) from None
-        raise AssertionError("unreachable: tenacity re-raises the last error")
 
     async def _once(self, content: bytes) -> ModelReply:
         started = time.perf_counter()
