@@ -137,6 +137,7 @@ class Server:
                     if response.status == 200:
                         return
             await asyncio.sleep(0.1)
+        await self.stop()
         raise RuntimeError(f"{self.name} not ready after {within}s; see {self.log}:\n{self.tail()}")
 
     def tail(self) -> str:
@@ -573,7 +574,12 @@ class Bench:
     async def run(self) -> str:
         phases = self.opts.phases
         bare = await self.bare()
-        bot = await self.chatops("chatops", self.database())
+        try:
+            bot = await self.chatops("chatops", self.database())
+        except BaseException:  # bare Bolt must not outlive a bot that could not start
+            await bare.stop()
+            self.drop_schemas()
+            raise
         try:
             if "steady" in phases:
                 await self.steady(bare, bot)
