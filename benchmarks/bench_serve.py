@@ -574,13 +574,9 @@ class Bench:
     async def run(self) -> str:
         phases = self.opts.phases
         bare = await self.bare()
+        bot: Server | None = None
         try:
             bot = await self.chatops("chatops", self.database())
-        except BaseException:  # bare Bolt must not outlive a bot that could not start
-            await bare.stop()
-            self.drop_schemas()
-            raise
-        try:
             if "steady" in phases:
                 await self.steady(bare, bot)
             if "burst" in phases:
@@ -592,8 +588,8 @@ class Bench:
                 await self.idle_memory(bare)
             if "replicas" in phases:
                 await self.replicas(bare)
-        finally:
-            await asyncio.gather(bare.stop(), bot.stop())
+        finally:  # bare Bolt does not outlive a bot that could not start
+            await asyncio.gather(bare.stop(), *([bot.stop()] if bot is not None else []))
             self.drop_schemas()
         return self.report.markdown()
 

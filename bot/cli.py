@@ -101,12 +101,7 @@ async def _run_channels(app: App, settings: Settings, stop: asyncio.Event) -> No
     if not await lifecycle.start(app, stop, serve_http=True):
         return
     problems = await app.readiness().problems()
-    log.info(
-        "chatops started: %s; %s (event loop: %s)",
-        ", ".join(chat_channels),
-        f"not ready yet: {problems}" if problems else "ready",
-        lifecycle.loop_name(),
-    )
+    lifecycle.announce_started(chat_channels, problems)
     await stop.wait()
 
 

@@ -58,12 +58,7 @@ async def serve_front(settings: Settings, count: int, env_file: Path | None, run
         problems = await unless_stopped(app.readiness().problems(), stop) if started else None
         if problems is None:
             return
-        log.info(
-            "chatops started: %s; %s (event loop: %s)",
-            ", ".join(chat_channels),
-            f"not ready yet: {problems}" if problems else "ready",
-            lifecycle.loop_name(),
-        )
+        lifecycle.announce_started(chat_channels, problems)
         await stop.wait()
     finally:
         await asyncio.gather(*([app.stop()] if app is not None else []), workers.stop(WORKERS_STOP_BUDGET))

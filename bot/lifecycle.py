@@ -35,8 +35,14 @@ def run(main: Coroutine[Any, Any, T], settings: Settings) -> T:
 
 
 def loop_name() -> str:
-    """The running event loop's implementation, for the start-up line: "uvloop" or "asyncio"."""
+    """The running event loop's implementation, for the start-up lines: "uvloop" or "asyncio"."""
     return type(asyncio.get_running_loop()).__module__.partition(".")[0]
+
+
+def announce_started(chat_channels: list[str], problems: dict[str, str]) -> None:
+    """The line that says a front (or the one process) is up: its channels, ready or not, its loop."""
+    state = f"not ready yet: {problems}" if problems else "ready"
+    log.info("chatops started: %s; %s (event loop: %s)", ", ".join(chat_channels), state, loop_name())
 
 
 def loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
