@@ -177,3 +177,14 @@ def test_redacting_a_very_long_value_takes_linear_time():
     """A pasted 400 kB run of letters once made the URL-password pattern quadratic (minutes per value)."""
     redactor = Redactor(["s3cret-value"])
     assert redactor.redact_text("x" * 400_000 + " s3cret-value") == "x" * 400_000 + " [REDACTED]"
+
+
+def test_a_secret_added_later_is_masked_in_a_text_redacted_before():
+    """Texts are remembered redacted (the system prompt and the history come by on every model call);
+    a secret registered afterwards (the audit keys, at start-up) must still be masked in them."""
+    redactor = Redactor(["first-secret"])
+    prompt = "You are the ops assistant; the vault password is later-secret and the token first-secret. " * 2
+    assert redactor.redact_text(prompt).count("[REDACTED]") == 2  # remembered with one secret known
+    redactor.add(["later-secret"])
+    assert "later-secret" not in redactor.redact_text(prompt)
+    assert redactor.redact({"messages": [{"content": prompt}]})["messages"][0]["content"].count("[REDACTED]") == 4
