@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from collections import namedtuple
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, cast
 
 import sqlalchemy as sa
@@ -129,6 +129,20 @@ class _Driver:
 
 
 @dataclass(frozen=True)
+class _Expansion:
+    """A statement's IN lists expanded for one set of list lengths: the SQL, the order of its
+    parameters, their processors, and the names each list's items take (`ExpandedState`'s)."""
+
+    sql: str
+    names: Sequence[str] | None
+    processors: Mapping[str, Callable[[Any], Any]]
+    items: Mapping[str, Sequence[str]]
+
+
+_EXPANSIONS_KEPT = 64  # list lengths remembered per statement (a batch's ids can take many lengths)
+
+
+@dataclass(frozen=True)
 class _Plan:
     """One statement compiled for one dialect (and, for an INSERT, one set of columns)."""
 
@@ -136,11 +150,22 @@ class _Plan:
     processors: Mapping[str, Callable[[Any], Any]]  # bound value processors, by bound name
     row: Callable[..., Any] | None  # builds a named row from a driver tuple (None: rows as the driver gives them)
     result_processors: tuple[Callable[[Any], Any] | None, ...]
+    # IN lists whose SQL depends only on their lengths; SQLAlchemy re-renders it on every execution
+    # (a regular-expression pass over the SQL: most of a small statement's cost), so it is kept by length.
+    lists: tuple[str, ...] = ()
+    expansions: dict[tuple[int, ...], _Expansion] = field(default_factory=dict)
 
     def bind(self, params: Mapping[str, Any]) -> tuple[str, Any]:
         """The SQL (with expanded IN lists) and the driver's parameters, each processed by its type."""
         compiled, processors = self.compiled, self.processors
-        if compiled.post_compile_params or compiled.literal_execute_params:
+        values: Mapping[str, Any]
+        if self.lists:
+            values = given = compiled.construct_params(params)
+            expansion = self._expansion(params, tuple(len(given[name]) for name in self.lists))
+            for name, items in expansion.items.items():
+                given.update(zip(items, given.pop(name), strict=True))
+            sql, names, processors = expansion.sql, expansion.names, expansion.processors
+        elif compiled.post_compile_params or compiled.literal_execute_params:
             state = compiled.construct_expanded_state(params)
             sql, values, names = state.statement, state.parameters, state.positiontup
             processors = {**processors, **state.processors}
@@ -149,6 +174,17 @@ class _Plan:
         if names is not None:
             return sql, tuple(processors[n](values[n]) if n in processors else values[n] for n in names)
         return sql, {n: processors[n](v) if n in processors else v for n, v in values.items()}
+
+    def _expansion(self, params: Mapping[str, Any], lengths: tuple[int, ...]) -> _Expansion:
+        expansion = self.expansions.get(lengths)
+        if expansion is None:
+            state = self.compiled.construct_expanded_state(params)
+            expansion = _Expansion(
+                state.statement, state.positiontup, {**self.processors, **state.processors}, state.parameter_expansion
+            )
+            if len(self.expansions) < _EXPANSIONS_KEPT:
+                self.expansions[lengths] = expansion
+        return expansion
 
     def rows(self, fetched: Sequence[tuple[Any, ...]]) -> list[Any]:
         if self.row is None:  # a text statement: its columns are known only to the database
@@ -217,11 +253,23 @@ class Prepared:
             columns_out = list(self.statement.selected_columns)
         else:
             columns_out = list(compiled.effective_returning or ())
+        lists = _plain_lists(compiled)
         if not columns_out:
-            return _Plan(compiled, processors, None, ())
+            return _Plan(compiled, processors, None, (), lists)
         row = namedtuple("Row", [c.key for c in columns_out])  # type: ignore[misc]  # names known only here
         results = tuple(c.type.dialect_impl(dialect).result_processor(dialect, None) for c in columns_out)
-        return _Plan(compiled, processors, row, results)
+        return _Plan(compiled, processors, row, results, lists)
+
+
+def _plain_lists(compiled: SQLCompiler) -> tuple[str, ...]:
+    """The names of the statement's IN lists when its expanded SQL depends on their lengths alone:
+    plain lists (not tuples, not values rendered into the SQL) under names that need no escaping."""
+    expanding = compiled.post_compile_params
+    if not expanding or compiled.literal_execute_params or compiled.escaped_bind_names:
+        return ()
+    if any(bind.literal_execute or bind.type._is_tuple_type for bind in expanding):
+        return ()
+    return tuple(compiled.bind_names[bind] for bind in expanding)
 
 
 async def _driver_of(session: DbSession) -> _Driver:

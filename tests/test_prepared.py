@@ -71,9 +71,20 @@ async def test_values_come_back_as_sqlalchemy_stores_and_reads_them(db: Database
 async def test_in_lists_expand_and_many_rows_go_in_one_executemany(db: Database):
     rows = [{"key": f"k{i}", "inbox_id": f"in-{i}", "created_at": WHEN} for i in range(5)]
     await db.run(lambda s: INSERT_KEYS.run_many(s, rows))
-    found = await db.run(lambda s: KEYS_IN.run(s, {"b_keys": ["k3", "k1", "nope"]}), read=True)
-    assert found.scalars() == ["k1", "k3"]
-    assert (await db.run(lambda s: KEYS_IN.run(s, {"b_keys": []}), read=True)).all() == []
+    # The expanded SQL is kept by list length: each length again, with other values, and empty.
+    asked = [["k3", "k1", "nope"], ["k0"], [], ["nope", "k4", "k2"], ["k1"], [], ["k0", "k1", "k2", "k3", "k4"]]
+    found = [(await db.run(lambda s, keys=keys: KEYS_IN.run(s, {"b_keys": keys}), read=True)).scalars() for keys in asked]
+    assert found == [["k1", "k3"], ["k0"], [], ["k2", "k4"], ["k1"], [], ["k0", "k1", "k2", "k3", "k4"]]
+    # A list beside a plain value and a fixed list of the statement's own.
+    mixed = Prepared(
+        sa.select(_KEYS.c.key)
+        .where(_KEYS.c.key.in_(sa.bindparam("b_keys", expanding=True)), _KEYS.c.inbox_id.in_(("in-1", "in-2", "in-3")))
+        .where(_KEYS.c.created_at == sa.bindparam("b_when"))
+        .order_by(_KEYS.c.key)
+    )
+    for keys, expected in ((["k1", "k2", "k4"], ["k1", "k2"]), (["k3", "k0", "k2"], ["k2", "k3"]), (["k4"], [])):
+        got = await db.run(lambda s, keys=keys: mixed.run(s, {"b_keys": keys, "b_when": WHEN}), read=True)
+        assert got.scalars() == expected
 
 
 async def test_a_duplicate_key_is_sqlalchemys_integrity_error_and_nothing_of_the_transaction_stays(db: Database):
