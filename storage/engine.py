@@ -13,7 +13,9 @@ and never wait for the write lock (WAL readers neither block nor are blocked). O
 held, statements run inline: they take microseconds, and a transaction body never suspends, so
 the thread hand-offs of an async driver would only slow every transaction down (measured in
 `benchmarks/`); only the COMMIT, whose fsync takes milliseconds, is handed to one committer
-thread, so the loop answers acks and drives other runs meanwhile. PostgreSQL: psycopg 3, native asyncio.
+thread, so the loop answers acks and drives other runs meanwhile. The writers keep one connection
+between transactions; a transaction that fails closes it, and the next takes a fresh one from the
+pool. PostgreSQL: psycopg 3, native asyncio.
 """
 
 from __future__ import annotations
@@ -187,6 +189,9 @@ class Database:
             # are waited for by polling (`_begin_sqlite`), never by a busy wait on the loop.
             self._write_lock: asyncio.Lock | None = asyncio.Lock()
             self._committer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-commit")
+            # The writers' connection, kept between transactions (taking one from the pool and giving
+            # it back cost more than most transactions' statements); closed after any failure.
+            self._writer: sa.Connection | None = None
         else:
             self.engine = make_async_engine(self.urls, pool_size)
             self.sync_engine = self.engine.sync_engine
@@ -275,11 +280,16 @@ class Database:
                 raise LockBusy("the database is busy") from None
             try:
                 inline = InlineSession(await self._begin_sqlite(deadline), self._sync_sessions)
+                committed = False
                 try:
                     async with self._committing(inline):
                         yield inline
+                    committed = True
                 finally:
-                    inline.close()
+                    if committed:
+                        self._writer = inline.detach()
+                    else:
+                        inline.close()
                 raised = self._raised(inline.info)
             finally:
                 self._write_lock.release()
@@ -333,7 +343,7 @@ class Database:
         loop = asyncio.get_running_loop()
         pause = LOCK_POLL_FIRST
         while True:
-            connection = self.sync_engine.connect()
+            connection, self._writer = self._writer or self.sync_engine.connect(), None
             try:
                 connection.begin()  # emits BEGIN IMMEDIATE (the "begin" listener)
                 return connection
@@ -398,5 +408,8 @@ class Database:
         if self.engine is not None:
             await self.engine.dispose()
         else:
+            writer, self._writer = self._writer, None
+            if writer is not None:
+                writer.close()
             self.sync_engine.dispose()
             self._committer.shutdown(wait=False)

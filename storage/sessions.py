@@ -118,6 +118,17 @@ class InlineSession(_Joined[sa.Connection, Session]):
         finally:
             self._connection.close()
 
+    def detach(self) -> sa.Connection:
+        """After the commit: close the ORM session (if any) and return the connection, still open,
+        for the next transaction (closed instead if the ORM session fails to close)."""
+        try:
+            if self._orm is not None:
+                self._orm.close()
+        except BaseException:
+            self._connection.close()
+            raise
+        return self._connection
+
     @overload
     async def execute(self, statement: TypedReturnsRows[*Ts], params: Any = None) -> Result[*Ts]: ...
     @overload

@@ -56,6 +56,38 @@ def test_sqlite_connections_use_wal_full_sync_busy_timeout_and_foreign_keys(sqli
     assert pragmas == {"journal_mode": "wal", "synchronous": 2, "busy_timeout": 5000, "foreign_keys": 1}
 
 
+async def test_sqlite_writers_keep_one_connection_until_a_transaction_fails(sqlite_url):
+    """Committed write transactions reuse the writers' connection (a pool checkout and return cost
+    more than most transactions' statements); one that fails gives it up, and the next takes a
+    fresh connection and sees everything committed before."""
+    upgrade(sqlite_url)
+    db = Database(sqlite_url)
+    checkouts: list[object] = []
+    sa.event.listen(db.sync_engine, "checkout", lambda dbapi, record, proxy: checkouts.append(dbapi))
+    audit = AuditLog(Redactor())
+
+    async def note(text: str, fail: bool = False) -> None:
+        async with db.transaction() as session:
+            await audit.record(session, "test", note=text)
+            if fail:
+                raise RuntimeError("the step failed")
+
+    try:
+        for i in range(5):
+            await note(f"kept {i}")
+        assert len(checkouts) == 1
+        with pytest.raises(RuntimeError):
+            await note("rolled back", fail=True)
+        await note("after the failure")
+        assert len(checkouts) == 2
+        assert await audit.chain(db) == 6
+        async with db.transaction(read=True) as session:
+            notes = (await session.execute(sa.select(AuditEvent.data))).scalars().all()
+        assert [n["note"] for n in notes] == [*(f"kept {i}" for i in range(5)), "after the failure"]
+    finally:
+        await db.dispose()
+
+
 async def test_timestamps_come_back_timezone_aware(db_url):
     upgrade(db_url)
     db = Database(db_url)
