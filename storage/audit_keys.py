@@ -10,6 +10,7 @@ HMAC of a fixed label under the key, which tells nothing about the key itself.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import hmac
 import os
@@ -29,6 +30,7 @@ class AuditKeyError(Exception):
     """The audit key ring is missing, unreadable, too weak, or does not fit the chain."""
 
 
+@functools.lru_cache(maxsize=16)  # a key ring holds a few keys; every seal and link names one
 def key_id(key: bytes) -> str:
     """A public name for a key (16 hex digits); it does not reveal the key."""
     return hmac.new(key, b"chatops-audit-key-id", hashlib.sha256).hexdigest()[:16]

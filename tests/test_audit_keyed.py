@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import stat
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,7 @@ import sqlalchemy as sa
 from bot.app import build_app
 from bot.cli import run as chatops
 from bot.core.errors import ConfigError
-from storage.audit import GENESIS_HASH, KEYED_KIND, ROTATED_KIND, TAMPERED_KIND, AuditLog, compute_hash
+from storage.audit import GENESIS_HASH, KEYED_KIND, ROTATED_KIND, TAMPERED_KIND, AuditLog, compute_hash, keyed_hash, seal
 from storage.audit_keys import default_key_file, key_id
 from storage.engine import Database, make_sync_engine, normalise_url
 from storage.migrate import upgrade
@@ -219,3 +220,22 @@ def test_an_unkeyed_database_keeps_its_rows_as_a_legacy_prefix(tmp_path, monkeyp
         conn.execute(sa.insert(AuditEvent).values(**forged))
     assert _cli(url, monkeypatch, "verify") == 1
     assert "unkeyed row after the chain was keyed" in capsys.readouterr().out
+
+
+def test_seals_and_hashes_keep_the_bytes_chains_were_written_with():
+    """A chain written by an earlier version must still verify: the seal and the link hash of one
+    row (CJK, escapes, floats with exponents, an integer beyond 64 bits, timestamps, nesting) are
+    pinned to the values the first keyed version computed. A faster serialiser that changes one
+    byte of `canonical_json` fails here."""
+    key = bytes(range(32))
+    data = {
+        "subject": '客户张三 — 介绍 \u2028 "quoted" \\ \n\t', "amount": 1e16, "ratio": 1e-05, "price": 12.5, "big": 2**70,
+        "flags": [True, False, None], "when": datetime(2026, 1, 2, tzinfo=UTC), "nested": {"b": 1, "a": [{"z": 0, "y": "é"}]},
+    }  # fmt: skip
+    row = {
+        "seq": 7, "at": datetime(2026, 12, 4, 17, 0, 0, 123456, tzinfo=UTC), "kind": "tool_result", "run_id": "run-1",
+        "approval_id": "ap-1", "platform": "feishu", "actor": "feishu:ou_1", "tool": "send_email", "status": "ok",
+        "prev_hash": "ab" * 32, "key_id": key_id(key), "data": data,
+    }  # fmt: skip
+    assert seal(key, row) == "01e28d56b0f26508:41f1b96ec1cdab491ee32c2ade7300abe19a0ae65b7b02303be41941560d61ff"
+    assert keyed_hash(key, row) == "ad3ff57bef960f60b372edf41a957a46c187ed85439eb919d8eac16afe634926"
