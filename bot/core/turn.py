@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -54,6 +54,29 @@ async def _nothing(_: str) -> None:
     return None
 
 
+@contextlib.asynccontextmanager
+async def _notice_if_slow(delay: float, slow: SlowNotice, *, name: str) -> AsyncIterator[None]:
+    """Run `slow()` once if the body takes longer than `delay`; stop it when the body ends. A timer,
+    not a task: most model calls end first, and a task per call cost more than the timer."""
+    started: list[asyncio.Task[None]] = []
+    timer = asyncio.get_running_loop().call_later(delay, lambda: started.append(asyncio.create_task(_notify(slow), name=name)))
+    try:
+        yield
+    finally:
+        timer.cancel()
+        for notice in started:
+            notice.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await notice
+
+
+async def _notify(slow: SlowNotice) -> None:
+    try:
+        await slow()
+    except Exception as exc:  # noqa: BLE001 - a notice that cannot be queued must not end the run
+        log.warning("could not queue the slow-model notice: %s", type(exc).__name__)
+
+
 @dataclass
 class Plan:
     """A step's tool calls, classified: results of calls that ran or were refused, and proposals."""
@@ -92,21 +115,8 @@ class Turn:
         setup = channel_setup.for_run(self.policy, claim.thread, claim.requester)  # this channel's prompt, model, tools, language
         prompt = setup.system_prompt or self.settings.system_prompt or SYSTEM_PROMPT
         messages = [{"role": "system", "content": prompt}, *claim.messages]
-        notice = asyncio.create_task(self._after(self.settings.model_notice_after, slow), name=f"slow-{claim.run_id}")
-        try:
+        async with _notice_if_slow(self.settings.model_notice_after, slow, name=f"slow-{claim.run_id}"):
             return await self.model.complete(messages, setup.openai_tools(self.registry), model=setup.model)
-        finally:
-            notice.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await notice
-
-    @staticmethod
-    async def _after(delay: float, slow: SlowNotice) -> None:
-        await asyncio.sleep(delay)
-        try:
-            await slow()
-        except Exception as exc:  # noqa: BLE001 - a notice that cannot be queued must not end the run
-            log.warning("could not queue the slow-model notice: %s", type(exc).__name__)
 
     async def plan(self, claim: RunClaim, reply: ModelReply, progress: Progress = _nothing) -> Plan:
         """Classify every tool call of `reply`: invalid, denied, run now, or proposed for approval.
