@@ -1,5 +1,7 @@
 """Core benchmarks: ack latency, 200 concurrent conversations with a slow model, and the bot's own
-time per turn. Run: `.venv/bin/python benchmarks/bench_core.py [--db sqlite|postgres] [--conversations 200]`.
+time per turn: a turn's wall time less the time its model calls took, as the bot itself measures them
+(`chatops_model_seconds`, the SDK's client work included), with a second estimate beside it.
+Run: `.venv/bin/python benchmarks/bench_core.py [--db sqlite|postgres] [--conversations 200]`.
 
 Everything runs on 127.0.0.1: the scripted OpenAI-compatible server from the tests plays the model.
 """
@@ -14,13 +16,15 @@ import sys
 import tempfile
 import time
 import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import sqlalchemy as sa
+from prometheus_client import REGISTRY
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bot.app import build_app
+from bot.app import App, build_app
 from bot.core.events import IncomingMessage, Thread, User
 from bot.lifecycle import loop_factory
 from tests.conftest import PRODUCT_DEFAULTS, make_settings
@@ -96,6 +100,54 @@ async def concurrent_conversations(db_url: str, n: int, model_delay: float) -> N
     )
 
 
+def model_seconds() -> float:
+    """The bot's own measure of its model calls so far (`chatops_model_seconds`: each call, SDK included)."""
+    return REGISTRY.get_sample_value("chatops_model_seconds_sum") or 0.0
+
+
+@dataclass
+class Turns:
+    totals: list[float] = field(default_factory=list)  # ms from the message to its posted answer
+    in_model: list[float] = field(default_factory=list)  # ms of those the bot spent in model calls
+    cpu: float = 0.0  # process CPU seconds of the turns (the in-process fake model's included)
+
+
+async def serial_turns(app: App, channel: AnswerQueue, model: ScriptedModel, turns: int) -> Turns:
+    measured, run = Turns(), uuid.uuid4().hex[:6]
+    for i in range(turns):
+        before, in_model = len(model.requests), model_seconds()
+        cpu_started = time.process_time()
+        started = time.perf_counter()
+        await app.core.accept_message(message(i, run))
+        await channel.answers.get()  # the turn ends when its answer is posted
+        measured.totals.append((time.perf_counter() - started) * 1000)
+        measured.cpu += time.process_time() - cpu_started
+        measured.in_model.append((model_seconds() - in_model) * 1000)
+        await app.ctx.tasks.idle()  # let the audit chainer finish outside the measurement
+        assert len(model.requests) == before + 2
+    return measured
+
+
+async def replayed_model_calls(app: App, bodies: list[dict], turns: int) -> tuple[float, float]:
+    """Median wall ms and mean CPU ms of a turn's model calls made again alone (the same bodies, client
+    and server), without the redaction `complete()` does first: that part is the bot's own."""
+    wall, cpu = [], time.process_time()
+    for _ in range(turns):
+        started = time.perf_counter()
+        for body in bodies:
+            await app.ctx.model.complete(body["messages"], body.get("tools", []), model=body["model"])
+        wall.append((time.perf_counter() - started) * 1000)
+    cpu = time.process_time() - cpu
+    redacting, redact_cpu = [], time.process_time()
+    for _ in range(turns):
+        started = time.perf_counter()
+        for body in bodies:
+            app.ctx.redactor.redact(body["messages"])
+        redacting.append((time.perf_counter() - started) * 1000)
+    cpu -= time.process_time() - redact_cpu
+    return statistics.median(wall) - statistics.median(redacting), cpu / turns * 1000
+
+
 async def overhead_per_turn(db_url: str, turns: int) -> None:
     """Serial turns with an instant model and one read tool call: wall time minus model time = the bot's own time."""
     ledger = Ledger()
@@ -112,38 +164,26 @@ async def overhead_per_turn(db_url: str, turns: int) -> None:
         gc.collect()
         gc.freeze()  # as `chatops serve` does once started (`bot.lifecycle.start`)
         counts = count_sql(app.ctx.db.sync_engine)
-        model_ms: list[float] = []
-        totals: list[float] = []
-        cpu = 0.0  # process CPU time of the turns (and of the fake model, subtracted below)
         try:
-            run = uuid.uuid4().hex[:6]
-            for i in range(turns):
-                cpu_started = time.process_time()
-                before = len(model.requests)
-                started = time.perf_counter()
-                await app.core.accept_message(message(i, run))
-                await channel.answers.get()  # the turn ends when its answer is posted
-                totals.append((time.perf_counter() - started) * 1000)
-                cpu += time.process_time() - cpu_started
-                await app.ctx.tasks.idle()  # let the audit chainer finish outside the measurement
-                assert len(model.requests) == before + 2
-            # Time the model round trip alone (same client, same server) to subtract it.
+            measured = await serial_turns(app, channel, model, turns)
             sql = dict(counts)
-            model_cpu = time.process_time()
-            for _ in range(turns):
-                started = time.perf_counter()
-                await app.ctx.model.complete([{"role": "user", "content": "x"}], [])
-                model_ms.append((time.perf_counter() - started) * 1000)
-            model_cpu = time.process_time() - model_cpu
+            replay_ms, replay_cpu = await replayed_model_calls(app, model.requests[-2:], turns)
         finally:
             await app.stop()
-    per_model_call = statistics.median(model_ms)
-    own = [t - 2 * per_model_call for t in totals]
-    own_cpu = (cpu - 2 * model_cpu) / turns * 1000
+    own = [total - in_model for total, in_model in zip(measured.totals, measured.in_model, strict=True)]
     print(
-        f"bot's own time per turn (2 model calls + 1 read tool, model round trips subtracted), {turns} turns: "
-        f"median {statistics.median(own):.1f} ms, p90 {pct(own, 90):.1f} ms; "
-        f"CPU {own_cpu:.1f} ms per turn (steadier than wall time on a shared machine)"
+        f"bot's own time per turn (2 model calls + 1 read tool; the model calls' time, as chatops_model_seconds "
+        f"measured it in the turn, subtracted), {turns} turns: median {statistics.median(own):.1f} ms, p90 {pct(own, 90):.1f} ms"
+    )
+    print(
+        f"  the turn: median {statistics.median(measured.totals):.1f} ms, of which its model calls "
+        f"{statistics.median(measured.in_model):.1f} ms"
+    )
+    replayed = [total - replay_ms for total in measured.totals]
+    print(
+        f"  with the same two model calls made again alone subtracted instead: median {statistics.median(replayed):.1f} ms; "
+        f"CPU {measured.cpu / turns * 1000 - replay_cpu:.1f} ms per turn (a call costs less alone than inside a turn: "
+        f"these two count the difference as the bot's own)"
     )
     print(
         f"  per turn, the audit chainer and outbox included: {sql['statements'] / turns:.1f} SQL statements, "
