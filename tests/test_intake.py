@@ -5,6 +5,7 @@ and a message the database refuses fails alone while the rest of its burst is re
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 
 import pytest
@@ -80,6 +81,21 @@ async def test_at_rest_each_message_has_its_own_transaction_and_nothing_waits(bo
         assert await app.core.accept_message(message(100 + i))
     assert await inbox(app) == n
     await app.ctx.tasks.idle()
+
+
+async def test_a_redelivery_alone_is_a_duplicate_found_by_its_insert(bots, model, db_url, caplog):
+    """A message alone is not looked up before its INSERT: a redelivered one fails the INSERT of its
+    stored key, which makes it a duplicate (nothing recorded twice, nothing logged as an error), and
+    the next message records normally on both databases (PostgreSQL's failed transaction is gone)."""
+    model.responder = lambda body: text("ok")
+    app = await bots.run(await bots.start(database_url=db_url))
+    assert await app.core.accept_message(message(1))
+    again = [await app.core.accept_message(message(1)) for _ in range(3)]
+    assert again == [False, False, False]
+    assert await app.core.accept_message(message(2))
+    assert await inbox(app) == 2
+    await app.ctx.tasks.idle()
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
 
 
 async def test_a_message_behind_a_waiting_batch_is_still_answered_inside_slacks_three_seconds(bots, model, sqlite_url):

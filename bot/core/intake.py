@@ -70,9 +70,12 @@ class Intake:
 
     async def _record_batch(self, session: DbSession, batch: list[_Pending]) -> dict[str, bool]:
         """Insert the new messages of `batch`; {inbox id: new?}. Keys already seen (stored, or earlier in
-        the batch) make a message a duplicate."""
-        keys = {k for p in batch for k in _keys(p.msg)}
-        seen = set((await _SEEN.run(session, {"keys": list(keys)})).scalars())
+        the batch) make a message a duplicate. A message alone is not looked up first: a stored key
+        fails its INSERT (`IntegrityError`, a duplicate for `_record_all`), one statement less at rest."""
+        seen: set[str] = set()
+        if len(batch) > 1:  # one look for the burst, so one redelivery does not fail the others' transaction
+            keys = {k for p in batch for k in _keys(p.msg)}
+            seen = set((await _SEEN.run(session, {"keys": list(keys)})).scalars())
         fresh: list[_Pending] = []
         for pending in batch:
             mine = set(_keys(pending.msg))
