@@ -97,6 +97,19 @@ _QUEUED = Prepared(
     .where(_INBOX.c.conversation_key == sa.bindparam("b_key"), _INBOX.c.status.in_(sa.bindparam("b_statuses", expanding=True)))
     .order_by(_INBOX.c.created_at, _INBOX.c.id)
 )  # fmt: skip
+# A start's one read: the queued messages, and on the first of them the conversation they join (its
+# history only once, however many are queued; none when nothing is queued, which most looks find).
+_FIRST = sa.func.row_number().over(order_by=(_INBOX.c.created_at, _INBOX.c.id)) == 1
+_QUEUED_AND_CONVERSATION = Prepared(
+    sa.select(
+        _INBOX.c.id, _INBOX.c.status, _INBOX.c.payload,
+        sa.case((_FIRST, _CONVERSATIONS.c.messages), else_=sa.null()).label("messages"),
+        _CONVERSATIONS.c.active_run_id, _CONVERSATIONS.c.version,
+    )
+    .select_from(_INBOX.outerjoin(_CONVERSATIONS, _CONVERSATIONS.c.key == _INBOX.c.conversation_key))
+    .where(_INBOX.c.conversation_key == sa.bindparam("b_key"), _INBOX.c.status == Q.QUEUED)
+    .order_by(_INBOX.c.created_at, _INBOX.c.id)
+)  # fmt: skip
 _SET_INBOX_STATUS = Prepared(
     sa.update(_INBOX)
     .where(_INBOX.c.id == sa.bindparam("b_id"))
@@ -225,6 +238,17 @@ async def lock_for_start(session: DbSession, key: str) -> None:
 async def queued(session: DbSession, key: str, statuses: tuple[InboxStatus, ...] = (Q.QUEUED,)) -> list[QueuedMessage]:
     rows = await _QUEUED.run(session, {"b_key": key, "b_statuses": [str(s) for s in statuses]})
     return [QueuedMessage(row.id, InboxStatus(row.status), IncomingMessage.from_dict(row.payload)) for row in rows.all()]
+
+
+async def queued_and_conversation(session: DbSession, key: str) -> tuple[list[QueuedMessage], ConversationRow | None]:
+    """The conversation's queued messages, oldest first, and the conversation itself (None when it has
+    no row yet, or when nothing is queued: then it is not needed), in one statement."""
+    rows = (await _QUEUED_AND_CONVERSATION.run(session, {"b_key": key})).all()
+    queued = [QueuedMessage(row.id, InboxStatus(row.status), IncomingMessage.from_dict(row.payload)) for row in rows]
+    first = rows[0] if rows else None
+    if first is None or first.version is None:
+        return queued, None
+    return queued, ConversationRow(key, list(first.messages or []), first.active_run_id, first.version)
 
 
 async def set_statuses(session: DbSession, statuses: list[tuple[str, InboxStatus]], run_id: str | None, now: datetime) -> None:

@@ -171,11 +171,10 @@ class RunStore:
         """One attempt; None means "every message was refused, look again"."""
         ctx = self.ctx
         await run_rows.lock_for_start(session, key)
-        queued = await run_rows.queued(session, key)
+        queued, conv = await run_rows.queued_and_conversation(session, key)
         self.unread.discard(key)
         if not queued:
             return Started()
-        conv = await run_rows.conversation(session, key)
         if conv is not None and conv.active_run_id is not None:
             active = await session.get(Run, conv.active_run_id)
             if active is not None and active.status == R.WAITING:
