@@ -7,6 +7,7 @@ no `.env` is ever read (tests run in a temporary working directory).
 
 from __future__ import annotations
 
+import asyncio
 import io
 import logging
 import os
@@ -23,6 +24,8 @@ from bot.config import Settings, load_settings
 from bot.core.events import User
 from bot.logsetup import redacting_handler
 from bot.terminal import TerminalAdapter
+from storage.engine import Database
+from storage.migrate import upgrade
 from storage.redact import Redactor
 from tests.fakes.openai_server import ScriptedModel
 from tools.registry import Toolset
@@ -100,6 +103,15 @@ def db_url(request: pytest.FixtureRequest) -> str:
     """Both backends: the test runs once on SQLite and once on PostgreSQL."""
     name = "sqlite_url" if request.param == "sqlite" else "postgres_url"
     return str(request.getfixturevalue(name))
+
+
+@pytest.fixture
+async def db(db_url: str) -> AsyncIterator[Database]:
+    """A migrated database on both backends, as `Database` (the bot's handle), disposed afterwards."""
+    await asyncio.to_thread(upgrade, db_url)
+    database = Database(db_url)
+    yield database
+    await database.dispose()
 
 
 # What the suite's settings change from the product's defaults, set back (the benchmarks use these).

@@ -8,7 +8,6 @@ left to the garbage collector broke statements on the loop thread when collected
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 
 import pytest
@@ -38,14 +37,6 @@ STAGE = Prepared(sa.insert(_STAGED))
 STAGE_RETURNING_ID = Prepared(sa.insert(_STAGED).returning(_STAGED.c.id))
 WHEN = datetime(2026, 12, 3, 8, 30, 15, 123456, tzinfo=UTC)
 HISTORY = [{"role": "user", "content": "客户张三 <zhangsan@example.com>", "n": 2**40, "nested": {"ok": True, "none": None}}]
-
-
-@pytest.fixture
-async def db(db_url: str) -> AsyncIterator[Database]:
-    upgrade(db_url)
-    database = Database(db_url)
-    yield database
-    await database.dispose()
 
 
 def conversation(key: str) -> dict[str, object]:

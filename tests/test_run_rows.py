@@ -3,28 +3,16 @@ messages oldest first and, once, the conversation they join."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
-
-import pytest
 
 from bot.core import run_rows
 from bot.core.events import IncomingMessage, Thread, User
 from storage.engine import Database
-from storage.migrate import upgrade
 from storage.models import InboxEvent, InboxStatus, table_of
 from storage.sessions import DbSession
 
 T0 = datetime(2026, 12, 4, 18, 0, tzinfo=UTC)
 HISTORY = [{"role": "user", "content": "客户张三", "name": "U1"}, {"role": "assistant", "content": "好的"}]
-
-
-@pytest.fixture
-async def db(db_url: str) -> AsyncIterator[Database]:
-    upgrade(db_url)
-    database = Database(db_url)
-    yield database
-    await database.dispose()
 
 
 def incoming(key: str, text: str) -> IncomingMessage:

@@ -44,14 +44,6 @@ async def preview(ctx: ToolContext, name: str, args: dict[str, Any]) -> list[str
     return await spec.preview(ctx, args)
 
 
-@pytest.fixture
-async def db(db_url: str) -> AsyncIterator[Database]:
-    await asyncio.to_thread(upgrade, db_url)
-    database = Database(db_url)
-    yield database
-    await database.dispose()
-
-
 async def lead_rows(db: Database) -> list[CrmLead]:
     async with db.transaction() as session:
         return list((await session.execute(sa.select(CrmLead).order_by(CrmLead.id))).scalars())
