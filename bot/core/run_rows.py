@@ -235,7 +235,8 @@ async def lock_for_start(session: DbSession, key: str) -> None:
         await _START_LOCK.run(session, {"namespace": _START_LOCK_NAMESPACE, "key": key})
 
 
-async def queued(session: DbSession, key: str, statuses: tuple[InboxStatus, ...] = (Q.QUEUED,)) -> list[QueuedMessage]:
+async def queued(session: DbSession, key: str, statuses: tuple[InboxStatus, ...]) -> list[QueuedMessage]:
+    """The conversation's messages in `statuses`, oldest first."""
     rows = await _QUEUED.run(session, {"b_key": key, "b_statuses": [str(s) for s in statuses]})
     return [QueuedMessage(row.id, InboxStatus(row.status), IncomingMessage.from_dict(row.payload)) for row in rows.all()]
 
