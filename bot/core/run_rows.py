@@ -92,9 +92,9 @@ _RELEASE_CONVERSATION = Prepared(
         version=_CONVERSATIONS.c.version + 1,
     )
 )  # fmt: skip
-_QUEUED = Prepared(
+_QUEUED_OR_HELD = Prepared(
     sa.select(_INBOX.c.id, _INBOX.c.status, _INBOX.c.payload)
-    .where(_INBOX.c.conversation_key == sa.bindparam("b_key"), _INBOX.c.status.in_(sa.bindparam("b_statuses", expanding=True)))
+    .where(_INBOX.c.conversation_key == sa.bindparam("b_key"), _INBOX.c.status.in_((Q.QUEUED, Q.HELD)))
     .order_by(_INBOX.c.created_at, _INBOX.c.id)
 )  # fmt: skip
 # A start's one read: the queued messages, and on the first of them the conversation they join (its
@@ -235,9 +235,9 @@ async def lock_for_start(session: DbSession, key: str) -> None:
         await _START_LOCK.run(session, {"namespace": _START_LOCK_NAMESPACE, "key": key})
 
 
-async def queued(session: DbSession, key: str, statuses: tuple[InboxStatus, ...]) -> list[QueuedMessage]:
-    """The conversation's messages in `statuses`, oldest first."""
-    rows = await _QUEUED.run(session, {"b_key": key, "b_statuses": [str(s) for s in statuses]})
+async def queued_or_held(session: DbSession, key: str) -> list[QueuedMessage]:
+    """The conversation's messages waiting for a run (queued, or held behind approvals), oldest first."""
+    rows = await _QUEUED_OR_HELD.run(session, {"b_key": key})
     return [QueuedMessage(row.id, InboxStatus(row.status), IncomingMessage.from_dict(row.payload)) for row in rows.all()]
 
 

@@ -496,7 +496,7 @@ class RunStore:
         conv = await run_rows.conversation(session, run.conversation_key)
         assert conv is not None
         messages = self._answered(run, approvals, conv)
-        queued = await run_rows.queued(session, conv.key, (Q.QUEUED, Q.HELD))
+        queued = await run_rows.queued_or_held(session, conv.key)
         last, messages = await self._admit(session, run_id, queued, messages) if queued else (None, messages)
         requester, thread = (last.user.to_dict(), self._thread_of(last)) if last else (run.requester, run.thread)
         if last is not None:
