@@ -261,7 +261,8 @@ async def build_app(
             ) from None
     keys = audit_keys(settings)
     redactor.add(keys.secrets())
-    db = Database(settings.database_url, pool_size=settings.db_pool_size)
+    # A front's commits never checkpoint SQLite's WAL (an ack would wait for it); its workers' do.
+    db = Database(settings.database_url, pool_size=settings.db_pool_size, checkpoints=role != Role.FRONT)
     db.on_retry(lambda fault: metrics.DB_RETRIES.labels(type(fault).__name__).inc())
     registry = ToolRegistry()
     for toolset in builtin_toolsets():

@@ -15,7 +15,11 @@ the thread hand-offs of an async driver would only slow every transaction down (
 `benchmarks/`); only the COMMIT, whose fsync takes milliseconds, is handed to one committer
 thread, so the loop answers acks and drives other runs meanwhile. The writers keep one connection
 between transactions; a transaction that fails closes it, and the next takes a fresh one from the
-pool. PostgreSQL: psycopg 3, native asyncio.
+pool. Across processes acks go first too: an urgent writer that finds the lock busy polls at the
+shortest pause and holds the turnstile meanwhile, and background writers (worker processes) do not
+begin while it is held (`storage.turnstile`). A process that records acks only (a front) never
+checkpoints the WAL in its commits (`checkpoints=False`: copying the WAL into the database took
+100 ms and more, inside an ack); the workers' commits do. PostgreSQL: psycopg 3, native asyncio.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_bef
 
 from storage.retrying import first_then_retry
 from storage.sessions import DbSession, InlineSession, PostgresSession
+from storage.turnstile import Turnstile
 
 SQLITE_BUSY_TIMEOUT_MS = 5_000  # the CLI's sync engine (Alembic, audit commands): plain busy waits are fine there
 URGENT_BUDGET = 1.0  # seconds an ack's database step may take in all: lock waits and retries share it
@@ -97,7 +102,9 @@ def is_transient(exc: BaseException) -> bool:
     return False
 
 
-def _sqlite_connect_listeners(sync_engine: sa.Engine, busy_timeout_ms: int = SQLITE_BUSY_TIMEOUT_MS) -> None:
+def _sqlite_connect_listeners(
+    sync_engine: sa.Engine, busy_timeout_ms: int = SQLITE_BUSY_TIMEOUT_MS, checkpoints: bool = True
+) -> None:
     @sa.event.listens_for(sync_engine, "connect")
     def _on_connect(dbapi_conn: Any, _record: Any) -> None:
         # Take transaction control away from the driver so BEGIN is ours to emit.
@@ -107,6 +114,8 @@ def _sqlite_connect_listeners(sync_engine: sa.Engine, busy_timeout_ms: int = SQL
         cur.execute("PRAGMA synchronous=FULL")
         cur.execute(f"PRAGMA busy_timeout={busy_timeout_ms}")
         cur.execute("PRAGMA foreign_keys=ON")
+        if not checkpoints:
+            cur.execute("PRAGMA wal_autocheckpoint=0")
         cur.close()
 
     @sa.event.listens_for(sync_engine, "begin")
@@ -137,14 +146,15 @@ def _json_options() -> dict[str, Any]:
     return {"json_serializer": dump_json, "json_deserializer": orjson.loads}
 
 
-def make_sync_engine(urls: DatabaseUrls, *, busy_timeout_ms: int = SQLITE_BUSY_TIMEOUT_MS) -> sa.Engine:
+def make_sync_engine(urls: DatabaseUrls, *, busy_timeout_ms: int = SQLITE_BUSY_TIMEOUT_MS, checkpoints: bool = True) -> sa.Engine:
     """A synchronous engine: the CLI and migrations (busy waits allowed), and the bot on SQLite
-    (`busy_timeout_ms=0`: the bot waits for the lock asynchronously, see `Database`)."""
+    (`busy_timeout_ms=0`: the bot waits for the lock asynchronously, see `Database`; `checkpoints`:
+    whether its commits may checkpoint the WAL)."""
     if urls.is_sqlite:
         engine = sa.create_engine(
             urls.sync_url, connect_args={"timeout": busy_timeout_ms / 1000}, pool_size=4, max_overflow=8, **_json_options()
         )
-        _sqlite_connect_listeners(engine, busy_timeout_ms)
+        _sqlite_connect_listeners(engine, busy_timeout_ms, checkpoints)
         return engine
     return sa.create_engine(urls.sync_url, pool_pre_ping=True, **_json_options())
 
@@ -173,15 +183,17 @@ class Database:
 
     `transaction()` yields a `PostgresSession` or an `InlineSession` (SQLite), both `DbSession`s
     (`storage.sessions`). `run(fn)` runs `fn(session)` in a transaction and runs it again, from the
-    start, on a transient fault (the one retry layer).
+    start, on a transient fault (the one retry layer). `checkpoints=False` (SQLite): this process's
+    commits never checkpoint the WAL (a front's: other processes' commits do).
     """
 
-    def __init__(self, url: str, *, pool_size: int = DEFAULT_POOL_SIZE) -> None:
+    def __init__(self, url: str, *, pool_size: int = DEFAULT_POOL_SIZE, checkpoints: bool = True) -> None:
         self.urls = normalise_url(url)
         self._after_commit: dict[str, list[Callable[[Any], None]]] = {}
         self._on_retry: list[Callable[[BaseException], None]] = []
         if self.urls.is_sqlite:
-            self.sync_engine = make_sync_engine(self.urls, busy_timeout_ms=0)
+            self.sync_engine = make_sync_engine(self.urls, busy_timeout_ms=0, checkpoints=checkpoints)
+            self._turnstile = Turnstile(self.urls.sync_url.database)
             self._sync_sessions = sessionmaker(self.sync_engine, expire_on_commit=False)
             self._read_engine = self.sync_engine.execution_options(chatops_read=True)
             self.engine: AsyncEngine | None = None
@@ -244,7 +256,7 @@ class Database:
                 yield session
             return
         if urgent:
-            async with self._write(lock_wait) as session:
+            async with self._write(lock_wait, urgent=True) as session:
                 yield session
             return
         async with self._background, self._write(BACKGROUND_LOCK_WAIT) as session:
@@ -265,7 +277,7 @@ class Database:
             inline.close()
 
     @asynccontextmanager
-    async def _write(self, wait: float) -> AsyncIterator[DbSession]:
+    async def _write(self, wait: float, *, urgent: bool = False) -> AsyncIterator[DbSession]:
         if self.engine is not None:
             async with self._postgres() as session:
                 yield session
@@ -273,13 +285,15 @@ class Database:
         else:
             assert self._write_lock is not None
             deadline = asyncio.get_running_loop().time() + wait
+            if not urgent:
+                await self._turnstile_passed(deadline)
             try:
-                async with asyncio.timeout(wait):  # not wait_for: it can lose an acquired lock on 3.11
+                async with asyncio.timeout_at(deadline):  # not wait_for: it can lose an acquired lock on 3.11
                     await self._write_lock.acquire()
             except TimeoutError:
                 raise LockBusy("the database is busy") from None
             try:
-                inline = InlineSession(await self._begin_sqlite(deadline), self._sync_sessions)
+                inline = InlineSession(await self._begin_sqlite(deadline, urgent=urgent), self._sync_sessions)
                 committed = False
                 try:
                     async with self._committing(inline):
@@ -336,25 +350,51 @@ class Database:
                 await asyncio.wait_for(asyncio.shield(commit), COMMIT_WAIT)
             raise
 
-    async def _begin_sqlite(self, deadline: float) -> sa.Connection:
+    async def _begin_sqlite(self, deadline: float, *, urgent: bool) -> sa.Connection:
         """A connection in a `BEGIN IMMEDIATE` transaction, without a busy wait: while another
         connection holds the lock, try again after a short async sleep (other coroutines run
-        meanwhile) until `deadline`."""
+        meanwhile) until `deadline`. Urgent work polls at the shortest pause and holds the turnstile
+        while it waits; background work begins only while nobody holds it (`storage.turnstile`)."""
         loop = asyncio.get_running_loop()
         pause = LOCK_POLL_FIRST
-        while True:
-            connection, self._writer = self._writer or self.sync_engine.connect(), None
-            try:
-                connection.begin()  # emits BEGIN IMMEDIATE (the "begin" listener)
-                return connection
-            except BaseException as exc:
-                connection.close()
-                if not (isinstance(exc, sa.exc.OperationalError) and _locked(exc)):
-                    raise
+        try:
+            while True:
+                connection = self._try_begin() if urgent or self._turnstile.free() else None
+                if connection is not None:
+                    return connection
+                if urgent:
+                    self._turnstile.hold()  # again at each poll: another front or a passing worker may have had it
                 if loop.time() + pause > deadline:
-                    raise LockBusy("the database is busy") from None
+                    raise LockBusy("the database is busy")
                 await asyncio.sleep(pause)
-                pause = min(LOCK_POLL_MAX, pause * 2)
+                if not urgent:
+                    pause = min(LOCK_POLL_MAX, pause * 2)
+        finally:
+            if urgent:
+                self._turnstile.let_go()
+
+    async def _turnstile_passed(self, deadline: float) -> None:
+        """Background work waits here, before it queues for the lock, while a writer that must not
+        wait holds the turnstile (so this process's own acks are not queued behind it either)."""
+        loop = asyncio.get_running_loop()
+        pause = LOCK_POLL_FIRST
+        while not self._turnstile.free():
+            if loop.time() + pause > deadline:
+                raise LockBusy("the database is busy")
+            await asyncio.sleep(pause)
+            pause = min(LOCK_POLL_MAX, pause * 2)
+
+    def _try_begin(self) -> sa.Connection | None:
+        """A connection in a `BEGIN IMMEDIATE` transaction, or None while another connection holds the lock."""
+        connection, self._writer = self._writer or self.sync_engine.connect(), None
+        try:
+            connection.begin()  # emits BEGIN IMMEDIATE (the "begin" listener)
+            return connection
+        except BaseException as exc:
+            connection.close()
+            if isinstance(exc, sa.exc.OperationalError) and _locked(exc):
+                return None
+            raise
 
     @staticmethod
     def _limit(urgent: bool, deadline: float | None) -> float:
@@ -413,3 +453,4 @@ class Database:
                 writer.close()
             self.sync_engine.dispose()
             self._committer.shutdown(wait=False)
+            self._turnstile.close()

@@ -1,0 +1,83 @@
+"""Acks first on SQLite across processes: while a front waits for the write lock, worker processes
+do not begin new write transactions.
+
+SQLite has one writer at a time and no queue: whoever asks first after the lock frees gets it. A
+front recording a message (its platform waits for the ack) and worker processes running agents
+compete for it, and under load the workers' many short transactions keep the front polling. The
+turnstile is an advisory `flock` on a file beside the database (`<database>-acks`):
+- a writer whose first `BEGIN IMMEDIATE` found the lock busy and who may not wait long (an ack)
+  holds it exclusively while it polls; it never waits for the turnstile itself, but tries again at
+  each poll (another such writer holding it already serves the same purpose);
+- a background writer passes it (a shared lock taken and dropped at once) before it queues for the
+  lock and before each attempt, and while someone holds it waits with short sleeps, so the
+  transaction that holds SQLite's lock finishes and the waiting ack comes next.
+
+`flock` locks end with their process, so a front killed while waiting leaves nothing held. Only
+processes on one machine share an SQLite file, and `flock` works between them. An in-memory
+database has no turnstile (no other process can open it). In one process, the turnstile is used by
+one open file: `free()` says no while this process holds it (a shared lock taken on the same file
+would turn the held one into it).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+if sys.platform != "win32":  # no flock there: worker processes are POSIX-only anyway
+    import fcntl
+
+
+class Turnstile:
+    """The turnstile of one SQLite file, for one process (one open file: `flock` is per open file)."""
+
+    def __init__(self, database_path: str | None) -> None:
+        in_memory = not database_path or database_path == ":memory:" or "mode=memory" in database_path
+        self.path = None if in_memory or database_path is None else database_path + "-acks"
+        self._fd: int | None = None
+        self._held = False
+
+    def _file(self) -> int | None:
+        if sys.platform == "win32":
+            return None
+        if self._fd is None and self.path is not None:
+            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        return self._fd
+
+    def hold(self) -> bool:
+        """Hold the turnstile if nobody else does (never waits); True while this process holds it."""
+        fd = self._file()
+        if fd is None:
+            return False
+        if not self._held:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return False
+            self._held = True
+        return True
+
+    def let_go(self) -> None:
+        if self._held and self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+        self._held = False
+
+    def free(self) -> bool:
+        """True unless someone holds the turnstile (a writer that must not wait is waiting)."""
+        if self._held:  # by this process: taking a shared lock on the same file would give it up
+            return False
+        fd = self._file()
+        if fd is None:
+            return True
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return True
+
+    def close(self) -> None:
+        self.let_go()
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
