@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 from slack_sdk.errors import SlackApiError
 
@@ -97,3 +99,17 @@ async def test_a_rejected_bot_token_stops_start_up_with_the_variable_named(bots,
     app.add_adapter(SlackAdapter(app.core, app.settings))
     with pytest.raises(ConfigError, match="SLACK_BOT_TOKEN was rejected by Slack \\(token_revoked\\)"):
         await bots.run(app)
+
+
+async def test_the_adapter_starts_without_a_false_warning_when_the_token_is_in_the_environment(
+    bots, fake_slack, monkeypatch, caplog
+):
+    """Bolt reads SLACK_BOT_TOKEN itself and warns that our (token-less, by design) client makes it
+    unused: an operator would see that line at every start."""
+    env = slack_env(fake_slack)
+    monkeypatch.setenv("SLACK_BOT_TOKEN", env["SLACK_BOT_TOKEN"])
+    caplog.set_level(logging.WARNING)
+    app = await bots.start(serve_http=True, **env)
+    app.add_adapter(SlackAdapter(app.core, app.settings))
+    slack_warnings = [r for r in caplog.records if r.name.startswith("chatops.slack") and r.levelno >= logging.WARNING]
+    assert [r.getMessage() for r in slack_warnings] == []

@@ -24,6 +24,7 @@ from aiohttp import web
 from slack_bolt.adapter.aiohttp import to_aiohttp_response, to_bolt_request
 from slack_bolt.adapter.socket_mode.aiohttp import AsyncSocketModeHandler
 from slack_bolt.async_app import AsyncApp
+from slack_bolt.logger.messages import warning_client_prioritized_and_token_skipped
 from slack_sdk.errors import SlackApiError
 from slack_sdk.signature import SignatureVerifier
 from slack_sdk.web.async_client import AsyncWebClient
@@ -38,6 +39,7 @@ log = logging.getLogger("chatops.slack")
 EVENTS_PATH = "/slack/events"
 MAX_TIMESTAMP_DIGITS = 12  # seconds since 1970 have 10 digits until the year 2286
 _BOLT_VERIFIER_LOGGER = "slack_bolt.RequestVerification"
+_BOLT_LOGGER = "chatops.slack.bolt"  # the logger our Bolt app logs to
 CONNECT_ATTEMPT_TIMEOUT = 10.0
 FIRST_BACKOFF = 1.0
 MAX_BACKOFF = 60.0
@@ -51,6 +53,15 @@ class _NoSignatureBodies(logging.Filter):
         return not str(record.msg).startswith("Invalid request signature")
 
 
+class _NoUnusedTokenWarning(logging.Filter):
+    """Drops Bolt's 'As you gave `client` as well, `token` will be unused.': Bolt reads SLACK_BOT_TOKEN
+    from the environment although it gets our token-less client on purpose (`build_bolt_app`), and
+    would say so at every start."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.getMessage() != warning_client_prioritized_and_token_skipped()
+
+
 class _OneLine(logging.Filter):
     """The Socket Mode client logs every failed (re)connect with a traceback: keep the line, drop the traceback."""
 
@@ -59,15 +70,16 @@ class _OneLine(logging.Filter):
         return True
 
 
-def _silence_bolt_verifier_log() -> None:
-    logger = logging.getLogger(_BOLT_VERIFIER_LOGGER)
-    if not any(isinstance(f, _NoSignatureBodies) for f in logger.filters):
-        logger.addFilter(_NoSignatureBodies())
+def _silence_bolt_false_alarms() -> None:
+    for name, kind in ((_BOLT_VERIFIER_LOGGER, _NoSignatureBodies), (_BOLT_LOGGER, _NoUnusedTokenWarning)):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, kind) for f in logger.filters):
+            logger.addFilter(kind())
 
 
 def build_bolt_app(client: AsyncWebClient, identity: BotIdentity, signing_secret: str | None) -> AsyncApp:
     """The Bolt app. Listeners run to completion before the response (`process_before_response`)."""
-    _silence_bolt_verifier_log()
+    _silence_bolt_false_alarms()
     # Bolt gets a token-less twin of our client: it copies base URL and retries into its per-request
     # clients and sets the token from `authorize` (our cached auth.test), never calling auth.test itself.
     twin = AsyncWebClient(
@@ -79,7 +91,7 @@ def build_bolt_app(client: AsyncWebClient, identity: BotIdentity, signing_secret
         authorize=identity.authorize_hook(),
         signing_secret=signing_secret or "",
         process_before_response=True,
-        logger=logging.getLogger("chatops.slack.bolt"),
+        logger=logging.getLogger(_BOLT_LOGGER),
     )
 
 
