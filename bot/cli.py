@@ -54,17 +54,14 @@ def _uses_terminal(settings: Settings, force_terminal: bool) -> bool:
 
 
 def _worker_count(args: argparse.Namespace, settings: Settings) -> int:
-    """`--workers`, else CHATOPS_WORKERS, else the CPU cores on PostgreSQL and 0 on SQLite; 0 for the
-    terminal chat. SQLite has one writer at a time: worker processes would hold its lock against the
-    front's acks (a burst of 200 conversations was refused 1,692 times before all were recorded)."""
+    """`--workers`, else CHATOPS_WORKERS, else the CPU cores (on SQLite too: its workers let the
+    front's acks take the write lock first, `storage.turnstile`); 0 for the terminal chat."""
     if args.command != "serve" or _uses_terminal(settings, False):
         return 0
     if args.workers is not None:
         return int(args.workers)
     if settings.workers is not None:
         return settings.workers
-    if normalise_url(settings.database_url).is_sqlite:
-        return 0
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
@@ -210,7 +207,7 @@ def _cli_keys(settings: Settings) -> AuditKeys:
 def _has_keyed_rows(url: str) -> bool:
     import sqlalchemy as sa
 
-    from storage.engine import make_sync_engine, normalise_url
+    from storage.engine import make_sync_engine
     from storage.models import AuditEvent
 
     engine = make_sync_engine(normalise_url(url))
@@ -266,12 +263,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         metavar="N",
         help="worker processes that run the agent, executions and deliveries (default: CHATOPS_WORKERS, else the CPU "
-        "cores on PostgreSQL and 0 on SQLite); 0 = everything in this one process",
+        "cores); 0 = everything in this one process",
     )
     worker = sub.add_parser("worker", help="(started by `chatops serve`) one worker process")
     worker.add_argument("--wake-dir", type=Path, required=True, help="where the front's wake-up sockets live (SQLite)")
     worker.add_argument("--index", type=int, default=0, help="the worker's number (0 to N-1), for its share and log lines")
     worker.add_argument("--of", type=int, default=1, help="how many workers this machine runs (N)")
+    worker.add_argument("--ready-fd", type=int, help="a pipe to write one byte to once this worker is ready (the supervisor's)")
     sub.add_parser("shell", help="chat with the bot in this terminal")
     tools = sub.add_parser(
         "tools", help="list every tool with its source, read/write, approval rule and whether its service is configured"
@@ -352,7 +350,7 @@ def run(argv: Sequence[str] | None = None) -> int:
 
         settings = _settings(args)
         with contextlib.suppress(KeyboardInterrupt):
-            lifecycle.run(work(settings, args.wake_dir, Share(args.index, args.of)), settings)
+            lifecycle.run(work(settings, args.wake_dir, Share(args.index, args.of), args.ready_fd), settings)
         return 0
     if args.command == "tools":
         asyncio.run(_tools(_settings(args), args.channel))

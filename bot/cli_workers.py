@@ -22,12 +22,13 @@ from bot.config import Settings
 from bot.core.sweeper import Share
 from bot.lifecycle import add_channels, stop_on_signals, unless_stopped
 from bot.supervisor import Workers, WorkersReadiness, forget_metrics_of, prepare_metrics_dir
-from bot.wake import PgNotifier, SocketListener, SocketNotifier, listen_pg
+from bot.wake import PgNotifier, SocketListener, SocketNotifier, listen_pg, socket_path
 from storage.engine import normalise_url
 
 log = logging.getLogger("chatops")
 WORKERS_STOP_BUDGET = 7.5  # seconds the workers get after SIGTERM (the front's watchdog fires at 8.5)
 WORKER_NICENESS = 5  # added to a worker's niceness: under a full CPU the front (acks) is scheduled first
+FIRST_WORKER_WAIT = 30.0  # seconds the start-up line waits for a worker to be ready (the port serves meanwhile)
 
 
 def prepare_run_dir() -> Path:
@@ -43,9 +44,9 @@ async def serve_front(settings: Settings, count: int, env_file: Path | None, run
     from bot.app import Role, build_app
 
     urls = normalise_url(settings.database_url)
-    notifier = SocketNotifier(run_dir) if urls.is_sqlite else PgNotifier(urls.async_url)
+    notifier = SocketNotifier(run_dir, count) if urls.is_sqlite else PgNotifier(urls.async_url)
     args = [*(["--env-file", str(env_file)] if env_file else []), "worker", "--wake-dir", str(run_dir)]
-    workers = Workers(count, args, forget_metrics_of)
+    workers = Workers(count, args, forget_metrics_of, nudge=notifier.wake)
     app = None
     try:
         app = await unless_stopped(build_app(settings, role=Role.FRONT, wake=notifier.wake), stop)
@@ -55,7 +56,9 @@ async def serve_front(settings: Settings, count: int, env_file: Path | None, run
         chat_channels = add_channels(app, settings)
         await workers.start()
         started = await lifecycle.start(app, stop, serve_http=True)
-        problems = await unless_stopped(app.readiness().problems(), stop) if started else None
+        if started:  # acks are served meanwhile: they record, and the workers take it from there
+            await unless_stopped(workers.first_ready(FIRST_WORKER_WAIT), stop)
+        problems = await unless_stopped(app.readiness().problems(), stop) if started and not stop.is_set() else None
         if problems is None:
             return
         lifecycle.announce_started(chat_channels, problems)
@@ -66,8 +69,9 @@ async def serve_front(settings: Settings, count: int, env_file: Path | None, run
         shutil.rmtree(run_dir, ignore_errors=True)
 
 
-async def work(settings: Settings, wake_dir: Path, share: Share) -> None:
-    """One worker process: listen for wake-ups, recover, then sweep and pick up work (`share`) until stopped."""
+async def work(settings: Settings, wake_dir: Path, share: Share, ready_fd: int | None = None) -> None:
+    """One worker process: listen for wake-ups, recover, then sweep and pick up work (`share`) until
+    stopped. Once ready it writes one byte to `ready_fd` (the supervisor's pipe) and closes it."""
     from bot.app import Role, build_app
 
     os.nice(WORKER_NICENESS)  # the front's acks come first when the CPU is short
@@ -81,11 +85,12 @@ async def work(settings: Settings, wake_dir: Path, share: Share) -> None:
     try:
         add_channels(app, settings)
         if app.ctx.db.is_sqlite:
-            listener = SocketListener(wake_dir / f"worker-{share.index}.sock", app.sweeper.wake)
+            listener = SocketListener(socket_path(wake_dir, share.index), app.sweeper.wake)
         else:
             listening = asyncio.create_task(listen_pg(app.ctx.db.urls.async_url, app.sweeper.wake, stop), name="listen")
         if await lifecycle.start(app, stop, serve_http=False):
             log.info("worker %d ready (event loop: %s)", share.index, lifecycle.loop_name())
+            _say_ready(ready_fd)
             await stop.wait()
     finally:
         if listener is not None:
@@ -94,6 +99,17 @@ async def work(settings: Settings, wake_dir: Path, share: Share) -> None:
             listening.cancel()
             await asyncio.gather(listening, return_exceptions=True)
         await app.stop()
+
+
+def _say_ready(fd: int | None) -> None:
+    if fd is None:
+        return
+    try:
+        os.write(fd, b"r")
+    except OSError:
+        pass  # the supervisor is gone: stdin's end-of-file stops this worker
+    finally:
+        os.close(fd)
 
 
 def _stop_when_parent_leaves(stop: asyncio.Event) -> None:

@@ -22,11 +22,12 @@ import sqlalchemy as sa
 from aiohttp import web
 
 from bot.cli_workers import WORKER_NICENESS
+from bot.core.sweeper import Share
 from bot.supervisor import Workers, WorkersReadiness
 from tests.fakes.openai_server import Reply, ScriptedModel, calls, text
-from tests.fakes.slack_api import FakeSlackApi
+from tests.fakes.slack_api import TEAM_ID, FakeSlackApi
 from tests.fakes.smtp_server import FakeSmtp
-from tests.slack_helpers import BOT_TOKEN, SIGNING_SECRET, card_message, click, encode, mention, signed
+from tests.slack_helpers import BOT_TOKEN, CHANNEL, SIGNING_SECRET, card_message, click, encode, mention, next_ts, signed
 from tests.test_ops_stop import STOP_BOUND, Serving
 
 CHATOPS = [sys.executable, "-c", "from bot.cli import main; main()"]
@@ -214,6 +215,26 @@ async def test_a_worker_killed_mid_run_is_restarted_and_the_turn_finishes_once(t
     assert [row[0] for row in query(db_url, "SELECT status FROM run")] == ["done"]
 
 
+async def test_a_message_in_a_dead_workers_share_is_started_by_another_worker_before_any_sweep(tmp_path, db_url, smtp):
+    """Worker 0 is killed and a message of its share (its conversation key hashes to 0) arrives before
+    its replacement is ready; the periodic sweep is 10 minutes away. The front wakes the workers while
+    one is missing, so the other one, idle, starts the message once it has waited the share's grace."""
+    async with ScriptedModel(responder=lambda body: text(SENT)) as model, FakeSlackApi() as fake:
+        bot = await start_bot(tmp_path, db_url, model.url, fake, smtp)
+        try:
+            pids = {
+                int(m[1]): int(m[2]) for line in bot.serving.lines if (m := re.search(r"worker (\d) started \(pid (\d+)\)", line))
+            }
+            os.kill(pids[0], signal.SIGKILL)
+            await bot.serving.wait_line(rf"worker 0 \(pid {pids[0]}\) exited with -9")
+            ts = next(ts for ts in iter(next_ts, None) if Share(0, 2).holds(f"slack:{TEAM_ID}:{CHANNEL}:{ts}"))
+            await bot.send(mention("hello", ts=ts))
+            await bot.answered(SENT)
+            assert {owner_pid(row[0]) for row in query(db_url, "SELECT owner FROM run")} == {pids[1]}
+        finally:
+            await bot.stop()
+
+
 async def test_notify_wakes_the_workers_and_a_terminated_listen_connection_comes_back(tmp_path, postgres_url, smtp):
     async with ScriptedModel(responder=lambda body: text(SENT)) as model, FakeSlackApi() as fake:
         bot = await start_bot(tmp_path, postgres_url, model.url, fake, smtp)
@@ -251,6 +272,39 @@ async def test_readiness_says_so_when_no_worker_is_alive():
     assert await WorkersReadiness(Workers(0, [])).not_ready() == ["no worker process is alive"]
 
 
+_SLOW_WORKER = """
+import os, sys
+ready = int(sys.argv[sys.argv.index("--ready-fd") + 1])
+with open(sys.argv[1]) as go:  # a FIFO: its start-up lasts until the test opens the other end
+    go.read()
+os.write(ready, b"r")
+os.close(ready)
+sys.stdin.read()  # until the supervisor goes
+"""
+
+
+async def test_readiness_waits_until_a_live_worker_said_it_is_ready(tmp_path):
+    """`/readyz` is not ready while the only worker is still starting (a deploy would send it traffic
+    no process works on), ready once it said so over its pipe, and not ready once it died."""
+    go = tmp_path / "go"
+    os.mkfifo(go)
+    workers = Workers(1, [str(go)], command=[sys.executable, "-c", _SLOW_WORKER])
+    readiness = WorkersReadiness(workers)
+    await workers.start()
+    try:
+        assert await readiness.not_ready() == ["no worker process is ready yet"]
+        await asyncio.to_thread(go.write_text, "")  # the worker's start-up ends
+        async with asyncio.timeout(30):
+            while await readiness.not_ready():
+                await asyncio.sleep(0.01)
+        worker = workers.procs[0]
+        worker.send_signal(signal.SIGKILL)
+        await worker.wait()
+        assert await readiness.not_ready() != []
+    finally:
+        await workers.stop(5)
+
+
 async def test_two_serves_share_one_postgres_and_execute_once(tmp_path, postgres_url, smtp):
     """Two `chatops serve --workers 1` (two machines) on one database: the message reaches one front,
     the click the other; the approval is executed once and the answer posted once."""
@@ -273,7 +327,8 @@ async def test_two_serves_share_one_postgres_and_execute_once(tmp_path, postgres
 @pytest.mark.parametrize(
     ("database_url", "env", "args", "expected"),
     [
-        ("sqlite:///x.db", {}, [], 0),  # one writer at a time: no worker processes unless asked
+        ("sqlite:///x.db", {}, [], "cpus"),  # the workers let the front's acks take the write lock first
+        ("sqlite:///x.db", {"CHATOPS_WORKERS": "0"}, [], 0),
         ("sqlite:///x.db", {}, ["--workers", "2"], 2),
         ("sqlite:///x.db", {"CHATOPS_WORKERS": "3"}, [], 3),
         ("postgresql://u@h/db", {}, [], "cpus"),
