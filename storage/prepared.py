@@ -21,7 +21,8 @@ with a stand-in for the execution context.
 from __future__ import annotations
 
 from collections import namedtuple
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -32,7 +33,7 @@ from sqlalchemy.sql.compiler import SQLCompiler
 
 from storage.sessions import DbSession, InlineSession, PostgresSession
 
-__all__ = ["Prepared", "Rows"]
+__all__ = ["Prepared", "Rows", "pipelined"]
 
 _DRIVER = "storage.prepared.driver"  # where a transaction's session keeps its driver connection
 
@@ -270,6 +271,27 @@ def _plain_lists(compiled: SQLCompiler) -> tuple[str, ...]:
     if any(bind.literal_execute or bind.type._is_tuple_type for bind in expanding):
         return ()
     return tuple(compiled.bind_names[bind] for bind in expanding)
+
+
+@asynccontextmanager
+async def pipelined(session: DbSession) -> AsyncIterator[None]:
+    """The block's prepared statements sent together on PostgreSQL (psycopg's pipeline mode): one
+    round trip for all of them instead of one each, for writes whose results the block does not read.
+    An ack's recording is three INSERTs, and each round trip waits for a server busy with the
+    workers' queries (measured, five alternated pairs of `bench_serve --db postgres`: the median ack
+    at 20 concurrent senders 20–29 ms against 25–60 ms without, lower in four pairs; p99 in the noise).
+    A statement that fails raises when the block ends, as SQLAlchemy's exception class (the one
+    `Prepared` raises), and its transaction is then rolled back by its caller as usual. On SQLite
+    the statements run as they come: they cost no round trip."""
+    if isinstance(session, InlineSession):
+        yield
+        return
+    driver = await _driver_of(session)
+    try:
+        async with driver.connection.pipeline():
+            yield
+    except driver.dialect.loaded_dbapi.Error as exc:
+        raise await driver._wrapped(exc, "(a pipeline of statements)") from exc
 
 
 async def _driver_of(session: DbSession) -> _Driver:

@@ -16,7 +16,7 @@ import sqlalchemy as sa
 from storage.engine import Database, is_transient
 from storage.migrate import upgrade
 from storage.models import AuditStaged, Conversation, SeenKey, table_of
-from storage.prepared import Prepared
+from storage.prepared import Prepared, pipelined
 from storage.sessions import DbSession
 from tests.fault_helpers import schema_of, terminate_backends
 
@@ -89,6 +89,34 @@ async def test_a_duplicate_key_is_sqlalchemys_integrity_error_and_nothing_of_the
     assert (await db.run(lambda s: CONVERSATION.run(s, {"b_key": "c2"}), read=True)).first() is None
 
 
+async def test_pipelined_statements_commit_together_and_a_failure_raises_sqlalchemys_error_when_the_block_ends(
+    db: Database,
+):
+    modes: list[object] = []
+
+    async def three(session: DbSession) -> None:
+        async with pipelined(session):
+            await INSERT_CONVERSATION.run(session, conversation("c6"))
+            await INSERT_KEYS.run_many(session, [{"key": f"p{i}", "inbox_id": "in-1", "created_at": WHEN} for i in (1, 2)])
+            if not db.is_sqlite:  # the statements really went out as one pipeline
+                raw = await session.connection().get_raw_connection()  # type: ignore[attr-defined]
+                modes.append(raw.driver_connection.info.pipeline_status.name)
+
+    await db.run(three)
+    assert modes == ([] if db.is_sqlite else ["ON"])
+    assert (await db.run(lambda s: KEYS_IN.run(s, {"b_keys": ["p1", "p2"]}), read=True)).scalars() == ["p1", "p2"]
+
+    async def duplicate(session: DbSession) -> None:
+        async with pipelined(session):
+            await INSERT_CONVERSATION.run(session, conversation("c7"))
+            await INSERT_KEYS.run(session, {"key": "p1", "inbox_id": "in-2", "created_at": WHEN})
+
+    with pytest.raises(sa.exc.IntegrityError) as raised:
+        await db.run(duplicate)
+    assert not is_transient(raised.value)
+    assert (await db.run(lambda s: CONVERSATION.run(s, {"b_key": "c7"}), read=True)).first() is None
+
+
 async def test_cursor_listeners_see_every_prepared_statement(db: Database):
     seen: list[tuple[str, bool]] = []
     after: list[object] = []
@@ -128,6 +156,27 @@ async def test_a_connection_killed_from_outside_is_discarded_and_the_step_runs_a
         assert len(attempts) == 1 and isinstance(attempts[0], sa.exc.DBAPIError) and is_transient(attempts[0])
         row = (await db.run(lambda s: CONVERSATION.run(s, {"b_key": "c4"}), read=True)).one()
         assert row.version == 2  # exactly one bump: the killed attempt changed nothing
+    finally:
+        await db.dispose()
+
+
+async def test_a_pipeline_on_a_connection_killed_from_outside_runs_again_on_a_new_one(postgres_url: str):
+    upgrade(postgres_url)
+    db = Database(postgres_url)
+
+    async def record(session: DbSession) -> None:
+        async with pipelined(session):
+            await INSERT_KEYS.run(session, {"key": "k1", "inbox_id": "in-1", "created_at": WHEN})
+            await INSERT_CONVERSATION.run(session, conversation("c8"))
+
+    try:
+        await db.run(lambda s: INSERT_CONVERSATION.run(s, conversation("c9")))  # the pool holds a live connection now
+        assert terminate_backends(postgres_url, schema_of(postgres_url)) >= 1
+        attempts: list[BaseException] = []
+        db.on_retry(attempts.append)
+        await db.run(record)
+        assert len(attempts) == 1 and is_transient(attempts[0])
+        assert (await db.run(lambda s: KEYS_IN.run(s, {"b_keys": ["k1"]}), read=True)).scalars() == ["k1"]
     finally:
         await db.dispose()
 

@@ -27,7 +27,7 @@ from bot.core.group_commit import GroupCommit
 from storage.audit import entry
 from storage.engine import is_transient
 from storage.models import InboxEvent, InboxStatus, SeenKey, table_of
-from storage.prepared import Prepared
+from storage.prepared import Prepared, pipelined
 from storage.sessions import DbSession
 
 BATCH_LIMIT = 200  # messages per recording transaction
@@ -83,7 +83,8 @@ class Intake:
                 fresh.append(pending)
             seen |= mine
         if fresh:
-            await self._insert(session, fresh)
+            async with pipelined(session):  # one round trip for its three INSERTs on PostgreSQL
+                await self._insert(session, fresh)
         new = {p.inbox_id for p in fresh}
         return {p.inbox_id: p.inbox_id in new for p in batch}
 
