@@ -5,8 +5,9 @@ Each worker is `chatops worker` in a process of its own (its own event loop, dat
 model client); it inherits stderr (its log lines go where the front's go) and the environment
 (settings, `PROMETHEUS_MULTIPROC_DIR`), and the write end of a pipe on which it says, with one
 byte, that it is ready (started, recovered, listening for wake-ups): until one worker has, the
-front's `/readyz` says no, so a load balancer or a deploy waits for a process that will do the work. Its stdin is a pipe the supervisor never writes: when the
-supervisor dies, even by SIGKILL, the worker reads end-of-file and stops, so no worker outlives it.
+front's `/readyz` says no, so a load balancer or a deploy waits for a process that will do the
+work. Its stdin is a pipe the supervisor never writes: when the supervisor dies, even by SIGKILL,
+the worker reads end-of-file and stops, so no worker outlives it.
 Stopping sends SIGTERM (the worker finishes or hands back what it holds), then SIGKILL to any
 worker still running at the deadline.
 
@@ -56,7 +57,7 @@ class Workers:
         self.procs: dict[int, asyncio.subprocess.Process] = {}
         self._ready: set[asyncio.subprocess.Process] = set()
         self._tasks: list[asyncio.Task[None]] = []
-        self._listening: set[asyncio.Task[None]] = set()
+        self._side_tasks: set[asyncio.Task[None]] = set()
         self._stopping = asyncio.Event()
         self._first_ready = asyncio.Event()
 
@@ -92,8 +93,8 @@ class Workers:
         self.procs[index] = proc
         log.info("worker %d started (pid %d)", index, proc.pid)
         task = asyncio.create_task(self._hear_ready(proc, hear), name=f"ready-worker-{index}")
-        self._listening.add(task)
-        task.add_done_callback(self._listening.discard)
+        self._side_tasks.add(task)
+        task.add_done_callback(self._side_tasks.discard)
 
     async def _hear_ready(self, proc: asyncio.subprocess.Process, fd: int) -> None:
         """Wait for the worker's one byte (ready) or end of file (it ended first)."""
@@ -144,8 +145,8 @@ class Workers:
             return
         task = asyncio.create_task(self._nudge_until_replaced(index), name=f"cover-worker-{index}")
         self._covering[index] = task
-        self._listening.add(task)
-        task.add_done_callback(self._listening.discard)
+        self._side_tasks.add(task)
+        task.add_done_callback(self._side_tasks.discard)
 
     async def _nudge_until_replaced(self, index: int) -> None:
         assert self.nudge is not None
@@ -181,9 +182,9 @@ class Workers:
                         proc.kill()
             if late:
                 await asyncio.wait(late, timeout=1)
-        for task in [*self._tasks, *self._listening]:
+        for task in [*self._tasks, *self._side_tasks]:
             task.cancel()
-        await asyncio.gather(*self._tasks, *self._listening, return_exceptions=True)
+        await asyncio.gather(*self._tasks, *self._side_tasks, return_exceptions=True)
         for proc in self.procs.values():
             if proc.stdin is not None:
                 proc.stdin.close()
