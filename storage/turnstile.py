@@ -12,7 +12,8 @@ turnstile is an advisory `flock` on a file beside the database (`<database>-acks
   lock and before each attempt, and while someone holds it waits with short sleeps, so the
   transaction that holds SQLite's lock finishes and the waiting ack comes next.
 
-`flock` locks end with their process, so a front killed while waiting leaves nothing held. Only
+`flock` locks end with their process, so a front killed while waiting leaves nothing held. A
+turnstile file that cannot be opened is logged once and then done without: no write is refused for it. Only
 processes on one machine share an SQLite file, and `flock` works between them. An in-memory
 database has no turnstile (no other process can open it). In one process, the turnstile is used by
 one open file: `free()` says no while this process holds it (a shared lock taken on the same file
@@ -21,11 +22,15 @@ would turn the held one into it).
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 
 if sys.platform != "win32":  # no flock there: worker processes are POSIX-only anyway
     import fcntl
+
+
+log = logging.getLogger("chatops.storage")
 
 
 class Turnstile:
@@ -41,7 +46,11 @@ class Turnstile:
         if sys.platform == "win32":
             return None
         if self._fd is None and self.path is not None:
-            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:  # read-only is enough for flock; readable by all, so processes of other users share it
+                self._fd = os.open(self.path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            except OSError as exc:
+                log.warning("%s cannot be opened (%s): acks do not go first across processes", self.path, exc.strerror)
+                self.path = None  # never a write refused for the turnstile's sake
         return self._fd
 
     def hold(self) -> bool:

@@ -102,6 +102,21 @@ async def test_an_ack_waiting_for_the_write_lock_holds_the_turnstile_until_it_ha
         await db.dispose()
 
 
+async def test_a_turnstile_file_that_cannot_be_opened_is_logged_once_and_writes_go_on(tmp_path, caplog):
+    path = make_database(tmp_path)
+    os.symlink(tmp_path / "gone" / "acks", path + "-acks")  # its directory does not exist: it cannot be created
+    db = Database(f"sqlite:///{path}")
+    try:
+        await db.run(insert("ack"), urgent=True)
+        await db.run(insert("background"))
+    finally:
+        await db.dispose()
+    assert written(path) == ["ack", "background"]
+    assert [r.getMessage() for r in caplog.records if "acks do not go first" in r.getMessage()] == [
+        f"{path}-acks cannot be opened (No such file or directory): acks do not go first across processes"
+    ]
+
+
 @pytest.mark.parametrize("checkpoints", [False, True])
 async def test_a_front_never_checkpoints_the_wal_in_its_commits(tmp_path, checkpoints):
     """6 MB written in 100 commits: past SQLite's autocheckpoint (1,000 pages, ~4 MB), a commit copies
