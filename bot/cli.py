@@ -55,13 +55,16 @@ def _uses_terminal(settings: Settings, force_terminal: bool) -> bool:
 
 def _worker_count(args: argparse.Namespace, settings: Settings) -> int:
     """`--workers`, else CHATOPS_WORKERS, else the CPU cores (on SQLite too: its workers let the
-    front's acks take the write lock first, `storage.turnstile`); 0 for the terminal chat."""
+    front's acks take the write lock first, `storage.turnstile`); 0 for the terminal chat, and by
+    default on Windows (worker processes use POSIX pipes, Unix sockets and `nice`)."""
     if args.command != "serve" or _uses_terminal(settings, False):
         return 0
     if args.workers is not None:
         return int(args.workers)
     if settings.workers is not None:
         return settings.workers
+    if sys.platform == "win32":
+        return 0
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
