@@ -13,11 +13,11 @@ turnstile is an advisory `flock` on a file beside the database (`<database>-acks
   transaction that holds SQLite's lock finishes and the waiting ack comes next.
 
 `flock` locks end with their process, so a front killed while waiting leaves nothing held. A
-turnstile file that cannot be opened is logged once and then done without: no write is refused for it. Only
-processes on one machine share an SQLite file, and `flock` works between them. An in-memory
-database has no turnstile (no other process can open it). In one process, the turnstile is used by
-one open file: `free()` says no while this process holds it (a shared lock taken on the same file
-would turn the held one into it).
+turnstile file that cannot be opened is logged once and then done without: no write is refused for
+it. Only processes on one machine share an SQLite file, and `flock` works between them. An
+in-memory database has no turnstile (no other process can open it). In one process, the turnstile
+is used by one open file: `free()` says no while this process holds it (a shared lock taken on the
+same file would turn the held one into it).
 """
 
 from __future__ import annotations
