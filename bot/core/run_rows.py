@@ -235,17 +235,20 @@ async def lock_for_start(session: DbSession, key: str) -> None:
         await _START_LOCK.run(session, {"namespace": _START_LOCK_NAMESPACE, "key": key})
 
 
+def _queued_message(row: Any) -> QueuedMessage:
+    return QueuedMessage(row.id, InboxStatus(row.status), IncomingMessage.from_dict(row.payload))
+
+
 async def queued_or_held(session: DbSession, key: str) -> list[QueuedMessage]:
     """The conversation's messages waiting for a run (queued, or held behind approvals), oldest first."""
-    rows = await _QUEUED_OR_HELD.run(session, {"b_key": key})
-    return [QueuedMessage(row.id, InboxStatus(row.status), IncomingMessage.from_dict(row.payload)) for row in rows.all()]
+    return [_queued_message(row) for row in (await _QUEUED_OR_HELD.run(session, {"b_key": key})).all()]
 
 
 async def queued_and_conversation(session: DbSession, key: str) -> tuple[list[QueuedMessage], ConversationRow | None]:
     """The conversation's queued messages, oldest first, and the conversation itself (None when it has
     no row yet, or when nothing is queued: then it is not needed), in one statement."""
     rows = (await _QUEUED_AND_CONVERSATION.run(session, {"b_key": key})).all()
-    queued = [QueuedMessage(row.id, InboxStatus(row.status), IncomingMessage.from_dict(row.payload)) for row in rows]
+    queued = [_queued_message(row) for row in rows]
     first = rows[0] if rows else None
     if first is None or first.version is None:
         return queued, None
