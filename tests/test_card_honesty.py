@@ -273,3 +273,16 @@ def test_decided_cards_stay_honest_with_hostile_decisions() -> None:
     assert_slack_honest(card, args)
     assert_feishu_honest(card, args)
     assert_terminal_honest(card, args)
+
+
+def test_a_card_keeps_every_preview_line_and_says_how_many_more_there_were() -> None:
+    """Five lines were kept, silently; now up to `STORED_LINES` (an MCP preview has at most 22) and,
+    past them, a line counting the rest."""
+    from bot.core.cards import STORED_LINES
+
+    diff = [f"+{i}" for i in range(22)]
+    assert card_content("s", {}, ["w"] * 7, diff, "r")["preview"] == diff
+    assert card_content("s", {}, ["w"] * 7, diff, "r")["warnings"] == ["w"] * 7
+    kept = card_content("s", {}, [], [f"+{i}" for i in range(STORED_LINES + 20)], "r")["preview"]
+    assert kept[: STORED_LINES - 1] == [f"+{i}" for i in range(STORED_LINES - 1)]
+    assert kept[-1] == "… 21 more line(s) not kept with this card" and len(kept) == STORED_LINES

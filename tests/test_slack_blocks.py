@@ -173,3 +173,45 @@ def test_the_full_request_modal_says_when_even_100_blocks_are_too_few():
     shown = sum(len(b["text"]["text"]) for b in view["blocks"] if b.get("block_id", "").startswith("value:1:"))
     missing = int(notice["text"]["text"].split(" ")[0])
     assert shown + missing >= len("word " * 80_000)  # every character is either shown or counted as missing
+
+
+def arguments_on(rendered: list[dict[str, Any]]) -> tuple[list[str], int]:
+    """The arguments the compact card shows (each `▸ label:`), and how many its closing line says
+    only the full request shows (it names them, as many as its 3,000 characters hold)."""
+    shown = "\n".join(b["text"]["text"] for b in rendered if b["type"] == "section")
+    more = re.search(r"^(\d+) more argument\(s\) in the full request: (.*)$", shown, re.M)
+    return re.findall(r"^▸ (\S+?):", shown, re.M), int(more.group(1)) if more else 0
+
+
+@pytest.mark.parametrize("count", [11, 60, 900, 9000])
+def test_every_argument_is_on_the_card_or_named_as_only_in_the_full_request(count):
+    """An argument after the tenth was once left off the card without a word (the model orders the keys,
+    so it could push `drop_database` out of sight). Now each one shows, packed and shortened if need be;
+    past what 50 blocks hold, the closing line names the rest."""
+    many = tuple(CardField(f"arg{i}", f"value {i}") for i in range(count))
+    bodies = tuple(CardField(f"body{i}", "first line\nsecond line", multiline=True) for i in range(5))
+    card = replace(CARD, fields=(*many, *bodies, CardField("drop_database", "True")))
+    rendered = blocks.card_blocks(card)
+    assert_within_limits(rendered)
+    shown, left = arguments_on(rendered)
+    labels = [f.label for f in sorted(card.fields, key=lambda f: f.multiline)]
+    assert shown == labels[: len(shown)] and len(shown) + left == len(labels)
+    assert (left > 0) == (count == 9000)
+    assert ("▸ drop_database: True" in texts_of(rendered)) == (count < 9000)
+    # Packed, nothing is cut; only when some are left to the full request does the card send people there.
+    assert (texts.CARD_FULL_SLACK in texts_of(rendered)) == (count == 9000)
+    one_each = {"type": "plain_text", "text": "▸ arg10: value 10", "emoji": False} in [b["text"] for b in rendered if "text" in b]
+    assert one_each == (count == 11)  # few enough for a section each
+
+
+def test_every_warning_and_preview_line_is_on_the_card_and_in_the_full_request():
+    """A preview (a staged diff) was cut to its first five lines with no marker: the file after them was
+    committed unseen. The card and the full request now show every line kept with the card."""
+    preview = tuple(f"+line {i} " + "x" * 250 for i in range(22))
+    warnings = tuple(f"warning {i} " + "y" * 250 for i in range(12))
+    card = replace(CARD, preview=preview, warnings=warnings, fields=tuple(CardField(f"a{i}", "v" * 400) for i in range(30)))
+    for rendered in (blocks.card_blocks(card), blocks.full_view(card)["blocks"]):
+        shown = "\n".join(b["text"]["text"] for b in rendered if b["type"] == "section")
+        assert all(f"• {line}" in shown for line in preview)
+        assert all(f"⚠️ {line}" in shown for line in warnings)
+    assert_within_limits(blocks.card_blocks(card))

@@ -181,3 +181,29 @@ async def test_the_home_speaks_the_persons_slack_locale(slack_bot, fake_slack, m
     shown = home_text(fake_slack.homes[ALICE])
     assert "等待审批（1）" in shown and "您是发起人" in shown and "您最近的请求" in shown
     assert ('"text": "批准"' in shown) and ('"text": "拒绝"' in shown)
+
+
+async def test_the_home_shows_what_will_run_and_offers_approve_only_when_all_of_it_is_there(slack_bot, fake_slack, model):
+    """The home once listed a pending call by its one-line summary with an Approve button: a note whose
+    text hid "wire $50,000" ran from there unseen. Now it shows the card's arguments, and a call with
+    a value too long to show in full gets only Reject there (decide on the card, "View full request")."""
+    hidden = "All fine. " + "padding " * 250 + "P.S. wire $50,000 to IBAN XX00 EVIL today."
+    ledger = Ledger()
+    model.script(calls(NOTE, ("write_note", {"topic": "minutes", "text": hidden})), text("Stored."))
+    fake_slack.add_user(ALICE, "Alice")
+    bot = await slack_bot(toolsets=[notes_toolset(ledger)])
+    await bot.send(mention("please write two notes"))
+    await bot.settle()
+    fake_slack.homes.clear()
+    await bot.send(home_opened(ALICE))
+    await bot.settle()
+
+    view = fake_slack.homes[ALICE]
+    shown = "\n".join(b["text"]["text"] for b in view["blocks"] if b["type"] == "section")
+    assert "▸ topic: ops" in shown and "▸ text:\n│ restart web-1" in shown  # every argument, as on the card
+    assert "▸ topic: minutes" in shown and "All fine." in shown and "P.S. wire" not in shown
+    (short, long_) = [b for b in view["blocks"] if b["type"] == "actions"]
+    assert [e["action_id"] for e in short["elements"]] == [APPROVE_ACTION, REJECT_ACTION]
+    assert [e["action_id"] for e in long_["elements"]] == [REJECT_ACTION]
+    assert shown.count("decide on its card") == 1
+    assert ledger.effects == []

@@ -25,7 +25,7 @@ from tools.email import as_received
 
 SUMMARY_LIMIT = 500
 PREVIEW_LIMIT = 300
-STORED_LINES = 5
+STORED_LINES = 40  # warnings or preview lines kept with a card (an MCP preview has at most 22); more are counted
 OUTCOME_LIMIT = 600
 MULTILINE_NAMES = frozenset({"body", "text", "message", "content", "description", "notes", "note", "comment", "details"})
 GUTTER = "│ "
@@ -87,14 +87,23 @@ def chunks(text: str, limit: int) -> list[str]:
     return pieces
 
 
+def _kept_lines(lines: list[str]) -> list[str]:
+    """Lines to store with a card: all of them, or, past `STORED_LINES`, the first ones and a line
+    saying how many more there were (in the requester's language, current while the run proposes)."""
+    kept = [line[:2000] for line in lines]
+    if len(kept) <= STORED_LINES:
+        return kept
+    return [*kept[: STORED_LINES - 1], str(texts.CARD_MORE_LINES.format(count=len(kept) - STORED_LINES + 1))]
+
+
 def card_content(summary: str, args: dict[str, Any], warnings: list[str], preview: list[str], reason: str) -> dict[str, Any]:
     """The frozen part of a card, stored with the approval when it is created: raw values, shown by `card_view`."""
     return {
         "layout": 2,
         "summary": summary[:5000],
         "args": args,
-        "warnings": [w[:2000] for w in warnings][:STORED_LINES],
-        "preview": [p[:2000] for p in preview][:STORED_LINES],
+        "warnings": _kept_lines(warnings),
+        "preview": _kept_lines(preview),
         "reason": reason[:2000],
     }
 

@@ -50,8 +50,8 @@ MESSAGE_LIMIT = 39_000  # Slack truncates message text at 40,000 characters
 MODAL_BLOCKS = 100
 COMPACT_VALUE = 300  # a one-line value on the card; the modal shows it whole
 COMPACT_MULTILINE = 1500  # a multi-line value (a mail body) on the card
-COMPACT_FIELDS = 10
-COMPACT_MULTILINE_FIELDS = 3
+TIGHT_VALUE = 80  # the same when that many arguments would not fit the card's blocks otherwise
+TIGHT_MULTILINE = 300
 FIXED_BLOCK = "chatops_fixed"
 INPUT_LIMIT = 3000  # plain_text_input max_length; a longer value cannot be edited in a modal
 OPTIONS_LIMIT = 100
@@ -92,22 +92,61 @@ def slack_date(at: datetime) -> str:
     return f"<!date^{int(at.timestamp())}^{{date_short_pretty}} {{time}}|{texts.when(at)}>"
 
 
-def _compact_fields(card: CardView) -> tuple[list[dict[str, Any]], bool]:
-    """The arguments on the card, one section each (`▸ label: value`; multi-line values quoted below
-    the label), values shortened. Returns the blocks and whether anything was shortened or left out."""
-    one_line = [f for f in card.fields if not f.multiline][:COMPACT_FIELDS]
-    multi = [f for f in card.fields if f.multiline][:COMPACT_MULTILINE_FIELDS]
-    cut_any = len(one_line) + len(multi) < len(card.fields)
-    sections: list[dict[str, Any]] = []
-    for field in one_line:
-        value, was_cut = shorten(field.value, COMPACT_VALUE)
+def _field_texts(card: CardView, one_line: int, multi_line: int) -> tuple[list[str], bool]:
+    """Each argument as the card shows it (`▸ label: value`; multi-line values quoted below the label),
+    values cut to `one_line` / `multi_line` characters; and whether any was cut."""
+    shown: list[str] = []
+    cut_any = False
+    for field in sorted(card.fields, key=lambda f: f.multiline):  # one-line values first, as they read best
+        if field.multiline:
+            value, was_cut = shorten(quoted(field.value), multi_line)
+            shown.append(f"▸ {field.label}:\n{value}")
+        else:
+            value, was_cut = shorten(field.value, one_line)
+            shown.append(f"▸ {field.label}: {value}")
         cut_any = cut_any or was_cut
-        sections.append({"type": "section", "text": plain(f"▸ {field.label}: {value}")})
-    for field in multi:
-        value, was_cut = shorten(quoted(field.value), COMPACT_MULTILINE)
-        cut_any = cut_any or was_cut
-        sections.append({"type": "section", "text": plain(f"▸ {field.label}:\n{value}")})
-    return sections, cut_any
+    return shown, cut_any
+
+
+def _packed(shown: list[str], limit: int = TEXT_LIMIT) -> list[str]:
+    """Consecutive texts joined into as few sections of at most `limit` characters as they fit in."""
+    sections: list[str] = []
+    for text in shown:
+        if sections and len(sections[-1]) + 1 + len(text) <= limit:
+            sections[-1] += "\n" + text
+        else:
+            sections.append(text)
+    return sections
+
+
+def compact_fields(card: CardView, room: int) -> tuple[list[dict[str, Any]], bool]:
+    """Every argument on the card in at most `room` blocks, values shortened: a section each when they
+    fit, else packed several to a section, else shorter. Never one left out unsaid: should even the
+    shortest form not fit, the last block names the arguments only the full request shows. Returns
+    the blocks and whether anything was shortened or left out."""
+    room = max(1, room)
+    for one_line, multi_line in ((COMPACT_VALUE, COMPACT_MULTILINE), (TIGHT_VALUE, TIGHT_MULTILINE)):
+        shown, cut_any = _field_texts(card, one_line, multi_line)
+        sections = shown if len(shown) <= room else _packed(shown)
+        if len(sections) <= room:
+            return [{"type": "section", "text": plain(text)} for text in sections], cut_any
+    sections, kept = [], 0
+    for text in shown:  # the tight form, as many as fit before the closing line
+        if sections and len(sections[-1]) + 1 + len(text) <= TEXT_LIMIT:
+            sections[-1] += "\n" + text
+        elif len(sections) < room - 1:
+            sections.append(text)
+        else:
+            break
+        kept += 1
+    left = [f.label for f in sorted(card.fields, key=lambda f: f.multiline)][kept:]
+    more = texts.CARD_MORE_FIELDS.format(count=len(left)) + ": " + ", ".join(left)
+    return [*({"type": "section", "text": plain(text)} for text in sections), {"type": "section", "text": plain(more)}], True
+
+
+def line_sections(lines: tuple[str, ...], lead: str) -> list[dict[str, Any]]:
+    """Warnings or preview lines, each led by `lead`, over as many sections as they need (none cut)."""
+    return [{"type": "section", "text": plain(text)} for text in _packed([lead + line for line in lines])]
 
 
 def _status_block(card: CardView) -> dict[str, Any] | None:
@@ -140,23 +179,21 @@ def card_blocks(card: CardView) -> list[dict[str, Any]]:
 
 
 def _card_blocks(card: CardView) -> list[dict[str, Any]]:
-    fields, shortened = _compact_fields(card)
-    blocks: list[dict[str, Any]] = [
+    head: list[dict[str, Any]] = [
         {"type": "header", "text": plain(texts.CARD_TITLE, HEADER_LIMIT)},
         {"type": "section", "text": plain(card.summary)},
         {"type": "context", "elements": [plain(f"{card.tool} · {card.approval_id}")]},
-        *fields,
     ]
-    if shortened:
-        blocks.append({"type": "section", "text": plain(texts.CARD_FULL_SLACK)})
-    if card.warnings:
-        blocks.append({"type": "section", "text": plain("\n".join(f"⚠️ {w}" for w in card.warnings))})
-    if card.preview:
-        blocks.append({"type": "section", "text": plain("\n".join(f"• {p}" for p in card.preview))})
-    blocks.append(_fixed_lines(card))
+    tail = [*line_sections(card.warnings, "⚠️ "), *line_sections(card.preview, "• "), _fixed_lines(card)]
     status = _status_block(card)
     if status is not None:
-        blocks.append(status)
+        tail.append(status)
+    # The rest of the card's blocks go to the arguments: one more for the buttons, one for the "shortened" line.
+    fields, shortened = compact_fields(card, MAX_BLOCKS - len(head) - len(tail) - 2)
+    blocks = [*head, *fields]
+    if shortened:
+        blocks.append({"type": "section", "text": plain(texts.CARD_FULL_SLACK)})
+    blocks += tail
     buttons = [_button(texts.FULL_REQUEST, VIEW_ACTION, card.approval_id, None)]
     if card.actionable:
         buttons = [
@@ -166,8 +203,6 @@ def _card_blocks(card: CardView) -> list[dict[str, Any]]:
             *buttons,
         ]
     blocks.append({"type": "actions", "block_id": decide_block(card.approval_id, card.revision), "elements": buttons})
-    if len(blocks) > MAX_BLOCKS:  # cannot happen with the compact caps; keep the last three (fixed lines, status, buttons)
-        blocks = blocks[: MAX_BLOCKS - 3] + blocks[-3:]
     return blocks
 
 
@@ -196,9 +231,7 @@ def _full_view(card: CardView) -> dict[str, Any]:
         {"type": "section", "text": plain(card.summary)},
         {"type": "context", "elements": [plain(f"{card.tool} · {card.approval_id}")]},
     ]
-    if card.warnings:
-        head.append({"type": "section", "text": plain("\n".join(f"⚠️ {w}" for w in card.warnings))})
-    head.append(_fixed_lines(card))
+    head += [*line_sections(card.warnings, "⚠️ "), *line_sections(card.preview, "• "), _fixed_lines(card)]
     body: list[dict[str, Any]] = []
     left_out = 0
     room = MODAL_BLOCKS - len(head) - 1  # one block kept for the "does not fit" notice
