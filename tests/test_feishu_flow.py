@@ -283,3 +283,27 @@ async def test_with_workers_the_card_is_refreshed_after_the_click_answer(feishu_
     assert len(patches) > patches_at_answer
     final = worker.fake.cards()[-1].json
     assert final["header"]["template"] == "green"  # succeeded, not the state at the click
+
+
+async def test_a_click_the_database_cannot_record_gets_a_toast_to_click_again(feishu_bot, model, sqlite_url, tmp_path):
+    """A card click is not sent again: one that met a locked database (another process holding SQLite's
+    write lock) gets an error toast asking to click again, changes nothing, and the next click runs once."""
+    from tests.fault_helpers import LockHolder
+
+    ledger = Ledger()
+    model.script(calls(("write_note", {"topic": "x", "text": "y"})), text("done"))
+    bot = await feishu_bot(toolsets=[notes_toolset(ledger)], database_url=sqlite_url)
+    await bot.send(at_bot("write a note"))
+    await bot.settle()
+    approval_id = approval_id_of(bot.card())
+    holder = LockHolder(str(tmp_path / "chatops.db"))
+    await holder.hold()
+    try:
+        status, answer = await bot.send(click(approval_id))
+    finally:
+        await holder.release()
+    assert (status, answer) == (200, {"toast": {"type": "error", "content": texts.CLICK_NOT_RECORDED}})
+    assert ledger.effects == []
+    status, answer = await bot.send(click(approval_id))
+    await bot.settle()
+    assert answer["toast"]["type"] == "success" and len(ledger.effects) == 1

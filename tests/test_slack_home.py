@@ -11,6 +11,7 @@ import time
 
 import sqlalchemy as sa
 
+from bot.core import texts
 from bot.slack.events import APPROVE_ACTION, REJECT_ACTION, decide_block
 from storage.models import AuditEvent, OutboxJob
 from tests.fakes.openai_server import calls, text
@@ -207,3 +208,27 @@ async def test_the_home_shows_what_will_run_and_offers_approve_only_when_all_of_
     assert [e["action_id"] for e in long_["elements"]] == [REJECT_ACTION]
     assert shown.count("decide on its card") == 1
     assert ledger.effects == []
+
+
+async def test_a_click_the_database_cannot_record_is_answered_with_click_again(
+    slack_bot, fake_slack, model, sqlite_url, tmp_path
+):
+    """Slack never sends a click again. A click that met a locked database (another process holding
+    SQLite's write lock) used to end in a 500, a warning icon on the button and a log line promising a
+    redelivery that never comes; the approval waited on, silently. Now the clicker is told in one
+    sentence; the approval is untouched; the next click runs the tool once."""
+    from tests.fault_helpers import LockHolder
+
+    bot, ledger, card, approval_id = await started_with_a_card(slack_bot, fake_slack, model, database_url=sqlite_url)
+    holder = LockHolder(str(tmp_path / "chatops.db"))
+    await holder.hold()
+    try:
+        assert (await bot.send(click(card)))[0] == 200
+        (told,) = await fake_slack.wait_for("chat.postEphemeral")
+        assert told.params["text"] == texts.CLICK_NOT_RECORDED and told.params["user"] == ALICE
+    finally:
+        await holder.release()
+    assert ledger.effects == []
+    assert (await bot.send(click(card)))[0] == 200
+    await bot.settle()
+    assert [e["approval_id"] for e in ledger.effects] == [approval_id]

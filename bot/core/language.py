@@ -20,6 +20,7 @@ from bot.core.context import AppContext
 from bot.core.events import User
 from bot.core.policy import Policy
 from storage.models import Approval
+from storage.sessions import DbSession
 
 PLATFORM_DEFAULTS = {"feishu": "zh"}
 _CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0002a6df]")
@@ -74,6 +75,9 @@ def speak_with(
 
 async def card_language(ctx: AppContext, approval_id: str) -> str | None:
     """The language an approval's card is shown in (its requester's), for a click's fallback."""
-    async with ctx.db.transaction(read=True) as session:
+
+    async def read(session: DbSession) -> str | None:
         approval = await session.get(Approval, approval_id)
-    return (approval.requester or {}).get("lang") if approval is not None else None
+        return (approval.requester or {}).get("lang") if approval is not None else None
+
+    return await ctx.db.run(read, read=True)  # a dropped connection is tried again, like the decision after it

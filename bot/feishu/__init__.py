@@ -221,6 +221,10 @@ class FeishuAdapter:
                 outcome = await self.core.decide(request)
                 if outcome.changed:
                     await self.core.card_answered(request.approval_id)
+            except StorageError as exc:  # a click is not sent again: the clicker is told to click again
+                self._answered(request.approval_id)
+                log.warning("feishu click not recorded (the clicker is asked to click again): %s", exc)
+                return Answer({"toast": {"type": "error", "content": str(texts.CLICK_NOT_RECORDED)}})
             except BaseException:
                 self._answered(request.approval_id)
                 raise

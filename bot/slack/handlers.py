@@ -153,14 +153,28 @@ class SlackHandlers:
     async def on_approve(self, ack: AsyncAck, body: dict[str, Any], action: dict[str, Any]) -> None:
         """Approve: decide now (a fast, conditional DB update); the core updates the card and runs the tool."""
         await ack()
-        request = await self._identified(events.decision_from_action(body, action), events.click_place(body)["channel"])
-        outcome = await self.core.decide(request)
+        try:
+            request = await self._identified(events.decision_from_action(body, action), events.click_place(body)["channel"])
+            outcome = await self.core.decide(request)
+        except StorageError as exc:
+            self._click_not_recorded(body, exc)
+            return
         log.info("slack click on %s by %s: %s", request.approval_id, request.user.key, outcome.kind)
         if events.from_home(body):
             self.spawn(self.publish_home(request.user, str(outcome.message)), "slack-home-click")
         elif outcome.kind not in _SHOWN_ON_CARD:
             place = events.click_place(body)
             self.spawn(self._tell(place, request.user.id, outcome.message), "slack-ephemeral")
+
+    def _click_not_recorded(self, body: dict[str, Any], error: StorageError) -> None:
+        """Slack never sends a click again: the clicker is told, in one sentence, to click again."""
+        log.warning("slack click not recorded (the clicker is asked to click again): %s", error)
+        user_id = str((body.get("user") or {}).get("id"))
+        if events.from_home(body):
+            user = User(events.PLATFORM, user_id, tenant=workspace_of(body))
+            self.spawn(self.publish_home(user, str(texts.CLICK_NOT_RECORDED)), "slack-home-click")
+        else:
+            self.spawn(self._tell(events.click_place(body), user_id, str(texts.CLICK_NOT_RECORDED)), "slack-ephemeral")
 
     async def on_reject(self, ack: AsyncAck, body: dict[str, Any], action: dict[str, Any]) -> None:
         """Reject: open the modal asking why; the decision happens when it is submitted."""
@@ -173,8 +187,13 @@ class SlackHandlers:
     async def on_reject_submit(self, ack: AsyncAck, body: dict[str, Any]) -> None:
         """The modal was submitted: reject with the reason; refusals are shown inside the modal."""
         request, meta = events.decision_from_view(body)
-        request = await self._identified(request, meta.get("channel"))
-        outcome = await self.core.decide(request)
+        try:
+            request = await self._identified(request, meta.get("channel"))
+            outcome = await self.core.decide(request)
+        except StorageError as exc:  # shown in the modal, which stays open: submitting again is the retry
+            log.warning("slack reject not recorded (the modal asks to submit again): %s", exc)
+            await ack(response_action="errors", errors={events.REASON_BLOCK: str(texts.CLICK_NOT_RECORDED)})
+            return
         log.info("slack reject of %s by %s: %s", request.approval_id, request.user.key, outcome.kind)
         if outcome.kind in _SHOWN_ON_CARD:
             await ack()
