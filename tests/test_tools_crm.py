@@ -310,3 +310,27 @@ async def test_hubspot_write_read_then_unanswered_is_in_doubt(hubspot: FakeHubSp
     with pytest.raises(ToolUnavailable, match=r"HubSpot did not answer \(no answer in time\)") as caught:
         await call(ctx, "search_crm_leads", {"query": "x"})
     assert not isinstance(caught.value, ToolInDoubt)
+
+
+async def test_builtin_writes_and_reads_survive_a_connection_killed_from_outside(postgres_url: str) -> None:
+    """A dropped connection inside the built-in CRM ended an approved create "in doubt" (it ran on a bare
+    transaction, never tried again) although nothing was written. Each of its transactions is now tried
+    again from its start: the lead is created once and a search after another kill finds it."""
+    from tests.fault_helpers import schema_of, terminate_backends
+
+    upgrade(postgres_url)
+    db = Database(postgres_url)
+    try:
+        ctx = tool_context(postgres_url, db, approval_id="ap-kill")
+        await call(ctx, "search_crm_leads", {"query": ""})  # the pool holds a live connection now
+        retried: list[BaseException] = []
+        db.on_retry(retried.append)
+        assert terminate_backends(postgres_url, schema_of(postgres_url)) >= 1
+        created = await call(ctx, "create_crm_lead", NEW_LEAD)
+        assert terminate_backends(postgres_url, schema_of(postgres_url)) >= 1
+        found = await call(ctx, "search_crm_leads", {"query": "zhang"})
+        assert len(retried) >= 2, retried
+        assert "zhangsan@example.com" in json.dumps(created) + json.dumps(found)
+        assert [row.email for row in await lead_rows(db)] == ["zhangsan@example.com"]
+    finally:
+        await db.dispose()

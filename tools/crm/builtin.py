@@ -5,6 +5,8 @@ racing for the same address (two replicas on PostgreSQL) both read "absent"; the
 hits the index, its transaction rolls back, and it retries once as an update. On SQLite the
 race cannot happen (`BEGIN IMMEDIATE` serialises writers) but the same code path holds.
 `source_approval_id` records which approval created a lead: re-running that approval is a no-op.
+Every transaction goes through `Database.run`, so a transient fault (a dropped connection, a busy
+lock) is tried again from the transaction's start instead of ending a write "in doubt".
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from sqlmodel import col, select
 
 from storage.engine import Database
 from storage.models import CrmLead, utcnow
+from storage.sessions import DbSession
 from tools.crm.backend import SEARCH_LIMIT, Lead, LeadFields, Outcome, normalise_email
 from tools.errors import ToolError
 
@@ -35,14 +38,20 @@ class BuiltinCrm:
         self.db = db
 
     async def get(self, lead_id: int) -> Lead | None:
-        async with self.db.transaction(read=True) as session:
+        async def read(session: DbSession) -> Lead | None:
             row = await session.get(CrmLead, lead_id)
             return _lead(row) if row is not None else None
 
+        return await self.db.run(read, read=True)
+
     async def find_by_email(self, email: str) -> Lead | None:
-        async with self.db.transaction(read=True) as session:
-            row = (await session.execute(select(CrmLead).where(CrmLead.email == normalise_email(email)))).scalar_one_or_none()
+        statement = select(CrmLead).where(CrmLead.email == normalise_email(email))
+
+        async def read(session: DbSession) -> Lead | None:
+            row = (await session.execute(statement)).scalar_one_or_none()
             return _lead(row) if row is not None else None
+
+        return await self.db.run(read, read=True)
 
     async def search(self, query: str) -> list[Lead]:
         text = query.strip()
@@ -50,8 +59,11 @@ class BuiltinCrm:
         statement = select(CrmLead).order_by(col(CrmLead.id)).limit(SEARCH_LIMIT)
         if text:
             statement = statement.where(sa.or_(*(c.icontains(text, autoescape=True) for c in columns)))
-        async with self.db.transaction(read=True) as session:  # no write lock: reads never wait for writers
+
+        async def read(session: DbSession) -> list[Lead]:  # no write lock: reads never wait for writers
             return [_lead(row) for row in (await session.execute(statement)).scalars()]
+
+        return await self.db.run(read, read=True)
 
     async def upsert(self, fields: LeadFields, *, approval_id: str | None) -> tuple[Outcome, Lead]:
         for attempt in range(1, UPSERT_ATTEMPTS + 1):
@@ -63,9 +75,12 @@ class BuiltinCrm:
         raise AssertionError("unreachable")
 
     async def _upsert_once(self, fields: LeadFields, approval_id: str | None) -> tuple[Outcome, Lead]:
+        """One transaction, attempted again from its start after a transient fault (a dropped
+        connection, a busy lock): it either committed or left nothing behind."""
         email = normalise_email(fields.email)
-        now = utcnow()
-        async with self.db.transaction() as session:
+
+        async def write(session: DbSession) -> tuple[Outcome, Lead]:
+            now = utcnow()
             row = (await session.execute(select(CrmLead).where(CrmLead.email == email))).scalar_one_or_none()
             if row is None:
                 row = CrmLead(
@@ -91,8 +106,10 @@ class BuiltinCrm:
             row.updated_at = now
             return "updated", _lead(row)
 
+        return await self.db.run(write)
+
     async def update(self, lead_id: int, changes: dict[str, str]) -> Lead:
-        async with self.db.transaction() as session:
+        async def write(session: DbSession) -> Lead:
             row = await session.get(CrmLead, lead_id)
             if row is None:
                 raise ToolError(f"There is no lead #{lead_id}. Search for the lead first to get its id.")
@@ -101,3 +118,5 @@ class BuiltinCrm:
             if changes:
                 row.updated_at = utcnow()
             return _lead(row)
+
+        return await self.db.run(write)
