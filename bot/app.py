@@ -255,6 +255,11 @@ async def build_app(
     if migrate:
         try:
             await asyncio.to_thread(upgrade, settings.database_url)
+        except ModuleNotFoundError as exc:  # a postgresql:// URL on an install without the driver
+            raise StorageError(
+                f"DATABASE_URL: its driver is not installed ({exc.name}); for PostgreSQL install "
+                "the extra: pip install 'chatops-agent[postgres]'"
+            ) from None
         except Exception as exc:  # noqa: BLE001 - reported to the operator in one line
             raise StorageError(
                 f"DATABASE_URL: cannot open or migrate the database ({redactor.redact_text(str(exc).splitlines()[0])})"

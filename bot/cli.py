@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import sqlite3
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -252,6 +253,8 @@ def _backup(url: str, target: Path) -> int:
         ) from None
     except FileExistsError:
         raise ChatopsError(f"{target} already exists; choose a new file name") from None
+    except sqlite3.Error as exc:  # the target's directory is missing or not writable, the source unreadable
+        raise ChatopsError(f"cannot back up to {target}: {exc}") from None
     print(f"backed up {pages} pages to {target}")
     return 0
 
@@ -389,7 +392,7 @@ def run(argv: Sequence[str] | None = None) -> int:
         upgrade(settings.database_url)
         print(f"database is at revision {current_revision(settings.database_url)}")
         return 0
-    if args.audit_command == "rotate-key":
+    if args.command == "audit" and args.audit_command == "rotate-key":
         _rotate_key(settings)
         return 0
     url = settings.database_url
@@ -420,12 +423,21 @@ def main(argv: Sequence[str] | None = None) -> None:
     except ChatopsError as exc:
         print(f"chatops: error: {exc}", file=sys.stderr)
         code = 2
+    except BrokenPipeError:  # the reader left (`chatops audit list | head`): nothing more to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = 1
     except SQLAlchemyError as exc:
         detail = Redactor().redact_text(str(exc).splitlines()[0])[:300]
         print(f"chatops: error: DATABASE_URL: the database cannot be used ({detail})", file=sys.stderr)
         code = 2
     except Exception as exc:
-        log.debug("unexpected failure", exc_info=True)
+        if os.environ.get("CHATOPS_LOG_LEVEL", "").upper() == "DEBUG":  # asked for: the trace, through the redactor
+            logger = logging.getLogger("chatops")
+            if not logger.handlers:
+                from bot.logsetup import setup_logging
+
+                setup_logging("DEBUG", Redactor())
+            log.debug("unexpected failure", exc_info=True)
         print(f"chatops: internal error ({type(exc).__name__}); run with CHATOPS_LOG_LEVEL=DEBUG for details", file=sys.stderr)
         code = 1
     sys.exit(code)

@@ -115,6 +115,11 @@ class Settings(BaseModel):
             raise ValueError("must start with http:// or https://")
         return value
 
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _level_in_any_case(cls, value: object) -> object:
+        return value.upper() if isinstance(value, str) else value  # `debug` as well as `DEBUG`
+
     # ---- derived facts -------------------------------------------------
     @property
     def model_configured(self) -> bool:
@@ -213,6 +218,8 @@ def load_settings(env_file: Path | None = Path(".env"), environ: dict[str, str] 
         first = exc.errors()[0]
         field = str(first["loc"][0]) if first["loc"] else "configuration"
         alias = Settings.model_fields[field].alias if field in Settings.model_fields else field
-        raise ConfigError(alias or field, f"{first['msg'].lower()} (got {values.get(alias or field, '')!r})") from None
+        raise ConfigError(
+            alias or field, f"{first['msg'][:1].lower()}{first['msg'][1:]} (got {values.get(alias or field, '')!r})"
+        ) from None
     settings.check_channels()
     return settings

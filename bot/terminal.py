@@ -23,6 +23,7 @@ from bot.core import commands, i18n, language, texts
 from bot.core.approvals import EditResult
 from bot.core.cards import card_view, quoted, status_lines
 from bot.core.channels import CardView
+from bot.core.display import inert, one_line
 from bot.core.edit_form import EditForm
 from bot.core.engine import Core
 from bot.core.errors import StorageError
@@ -89,7 +90,9 @@ class TerminalAdapter:
         return f"terminal:{self.session}"
 
     def _print(self, text: str) -> None:
-        self.out.write(text + "\n")
+        # Everything printed is inert: a model's reply (or a name, a reason) carrying escape sequences
+        # or carriage returns cannot move the cursor, turn off wrapping or draw a card of its own.
+        self.out.write(inert(text) + "\n")
         self.out.flush()
 
     # ---- Channel ------------------------------------------------------
@@ -176,7 +179,9 @@ class TerminalAdapter:
         kind = "|".join(current.options) if current.options else current.kind
         required = str(texts.TERMINAL_EDIT_REQUIRED) if current.required else ""
         with i18n.speaking(editing.user.lang, editing.user.tz):
-            prompt = texts.TERMINAL_EDIT_PROMPT.format(field=current.name, kind=kind, required=required, value=current.value)
+            prompt = texts.TERMINAL_EDIT_PROMPT.format(
+                field=current.name, kind=kind, required=required, value=one_line(current.value)
+            )
         self._print(f"bot> {prompt}")
 
     async def _edit_answer(self, editing: _Editing, line: str) -> None:

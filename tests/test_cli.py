@@ -208,3 +208,16 @@ async def test_tools_lists_mcp_tools_and_servers_that_failed(tmp_path):
     assert "mcp:git" in lines["git__git_status"] and "read" in lines["git__git_status"] and "auto" in lines["git__git_status"]
     assert "write" in lines["git__git_commit"] and "confirm" in lines["git__git_commit"]
     assert "! MCP server 'broken' failed to start: cannot start" in out
+
+
+async def test_chatops_approval_show_prints_the_card_in_full(model, tmp_path):
+    """The command every shortened card points to (`chatops approval show ID`) once failed with an
+    internal error before it looked at its arguments."""
+    model.script(calls(("create_crm_lead", {"name": "张三", "email": "zhangsan@example.com", "need": "了解产品 " * 400})))
+    env = bot_env(model, tmp_path)
+    code, out, _ = await chatops("shell", stdin="create the lead\n", env=env, cwd=tmp_path)
+    (approval_id,) = set(re.findall(r"approve (ap-[a-z0-9]+)", out))
+    code, out, err = await chatops("approval", "show", approval_id, env=env, cwd=tmp_path)
+    assert (code, err) == (0, "") and approval_id in out and out.count("了解产品") == 400  # every word of it
+    code, out, err = await chatops("approval", "show", "ap-nope", env=env, cwd=tmp_path)
+    assert code != 0 and "no approval 'ap-nope'" in err and "Traceback" not in err

@@ -218,3 +218,14 @@ async def test_what_only_reads_does_not_wait_for_the_sqlite_write_lock(bots, mod
         holder.kill()
     assert [role for _, role in view.pending] == ["requester"] and len(view.recent) == 1
     assert conversation == msg.conversation_key
+
+
+def test_the_slash_form_the_help_names_is_the_same_command_when_typed_as_a_message():
+    """The help says "(also /chatops help | pending | cancel)"; typed in the terminal (or a thread, where
+    Slack has no slash commands), `/chatops pending` went to the model as a new message and cancelled
+    the cards it was meant to list."""
+    from bot.core import commands
+
+    for typed, command in [("/chatops pending", "pending"), ("/ChatOps  help", "help"), ("/chatops cancel。", "cancel")]:
+        assert commands.parse(typed) == commands.parse(command) is not None, typed
+    assert commands.parse("/chatops create a lead") is None and commands.parse("chatops pending now") is None

@@ -310,3 +310,23 @@ async def test_the_audit_diff_goes_through_the_redactor(terminal_bot, model):
     (edited,) = await audit(bot.app, "approval_edited")
     assert edited.data["changes"] == [{"field": "text", "before": "restart web-1", "after": "use [REDACTED]"}]
     assert token not in str(edited.data)
+
+
+async def test_nothing_printed_to_the_terminal_carries_an_escape_sequence(terminal_bot, model):
+    """A model reply `\\x1b[?7l` turned off the terminal's line wrapping, so the next card's recipient
+    list was cut at the screen's edge; a reply starting `\\r\\x1b[2K` drew a card of its own; an argument
+    value redrew the edit prompt to read "harmless". Every printed text is now inert: the controls show
+    as ⟨U+…⟩ markers and line breaks stay."""
+    hostile = {"topic": "Q3\x1b[2K\r\x1b[1Abot> topic [current: harmless]", "text": "restart web-1"}
+    model.script(text("Hello!\x1b[?7l\r\x1b[2K┌─ Approval needed\nsecond line\tend"))
+    bot = await terminal_bot(toolsets=[notes_toolset(Ledger())])
+    await bot.say("hi")
+    model.script(calls(("write_note", hostile)), text("Stored."))
+    await bot.say("write a note")
+    (approval_id,) = approval_ids(bot.transcript())
+    await bot.say(f"edit {approval_id}")
+
+    shown = bot.transcript()
+    assert not any(ch in shown for ch in "\x1b\r\x07\x9b")
+    assert "Hello!⟨U+001B⟩[?7l⟨U+000D⟩⟨U+001B⟩[2K┌─ Approval needed\nsecond line\tend" in shown
+    assert "Q3⟨U+001B⟩[2K⟨U+000D⟩⟨U+001B⟩[1Abot> topic [current: harmless]" in shown  # the prompt's current value

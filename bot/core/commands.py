@@ -51,12 +51,17 @@ _RULE_WORDS = {
 }
 
 
+SLASH = "/chatops"
+
+
 def parse(text: str | None) -> Command | None:
     """The command a whole message is, or None (then it goes to the model)."""
     if not text:
         return None
-    word = text.strip().strip("/!！。.").strip().lower()
-    return WORDS.get(word)
+    word = text.strip().lower()
+    if word.startswith(SLASH):  # the help names `/chatops pending`: typed as a message, it is the same command
+        word = word.removeprefix(SLASH)
+    return WORDS.get(word.strip().strip("/!！。.").strip())
 
 
 @dataclass(frozen=True)

@@ -219,6 +219,18 @@ def unshow(shown: str) -> str:
     return _MARKER.sub(_unmarker, shown)
 
 
+def inert(text: str) -> str:
+    """Free text (a model's reply) for a terminal: line breaks and tabs kept, every other control or
+    format character (escape sequences, carriage returns, text-direction controls) shown as `⟨U+…⟩`,
+    so the text cannot move the cursor, hide a line or restyle a card printed after it."""
+    return "".join(
+        ch
+        if ch in "\n\t" or (unicodedata.category(ch) not in _HIDDEN_CATEGORIES and not "\x80" <= ch <= "\x9f")
+        else f"{OPEN}{code(ch)}{CLOSE}"
+        for ch in text
+    )
+
+
 def one_line(value: str) -> str:
     """Short form for labels, names and reasons: `show` in one-line mode, findings discarded."""
     return show(value, one_line=True)
