@@ -195,6 +195,16 @@ async def test_no_answer_to_the_final_dot_is_in_doubt(db: Database) -> None:
         assert len(server.messages) == 1 and server.connections == 1  # never resent
 
 
+async def test_no_answer_to_the_data_command_is_not_sent_and_says_so(db: Database) -> None:
+    """The reason named EHLO for any step before the message (MAIL, RCPT and DATA went unnamed)."""
+    async with RawSmtp("hang_at_data") as server:
+        with pytest.raises(
+            ToolUnavailable, match=r"not sent: the connection to the mail server failed at DATA \(no answer in time\)"
+        ):
+            await send(context(db, **raw_env(server, SMTP_TIMEOUT="2")), MAIL)
+        assert server.messages == []
+
+
 async def test_a_reset_in_the_middle_of_the_message_is_not_sent(db: Database) -> None:
     """A message bigger than the socket buffers (so the sender is provably still sending) is cut off by a reset."""
     async with RawSmtp("drop_mid_data") as server:
@@ -240,3 +250,26 @@ async def test_the_card_shows_the_mail_as_the_recipients_get_it(smtp: FakeSmtp, 
         "Body": msg.get_content().replace("\r\n", "\n").removesuffix("\n"),
     }
     assert shown["To"] == "Zhang@example.com, li@example.cn" and shown["Body"].endswith("today.\nBye\nnow")
+
+
+async def test_an_ascii_mailbox_at_an_internationalised_domain_goes_out_in_the_domains_ascii_form(
+    smtp: FakeSmtp, db: Database
+) -> None:
+    """Such an address crashed when sent (a Unicode domain without SMTPUTF8) and the approved e-mail
+    ended "in doubt" although nothing had left. The same mailbox is now addressed by its IDNA form."""
+    result = await send(context(db, **smtp_env(smtp)), {"to": "ceo@例子.中国", "subject": "s", "body": "b"})
+    (received,) = smtp.delivered
+    assert received.rcpt_tos == ["ceo@xn--fsqu00a.xn--fiqs8s"] and not received.smtputf8
+    assert received.message()["To"] == "ceo@xn--fsqu00a.xn--fiqs8s" and result["to"] == received.rcpt_tos
+
+
+@pytest.mark.parametrize("subject", ["Hello\x0bBcc: evil@example.com", "a\x0cb", "a\x85b", "a\u2028b", "a\u2029b", "a\x00b"])
+async def test_a_subject_with_any_line_break_or_control_character_is_refused_before_the_card(
+    smtp: FakeSmtp, db: Database, subject: str
+) -> None:
+    """Only \\n and \\r were refused: the others got a card and then failed to build the message, which
+    the bot could only report as "outcome unknown"."""
+    with pytest.raises(ArgumentError, match="single line of text"):
+        await send(context(db, **smtp_env(smtp)), {"to": "a@example.com", "subject": subject, "body": "b"})
+    assert smtp.attempts == []
+    await send(context(db, **smtp_env(smtp)), {"to": "a@example.com", "subject": "tab\tis fine", "body": "b"})

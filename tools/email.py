@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import email.policy
 import re
+import unicodedata
 from datetime import UTC, datetime
 from email.message import EmailMessage
 from email.utils import format_datetime, make_msgid
@@ -55,7 +56,9 @@ def _validated(config: SmtpConfig, raw: list[str]) -> list[tuple[str, bool]]:
         domains = {checked.domain.lower(), (checked.ascii_domain or "").lower()}
         if allowed and not domains & allowed:
             raise ArgumentError(f"E-mail to {checked.domain} is not allowed here; allowed domains: {', '.join(sorted(allowed))}.")
-        result.append((checked.normalized, bool(checked.smtputf8)))
+        # An ASCII local part at an internationalised domain goes out with the domain's ASCII (IDNA)
+        # form: the same mailbox, and no SMTPUTF8 needed. Only a non-ASCII local part needs SMTPUTF8.
+        result.append((checked.ascii_email, False) if checked.ascii_email else (checked.normalized, True))
     return result
 
 
@@ -74,8 +77,14 @@ async def _check(ctx: ToolContext, args: dict[str, Any]) -> None:
     if len(to) + len(cc) > MAX_RECIPIENTS:
         raise ArgumentError(f"Too many recipients ({len(to) + len(cc)}); at most {MAX_RECIPIENTS} per e-mail.")
     _validated(config, to + cc)
-    if "\n" in args["subject"] or "\r" in args["subject"]:
-        raise ArgumentError("The subject must be a single line.")
+    if any(_breaks_header(ch) for ch in args["subject"]):
+        raise ArgumentError("The subject must be a single line of text, without line breaks or control characters.")
+
+
+def _breaks_header(char: str) -> bool:
+    """A character a mail header cannot carry as text: line breaks of every kind (\\v, \\f, U+0085,
+    U+2028 ...) and other control characters; a tab is fine."""
+    return char != "\t" and unicodedata.category(char) in ("Cc", "Zl", "Zp")
 
 
 def _describe(args: dict[str, Any]) -> str:

@@ -168,18 +168,19 @@ class SmtpSender:
             _quit(smtp)
 
     def _before_data(self, smtp: smtplib.SMTP, envelope: Envelope, deadline: float) -> None:
-        """EHLO, STARTTLS, AUTH, MAIL, RCPT, DATA: everything up to the 354 go-ahead. Nothing is sent yet."""
-        stage = "EHLO"
+        """EHLO, STARTTLS, AUTH, MAIL, RCPT, DATA: everything up to the 354 go-ahead. Nothing is sent yet.
+        Each step names itself first (`_at`), so a failure says where it happened."""
         try:
+            _at(smtp, "EHLO")
             self._step_timeout(smtp, deadline)
             smtp.ehlo_or_helo_if_needed()
             if self.config.security == "starttls":
-                stage = "STARTTLS"
+                _at(smtp, "STARTTLS")
                 self._step_timeout(smtp, deadline)
                 smtp.starttls(context=ssl.create_default_context())
                 smtp.ehlo()
             if self.config.username:
-                stage = "login"
+                _at(smtp, "login")
                 self._step_timeout(smtp, deadline)
                 smtp.login(self.config.username, self.config.password or "")
             self._envelope(smtp, envelope, deadline)
@@ -190,9 +191,9 @@ class SmtpSender:
         except smtplib.SMTPNotSupportedError as exc:
             raise ToolUnavailable(f"not sent: the mail server does not support {exc}; check SMTP_SECURITY") from None
         except smtplib.SMTPResponseException as exc:
-            raise _refused(exc.smtp_code, exc.smtp_error, stage) from None
+            raise _refused(exc.smtp_code, exc.smtp_error, _stage(smtp)) from None
         except (OSError, smtplib.SMTPException) as exc:
-            raise ToolUnavailable(f"not sent: the connection to the mail server failed at {stage} ({_why(exc)})") from None
+            raise ToolUnavailable(f"not sent: the connection to the mail server failed at {_stage(smtp)} ({_why(exc)})") from None
 
     def _envelope(self, smtp: smtplib.SMTP, envelope: Envelope, deadline: float) -> None:
         options = []
@@ -200,20 +201,33 @@ class SmtpSender:
             if not smtp.has_extn("smtputf8"):
                 raise ToolError("not sent: the mail server does not accept internationalised addresses (no SMTPUTF8)")
             options.append("SMTPUTF8")
+        _at(smtp, "MAIL FROM")
         self._step_timeout(smtp, deadline)
         code, reply = smtp.mail(envelope.sender, options)
         if code != 250:
             raise _refused(code, reply, "MAIL FROM")
         for recipient in envelope.recipients:
+            _at(smtp, f"RCPT TO <{recipient}>")
             self._step_timeout(smtp, deadline)
             code, reply = smtp.rcpt(recipient)
             if code not in (250, 251):
                 smtp.rset()  # all recipients or none: never a partial send
                 raise _refused(code, reply, f"RCPT TO <{recipient}>")
+        _at(smtp, "DATA")
         self._step_timeout(smtp, deadline)
         code, reply = smtp.docmd("DATA")
         if code != 354:
             raise _refused(code, reply, "DATA")
+
+
+def _at(smtp: smtplib.SMTP, stage: str) -> None:
+    """Name the step `smtp` is about to take (read back by `_stage` when it fails)."""
+    if isinstance(smtp, _Staged):
+        smtp.stage = stage
+
+
+def _stage(smtp: smtplib.SMTP) -> str:
+    return smtp.stage if isinstance(smtp, _Staged) else "EHLO"
 
 
 def _why(exc: BaseException) -> str:

@@ -96,7 +96,8 @@ class RawSmtp:
     - "no_greeting": accepts the TCP connection and never says a word;
     - "greet:<reply>": answers the connection with `<reply>` (e.g. "554 5.3.2 no service") and closes;
     - "hang_after_data": a normal dialogue up to the end of the message, then never answers the final `.`;
-    - "drop_mid_data": after the 354 go-ahead, reads the first bytes of the message and resets the connection.
+    - "drop_mid_data": after the 354 go-ahead, reads the first bytes of the message and resets the connection;
+    - "hang_at_data": a normal dialogue up to RCPT, then never answers the DATA command.
     `release()` ends every held connection and makes later ones close at once.
     """
 
@@ -130,7 +131,7 @@ class RawSmtp:
                 await writer.drain()
             elif mode == "no_greeting":
                 await self._released.wait()
-            elif mode in ("hang_after_data", "drop_mid_data"):
+            elif mode in ("hang_after_data", "drop_mid_data", "hang_at_data"):
                 await self._dialogue(reader, writer, mode)
         except (ConnectionError, asyncio.IncompleteReadError):
             pass
@@ -142,6 +143,9 @@ class RawSmtp:
         writer.write(b"220 raw-smtp.test ESMTP\r\n")
         while line := await reader.readline():
             verb = line[:4].upper()
+            if verb == b"DATA" and mode == "hang_at_data":
+                await self._released.wait()
+                return
             if verb == b"DATA":
                 writer.write(b"354 go ahead\r\n")
                 await writer.drain()
