@@ -21,7 +21,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import col
 
 from bot import lifecycle
-from bot.config import Settings, load_settings, no_model_message
+from bot.config import Settings, load_settings, no_model_message, unknown_variables
 from bot.core.errors import ChatopsError
 from bot.lifecycle import add_channels, stop_on_signals, unless_stopped
 from bot.logsetup import setup_logging
@@ -47,6 +47,11 @@ def _settings(args: argparse.Namespace, *, logs: bool = True) -> Settings:
     settings = load_settings(env_file=args.env_file)
     if logs:
         setup_logging(settings.log_level, Redactor(settings.secret_values()), json_format=settings.log_format == "json")
+    for problem in unknown_variables(args.env_file):
+        if logs:
+            log.warning("%s", problem)
+        else:
+            print(f"chatops: warning: {problem}", file=sys.stderr)
     return settings
 
 
@@ -341,9 +346,9 @@ def run(argv: Sequence[str] | None = None) -> int:
         settings = _settings(args)
         workers, run_dir = _worker_count(args, settings), None
         if workers > 0 and settings.model_configured:
-            from bot.cli_workers import prepare_run_dir
+            from bot.supervisor import prepare_run_dir  # imports only the standard library
 
-            run_dir = prepare_run_dir()  # before anything imports prometheus_client
+            run_dir = prepare_run_dir(settings.metrics_dir)  # before anything imports prometheus_client
         serving = _serve(
             settings, force_terminal=args.command == "shell", workers=workers, env_file=args.env_file, run_dir=run_dir
         )

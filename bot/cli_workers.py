@@ -14,14 +14,13 @@ import os
 import shutil
 import stat
 import sys
-import tempfile
 from pathlib import Path
 
 from bot import lifecycle
 from bot.config import Settings
 from bot.core.sweeper import Share
 from bot.lifecycle import add_channels, stop_on_signals, unless_stopped
-from bot.supervisor import Workers, WorkersReadiness, forget_metrics_of, prepare_metrics_dir
+from bot.supervisor import Workers, WorkersReadiness, forget_metrics_of
 from bot.wake import PgNotifier, SocketListener, SocketNotifier, listen_pg, socket_path
 from storage.engine import normalise_url
 
@@ -29,14 +28,6 @@ log = logging.getLogger("chatops")
 WORKERS_STOP_BUDGET = 7.5  # seconds the workers get after SIGTERM (the front's watchdog fires at 8.5)
 WORKER_NICENESS = 5  # added to a worker's niceness: under a full CPU the front (acks) is scheduled first
 FIRST_WORKER_WAIT = 30.0  # seconds the start-up line waits for a worker to be ready (the port serves meanwhile)
-
-
-def prepare_run_dir() -> Path:
-    """A private directory for this `chatops serve`: wake-up sockets and (unless the operator set
-    PROMETHEUS_MULTIPROC_DIR) the metrics files of every process."""
-    run_dir = Path(tempfile.mkdtemp(prefix="chatops-"))
-    prepare_metrics_dir(run_dir)
-    return run_dir
 
 
 async def serve_front(settings: Settings, count: int, env_file: Path | None, run_dir: Path, stop: asyncio.Event) -> None:

@@ -6,6 +6,7 @@ variable always wins. A bad value stops start-up with one line naming the variab
 
 from __future__ import annotations
 
+import difflib
 import os
 from pathlib import Path
 from typing import Literal
@@ -76,6 +77,8 @@ class Settings(BaseModel):
     audit_anchor_interval: float = Field(300.0, alias="CHATOPS_AUDIT_ANCHOR_INTERVAL", gt=0)
     log_format: Literal["text", "json"] = Field("text", alias="CHATOPS_LOG_FORMAT")
     event_loop: Literal["auto", "uvloop", "asyncio"] = Field("auto", alias="CHATOPS_EVENT_LOOP")
+    # prometheus-client's own variable: `chatops serve` puts it in every process's environment
+    metrics_dir: str | None = Field(None, alias="PROMETHEUS_MULTIPROC_DIR")
 
     # Slack
     slack_bot_token: SecretStr | None = Field(None, alias="SLACK_BOT_TOKEN")
@@ -202,6 +205,31 @@ def no_model_message(settings: Settings) -> str:
 
 
 _FIELD_BY_ALIAS = {f.alias: name for name, f in Settings.model_fields.items()}
+
+
+_ALIASES = [alias for alias in _FIELD_BY_ALIAS if alias]
+_CLOSE_ENOUGH = 0.85  # difflib's ratio above which an unknown name is taken for a typo of a setting
+
+
+def unknown_variables(env_file: Path | None = Path(".env"), environ: dict[str, str] | None = None) -> list[str]:
+    """What a typo would otherwise hide: each name in the `.env` file that is no setting, and each
+    CHATOPS_ name in the environment that looks like a misspelt one (other CHATOPS_ names there may
+    be another program's), one sentence each, naming the setting it most likely meant."""
+    found: dict[str, str] = {}
+    if env_file is not None and env_file.is_file():
+        found |= {name: str(env_file) for name in dotenv_values(env_file)}
+    source = os.environ if environ is None else environ
+    for name in source:
+        if name.startswith("CHATOPS_") and difflib.get_close_matches(name, _ALIASES, 1, _CLOSE_ENOUGH):
+            found.setdefault(name, "the environment")
+    problems = []
+    for name, where in sorted(found.items()):
+        if name in _FIELD_BY_ALIAS:
+            continue
+        guess = difflib.get_close_matches(name, _ALIASES, 1, 0.6)
+        hint = f"; did you mean {guess[0]}?" if guess else ""
+        problems.append(f"{name} (in {where}) is not a setting and is ignored{hint}")
+    return problems
 
 
 def load_settings(env_file: Path | None = Path(".env"), environ: dict[str, str] | None = None) -> Settings:

@@ -26,6 +26,7 @@ import logging
 import os
 import signal
 import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -204,10 +205,21 @@ class WorkersReadiness:
         return [] if self.workers.ready else ["no worker process is ready yet"]
 
 
-def prepare_metrics_dir(run_dir: Path) -> None:
+def prepare_run_dir(metrics_dir: str | None = None) -> Path:
+    """A private directory for this `chatops serve`: wake-up sockets and (unless the operator set
+    PROMETHEUS_MULTIPROC_DIR, `metrics_dir`, in the environment or `.env`) the metrics files of every
+    process. Called before prometheus_client is imported (it decides at import whether metrics live
+    in files), so this module imports only the standard library."""
+    run_dir = Path(tempfile.mkdtemp(prefix="chatops-"))
+    prepare_metrics_dir(run_dir, metrics_dir)
+    return run_dir
+
+
+def prepare_metrics_dir(run_dir: Path, given: str | None = None) -> None:
     """Prometheus multiprocess mode for the front and its workers: `PROMETHEUS_MULTIPROC_DIR` (the
-    operator's, emptied, or one under `run_dir`). Must run before prometheus_client is imported."""
-    given = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    operator's, emptied, or one under `run_dir`), set in this process's environment, which the
+    workers inherit. Must run before prometheus_client is imported."""
+    given = given or os.environ.get("PROMETHEUS_MULTIPROC_DIR")
     directory = Path(given) if given else run_dir / "metrics"
     directory.mkdir(parents=True, exist_ok=True)
     for stale in directory.glob("*.db"):

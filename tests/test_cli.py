@@ -139,6 +139,21 @@ async def test_dotenv_is_read_but_the_environment_wins(tmp_path, model):
     assert code == 0, err  # the real environment variable won
 
 
+async def test_a_misspelt_variable_is_named_with_the_setting_it_most_likely_meant(tmp_path, model):
+    """A typo (CHATOPS_PROT) was ignored without a word, so the bot ran on the default."""
+    (tmp_path / ".env").write_text(
+        "CHATOPS_MODEL=m\nSMTP_HOTS=mail.example.com\nPROMETHEUS_MULTIPROC_DIR=/tmp/x\n", encoding="utf-8"
+    )
+    env = {"CHATOPS_PROT": "3001", "CHATOPS_TAMPER_CASES": "9", "OPENAI_BASE_URL": model.url}
+    code, _, err = await chatops("tools", env=env, cwd=tmp_path)
+    assert code == 0, err
+    warned = [line.split("WARNING chatops: ")[-1] for line in err.splitlines() if "is not a setting" in line]
+    assert warned == [
+        "CHATOPS_PROT (in the environment) is not a setting and is ignored; did you mean CHATOPS_PORT?",
+        "SMTP_HOTS (in .env) is not a setting and is ignored; did you mean SMTP_HOST?",
+    ]  # another program's CHATOPS_ name, far from any setting, is left alone; PROMETHEUS_MULTIPROC_DIR is one
+
+
 async def test_tools_lists_every_tool_with_kind_and_rule(tmp_path):
     code, out, err = await chatops("tools", cwd=tmp_path)
     assert code == 0, err

@@ -179,8 +179,9 @@ async def test_a_message_runs_in_a_worker_card_click_one_execution_reply(tmp_pat
             assert {os.getpriority(os.PRIO_PROCESS, pid) for pid in bot.worker_pids()} == {front_niceness + WORKER_NICENESS}
             loops = [m.group(1) for line in bot.serving.lines if (m := re.search(r"ready \(event loop: (\w+)\)", line))]
             assert loops == ["uvloop"] * 3, loops  # the front and both workers, on the default CHATOPS_EVENT_LOOP
-            status, page = await bot.get("/metrics")  # the front shows the workers' core metrics
+            status, page = await bot.get("/metrics")  # the front shows the workers' core metrics, and its own
             assert status == 200 and re.search(r'chatops_runs_total\{outcome="done"\} 1\.0', page), page
+            assert re.search(r'chatops_acks_total\{platform="slack",status="ok"\} [1-9]', page), page
             ready = await bot.get("/readyz")
             assert ready[0] == 200, ready
         finally:
