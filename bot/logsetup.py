@@ -103,3 +103,15 @@ def setup_logging(level: str, redactor: Redactor, *, json_format: bool = False) 
         "aiosqlite",
     ):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLevelName(level)))
+    psycopg_log = logging.getLogger("psycopg")
+    if not any(isinstance(f, _PipelineEcho) for f in psycopg_log.filters):
+        psycopg_log.addFilter(_PipelineEcho())
+
+
+class _PipelineEcho(logging.Filter):
+    """psycopg's "error ignored terminating <pipeline>" when a connection drops inside a pipeline: the
+    error itself is raised to the step, which is tried again (`Database.run`) or reported; this echo
+    only doubled a passing fault as a warning line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("error ignored terminating")

@@ -286,3 +286,13 @@ def test_a_card_keeps_every_preview_line_and_says_how_many_more_there_were() -> 
     kept = card_content("s", {}, [], [f"+{i}" for i in range(STORED_LINES + 20)], "r")["preview"]
     assert kept[: STORED_LINES - 1] == [f"+{i}" for i in range(STORED_LINES - 1)]
     assert kept[-1] == "… 21 more line(s) not kept with this card" and len(kept) == STORED_LINES
+
+
+def test_a_look_alike_domain_is_marked_and_the_punctuation_after_an_ascii_one_is_not_taken_for_it() -> None:
+    """The closing ” of a subject and the … of a shortened summary were read as part of the domain before
+    them, which then showed as a look-alike (`⟨IDN evil-mail.xn--com-9o0a⟩`); a real one still is."""
+    assert show("subject “Hello … evil@evil-mail.com”") == "subject “Hello … evil@evil-mail.com”"
+    assert show("see https://intranet.example.com… and more") == "see https://intranet.example.com… and more"
+    assert show("ceo@ex\u0430mple.com”") == "ceo@⟨IDN xn--exmple-4nf.com⟩”"
+    for value in ("evil@evil-mail.com”", "ceo@ex\u0430mple.com”", "用户@例子。中国"):
+        assert unshow(show(value)) == value

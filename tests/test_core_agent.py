@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import re
 from datetime import timedelta
 
@@ -200,13 +201,16 @@ async def test_tool_call_arguments_that_are_not_an_object_are_a_model_error_retr
     assert "bot> Sorry, let me answer plainly." in bot.transcript()
 
 
-async def test_a_model_that_keeps_breaking_the_api_promise_ends_the_run_with_one_sentence(terminal_bot, model):
+async def test_a_model_that_keeps_breaking_the_api_promise_ends_the_run_with_one_sentence(terminal_bot, model, caplog):
+    caplog.set_level(logging.WARNING, logger="chatops.runner")
     ledger = Ledger()
     model.script(*[calls(("write_note", "[1]")) for _ in range(3)], text("second conversation answered"))
     bot = await terminal_bot(toolsets=[notes_toolset(ledger)], CHATOPS_MODEL_RETRIES="2")
     await bot.say("do something odd")
     assert len(model.requests) == 3 and ledger.effects == []
     assert f"bot> {texts.MODEL_FAILED}" in bot.transcript()
+    failed = [r.getMessage() for r in caplog.records if r.name == "chatops.runner"]
+    assert len(failed) == 1 and "the model did not answer after its retries" in failed[0]  # the operator sees it too
     await bot.say("and now?")
     assert "bot> second conversation answered" in bot.transcript()
 

@@ -70,3 +70,46 @@ def test_json_lines_carry_ids_and_stay_redacted():
     assert (first["run_id"], first["conversation_id"], first["approval_id"]) == ("run-1", "conv-1", "ap-1")
     assert "ValueError" in failure["exc_info"] and failure["run_id"] == "run-1"
     assert "run_id" not in plain
+
+
+async def test_a_background_task_stopped_by_a_passing_database_fault_is_one_warning_line(caplog):
+    """A dropped connection under a background task (the audit chainer, say) was an ERROR with a
+    stack trace, 16 of them in one fault run; its work is picked up again, so it is one warning line.
+    Anything else stays an error with its trace."""
+    import asyncio
+
+    import sqlalchemy as sa
+
+    from bot.core.context import TaskSet
+
+    async def dropped() -> None:
+        raise sa.exc.OperationalError("SELECT 1", {}, ConnectionError("server closed the connection"))
+
+    async def broken() -> None:
+        raise KeyError("bug")
+
+    tasks = TaskSet()
+    caplog.set_level(logging.WARNING, logger="chatops")
+    await asyncio.gather(tasks.spawn(dropped(), "audit-chain"), tasks.spawn(broken(), "other"), return_exceptions=True)
+    # (each task's done callbacks ran before gather's: `TaskSet` added its own first)
+    (passing,) = [r for r in caplog.records if "audit-chain" in r.getMessage()]
+    (bug,) = [r for r in caplog.records if "other" in r.getMessage()]
+    assert passing.levelno == logging.WARNING and passing.exc_info is None and not passing.exc_text
+    assert bug.levelno == logging.ERROR and bool(bug.exc_info or bug.exc_text)
+
+
+def test_psycopgs_echo_of_a_dropped_pipeline_is_not_logged_again():
+    from bot.logsetup import setup_logging
+
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    try:
+        setup_logging("INFO", Redactor())
+        psycopg_log = logging.getLogger("psycopg")
+        echo = psycopg_log.makeRecord(
+            "psycopg", logging.WARNING, __file__, 1, "error ignored terminating %r: %s", ("p", "x"), None
+        )
+        other = psycopg_log.makeRecord("psycopg", logging.WARNING, __file__, 1, "something else", (), None)
+        assert not psycopg_log.filter(echo) and psycopg_log.filter(other)
+    finally:
+        root.handlers[:], root.level = handlers, level

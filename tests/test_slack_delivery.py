@@ -52,7 +52,7 @@ async def test_a_retry_storm_runs_each_event_exactly_once(slack_bot, fake_slack,
     assert {r["thread_ts"] for r in replies} == {e["event"]["ts"] for e in events}
 
 
-async def test_a_first_delivery_that_could_not_be_recorded_is_answered_500_and_its_retry_is_processed(
+async def test_a_first_delivery_that_could_not_be_recorded_is_answered_503_and_its_retry_is_processed(
     slack_bot, fake_slack, model, caplog
 ):
     model.script(text("done"))
@@ -64,7 +64,7 @@ async def test_a_first_delivery_that_could_not_be_recorded_is_answered_500_and_i
         db.execute("ALTER TABLE seen_key RENAME TO seen_key_gone")
     caplog.set_level(logging.DEBUG)
     status, _ = await bot.send(event)
-    assert status == 500  # not acknowledged: Slack will deliver it again
+    assert status == 503  # not acknowledged: Slack will deliver it again
     await bot.settle()
     assert model.requests == []
     assert "do it" not in caplog.text  # the payload is never logged
@@ -145,3 +145,21 @@ async def test_bolts_own_signature_check_behind_ours_also_refuses_without_loggin
     assert response.status == 401
     assert "secret plans" not in caplog.text
     assert await bot.count("inbox_event") == 0
+
+
+async def test_a_reply_slack_never_answers_is_sent_again_and_the_log_says_it_may_now_be_there_twice(
+    slack_bot, fake_slack, model, caplog
+):
+    """chat.postMessage hung past the client's timeout: slack_sdk's connection-error handler sent it again
+    at once and said nothing, so the thread showed the answer twice with no trace anywhere. Only a
+    connection that could not be made is tried again there now; the outbox retries a timeout itself,
+    with a warning that the first one may have been posted."""
+    caplog.set_level(logging.WARNING, logger="chatops.outbox")
+    model.script(text("ANSWER 1"))
+    bot = await slack_bot()
+    fake_slack.hang("chat.postMessage")
+    await bot.send(mention("hi"))
+    (posted,) = await fake_slack.wait_for("chat.postMessage", timeout=60)  # the outbox's own next attempt
+    assert posted.params["text"] == "ANSWER 1"
+    warned = [r.getMessage() for r in caplog.records if "may have been posted" in r.getMessage()]
+    assert len(warned) == 1 and "retrying in" in warned[0], warned

@@ -140,3 +140,23 @@ async def test_slack_post_not_sent_vs_in_doubt(db: Database) -> None:
         await call(context(db, slack=poster), "notify_slack", {"channel": "#ops", "message": "hi"})
     assert not isinstance(caught.value, ToolInDoubt)
     await poster.close()
+
+
+async def test_the_slack_card_says_where_a_link_really_goes_and_who_gets_notified(db: Database) -> None:
+    """The card shows the message as typed, and Slack renders its markup: a link reading one address
+    and opening another, and an @channel, reached the channel with no word on the card about either."""
+    spec = next(s for s in notify.toolset.specs if s.name == "notify_slack")
+    assert spec.preview is not None
+    message = (
+        "Expenses: <https://evil.test/phish|https://intranet.example.com/expenses> <!channel> "
+        "cc <@U0BOB> <!subteam^S0OPS> and <https://docs.example.com> <https://x.test|x.test is fine?>"
+    )
+    lines = await spec.preview(context(db), {"channel": "#ops", "message": message})
+    assert lines == [
+        "Slack will show the link text “https://intranet.example.com/expenses”, which opens https://evil.test/phish",
+        "Slack will notify everyone in the channel (@channel)",
+        "Slack will mention @U0BOB",
+        "Slack will notify the user group S0OPS",
+        "Slack will show the link text “x.test is fine?”, which opens https://x.test",
+    ]
+    assert await spec.preview(context(db), {"channel": "#ops", "message": "plain words, no markup"}) == []

@@ -13,6 +13,7 @@ import base64
 import hashlib
 import hmac
 import json
+import re
 import time
 from typing import Annotated, Any
 
@@ -116,7 +117,32 @@ def _describe_slack(args: dict[str, Any]) -> str:
     return f"Post to Slack {args['channel']}: “{_short(args['message'])}”"
 
 
-@toolset.tool(read_only=False, check=_check_slack, describe=_describe_slack)
+_SLACK_MARKUP = re.compile(r"<([^<>|]+)(?:\|([^<>]*))?>")
+_BROADCASTS = {
+    "!channel": "everyone in the channel",
+    "!here": "everyone active in the channel",
+    "!everyone": "everyone in the workspace",
+}
+
+
+async def _slack_rendering(ctx: ToolContext, args: dict[str, Any]) -> list[str]:
+    """What Slack will make of the message's markup, which the card shows as typed: where each link
+    really goes (its text may name another address), and who gets notified."""
+    lines = []
+    for match in _SLACK_MARKUP.finditer(args["message"]):
+        target, label = match.group(1).strip(), match.group(2)
+        if target in _BROADCASTS:
+            lines.append(f"Slack will notify {_BROADCASTS[target]} (@{target[1:]})")
+        elif target.startswith("!subteam^"):
+            lines.append(f"Slack will notify the user group {target.removeprefix('!subteam^')}")
+        elif target.startswith(("@", "#")):
+            lines.append(f"Slack will mention {target}")
+        elif label is not None and label.strip() != target:
+            lines.append(f"Slack will show the link text “{label}”, which opens {target}")
+    return lines
+
+
+@toolset.tool(read_only=False, check=_check_slack, describe=_describe_slack, preview=_slack_rendering)
 async def notify_slack(
     ctx: ToolContext,
     channel: Annotated[str, Field(min_length=1, max_length=200)],

@@ -22,7 +22,7 @@ from bot.core.model import ModelClient
 from bot.core.policy import Policy
 from bot.core.run_slots import RunSlots
 from storage.audit import AuditLog
-from storage.engine import Database
+from storage.engine import Database, is_transient
 from storage.models import utcnow
 from storage.redact import Redactor
 from tools.context import ToolContext
@@ -68,8 +68,11 @@ class TaskSet:
 
     def _done(self, task: asyncio.Task[Any]) -> None:
         self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            exc = task.exception()
+        exc = None if task.cancelled() else task.exception()
+        if exc is not None:
+            if is_transient(exc):  # a dropped connection, a busy lock: its work is picked up again (sweep, retry)
+                log.warning("background task %s stopped on a passing database fault: %s", task.get_name(), type(exc).__name__)
+                return
             log.error("background task %s failed: %s", task.get_name(), type(exc).__name__, exc_info=exc)
 
     def __len__(self) -> int:

@@ -163,10 +163,17 @@ def _domain(host: str, found: Findings) -> str:
     return f"{OPEN}IDN {shown}{CLOSE}"
 
 
+_HOST_PUNCTUATION = frozenset("-._\u3002\uff0e\uff61")  # IDNA also separates labels with the last three
+
+
 def _visible_prefix(host: str) -> str:
-    """The host up to its first invisible or blank character (those are escaped one by one instead)."""
+    """The host up to its first invisible or blank character (those are escaped one by one instead),
+    or its first punctuation or symbol a domain cannot hold (a closing ” or an … after it)."""
     for index, char in enumerate(host):
-        if is_hidden(char) or unicodedata.category(char) == "Zs" or char in _SPECIAL:
+        category = unicodedata.category(char)
+        if is_hidden(char) or category == "Zs" or char in _SPECIAL:
+            return host[:index]
+        if category[0] in "PS" and char not in _HOST_PUNCTUATION:
             return host[:index]
     return host
 

@@ -45,6 +45,9 @@ from storage.sessions import DbSession
 log = logging.getLogger("chatops.outbox")
 
 CLAIM_SECONDS = 30.0
+# One delivery attempt ends within this, well inside its claim: an attempt still in flight when the
+# claim ran out would be sent a second time by whoever claimed it next, and nobody would know.
+ATTEMPT_SECONDS = CLAIM_SECONDS / 2
 BACKOFF_FIRST, BACKOFF_MAX = 1.0, 60.0
 ERROR_LIMIT = 500
 PROGRESS_DEADLINE = 60.0  # a progress edit older than this is not worth sending
@@ -369,7 +372,11 @@ class Outbox:
         the progress message an answer replaces, when its transaction looked it up."""
         rendered_at = self.ctx.clock()
         try:
-            sent = await self._send(job, replaces or {})
+            async with asyncio.timeout(ATTEMPT_SECONDS):
+                sent = await self._send(job, replaces or {})
+        except TimeoutError:
+            await self._failed(job, DeliveryFailed(f"no answer within {ATTEMPT_SECONDS:g}s (it may have been posted)"))
+            return False
         except Exception as exc:  # noqa: BLE001 - every failure is classified and retried or reported
             await self._failed(job, exc)
             return False

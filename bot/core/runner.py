@@ -97,6 +97,9 @@ class Runner:
                 with run_slots.outside():
                     reply = await self.turn.think(claim, lambda: self._slow_notice(claim))
             except ModelUnavailable as exc:
+                log.warning(
+                    "run %s failed: the model did not answer after its retries (%s); the user was told", claim.run_id, exc
+                )
                 row = entry("model_error", run_id=claim.run_id, status="error", error=str(exc))
                 return None, await self.store.finish(claim, texts.MODEL_FAILED, R.FAILED, [row])
             step += 1

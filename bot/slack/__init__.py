@@ -36,7 +36,7 @@ from bot.core.engine import Core
 from bot.core.events import Thread, User
 from bot.core.refusals import record_refused_request
 from bot.slack.blocks import card_blocks, card_text, safe_message, split_message
-from bot.slack.client import REJECTED_TOKEN_ERRORS, BotIdentity, SlackUnavailable, UserDirectory, make_client
+from bot.slack.client import HTTP_TIMEOUT, REJECTED_TOKEN_ERRORS, BotIdentity, SlackUnavailable, UserDirectory, make_client
 from bot.slack.groups import SlackGroups
 from bot.slack.handlers import SlackHandlers
 from bot.slack.stream import STREAM_AFTER, stream_answer
@@ -60,7 +60,9 @@ class SlackAdapter:
         self.core = core
         # One session for every Web API call of this process (made here: the adapter is built in
         # the running loop), closed by `close()` when the bot has stopped delivering.
-        self._session = aiohttp.ClientSession() if client is None else None
+        # Its own timeout: slack_sdk applies the client's `timeout` only to sessions it makes itself
+        # (one it is given keeps aiohttp's 5 minutes, which outlived an outbox job's claim).
+        self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=HTTP_TIMEOUT)) if client is None else None
         self.client = client or make_client(settings, self._session)
         self.identity = BotIdentity(self.client)
         self.users = UserDirectory(self.client)
@@ -258,6 +260,8 @@ async def delivery() -> AsyncIterator[None]:
         retry_after = exc.response.headers.get("Retry-After") if exc.response.status_code == 429 else None
         wait = float(retry_after) if retry_after and str(retry_after).isdigit() else None
         raise DeliveryFailed(f"Slack answered {error}", retry_after=wait, permanent=error in PERMANENT_ERRORS) from None
+    except (TimeoutError, aiohttp.ServerDisconnectedError) as exc:  # the request went out: it may have landed
+        raise DeliveryFailed(f"no answer from Slack ({type(exc).__name__}; it may have been posted)") from None
 
 
 def _describe(exc: BaseException | None) -> str:

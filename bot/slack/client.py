@@ -51,7 +51,10 @@ def make_client(settings: Settings, session: aiohttp.ClientSession | None = None
         timeout=HTTP_TIMEOUT,
         session=session,
         retry_handlers=[
-            AsyncConnectionErrorRetryHandler(max_retry_count=1),
+            # Only a connection that could not be made is tried again here: a timeout or a dropped
+            # connection may come after Slack took the request, and chat.postMessage is not idempotent
+            # (the outbox tries again itself, saying so in the log, instead of posting twice unsaid).
+            AsyncConnectionErrorRetryHandler(max_retry_count=1, error_types=[aiohttp.ClientConnectorError]),
             AsyncRateLimitErrorRetryHandler(max_retry_count=RATE_LIMIT_RETRIES),
         ],
     )

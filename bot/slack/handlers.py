@@ -33,6 +33,7 @@ from typing import Any, TypeVar
 
 from slack_bolt.async_app import AsyncAck, AsyncApp
 from slack_bolt.request.async_request import AsyncBoltRequest
+from slack_bolt.response import BoltResponse
 from slack_sdk.web.async_client import AsyncWebClient
 
 from bot.core import commands, language, texts
@@ -302,10 +303,12 @@ class SlackHandlers:
         await self.client.views_open(trigger_id=trigger_id, view=view)
 
     # ------------------------------------------------------------------ errors
-    async def on_error(self, error: Exception, body: dict[str, Any]) -> None:
-        """Log one line (never the payload); Bolt answers 500 so Slack redelivers events."""
+    async def on_error(self, error: Exception, body: dict[str, Any]) -> BoltResponse | None:
+        """Log one line (never the payload). A passing fault (the database, Slack itself) answers 503
+        and anything else 500 (Bolt's), so Slack delivers the event again either way."""
         what = body.get("event_id") or body.get("type") or "request"
         if isinstance(error, StorageError | SlackUnavailable):
             log.warning("slack %s not processed, Slack will redeliver it: %s", what, error)
-        else:
-            log.error("slack %s failed: %s", what, type(error).__name__, exc_info=error)
+            return BoltResponse(status=503, body="")
+        log.error("slack %s failed: %s", what, type(error).__name__, exc_info=error)
+        return None
