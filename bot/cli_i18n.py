@@ -34,7 +34,15 @@ def _read(lang: str) -> Catalog | None:
 def sync(lang: str) -> int:
     """Rewrite `lang`'s catalogue to match `texts`; returns the number of entries changed."""
     old = _read(lang)
-    fresh = Catalog(locale=lang, domain=i18n.DOMAIN, project="chatops-agent", fuzzy=False)
+    fresh = Catalog(
+        locale=lang,
+        domain=i18n.DOMAIN,
+        project="chatops-agent",
+        fuzzy=False,
+        # the old dates: a catalogue with nothing new is written back byte for byte (the checkout stays clean)
+        creation_date=old.creation_date if old else None,
+        revision_date=old.revision_date if old else None,
+    )
     changed = 0
     for key, text in texts.all_texts().items():
         before = next((m for m in old or [] if m.context == key), None) if old else None

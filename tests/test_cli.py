@@ -96,7 +96,10 @@ async def test_a_pending_approval_survives_a_restart(model, tmp_path):
     run_id = next(r["run_id"] for r in rows if r["kind"] == "approval_decided")
     code, out, _ = await chatops("audit", "show", run_id, env=env, cwd=tmp_path)
     assert code == 0 and "request_received" in out and "tool_executed" in out
-    code, out, _ = await chatops("audit", "list", "--tool", "create_crm_lead", "--status", "succeeded", env=env, cwd=tmp_path)
+    # The README's example: the execution row names the person it ran for, so --user finds it.
+    code, out, _ = await chatops(
+        "audit", "list", "--user", "alice", "--tool", "create_crm_lead", "--status", "succeeded", env=env, cwd=tmp_path
+    )
     assert code == 0 and "tool_executed" in out and "approval_requested" not in out
     code, out, _ = await chatops("audit", "export", "--format", "csv", env=env, cwd=tmp_path)
     assert out.splitlines()[0].startswith("seq,at,kind,")

@@ -36,6 +36,22 @@ def test_both_catalogues_hold_every_sentence_with_the_same_placeholders():
     assert i18n.catalogue("zh")["APPROVE"] == "批准"
 
 
+def test_sync_with_nothing_new_writes_the_catalogues_back_byte_for_byte(tmp_path, monkeypatch):
+    """It stamped a new creation date on every run, leaving the checkout dirty after a sync that changed nothing."""
+    before = {lang: i18n.catalogue_path(lang).read_bytes() for lang in i18n.LANGUAGES}
+    for lang, data in before.items():  # a copy: other tests read the real ones meanwhile
+        (tmp_path / lang / "LC_MESSAGES").mkdir(parents=True)
+        (tmp_path / lang / "LC_MESSAGES" / f"{i18n.DOMAIN}.po").write_bytes(data)
+    monkeypatch.setattr(i18n, "LOCALES", tmp_path)
+    try:
+        for lang in i18n.LANGUAGES:
+            assert cli_i18n.sync(lang) == 0
+            assert i18n.catalogue_path(lang).read_bytes() == before[lang], lang
+    finally:
+        monkeypatch.undo()
+        i18n.catalogue.cache_clear()
+
+
 def test_a_missing_translation_is_reported(tmp_path, monkeypatch):
     zh = tmp_path / "zh" / "LC_MESSAGES"
     zh.mkdir(parents=True)

@@ -493,8 +493,9 @@ class ApprovalService:
             if not changed:
                 return None
             common = {"run_id": approval.run_id, "approval_id": approval.id, "platform": approval.platform}
+            requester = User.from_dict(approval.requester).key if approval.requester else None  # it ran for them
             await ctx.audit.record(
-                session, "tool_executed", tool=approval.tool_name, status=status, result=outcome[:4000], **common
+                session, "tool_executed", actor=requester, tool=approval.tool_name, status=status, result=outcome[:4000], **common
             )
             await outbox.enqueue_card_update(session, ctx, approval)
             if late and status != S.IN_DOUBT:

@@ -158,6 +158,7 @@ class Turn:
                 entry(
                     "tool_executed",
                     run_id=claim.run_id,
+                    actor=claim.requester.key,
                     tool=name,
                     status=status,
                     result=plan.results[call_id][:2000],
