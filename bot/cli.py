@@ -43,11 +43,13 @@ NO_CHANNEL = (
 
 
 def _settings(args: argparse.Namespace, *, logs: bool = True) -> Settings:
-    """Load the configuration; commands that run the bot also install the redacting log handler."""
+    """Load the configuration; commands that run the bot also install the redacting log handler.
+    Names that look like settings but are none are reported (by `chatops serve`, not again by each
+    of its workers)."""
     settings = load_settings(env_file=args.env_file)
     if logs:
         setup_logging(settings.log_level, Redactor(settings.secret_values()), json_format=settings.log_format == "json")
-    for problem in unknown_variables(args.env_file):
+    for problem in unknown_variables(args.env_file) if args.command != "worker" else []:
         if logs:
             log.warning("%s", problem)
         else:

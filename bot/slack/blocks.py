@@ -108,15 +108,18 @@ def _field_texts(card: CardView, one_line: int, multi_line: int) -> tuple[list[s
     return shown, cut_any
 
 
-def _packed(shown: list[str], limit: int = TEXT_LIMIT) -> list[str]:
-    """Consecutive texts joined into as few sections of at most `limit` characters as they fit in."""
+def _packed(shown: list[str], *, room: int | None = None) -> tuple[list[str], int]:
+    """Consecutive texts joined into as few sections of at most `TEXT_LIMIT` characters as they fit
+    in, at most `room` sections (None: as many as needed); and how many of the texts they hold."""
     sections: list[str] = []
-    for text in shown:
-        if sections and len(sections[-1]) + 1 + len(text) <= limit:
+    for kept, text in enumerate(shown):
+        if sections and len(sections[-1]) + 1 + len(text) <= TEXT_LIMIT:
             sections[-1] += "\n" + text
-        else:
+        elif room is None or len(sections) < room:
             sections.append(text)
-    return sections
+        else:
+            return sections, kept
+    return sections, len(shown)
 
 
 def compact_fields(card: CardView, room: int) -> tuple[list[dict[str, Any]], bool]:
@@ -127,18 +130,10 @@ def compact_fields(card: CardView, room: int) -> tuple[list[dict[str, Any]], boo
     room = max(1, room)
     for one_line, multi_line in ((COMPACT_VALUE, COMPACT_MULTILINE), (TIGHT_VALUE, TIGHT_MULTILINE)):
         shown, cut_any = _field_texts(card, one_line, multi_line)
-        sections = shown if len(shown) <= room else _packed(shown)
+        sections = shown if len(shown) <= room else _packed(shown)[0]
         if len(sections) <= room:
             return [{"type": "section", "text": plain(text)} for text in sections], cut_any
-    sections, kept = [], 0
-    for text in shown:  # the tight form, as many as fit before the closing line
-        if sections and len(sections[-1]) + 1 + len(text) <= TEXT_LIMIT:
-            sections[-1] += "\n" + text
-        elif len(sections) < room - 1:
-            sections.append(text)
-        else:
-            break
-        kept += 1
+    sections, kept = _packed(shown, room=room - 1)  # the tight form, as many as fit before the closing line
     left = [f.label for f in sorted(card.fields, key=lambda f: f.multiline)][kept:]
     more = texts.CARD_MORE_FIELDS.format(count=len(left)) + ": " + ", ".join(left)
     return [*({"type": "section", "text": plain(text)} for text in sections), {"type": "section", "text": plain(more)}], True
@@ -146,7 +141,7 @@ def compact_fields(card: CardView, room: int) -> tuple[list[dict[str, Any]], boo
 
 def line_sections(lines: tuple[str, ...], lead: str) -> list[dict[str, Any]]:
     """Warnings or preview lines, each led by `lead`, over as many sections as they need (none cut)."""
-    return [{"type": "section", "text": plain(text)} for text in _packed([lead + line for line in lines])]
+    return [{"type": "section", "text": plain(text)} for text in _packed([lead + line for line in lines])[0]]
 
 
 def _status_block(card: CardView) -> dict[str, Any] | None:

@@ -205,8 +205,12 @@ class SlackHandlers:
         """Edit: the modal with the frozen arguments in typed inputs (or, privately, why not)."""
         await ack()
         place = events.click_place(body)
-        request = await self._identified(events.edit_from_action(body, action), place["channel"])
-        outcome = await self.core.open_edit(request)
+        try:
+            request = await self._identified(events.edit_from_action(body, action), place["channel"])
+            outcome = await self.core.open_edit(request)
+        except StorageError as exc:
+            self._click_not_recorded(body, exc)
+            return
         if outcome.form is None:
             self.spawn(self._tell(place, request.user.id, outcome.message), "slack-ephemeral")
             return
@@ -217,8 +221,13 @@ class SlackHandlers:
         """The Edit modal was submitted: a new version of the call, or the problems under their fields."""
         request, meta = events.edit_from_view(body)
         request = replace(request, approval_id=checked_approval_id(request.approval_id))
-        request = await self._identified(request, meta.get("channel"))
-        outcome = await self.core.edit(request)
+        try:
+            request = await self._identified(request, meta.get("channel"))
+            outcome = await self.core.edit(request)
+        except StorageError as exc:  # shown in the modal, which stays open: saving again is the retry
+            log.warning("slack edit not recorded (the modal asks to save again): %s", exc)
+            await ack(response_action="errors", errors={str(meta.get("first") or ""): str(texts.CLICK_NOT_RECORDED)})
+            return
         log.info("slack edit of %s by %s: %s", request.approval_id, request.user.key, outcome.kind)
         if outcome.kind == EditResult.EDITED:
             await ack()

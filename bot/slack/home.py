@@ -3,8 +3,9 @@
 What belongs here: rendering a person's pending approvals (each as its card shows it, with
 Approve/Reject buttons of the same action ids and values as the card's, so a click takes the
 card's path: `Core.decide`) and their recent requests, and publishing it. Approve is offered only
-where every argument is shown in full, as "everything that will run is visible before the
-decision" demands; a shortened one sends the person to the card. Values people or the model wrote are plain text only.
+where every argument is shown in full ("everything that will run is visible before the
+decision"); a shortened one sends the person to the card. Values people or the model wrote are
+plain text only.
 Block Kit limit: 100 blocks in a home view.
 """
 
