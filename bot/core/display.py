@@ -231,10 +231,7 @@ def inert(text: str) -> str:
     format character (escape sequences, carriage returns, text-direction controls) shown as `⟨U+…⟩`,
     so the text cannot move the cursor, hide a line or restyle a card printed after it."""
     return "".join(
-        ch
-        if ch in "\n\t" or (unicodedata.category(ch) not in _HIDDEN_CATEGORIES and not "\x80" <= ch <= "\x9f")
-        else f"{OPEN}{code(ch)}{CLOSE}"
-        for ch in text
+        ch if ch in "\n\t" or unicodedata.category(ch) not in _HIDDEN_CATEGORIES else f"{OPEN}{code(ch)}{CLOSE}" for ch in text
     )
 
 
