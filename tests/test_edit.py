@@ -330,3 +330,14 @@ async def test_nothing_printed_to_the_terminal_carries_an_escape_sequence(termin
     assert not any(ch in shown for ch in "\x1b\r\x07\x9b")
     assert "Hello!⟨U+001B⟩[?7l⟨U+000D⟩⟨U+001B⟩[2K┌─ Approval needed\nsecond line\tend" in shown
     assert "Q3⟨U+001B⟩[2K⟨U+000D⟩⟨U+001B⟩[1Abot> topic [current: harmless]" in shown  # the prompt's current value
+
+
+def test_a_whole_number_in_a_number_field_is_read_back_exactly():
+    """An Edit form sends every field back, the untouched ones too; a 20-digit number went through float
+    and came back changed (12345678901234567890 -> 12345678901234567168): an edit the editor never made."""
+    from bot.core.edit_form import EditField, EditForm, read_values
+
+    form = EditForm("ap-1", 1, "t", (EditField("n", "number", "12345678901234567890"), EditField("x", "number", "0.5")))
+    args, errors = read_values(form, {}, {"n": "12345678901234567890", "x": " 2.50 "})
+    assert errors == {} and args == {"n": 12345678901234567890, "x": 2.5}
+    assert read_values(form, {}, {"n": "1e3"})[0] == {"n": 1000.0} and "n" in read_values(form, {}, {"n": "nan"})[1]

@@ -14,6 +14,7 @@ keeps its value (a platform may leave out a value too long for its inputs).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import math
@@ -139,13 +140,15 @@ def _read(field: EditField, text: str) -> Any:
         except ValueError:
             raise ValueError(texts.EDIT_NOT_INTEGER) from None
     if field.kind == "number":
+        with contextlib.suppress(ValueError):
+            return int(stripped)  # a whole number exactly as written: through float, 20 digits would change
         try:
             number = float(stripped)
         except ValueError:
             raise ValueError(texts.EDIT_NOT_NUMBER) from None
         if not math.isfinite(number):
             raise ValueError(texts.EDIT_NOT_NUMBER)
-        return int(number) if number.is_integer() and "." not in stripped and "e" not in stripped.lower() else number
+        return number
     if field.kind == "boolean":
         if stripped.lower() in _TRUE:
             return True
