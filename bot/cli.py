@@ -49,7 +49,9 @@ def _settings(args: argparse.Namespace, *, logs: bool = True) -> Settings:
     settings = load_settings(env_file=args.env_file)
     if logs:
         setup_logging(settings.log_level, Redactor(settings.secret_values()), json_format=settings.log_format == "json")
-    for problem in unknown_variables(args.env_file) if args.command != "worker" else []:
+    if args.command == "worker":
+        return settings
+    for problem in unknown_variables(args.env_file):
         if logs:
             log.warning("%s", problem)
         else:
@@ -439,12 +441,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         code = 2
     except Exception as exc:
         if os.environ.get("CHATOPS_LOG_LEVEL", "").upper() == "DEBUG":  # asked for: the trace, through the redactor
-            logger = logging.getLogger("chatops")
-            if not logger.handlers:
-                from bot.logsetup import setup_logging
-
+            # The command's own handler knows the configured secrets; only a command that failed before
+            # installing one gets a new handler (which still masks what looks like a key or token).
+            if not any(handler.get_name() == "chatops" for handler in logging.getLogger().handlers):
                 setup_logging("DEBUG", Redactor())
-            log.debug("unexpected failure", exc_info=True)
+            log.error("unexpected failure", exc_info=True)
         print(f"chatops: internal error ({type(exc).__name__}); run with CHATOPS_LOG_LEVEL=DEBUG for details", file=sys.stderr)
         code = 1
     sys.exit(code)
