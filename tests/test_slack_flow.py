@@ -10,6 +10,7 @@ from datetime import timedelta
 import pytest
 import sqlalchemy as sa
 
+from bot.core import texts
 from bot.slack.events import REJECT_VIEW, VIEW_ACTION
 from storage.models import Approval, AuditEvent, utcnow
 from tests.fakes.openai_server import calls, last_user_text, text, tool_results
@@ -181,7 +182,9 @@ async def test_rapid_double_clicks_run_the_tool_exactly_once(slack_bot, fake_sla
     assert len(ledger.effects) == 1
     ephemerals = fake_slack.calls_to("chat.postEphemeral")
     assert len(ephemerals) == clicks - 1
-    assert all("already" in e.params["text"] for e in ephemerals)
+    # Each other clicker is told the truth: it was already decided, or (a click that found SQLite's lock
+    # busy past its budget on a loaded machine: seen once in ten at once) that it was not recorded.
+    assert all("already" in e.params["text"] or e.params["text"] == texts.CLICK_NOT_RECORDED for e in ephemerals)
     assert bot.replies()[-1]["text"] == "Stored."
 
 
