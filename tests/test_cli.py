@@ -60,9 +60,15 @@ async def test_a_pending_approval_survives_a_restart(model, tmp_path):
     )
     assert code == 0, err
     (approval_id,) = set(re.findall(r"approve (ap-[a-z0-9]+)", out))
-    assert "需要审批" in out and "create_crm_lead" in out and "will create a new lead" in out, (
-        out
-    )  # a Chinese request: a Chinese card
+    # a Chinese request: a Chinese card, the tool's own summary and preview lines included
+    for expected in (
+        "需要审批",
+        "create_crm_lead",
+        "创建 CRM 线索 张三 <zhangsan@example.com>",
+        "没有使用该邮箱的线索：将新建一条线索。",
+    ):
+        assert expected in out, out
+    assert "will create a new lead" not in out and "Create the CRM lead" not in out, out
     assert len(model.requests) == 1
 
     code, out, err = await chatops("shell", stdin=f"approve {approval_id}\n", env=env, cwd=tmp_path)

@@ -17,6 +17,7 @@ from tests.feishu_helpers import approval_id_of, at_bot, click, fake_feishu, fei
 from tests.slack_helpers import ALICE, card_message, fake_slack_fixture, mention, slack_bot_fixture
 from tests.slack_helpers import click as slack_click
 from tests.support_tools import Ledger, notes_toolset
+from tools.phrases import Joined
 
 __all__ = ["fake_feishu", "fake_slack_fixture", "feishu_bot", "slack_bot_fixture"]  # fixtures used by this module
 
@@ -25,15 +26,49 @@ ARTEFACTS = Path(__file__).parent / "artefacts"
 
 
 def test_both_catalogues_hold_every_sentence_with_the_same_placeholders():
-    sentences = texts.all_texts()
-    assert len(sentences) > 90
+    sentences = cli_i18n.sources()
+    assert len(texts.all_texts()) > 90 and set(texts.all_texts()) < set(sentences)
+    assert {"tool:crm.NEW_LEAD", "tool:email.DESCRIBE", "tool:notify.SLACK_LINK", "tool:mcp.RUN_ON_SERVER"} < set(sentences)
     for lang in i18n.LANGUAGES:
         assert cli_i18n.problems(lang) == []
         catalogue = i18n.catalogue(lang)
         assert set(catalogue) == set(sentences)
-        for key, sentence in sentences.items():
-            assert cli_i18n.placeholders(catalogue[key]) == cli_i18n.placeholders(sentence.source), key
+        for key, source in sentences.items():
+            assert cli_i18n.placeholders(catalogue[key]) == cli_i18n.placeholders(source), key
     assert i18n.catalogue("zh")["APPROVE"] == "批准"
+
+
+def test_a_tools_sentence_is_english_to_code_and_translated_for_the_reader():
+    """Tools have no catalogue of their own: their card summaries and preview lines were English on a
+    Chinese card. A `Phrase` stays English wherever code reads it (the model, the unchanged-preview check)."""
+    from tools import crm
+
+    line = crm.CHANGE(field="status", old=crm.EMPTY(), new=crm.QUOTED(value="won"))
+    assert line == "status: (empty) → “won”" and json.dumps([line]) == json.dumps(["status: (empty) → “won”"])
+    with i18n.speaking("zh"):
+        assert i18n.localised(line) == "status：（空） → “won”"
+        assert i18n.localised("typed by a person {x}") == "typed by a person {x}"
+        summary = crm.DESCRIBE_UPDATE(lead_id=7, changes=Joined([crm.SET_FIELD(field="owner", value="王五 {x}")]))
+        assert i18n.localised(summary) == "更新 CRM 线索 #7：将 owner 设为“王五 {x}”"
+    with i18n.speaking("en"):
+        assert i18n.localised(line) == "status: (empty) → “won”"
+
+
+def test_a_translation_that_does_not_fit_its_values_gives_the_english(tmp_path, monkeypatch):
+    zh = tmp_path / "zh" / "LC_MESSAGES"
+    zh.mkdir(parents=True)
+    po = i18n.catalogue_path("zh").read_text(encoding="utf-8")
+    (zh / "chatops.po").write_text(po.replace("没有使用该邮箱的线索：将新建一条线索。", "{who} 将新建"), encoding="utf-8")
+    monkeypatch.setattr(i18n, "LOCALES", tmp_path)
+    i18n.catalogue.cache_clear()
+    try:
+        from tools import crm
+
+        with i18n.speaking("zh"):
+            assert i18n.localised(crm.NEW_LEAD()) == "No lead has this e-mail: will create a new lead."
+    finally:
+        monkeypatch.undo()
+        i18n.catalogue.cache_clear()
 
 
 def test_sync_with_nothing_new_writes_the_catalogues_back_byte_for_byte(tmp_path, monkeypatch):

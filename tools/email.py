@@ -23,6 +23,7 @@ from pydantic import Field
 from tools.config import SmtpConfig
 from tools.context import ToolContext
 from tools.errors import ArgumentError, ToolUnavailable
+from tools.phrases import Sentence
 from tools.registry import Toolset
 from tools.smtp import Envelope, SmtpSender
 
@@ -87,10 +88,15 @@ def _breaks_header(char: str) -> bool:
     return char != "\t" and unicodedata.category(char) in ("Cc", "Zl", "Zp")
 
 
+DESCRIBE = Sentence("email.DESCRIBE", "Send an e-mail to {to} with the subject “{subject}”")
+DESCRIBE_CC = Sentence("email.DESCRIBE_CC", "Send an e-mail to {to} (cc {cc}) with the subject “{subject}”")
+
+
 def _describe(args: dict[str, Any]) -> str:
-    cc = _addresses(args.get("cc"))
-    copy = f" (cc {', '.join(cc)})" if cc else ""
-    return f"Send an e-mail to {', '.join(_addresses(args['to']))}{copy} with the subject “{args['subject']}”"
+    to, cc = ", ".join(_addresses(args["to"])), ", ".join(_addresses(args.get("cc")))
+    if cc:
+        return DESCRIBE_CC(to=to, cc=cc, subject=args["subject"])
+    return DESCRIBE(to=to, subject=args["subject"])
 
 
 def _message(

@@ -24,6 +24,7 @@ from tools import http
 from tools.config import FeishuRobotConfig
 from tools.context import ToolContext
 from tools.errors import ArgumentError, ToolError, ToolInDoubt, ToolUnavailable
+from tools.phrases import Sentence
 from tools.registry import Toolset
 from tools.services import DeliveryError, SlackPoster, SlackRefused
 
@@ -32,6 +33,16 @@ __all__ = ["feishu_sign", "toolset"]
 toolset = Toolset("notify")
 
 SUMMARY_CHARS = 80
+
+# What the cards say (English; the app's catalogues translate them)
+FEISHU_POST = Sentence("notify.FEISHU_POST", "Post to the Feishu group: “{message}”")
+SLACK_POST = Sentence("notify.SLACK_POST", "Post to Slack {channel}: “{message}”")
+SLACK_NOTIFIES_CHANNEL = Sentence("notify.SLACK_NOTIFIES_CHANNEL", "Slack will notify everyone in the channel (@channel)")
+SLACK_NOTIFIES_HERE = Sentence("notify.SLACK_NOTIFIES_HERE", "Slack will notify everyone active in the channel (@here)")
+SLACK_NOTIFIES_EVERYONE = Sentence("notify.SLACK_NOTIFIES_EVERYONE", "Slack will notify everyone in the workspace (@everyone)")
+SLACK_NOTIFIES_GROUP = Sentence("notify.SLACK_NOTIFIES_GROUP", "Slack will notify the user group {group}")
+SLACK_MENTIONS = Sentence("notify.SLACK_MENTIONS", "Slack will mention {target}")
+SLACK_LINK = Sentence("notify.SLACK_LINK", "Slack will show the link text “{label}”, which opens {target}")
 Message = Annotated[str, Field(min_length=1, max_length=4000)]
 SLACK_HINTS = {
     "channel_not_found": "check the channel name or id",
@@ -64,7 +75,11 @@ async def _check_feishu(ctx: ToolContext, args: dict[str, Any]) -> None:
         raise ArgumentError("The message is empty.")
 
 
-@toolset.tool(read_only=False, check=_check_feishu, describe=lambda a: f"Post to the Feishu group: “{_short(a['message'])}”")
+def _describe_feishu(args: dict[str, Any]) -> str:
+    return FEISHU_POST(message=_short(args["message"]))
+
+
+@toolset.tool(read_only=False, check=_check_feishu, describe=_describe_feishu)
 async def notify_feishu(ctx: ToolContext, message: Message) -> dict[str, Any]:
     """Post a text message to the team's Feishu (Lark) group through its robot.
 
@@ -114,31 +129,27 @@ async def _check_slack(ctx: ToolContext, args: dict[str, Any]) -> None:
 
 
 def _describe_slack(args: dict[str, Any]) -> str:
-    return f"Post to Slack {args['channel']}: “{_short(args['message'])}”"
+    return SLACK_POST(channel=args["channel"], message=_short(args["message"]))
 
 
 _SLACK_MARKUP = re.compile(r"<([^<>|]+)(?:\|([^<>]*))?>")
-_BROADCASTS = {
-    "!channel": "everyone in the channel",
-    "!here": "everyone active in the channel",
-    "!everyone": "everyone in the workspace",
-}
+_BROADCASTS = {"!channel": SLACK_NOTIFIES_CHANNEL, "!here": SLACK_NOTIFIES_HERE, "!everyone": SLACK_NOTIFIES_EVERYONE}
 
 
 async def _slack_rendering(ctx: ToolContext, args: dict[str, Any]) -> list[str]:
     """What Slack will make of the message's markup, which the card shows as typed: where each link
     really goes (its text may name another address), and who gets notified."""
-    lines = []
+    lines: list[str] = []
     for match in _SLACK_MARKUP.finditer(args["message"]):
         target, label = match.group(1).strip(), match.group(2)
         if target in _BROADCASTS:
-            lines.append(f"Slack will notify {_BROADCASTS[target]} (@{target[1:]})")
+            lines.append(_BROADCASTS[target]())
         elif target.startswith("!subteam^"):
-            lines.append(f"Slack will notify the user group {target.removeprefix('!subteam^')}")
+            lines.append(SLACK_NOTIFIES_GROUP(group=target.removeprefix("!subteam^")))
         elif target.startswith(("@", "#")):
-            lines.append(f"Slack will mention {target}")
+            lines.append(SLACK_MENTIONS(target=target))
         elif label is not None and label.strip() != target:
-            lines.append(f"Slack will show the link text “{label}”, which opens {target}")
+            lines.append(SLACK_LINK(label=label, target=target))
     return lines
 
 

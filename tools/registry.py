@@ -24,12 +24,14 @@ from pydantic_core import ErrorDetails
 
 from tools.context import ToolContext
 from tools.errors import ArgumentError, ToolError
+from tools.phrases import Sentence
 
 ToolHandler = Callable[..., Awaitable[Any]]
 Describe = Callable[[dict[str, Any]], str]
 Preview = Callable[[ToolContext, dict[str, Any]], Awaitable[list[str]]]
 Check = Callable[[ToolContext, dict[str, Any]], Awaitable[None]]
 RESULT_LIMIT = 16_000
+RUN = Sentence("registry.RUN", "Run {tool}")  # a card's summary for a tool that describes nothing itself
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -62,7 +64,7 @@ class ToolSpec:
         """What will happen, in plain words built by code from the arguments."""
         if self.describe is not None:
             return self.describe(args)
-        return f"Run {self.name}"
+        return RUN(tool=self.name)
 
 
 @dataclass(frozen=True)

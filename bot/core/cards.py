@@ -15,7 +15,7 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-from bot.core import texts
+from bot.core import i18n, texts
 from bot.core.channels import CardField, CardView
 from bot.core.display import Findings, one_line, show
 from bot.core.events import Thread
@@ -90,17 +90,19 @@ def chunks(text: str, limit: int) -> list[str]:
 def _kept_lines(lines: list[str]) -> list[str]:
     """Lines to store with a card: all of them, or, past `STORED_LINES`, the first ones and a line
     saying how many more there were (in the requester's language, current while the run proposes)."""
-    kept = [line[:2000] for line in lines]
+    kept = [i18n.localised(line)[:2000] for line in lines]
     if len(kept) <= STORED_LINES:
         return kept
     return [*kept[: STORED_LINES - 1], str(texts.CARD_MORE_LINES.format(count=len(kept) - STORED_LINES + 1))]
 
 
 def card_content(summary: str, args: dict[str, Any], warnings: list[str], preview: list[str], reason: str) -> dict[str, Any]:
-    """The frozen part of a card, stored with the approval when it is created: raw values, shown by `card_view`."""
+    """The frozen part of a card, stored with the approval when it is created: raw values, shown by
+    `card_view`; the tool's summary and preview lines rendered in the current language (the requester's,
+    while the run proposes)."""
     return {
         "layout": 2,
-        "summary": summary[:5000],
+        "summary": i18n.localised(summary)[:5000],
         "args": args,
         "warnings": _kept_lines(warnings),
         "preview": _kept_lines(preview),

@@ -227,4 +227,4 @@ async def preview_lines(tool_ctx: ToolContext, prepared: PreparedCall, limit: fl
         return list(lines), True
     except Exception as exc:  # noqa: BLE001 - the card must still be shown
         log.warning("preview of %s failed: %s", prepared.spec.name, type(exc).__name__)
-        return [f"(preview unavailable: {type(exc).__name__})"], False
+        return [texts.PREVIEW_UNAVAILABLE.format(error=type(exc).__name__)], False

@@ -25,9 +25,12 @@ from typing import Any
 from babel.dates import format_datetime, get_timezone
 from babel.messages.pofile import read_po
 
+from tools.phrases import Joined, Phrase
+
 LANGUAGES = ("en", "zh")
 DEFAULT_LANGUAGE = "en"
 DOMAIN = "chatops"
+TOOL_KEY = "tool:"  # the msgctxt of a tool's sentence (`tools.phrases`) is this and its key
 LOCALES = Path(__file__).parent / "locales"
 _DATE_PATTERNS = {"en": "yyyy-MM-dd HH:mm z", "zh": "yyyy年M月d日 HH:mm z"}
 
@@ -112,6 +115,21 @@ class Text(str):
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (Text, (self.key, self.source))
+
+
+def localised(text: str) -> str:
+    """A tool's sentence (`tools.phrases.Phrase`, `Joined`) in the current language, with its values
+    translated too; any other text as it is. A translation that does not fit its values gives the English."""
+    if isinstance(text, Joined):
+        return ", ".join(localised(part) for part in text.parts)
+    if not isinstance(text, Phrase):
+        return text
+    template = catalogue(current()).get(TOOL_KEY + text.key) or text.template
+    values = {name: localised(value) if isinstance(value, str) else value for name, value in text.values.items()}
+    try:
+        return template.format(**values)
+    except (KeyError, IndexError, ValueError):
+        return str.__str__(text)
 
 
 def when(at: datetime) -> str:

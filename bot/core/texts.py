@@ -4,7 +4,9 @@ core format these; none invent their own.
 Each UPPERCASE constant becomes an `i18n.Text` at import: `texts.NAME` and
 `texts.NAME.format(...)` render in the current language (`i18n.speak`). The translations are in
 `locales/<lang>/LC_MESSAGES/chatops.po` (msgctxt = the constant's name); `tests/test_i18n.py`
-checks that both catalogues hold every constant with the same placeholders.
+checks that both catalogues hold every constant with the same placeholders. The tools' own card
+lines are declared beside their tools (`tools.phrases`, which cannot import this) and translated in
+the same catalogues (msgctxt `tool:<key>`, rendered by `i18n.localised`).
 """
 
 from __future__ import annotations
@@ -103,6 +105,7 @@ CARD_FULL_SLACK = "Some values are shortened here: “View full request” shows
 CARD_FULL_FEISHU = "Some values are shortened here: open “Full request” below to see everything that will run."
 CARD_MORE_FIELDS = "{count} more argument(s) in the full request"
 CARD_MORE_LINES = "… {count} more line(s) not kept with this card"
+PREVIEW_UNAVAILABLE = "(preview unavailable: {error})"
 FULL_REQUEST = "View full request"
 FULL_TITLE = "Full request"
 FULL_PANEL = "Full request ({chars} characters)"

@@ -17,6 +17,7 @@ from tools.context import ToolContext
 from tools.crm.backend import Lead, LeadFields, Status
 from tools.crm.choice import open_backend
 from tools.errors import ArgumentError
+from tools.phrases import Joined, Sentence
 from tools.registry import Toolset
 
 __all__ = ["toolset"]
@@ -25,13 +26,34 @@ toolset = Toolset("crm")
 
 UPDATABLE = ("status", "need", "owner")
 
+# What the cards say (English; the app's catalogues translate them)
+DESCRIBE_CREATE = Sentence("crm.DESCRIBE_CREATE", "Create the CRM lead {name} <{email}> (or update the lead with that e-mail)")
+DESCRIBE_CREATE_AT = Sentence(
+    "crm.DESCRIBE_CREATE_AT", "Create the CRM lead {name} <{email}> at {company} (or update the lead with that e-mail)"
+)
+DESCRIBE_UPDATE = Sentence("crm.DESCRIBE_UPDATE", "Update CRM lead #{lead_id}: set {changes}")
+SET_FIELD = Sentence("crm.SET_FIELD", "{field} to “{value}”")
+LOOKUP_FAILED = Sentence("crm.LOOKUP_FAILED", "Could not look the e-mail up in the CRM ({error}).")
+NEW_LEAD = Sentence("crm.NEW_LEAD", "No lead has this e-mail: will create a new lead.")
+LEAD_UNCHANGED = Sentence("crm.LEAD_UNCHANGED", "A lead with this e-mail exists (#{lead_id}): nothing would change.")
+LEAD_UPDATED = Sentence("crm.LEAD_UPDATED", "A lead with this e-mail exists (#{lead_id}): will update {fields}.")
+READ_FAILED = Sentence("crm.READ_FAILED", "Could not read lead #{lead_id} ({error}).")
+LEAD = Sentence("crm.LEAD", "Lead {label}:")
+CHANGE = Sentence("crm.CHANGE", "{field}: {old} → {new}")
+QUOTED = Sentence("crm.QUOTED", "“{value}”")
+EMPTY = Sentence("crm.EMPTY", "(empty)")
+
 
 def _fields(args: dict[str, Any]) -> LeadFields:
     return LeadFields(name=args["name"].strip(), email=args["email"], need=args["need"], company=args.get("company"))
 
 
 def _show(value: str | None) -> str:
-    return f"“{value}”" if value else "(empty)"
+    return QUOTED(value=value) if value else EMPTY()
+
+
+def _error(exc: Exception) -> str:
+    return str(getattr(exc, "message", type(exc).__name__))
 
 
 async def _check_create(ctx: ToolContext, args: dict[str, Any]) -> None:
@@ -48,20 +70,21 @@ async def _preview_create(ctx: ToolContext, args: dict[str, Any]) -> list[str]:
         async with open_backend(ctx) as crm:
             lead = await crm.find_by_email(args["email"])
     except Exception as exc:  # noqa: BLE001 - a preview must never stop the card; it says what it could not check
-        return [f"Could not look the e-mail up in the CRM ({getattr(exc, 'message', type(exc).__name__)})."]
+        return [LOOKUP_FAILED(error=_error(exc))]
     if lead is None:
-        return ["No lead has this e-mail: will create a new lead."]
+        return [NEW_LEAD()]
     changes = _fields(args).changes_for(lead)
     if not changes:
-        return [f"A lead with this e-mail exists (#{lead.id}): nothing would change."]
-    lines = [f"A lead with this e-mail exists (#{lead.id}): will update {', '.join(changes)}."]
-    lines += [f"{key}: {_show(getattr(lead, key))} → {_show(value)}" for key, value in changes.items()]
+        return [LEAD_UNCHANGED(lead_id=lead.id)]
+    lines: list[str] = [LEAD_UPDATED(lead_id=lead.id, fields=", ".join(changes))]
+    lines += [CHANGE(field=key, old=_show(getattr(lead, key)), new=_show(value)) for key, value in changes.items()]
     return lines
 
 
 def _describe_create(args: dict[str, Any]) -> str:
-    company = f" at {args['company']}" if args.get("company") else ""
-    return f"Create the CRM lead {args['name']} <{args['email']}>{company} (or update the lead with that e-mail)"
+    if args.get("company"):
+        return DESCRIBE_CREATE_AT(name=args["name"], email=args["email"], company=args["company"])
+    return DESCRIBE_CREATE(name=args["name"], email=args["email"])
 
 
 @toolset.tool(read_only=False, describe=_describe_create, check=_check_create, preview=_preview_create)
@@ -122,15 +145,15 @@ async def _preview_update(ctx: ToolContext, args: dict[str, Any]) -> list[str]:
     try:
         lead = await _lead_or_refuse(ctx, args["lead_id"])
     except Exception as exc:  # noqa: BLE001 - a preview must never stop the card
-        return [f"Could not read lead #{args['lead_id']} ({getattr(exc, 'message', type(exc).__name__)})."]
-    lines = [f"Lead {lead.label()}:"]
-    lines += [f"{key}: {_show(getattr(lead, key))} → {_show(value)}" for key, value in _changes(args).items()]
+        return [READ_FAILED(lead_id=args["lead_id"], error=_error(exc))]
+    lines: list[str] = [LEAD(label=lead.label())]
+    lines += [CHANGE(field=key, old=_show(getattr(lead, key)), new=_show(value)) for key, value in _changes(args).items()]
     return lines
 
 
 def _describe_update(args: dict[str, Any]) -> str:
-    parts = [f"{key} to “{value}”" for key, value in _changes(args).items()]
-    return f"Update CRM lead #{args['lead_id']}: set {', '.join(parts) or 'nothing'}"
+    parts = [SET_FIELD(field=key, value=value) for key, value in _changes(args).items()]
+    return DESCRIBE_UPDATE(lead_id=args["lead_id"], changes=Joined(parts))
 
 
 @toolset.tool(read_only=False, describe=_describe_update, check=_check_update, preview=_preview_update)

@@ -26,10 +26,12 @@ from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 from tools.context import ToolContext
 from tools.errors import ArgumentError
 from tools.mcp.config import ServerConfig
+from tools.phrases import Sentence
 from tools.registry import RESULT_LIMIT, Preview, ToolSpec, result_text
 
 OPENAI_NAME = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
 DESCRIPTION_LIMIT = 1024
+RUN_ON_SERVER = Sentence("mcp.RUN_ON_SERVER", "Run {tool} on the MCP server {server}")  # a card's summary
 # Below the registry's cap, so the runner's own `result_text` never cuts our marker off again.
 MCP_RESULT_LIMIT = RESULT_LIMIT - 500
 
@@ -161,7 +163,7 @@ def build_spec(
         args_model=args_model,
         run=run,
         source=f"mcp:{server}",
-        describe=lambda args: f"Run {tool_name} on the MCP server {server}",
+        describe=lambda args: RUN_ON_SERVER(tool=tool_name, server=server),
         preview=None if kind.read_only else preview,
         parameters_schema=parameters,
     )
