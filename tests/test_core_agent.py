@@ -208,7 +208,7 @@ async def test_a_model_that_keeps_breaking_the_api_promise_ends_the_run_with_one
     bot = await terminal_bot(toolsets=[notes_toolset(ledger)], CHATOPS_MODEL_RETRIES="2")
     await bot.say("do something odd")
     assert len(model.requests) == 3 and ledger.effects == []
-    assert f"bot> {texts.MODEL_FAILED}" in bot.transcript()
+    assert f"bot> {texts.MODEL_BAD_RESPONSE}" in bot.transcript()  # it answered: it is not "not answering"
     failed = [r.getMessage() for r in caplog.records if r.name == "chatops.runner"]
     assert len(failed) == 1 and "the model did not answer after its retries" in failed[0]  # the operator sees it too
     await bot.say("and now?")
@@ -270,6 +270,12 @@ UNUSABLE = {
         '{"choices": [{"message": {"content": {"text": "hi"}}}]}',
         "not a completion (at choices.0.message.content)",
     ),
+    "lone surrogate in the text": ('{"choices": [{"message": {"content": "hi \\ud800"}}]}', "not JSON"),
+    "lone surrogate in the arguments": (
+        '{"choices": [{"message": {"tool_calls": [{"id": "c1", "function": {"name": "count_notes",'
+        ' "arguments": "{\\"topic\\": \\"\\\\ud800\\"}"}}]}}]}',
+        "arguments of count_notes are not a JSON object",
+    ),
 }
 
 
@@ -282,7 +288,7 @@ async def test_an_unusable_model_answer_is_retried_then_reported(terminal_bot, m
     assert "bot> hello after a bad answer" in bot.transcript()
     await bot.say("hi again")
     assert len(model.requests) == 4
-    assert f"bot> {texts.MODEL_FAILED}" in bot.transcript()
+    assert f"bot> {texts.MODEL_BAD_RESPONSE}" in bot.transcript() and texts.MODEL_FAILED not in bot.transcript()
     errors = await audit_rows(bot.app, kind="model_error")
     assert [e.data["error"] for e in errors] == [f"model reply unusable: {why}"]
 

@@ -28,5 +28,10 @@ class ModelUnavailable(ChatopsError):
     """The model endpoint failed after its bounded retries (or answered something unusable)."""
 
 
+class ModelReplyUnusable(ModelUnavailable):
+    """The model endpoint answered, each time, with what is not a usable completion (not JSON, no
+    choices, a tool call whose arguments are not a JSON object, text that is not valid Unicode...)."""
+
+
 class StorageError(ChatopsError):
     """The database could not be reached or migrated."""

@@ -23,7 +23,7 @@ from pydantic import BaseModel, ValidationError
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt, wait_exponential_jitter
 
 from bot.core import metrics
-from bot.core.errors import ModelUnavailable
+from bot.core.errors import ModelReplyUnusable, ModelUnavailable
 from storage.redact import Redactor
 from storage.retrying import first_then_retry
 
@@ -197,6 +197,8 @@ class ModelClient:
         content = orjson.dumps(body)
         try:
             return await first_then_retry(lambda: self._once(content), self._policy, _retryable)
+        except MalformedReply as exc:  # the last attempt answered, with something unusable
+            raise ModelReplyUnusable(_describe(exc)) from None
         except Exception as exc:  # noqa: BLE001 - every failure after the one retry layer is "model unavailable"
             raise ModelUnavailable(_describe(exc)) from None
 

@@ -13,7 +13,7 @@ import uuid
 
 from bot.core import leases, run_slots, texts
 from bot.core.context import AppContext
-from bot.core.errors import ModelUnavailable
+from bot.core.errors import ModelReplyUnusable, ModelUnavailable
 from bot.core.logcontext import log_ids
 from bot.core.outbox import Outbox
 from bot.core.progress_lines import HeldLines
@@ -101,7 +101,8 @@ class Runner:
                     "run %s failed: the model did not answer after its retries (%s); the user was told", claim.run_id, exc
                 )
                 row = entry("model_error", run_id=claim.run_id, status="error", error=str(exc))
-                return None, await self.store.finish(claim, texts.MODEL_FAILED, R.FAILED, [row])
+                said = texts.MODEL_BAD_RESPONSE if isinstance(exc, ModelReplyUnusable) else texts.MODEL_FAILED
+                return None, await self.store.finish(claim, said, R.FAILED, [row])
             step += 1
             first = model_row(claim.run_id, reply)
             if not reply.tool_calls:
