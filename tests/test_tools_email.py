@@ -137,6 +137,16 @@ async def test_refusals_before_the_card(smtp: FakeSmtp, db: Database) -> None:
     assert smtp.delivered[0].rcpt_tos == ["a@example.com", "b@corp.example"]
 
 
+async def test_a_tool_that_is_not_configured_is_called_unavailable_not_invalid_arguments(db: Database) -> None:
+    """The model read "invalid_arguments" and could only try other arguments; the audit row said the same."""
+    registry = ToolRegistry([SPEC])
+    prepared = registry.prepare("send_email", json.dumps(MAIL))
+    assert isinstance(prepared, PreparedCall)
+    problem = await registry.check(context(db), prepared)
+    assert problem is not None and problem.kind == "tool_unavailable"
+    assert json.loads(problem.as_tool_result())["error"] == "tool_unavailable"
+
+
 def test_card_summary_names_recipients_and_subject() -> None:
     args = {"to": ["a@example.com", "b@example.com"], "cc": "c@example.com", "subject": SUBJECT, "body": BODY}
     assert (

@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 from pydantic_core import ErrorDetails
 
 from tools.context import ToolContext
-from tools.errors import ArgumentError, ToolError
+from tools.errors import ArgumentError, ToolError, ToolUnavailable
 from tools.phrases import Sentence
 
 ToolHandler = Callable[..., Awaitable[Any]]
@@ -213,8 +213,8 @@ class ToolRegistry:
             return None
         try:
             await call.spec.check(ctx, call.args)
-        except ToolError as exc:
-            return CallProblem(exc.kind if isinstance(exc, ArgumentError) else "invalid_arguments", exc.message)
+        except ToolError as exc:  # a check only refuses: what it says is never "in doubt" or a tool failure
+            return CallProblem(exc.kind if isinstance(exc, ArgumentError | ToolUnavailable) else "invalid_arguments", exc.message)
         return None
 
 
