@@ -34,8 +34,8 @@ def tool(name: str, properties: dict[str, Any] | None = None, annotations: dict[
     return listed
 
 
-def raw_server(state: Path, tools: list[dict[str, Any]], behaviour: dict[str, Any] | None = None, **extra: Any) -> dict[str, Any]:
-    (state / "tools.json").write_text(json.dumps(tools))
+def raw_server(state: Path, listed: list[dict[str, Any]], behaviour: dict[str, Any] | None = None, **extra: Any) -> dict[str, Any]:
+    (state / "tools.json").write_text(json.dumps(listed))
     (state / "behaviour.json").write_text(json.dumps(behaviour or {}))
     return {"command": sys.executable, "args": [RAW], "env": {"RAW_STATE": str(state)}, **extra}
 
@@ -184,3 +184,31 @@ async def test_a_tool_whose_definition_changed_after_the_card_does_not_run(termi
     await until(connection, lambda c: c.state == "up" and c.connects == 2)
     await bot.say(f"approve {approval_id}")
     assert received(state) == [], f"the changed tool ran: {received(state)}"
+
+
+# ---- the preview is compared whole ------------------------------------------------------------------------
+
+
+async def test_a_change_past_the_previews_twentieth_line_stops_the_call(terminal_bot, model, tmp_path):
+    """README: the preview "is asked again just before the call runs; if the answer changed (someone staged
+    more), the call does not run". Here the plan changes on its 35th line (same number of lines) before the click."""
+    state = tmp_path / "raw"
+    state.mkdir()
+    reads = {"readOnlyHint": True, "destructiveHint": False}
+    plan = [f"keep host-{n}" for n in range(60)]
+    tools = [tool("plan", {"target": {"type": "string"}}, reads), tool("apply", {"target": {"type": "string"}})]
+
+    def answer(lines: list[str]) -> dict[str, Any]:
+        return {"plan": {"content": [{"type": "text", "text": "\n".join(lines)}]}}
+
+    server = raw_server(state, tools, answer(plan), trusted=True, tools={"apply": {"preview": "plan"}})
+    model.script(calls(("ops__apply", {"target": "fleet"})), text("Done."))
+    bot = await mcp_bot(terminal_bot, tmp_path, {"ops": server})
+    await bot.say("apply the plan to the fleet")
+    (approval_id,) = approval_ids(bot.transcript())
+    assert "keep host-0" in bot.transcript() and "40 more line(s)" in bot.transcript()
+
+    plan[35] = "WIPE host-35"
+    (state / "behaviour.json").write_text(json.dumps(answer(plan)))
+    await bot.say(f"approve {approval_id}")
+    assert [line for line in received(state) if line.startswith("apply")] == [], "ran although the plan changed"
