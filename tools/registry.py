@@ -49,6 +49,9 @@ class ToolSpec:
     preview: Preview | None = None
     check: Check | None = None
     parameters_schema: dict[str, Any] | None = None
+    nulls_are_sent: bool = False
+    """True when an argument whose value is null reaches the tool as such (MCP tools: the server receives
+    `null`), so the card shows it; for built-in tools null only means "not given"."""
 
     @cached_property
     def _openai_tool(self) -> dict[str, Any]:

@@ -377,7 +377,9 @@ class ApprovalService:
             await ctx.audit.record(session, "edit_refused", status=str(refusal.kind), **common)
             return refusal
         args, spec, now, before_rule = new.prepared.args, new.prepared.spec, ctx.clock(), approval.rule
-        card = card_content(spec.sentence(args), args, list(new.rule.risks), new.preview, new.rule.reason)
+        card = card_content(
+            spec.sentence(args), args, list(new.rule.risks), new.preview, new.rule.reason, nulls=spec.nulls_are_sent
+        )
         changes, before_sha, before_votes = edit_form.diff(approval.args, args), approval.args_sha256, len(approval.votes or [])
         edit = {"user": req.user.to_dict(), "at": now.isoformat(), "revision": revision + 1}
         edit["fields"] = [c["field"] for c in changes]

@@ -96,11 +96,13 @@ def _kept_lines(lines: list[str]) -> list[str]:
     return [*kept[: STORED_LINES - 1], str(texts.CARD_MORE_LINES.format(count=len(kept) - STORED_LINES + 1))]
 
 
-def card_content(summary: str, args: dict[str, Any], warnings: list[str], preview: list[str], reason: str) -> dict[str, Any]:
+def card_content(
+    summary: str, args: dict[str, Any], warnings: list[str], preview: list[str], reason: str, *, nulls: bool = False
+) -> dict[str, Any]:
     """The frozen part of a card, stored with the approval when it is created: raw values, shown by
     `card_view`; the tool's summary and preview lines rendered in the current language (the requester's,
-    while the run proposes)."""
-    return {
+    while the run proposes). `nulls`: the tool receives a null argument as such (MCP), so the card shows it."""
+    content: dict[str, Any] = {
         "layout": 2,
         "summary": i18n.localised(summary)[:5000],
         "args": args,
@@ -108,17 +110,20 @@ def card_content(summary: str, args: dict[str, Any], warnings: list[str], previe
         "preview": _kept_lines(preview),
         "reason": reason[:2000],
     }
+    if nulls:
+        content["nulls"] = True
+    return content
 
 
 def _json(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False)
 
 
-def _generic(args: dict[str, Any]) -> list[tuple[str, str, bool]]:
-    """(label, raw text, multi-line) for every argument that reaches the tool."""
+def _generic(args: dict[str, Any], nulls: bool = False) -> list[tuple[str, str, bool]]:
+    """(label, raw text, multi-line) for every argument that reaches the tool (a null one too when `nulls`)."""
     fields = []
     for name, value in args.items():
-        if value is None:
+        if value is None and not nulls:
             continue
         if isinstance(value, str):
             fields.append((name, value, name.lower() in MULTILINE_NAMES))
@@ -135,14 +140,14 @@ def _mail(args: dict[str, Any]) -> list[tuple[str, str, bool]]:
 PRESENTERS: dict[str, Callable[[dict[str, Any]], list[tuple[str, str, bool]]]] = {"send_email": _mail}
 
 
-def _raw_fields(tool: str, args: dict[str, Any]) -> list[tuple[str, str, bool]]:
+def _raw_fields(tool: str, args: dict[str, Any], nulls: bool = False) -> list[tuple[str, str, bool]]:
     presenter = PRESENTERS.get(tool)
     if presenter is not None:
         try:
             return presenter(args)
         except Exception:  # noqa: BLE001 - unusual values: show the arguments themselves
             pass
-    return _generic(args)
+    return _generic(args, nulls)
 
 
 def _codes(codes: set[str]) -> str:
@@ -165,10 +170,10 @@ def _warnings(label: str, found: Findings, newlines: bool) -> list[str]:
     return lines
 
 
-def shown_fields(tool: str, args: dict[str, Any]) -> tuple[tuple[CardField, ...], list[str]]:
+def shown_fields(tool: str, args: dict[str, Any], nulls: bool = False) -> tuple[tuple[CardField, ...], list[str]]:
     """Every argument as display text, complete, and the warnings about what was neutralised."""
     fields, warnings = [], []
-    for label, raw, multiline in _raw_fields(tool, args):
+    for label, raw, multiline in _raw_fields(tool, args, nulls):
         found = Findings()
         value = show(raw, one_line=not multiline, found=found)
         shown_label = one_line(label)
@@ -201,7 +206,7 @@ def card_view(approval: Approval) -> CardView:
     """The card as it should look now, from the approval row."""
     content = approval.card or {}
     if "args" in content:
-        fields, notices = shown_fields(approval.tool_name, content["args"])
+        fields, notices = shown_fields(approval.tool_name, content["args"], bool(content.get("nulls")))
     else:
         fields, notices = _legacy_fields(content)
     votes = tuple(one_line(v.get("name") or v.get("id", "?")) for v in (approval.votes or []))

@@ -444,7 +444,7 @@ class RunStore:
     async def _create_approval(self, session: DbSession, claim: RunClaim, step: int, p: Proposal, rows: list[Entry]) -> str:
         ctx, now = self.ctx, self.ctx.clock()
         spec, args = p.prepared.spec, p.prepared.args
-        card = card_content(spec.sentence(args), args, list(p.rule.risks), p.preview, p.rule.reason)
+        card = card_content(spec.sentence(args), args, list(p.rule.risks), p.preview, p.rule.reason, nulls=spec.nulls_are_sent)
         approval = Approval(
             id=new_approval_id(),
             run_id=claim.run_id,

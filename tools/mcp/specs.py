@@ -166,4 +166,5 @@ def build_spec(
         describe=lambda args: RUN_ON_SERVER(tool=tool_name, server=server),
         preview=None if kind.read_only else preview,
         parameters_schema=parameters,
+        nulls_are_sent=True,
     )
