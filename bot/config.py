@@ -151,6 +151,10 @@ class Settings(BaseModel):
             token = urlsplit(self.feishu_webhook_url).path.rstrip("/").rpartition("/")[2]
             values += [self.feishu_webhook_url, token, *url_credentials(self.feishu_webhook_url)]
         values += self._audit_key_file_values()
+        if self.mcp_config is not None:  # the MCP servers' tokens (env, headers, URL keys)
+            from tools.mcp.config import secret_values as mcp_secret_values
+
+            values += mcp_secret_values(self.mcp_config)
         values += [unquote(v) for v in values]
         return sorted({v for v in values if v})
 

@@ -24,6 +24,7 @@ import os
 import re
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic_core import ErrorDetails
@@ -134,6 +135,44 @@ def parse_config(data: Any, *, source: str = "the MCP configuration") -> McpConf
         for key in ("command", "args", "env", "cwd", "url", "headers"):
             setattr(server, key, _expand(getattr(server, key), f"({source}) server {name!r}: key {key!r}"))
     return config
+
+
+def secret_values(path: Path) -> list[str]:
+    """What the redactor must mask for the MCP configuration at `path`: the value of every `${NAME}` it
+    uses, every `env` and `headers` value (and a header's token after its scheme), and the credentials and
+    query values of every `url`. Best effort: an unreadable file yields nothing (start-up reports it)."""
+    try:
+        raw = path.read_text(encoding="utf-8")
+        data = json.loads(raw)
+    except (OSError, ValueError):
+        return []
+    values = [os.environ.get(name, "") for name in _REFERENCE.findall(raw)]
+    servers = data.get("mcpServers") if isinstance(data, dict) else None
+    for server in (servers or {}).values() if isinstance(servers, dict) else ():
+        if not isinstance(server, dict):
+            continue
+        for key in ("env", "headers"):
+            for value in (server.get(key) or {}).values() if isinstance(server.get(key), dict) else ():
+                if isinstance(value, str):
+                    value = _expand_known(value)
+                    values += [value, value.partition(" ")[2]]
+        if isinstance(server.get("url"), str):
+            url = urlsplit(_expand_known(server["url"]))
+            values += [url.password or "", *(v for _, v in parse_qsl(url.query))]
+    return [v for v in values if v]
+
+
+def _expand_known(value: str) -> str:
+    return _REFERENCE.sub(lambda m: os.environ.get(m.group(1), m.group(0)), value)
+
+
+def shown_url(url: str) -> str:
+    """A server URL as it may appear in a message: no credentials, no query, no fragment."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if parts.port is not None:
+        host = f"{host}:{parts.port}"
+    return urlunsplit((parts.scheme, host, parts.path, "", ""))
 
 
 def load_config(path: Path) -> McpConfig:

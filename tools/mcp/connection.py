@@ -27,7 +27,7 @@ from mcp.client.stdio import stdio_client
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.exceptions import MCPError
 
-from tools.mcp.config import ServerConfig
+from tools.mcp.config import ServerConfig, shown_url
 
 log = logging.getLogger("chatops.mcp")
 
@@ -278,7 +278,8 @@ class Connection:
         if isinstance(exc, FileNotFoundError) and self.config.command:
             return f"cannot start {self.config.command!r}: command not found"
         if isinstance(exc, httpx2.HTTPError):
-            return f"cannot reach {self.config.url} ({type(exc).__name__}: {exc})"
+            url, shown = self.config.url or "", shown_url(self.config.url or "")
+            return f"cannot reach {shown} ({type(exc).__name__}: {str(exc).replace(url, shown)})"
         return f"{type(exc).__name__}: {exc}"
 
     async def close(self) -> None:
