@@ -137,7 +137,7 @@ def received_starts(state: Path) -> list[str]:
     return (state / "starts.log").read_text().splitlines()
 
 
-async def test_a_tool_that_stops_saying_read_only_after_a_restart_needs_a_card(terminal_bot, model, tmp_path):
+async def test_a_tool_that_stops_saying_read_only_after_a_restart_does_not_run_without_a_card(terminal_bot, model, tmp_path):
     """README: "A tool runs without a card only if it says `readOnlyHint: true` and its server is marked
     trusted". The trusted server is upgraded (restarted) and `peek` now says it writes and destroys."""
     state = tmp_path / "raw"

@@ -72,6 +72,17 @@ class _WatchedStream:
         await self.aclose()
 
 
+def fingerprint(tool: mcp_types.Tool) -> str:
+    """What the bot decided on at start-up about a tool: its description, input schema and annotations."""
+    shown = {
+        "title": tool.title,
+        "description": tool.description,
+        "inputSchema": tool.input_schema,
+        "annotations": tool.annotations.model_dump(mode="json", exclude_none=True) if tool.annotations else None,
+    }
+    return json.dumps(shown, sort_keys=True, ensure_ascii=False, default=str)
+
+
 def call_key(tool: str, arguments: Any) -> str:
     """How a `tools/call` is recognised in the transport: the tool's name and its canonical arguments."""
     return json.dumps([tool, arguments], sort_keys=True, ensure_ascii=False)
@@ -183,6 +194,8 @@ class Connection:
         self.problem: str | None = None
         self.connects = 0
         self.unsent: list[str] = []  # `call_key`s of calls that failed to connect (HTTP servers only)
+        self.started_with: dict[str, str] | None = None  # tool name -> `fingerprint`, from the first listing
+        self.changed: set[str] = set()  # tools listed differently (or not at all) since: never called
         self._lost = asyncio.Event()
         self._closing = asyncio.Event()
         self._changed = asyncio.Condition()
@@ -257,6 +270,7 @@ class Connection:
                     if (cursor := page.next_cursor) is None:
                         break
                 scope.deadline = math.inf  # connected: the start-up deadline no longer applies
+                self._compare(tools)
                 self.client, self.connects = client, self.connects + 1
                 await self._set_state("up")
                 if self._first is not None and not self._first.done():
@@ -267,6 +281,19 @@ class Connection:
                     self.client = None
         if scope.cancelled_caught:
             raise TimeoutError(f"no answer within {self.connect_timeout:g}s")
+
+    def _compare(self, tools: list[mcp_types.Tool]) -> None:
+        """Remember the first listing; after a reconnection, note each tool that is no longer the same."""
+        now = {tool.name: fingerprint(tool) for tool in tools}
+        if self.started_with is None:
+            self.started_with = now
+            return
+        self.changed = {name for name, seen in self.started_with.items() if now.get(name) != seen}
+        if self.changed:
+            log.warning(
+                "MCP server %s changed %d tool(s) since start-up (%s); they are refused until the bot restarts",
+                self.name, len(self.changed), ", ".join(sorted(self.changed)[:10]),
+            )  # fmt: skip
 
     def _explain(self, exc: BaseException) -> str:
         if isinstance(exc, MCPError):

@@ -12,7 +12,9 @@ exited in one task. Tool calls come from other tasks and only send requests on t
   `ToolUnavailable`. Over HTTP, a call whose request failed while connecting was never sent:
   `ToolUnavailable` ("not sent"), for a write too. Every call has `call_timeout` (the app sets
   it below CHATOPS_TOOL_TIMEOUT); a write that times out is in doubt too. Protocol errors (unknown tool, invalid params) are `ToolError`: nothing ran.
-- Tools and their classification are fixed at start-up; a reconnection does not change them.
+- Tools and their classification are fixed at start-up; a reconnection does not change them. A tool
+  the server lists differently after a reconnection (description, schema, annotations) or no longer
+  lists is refused ("not sent") until the bot restarts: the card and the rule were made for the old one.
 """
 
 from __future__ import annotations
@@ -126,6 +128,12 @@ class McpManager:
             raise ToolUnavailable(
                 f"The MCP server {server} is down ({connection.problem or 'reconnecting'}); "
                 "it is being reconnected. Nothing was run; try again later."
+            )
+        if tool in connection.changed:
+            raise ToolUnavailable(
+                f"not sent: the MCP server {server} changed {tool} since the bot started (its description, input "
+                f"schema or annotations differ from what the bot classified and showed); {tool} did not run. "
+                "An operator must restart the bot to accept the new definition."
             )
         timeout = self.call_timeout
         try:
