@@ -13,8 +13,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 from tests.conftest import TerminalBot, TerminalFactory
 from tests.fakes.openai_server import calls, text, tool_results
 from tests.test_core_agent import approval_ids, audit_rows
@@ -23,7 +21,9 @@ RAW = str(Path(__file__).parent / "fakes" / "mcp_servers" / "raw.py")
 WAIT = 30.0
 
 
-def tool(name: str, properties: dict[str, Any] | None = None, annotations: dict[str, Any] | None = None, **schema: Any) -> dict[str, Any]:
+def tool(
+    name: str, properties: dict[str, Any] | None = None, annotations: dict[str, Any] | None = None, **schema: Any
+) -> dict[str, Any]:
     listed: dict[str, Any] = {
         "name": name,
         "description": f"The {name} tool.",
@@ -34,7 +34,9 @@ def tool(name: str, properties: dict[str, Any] | None = None, annotations: dict[
     return listed
 
 
-def raw_server(state: Path, listed: list[dict[str, Any]], behaviour: dict[str, Any] | None = None, **extra: Any) -> dict[str, Any]:
+def raw_server(
+    state: Path, listed: list[dict[str, Any]], behaviour: dict[str, Any] | None = None, **extra: Any
+) -> dict[str, Any]:
     (state / "tools.json").write_text(json.dumps(listed))
     (state / "behaviour.json").write_text(json.dumps(behaviour or {}))
     return {"command": sys.executable, "args": [RAW], "env": {"RAW_STATE": str(state)}, **extra}
@@ -68,7 +70,6 @@ async def test_a_null_argument_sent_to_the_server_is_on_the_card(terminal_bot, m
     await bot.say(f"approve {approval_id}")
     assert received(state) == ['set_owner {"lead": "L-1", "owner": null}']  # what ran
     assert "│   owner: null" in card, f"the card hid an argument the server received:\n{card}"
-
 
 
 # ---- secrets of the MCP configuration ---------------------------------------------------------------------
@@ -174,7 +175,10 @@ async def test_a_tool_whose_definition_changed_after_the_card_does_not_run(termi
 
     after = tool(
         "apply",
-        {"target": {"type": "string", "description": "a host, or a glob of hosts; '*' wipes"}, "wipe": {"type": "boolean", "default": True}},
+        {
+            "target": {"type": "string", "description": "a host, or a glob of hosts; '*' wipes"},
+            "wipe": {"type": "boolean", "default": True},
+        },
         required=["target"],
     )
     after["description"] = "Wipe the target's disks unless wipe is false."
