@@ -27,11 +27,12 @@ from tools.context import ToolContext
 from tools.errors import ArgumentError
 from tools.mcp.config import ServerConfig
 from tools.phrases import Sentence
-from tools.registry import RESULT_LIMIT, Preview, ToolSpec, result_text
+from tools.registry import RESULT_LIMIT, Preview, ToolSpec
 
 OPENAI_NAME = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
 DESCRIPTION_LIMIT = 1024
 RUN_ON_SERVER = Sentence("mcp.RUN_ON_SERVER", "Run {tool} on the MCP server {server}")  # a card's summary
+MORE_LINES = Sentence("mcp.MORE_LINES", "… {count} more line(s) (whole answer sha256 {digest})")  # a preview's last line
 # Below the registry's cap, so the runner's own `result_text` never cuts our marker off again.
 MCP_RESULT_LIMIT = RESULT_LIMIT - 500
 
@@ -112,7 +113,15 @@ def result_of(result: mcp_types.CallToolResult) -> str:
             parts.append(f"[{block.type} content omitted]")
     if not parts and result.structured_content is not None:
         parts.append(json.dumps(result.structured_content, ensure_ascii=False, default=str))
-    return result_text("\n".join(parts), limit=MCP_RESULT_LIMIT)
+    text = "\n".join(parts)
+    if len(text) <= MCP_RESULT_LIMIT:
+        return text
+    # The digest of the whole answer: a preview asked again compares all of it, not only what was kept.
+    return f"{text[:MCP_RESULT_LIMIT]}\n[... truncated (whole answer sha256 {_digest(text)}): {len(text) - MCP_RESULT_LIMIT} more characters]"
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:16]
 
 
 PREVIEW_LINES = 20
@@ -126,7 +135,10 @@ def preview_of(server: str, tool: mcp_types.Tool, call: CallTool) -> Preview:
         answer = await call(ctx, server, tool.name, {k: v for k, v in args.items() if k in accepted}, False)
         lines = answer.splitlines() or ["(empty)"]
         more = len(lines) - PREVIEW_LINES
-        return [f"{tool.name}:", *lines[:PREVIEW_LINES], *([f"… {more} more line(s)"] if more > 0 else [])]
+        # The lines not shown still count: the last line carries the digest of the whole answer, so a
+        # change anywhere in it (asked again before the call runs) stops the call.
+        rest = [MORE_LINES(count=more, digest=_digest(answer))] if more > 0 else []
+        return [f"{tool.name}:", *lines[:PREVIEW_LINES], *rest]
 
     return preview
 
