@@ -127,6 +127,33 @@ async def test_the_key_in_an_mcp_url_reaches_no_model_audit_row_or_log(terminal_
         await stop_http(proc)
 
 
+def test_only_values_named_as_credentials_are_masked(tmp_path, monkeypatch):
+    """Every value of `env` and `headers` would cut `production` or a path out of every conversation
+    the model reads and every log line; only what is named as a credential is masked."""
+    from tools.mcp.config import secret_values
+
+    monkeypatch.setenv("GH_TOKEN", "ghp-from-the-environment-1")
+    monkeypatch.setenv("REPO_DIR", "/srv/repositories")
+    config = {
+        "mcpServers": {
+            "git": {
+                "command": "x",
+                "args": ["--root", "${REPO_DIR}"],
+                "env": {"LOG_LEVEL": "production", "GITHUB_TOKEN": "${GH_TOKEN}"},
+            },
+            "docs": {
+                "url": "https://u:pw-in-the-url-2@docs.example/mcp?format=markdown&api_key=query-key-3",
+                "headers": {"Authorization": "Bearer header-token-4", "Accept": "application/json"},
+            },
+        }
+    }
+    path = tmp_path / "mcp.json"
+    path.write_text(json.dumps(config), encoding="utf-8")
+    found = set(secret_values(path))
+    assert {"ghp-from-the-environment-1", "pw-in-the-url-2", "query-key-3", "header-token-4"} <= found
+    assert not found & {"production", "/srv/repositories", "markdown", "application/json"}, found
+
+
 # ---- a tool that changes after start-up ---------------------------------------------------------------------
 
 

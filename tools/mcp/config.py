@@ -137,29 +137,41 @@ def parse_config(data: Any, *, source: str = "the MCP configuration") -> McpConf
     return config
 
 
+# A name that says its value is a credential (an env variable, a header, a URL's query parameter).
+_SECRET_NAME = re.compile(r"(?i)token|key|secret|pass|auth|credential|cookie|session|signature|sig$")
+
+
 def secret_values(path: Path) -> list[str]:
-    """What the redactor must mask for the MCP configuration at `path`: the value of every `${NAME}` it
-    uses, every `env` and `headers` value (and a header's token after its scheme), and the credentials and
-    query values of every `url`. Best effort: an unreadable file yields nothing (start-up reports it)."""
+    """What the redactor must mask for the MCP configuration at `path`: the credentials of every `url`,
+    and each value whose name says it is one: a `${NAME}` it uses, an `env` or `headers` entry (and a
+    header's token after its scheme), a URL's query parameter. Other values (`LOG_LEVEL=production`, a
+    path) are not masked: they would be cut out of every conversation and log line. Best effort: an
+    unreadable file yields nothing (start-up reports it)."""
     try:
         raw = path.read_text(encoding="utf-8")
         data = json.loads(raw)
     except (OSError, ValueError):
         return []
-    values = [os.environ.get(name, "") for name in _REFERENCE.findall(raw)]
+    values = [os.environ.get(name, "") for name in _REFERENCE.findall(raw) if _SECRET_NAME.search(name)]
     servers = data.get("mcpServers") if isinstance(data, dict) else None
-    for server in (servers or {}).values() if isinstance(servers, dict) else ():
-        if not isinstance(server, dict):
-            continue
-        for key in ("env", "headers"):
-            for value in (server.get(key) or {}).values() if isinstance(server.get(key), dict) else ():
-                if isinstance(value, str):
-                    value = _expand_known(value)
-                    values += [value, value.partition(" ")[2]]
-        if isinstance(server.get("url"), str):
-            url = urlsplit(_expand_known(server["url"]))
-            values += [url.password or "", *(v for _, v in parse_qsl(url.query))]
+    for server in servers.values() if isinstance(servers, dict) else ():
+        if isinstance(server, dict):
+            values += _server_secrets(server)
     return [v for v in values if v]
+
+
+def _server_secrets(server: dict[str, Any]) -> list[str]:
+    values: list[str] = []
+    for key in ("env", "headers"):
+        entries = server.get(key)
+        for name, value in entries.items() if isinstance(entries, dict) else ():
+            if isinstance(value, str) and _SECRET_NAME.search(str(name)):
+                value = _expand_known(value)
+                values += [value, value.partition(" ")[2]]
+    if isinstance(server.get("url"), str):
+        url = urlsplit(_expand_known(server["url"]))
+        values += [url.password or "", *(v for k, v in parse_qsl(url.query) if _SECRET_NAME.search(k))]
+    return values
 
 
 def _expand_known(value: str) -> str:
