@@ -7,7 +7,8 @@ injected with `fail_next[kind] = n`), a user's departments (`set_departments`) a
 members, paged (`set_chat_members`), honours `uuid` idempotency keys, keeps every message
 (so tests can read a card after it was patched) and records each call. `fail_token_once()`
 makes the next API call answer 99991663 (the token is rotated), `rate_limit_once()` answers
-429/99991400 once. It also speaks the long-connection protocol: `/callback/ws/endpoint` plus a
+429/99991400 once. Cards over 30 KB or over 200 elements are refused (230099) as Feishu refuses them.
+It also speaks the long-connection protocol: `/callback/ws/endpoint` plus a
 websocket carrying pbbp2 frames, and `push()` sends an event frame and returns the ack.
 """
 
@@ -26,6 +27,23 @@ from lark_oapi.ws.pb.pbbp2_pb2 import Frame
 
 BOT_OPEN_ID = "ou_bot_chatops"
 CARD_LIMIT = 30 * 1024
+ELEMENT_LIMIT = 200  # card JSON 2.0: at most 200 components or elements per card, text elements (`plain_text`) included
+
+
+def element_count(node: Any) -> int:
+    """Every tagged object in a card (components and their text elements), as Feishu counts toward its 200."""
+    if isinstance(node, dict):
+        return ("tag" in node) + sum(element_count(v) for v in node.values())
+    if isinstance(node, list):
+        return sum(element_count(v) for v in node)
+    return 0
+
+
+def _too_many_elements(content: str) -> bool:
+    try:
+        return element_count(json.loads(content or "{}")) > ELEMENT_LIMIT
+    except ValueError:
+        return False
 
 
 @dataclass
@@ -217,6 +235,9 @@ class FakeFeishu:
                 return web.json_response({"code": 230099, "msg": "card_id is invalid"}, status=400)
             if size > CARD_LIMIT or (entity is None and card.get("schema") != "2.0"):
                 return web.json_response({"code": 230099, "msg": "card content is invalid"}, status=400)
+            if _too_many_elements(body.get("content", "")):
+                msg = "Failed to create card content, ext=ErrCode: 11310; ErrMsg: element exceeds the limit"
+                return web.json_response({"code": 230099, "msg": msg}, status=400)
         key = body.get("uuid")
         if key and key in self._by_uuid:
             return web.json_response({"code": 0, "msg": "ok", "data": {"message_id": self._by_uuid[key]}})
@@ -257,6 +278,8 @@ class FakeFeishu:
             problem = web.json_response({"code": 230001, "msg": "invalid message_id"}, status=400)
         if problem is None and len(call.body.get("content", "").encode()) > CARD_LIMIT:
             problem = web.json_response({"code": 230099, "msg": "card too large"}, status=400)
+        if problem is None and _too_many_elements(call.body.get("content", "")):
+            problem = web.json_response({"code": 230099, "msg": "ErrCode: 11310; ErrMsg: element exceeds the limit"}, status=400)
         if problem is not None:
             return await self._done(problem)
         assert message is not None
