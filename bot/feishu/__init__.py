@@ -272,7 +272,7 @@ class FeishuAdapter:
 
     async def _answer(self, reply: commands.Reply, *, thread: Thread | None = None, open_id: str | None = None) -> None:
         """A command's answer in the thread (or to the person), then each pending card with working buttons."""
-        messages = [("text", json.dumps({"text": reply.text}, ensure_ascii=False), None)]
+        messages = [("text", self._text(reply.text), None)]  # it quotes requests: no <at> may take effect
         messages += [("interactive", json.dumps(cards.render_card(c), ensure_ascii=False), None) for c in reply.cards]
         for msg_type, content, key in messages:
             try:
