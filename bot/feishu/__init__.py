@@ -204,7 +204,11 @@ class FeishuAdapter:
                 if (command := commands.parse(msg.text)) is not None:
                     where = commands.Where(events.PLATFORM, msg.channel_id, msg.conversation_key, msg.thread)
                     reply = await commands.run(self.core, command, user, where)
-                    self.core.ctx.tasks.spawn(self._answer(reply, thread=msg.thread), name=f"feishu-{command}")
+                    # help and pending answer the person alone (as on Slack): the pending list and its
+                    # cards show requests of other chats; only cancel, about this thread, answers here
+                    private = command != "cancel" and not events.is_direct(payload)
+                    answer = self._answer(reply, open_id=user.id) if private else self._answer(reply, thread=msg.thread)
+                    self.core.ctx.tasks.spawn(answer, name=f"feishu-{command}")
                 elif not await self.core.accept_message(msg):
                     log.debug("feishu: duplicate delivery %s", msg.dedupe_keys)
             return Answer({})
