@@ -237,14 +237,16 @@ class Policy:
         return Verdict(True)
 
     def _outsider(self, rule: CallRule, requester: User, user: User) -> Verdict | None:
-        """Who may never act on a call, whatever the rule: a bot, someone of another tenant; and nobody
-        on a call the policy denies."""
+        """Who may never act on a call, whatever the rule: a bot, someone of another tenant, someone
+        `access.deny_users` names; and nobody on a call the policy denies."""
         if user.is_bot:
             return Verdict(False, str(texts.BOTS_CANNOT_DECIDE))
         if not self.tenant_allowed(user) or (
             requester.tenant and user.platform == requester.platform and user.tenant != requester.tenant
         ):
             return Verdict(False, str(texts.OTHER_TENANT))
+        if any(identity_matches(e, user) for e in self._expand(self.access.deny_users)):
+            return Verdict(False, str(texts.USER_DENIED))  # denied the bot: denied its decisions too
         if rule.rule == "deny":
             return Verdict(False, str(texts.ACTION_DENIED))
         return None
