@@ -4,7 +4,6 @@ code it was written against because of the finding it names."""
 
 from __future__ import annotations
 
-import json
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -115,9 +114,7 @@ async def test_the_pending_answer_cannot_mention_everyone(feishu_bot, model):
 # ---------------------------------------------------------------------- many or long arguments
 async def wait_for_card_or_notice(bot) -> None:
     """Until the card is posted, or the notice that it could not be (it names the tool)."""
-    await bot.fake.wait_for(
-        lambda: bool(bot.fake.cards()) or any("configure" in t for t in bot.fake.texts()), timeout=60
-    )
+    await bot.fake.wait_for(lambda: bool(bot.fake.cards()) or any("configure" in t for t in bot.fake.texts()), timeout=60)
     await bot.settle()
 
 
