@@ -34,6 +34,8 @@ from bot.core.edit_form import EditField, EditForm
 from bot.feishu.events import ARG_INPUT
 
 MAX_CARD_BYTES = 28 * 1024  # Feishu's limit is 30 KB; keep a margin for the request envelope
+MAX_ELEMENTS = 190  # Feishu refuses a card 2.0 of more than 200 components or elements (text elements count)
+PACK_CHARS = 2000  # argument lines joined into one text element up to this many characters
 NOTICE_RESERVE = 1024  # room kept for the "does not fit" notice (twice)
 MIN_PANEL = 2048  # a compact card leaves at least this much for the full request
 PANEL_PIECE = 1000  # characters per text element in the panel
@@ -130,19 +132,32 @@ def _short(text: str, limit: int) -> str:
     return shorten(text, limit)[0]
 
 
-def _compact(card: CardView, limit: int) -> tuple[list[dict[str, Any]], bool]:
-    """The arguments on the card, each value shortened to `limit`; and whether anything was."""
-    elements: list[dict[str, Any]] = []
+def _compact(card: CardView, limit: int, room: int | None = None) -> tuple[list[dict[str, Any]], bool]:
+    """The arguments on the card, names and values shortened to `limit`, their lines packed into as few
+    text elements as fit (each line still starts with `▸`, as on Slack); and whether anything was.
+    `room`: at most this many arguments, then a line saying how many more only the panel shows."""
+    lines: list[str] = []
     shortened = False
-    for field in card.fields:
+    fields = card.fields if room is None else card.fields[:room]
+    for field in fields:
+        label, label_cut = shorten(field.label, limit)
         if field.multiline:
             value, was_cut = shorten(quoted(field.value), limit * 4)
-            elements.append(_text(f"▸ {field.label}:\n{value}"))
+            lines.append(f"▸ {label}:\n{value}")
         else:
             value, was_cut = shorten(field.value, limit)
-            elements.append(_text(f"▸ {field.label}: {value}"))
-        shortened = shortened or was_cut
-    return elements, shortened
+            lines.append(f"▸ {label}: {value}")
+        shortened = shortened or was_cut or label_cut
+    if len(fields) < len(card.fields):
+        lines.append("▸ " + texts.CARD_MORE_FIELDS.format(count=len(card.fields) - len(fields)))
+        shortened = True
+    packed: list[str] = []
+    for line in lines:
+        if packed and len(packed[-1]) + 1 + len(line) <= PACK_CHARS:
+            packed[-1] += "\n" + line
+        else:
+            packed.append(line)
+    return [_text(text) for text in packed], shortened
 
 
 def _panel(title: str, elements: list[dict[str, Any]]) -> dict[str, Any]:
@@ -158,21 +173,31 @@ def _panel(title: str, elements: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def _full_elements(card: CardView) -> list[tuple[int, int, dict[str, Any]]]:
-    """(characters, field index, element) for the panel: every argument complete, in pieces."""
+    """(characters, field index, element) for the panel: every argument's name and value complete, in pieces."""
     out: list[tuple[int, int, dict[str, Any]]] = []
     for index, field in enumerate(card.fields):
-        out.append((0, index, {**_text(f"{field.label}:"), "element_id": f"l{index}"}))
+        for n, piece in enumerate(chunks(f"{field.label}:", PANEL_PIECE)):
+            out.append((len(piece) if n else 0, index, {**_text(piece), "element_id": f"l{index}_{n}" if n else f"l{index}"}))
         for n, piece in enumerate(chunks(quoted(field.value) if field.multiline else field.value, PANEL_PIECE)):
             out.append((len(piece), index, {**_text(piece), "element_id": f"v{index}_{n}"}))
     return out
+
+
+def element_count(node: Any) -> int:
+    """Tagged objects in a card (components and their text elements), as Feishu counts toward its 200."""
+    if isinstance(node, dict):
+        return ("tag" in node) + sum(element_count(v) for v in node.values())
+    if isinstance(node, list):
+        return sum(element_count(v) for v in node)
+    return 0
 
 
 def _size(element: dict[str, Any]) -> int:
     return len(json.dumps(element, ensure_ascii=False).encode("utf-8")) + 1
 
 
-def _build(card: CardView, limit: int, *, panel: bool = True) -> dict[str, Any]:
-    fields, shortened = _compact(card, limit)
+def _build(card: CardView, limit: int, *, panel: bool = True, room: int | None = None) -> dict[str, Any]:
+    fields, shortened = _compact(card, limit, room)
     elements: list[dict[str, Any]] = [_text(_short(card.summary, limit * 2)), {"tag": "hr"}, *fields]
     elements += [_text("⚠️ " + _short(warning, limit * 2)) for warning in card.warnings]
     if card.preview:
@@ -205,13 +230,15 @@ def _fill_panel(built: dict[str, Any], card: CardView) -> None:
     elements = built["body"]["elements"]
     panel = next(e for e in elements if e.get("tag") == "collapsible_panel")
     room = MAX_CARD_BYTES - card_size(built) - NOTICE_RESERVE
+    count_room = MAX_ELEMENTS - element_count(built) - 4  # 4: the "does not fit" notice, twice
     left_out, taken = 0, []
     for chars, _, element in _full_elements(card):
         cost = _size(element)
-        if left_out or cost > room:
+        if left_out or cost > room or count_room < 2:
             left_out += chars
             continue
         room -= cost
+        count_room -= 2  # the div and its plain_text
         taken.append(element)
     panel["elements"] = taken
     if left_out:
@@ -227,15 +254,18 @@ def card_size(card: dict[str, Any]) -> int:
 
 def render_card(card: CardView) -> dict[str, Any]:
     """The card JSON 2.0 for `card`, guaranteed under `MAX_CARD_BYTES`, with the full request in a panel."""
-    for limit in _SHRINK_STEPS:
-        with i18n.speaking(card.lang, card.tz):
-            built = _build(card, limit)
-        if card_size(built) <= MAX_CARD_BYTES - NOTICE_RESERVE - MIN_PANEL:
+    room: int | None = None
+    while True:
+        for limit in _SHRINK_STEPS:
             with i18n.speaking(card.lang, card.tz):
-                _fill_panel(built, card)
-            return built
-    # Unreachable with `bot.core.cards.card_content`'s caps (5 warnings, 5 preview lines, short labels).
-    raise ValueError(f"approval card {card.approval_id} cannot be made small enough")
+                built = _build(card, limit, room=room)
+            if card_size(built) <= MAX_CARD_BYTES - NOTICE_RESERVE - MIN_PANEL and element_count(built) <= MAX_ELEMENTS - 8:
+                with i18n.speaking(card.lang, card.tz):
+                    _fill_panel(built, card)
+                return built
+        if room == 0:  # unreachable with `bot.core.cards.card_content`'s caps (warnings and preview lines)
+            raise ValueError(f"approval card {card.approval_id} cannot be made small enough")
+        room = len(card.fields) // 2 if room is None else room // 2  # fewer arguments on the card, the rest said
 
 
 def callback_response(outcome: DecisionOutcome) -> dict[str, Any]:
