@@ -122,6 +122,9 @@ def _plain(text: str, *, one_line: bool, found: Findings, at_start: bool, at_end
     out = []
     for index, (char, count) in enumerate(runs):
         edge = (index == 0 and at_start) or (index == len(runs) - 1 and at_end)
+        if unicodedata.category(char) == "Zs" and char != " ":  # beside other blanks, a blank of another kind
+            near = [runs[i][0] for i in (index - 1, index + 1) if 0 <= i < len(runs)]  # is shown: runs of mixed
+            edge = edge or any(c.isspace() or unicodedata.category(c) == "Zs" for c in near)  # blanks never pile up
         out.append(_run(char, count, edge=edge, one_line=one_line, found=found))
     return "".join(out)
 
