@@ -4,7 +4,9 @@
 - invisible and format characters (Unicode Cc, Cf, Cs, Co, Cn, Zl, Zp, variation selectors,
   blank letters) become visible escapes such as `⟨U+202E⟩`, runs as `⟨40 × U+200B⟩`;
 - whitespace runs that could push text out of sight become `⟨700 spaces⟩`, `⟨12 line breaks⟩`,
-  and whitespace at either end of a value is always marked;
+  and whitespace at either end of a value is always marked; in a multi-line value, three or more
+  lines in a row that hold only spaces and tabs become one line `⟨100 blank lines: ␠|␠|…⟩` (each
+  line's blanks spelled out: `␠` a space, `⇥` a tab);
 - in one-line fields a newline is `⏎`, so a value can never start a card line of its own;
 - a non-ASCII domain in an e-mail address or a URL is shown in punycode: `⟨IDN xn--exmple-4nf.com⟩`.
 The escape brackets `⟨` and the `⏎` sign are themselves escaped when a value contains them, so
@@ -38,8 +40,13 @@ _WHITESPACE_NAMES = {" ": ("space", "spaces"), "\t": ("tab", "tabs")}
 _DOMAIN = re.compile(
     r"(?:(?<=@)|(?<=://))(?P<host>[^\s@<>()\[\],;:\"'/?#|*`]+\.[^\s@<>()\[\],;:\"'/?#|*`]*[^\s@<>()\[\],;:\"'/?#|*`.])"
 )
+# In a multi-line value: lines between two line breaks that hold only spaces and tabs, at least one
+# of them not empty (empty lines alone are a run of line breaks).
+_BLANK_LINES = re.compile(rf"\n((?:[ \t]*\n){{{BLANK_LINES_LIMIT},}})")
+_SPELLED = {" ": "␠", "\t": "⇥"}
 _MARKER = re.compile(
-    r"\n⟨(?P<lines_ml>\d+) line breaks⟩\n"
+    r"\n⟨(?P<blank_lines>\d+) blank lines: (?P<spelled>[␠⇥|]*)⟩\n"
+    r"|\n⟨(?P<lines_ml>\d+) line breaks⟩\n"
     r"|⟨(?P<lines>\d+) line breaks⟩"
     r"|⏎"
     r"|⟨(?P<ws>\d+) (?P<ws_name>spaces?|tabs?)⟩"
@@ -118,6 +125,25 @@ def _run(char: str, count: int, *, edge: bool, one_line: bool, found: Findings) 
 
 
 def _plain(text: str, *, one_line: bool, found: Findings, at_start: bool, at_end: bool) -> str:
+    if one_line:
+        return _plain_runs(text, one_line=one_line, found=found, at_start=at_start, at_end=at_end)
+    out, position = [], 0
+    for match in _BLANK_LINES.finditer(text):
+        lines = match[1].split("\n")[:-1]
+        if not any(lines):
+            continue  # only line breaks: a run of them, collapsed as such
+        before = text[position : match.start()]
+        out.append(_plain_runs(before, one_line=False, found=found, at_start=at_start and position == 0, at_end=False))
+        spelled = "|".join("".join(_SPELLED[c] for c in line) for line in lines)
+        out.append(f"\n{OPEN}{len(lines)} blank lines: {spelled}{CLOSE}\n")
+        found.collapsed = True
+        position = match.end()
+    rest = text[position:]
+    out.append(_plain_runs(rest, one_line=False, found=found, at_start=at_start and position == 0, at_end=at_end))
+    return "".join(out)
+
+
+def _plain_runs(text: str, *, one_line: bool, found: Findings, at_start: bool, at_end: bool) -> str:
     runs = [(char, len(list(group))) for char, group in itertools.groupby(text)]
     out = []
     for index, (char, count) in enumerate(runs):
@@ -215,6 +241,9 @@ def _unmarker(match: re.Match[str]) -> str:
         return "\t"
     if text == f"{OPEN}empty{CLOSE}":
         return ""
+    if match["blank_lines"]:
+        lines = ["".join(" " if c == "␠" else "\t" for c in line) for line in match["spelled"].split("|")]
+        return "\n" + "\n".join(lines) + "\n"
     if match["lines_ml"] or match["lines"]:
         return "\n" * int(match["lines_ml"] or match["lines"])
     if match["ws"]:
