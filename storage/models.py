@@ -225,6 +225,19 @@ class Approval(SQLModel, table=True):
     reminded_at: datetime | None = _ts(nullable=True)  # the expiry reminder was queued (set once, conditionally)
 
 
+class CardCopy(SQLModel, table=True):
+    """Another message showing an approval's card (a `pending` answer re-posts it with working
+    buttons): every later rendering of the card patches it too, so no copy goes on looking pending."""
+
+    __tablename__ = "card_copy"
+    id: int | None = Field(default=None, primary_key=True)
+    approval_id: str = Field(index=True, max_length=40)
+    platform: str = Field(max_length=20)
+    message_id: str = Field(max_length=200)
+    thread: dict[str, Any] = _json()
+    created_at: datetime = _ts(index=True)  # forgotten by it (`CHATOPS_RETENTION_DAYS`)
+
+
 class AuditEvent(SQLModel, table=True):
     """One step of the audit trail, chained to the previous row by an HMAC-SHA256 (see storage/audit.py)."""
 

@@ -23,12 +23,12 @@ import sqlalchemy as sa
 from sqlalchemy.exc import OperationalError
 from sqlmodel import col
 
-from bot.core import outbox
+from bot.core import card_copies, outbox
 from bot.core.approvals import ApprovalService, Decision, DecisionOutcome, EditOutcome
 from bot.core.cards import card_view
 from bot.core.context import AppContext
 from bot.core.errors import StorageError
-from bot.core.events import DecisionRequest, EditRequest, IncomingMessage, User
+from bot.core.events import DecisionRequest, EditRequest, IncomingMessage, Thread, User
 from bot.core.executor import Executor
 from bot.core.intake import Intake
 from bot.core.outbox import Outbox
@@ -142,6 +142,21 @@ class Core:
             await self.ctx.db.run(queue, urgent=True)
         except Exception as exc:  # noqa: BLE001 - the card then shows the state at the click until its next update
             log.warning("could not queue a refresh of the card of %s: %s", approval_id, type(exc).__name__)
+
+    async def card_copied(self, approval_id: str, thread: Thread, message_id: str) -> None:
+        """A copy of an approval's card was posted at `message_id` (a `pending` answer): later renderings
+        patch it too. A decision that came meanwhile queues one more rendering, which reaches the copy."""
+
+        async def store(session: DbSession) -> None:
+            card_copies.add(session, approval_id, thread, message_id, self.ctx.clock())
+            approval = await session.get(Approval, approval_id)
+            if approval is not None and approval.status != ApprovalStatus.PENDING:
+                await outbox.enqueue_card_update(session, self.ctx, approval)
+
+        try:
+            await self.ctx.db.run(store)
+        except Exception as exc:  # noqa: BLE001 - the copy then keeps the state it was posted with
+            log.warning("could not record a copy of the card of %s: %s", approval_id, type(exc).__name__)
 
     async def _execute_then_resume(self, approval_id: str, run_id: str) -> None:
         await self.executor.execute(approval_id)

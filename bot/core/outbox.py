@@ -32,13 +32,13 @@ import orjson
 import sqlalchemy as sa
 from sqlmodel import col
 
-from bot.core import home_audience, metrics, texts
+from bot.core import card_copies, home_audience, metrics, texts
 from bot.core.cards import card_view
 from bot.core.channels import DeliveryFailed
 from bot.core.context import AppContext
 from bot.core.events import Thread, User
 from bot.core.group_commit import GroupCommit
-from storage.models import Approval, ApprovalStatus, OutboxJob, OutboxKind, OutboxStatus, table_of
+from storage.models import Approval, ApprovalStatus, CardCopy, OutboxJob, OutboxKind, OutboxStatus, table_of
 from storage.prepared import Prepared
 from storage.sessions import DbSession
 
@@ -442,14 +442,27 @@ class Outbox:
             return Sent()
         if job.kind in (OutboxKind.PROGRESS, OutboxKind.ANSWER, OutboxKind.HOME_REFRESH):
             return Sent(await self._send_other(channel, job, thread, replaces))
-        approval, covered = await self.ctx.db.run(lambda s: self._rendering(s, job), read=True)
+        approval, covered, copies = await self.ctx.db.run(lambda s: self._rendering(s, job), read=True)
         if approval is None:
             return Sent(covers_updates_to=covered)
         if job.kind == OutboxKind.CARD:
             return Sent(await channel.post_card(thread, card_view(approval)), covered)
         if approval.card_message_id:
             await channel.update_card(thread, approval.card_message_id, card_view(approval))
+        await self._update_copies(approval, copies)
         return Sent(covers_updates_to=covered)
+
+    async def _update_copies(self, approval: Approval, copies: list[CardCopy]) -> None:
+        """Patch the copies of the card (`card_copies`); one that cannot be patched (deleted, its channel
+        not running here) keeps its last rendering: it never holds back the card itself."""
+        for copy in copies:
+            channel = self.ctx.channel(copy.platform)
+            try:
+                if channel is None:
+                    raise DeliveryFailed(f"no {copy.platform} channel is running in this process")
+                await channel.update_card(Thread.from_dict(copy.thread), copy.message_id, card_view(approval))
+            except Exception as exc:  # noqa: BLE001 - a copy is a courtesy; the card was updated
+                log.warning("a copy of the card of %s could not be updated: %s", approval.id, type(exc).__name__)
 
     async def _send_other(self, channel: Any, job: Job, thread: Thread, replaces: dict[int, str | None]) -> str | None:
         """Progress, answers and home refreshes; a channel without progress messages (the terminal)
@@ -479,7 +492,7 @@ class Outbox:
         return progress_id
 
     @staticmethod
-    async def _rendering(session: DbSession, job: Job) -> tuple[Approval | None, int]:
+    async def _rendering(session: DbSession, job: Job) -> tuple[Approval | None, int, list[CardCopy]]:
         """The approval a card job renders, and the newest card update of it that was committed before
         this read: that rendering shows its change, so it is done too. Jobs are read first, the
         approval after: a job visible here was committed with its change before."""
@@ -488,7 +501,9 @@ class Outbox:
                 col(OutboxJob.approval_id) == job.approval_id, col(OutboxJob.kind) == OutboxKind.CARD_UPDATE
             )
         )
-        return await session.get(Approval, job.approval_id), covered.scalar_one_or_none() or 0
+        approval = await session.get(Approval, job.approval_id)
+        copies = await card_copies.of(session, job.approval_id) if job.kind == OutboxKind.CARD_UPDATE and job.approval_id else []
+        return approval, covered.scalar_one_or_none() or 0, copies
 
     async def _card_sent(self, session: DbSession, job: Job, sent: Sent, rendered_at: datetime) -> None:
         ctx, message_id = self.ctx, sent.message_id

@@ -21,7 +21,7 @@ from datetime import datetime, timedelta
 import sqlalchemy as sa
 
 from bot.core.context import AppContext
-from storage.models import InboxEvent, InboxStatus, OutboxJob, OutboxStatus, Replica, SeenKey, table_of
+from storage.models import CardCopy, InboxEvent, InboxStatus, OutboxJob, OutboxStatus, Replica, SeenKey, table_of
 from storage.sessions import DbSession, rowcount
 
 log = logging.getLogger("chatops.retention")
@@ -30,6 +30,7 @@ MAX_BATCHES = 40  # per table and pass: a large backlog is worked off over sever
 PASS_EVERY = 3600.0  # seconds between passes in one process
 
 _KEYS, _INBOX, _JOBS, _REPLICAS = table_of(SeenKey), table_of(InboxEvent), table_of(OutboxJob), table_of(Replica)
+_COPIES = table_of(CardCopy)
 _CUTOFF: sa.BindParameter[datetime] = sa.bindparam("b_cutoff")
 _FORGETTABLE = {
     "delivery keys": (_KEYS, _KEYS.c.key, _KEYS.c.created_at < _CUTOFF),
@@ -40,6 +41,7 @@ _FORGETTABLE = {
         _JOBS, _JOBS.c.id, sa.and_(_JOBS.c.status.in_((OutboxStatus.SENT, OutboxStatus.GAVE_UP)), _JOBS.c.created_at < _CUTOFF),
     ),
     "silent replicas": (_REPLICAS, _REPLICAS.c.id, _REPLICAS.c.heartbeat_at < _CUTOFF),  # killed, never left
+    "card copies": (_COPIES, _COPIES.c.id, _COPIES.c.created_at < _CUTOFF),  # their approvals long decided or expired
 }  # fmt: skip
 _DELETES = {
     what: sa.delete(table).where(key.in_(sa.select(key).where(older).limit(sa.bindparam("b_batch"))))

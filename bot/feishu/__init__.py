@@ -275,18 +275,22 @@ class FeishuAdapter:
         self.core.ctx.tasks.spawn(self._answer(reply, open_id=user.id), name="feishu-menu")
 
     async def _answer(self, reply: commands.Reply, *, thread: Thread | None = None, open_id: str | None = None) -> None:
-        """A command's answer in the thread (or to the person), then each pending card with working buttons."""
-        messages = [("text", self._text(reply.text), None)]  # it quotes requests: no <at> may take effect
-        messages += [("interactive", json.dumps(cards.render_card(c), ensure_ascii=False), None) for c in reply.cards]
-        for msg_type, content, key in messages:
+        """A command's answer in the thread (or to the person), then each pending card with working
+        buttons: a copy of the card, recorded so that it is patched with the card from then on."""
+        where = thread or Thread(events.PLATFORM, {"open_id": open_id})
+        messages: list[tuple[str, str, str | None]] = [("text", self._text(reply.text), None)]  # no <at> may take effect
+        messages += [("interactive", json.dumps(cards.render_card(c), ensure_ascii=False), c.approval_id) for c in reply.cards]
+        for msg_type, content, approval_id in messages:
             try:
                 if thread is not None:
-                    await self._post(thread, msg_type, content, key=key)
-                elif open_id is not None:
-                    await self.api.send(open_id, msg_type, content, id_type="open_id")
+                    message_id = await self._post(thread, msg_type, content, key=None)
+                else:
+                    message_id = await self.api.send(str(open_id), msg_type, content, id_type="open_id")
             except FeishuApiError as exc:
                 log.warning("feishu: a command answer could not be posted (code %s)", exc.code)
                 return
+            if approval_id is not None:
+                await self.core.card_copied(approval_id, where, message_id)
 
     async def _clicker(self, user: User, approval_id: str, payload: dict[str, Any]) -> User:
         """Who clicked a card, as the policy judges them, speaking the card's (or the chat's) language."""
