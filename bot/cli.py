@@ -25,6 +25,7 @@ from bot.config import Settings, load_settings, no_model_message, unknown_variab
 from bot.core.errors import ChatopsError
 from bot.lifecycle import add_channels, stop_on_signals, unless_stopped
 from bot.logsetup import setup_logging
+from bot.sdnotify import ServiceNotifier
 from storage.audit_keys import AuditKeyError, AuditKeys, append_key, load_keys
 from storage.engine import normalise_url
 from storage.redact import Redactor
@@ -81,17 +82,29 @@ def _worker_count(args: argparse.Namespace, settings: Settings) -> int:
 async def _serve(
     settings: Settings, *, force_terminal: bool, workers: int = 0, env_file: Path | None = None, run_dir: Path | None = None
 ) -> None:
-    from bot.app import build_app
-
     if not settings.model_configured:
         raise ChatopsError(no_model_message(settings))
     use_terminal = _uses_terminal(settings, force_terminal)
-    stop = stop_on_signals()
-    if workers > 0 and run_dir is not None and not use_terminal:
-        from bot.cli_workers import serve_front
+    service = ServiceNotifier.from_environment()  # systemd's READY / WATCHDOG / STOPPING, when it asks
+    watchdog = asyncio.create_task(service.keep_alive())
+    stop = stop_on_signals(service)
+    try:
+        if workers > 0 and run_dir is not None and not use_terminal:
+            from bot.cli_workers import serve_front
 
-        await serve_front(settings, workers, env_file, run_dir, stop)
-        return
+            await serve_front(settings, workers, env_file, run_dir, stop, service)
+            return
+        await _serve_one(settings, use_terminal, force_terminal, stop, service)
+    finally:
+        watchdog.cancel()
+
+
+async def _serve_one(
+    settings: Settings, use_terminal: bool, force_terminal: bool, stop: asyncio.Event, service: ServiceNotifier
+) -> None:
+    """`chatops serve` in one process: the channels (or the terminal chat), the agent and the deliveries."""
+    from bot.app import build_app
+
     app = await unless_stopped(build_app(settings), stop)  # configuration errors are reported first
     if app is None:
         return
@@ -101,17 +114,17 @@ async def _serve(
         if use_terminal:
             await _run_terminal(app, stop)
         else:
-            await _run_channels(app, settings, stop)
+            await _run_channels(app, settings, stop, service)
     finally:
         await app.stop()
 
 
-async def _run_channels(app: App, settings: Settings, stop: asyncio.Event) -> None:
+async def _run_channels(app: App, settings: Settings, stop: asyncio.Event, service: ServiceNotifier) -> None:
     chat_channels = add_channels(app, settings)
     if not await lifecycle.start(app, stop, serve_http=True):
         return
     problems = await app.readiness().problems()
-    lifecycle.announce_started(chat_channels, problems)
+    lifecycle.announce_started(chat_channels, problems, service)
     await stop.wait()
 
 

@@ -20,6 +20,7 @@ from bot import lifecycle
 from bot.config import Settings
 from bot.core.sweeper import Share
 from bot.lifecycle import add_channels, stop_on_signals, unless_stopped
+from bot.sdnotify import ServiceNotifier
 from bot.supervisor import Workers, WorkersReadiness, forget_metrics_of
 from bot.wake import PgNotifier, SocketListener, SocketNotifier, listen_pg, socket_path
 from storage.engine import normalise_url
@@ -30,7 +31,9 @@ WORKER_NICENESS = 5  # added to a worker's niceness: under a full CPU the front 
 FIRST_WORKER_WAIT = 30.0  # seconds the start-up line waits for a worker to be ready (the port serves meanwhile)
 
 
-async def serve_front(settings: Settings, count: int, env_file: Path | None, run_dir: Path, stop: asyncio.Event) -> None:
+async def serve_front(
+    settings: Settings, count: int, env_file: Path | None, run_dir: Path, stop: asyncio.Event, service: ServiceNotifier
+) -> None:
     """Start `count` workers and the channels; serve until `stop`; stop both within the bound."""
     from bot.app import Role, build_app
 
@@ -52,7 +55,7 @@ async def serve_front(settings: Settings, count: int, env_file: Path | None, run
         problems = await unless_stopped(app.readiness().problems(), stop) if started and not stop.is_set() else None
         if problems is None:
             return
-        lifecycle.announce_started(chat_channels, problems)
+        lifecycle.announce_started(chat_channels, problems, service)
         await stop.wait()
     finally:
         await asyncio.gather(*([app.stop()] if app is not None else []), workers.stop(WORKERS_STOP_BUDGET))

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from bot.config import Settings
 from bot.core.errors import ConfigError
+from bot.sdnotify import ServiceNotifier
 
 if TYPE_CHECKING:
     from bot.app import App
@@ -39,10 +40,13 @@ def loop_name() -> str:
     return type(asyncio.get_running_loop()).__module__.partition(".")[0]
 
 
-def announce_started(chat_channels: list[str], problems: dict[str, str]) -> None:
-    """The line that says a front (or the one process) is up: its channels, ready or not, its loop."""
+def announce_started(chat_channels: list[str], problems: dict[str, str], service: ServiceNotifier | None = None) -> None:
+    """The line that says a front (or the one process) is up: its channels, ready or not, its loop;
+    and `READY=1` to systemd when it runs the process (`bot.sdnotify`)."""
     state = f"not ready yet: {problems}" if problems else "ready"
     log.info("chatops started: %s; %s (event loop: %s)", ", ".join(chat_channels), state, loop_name())
+    if service is not None:
+        service.notify("READY=1")
 
 
 def loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
@@ -67,8 +71,9 @@ def _hard_exit() -> None:
     os._exit(0)
 
 
-def stop_on_signals() -> asyncio.Event:
-    """SIGTERM/SIGINT set the returned event once; a watchdog then guarantees the exit."""
+def stop_on_signals(service: ServiceNotifier | None = None) -> asyncio.Event:
+    """SIGTERM/SIGINT set the returned event once (and tell systemd `STOPPING=1`); a watchdog then
+    guarantees the exit."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
 
@@ -77,6 +82,8 @@ def stop_on_signals() -> asyncio.Event:
             return
         log.info("%s received: stopping", sig.name)
         stop.set()
+        if service is not None:
+            service.notify("STOPPING=1")
         watchdog = threading.Timer(HARD_EXIT_AFTER, _hard_exit)
         watchdog.daemon = True
         watchdog.start()

@@ -126,7 +126,8 @@ def test_the_systemd_unit_runs_serve_and_stops_with_sigterm():
     args = build_parser().parse_args(argv[1:])
     assert args.command == "serve" and str(args.env_file).startswith("/etc/")
     assert service["KillSignal"] == "SIGTERM" and int(service["TimeoutStopSec"]) > 10
-    assert service["User"] != "root" and service["Restart"] == "on-failure"
+    assert service["User"] != "root" and service["Restart"] == "on-failure"  # a watchdog timeout is a failure
+    assert service["Type"] == "notify" and int(service["WatchdogSec"]) >= 10  # `bot.sdnotify`, tests/test_sdnotify.py
     assert unit["Install"]["WantedBy"] == "multi-user.target"
 
 
