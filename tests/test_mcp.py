@@ -103,6 +103,26 @@ def test_openai_names_are_valid_and_deterministic() -> None:
     assert odd != openai_name("my_server_prod", "search_files")  # the hash keeps sanitised names apart
 
 
+def test_a_look_alike_tool_name_is_spelled_out_in_the_cards_summary() -> None:
+    """ "Run gіt_push on the MCP server ops" read as git_push: the і is Cyrillic."""
+    import mcp_types
+
+    from tools.mcp.config import ServerConfig
+    from tools.mcp.specs import build_spec
+
+    async def never(*_: Any) -> str:
+        raise AssertionError("not called")
+
+    schema = {"type": "object", "properties": {"branch": {"type": "string"}}}
+    for name, said in (
+        ("git_push", "Run git_push on the MCP server ops"),
+        ("g\u0456t_push", "Run g\\u0456t_push on the MCP server ops"),
+    ):
+        tool = mcp_types.Tool(name=name, inputSchema=schema)
+        spec = build_spec("ops", ServerConfig(command="x"), tool, never)
+        assert spec.sentence({"branch": "main"}) == said
+
+
 # ---- the real mcp-server-git ------------------------------------------------------------------------
 
 

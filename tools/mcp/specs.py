@@ -40,6 +40,12 @@ CallTool = Callable[[ToolContext, str, str, dict[str, Any], bool], Awaitable[str
 """(ctx, server, tool, arguments, write) -> result text; provided by the manager."""
 
 
+def _spelled(name: str) -> str:
+    """A server's tool name as a card's summary says it: a name that is not plain ASCII is spelled out
+    (`g\\u0456t_push`), so a look-alike of another tool (a Cyrillic і in `git_push`) cannot pass for it."""
+    return name if name.isascii() else name.encode("ascii", "backslashreplace").decode("ascii")
+
+
 def openai_name(server: str, tool: str) -> str:
     """`<server>__<tool>` when that is a valid OpenAI function name; else a deterministic safe form with a hash."""
     raw = f"{server}__{tool}"
@@ -175,7 +181,7 @@ def build_spec(
         args_model=args_model,
         run=run,
         source=f"mcp:{server}",
-        describe=lambda args: RUN_ON_SERVER(tool=tool_name, server=server),
+        describe=lambda args: RUN_ON_SERVER(tool=_spelled(tool_name), server=server),
         preview=None if kind.read_only else preview,
         parameters_schema=parameters,
         nulls_are_sent=True,
