@@ -73,12 +73,17 @@ async def test_slack_pending_reposts_working_cards_and_cancel_stops_the_run(slac
     listing, reposted = fake_slack.calls_to("chat.postEphemeral")
     assert listing.params["text"].startswith("Waiting for a decision (1):")
     assert "you are the requester" in listing.params["text"]
-    blocks = json.loads(reposted.params["blocks"]) if isinstance(reposted.params["blocks"], str) else reposted.params["blocks"]
-    ephemeral = {"ts": next_ts(), "channel": CHANNEL, "blocks": blocks}
-    assert (await bot.send(slack_click(ephemeral)))[0] == 200  # the re-posted card's button: same decision path
+    copy = fake_slack.ephemerals[max(fake_slack.ephemerals)]
+    click_on_copy = slack_click({"ts": copy["ts"], "channel": CHANNEL, "blocks": copy["blocks"]})
+    click_on_copy["container"]["is_ephemeral"] = True  # as Slack sends a click on an ephemeral message
+    click_on_copy["response_url"] = copy["response_url"]
+    assert (await bot.send(click_on_copy))[0] == 200  # the re-posted card's button: same decision path
     await bot.settle()
     assert len(ledger.effects) == 1
     assert "Done: note 1 stored" in json.dumps(fake_slack.messages[original["ts"]]["blocks"])
+    # The private copy, which chat.update cannot reach, no longer offers the buttons: it shows the outcome too.
+    await fake_slack.wait_until(lambda: "Done: note 1 stored" in json.dumps(copy["blocks"]))
+    assert '"Approve"' not in json.dumps(copy["blocks"]) and copy["replaced"] >= 1
 
     root = next_ts()
     await bot.send(mention("write another note", ts=root))

@@ -29,6 +29,7 @@ import aiohttp
 from aiohttp import web
 from slack_sdk.errors import SlackApiError
 from slack_sdk.web.async_client import AsyncWebClient
+from slack_sdk.webhook.async_client import AsyncWebhookClient
 
 from bot.config import Settings
 from bot.core.channels import CardView, DeliveryFailed
@@ -190,6 +191,17 @@ class SlackAdapter:
         return str(ts) if ts else None
 
     async def update_card(self, thread: Thread, message_id: str, card: CardView) -> None:
+        """The card in its thread (`chat.update`), or a private copy of it through the `response_url`
+        its click gave (`Core.card_copied`; Slack cannot edit an ephemeral message otherwise)."""
+        if url := thread.coords.get("response_url"):
+            hook = AsyncWebhookClient(str(url), timeout=HTTP_TIMEOUT, session=self._session)
+            async with delivery():
+                answer = await hook.send(replace_original=True, text=card_text(card), blocks=card_blocks(card))
+            if answer.status_code != 200:
+                raise DeliveryFailed(
+                    f"Slack refused to replace a copy of the card (HTTP {answer.status_code}: {answer.body[:80]})"
+                )
+            return
         async with delivery():
             await self.client.chat_update(
                 channel=thread.coords["channel"], ts=message_id, text=card_text(card), blocks=card_blocks(card)

@@ -192,6 +192,15 @@ def click_place(body: dict[str, Any]) -> dict[str, str | None]:
     return {"channel": channel, "thread_ts": message.get("thread_ts") or container.get("thread_ts")}
 
 
+def copy_url(body: dict[str, Any]) -> str | None:
+    """The `response_url` of a click made on a private copy of a card (an ephemeral message, as
+    `pending` posts them): the only way to change that copy. None for a click on a shared card."""
+    if not (body.get("container") or {}).get("is_ephemeral"):
+        return None
+    url = body.get("response_url")
+    return url if isinstance(url, str) and url else None
+
+
 def from_home(body: dict[str, Any]) -> bool:
     """Was this click made on the App Home tab (not on a card in a conversation)?"""
     view = body.get("view") or {}

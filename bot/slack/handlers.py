@@ -41,7 +41,7 @@ from bot.core.approvals import EditOutcome, EditResult
 from bot.core.cards import load_card
 from bot.core.engine import Core
 from bot.core.errors import StorageError
-from bot.core.events import DecisionRequest, EditRequest, User, checked_approval_id
+from bot.core.events import DecisionRequest, EditRequest, Thread, User, checked_approval_id
 from bot.core.home import home_for
 from bot.slack import events
 from bot.slack.blocks import card_blocks, card_text, edit_modal, full_view, reject_modal
@@ -56,6 +56,7 @@ _Request = TypeVar("_Request", DecisionRequest, EditRequest)
 Spawn = Callable[[Coroutine[Any, Any, Any], str], None]
 # Outcomes the card already shows; anything else is told privately to the clicker.
 _SHOWN_ON_CARD = frozenset({"approved", "rejected"})
+COPY_URL_LIMIT = 200  # a recorded copy's id (`card_copy.message_id`); Slack's response_urls are ~90 characters
 SLASH_COMMAND = "/chatops"
 
 
@@ -166,6 +167,14 @@ class SlackHandlers:
         elif outcome.kind not in _SHOWN_ON_CARD:
             place = events.click_place(body)
             self.spawn(self._tell(place, request.user.id, outcome.message), "slack-ephemeral")
+        self._track_copy(events.copy_url(body), request.approval_id)
+
+    def _track_copy(self, url: str | None, approval_id: str) -> None:
+        """A card re-posted privately (`pending`) cannot be edited like the card in the thread: once
+        clicked, its `response_url` is recorded as a copy of the card, which the outbox then replaces
+        with each new rendering (the decision's included) as long as Slack accepts it (30 minutes)."""
+        if url and len(url) <= COPY_URL_LIMIT:
+            self.spawn(self.core.card_copied(approval_id, Thread(events.PLATFORM, {"response_url": url}), url), "slack-copy")
 
     def _click_not_recorded(self, body: dict[str, Any], error: StorageError) -> None:
         """Slack never sends a click again: the clicker is told, in one sentence, to click again."""
@@ -181,7 +190,7 @@ class SlackHandlers:
         """Reject: open the modal asking why; the decision happens when it is submitted."""
         await ack()
         await self._identified(events.decision_from_action(body, action), events.click_place(body)["channel"])
-        place = {**events.click_place(body), "revision": events.revision_of(action)}
+        place = {**events.click_place(body), "revision": events.revision_of(action), "copy": events.copy_url(body)}
         view = reject_modal(checked_approval_id(str(action.get("value") or "")), place)
         self.spawn(self._open(str(body.get("trigger_id")), view), "slack-reject-modal")
 
@@ -200,6 +209,7 @@ class SlackHandlers:
             await ack()
         else:
             await ack(response_action="errors", errors={events.REASON_BLOCK: str(outcome.message)})
+        self._track_copy(meta.get("copy"), request.approval_id)
 
     async def on_edit(self, ack: AsyncAck, body: dict[str, Any], action: dict[str, Any]) -> None:
         """Edit: the modal with the frozen arguments in typed inputs (or, privately, why not)."""
@@ -214,7 +224,7 @@ class SlackHandlers:
         if outcome.form is None:
             self.spawn(self._tell(place, request.user.id, outcome.message), "slack-ephemeral")
             return
-        view = edit_modal(outcome.form, place, request.user.lang, request.user.tz)
+        view = edit_modal(outcome.form, {**place, "copy": events.copy_url(body)}, request.user.lang, request.user.tz)
         self.spawn(self._open(str(body.get("trigger_id")), view), "slack-edit-modal")
 
     async def on_edit_submit(self, ack: AsyncAck, body: dict[str, Any]) -> None:
@@ -232,6 +242,7 @@ class SlackHandlers:
         if outcome.kind == EditResult.EDITED:
             await ack()
             self.spawn(self._tell(meta, request.user.id, outcome.message), "slack-ephemeral")
+            self._track_copy(meta.get("copy"), request.approval_id)
             return
         await ack(response_action="errors", errors=_modal_errors(outcome, meta))
 

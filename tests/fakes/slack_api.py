@@ -5,7 +5,8 @@ The bot's real `AsyncWebClient` talks to it through SLACK_API_URL. Every call is
 the methods the bot uses (`auth.test`, `chat.postMessage` returns a fresh `ts`, `chat.update`,
 `chat.delete`, the streaming trio `chat.startStream` / `chat.appendStream` / `chat.stopStream` (a
 streamed message grows in `messages`, `streaming` while open), `views.publish` (the latest home
-view per user in `homes`), `chat.postEphemeral`, `reactions.add`, `conversations.replies`, `views.open`, `users.info`,
+view per user in `homes`), `chat.postEphemeral` (kept in `ephemerals`, each with a `response_url` that
+replaces it, as Slack's does), `reactions.add`, `conversations.replies`, `views.open`, `users.info`,
 `usergroups.users.list` (members set with `set_usergroup`), `apps.connections.open`...). A test can make a method answer 429 with Retry-After, or a Slack
 error, a number of times. `wait_for` waits on calls instead of sleeping.
 
@@ -51,6 +52,7 @@ class FakeSlackApi:
     acks: dict[str, dict[str, Any]] = field(default_factory=dict)
     usergroups: dict[str, list[str]] = field(default_factory=dict)
     homes: dict[str, dict[str, Any]] = field(default_factory=dict)
+    ephemerals: dict[str, dict[str, Any]] = field(default_factory=dict)  # by message_ts, with their response_url
     # What a token installed from manifest.yml has; Slack sends it as `x-oauth-scopes` on every answer.
     scopes: list[str] = field(
         default_factory=lambda: [
@@ -247,8 +249,25 @@ class FakeSlackApi:
         self.homes[str(p.get("user_id"))] = view
         return {"view": {"id": "V" + uuid.uuid4().hex[:10].upper(), **view}}
 
-    def _m_chat_postEphemeral(self, _: dict[str, Any]) -> dict[str, Any]:
-        return {"message_ts": self._new_ts()}
+    def _m_chat_postEphemeral(self, p: dict[str, Any]) -> dict[str, Any]:
+        ts = self._new_ts()
+        response_url = f"http://127.0.0.1:{self.port}/respond/{ts}"
+        blocks = p.get("blocks")
+        blocks = json.loads(blocks) if isinstance(blocks, str) else blocks
+        self.ephemerals[ts] = {**p, "ts": ts, "blocks": blocks, "response_url": response_url, "replaced": 0}
+        return {"message_ts": ts}
+
+    async def _respond(self, request: web.Request) -> web.Response:
+        """A `response_url`: `replace_original` replaces the ephemeral message it belongs to."""
+        body = await request.json()
+        message = self.ephemerals.get(request.match_info["ts"])
+        if message is None:
+            return web.Response(status=404, text="expired_url")
+        if body.get("replace_original"):
+            message.update(text=body.get("text"), blocks=body.get("blocks"), replaced=message["replaced"] + 1)
+        async with self._changed:
+            self._changed.notify_all()
+        return web.Response(text="ok")
 
     def _m_conversations_replies(self, p: dict[str, Any]) -> dict[str, Any]:
         root = str(p.get("ts"))
@@ -327,6 +346,7 @@ class FakeSlackApi:
         app = web.Application()
         app.router.add_route("*", "/api/{method}", self._api)
         app.router.add_get("/socket", self._socket)
+        app.router.add_post("/respond/{ts}", self._respond)
         self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=1)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
