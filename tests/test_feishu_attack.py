@@ -4,6 +4,7 @@ code it was written against because of the finding it names."""
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -173,6 +174,25 @@ def rendered(args: dict[str, Any]) -> dict[str, Any]:
         expires_at=NOW + timedelta(hours=1),
     )  # fmt: skip
     return feishu_cards.render_card(card_view(row))
+
+
+def test_three_hundred_arguments_each_with_an_invisible_character_still_get_a_card():
+    """A warning line per argument: 90 of them made the Feishu card impossible to render ("cannot be
+    made small enough"; the request waited 10 minutes, then was cancelled) and 3,000 a Slack card of
+    72 blocks, which Slack refuses. The warnings are counted past a dozen; each value keeps its markers."""
+    from bot.slack.blocks import card_blocks
+
+    args = {f"k{i}": f"v\u200b{i}" for i in range(300)}
+    card = rendered(args)
+    assert element_count(card) <= ELEMENT_LIMIT
+    shown = json.dumps(card, ensure_ascii=False)
+    assert "k0 contains invisible characters" in shown and "289 more warning(s)" in shown
+    row = Approval(
+        id="ap-many1", run_id="run-1", tool_call_id="call-1", tool_name="configure", args=args, args_sha256="-",
+        platform="slack", requester_id="U0ALICE", requester={"id": "U0ALICE"}, thread={},
+        card=card_content("Configure", args, [], [], "confirm"), status="pending", votes=[], expires_at=NOW + timedelta(hours=1),
+    )  # fmt: skip
+    assert len(card_blocks(card_view(row))) <= 50
 
 
 def test_alternating_blanks_cannot_push_a_tail_out_of_sight():

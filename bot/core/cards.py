@@ -25,6 +25,7 @@ from tools.email import as_received
 
 SUMMARY_LIMIT = 500
 PREVIEW_LIMIT = 300
+FIELD_WARNINGS = 12  # warning lines about neutralised argument values on a card; more are counted
 STORED_LINES = 40  # warnings or preview lines kept with a card (an MCP preview has at most 22); more are counted
 OUTCOME_LIMIT = 600
 MULTILINE_NAMES = frozenset({"body", "text", "message", "content", "description", "notes", "note", "comment", "details"})
@@ -171,7 +172,9 @@ def _warnings(label: str, found: Findings, newlines: bool) -> list[str]:
 
 
 def shown_fields(tool: str, args: dict[str, Any], nulls: bool = False) -> tuple[tuple[CardField, ...], list[str]]:
-    """Every argument as display text, complete, and the warnings about what was neutralised."""
+    """Every argument as display text, complete, and the warnings about what was neutralised: up to
+    `FIELD_WARNINGS` lines, then one counting the rest (every value still shows its own markers; a
+    warning per argument of thousands would make a card no platform accepts)."""
     fields, warnings = [], []
     for label, raw, multiline in _raw_fields(tool, args, nulls):
         found = Findings()
@@ -179,6 +182,9 @@ def shown_fields(tool: str, args: dict[str, Any], nulls: bool = False) -> tuple[
         shown_label = one_line(label)
         fields.append(CardField(shown_label, value, multiline))
         warnings += _warnings(shown_label, found, not multiline and "\n" in raw)
+    if len(warnings) > FIELD_WARNINGS:
+        more = len(warnings) - FIELD_WARNINGS + 1
+        warnings = [*warnings[: FIELD_WARNINGS - 1], texts.CARD_MORE_WARNINGS.format(count=more)]
     return tuple(fields), warnings
 
 

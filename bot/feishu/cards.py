@@ -151,13 +151,18 @@ def _compact(card: CardView, limit: int, room: int | None = None) -> tuple[list[
     if len(fields) < len(card.fields):
         lines.append("▸ " + texts.CARD_MORE_FIELDS.format(count=len(card.fields) - len(fields)))
         shortened = True
+    return _packed(lines), shortened
+
+
+def _packed(lines: list[str]) -> list[dict[str, Any]]:
+    """`lines` joined into as few text elements as fit `PACK_CHARS` each (Feishu counts elements)."""
     packed: list[str] = []
     for line in lines:
         if packed and len(packed[-1]) + 1 + len(line) <= PACK_CHARS:
             packed[-1] += "\n" + line
         else:
             packed.append(line)
-    return [_text(text) for text in packed], shortened
+    return [_text(text) for text in packed]
 
 
 def _panel(title: str, elements: list[dict[str, Any]]) -> dict[str, Any]:
@@ -199,7 +204,7 @@ def _size(element: dict[str, Any]) -> int:
 def _build(card: CardView, limit: int, *, panel: bool = True, room: int | None = None) -> dict[str, Any]:
     fields, shortened = _compact(card, limit, room)
     elements: list[dict[str, Any]] = [_text(_short(card.summary, limit * 2)), {"tag": "hr"}, *fields]
-    elements += [_text("⚠️ " + _short(warning, limit * 2)) for warning in card.warnings]
+    elements += _packed(["⚠️ " + _short(warning, limit * 2) for warning in card.warnings])
     if card.preview:
         elements.append(_text("\n".join(_short(line, limit) for line in card.preview)))
     if shortened:
