@@ -70,7 +70,7 @@ async def test_slack_pending_reposts_working_cards_and_cancel_stops_the_run(slac
 
     await bot.send(mention("pending"))
     await bot.settle()
-    listing, reposted = fake_slack.calls_to("chat.postEphemeral")
+    listing, _card = fake_slack.calls_to("chat.postEphemeral")
     assert listing.params["text"].startswith("Waiting for a decision (1):")
     assert "you are the requester" in listing.params["text"]
     copy = fake_slack.ephemerals[max(fake_slack.ephemerals)]

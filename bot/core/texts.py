@@ -101,7 +101,9 @@ CARD_WARN_INVISIBLE = "{field} contains invisible characters ({codes}), shown as
 CARD_WARN_BLANKS = "{field} contains long runs of blank space, shown as ⟨N spaces⟩ / ⟨N line breaks⟩: read past them"
 CARD_WARN_NEWLINES = "{field} contains line breaks, shown as ⏎"
 CARD_WARN_DOMAIN = "{field}: {detail}"
-CARD_MORE_WARNINGS = "{count} more warning(s) like these about other arguments: the ⟨…⟩ markers in their values show what was neutralised"
+CARD_MORE_WARNINGS = (
+    "{count} more warning(s) like these about other arguments: the ⟨…⟩ markers in their values show what was neutralised"
+)
 CARD_FULL_SLACK = "Some values are shortened here: “View full request” shows everything that will run."
 CARD_FULL_FEISHU = "Some values are shortened here: open “Full request” below to see everything that will run."
 CARD_MORE_FIELDS = "{count} more argument(s) in the full request"
