@@ -13,6 +13,7 @@ Modules:
 - `approvals`   the approval service (the state machine); `executor` runs an approved call;
   `limits` per-user limits;
 - `outbox`      cards, replies and notices through the channels (delivered ones marked sent by group commit);
+  `card_copies` the re-posted copies of a card (`pending`), patched with it;
 - `cards`       the platform-neutral card built from a stored approval; `display` what makes its values
   honest to read; `edit_form` edit before approve;
 - `sweeper`     periodic recovery on every replica, and a worker process's pick-up of new work on a wake-up;
