@@ -87,6 +87,22 @@ def test_decided_cards_have_no_form_and_show_the_outcome(status, line, colour):
     assert card["header"]["template"] == colour
 
 
+def test_a_decider_feishu_gives_no_name_for_is_shown_by_name_through_a_mention():
+    """Feishu's clicks carry an open_id and no name: the card said "Approved by ou_4f3a…"."""
+    approved = render_card(view(status="approved", decided_by="ou_bob", decided_by_id="ou_bob", decided_at=NOW))
+    mentions = [e["content"] for e in elements(approved) if e["tag"] == "markdown" and "ou_bob" in e["content"]]
+    assert mentions == [texts.CARD_APPROVED.format(who="<at id=ou_bob></at>", at="2026-01-02 03:04 UTC")]
+    rejected = render_card(view(status="rejected", decided_by="ou_bob", decided_by_id="ou_bob", decided_at=NOW))
+    assert texts.CARD_REJECTED_NO_REASON.format(who="<at id=ou_bob></at>") in [e.get("content") for e in elements(rejected)]
+    # a line with what someone typed (a reason), or a decider with a name, stays plain text
+    reasoned = render_card(
+        view(status="rejected", decided_by="ou_bob", decided_by_id="ou_bob", decided_at=NOW, reason="<at id=all></at>")
+    )
+    assert not [e for e in elements(reasoned) if e["tag"] == "markdown" and "ou_bob" in e["content"]]
+    named = render_card(view(status="approved", decided_by="Bob", decided_by_id="ou_bob", decided_at=NOW))
+    assert texts.CARD_APPROVED.format(who="Bob", at="2026-01-02 03:04 UTC") in plain_texts(named)
+
+
 def test_user_text_is_never_markdown():
     hostile = "<at id=all></at> [click](https://evil.example) **bold**"
     card = render_card(view(summary=hostile, fields=(CardField("note", hostile),), requester="Mallory <at id=all></at>"))

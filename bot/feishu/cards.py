@@ -128,6 +128,19 @@ def _requester(card: CardView) -> dict[str, Any]:
     return _text(texts.CARD_REQUESTED_BY.format(who=card.requester))
 
 
+def _status_line(card: CardView, line: str, limit: int) -> dict[str, Any]:
+    """A decision line; "Approved by ou_…" / "Rejected by ou_…" (Feishu tells no names) with the decider
+    as an `<at>` mention, which Feishu shows as their name: those two lines hold nothing else anyone typed."""
+    who = card.decided_by_id
+    if card.decided_by == who and who and _OPEN_ID.fullmatch(who):
+        at = texts.when(card.decided_at) if card.decided_at else "?"
+        mention = f"<at id={who}></at>"
+        for sentence, values in ((texts.CARD_APPROVED, {"at": at}), (texts.CARD_REJECTED_NO_REASON, {})):
+            if line == sentence.format(who=who, **values):
+                return {"tag": "markdown", "content": sentence.format(who=mention, **values)}
+    return _text(_short(line, limit * 2))
+
+
 def _short(text: str, limit: int) -> str:
     return shorten(text, limit)[0]
 
@@ -215,7 +228,7 @@ def _build(card: CardView, limit: int, *, panel: bool = True, room: int | None =
     elements.append(_text(texts.CARD_WHY.format(reason=texts.localize(card.rule) or "")))
     elements.append(_requester(card))
     elements.append(_text(texts.CARD_EXPIRES.format(at=texts.when(card.expires_at))))
-    elements += [_text(_short(line, limit * 2)) for line in status_lines(card)]
+    elements += [_status_line(card, line, limit) for line in status_lines(card)]
     if card.actionable:
         elements.append(_decision_form(card))
     return {
