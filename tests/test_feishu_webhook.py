@@ -202,3 +202,28 @@ async def test_redelivery_storm_200_events_5_times_each_is_200_runs(feishu_bot, 
     assert sorted(bot.fake.texts()) == sorted(f"answer to question {i}" for i in range(200))
     assert len(bot.fake.reactions) == 200
     assert ENCRYPT_KEY not in json.dumps([c.body for c in bot.fake.calls])
+
+
+async def test_a_click_slower_than_feishu_waits_is_answered_honestly_and_still_lands(feishu_bot, model, postgres_url):
+    """Another session holds the approval's row (a long admin transaction): the click waited past
+    Feishu's 3 s and Feishu showed the clicker an error, though the decision landed afterwards. Now the
+    answer comes at the budget ("still being handled"), and the card shows the outcome once it lands."""
+    import psycopg
+
+    from bot.feishu import still_working as still_working_answer
+
+    ledger = Ledger()
+    model.script(calls(("write_note", {"topic": "x", "text": "y"})), text("done"))
+    bot = await feishu_bot(toolsets=[notes_toolset(ledger)], database_url=postgres_url)
+    await bot.send(at_bot("write a note"))
+    await bot.settle()
+    approval_id = approval_id_of(bot.card())
+    admin = await psycopg.AsyncConnection.connect(postgres_url)
+    async with admin, admin.transaction():
+        await admin.execute("SELECT id FROM approval WHERE id = %s FOR UPDATE", (approval_id,))
+        status, answer = await bot.send(click(approval_id))
+        assert (status, answer) == (200, still_working_answer()), answer  # answered at the budget, not done
+        assert ledger.effects == [] and await bot.count("approval", "status = 'pending'") == 1
+    await bot.settle()  # the lock is gone: the click goes on and lands
+    assert len(ledger.effects) == 1
+    assert "Approved by" in bot.fake.cards()[-1].content or "已批准" in bot.fake.cards()[-1].content

@@ -38,6 +38,7 @@ NOT_FOUND = "I do not know approval {approval_id}."
 NOT_ALLOWED = "You cannot decide this request: {reason}."
 SAME_APPROVER_TWICE = "You have already approved this request; another approver is needed."
 REQUESTER_CANNOT_APPROVE = "the person who asked cannot approve their own request"
+CLICK_STILL_WORKING = "Your click arrived and is still being handled: the card will show the outcome. No need to click again."
 CLICK_NOT_RECORDED = "I could not record your click just now (the database did not answer in time), so nothing changed and nothing ran. Please click again."
 STALE_CARD = "This card shows an older version of the request (it was edited since). Use the updated card."
 

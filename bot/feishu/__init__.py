@@ -38,7 +38,7 @@ from typing import Any
 from aiohttp import web
 
 from bot.config import Settings
-from bot.core import commands, language, metrics, texts
+from bot.core import commands, i18n, language, metrics, texts
 from bot.core.cards import cut, load_card
 from bot.core.channels import CardView
 from bot.core.engine import Core
@@ -60,9 +60,17 @@ _AT_TAG = re.compile(r"<(?=at\b)", re.IGNORECASE)
 WORKING_EMOJI = "OnIt"
 TEXT_LIMIT = 20_000
 HANDLER_BUDGET = 2.5  # seconds; Feishu wants an answer within 3
+LOOP_MARGIN = 0.25  # seconds the long connection's thread gives the bot's loop beyond that
 START_BUDGET = 15.0  # seconds start() waits for the bot's identity
 BOT_ID_RETRY = 30.0  # the longest wait between two attempts to learn it (bot info counts against the API quota)
 TOKEN_RECHECK = 60.0  # seconds between two bot-info calls made for /readyz
+
+
+def still_working() -> dict[str, Any]:
+    """The answer to a click that takes longer than Feishu waits: it was received and goes on; not an
+    error (the decision may land a moment later). In the platform's language: the click's own is not known yet."""
+    with i18n.speaking(language.PLATFORM_DEFAULTS.get(events.PLATFORM)):
+        return {"toast": {"type": "info", "content": str(texts.CLICK_STILL_WORKING)}}
 
 
 class NotReady(Exception):
@@ -212,11 +220,9 @@ class FeishuAdapter:
                 elif not await self.core.accept_message(msg):
                     log.debug("feishu: duplicate delivery %s", msg.dedupe_keys)
             return Answer({})
-        if (kind == "card.action.trigger" or (kind is None and "action" in payload)) and (
-            events.card_verb(payload) in events.EDIT_VERBS
-        ):
+        if events.is_click(payload) and events.card_verb(payload) in events.EDIT_VERBS:
             return await self._edit_action(payload)
-        if kind == "card.action.trigger" or (kind is None and "action" in payload):
+        if events.is_click(payload):
             request = events.to_decision(payload)
             request = replace(request, approval_id=checked_approval_id(request.approval_id))
             self._answering.setdefault(request.approval_id, asyncio.Event())
@@ -335,7 +341,7 @@ class FeishuAdapter:
         if envelope.challenge is not None:
             return web.json_response({"challenge": envelope.challenge})
         try:
-            answer = await self.dispatch(envelope.payload)
+            answer = await self._within_budget(envelope.payload)
         except events.BadPayload as exc:
             log.warning("feishu webhook: unreadable event (%s)", exc)
             await record_refused_request(self.core.ctx, self.platform, f"unreadable event ({exc})")
@@ -353,6 +359,28 @@ class FeishuAdapter:
             self._answered(answer.approval_id)
         return response
 
+    async def _within_budget(self, payload: dict[str, Any]) -> Answer:
+        """`dispatch`, except that a click still in hand after `HANDLER_BUDGET` is answered at once
+        (Feishu shows an error past 3 s) while it goes on: the card shows its outcome when it lands."""
+        if not events.is_click(payload):
+            return await self.dispatch(payload)
+        handling = asyncio.ensure_future(self.dispatch(payload))
+        try:
+            return await asyncio.wait_for(asyncio.shield(handling), HANDLER_BUDGET)
+        except TimeoutError:
+            self.core.ctx.tasks.spawn(self._finish_click(handling, payload), name="feishu-slow-click")
+            return Answer(still_working())
+
+    async def _finish_click(self, handling: asyncio.Future[Answer], payload: dict[str, Any]) -> None:
+        """A click answered "still working": a refusal or failure it ends in (its toast an error or a
+        warning) is said to the clicker in a direct message, since nobody sees the late answer."""
+        answer = await handling
+        self._answered(answer.approval_id)  # no answer of its own will be shown: the card's patch may go
+        toast = answer.body.get("toast") or {}
+        open_id = events.clicker_open_id(payload)
+        if toast.get("type") in ("error", "warning") and open_id:
+            await self.api.send(open_id, "text", self._text(str(toast.get("content") or "")), id_type="open_id")
+
     def _from_long_connection(self, raw: bytes) -> dict[str, Any] | None:
         """Runs on the SDK's thread: hand the payload to the main loop, wait (bounded), answer."""
         try:
@@ -363,11 +391,16 @@ class FeishuAdapter:
         if not isinstance(payload, dict) or self._loop is None:
             return None
         started = time.perf_counter()
-        future = asyncio.run_coroutine_threadsafe(self.dispatch(payload), self._loop)
+        future = asyncio.run_coroutine_threadsafe(self._within_budget(payload), self._loop)
         status = 500
         try:
-            answer = future.result(timeout=HANDLER_BUDGET)
+            answer = future.result(timeout=HANDLER_BUDGET + LOOP_MARGIN)
             status = 200
+        except TimeoutError:
+            if not events.is_click(payload):
+                raise  # an event: the error ack makes Feishu deliver it again (its key is recorded once)
+            status = 200  # the bot's loop did not even answer in time; the click goes on there
+            return still_working()
         except events.BadPayload as exc:
             status = 400
             log.warning("feishu long connection: unreadable event (%s)", exc)

@@ -161,6 +161,18 @@ def _card_event(payload: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]
     return event, action, _obj(action.get("value"))
 
 
+def is_click(payload: dict[str, Any]) -> bool:
+    """A card's button or form (a callback, not an event Feishu delivers again)."""
+    kind = event_type(payload)
+    return kind == "card.action.trigger" or (kind is None and "action" in payload)
+
+
+def clicker_open_id(payload: dict[str, Any]) -> str | None:
+    """Who clicked a card (the operator's open_id), or None when the payload does not say."""
+    event = _obj(payload.get("event")) if "event" in payload else payload
+    return _str(_obj(event.get("operator")).get("open_id")) or _str(event.get("open_id"))
+
+
 def card_verb(payload: dict[str, Any]) -> str | None:
     """Which card button was clicked (`approve`, `reject`, `edit`, `edit_submit`, `edit_cancel`), if it says."""
     verb = _card_event(payload)[2].get("action")
