@@ -107,6 +107,20 @@ async def test_slack_pending_reposts_working_cards_and_cancel_stops_the_run(slac
     assert fake_slack.calls_to("chat.postMessage")[-1].params["text"] == "There is nothing to cancel in this conversation."
 
 
+async def test_the_pending_list_quotes_requests_without_their_links_or_broadcasts_taking_effect(slack_bot, fake_slack, model):
+    """The list quotes each request's summary, which holds what the model chose: it was sent as mrkdwn,
+    so `<https://evil.example|the runbook>` showed as a link to somewhere else."""
+    hostile = {"topic": "<https://evil.example|the runbook> <!channel>", "text": "x"}
+    model.script(calls(("write_note", hostile)), text("Stored."))
+    bot = await slack_bot(toolsets=[notes_toolset(Ledger())])
+    await bot.send(mention("write a note"))
+    await bot.settle()
+    await bot.send(mention("pending"))
+    await bot.settle()
+    listing = fake_slack.calls_to("chat.postEphemeral")[0].params["text"]
+    assert "evil.example" in listing and "<https://" not in listing and "<!channel>" not in listing, listing
+
+
 async def test_slack_slash_command_is_acknowledged_and_answered_privately(slack_bot, fake_slack, model):
     ledger = Ledger()
     model.script(calls(NOTE))

@@ -44,7 +44,7 @@ from bot.core.errors import StorageError
 from bot.core.events import DecisionRequest, EditRequest, Thread, User, checked_approval_id
 from bot.core.home import home_for
 from bot.slack import events
-from bot.slack.blocks import card_blocks, card_text, edit_modal, full_view, reject_modal
+from bot.slack.blocks import card_blocks, card_text, edit_modal, full_view, reject_modal, safe_message
 from bot.slack.client import BotIdentity, SlackUnavailable, UserDirectory
 from bot.slack.events import team_of as workspace_of
 from bot.slack.groups import SlackGroups
@@ -149,7 +149,7 @@ class SlackHandlers:
         return replace(request, user=user)
 
     async def _post(self, coords: dict[str, Any], text: str) -> None:
-        await self.client.chat_postMessage(channel=coords["channel"], thread_ts=coords.get("thread_ts"), text=text)
+        await self.client.chat_postMessage(channel=coords["channel"], thread_ts=coords.get("thread_ts"), text=safe_message(text))
 
     # ------------------------------------------------------------------ approvals
     async def on_approve(self, ack: AsyncAck, body: dict[str, Any], action: dict[str, Any]) -> None:
@@ -261,10 +261,12 @@ class SlackHandlers:
         await self._open(str(body.get("trigger_id")), full_view(found[0]))
 
     async def _tell(self, place: dict[str, Any], user_id: str, text: str) -> None:
+        """A private line: a sentence of ours, which may quote what others typed (a `pending` list quotes
+        each request's summary), so no link or broadcast in it takes effect (`safe_message`)."""
         if not place.get("channel"):
             return
         await self.client.chat_postEphemeral(
-            channel=place["channel"], user=user_id, text=str(text), thread_ts=place.get("thread_ts")
+            channel=place["channel"], user=user_id, text=safe_message(str(text)), thread_ts=place.get("thread_ts")
         )
 
     # ------------------------------------------------------------------ App Home
