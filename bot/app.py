@@ -267,7 +267,9 @@ async def build_app(
     keys = audit_keys(settings)
     redactor.add(keys.secrets())
     # A front's commits never checkpoint SQLite's WAL (an ack would wait for it); its workers' do.
-    db = Database(settings.database_url, pool_size=settings.db_pool_size, checkpoints=role != Role.FRONT)
+    db = Database(
+        settings.database_url, pool_size=settings.db_pool_size, checkpoints=role != Role.FRONT, stall=settings.db_stall_seconds
+    )
     db.on_retry(lambda fault: metrics.DB_RETRIES.labels(type(fault).__name__).inc())
     registry = ToolRegistry()
     for toolset in builtin_toolsets():

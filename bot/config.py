@@ -62,6 +62,7 @@ class Settings(BaseModel):
     sweep_interval: float = Field(5.0, alias="CHATOPS_SWEEP_INTERVAL", gt=0)
     lease_seconds: float = Field(30.0, alias="CHATOPS_LEASE_SECONDS", ge=1)
     db_pool_size: int = Field(10, alias="CHATOPS_DB_POOL_SIZE", ge=2, le=500)
+    db_stall_seconds: float = Field(30.0, alias="CHATOPS_DB_STALL_SECONDS", ge=1, le=3600)
     workers: int | None = Field(None, alias="CHATOPS_WORKERS", ge=0, le=256)
     outbox_deadline: float = Field(600.0, alias="CHATOPS_OUTBOX_DEADLINE", gt=0)
     model_notice_after: float = Field(15.0, alias="CHATOPS_MODEL_NOTICE_AFTER", gt=0)

@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -45,6 +46,8 @@ from storage.retrying import first_then_retry
 from storage.sessions import DbSession, InlineSession, PostgresSession
 from storage.turnstile import Turnstile
 
+log = logging.getLogger("chatops.storage")
+
 SQLITE_BUSY_TIMEOUT_MS = 5_000  # the CLI's sync engine (Alembic, audit commands): plain busy waits are fine there
 URGENT_BUDGET = 1.0  # seconds an ack's database step may take in all: lock waits and retries share it
 BACKGROUND_LOCK_WAIT = 10.0
@@ -53,6 +56,11 @@ COMMIT_WAIT = 30.0  # seconds a cancelled writer still waits for its commit to f
 BACKGROUND_CONNECTIONS = 8
 DEFAULT_POOL_SIZE = 10
 RETRY_DEADLINE = 60.0
+# PostgreSQL: a transaction that has not finished after this long is stalled (a hung backend, a lock
+# another session holds, a network gone quiet): its connection is dropped unread and the retry layer
+# tries again on a fresh one (CHATOPS_DB_STALL_SECONDS). An ack's gets the shorter bound: the platform waits 3 s.
+STALL_SECONDS, URGENT_STALL_SECONDS = 30.0, 2.5
+CONNECT_TIMEOUT = 10  # seconds to open a PostgreSQL connection (libpq's connect_timeout)
 # SQLSTATE classes and codes that mean "try the whole transaction again": connection exceptions,
 # transaction rollbacks (serialization failure, deadlock), lock not available, admin shutdown.
 _TRANSIENT_SQLSTATE_CLASSES = ("08", "40")
@@ -166,12 +174,22 @@ def make_async_engine(urls: DatabaseUrls, pool_size: int = DEFAULT_POOL_SIZE) ->
     No pre-ping round trip per checkout: a connection found dead fails its attempt, the pool
     replaces it and the retry layer runs the transaction again."""
     return create_async_engine(
-        urls.async_url, pool_size=pool_size, max_overflow=pool_size, pool_recycle=1800, pool_timeout=10, **_json_options()
+        urls.async_url,
+        pool_size=pool_size,
+        max_overflow=pool_size,
+        pool_recycle=1800,
+        pool_timeout=10,
+        connect_args={"connect_timeout": CONNECT_TIMEOUT},
+        **_json_options(),
     )
 
 
 class LockBusy(Exception):
     """The SQLite write lock stayed busy longer than the caller may wait (an ack: the platform redelivers)."""
+
+
+class TransactionStalled(ConnectionError):
+    """A PostgreSQL transaction did not finish within its bound; its connection was dropped (transient)."""
 
 
 def _locked(exc: sa.exc.OperationalError) -> bool:
@@ -187,8 +205,11 @@ class Database:
     commits never checkpoint the WAL (a front's: other processes' commits do).
     """
 
-    def __init__(self, url: str, *, pool_size: int = DEFAULT_POOL_SIZE, checkpoints: bool = True) -> None:
+    def __init__(
+        self, url: str, *, pool_size: int = DEFAULT_POOL_SIZE, checkpoints: bool = True, stall: float = STALL_SECONDS
+    ) -> None:
         self.urls = normalise_url(url)
+        self.stall = stall  # PostgreSQL: seconds after which an unfinished transaction is given up
         self._after_commit: dict[str, list[Callable[[Any], None]]] = {}
         self._on_retry: list[Callable[[BaseException], None]] = []
         if self.urls.is_sqlite:
@@ -265,7 +286,7 @@ class Database:
     @asynccontextmanager
     async def _read(self) -> AsyncIterator[DbSession]:
         if self.engine is not None:
-            async with self._postgres() as session:
+            async with self._postgres(self.stall) as session:
                 yield session
             return
         inline = InlineSession(self._read_engine.connect(), self._sync_sessions)
@@ -279,7 +300,7 @@ class Database:
     @asynccontextmanager
     async def _write(self, wait: float, *, urgent: bool = False) -> AsyncIterator[DbSession]:
         if self.engine is not None:
-            async with self._postgres() as session:
+            async with self._postgres(min(URGENT_STALL_SECONDS, self.stall) if urgent else self.stall) as session:
                 yield session
             raised = self._raised(session.info)
         else:
@@ -312,19 +333,38 @@ class Database:
                 callback(value)
 
     @asynccontextmanager
-    async def _postgres(self) -> AsyncIterator[PostgresSession]:
-        """One PostgreSQL transaction: committed on success, rolled back on any exception."""
+    async def _postgres(self, stall: float) -> AsyncIterator[PostgresSession]:
+        """One PostgreSQL transaction: committed on success, rolled back on any exception. Not
+        finished within `stall` seconds, it is given up: its connection is dropped without a word to
+        the server (a ROLLBACK would wait on the same stalled backend), the pool's idle connections are
+        replaced, and `TransactionStalled` raised (transient: the retry layer tries again)."""
         assert self.engine is not None
         session = PostgresSession(await self.engine.connect(), self._sessions)
+        stalled = False
         try:
-            await session.connection().begin()
-            yield session
-            await session.commit()
+            async with asyncio.timeout(stall) as bound:
+                await session.connection().begin()
+                yield session
+                await session.commit()
+        except TimeoutError:
+            if not bound.expired():
+                raise  # a timeout of the step's own
+            stalled = True
+            log.warning(
+                "a database transaction did not finish within %gs: its connection is dropped and it is tried again", stall
+            )
+            raise TransactionStalled(f"the database did not finish a transaction within {stall:g}s") from None
         finally:
-            # Once committed, a failure to hand the connection back loses only the connection (the
-            # pool replaces it); it must not fail a step that is done.
-            with contextlib.suppress(Exception):
-                await session.close()
+            if stalled:
+                await session.drop()
+                # Its neighbours in the pool may sit on the same stalled server: start afresh.
+                with contextlib.suppress(Exception):
+                    await self.engine.dispose()
+            else:
+                # Once committed, a failure to hand the connection back loses only the connection (the
+                # pool replaces it); it must not fail a step that is done.
+                with contextlib.suppress(Exception):
+                    await session.close()
 
     def _raised(self, info: dict[Any, Any]) -> list[tuple[str, Any]]:
         """The after-commit keys a committed session set, with their values (taken out of `info`)."""

@@ -10,6 +10,7 @@ opens, commits and closes them.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import Any, Generic, Protocol, TypeVar, TypeVarTuple, cast, overload
 
@@ -178,4 +179,15 @@ class PostgresSession(_Joined[AsyncConnection, AsyncSession]):
             if self._orm is not None:
                 await self._orm.close()
         finally:
+            await self._connection.close()
+
+    async def drop(self) -> None:
+        """Give the connection up without a word to the server (its transaction stalled): it is closed
+        and never pooled again; nothing is rolled back by us (the server does, once it runs again)."""
+        with contextlib.suppress(Exception):
+            await self._connection.invalidate()
+        with contextlib.suppress(Exception):
+            if self._orm is not None:
+                await self._orm.close()
+        with contextlib.suppress(Exception):
             await self._connection.close()

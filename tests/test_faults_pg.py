@@ -7,9 +7,12 @@ running, executing or queued, and the tool runs exactly once and is recorded as 
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 from typing import Any
 
 import pytest
+import sqlalchemy as sa
 
 from bot.app import App
 from bot.core.errors import StorageError
@@ -91,3 +94,48 @@ async def test_connections_ended_at_each_step_of_a_turn(bots, model, postgres_ur
     assert state.approvals == {approval_id: "succeeded"}
     assert state.stuck == [] and state.runs["done"] == 1
     assert channel.replies.count("Stored.") == 1
+
+
+def backend_pids(postgres_url: str) -> list[int]:
+    """The server processes of the bot's connections (application_name = the test schema)."""
+    engine = sa.create_engine(sa.make_url(postgres_url.split("?")[0]).set(drivername="postgresql+psycopg"))
+    try:
+        with engine.connect() as conn:
+            query = sa.text("SELECT pid FROM pg_stat_activity WHERE application_name = :a AND pid <> pg_backend_pid()")
+            return [int(pid) for pid in conn.execute(query, {"a": schema_of(postgres_url)}).scalars()]
+    finally:
+        engine.dispose()
+
+
+async def test_server_processes_that_stop_answering_are_given_up_and_the_bot_goes_on(bots, model, postgres_url):
+    """Every server process of the bot is stopped (SIGSTOP: alive, its socket open, never answering):
+    the next transaction waited forever and the conversation stalled without a word. Now it is given
+    up after its bound, the ack fails (the platform delivers again), the pool starts afresh, and the
+    redelivered message is answered, while those processes are still stopped."""
+    model.script(text("one"), text("two"))
+    app = await bots.start(database_url=postgres_url, CHATOPS_DB_STALL_SECONDS="2")
+    channel = FaultChannel()
+    app.ctx.channels[channel.platform] = channel
+    await bots.run(app)
+    await deliver(app, message("hi"))
+    await channel.wait_for(lambda: "one" in channel.replies, timeout=60)
+    await settle(app)
+
+    stopped = await asyncio.to_thread(backend_pids, postgres_url)
+    assert stopped, "the bot has no connection to stop"
+    for pid in stopped:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        again = message("hi again")
+        with pytest.raises(StorageError):  # a clear answer (the adapter's 503), not a wait without end
+            async with asyncio.timeout(60):
+                await app.core.accept_message(again)
+        await deliver(app, again)  # the platform's redelivery: fresh connections
+        await channel.wait_for(lambda: "two" in channel.replies, timeout=60)
+        assert set(stopped) <= set(await asyncio.to_thread(backend_pids, postgres_url))  # still there, still stopped
+    finally:
+        for pid in stopped:
+            os.kill(pid, signal.SIGCONT)
+    await settle(app)
+    state = await summary(app)
+    assert state.stuck == [] and state.runs["done"] == 2
