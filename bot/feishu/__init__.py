@@ -114,6 +114,7 @@ class FeishuAdapter:
         self._long: LongConnection | None = None
         self._answering: dict[str, asyncio.Event] = {}
         self.token_recheck = TOKEN_RECHECK
+        self.click_budget = HANDLER_BUDGET  # seconds a click is worked on before Feishu gets "still working"
         self._token_checked: float | None = None
         self._token_problem: str | None = None
 
@@ -360,13 +361,13 @@ class FeishuAdapter:
         return response
 
     async def _within_budget(self, payload: dict[str, Any]) -> Answer:
-        """`dispatch`, except that a click still in hand after `HANDLER_BUDGET` is answered at once
+        """`dispatch`, except that a click still in hand after `click_budget` is answered at once
         (Feishu shows an error past 3 s) while it goes on: the card shows its outcome when it lands."""
         if not events.is_click(payload):
             return await self.dispatch(payload)
         handling = asyncio.ensure_future(self.dispatch(payload))
         try:
-            return await asyncio.wait_for(asyncio.shield(handling), HANDLER_BUDGET)
+            return await asyncio.wait_for(asyncio.shield(handling), self.click_budget)
         except TimeoutError:
             self.core.ctx.tasks.spawn(self._finish_click(handling, payload), name="feishu-slow-click")
             return Answer(still_working())

@@ -90,6 +90,7 @@ class FakeFeishu:
         self.chat_members: dict[str, list[str]] = {}  # chat_id -> member open_ids
         self.card_entities: dict[str, dict[str, Any]] = {}  # CardKit: card_id -> {"card", "text", "sequence", "streaming"}
         self.fail_next: dict[str, int] = {}  # call kind -> how many of its next calls answer an error
+        self.user_lookups: asyncio.Event | None = None  # when set: `contact/v3/users` answers only once it is set
         self._ids = itertools.count(1)
         self._token = "t-1"
         self._tokens = itertools.count(2)
@@ -370,6 +371,8 @@ class FakeFeishu:
         return await self._done(web.json_response({"code": 0, "msg": "ok", "data": data}))
 
     async def _user(self, request: web.Request) -> web.Response:
+        if self.user_lookups is not None:
+            await self.user_lookups.wait()
         call, problem = await self._record(request)
         if problem is not None:
             return await self._done(problem)
