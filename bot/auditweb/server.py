@@ -28,6 +28,9 @@ from storage.audit_keys import AuditKeys
 log = logging.getLogger("chatops.audit")
 COOKIE = "chatops_audit"
 RUN_REF = re.compile(r"^[A-Za-z0-9_.:-]{1,80}$")
+# Where "Verify now" may send the browser back to: a path on this page, printable ASCII only (browsers
+# drop tabs and line breaks from a URL, so `/<TAB>/evil.example` would become `//evil.example`).
+LOCAL_PATH = re.compile(r"/(?![/\\])[\x21-\x7e]*")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -159,7 +162,7 @@ async def verify_now(request: web.Request) -> web.Response:
     page: AuditPage = request.app[PAGE]
     page.last_verification = await page.read(lambda session: verify(session, page.keys))
     target = request.query.get("next", "/")
-    if not target.startswith("/") or target.startswith("//") or "\\" in target:
+    if not LOCAL_PATH.fullmatch(target) or "\\" in target:
         target = "/"
     raise web.HTTPSeeOther(target)
 
