@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 import signal
 from collections.abc import Callable
@@ -13,7 +12,7 @@ from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
 from bot.auditweb.reader import make_read_engine
-from bot.auditweb.server import make_app
+from bot.auditweb.server import is_loopback, make_app
 from bot.core.errors import ChatopsError
 from storage.audit_keys import AuditKeys
 
@@ -30,15 +29,6 @@ class PathOnlyAccessLog(AbstractAccessLogger):
 
 
 ACCESS_LOG: dict[str, Any] = {"access_log": log, "access_log_class": PathOnlyAccessLog}
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def check_exposure(host: str, token: str | None) -> None:

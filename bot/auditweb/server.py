@@ -6,6 +6,7 @@ read transaction run in a worker thread.
 from __future__ import annotations
 
 import hmac
+import ipaddress
 import logging
 import re
 from collections.abc import Awaitable, Callable
@@ -70,8 +71,29 @@ async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
     return response
 
 
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _loopback_host(request: web.Request) -> bool:
+    """Whether the Host header names this machine (127.0.0.1, ::1, localhost), whatever the port."""
+    name = request.url.raw_host or ""
+    return name.lower() in ("localhost", "localhost.") or is_loopback(name.strip("[]"))
+
+
 async def _authorised(page: AuditPage, request: web.Request, handler: Handler) -> web.StreamResponse:
     if page.token is None:
+        # Without a token only this machine may read the page; a page whose name was made to resolve
+        # to 127.0.0.1 (DNS rebinding) would otherwise be same-origin with it and read the whole log.
+        if not _loopback_host(request):
+            raise web.HTTPMisdirectedRequest(
+                text="Without CHATOPS_AUDIT_TOKEN this page answers only to 127.0.0.1, [::1] or localhost."
+            )
         return await handler(request)
     bearer = request.headers.get("Authorization", "")
     if bearer.startswith("Bearer ") and _same(bearer[7:].strip(), page.token):
