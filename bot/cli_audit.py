@@ -29,13 +29,13 @@ _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks
 
 def parse_since(value: str) -> datetime:
     """`2h`, `3d`, `2026-11-20` or a full ISO timestamp (UTC unless it says otherwise)."""
-    if match := _DURATION.match(value.strip()):
-        return datetime.now(UTC) - timedelta(**{_UNITS[match[2]]: int(match[1])})
     try:
+        if match := _DURATION.match(value.strip()):
+            return datetime.now(UTC) - timedelta(**{_UNITS[match[2]]: int(match[1])})
         parsed = datetime.fromisoformat(value.strip())
-    except ValueError:
+        return (parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)).astimezone(UTC)
+    except (ValueError, OverflowError):  # not a date, or one outside years 1-9999 once in UTC
         raise ChatopsError(f"--since: {value!r} is neither a duration like 2h/3d nor an ISO date") from None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
 def _session(database_url: str) -> Session:

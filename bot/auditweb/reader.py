@@ -26,6 +26,7 @@ from storage.models import AuditEvent, AuditStaged
 PAGE_SIZE = 50
 MAX_PAGE_SIZE = 500
 EXPORT_BATCH = 1000
+MAX_SEQ = 2**63 - 1  # the largest row number a database column holds
 
 
 def make_read_engine(database_url: str) -> sa.Engine:
@@ -131,16 +132,9 @@ class Page:
     older_before: int | None  # pass as `before` to see the page below this one
 
 
-def _size(value: Any) -> int:
-    try:
-        return max(1, min(MAX_PAGE_SIZE, int(value)))
-    except (TypeError, ValueError):
-        return PAGE_SIZE
-
-
-def read_page(session: Session, filters: Filters, *, before: int | None, after: int | None, size: Any) -> Page:
-    """The rows matching `filters`, `size` at a time, keyset-paginated on seq."""
-    limit = _size(size)
+def read_page(session: Session, filters: Filters, *, before: int | None, after: int | None, size: int) -> Page:
+    """The rows matching `filters`, `size` (1 to MAX_PAGE_SIZE) at a time, keyset-paginated on seq."""
+    limit = max(1, min(MAX_PAGE_SIZE, size))
     where = filters.where()
     query = sa.select(AuditEvent).where(*where)
     if after is not None:

@@ -114,7 +114,7 @@ async def log_page(request: web.Request) -> web.Response:
     page: AuditPage = request.app[PAGE]
     filters = reader.Filters.from_query(request.query)
     before, after = _seq(request, "before"), _seq(request, "after")
-    size = request.query.get("size", reader.PAGE_SIZE)
+    size = _size(request)
 
     def work(session: Session) -> dict[str, Any]:
         found: dict[str, Any] = {"choices": reader.choices(session), "head": reader.head(session)}
@@ -151,8 +151,17 @@ def _seq(request: web.Request, name: str) -> int | None:
     value = request.query.get(name, "")
     if not value:
         return None
-    if not (value.isascii() and value.isdigit()):
+    if not (value.isascii() and value.isdigit()) or int(value) > reader.MAX_SEQ:
         raise web.HTTPBadRequest(text=f"{name}: {value!r} is not a row number")
+    return int(value)
+
+
+def _size(request: web.Request) -> int:
+    value = request.query.get("size", "")
+    if not value:
+        return reader.PAGE_SIZE
+    if not (value.isascii() and value.isdigit() and 1 <= int(value) <= reader.MAX_PAGE_SIZE):
+        raise web.HTTPBadRequest(text=f"size: {value!r} is not a number of rows from 1 to {reader.MAX_PAGE_SIZE}")
     return int(value)
 
 
