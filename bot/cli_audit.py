@@ -16,6 +16,7 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session
 from sqlmodel import col
 
+from bot.core import display
 from bot.core.errors import ChatopsError
 from storage.audit import GENESIS_HASH, TAMPERED_KIND, ChainProblem, iter_rows, row_content, seal_problem, verify_chain
 from storage.audit_anchor import AnchorFileError, anchor_line, append_anchor, read_anchors
@@ -50,19 +51,11 @@ def row_dict(row: AuditEvent) -> dict[str, Any]:
 
 
 def _line(row: AuditEvent) -> str:
-    return "  ".join(
-        str(x)
-        for x in (
-            row.seq,
-            row.at.strftime("%Y-%m-%d %H:%M:%S"),
-            row.kind,
-            row.run_id or "-",
-            row.approval_id or "-",
-            row.actor or "-",
-            row.tool or "-",
-            row.status or "-",
-        )
-    )
+    """One row for a terminal: text fields (a tool name is whatever the model asked for) spelled out
+    by `display.one_line`, so an escape sequence or a line break cannot restyle the terminal or forge
+    a row."""
+    texts = (row.kind, row.run_id, row.approval_id, row.actor, row.tool, row.status)
+    return "  ".join([str(row.seq), row.at.strftime("%Y-%m-%d %H:%M:%S"), *(display.one_line(t) if t else "-" for t in texts)])
 
 
 def audit_list(
@@ -128,7 +121,7 @@ def audit_show(database_url: str, ref: str, out: TextIO | None = None) -> None:
     for row in rows:
         out.write(_line(row) + "\n")
         if row.data:
-            out.write("    " + json.dumps(row.data, ensure_ascii=False, sort_keys=True) + "\n")
+            out.write("    " + display.inert(json.dumps(row.data, ensure_ascii=False, sort_keys=True)) + "\n")
 
 
 CSV_HEADER = (
@@ -154,15 +147,25 @@ def write_jsonl(rows: Iterable[AuditEvent], stream: TextIO) -> None:
         stream.write(json.dumps(row_dict(row), ensure_ascii=False) + "\n")
 
 
+# A cell a spreadsheet would take for a formula (`=HYPERLINK(...)` as a tool name the model chose).
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _cell(value: Any) -> Any:
+    """A CSV cell as a spreadsheet shows it: text that would start a formula gets a leading `'`."""
+    return f"'{value}" if isinstance(value, str) and value.startswith(_FORMULA_START) else value
+
+
 def write_csv(rows: Iterable[AuditEvent], stream: TextIO, *, header: bool = True) -> None:
-    """Rows as CSV (`data` as compact JSON), with the header line unless `header=False`."""
+    """Rows as CSV (`data` as compact JSON), with the header line unless `header=False`. Meant for
+    spreadsheets: a text cell that would start a formula is prefixed with `'` (JSONL is verbatim)."""
     writer = csv.writer(stream)
     if header:
         writer.writerow(CSV_HEADER)
     for row in rows:
         d = row_dict(row)
         d["data"] = json.dumps(d["data"], ensure_ascii=False, sort_keys=True)
-        writer.writerow([d[h] for h in CSV_HEADER])
+        writer.writerow([_cell(d[h]) for h in CSV_HEADER])
 
 
 def audit_export(database_url: str, fmt: str, output: Path | None) -> None:
