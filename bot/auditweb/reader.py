@@ -178,6 +178,13 @@ def head(session: Session) -> int:
     return session.execute(sa.select(sa.func.max(AuditEvent.seq))).scalar() or 0
 
 
+def prefix_state(session: Session, upto: int) -> tuple[int, str | None]:
+    """How many chained rows have seq <= `upto`, and row `upto`'s hash (None when it is gone)."""
+    count = session.execute(sa.select(sa.func.count()).where(col(AuditEvent.seq) <= upto)).scalar_one()
+    digest = session.execute(sa.select(col(AuditEvent.hash)).where(col(AuditEvent.seq) == upto)).scalar()
+    return count, digest
+
+
 def staged_count(session: Session) -> int:
     """Rows the bot has recorded but not chained yet (they appear once chained)."""
     return session.execute(sa.select(sa.func.count()).select_from(AuditStaged)).scalar_one()

@@ -22,7 +22,7 @@ from bot.auditweb import reader
 from bot.auditweb.downloads import export
 from bot.auditweb.page import HERE, PAGE, SECURITY_HEADERS, AuditPage
 from bot.auditweb.timeline import build_timeline
-from bot.auditweb.verification import badge, verify
+from bot.auditweb.verification import altered, badge, changed_since, verify
 from bot.cli_audit import run_rows
 from storage.audit_keys import AuditKeys
 
@@ -119,6 +119,7 @@ async def log_page(request: web.Request) -> web.Response:
     def work(session: Session) -> dict[str, Any]:
         found: dict[str, Any] = {"choices": reader.choices(session), "head": reader.head(session)}
         found["staged"] = reader.staged_count(session)
+        found["changed"] = changed_since(session, page.last_verification)
         try:
             found["page"] = reader.read_page(session, filters, before=before, after=after, size=size)
         except reader.BadFilter as exc:
@@ -128,6 +129,7 @@ async def log_page(request: web.Request) -> web.Response:
     found = await page.read(work)
     params = {**filters.as_params(), "size": request.query.get("size", "")}
     result = found.get("page")
+    edited = altered(result.rows, page.keys) if result else set()
     return page.render(
         "log.html",
         400 if "problem" in found else 200,
@@ -136,8 +138,9 @@ async def log_page(request: web.Request) -> web.Response:
         page=result,
         problem=found.get("problem"),
         staged=found["staged"],
-        badge=badge(page.last_verification, found["head"]),
+        badge=badge(page.last_verification, found["head"], found["changed"], edited),
         verification=page.last_verification,
+        edited=edited,
         newest_url=_url("/", params) if before or after else None,
         newer_url=_url("/", {**params, "after": result.newer_after}) if result and result.newer_after else None,
         older_url=_url("/", {**params, "before": result.older_before}) if result and result.older_before else None,
@@ -171,10 +174,11 @@ async def run_page(request: web.Request) -> web.Response:
     if not RUN_REF.match(ref):
         raise web.HTTPNotFound(text="No such run: a run id looks like run-… and an approval id like ap-….")
 
-    def work(session: Session) -> tuple[list[Any], int]:
-        return run_rows(session, ref), reader.head(session)
+    def work(session: Session) -> tuple[list[Any], int, str | None]:
+        return run_rows(session, ref), reader.head(session), changed_since(session, page.last_verification)
 
-    rows, current_head = await page.read(work)
+    rows, current_head, changed = await page.read(work)
+    edited = altered(rows, page.keys)
     if not rows:
         raise web.HTTPNotFound(text=f"No audit rows for {ref}.")
     run_id = next((row.run_id for row in rows if row.run_id), ref)
@@ -182,8 +186,9 @@ async def run_page(request: web.Request) -> web.Response:
         "run.html",
         timeline=build_timeline(run_id, rows),
         ref=ref,
-        badge=badge(page.last_verification, current_head),
+        badge=badge(page.last_verification, current_head, changed, edited),
         verification=page.last_verification,
+        edited=edited,
         verify_url=_url("/verify", {"next": _here(request)}),
     )
 
