@@ -30,6 +30,7 @@ SECURITY_HEADERS = {
     "Cache-Control": "no-store",
 }
 T = TypeVar("T")
+SHOWN_DATA = 20_000  # characters of one row's data a page shows (the downloads keep everything)
 
 
 class AuditPage:
@@ -47,6 +48,7 @@ class AuditPage:
         self.templates.filters["when"] = lambda at: at.strftime("%Y-%m-%d %H:%M:%S")
         self.templates.filters["compact_json"] = _compact_json
         self.templates.filters["preview"] = _preview
+        self.templates.filters["clip"] = _clip
 
     async def read(self, work: Callable[[Session], T]) -> T:
         """Run `work` in one read transaction, in a worker thread."""
@@ -70,6 +72,13 @@ class AuditPage:
 def _preview(value: Any, length: int = 90) -> str:
     text = json.dumps(value, ensure_ascii=False, sort_keys=True, separators=(", ", ": "))
     return text if len(text) <= length else text[: length - 1] + "…"
+
+
+def _clip(text: str, length: int = SHOWN_DATA) -> str:
+    """A row's data as a page shows it: at most `length` characters, and how many more there are."""
+    if len(text) <= length:
+        return text
+    return f"{text[:length]}\n… {len(text) - length:,} more characters: the JSONL download holds the whole row"
 
 
 PAGE = web.AppKey("page", AuditPage)
