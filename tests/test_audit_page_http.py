@@ -137,7 +137,7 @@ async def test_the_token_is_required_when_set(sqlite_url, terminal_bot, model, c
         export = await client.get("/export.jsonl", headers={"Authorization": f"Bearer {TOKEN}"})
         anonymous_export = await client.get("/export.csv")
         first_visit = await client.get("/", params={"token": TOKEN})  # sets a cookie derived from the token
-        cookie = first_visit.cookies["chatops_audit"]
+        cookie = first_visit.history[0].cookies["chatops_audit"]  # on the redirect that drops the token
         later = await client.get(f"/run/{filled.run_id}")  # the cookie jar carries it
         anonymous_html = await anonymous.text()
     assert anonymous.status == 401 and anonymous.headers["WWW-Authenticate"].startswith("Bearer")

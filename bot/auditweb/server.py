@@ -101,7 +101,8 @@ async def _authorised(page: AuditPage, request: web.Request, handler: Handler) -
     if _same(request.cookies.get(COOKIE, ""), page.cookie_value()):
         return await handler(request)
     if _same(request.query.get("token", ""), page.token):
-        response = await handler(request)
+        # Trade the token for the cookie and drop it from the address (bar, history, bookmarks).
+        response = web.Response(status=303, headers={"Location": _here(request)})
         response.set_cookie(COOKIE, page.cookie_value(), httponly=True, samesite="Strict", path="/")
         return response
     raise web.HTTPUnauthorized(
