@@ -5,8 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
+
+import pytest
 
 from bot import cli_i18n
 from bot.core import i18n, language, texts
@@ -54,21 +58,27 @@ def test_a_tools_sentence_is_english_to_code_and_translated_for_the_reader():
         assert i18n.localised(line) == "status: (empty) → “won”"
 
 
-def test_a_translation_that_does_not_fit_its_values_gives_the_english(tmp_path, monkeypatch):
+@contextmanager
+def chinese_with(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, sentence: str, instead: str) -> Iterator[None]:
+    """The Chinese catalogue with one translation replaced, for the block only."""
     zh = tmp_path / "zh" / "LC_MESSAGES"
     zh.mkdir(parents=True)
     po = i18n.catalogue_path("zh").read_text(encoding="utf-8")
-    (zh / "chatops.po").write_text(po.replace("没有使用该邮箱的线索：将新建一条线索。", "{who} 将新建"), encoding="utf-8")
+    (zh / "chatops.po").write_text(po.replace(sentence, instead), encoding="utf-8")
     monkeypatch.setattr(i18n, "LOCALES", tmp_path)
     i18n.catalogue.cache_clear()
     try:
-        from tools import crm
-
-        with i18n.speaking("zh"):
-            assert i18n.localised(crm.NEW_LEAD()) == "No lead has this e-mail: will create a new lead."
+        yield
     finally:
         monkeypatch.undo()
         i18n.catalogue.cache_clear()
+
+
+def test_a_translation_that_does_not_fit_its_values_gives_the_english(tmp_path, monkeypatch):
+    from tools import crm
+
+    with chinese_with(tmp_path, monkeypatch, "没有使用该邮箱的线索：将新建一条线索。", "{who} 将新建"), i18n.speaking("zh"):
+        assert i18n.localised(crm.NEW_LEAD()) == "No lead has this e-mail: will create a new lead."
 
 
 def test_sync_with_nothing_new_writes_the_catalogues_back_byte_for_byte(tmp_path, monkeypatch):
@@ -88,17 +98,8 @@ def test_sync_with_nothing_new_writes_the_catalogues_back_byte_for_byte(tmp_path
 
 
 def test_a_missing_translation_is_reported(tmp_path, monkeypatch):
-    zh = tmp_path / "zh" / "LC_MESSAGES"
-    zh.mkdir(parents=True)
-    po = i18n.catalogue_path("zh").read_text(encoding="utf-8")
-    (zh / "chatops.po").write_text(po.replace('msgstr "批准"', 'msgstr "批准 {who}"'), encoding="utf-8")
-    monkeypatch.setattr(i18n, "LOCALES", tmp_path)
-    i18n.catalogue.cache_clear()
-    try:
+    with chinese_with(tmp_path, monkeypatch, 'msgstr "批准"', 'msgstr "批准 {who}"'):
         assert cli_i18n.problems("zh") == ["zh: APPROVE has placeholders ['who'], not []"]
-    finally:
-        monkeypatch.undo()
-        i18n.catalogue.cache_clear()
 
 
 async def test_the_language_is_per_context_and_flows_into_spawned_tasks():
