@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import re
+import socket
 import sys
 from pathlib import Path
 
@@ -323,3 +324,59 @@ async def test_a_database_that_cannot_be_read_gives_a_clean_503(sqlite_url, term
         engine.dispose()
     assert [r.status for r in responses] == [503] * 4
     assert all("The audit database cannot be read right now." in b and "Traceback" not in b for b in bodies)
+
+
+async def test_a_slow_download_holds_no_snapshot_between_batches(postgres_url, terminal_bot, model):
+    """A client that stops reading a large download kept the page's read transaction open ("idle in
+    transaction"), holding back PostgreSQL's vacuum for as long as the client liked. Each batch is now
+    read in a transaction of its own, and the export is still whole and in order."""
+    filled = await fill_log(terminal_bot, model, postgres_url)
+    db, audit = Database(postgres_url), AuditLog(Redactor())
+    try:
+        async with db.transaction() as session:
+            for i in range(2500):
+                await audit.record(session, "heartbeat_note", actor="terminal:local:robot", status="ok", i=i, pad="x" * 5000)
+        await audit.chain(db)
+    finally:
+        await db.dispose()
+    async with audit_page(filled.url) as client:
+        # A client with a small receive buffer that reads the start, then stops: the server's writes block.
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(("127.0.0.1", client.port or 0))
+        sock.sendall(b"GET /export.jsonl HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        received = [await asyncio.to_thread(sock.recv, 65536)]
+        held = await asyncio.to_thread(_idle_in_transaction, postgres_url)
+        while chunk := await asyncio.to_thread(sock.recv, 1 << 20):
+            received.append(chunk)
+        sock.close()
+    assert held == 0, "the download held a read transaction open while it waited for its client"
+    head, _, body = b"".join(received).partition(b"\r\n\r\n")
+    assert b" 200 " in head.split(b"\r\n")[0]
+    lines = _unchunked(body).decode().splitlines()
+    assert [json.loads(line)["seq"] for line in lines] == list(range(1, filled.rows + 2501))
+
+
+def _idle_in_transaction(postgres_url: str) -> int:
+    """The bot's and the page's connections (application_name = the test schema) sitting in an open transaction."""
+    name = postgres_url.rsplit("application_name=", 1)[1]
+    engine = sa.create_engine(sa.make_url(postgres_url.split("?")[0]).set(drivername="postgresql+psycopg"))
+    try:
+        with engine.connect() as conn:
+            query = "SELECT count(*) FROM pg_stat_activity WHERE application_name = :a AND state = 'idle in transaction'"
+            return int(conn.execute(sa.text(query), {"a": name}).scalar_one())
+    finally:
+        engine.dispose()
+
+
+def _unchunked(body: bytes) -> bytes:
+    """An HTTP/1.1 chunked body's content."""
+    out, rest = [], body
+    while rest:
+        size_line, _, rest = rest.partition(b"\r\n")
+        size = int(size_line.split(b";")[0], 16)
+        if size == 0:
+            break
+        out.append(rest[:size])
+        rest = rest[size + 2 :]
+    return b"".join(out)

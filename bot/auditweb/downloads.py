@@ -1,5 +1,5 @@
-"""CSV and JSONL downloads of the filtered rows, streamed in batches from one read transaction,
-in the format of `chatops audit export` (the same writers)."""
+"""CSV and JSONL downloads of the filtered rows, streamed in batches (each its own short read
+transaction), in the format of `chatops audit export` (the same writers)."""
 
 from __future__ import annotations
 
