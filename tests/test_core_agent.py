@@ -12,6 +12,7 @@ import pytest
 import sqlalchemy as sa
 
 from bot.core import texts
+from bot.core.errors import StorageError
 from bot.core.events import DecisionRequest, User
 from storage.models import Approval, AuditEvent, Run, utcnow
 from tests.fakes.openai_server import calls, dropped, failure, raw, text, tool_results
@@ -162,11 +163,17 @@ async def test_concurrent_clicks_execute_exactly_once(terminal_bot, model):
     (approval_id,) = approval_ids(bot.transcript())
     alice = bot.adapter.user
     outcomes = await asyncio.gather(
-        *[bot.core.decide(DecisionRequest(approval_id, alice, approve=i % 3 != 0)) for i in range(10)]
+        *[bot.core.decide(DecisionRequest(approval_id, alice, approve=i % 3 != 0)) for i in range(10)],
+        return_exceptions=True,
     )
+    # On a loaded machine a click may meet SQLite's write lock busy past its budget: that clicker is
+    # told to click again (StorageError), and nothing changed for it.
+    assert all(isinstance(o, StorageError) for o in outcomes if isinstance(o, BaseException)), outcomes
+    winners = [o for o in outcomes if not isinstance(o, BaseException) and o.kind in ("approved", "rejected")]
+    assert len(winners) <= 1
+    if not winners:  # every click met the busy lock: the click again, as the clickers were told
+        winners = [await bot.core.decide(DecisionRequest(approval_id, alice, approve=True))]
     await bot.app.ctx.tasks.idle()
-    winners = [o for o in outcomes if o.kind in ("approved", "rejected")]
-    assert len(winners) == 1
     assert len(ledger.effects) == (1 if winners[0].kind == "approved" else 0)
 
 
