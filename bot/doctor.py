@@ -139,7 +139,9 @@ async def _slack_auth(settings: Settings, api_error: type[SlackApiError]) -> lis
     try:
         response = await client.auth_test()
     except api_error as exc:
-        error = exc.response.get("error", "error")
+        from bot.slack.api_error import error_code
+
+        error = error_code(exc, "error")
         return [Finding("slack auth.test", FAIL, f"Slack answered {error}", "check SLACK_BOT_TOKEN (xoxb-…, from Install App)")]
     except Exception as exc:  # noqa: BLE001 - network trouble, one line
         return [Finding("slack auth.test", FAIL, f"unreachable ({type(exc).__name__})", "check the network and SLACK_API_URL")]
@@ -166,7 +168,9 @@ async def _slack_transport(settings: Settings, api_error: type[SlackApiError]) -
     try:
         await client.apps_connections_open(app_token=settings.slack_app_token.get_secret_value())
     except api_error as exc:
-        error = exc.response.get("error", "error")
+        from bot.slack.api_error import error_code
+
+        error = error_code(exc, "error")
         fix = "check SLACK_APP_TOKEN (xapp-…, an app-level token with connections:write) and that Socket Mode is on"
         return Finding("slack socket mode", FAIL, f"apps.connections.open: Slack answered {error}", fix)
     except Exception as exc:  # noqa: BLE001 - network trouble, one line

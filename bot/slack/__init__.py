@@ -36,6 +36,7 @@ from bot.core.channels import CardView, DeliveryFailed
 from bot.core.engine import Core
 from bot.core.events import Thread, User
 from bot.core.refusals import record_refused_request
+from bot.slack.api_error import error_code
 from bot.slack.blocks import card_blocks, card_text, safe_message, split_message
 from bot.slack.client import HTTP_TIMEOUT, REJECTED_TOKEN_ERRORS, BotIdentity, SlackUnavailable, UserDirectory, make_client
 from bot.slack.groups import SlackGroups
@@ -122,7 +123,7 @@ class SlackAdapter:
         try:
             await self.client.auth_test()
         except SlackApiError as exc:
-            error = str(exc.response.get("error", "error"))
+            error = error_code(exc, "error")
             if error in REJECTED_TOKEN_ERRORS:
                 return f"SLACK_BOT_TOKEN was rejected by Slack ({error})"
             return f"auth.test failed ({error})"
@@ -178,7 +179,7 @@ class SlackAdapter:
         try:
             await self.client.reactions_add(channel=coords["channel"], timestamp=coords["ts"], name=WORKING_REACTION)
         except SlackApiError as exc:
-            if exc.response.get("error") != "already_reacted":
+            if error_code(exc) != "already_reacted":
                 raise
 
     async def post_card(self, thread: Thread, card: CardView) -> str | None:
@@ -268,7 +269,7 @@ async def delivery() -> AsyncIterator[None]:
     try:
         yield
     except SlackApiError as exc:
-        error = str(exc.response.get("error", "unknown_error"))
+        error = error_code(exc)
         retry_after = exc.response.headers.get("Retry-After") if exc.response.status_code == 429 else None
         wait = float(retry_after) if retry_after and str(retry_after).isdigit() else None
         raise DeliveryFailed(f"Slack answered {error}", retry_after=wait, permanent=error in PERMANENT_ERRORS) from None
@@ -278,5 +279,5 @@ async def delivery() -> AsyncIterator[None]:
 
 def _describe(exc: BaseException | None) -> str:
     if isinstance(exc, SlackApiError):
-        return f"Slack answered {exc.response.get('error', 'an error')}"
+        return f"Slack answered {error_code(exc, 'an error')}"
     return type(exc).__name__

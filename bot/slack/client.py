@@ -25,6 +25,7 @@ from slack_sdk.web.async_client import AsyncWebClient
 
 from bot.config import Settings
 from bot.core.errors import ConfigError
+from bot.slack.api_error import error_code
 from bot.slack.events import Author
 
 log = logging.getLogger("chatops.slack")
@@ -81,7 +82,7 @@ class BotIdentity:
                 try:
                     response = await self.client.auth_test()
                 except SlackApiError as exc:
-                    error = str(exc.response.get("error", "unknown_error"))
+                    error = error_code(exc)
                     if error in REJECTED_TOKEN_ERRORS:
                         raise ConfigError("SLACK_BOT_TOKEN", f"was rejected by Slack ({error})") from None
                     raise SlackUnavailable(f"auth.test failed: {error}") from None

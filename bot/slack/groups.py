@@ -18,6 +18,7 @@ from slack_sdk.errors import SlackApiError
 from slack_sdk.web.async_client import AsyncWebClient
 
 from bot.core.memberships import LOOKUP_BUDGET, MEMBERS_TTL, MembershipCache
+from bot.slack.api_error import error_code
 
 log = logging.getLogger("chatops.slack")
 
@@ -26,7 +27,7 @@ KIND = "slack-group"
 
 def _describe(exc: BaseException) -> str:
     if isinstance(exc, SlackApiError):
-        return f"Slack answered {exc.response.get('error', 'an error')}"
+        return f"Slack answered {error_code(exc, 'an error')}"
     return type(exc).__name__
 
 

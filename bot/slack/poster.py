@@ -12,6 +12,7 @@ import aiohttp
 from slack_sdk.errors import SlackApiError
 from slack_sdk.web.async_client import AsyncWebClient
 
+from bot.slack.api_error import error_code
 from tools import http
 from tools.config import HttpTimeouts
 from tools.services import DeliveryError, PostedMessage, SlackRefused
@@ -38,7 +39,7 @@ class SlackWebPoster:
         try:
             response = await self._client().chat_postMessage(channel=channel, text=text)
         except SlackApiError as exc:
-            raise SlackRefused(str(exc.response.get("error", "unknown_error"))) from None
+            raise SlackRefused(error_code(exc)) from None
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise DeliveryError(http.describe(exc), may_have_arrived=not http.never_sent(exc)) from None
         return PostedMessage(channel=response.get("channel"), ts=response.get("ts"))

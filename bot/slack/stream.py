@@ -16,6 +16,7 @@ from slack_sdk.errors import SlackApiError
 from slack_sdk.web.async_client import AsyncWebClient
 
 from bot.core.events import Thread
+from bot.slack.api_error import error_code
 
 log = logging.getLogger("chatops.slack")
 
@@ -43,7 +44,7 @@ async def stream_answer(client: AsyncWebClient, thread: Thread, text: str) -> bo
     try:
         started = await client.chat_startStream(channel=channel, thread_ts=thread_ts, markdown_text=parts[0], **recipient)
     except SlackApiError as exc:
-        log.info("slack: streaming unavailable (%s); posting the answer instead", exc.response.get("error"))
+        log.info("slack: streaming unavailable (%s); posting the answer instead", error_code(exc))
         return False
     ts = str(started.get("ts") or "")
     try:
@@ -52,7 +53,7 @@ async def stream_answer(client: AsyncWebClient, thread: Thread, text: str) -> bo
         await client.chat_stopStream(channel=channel, ts=ts)
         return True
     except SlackApiError as exc:
-        log.warning("slack: the answer's stream broke (%s); posting it instead", exc.response.get("error"))
+        log.warning("slack: the answer's stream broke (%s); posting it instead", error_code(exc))
         try:
             await client.chat_delete(channel=channel, ts=ts)
         except SlackApiError:

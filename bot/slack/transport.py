@@ -31,6 +31,7 @@ from slack_sdk.web.async_client import AsyncWebClient
 
 from bot.core import metrics
 from bot.core.errors import ConfigError
+from bot.slack.api_error import error_code
 from bot.slack.client import REJECTED_TOKEN_ERRORS, BotIdentity
 from bot.slack.payloads import Malformed, check_body
 
@@ -176,7 +177,7 @@ class SocketDoor:
             async with asyncio.timeout(CONNECT_ATTEMPT_TIMEOUT):
                 client.wss_uri = await client.issue_new_wss_url()  # the first connect attempt uses it
         except SlackApiError as exc:
-            error = str(exc.response.get("error", ""))
+            error = error_code(exc, "")
             if error in REJECTED_TOKEN_ERRORS:
                 raise ConfigError("SLACK_APP_TOKEN", f"was rejected by Slack ({error})") from None
             log.warning("slack: Socket Mode URL not issued yet (%s); connecting in the background", error or "error")
@@ -199,7 +200,7 @@ class SocketDoor:
                     return
                 problem = "not connected"
             except SlackApiError as exc:
-                problem = str(exc.response.get("error", "error"))
+                problem = error_code(exc, "error")
             except Exception as exc:  # noqa: BLE001 - network trouble: one line, then back off
                 problem = type(exc).__name__
             log.warning("slack: Socket Mode connect attempt %d failed (%s); next in %.0fs", attempt, problem, delay)

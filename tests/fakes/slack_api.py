@@ -68,6 +68,7 @@ class FakeSlackApi:
     port: int = 0
     _limits: dict[str, list[int]] = field(default_factory=dict)
     _errors: dict[str, list[Any]] = field(default_factory=dict)
+    _server_errors: dict[str, list[int]] = field(default_factory=dict)
     _ts: Any = field(default_factory=lambda: itertools.count(1))
     _changed: asyncio.Condition = field(default_factory=asyncio.Condition)
     _sockets: list[web.WebSocketResponse] = field(default_factory=list)
@@ -88,6 +89,11 @@ class FakeSlackApi:
     def fail(self, method: str, error: str, times: int = 1) -> None:
         """The next `times` calls of `method` answer `{"ok": false, "error": error}`."""
         self._errors[method] = [times, error]
+
+    def server_error(self, method: str, times: int = 1, status: int = 500) -> None:
+        """The next `times` calls of `method` answer HTTP `status` with a plain-text body, as a proxy or
+        load balancer in front of Slack does (no JSON, no `ok`)."""
+        self._server_errors[method] = [times, status]
 
     def hang(self, method: str) -> None:
         """The next call of `method` is read in full and never answered (`hung` is set then)."""
@@ -155,6 +161,11 @@ class FakeSlackApi:
         return response
 
     def _answer(self, call: ApiCall) -> web.Response:
+        broken = self._server_errors.get(call.method)
+        if broken and broken[0] > 0:
+            broken[0] -= 1
+            call.status = broken[1]
+            return web.Response(status=broken[1], text="upstream connect error or disconnect/reset before headers")
         limit = self._limits.get(call.method)
         if limit and limit[0] > 0:
             limit[0] -= 1
