@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
+import signal
+
+import pytest
+
+from bot.core.errors import StorageError
 from tests.fakes.openai_server import calls, text
+from tests.fault_helpers import FaultChannel, message, settle
 from tests.slack_helpers import fake_slack_fixture, mention, slack_bot_fixture  # noqa: F401 - fixtures
 from tests.support_tools import Ledger, notes_toolset
+from tests.test_faults_pg import backend_pids, deliver
 
 COUNT = ("count_notes", {"topic": "ops"})
 LONG = "\n".join(f"Line {i}: the service web-{i} restarted cleanly and answers health checks." for i in range(60))
@@ -33,3 +42,35 @@ async def test_a_plain_text_500_on_a_reply_is_reported_as_slacks_answer(slack_bo
     await fake_slack.wait_until(lambda: any(m.get("text") == "pong" for m in bot.replies()), timeout=30)
     await bot.settle()
     assert "AttributeError" not in caplog.text
+
+
+async def test_an_ack_on_a_stopped_server_process_is_refused_within_slacks_three_seconds(bots, model, postgres_url):
+    """The ack's transaction is bounded at 2.5 s so that the platform gets its 503 inside its own 3 s.
+    With the server process stopped (SIGSTOP) the statement is in flight when the bound strikes, and
+    psycopg's own handling of the cancellation then sends a cancel request and waits up to 5 s more
+    for the query to end: the 503 came after about 7.5 s (Slack had given up and redelivered long before,
+    and each such redelivery holds one more connection for as long)."""
+    model.script(text("one"), text("two"))
+    app = await bots.start(database_url=postgres_url, CHATOPS_DB_STALL_SECONDS="2")
+    channel = FaultChannel()
+    app.ctx.channels[channel.platform] = channel
+    await bots.run(app)
+    await deliver(app, message("hi"))
+    await channel.wait_for(lambda: "one" in channel.replies, timeout=60)
+    await settle(app)
+
+    stopped = await asyncio.to_thread(backend_pids, postgres_url)
+    assert stopped, "the bot has no connection to stop"
+    for pid in stopped:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        with pytest.raises(StorageError):
+            async with asyncio.timeout(60):
+                await app.core.accept_message(message("hi again"))
+        took = loop.time() - started
+    finally:
+        for pid in stopped:
+            os.kill(pid, signal.SIGCONT)
+    assert took < 3.0, f"the ack was refused after {took:.1f}s"
