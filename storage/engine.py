@@ -379,17 +379,19 @@ class Database:
             )
             raise TransactionStalled(f"the database did not finish a transaction within {stall:g}s") from None
         finally:
-            cut.cancel()
             if stalled:
+                cut.cancel()
                 await session.drop()
                 # Its neighbours in the pool may sit on the same stalled server: start afresh.
                 with contextlib.suppress(Exception):
                     await self.engine.dispose()
             else:
                 # Once committed, a failure to hand the connection back loses only the connection (the
-                # pool replaces it); it must not fail a step that is done.
+                # pool replaces it); it must not fail a step that is done. After a failed step this is a
+                # ROLLBACK, a round trip: `cut` still bounds it (the socket is shut, the pool drops it).
                 with contextlib.suppress(Exception):
                     await session.close()
+                cut.cancel()
 
     def _raised(self, info: dict[Any, Any]) -> list[tuple[str, Any]]:
         """The after-commit keys a committed session set, with their values (taken out of `info`)."""

@@ -7,6 +7,7 @@ import os
 import signal
 
 import pytest
+import sqlalchemy as sa
 
 from bot.core.errors import StorageError
 from tests.fakes.openai_server import calls, text
@@ -74,3 +75,40 @@ async def test_an_ack_on_a_stopped_server_process_is_refused_within_slacks_three
         for pid in stopped:
             os.kill(pid, signal.SIGCONT)
     assert took < 3.0, f"the ack was refused after {took:.1f}s"
+
+
+class Refused(Exception):
+    """A step's own failure (a fenced write that lost its version, a check that said no)."""
+
+
+async def test_a_step_that_fails_while_its_server_process_stops_fails_within_the_bound(postgres_url):
+    """A step that raises is rolled back; the ROLLBACK is a round trip outside the transaction's bound,
+    so a server process stopped between the step's last statement and its failure held the caller
+    until the process ran again (here: for ever, had the test not continued it)."""
+    from storage.engine import Database
+    from storage.migrate import upgrade
+
+    await asyncio.to_thread(upgrade, postgres_url)
+    db = Database(postgres_url, stall=1.0)
+    stopped: list[int] = []
+
+    async def step(session):
+        await session.execute(sa.text("SELECT 1"))
+        stopped.extend(await asyncio.to_thread(backend_pids, postgres_url))
+        for pid in stopped:
+            os.kill(pid, signal.SIGSTOP)
+        raise Refused
+
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    try:
+        with pytest.raises(Refused):
+            async with asyncio.timeout(15):
+                await db.run(step)
+        took = loop.time() - started
+    finally:
+        for pid in stopped:
+            os.kill(pid, signal.SIGCONT)
+        await db.dispose()
+    assert stopped, "no server process was stopped"
+    assert took < 3.0, f"the step's failure came back after {took:.1f}s"
