@@ -9,14 +9,16 @@ import signal
 import pytest
 import sqlalchemy as sa
 
+from bot.core import texts
 from bot.core.errors import StorageError
 from tests.fakes.openai_server import calls, text
 from tests.fault_helpers import FaultChannel, message, settle
-from tests.slack_helpers import fake_slack_fixture, mention, slack_bot_fixture  # noqa: F401 - fixtures
+from tests.slack_helpers import ALICE, card_message, click, fake_slack_fixture, mention, slack_bot_fixture  # noqa: F401 - fixtures
 from tests.support_tools import Ledger, notes_toolset
 from tests.test_faults_pg import backend_pids, deliver
 
 COUNT = ("count_notes", {"topic": "ops"})
+NOTE = ("write_note", {"topic": "ops", "text": "restart web-1"})
 LONG = "\n".join(f"Line {i}: the service web-{i} restarted cleanly and answers health checks." for i in range(60))
 
 
@@ -112,3 +114,33 @@ async def test_a_step_that_fails_while_its_server_process_stops_fails_within_the
         await db.dispose()
     assert stopped, "no server process was stopped"
     assert took < 3.0, f"the step's failure came back after {took:.1f}s"
+
+
+async def test_a_click_whose_transaction_stalls_tells_the_clicker_to_click_again(slack_bot, fake_slack, model, postgres_url):
+    """Slack never sends a click again, so a click that could not be recorded must say so. A decision
+    whose transaction stalled (TransactionStalled, a ConnectionError) was not turned into a StorageError
+    as an OperationalError is: it escaped the handler, Bolt answered 500 (Slack puts a warning sign
+    on the button, it does not send the click again), the log got an ERROR with a traceback, and the
+    clicker was never told that nothing changed, the card still pending."""
+    model.script(calls(NOTE), text("Done."))
+    fake_slack.add_user(ALICE, "Alice", locale="en-US")
+    bot = await slack_bot(toolsets=[notes_toolset(Ledger())], database_url=postgres_url, env={"CHATOPS_DB_STALL_SECONDS": "2"})
+    await bot.send(mention("write it down"))
+    await fake_slack.wait_for("chat.postMessage", timeout=30)
+    await fake_slack.wait_until(
+        lambda: any("Approval needed" in str(m.get("blocks")) for m in fake_slack.messages.values()), timeout=30
+    )
+    card = card_message(fake_slack)
+
+    stopped = await asyncio.to_thread(backend_pids, postgres_url)
+    for pid in stopped:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        status, _ = await bot.send(click(card))
+        assert status == 200  # acknowledged (Slack shows no error); the sentence below says what happened
+        await fake_slack.wait_for("chat.postEphemeral", timeout=30)
+    finally:
+        for pid in stopped:
+            os.kill(pid, signal.SIGCONT)
+    (told,) = fake_slack.calls_to("chat.postEphemeral")
+    assert told.params["text"] == texts.CLICK_NOT_RECORDED

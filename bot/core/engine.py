@@ -90,8 +90,10 @@ class Core:
         """Apply a click. The returned outcome says what the clicker should see; nothing slow runs here."""
         try:
             outcome = await self.approvals.decide(req)
-        except (OperationalError, LockBusy) as exc:
-            raise StorageError(f"could not record the decision: {type(exc).__name__}") from None
+        except Exception as exc:
+            if isinstance(exc, OperationalError | LockBusy) or is_transient(exc):  # TransactionStalled too
+                raise StorageError(f"could not record the decision: {type(exc).__name__}") from None
+            raise
         if outcome.changed and outcome.approval is not None:
             approval = outcome.approval
             if outcome.kind == Decision.APPROVED and self.wake is not None:
@@ -116,8 +118,10 @@ class Core:
     async def _storing(step: Awaitable[EditOutcome]) -> EditOutcome:
         try:
             return await step
-        except (OperationalError, LockBusy) as exc:
-            raise StorageError(f"could not record the edit: {type(exc).__name__}") from None
+        except Exception as exc:
+            if isinstance(exc, OperationalError | LockBusy) or is_transient(exc):
+                raise StorageError(f"could not record the edit: {type(exc).__name__}") from None
+            raise
 
     @staticmethod
     def _with_card(outcome: EditOutcome) -> EditOutcome:
