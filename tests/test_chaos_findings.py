@@ -11,8 +11,10 @@ import sqlalchemy as sa
 
 from bot.core import texts
 from bot.core.errors import StorageError
+from bot.core.events import DecisionRequest
 from tests.fakes.openai_server import calls, text
-from tests.fault_helpers import FaultChannel, message, settle
+from tests.fault_helpers import ALICE as FAULT_ALICE
+from tests.fault_helpers import FaultChannel, Stages, message, pending_ids, settle, summary
 from tests.slack_helpers import ALICE, card_message, click, fake_slack_fixture, mention, slack_bot_fixture  # noqa: F401 - fixtures
 from tests.support_tools import Ledger, notes_toolset
 from tests.test_faults_pg import backend_pids, deliver
@@ -144,3 +146,46 @@ async def test_a_click_whose_transaction_stalls_tells_the_clicker_to_click_again
             os.kill(pid, signal.SIGCONT)
     (told,) = fake_slack.calls_to("chat.postEphemeral")
     assert told.params["text"] == texts.CLICK_NOT_RECORDED
+
+
+SLOW_CLAIM_COMMIT = """
+CREATE FUNCTION slow_claim() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN PERFORM pg_sleep(4); RETURN NULL; END $$;
+CREATE CONSTRAINT TRIGGER slow_claim AFTER UPDATE ON approval DEFERRABLE INITIALLY DEFERRED
+FOR EACH ROW WHEN (NEW.status = 'executing' AND OLD.status = 'approved') EXECUTE FUNCTION slow_claim();
+"""
+
+
+async def test_a_claim_whose_commit_stalled_but_landed_still_runs_the_tool(bots, model, postgres_url):
+    """The server is slow to COMMIT the claim approved -> executing (here a deferred trigger sleeps 4 s;
+    in production a synchronous standby that lags, an fsync that hangs): the transaction is given up
+    at its bound and tried again, but the first COMMIT lands after all. The retry then finds the call
+    `executing` under this very replica, takes it for someone else's claim and returns: nobody runs
+    the tool, its lease runs out, and the thread is told the outcome is unknown and must be checked by
+    hand, for a call that never started."""
+    from storage.engine import make_sync_engine, normalise_url
+
+    stages = Stages()
+    model.responder = lambda body: (
+        text("Stored.") if body["messages"][-1]["role"] == "tool" else calls(("store_note", {"topic": "x"}))
+    )
+    app = await bots.start(
+        toolsets=[stages.toolset()], database_url=postgres_url, CHATOPS_DB_STALL_SECONDS="2", CHATOPS_LEASE_SECONDS="3"
+    )
+    channel = FaultChannel()
+    app.ctx.channels[channel.platform] = channel
+    await bots.run(app)
+    engine = make_sync_engine(normalise_url(postgres_url))
+    with engine.begin() as conn:
+        conn.execute(sa.text(SLOW_CLAIM_COMMIT))
+    engine.dispose()
+
+    await deliver(app, message("store a note about x"))
+    await channel.wait_for(lambda: bool(channel.cards), timeout=60)
+    (approval_id,) = await pending_ids(app)
+    await app.core.decide(DecisionRequest(approval_id, FAULT_ALICE, approve=True))
+    await channel.wait_for(lambda: any("Stored." in r or "outcome is unknown" in r for r in channel.replies), timeout=60)
+    await settle(app)
+    state = await summary(app)
+    assert stages.runs == [approval_id], channel.replies
+    assert state.approvals == {approval_id: "succeeded"}

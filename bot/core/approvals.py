@@ -178,6 +178,7 @@ class ApprovalService:
 
     def __init__(self, ctx: AppContext) -> None:
         self.ctx = ctx
+        self._claiming: set[str] = set()  # approvals this process is claiming now (one claim at a time each)
 
     def rule_for(self, approval: Approval) -> CallRule:
         """The current policy rule for a stored approval (tools that vanished count as writes)."""
@@ -406,14 +407,32 @@ class ApprovalService:
         """approved -> executing under this replica's lease, after re-checking that the call may
         still run (tool present, authorisation, digest, `problem_before` from the preview re-check).
         Returns the approval when this replica must run it, else None."""
-        started = await self.ctx.db.run(lambda session: self._start_execution(session, approval_id, problem_before))
+        if approval_id in self._claiming:
+            return None  # this process is claiming it already (a wake-up and a sweep at once)
+        self._claiming.add(approval_id)
+        claim: dict[str, int] = {}
+        try:
+            started = await self.ctx.db.run(lambda session: self._start_execution(session, approval_id, problem_before, claim))
+        finally:
+            self._claiming.discard(approval_id)
         if started is not None:
             metrics.APPROVALS.labels(str(S.EXECUTING)).inc()
         return started
 
-    async def _start_execution(self, session: DbSession, approval_id: str, problem_before: str | None) -> Approval | None:
+    async def _start_execution(
+        self, session: DbSession, approval_id: str, problem_before: str | None, claim: dict[str, int]
+    ) -> Approval | None:
+        """One attempt. `claim` remembers the version an earlier attempt claimed from: a COMMIT given up
+        as stalled may land after all, and the call, `executing` under this replica one version on, is
+        then this claim's (its lease renewed now), not someone else's to leave alone."""
         ctx = self.ctx
         approval = await session.get(Approval, approval_id)
+        if approval is not None and self._landed(approval, claim):
+            lease = ctx.clock() + timedelta(seconds=ctx.settings.lease_seconds)
+            if await transition(session, approval.id, S.EXECUTING, expect_executor=ctx.replica_id, expect_version=approval.version,
+                                lease_until=lease):  # fmt: skip
+                return approval
+            return None
         if approval is None or approval.status != S.APPROVED:
             return None
         common = {
@@ -430,16 +449,32 @@ class ApprovalService:
                 await outbox.enqueue_card_update(session, ctx, approval)
             return None
         lease = now + timedelta(seconds=ctx.settings.lease_seconds)
+        claim["version"] = approval.version
         started = await transition(
-            session, approval.id, S.APPROVED, status=S.EXECUTING, executor=ctx.replica_id, exec_started_at=now, lease_until=lease
-        )
+            session, approval.id, S.APPROVED, status=S.EXECUTING, executor=ctx.replica_id, exec_started_at=now, lease_until=lease,
+            expect_version=approval.version,
+        )  # fmt: skip
         if not started:
+            # Blocked behind an earlier attempt's COMMIT that landed meanwhile? Then the claim is ours.
+            now_stored = (await session.execute(sa.select(Approval).where(col(Approval.id) == approval_id)
+                                                .execution_options(populate_existing=True))).scalar_one_or_none()  # fmt: skip
+            if now_stored is not None and self._landed(now_stored, claim):
+                return await self._start_execution(session, approval_id, problem_before, claim)
             return None
         await ctx.audit.record(
             session, "execution_started", status=S.EXECUTING, actor=ctx.replica_id, args_sha256=approval.args_sha256, **common
         )
         await outbox.enqueue_card_update(session, ctx, approval)
         return approval
+
+    def _landed(self, approval: Approval, claim: dict[str, int]) -> bool:
+        """This process's earlier attempt claimed the call after all (see `_start_execution`)."""
+        return (
+            "version" in claim
+            and approval.status == S.EXECUTING
+            and approval.executor == self.ctx.replica_id
+            and approval.version == claim["version"] + 1
+        )
 
     def _execution_problem(self, approval: Approval) -> str | None:
         ctx = self.ctx
