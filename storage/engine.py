@@ -287,7 +287,7 @@ class Database:
         the background gate and waits at most `lock_wait` for SQLite's write lock (`LockBusy`).
         `read=True` never takes the write lock."""
         if read:
-            async with self._read() as session:
+            async with self._read(urgent=urgent) as session:
                 yield session
             return
         if urgent:
@@ -298,9 +298,9 @@ class Database:
             yield session
 
     @asynccontextmanager
-    async def _read(self) -> AsyncIterator[DbSession]:
+    async def _read(self, *, urgent: bool = False) -> AsyncIterator[DbSession]:
         if self.engine is not None:
-            async with self._postgres(self.stall) as session:
+            async with self._postgres(min(URGENT_STALL_SECONDS, self.stall) if urgent else self.stall) as session:
                 yield session
             return
         inline = InlineSession(self._read_engine.connect(), self._sync_sessions)

@@ -189,3 +189,33 @@ async def test_a_claim_whose_commit_stalled_but_landed_still_runs_the_tool(bots,
     state = await summary(app)
     assert stages.runs == [approval_id], channel.replies
     assert state.approvals == {approval_id: "succeeded"}
+
+
+async def test_a_click_is_answered_within_slacks_three_seconds_while_the_database_stalls(
+    slack_bot, fake_slack, model, postgres_url
+):
+    """Before the decision (an ack's transaction, bounded at 2.5 s), a click looks up the language of the
+    card for a clicker whose Slack profile has none: a background read, bounded by
+    CHATOPS_DB_STALL_SECONDS (30 s by default, 5 s here) and retried for up to a minute. With the
+    server processes stopped, the click's answer came after that bound: Slack had long shown the
+    clicker an error on the button, and the decision was then recorded behind their back."""
+    model.script(calls(NOTE), text("Done."))
+    bot = await slack_bot(toolsets=[notes_toolset(Ledger())], database_url=postgres_url, env={"CHATOPS_DB_STALL_SECONDS": "5"})
+    await bot.send(mention("write it down"))
+    await fake_slack.wait_until(
+        lambda: any("Approval needed" in str(m.get("blocks")) for m in fake_slack.messages.values()), timeout=30
+    )
+    card = card_message(fake_slack)
+
+    stopped = await asyncio.to_thread(backend_pids, postgres_url)
+    for pid in stopped:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        await bot.send(click(card))
+        took = loop.time() - started
+    finally:
+        for pid in stopped:
+            os.kill(pid, signal.SIGCONT)
+    assert took < 3.0, f"the click was answered after {took:.1f}s"

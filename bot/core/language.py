@@ -19,6 +19,7 @@ from bot.core import i18n
 from bot.core.context import AppContext
 from bot.core.events import User
 from bot.core.policy import Policy
+from storage.engine import is_transient
 from storage.models import Approval
 from storage.sessions import DbSession
 
@@ -80,4 +81,11 @@ async def card_language(ctx: AppContext, approval_id: str) -> str | None:
         approval = await session.get(Approval, approval_id)
         return (approval.requester or {}).get("lang") if approval is not None else None
 
-    return await ctx.db.run(read, read=True)  # a dropped connection is tried again, like the decision after it
+    # A click waits on this (Slack gives 3 s): an ack's bound, and the default language when the
+    # database does not answer in time (the decision after it says whether the click was recorded).
+    try:
+        return await ctx.db.run(read, read=True, urgent=True)
+    except Exception as exc:
+        if is_transient(exc):
+            return None
+        raise
