@@ -193,7 +193,8 @@ def _shut_socket(session: PostgresSession) -> None:
     """The transaction's bound is reached: shut its connection's socket (both ways) without a word to
     the server, so that a statement in flight fails at once instead of waiting on a stalled server process."""
     with contextlib.suppress(Exception):
-        fd = session.connection().sync_connection.connection.driver_connection.pgconn.socket  # type: ignore[union-attr]
+        raw = session.connection().sync_connection
+        fd = raw.connection.driver_connection.pgconn.socket  # type: ignore[union-attr]  # a live, checked-out connection
         with socket.socket(fileno=os.dup(fd)) as sock:
             sock.shutdown(socket.SHUT_RDWR)
 

@@ -428,11 +428,7 @@ class ApprovalService:
         ctx = self.ctx
         approval = await session.get(Approval, approval_id)
         if approval is not None and self._landed(approval, claim):
-            lease = ctx.clock() + timedelta(seconds=ctx.settings.lease_seconds)
-            if await transition(session, approval.id, S.EXECUTING, expect_executor=ctx.replica_id, expect_version=approval.version,
-                                lease_until=lease):  # fmt: skip
-                return approval
-            return None
+            return await self._renew_landed(session, approval)
         if approval is None or approval.status != S.APPROVED:
             return None
         common = {
@@ -459,13 +455,26 @@ class ApprovalService:
             now_stored = (await session.execute(sa.select(Approval).where(col(Approval.id) == approval_id)
                                                 .execution_options(populate_existing=True))).scalar_one_or_none()  # fmt: skip
             if now_stored is not None and self._landed(now_stored, claim):
-                return await self._start_execution(session, approval_id, problem_before, claim)
+                return await self._renew_landed(session, now_stored)
             return None
         await ctx.audit.record(
             session, "execution_started", status=S.EXECUTING, actor=ctx.replica_id, args_sha256=approval.args_sha256, **common
         )
         await outbox.enqueue_card_update(session, ctx, approval)
         return approval
+
+    async def _renew_landed(self, session: DbSession, approval: Approval) -> Approval | None:
+        """This process's claim landed after its attempt was given up: renew its lease; it runs here."""
+        lease = self.ctx.clock() + timedelta(seconds=self.ctx.settings.lease_seconds)
+        renewed = await transition(
+            session,
+            approval.id,
+            S.EXECUTING,
+            expect_executor=self.ctx.replica_id,
+            expect_version=approval.version,
+            lease_until=lease,
+        )
+        return approval if renewed else None
 
     def _landed(self, approval: Approval, claim: dict[str, int]) -> bool:
         """This process's earlier attempt claimed the call after all (see `_start_execution`)."""
