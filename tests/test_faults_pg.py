@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
@@ -107,6 +109,21 @@ def backend_pids(postgres_url: str) -> list[int]:
         engine.dispose()
 
 
+@asynccontextmanager
+async def server_processes_stopped(postgres_url: str) -> AsyncIterator[list[int]]:
+    """Every server process of the bot's connections stopped (SIGSTOP: alive, its socket open, never
+    answering) for the block, and let go again (SIGCONT) after it, whatever happens."""
+    stopped = await asyncio.to_thread(backend_pids, postgres_url)
+    assert stopped, "the bot has no connection to stop"
+    for pid in stopped:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        yield stopped
+    finally:
+        for pid in stopped:
+            os.kill(pid, signal.SIGCONT)
+
+
 async def test_server_processes_that_stop_answering_are_given_up_and_the_bot_goes_on(bots, model, postgres_url):
     """Every server process of the bot is stopped (SIGSTOP: alive, its socket open, never answering):
     the next transaction waited forever and the conversation stalled without a word. Now it is given
@@ -121,11 +138,7 @@ async def test_server_processes_that_stop_answering_are_given_up_and_the_bot_goe
     await channel.wait_for(lambda: "one" in channel.replies, timeout=60)
     await settle(app)
 
-    stopped = await asyncio.to_thread(backend_pids, postgres_url)
-    assert stopped, "the bot has no connection to stop"
-    for pid in stopped:
-        os.kill(pid, signal.SIGSTOP)
-    try:
+    async with server_processes_stopped(postgres_url) as stopped:
         again = message("hi again")
         with pytest.raises(StorageError):  # a clear answer (the adapter's 503), not a wait without end
             async with asyncio.timeout(60):
@@ -133,9 +146,6 @@ async def test_server_processes_that_stop_answering_are_given_up_and_the_bot_goe
         await deliver(app, again)  # the platform's redelivery: fresh connections
         await channel.wait_for(lambda: "two" in channel.replies, timeout=60)
         assert set(stopped) <= set(await asyncio.to_thread(backend_pids, postgres_url))  # still there, still stopped
-    finally:
-        for pid in stopped:
-            os.kill(pid, signal.SIGCONT)
     await settle(app)
     state = await summary(app)
     assert state.stuck == [] and state.runs["done"] == 2
