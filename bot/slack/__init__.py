@@ -8,10 +8,11 @@ Layout of the package (each module says what belongs in it):
 - `handlers.py`  the Bolt listeners, one core call each (and the App Home, rendered by `home.py`);
 - `stream.py`    a long answer through Slack's streaming API, with a plain post as fallback;
 - `transport.py` the Bolt app and its two doors: `POST /slack/events` and Socket Mode;
-- `poster.py`    the `tools.services.SlackPoster` the notification tool posts with.
+- `poster.py`    the `tools.services.SlackPoster` the notification tool posts with;
+- `api_error.py` the error code of a failed Web API call, also when Slack's answer was no JSON.
 
-This module is the `Channel` the core talks to (post a reply, react, post and update a card, the
-run's progress message and its answer, a person's App Home) plus the adapter's lifecycle. Socket Mode is used when SLACK_APP_TOKEN is set; otherwise the
+This module is the `Channel` the core talks to (post a reply, react, post and update a card or a
+clicked private copy of it, the run's progress message and its answer, a person's App Home) plus the adapter's lifecycle. Socket Mode is used when SLACK_APP_TOKEN is set; otherwise the
 HTTP route is mounted and SLACK_SIGNING_SECRET verifies every request.
 """
 
