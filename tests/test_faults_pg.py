@@ -140,9 +140,15 @@ async def test_server_processes_that_stop_answering_are_given_up_and_the_bot_goe
 
     async with server_processes_stopped(postgres_url) as stopped:
         again = message("hi again")
+        loop = asyncio.get_running_loop()
+        started = loop.time()
         with pytest.raises(StorageError):  # a clear answer (the adapter's 503), not a wait without end
             async with asyncio.timeout(60):
                 await app.core.accept_message(again)
+        # The 2 s bound, with room for a loaded machine. A cancelled statement let psycopg wait 5 s more
+        # on the stopped process (7 s: Slack had long given up and delivered again).
+        took = loop.time() - started
+        assert took < 5.0, f"the ack was refused after {took:.1f}s"
         await deliver(app, again)  # the platform's redelivery: fresh connections
         await channel.wait_for(lambda: "two" in channel.replies, timeout=60)
         assert set(stopped) <= set(await asyncio.to_thread(backend_pids, postgres_url))  # still there, still stopped

@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 
 import sqlalchemy as sa
 from sqlalchemy.exc import OperationalError
@@ -40,6 +41,18 @@ from storage.sessions import DbSession
 
 log = logging.getLogger("chatops.core")
 CARD_ANSWER_GRACE = 1.0  # seconds: a click's answer reaches the platform well within this
+
+
+@contextmanager
+def _storage_fault(what: str) -> Iterator[None]:
+    """A database fault an adapter must answer (503, "click again") raised as `StorageError(what)`:
+    an operational error, a busy lock, any transient fault (a dropped connection, a stalled transaction)."""
+    try:
+        yield
+    except Exception as exc:
+        if isinstance(exc, OperationalError | LockBusy) or is_transient(exc):
+            raise StorageError(f"{what}: {type(exc).__name__}") from None
+        raise
 
 
 class Core:
@@ -67,15 +80,9 @@ class Core:
         Raises StorageError when the message could not be recorded (the database is away or its
         lock stayed busy for about a second): the adapter must then answer the platform with an
         error so it redelivers (never ack what was not stored)."""
-        try:
+        with _storage_fault("could not record the message"):
             if not await self.intake.record(msg):
                 return False
-        except (OperationalError, LockBusy) as exc:
-            raise StorageError(f"could not record the message: {type(exc).__name__}") from None
-        except Exception as exc:
-            if is_transient(exc):
-                raise StorageError(f"could not record the message: {type(exc).__name__}") from None
-            raise
         self.start_conversation(msg.conversation_key)
         return True
 
@@ -88,12 +95,8 @@ class Core:
     # ------------------------------------------------------------------ decisions
     async def decide(self, req: DecisionRequest) -> DecisionOutcome:
         """Apply a click. The returned outcome says what the clicker should see; nothing slow runs here."""
-        try:
+        with _storage_fault("could not record the decision"):
             outcome = await self.approvals.decide(req)
-        except Exception as exc:
-            if isinstance(exc, OperationalError | LockBusy) or is_transient(exc):  # TransactionStalled too
-                raise StorageError(f"could not record the decision: {type(exc).__name__}") from None
-            raise
         if outcome.changed and outcome.approval is not None:
             approval = outcome.approval
             if outcome.kind == Decision.APPROVED and self.wake is not None:
@@ -116,12 +119,8 @@ class Core:
 
     @staticmethod
     async def _storing(step: Awaitable[EditOutcome]) -> EditOutcome:
-        try:
+        with _storage_fault("could not record the edit"):
             return await step
-        except Exception as exc:
-            if isinstance(exc, OperationalError | LockBusy) or is_transient(exc):
-                raise StorageError(f"could not record the edit: {type(exc).__name__}") from None
-            raise
 
     @staticmethod
     def _with_card(outcome: EditOutcome) -> EditOutcome:
