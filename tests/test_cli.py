@@ -74,6 +74,8 @@ async def test_a_pending_approval_survives_a_restart(model, tmp_path):
     code, out, err = await chatops("shell", stdin=f"approve {approval_id}\n", env=env, cwd=tmp_path)
     assert code == 0, err
     assert "Approved. Running create_crm_lead now." in out and "bot> 线索已创建。" in out
+    # the outcome under the Chinese card is Chinese too (it was "Created lead #1 in the built-in CRM.")
+    assert f"[{approval_id}] 已完成：已在 内置 CRM 中创建线索 #1。" in out, out
     assert tool_results(model.requests[-1])[0].startswith("{") or "lead" in tool_results(model.requests[-1])[0].lower()
     with sa.orm.Session(make_sync_engine(normalise_url(env["DATABASE_URL"]))) as session:
         leads = session.execute(sa.select(CrmLead)).scalars().all()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -56,6 +57,58 @@ def test_a_tools_sentence_is_english_to_code_and_translated_for_the_reader():
         assert i18n.localised(summary) == "更新 CRM 线索 #7：将 owner 设为“王五 {x}”"
     with i18n.speaking("en"):
         assert i18n.localised(line) == "status: (empty) → “won”"
+
+
+def test_a_stored_outcome_is_shown_in_the_readers_language_its_values_too():
+    """A decided card showed the tool's result or failure in English under a Chinese header
+    ("已完成：Created lead #3 in the built-in CRM."): the outcome is stored in English, for the model and
+    the audit log, and recognised when a card is rendered, like a stored cancel reason."""
+    import tools.crm
+    import tools.notify
+    import tools.smtp  # noqa: F401 - their sentences are declared at import
+
+    with i18n.speaking("zh"):
+        assert texts.localize("Created lead #3 in the built-in CRM.") == "已在 内置 CRM 中创建线索 #3。"
+        retried = "not sent: the mail server answered 451 4.3.0 busy at MAIL FROM (tried 3 times)"
+        assert texts.localize(retried) == "未发送：邮件服务器在 MAIL FROM 阶段回复了 451 4.3.0 busy（已尝试 3 次）"
+        changed = (
+            "what it would do changed after the card was shown; it now says: No lead has this e-mail: will create a new lead."
+        )
+        assert texts.localize(changed) == "卡片展示之后，它将要做的事情变了；现在显示为：没有使用该邮箱的线索：将新建一条线索。"
+        assert texts.localize("deploy failed: disk full") == "deploy failed: disk full"  # an MCP server's own words
+    with i18n.speaking("en"):
+        assert texts.localize("Created lead #3 in the built-in CRM.") == "Created lead #3 in the built-in CRM."
+
+
+def test_every_stored_sentence_reads_back_as_its_own_translation():
+    """No sentence of ours is mistaken for another when it is recognised from its stored English."""
+    import tools.crm
+    import tools.email
+    import tools.mcp
+    import tools.notify
+    import tools.smtp  # noqa: F401 - their sentences are declared at import
+    from tools.phrases import all_sentences
+
+    def sample(source: str) -> dict[str, str]:
+        return {name: f"⟨{name}⟩" for name in cli_i18n.placeholders(source)}
+
+    def recognised(source: str) -> bool:
+        return "{" not in source or len(re.sub(r"\{\w+\}|[\W\d_]", "", source)) >= texts.RECOGNISED_LETTERS
+
+    stored: dict[str, set[str]] = {}  # English -> its translations (two sentences may share their English)
+    with i18n.speaking("zh"):
+        for text in texts.all_texts().values():
+            values = sample(text.source)
+            stored.setdefault(text.source.format(**values), set()).add(text.format(**values))
+        for sentence in all_sentences().values():
+            values = sample(sentence.english)
+            stored.setdefault(sentence.english.format(**values), set()).add(i18n.localised(sentence(**values)))
+        sources = [t.source for t in texts.all_texts().values()] + [s.english for s in all_sentences().values()]
+        assert sum(map(recognised, sources)) > 150
+        for source in filter(recognised, sources):
+            english = source.format(**sample(source))
+            assert texts.localize(english) in stored[english], english
+        assert texts.localize("deploy failed: disk full") == "deploy failed: disk full"  # too vague to recognise
 
 
 @contextmanager

@@ -53,7 +53,11 @@ def test_feishu_sign_matches_feishu_reference_example() -> None:
 async def test_feishu_signed_post(db: Database) -> None:
     async with FakeFeishuRobot() as robot:
         ctx = context(db, FEISHU_WEBHOOK_URL=robot.url, FEISHU_WEBHOOK_SECRET=robot.secret or "")
-        assert await call(ctx, "notify_feishu", {"message": MESSAGE}) == {"result": "posted", "platform": "feishu"}
+        assert await call(ctx, "notify_feishu", {"message": MESSAGE}) == {
+            "result": "posted",
+            "platform": "feishu",
+            "message": "Posted to the Feishu group.",
+        }
     assert robot.messages == [MESSAGE]
     (body,) = robot.requests
     assert set(body) == {"timestamp", "sign", "msg_type", "content"}

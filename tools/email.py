@@ -66,7 +66,7 @@ def _validated(config: SmtpConfig, raw: list[str]) -> list[tuple[str, bool]]:
 def _sender(ctx: ToolContext) -> SmtpSender:
     """The configured sender, or ToolUnavailable naming the variables to set."""
     if ctx.smtp is None:
-        raise ToolUnavailable("E-mail is not configured: set SMTP_HOST and SMTP_FROM to send e-mail.")
+        raise ToolUnavailable(UNCONFIGURED())
     return ctx.smtp
 
 
@@ -90,6 +90,8 @@ def _breaks_header(char: str) -> bool:
 
 DESCRIBE = Sentence("email.DESCRIBE", "Send an e-mail to {to} with the subject “{subject}”")
 DESCRIBE_CC = Sentence("email.DESCRIBE_CC", "Send an e-mail to {to} (cc {cc}) with the subject “{subject}”")
+SENT = Sentence("email.SENT", "Sent the e-mail to {to}; the mail server accepted it.")
+UNCONFIGURED = Sentence("email.UNCONFIGURED", "E-mail is not configured: set SMTP_HOST and SMTP_FROM to send e-mail.")
 
 
 def _describe(args: dict[str, Any]) -> str:
@@ -164,6 +166,7 @@ async def send_email(
     reply = await sender.send(Envelope(config.envelope_sender, [a for a, _ in everyone], msg.as_bytes(), smtputf8))
     return {
         "result": "sent",
+        "message": SENT(to=", ".join(a for a, _ in everyone)),
         "message_id": msg["Message-ID"],
         "to": [a for a, _ in to_checked],
         "cc": [a for a, _ in cc_checked],

@@ -43,12 +43,29 @@ SLACK_NOTIFIES_EVERYONE = Sentence("notify.SLACK_NOTIFIES_EVERYONE", "Slack will
 SLACK_NOTIFIES_GROUP = Sentence("notify.SLACK_NOTIFIES_GROUP", "Slack will notify the user group {group}")
 SLACK_MENTIONS = Sentence("notify.SLACK_MENTIONS", "Slack will mention {target}")
 SLACK_LINK = Sentence("notify.SLACK_LINK", "Slack will show the link text “{label}”, which opens {target}")
+# What a post did or why it failed (the model reads the English; a decided card shows them translated)
+FEISHU_POSTED = Sentence("notify.FEISHU_POSTED", "Posted to the Feishu group.")
+SLACK_POSTED = Sentence("notify.SLACK_POSTED", "Posted to Slack {channel}.")
+FEISHU_UNCONFIGURED = Sentence(
+    "notify.FEISHU_UNCONFIGURED", "Feishu notifications are not configured: set FEISHU_WEBHOOK_URL (and FEISHU_WEBHOOK_SECRET)."
+)
+FEISHU_UNREACHABLE = Sentence("notify.FEISHU_UNREACHABLE", "not sent: the Feishu webhook cannot be reached ({reason})")
+FEISHU_NO_ANSWER = Sentence("notify.FEISHU_NO_ANSWER", "Feishu did not answer ({reason}); the message may have been posted")
+FEISHU_FAILED = Sentence("notify.FEISHU_FAILED", "Feishu failed with HTTP {status}; the message may have been posted")
+FEISHU_REFUSED = Sentence("notify.FEISHU_REFUSED", "Feishu refused the message (code {code}, HTTP {status}): {detail}")
+SLACK_UNCONFIGURED = Sentence(
+    "notify.SLACK_UNCONFIGURED", "Slack is not connected: set SLACK_BOT_TOKEN and run the Slack channel to post to Slack."
+)
+SLACK_REFUSED = Sentence("notify.SLACK_REFUSED", "Slack refused the message to {channel}: {error}")
+SLACK_REFUSED_HINT = Sentence("notify.SLACK_REFUSED_HINT", "Slack refused the message to {channel}: {error} ({hint})")
+SLACK_UNREACHABLE = Sentence("notify.SLACK_UNREACHABLE", "not sent: Slack cannot be reached ({reason})")
+SLACK_NO_ANSWER = Sentence("notify.SLACK_NO_ANSWER", "Slack did not answer ({reason}); the message may have been posted")
 Message = Annotated[str, Field(min_length=1, max_length=4000)]
 SLACK_HINTS = {
-    "channel_not_found": "check the channel name or id",
-    "not_in_channel": "invite the bot to the channel first",
-    "is_archived": "the channel is archived",
-    "ratelimited": "Slack is rate-limiting the bot; try again in a minute",
+    "channel_not_found": Sentence("notify.HINT_CHANNEL_NOT_FOUND", "check the channel name or id"),
+    "not_in_channel": Sentence("notify.HINT_NOT_IN_CHANNEL", "invite the bot to the channel first"),
+    "is_archived": Sentence("notify.HINT_ARCHIVED", "the channel is archived"),
+    "ratelimited": Sentence("notify.HINT_RATELIMITED", "Slack is rate-limiting the bot; try again in a minute"),
 }
 
 
@@ -65,7 +82,7 @@ def _short(text: str) -> str:
 
 def _robot(ctx: ToolContext) -> FeishuRobotConfig:
     if ctx.feishu_robot is None:
-        raise ToolUnavailable("Feishu notifications are not configured: set FEISHU_WEBHOOK_URL (and FEISHU_WEBHOOK_SECRET).")
+        raise ToolUnavailable(FEISHU_UNCONFIGURED())
     return ctx.feishu_robot
 
 
@@ -96,8 +113,8 @@ async def notify_feishu(ctx: ToolContext, message: Message) -> dict[str, Any]:
             status, text = response.status, await response.text()
     except (aiohttp.ClientError, TimeoutError) as exc:
         if http.never_sent(exc):
-            raise ToolUnavailable(f"not sent: the Feishu webhook cannot be reached ({http.describe(exc)})") from None
-        raise ToolInDoubt(f"Feishu did not answer ({http.describe(exc)}); the message may have been posted") from None
+            raise ToolUnavailable(FEISHU_UNREACHABLE(reason=http.describe(exc))) from None
+        raise ToolInDoubt(FEISHU_NO_ANSWER(reason=http.describe(exc))) from None
     return _feishu_outcome(status, text)
 
 
@@ -108,17 +125,17 @@ def _feishu_outcome(status: int, text: str) -> dict[str, Any]:
         answer = {}
     code = answer.get("code", answer.get("StatusCode")) if isinstance(answer, dict) else None
     if status >= 500 and code is None:
-        raise ToolInDoubt(f"Feishu failed with HTTP {status}; the message may have been posted")
+        raise ToolInDoubt(FEISHU_FAILED(status=status))
     if code != 0:
         detail = (answer.get("msg") or answer.get("StatusMessage")) if isinstance(answer, dict) else None
         detail = detail or text[:200]
-        raise ToolError(f"Feishu refused the message (code {code}, HTTP {status}): {detail}")
-    return {"result": "posted", "platform": "feishu"}
+        raise ToolError(FEISHU_REFUSED(code=code, status=status, detail=detail))
+    return {"result": "posted", "platform": "feishu", "message": FEISHU_POSTED()}
 
 
 def _slack(ctx: ToolContext) -> SlackPoster:
     if ctx.slack is None:
-        raise ToolUnavailable("Slack is not connected: set SLACK_BOT_TOKEN and run the Slack channel to post to Slack.")
+        raise ToolUnavailable(SLACK_UNCONFIGURED())
     return ctx.slack
 
 
@@ -170,9 +187,15 @@ async def notify_slack(
         posted = await poster.post_message(channel, message)
     except SlackRefused as exc:
         hint = SLACK_HINTS.get(exc.error)
-        raise ToolError(f"Slack refused the message to {channel}: {exc.error}" + (f" ({hint})" if hint else "")) from None
+        refused = (
+            SLACK_REFUSED_HINT(channel=channel, error=exc.error, hint=hint())
+            if hint
+            else SLACK_REFUSED(channel=channel, error=exc.error)
+        )
+        raise ToolError(refused) from None
     except DeliveryError as exc:
         if not exc.may_have_arrived:
-            raise ToolUnavailable(f"not sent: Slack cannot be reached ({exc.reason})") from None
-        raise ToolInDoubt(f"Slack did not answer ({exc.reason}); the message may have been posted") from None
-    return {"result": "posted", "platform": "slack", "channel": posted.channel, "ts": posted.ts}
+            raise ToolUnavailable(SLACK_UNREACHABLE(reason=exc.reason)) from None
+        raise ToolInDoubt(SLACK_NO_ANSWER(reason=exc.reason)) from None
+    message = SLACK_POSTED(channel=channel)
+    return {"result": "posted", "platform": "slack", "channel": posted.channel, "ts": posted.ts, "message": message}

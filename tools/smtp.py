@@ -28,6 +28,26 @@ from typing import Any
 
 from tools.config import SmtpConfig
 from tools.errors import ToolError, ToolInDoubt, ToolUnavailable
+from tools.phrases import Sentence
+
+# What a send's failures say (the model reads the English; a decided card shows them translated)
+REFUSED = Sentence("smtp.REFUSED", "not sent: the mail server refused the message at {stage}: {reply}")
+ANSWERED = Sentence("smtp.ANSWERED", "the mail server answered {reply} at {stage}")
+CONNECTION_REFUSED = Sentence("smtp.CONNECTION_REFUSED", "{server} refused the connection")
+GAVE_UP = Sentence("smtp.GAVE_UP", "not sent: {reason} (tried {attempts} times)")
+WORKERS_BUSY = Sentence("smtp.WORKERS_BUSY", "not sent: all {workers} mail workers stayed busy (other sends are hanging)")
+CONNECT_FAILED = Sentence("smtp.CONNECT_FAILED", "not sent: {server} failed while {stage} ({error})")
+LOST_SENDING = Sentence("smtp.LOST_SENDING", "not sent: the connection failed while the message was being sent ({error})")
+UNCONFIRMED = Sentence(
+    "smtp.UNCONFIRMED",
+    "the whole message was sent but the mail server did not confirm it ({error}); it may have been delivered",
+)
+LOGIN_REFUSED = Sentence(
+    "smtp.LOGIN_REFUSED", "not sent: the mail server refused our login ({code}); check SMTP_USERNAME and SMTP_PASSWORD"
+)
+UNSUPPORTED = Sentence("smtp.UNSUPPORTED", "not sent: the mail server does not support {feature}; check SMTP_SECURITY")
+LOST_AT = Sentence("smtp.LOST_AT", "not sent: the connection to the mail server failed at {stage} ({error})")
+NO_SMTPUTF8 = Sentence("smtp.NO_SMTPUTF8", "not sent: the mail server does not accept internationalised addresses (no SMTPUTF8)")
 
 BACKOFF_INITIAL = 1.0
 BACKOFF_MAX = 8.0
@@ -43,6 +63,10 @@ class Envelope:
 
 class _Temporary(Exception):
     """A 4xx reply or a refused connection: nothing was sent, and trying again may work."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
 
 
 class _Staged:
@@ -72,8 +96,8 @@ def _reply_text(code: int, reply: bytes | str) -> str:
 def _refused(code: int, reply: bytes | str, stage: str) -> Exception:
     text = _reply_text(code, reply)
     if 400 <= code < 500:
-        return _Temporary(f"the mail server answered {text} at {stage}")
-    return ToolError(f"not sent: the mail server refused the message at {stage}: {text}")
+        return _Temporary(ANSWERED(reply=text, stage=stage))
+    return ToolError(REFUSED(stage=stage, reply=text))
 
 
 def data_block(payload: bytes) -> bytes:
@@ -104,7 +128,7 @@ class SmtpSender:
             except _Temporary as exc:
                 wait = min(BACKOFF_MAX, BACKOFF_INITIAL * 2 ** (attempt - 1)) * (0.5 + random.random() / 2)
                 if attempt == self.config.attempts or time.monotonic() + wait + self.config.timeout > deadline:
-                    raise ToolUnavailable(f"not sent: {exc} (tried {attempt} times)") from None
+                    raise ToolUnavailable(GAVE_UP(reason=exc.reason, attempts=attempt)) from None
                 await asyncio.sleep(wait)
         raise AssertionError("unreachable")
 
@@ -121,7 +145,7 @@ class SmtpSender:
     def _connect(self, deadline: float) -> smtplib.SMTP:
         config = self.config
         if deadline - time.monotonic() <= 0.05:
-            raise ToolUnavailable(f"not sent: all {config.workers} mail workers stayed busy (other sends are hanging)")
+            raise ToolUnavailable(WORKERS_BUSY(workers=config.workers))
         timeout = self._step_timeout(None, deadline)
         smtp: smtplib.SMTP
         if config.security == "ssl":
@@ -133,11 +157,11 @@ class SmtpSender:
             code, reply = smtp.connect(config.host, config.server_port)
         except ConnectionRefusedError:
             smtp.close()
-            raise _Temporary(f"{where} refused the connection") from None
+            raise _Temporary(CONNECTION_REFUSED(server=where)) from None
         except (OSError, smtplib.SMTPException) as exc:
             smtp.close()
             stage = getattr(smtp, "stage", "connecting")
-            raise ToolUnavailable(f"not sent: {where} failed while {stage} ({_why(exc)})") from None
+            raise ToolUnavailable(CONNECT_FAILED(server=where, stage=stage, error=_why(exc))) from None
         if code != 220:
             smtp.close()
             raise _refused(code, reply, "the greeting")
@@ -153,14 +177,12 @@ class SmtpSender:
                 self._step_timeout(smtp, deadline)
                 smtp.send(block)
             except (OSError, smtplib.SMTPException) as exc:
-                raise ToolUnavailable(f"not sent: the connection failed while the message was being sent ({_why(exc)})") from None
+                raise ToolUnavailable(LOST_SENDING(error=_why(exc))) from None
             try:
                 self._step_timeout(smtp, deadline)
                 code, reply = smtp.getreply()
             except (OSError, smtplib.SMTPException) as exc:
-                raise ToolInDoubt(
-                    f"the whole message was sent but the mail server did not confirm it ({_why(exc)}); it may have been delivered"
-                ) from None
+                raise ToolInDoubt(UNCONFIRMED(error=_why(exc))) from None
             if code != 250:
                 raise _refused(code, reply, "the end of the message")
             return reply.decode("utf-8", "replace")
@@ -185,21 +207,19 @@ class SmtpSender:
                 smtp.login(self.config.username, self.config.password or "")
             self._envelope(smtp, envelope, deadline)
         except smtplib.SMTPAuthenticationError as exc:
-            raise ToolUnavailable(
-                f"not sent: the mail server refused our login ({exc.smtp_code}); check SMTP_USERNAME and SMTP_PASSWORD"
-            ) from None
+            raise ToolUnavailable(LOGIN_REFUSED(code=exc.smtp_code)) from None
         except smtplib.SMTPNotSupportedError as exc:
-            raise ToolUnavailable(f"not sent: the mail server does not support {exc}; check SMTP_SECURITY") from None
+            raise ToolUnavailable(UNSUPPORTED(feature=str(exc))) from None
         except smtplib.SMTPResponseException as exc:
             raise _refused(exc.smtp_code, exc.smtp_error, _stage(smtp)) from None
         except (OSError, smtplib.SMTPException) as exc:
-            raise ToolUnavailable(f"not sent: the connection to the mail server failed at {_stage(smtp)} ({_why(exc)})") from None
+            raise ToolUnavailable(LOST_AT(stage=_stage(smtp), error=_why(exc))) from None
 
     def _envelope(self, smtp: smtplib.SMTP, envelope: Envelope, deadline: float) -> None:
         options = []
         if envelope.smtputf8:
             if not smtp.has_extn("smtputf8"):
-                raise ToolError("not sent: the mail server does not accept internationalised addresses (no SMTPUTF8)")
+                raise ToolError(NO_SMTPUTF8())
             options.append("SMTPUTF8")
         _at(smtp, "MAIL FROM")
         self._step_timeout(smtp, deadline)

@@ -573,7 +573,7 @@ class ApprovalService:
         """executing -> in_doubt where the executor's lease ran out: the outcome is unknown, so the
         call is reported and never re-run."""
         ctx = self.ctx
-        detail = "the process running it stopped answering before it finished"
+        detail = texts.english(texts.OUTCOME_EXECUTOR_LOST)
 
         async def mark(session: DbSession) -> list[Approval]:
             now = ctx.clock()

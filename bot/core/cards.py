@@ -282,9 +282,9 @@ def status_lines(card: CardView) -> list[str]:
     if card.status == "executing":
         lines.append(str(texts.CARD_EXECUTING))
     if card.status == "succeeded":
-        lines.append(texts.CARD_SUCCEEDED.format(detail=card.outcome or "ok"))
+        lines.append(texts.CARD_SUCCEEDED.format(detail=texts.localize(card.outcome) or "ok"))
     if card.status == "failed":
-        lines.append(texts.CARD_FAILED.format(detail=card.outcome or "error"))
+        lines.append(texts.CARD_FAILED.format(detail=texts.localize(card.outcome) or "error"))
     if card.status == "in_doubt":
-        lines.append(texts.CARD_IN_DOUBT.format(detail=card.outcome or "interrupted"))
+        lines.append(texts.CARD_IN_DOUBT.format(detail=texts.localize(card.outcome) or "interrupted"))
     return lines

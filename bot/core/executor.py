@@ -14,7 +14,7 @@ import time
 from collections.abc import Awaitable
 from typing import Any
 
-from bot.core import leases, metrics
+from bot.core import leases, metrics, texts
 from bot.core.approvals import ApprovalService
 from bot.core.context import AppContext
 from bot.core.events import User
@@ -69,10 +69,10 @@ class Executor:
         except ToolError as exc:
             return S.FAILED, exc.message
         except TimeoutError:
-            return S.IN_DOUBT, f"no answer within {timeout:g}s"
+            return S.IN_DOUBT, texts.english(texts.OUTCOME_NO_ANSWER).format(seconds=f"{timeout:g}")
         except Exception as exc:
             log.exception("write tool %s crashed", tool)
-            return S.IN_DOUBT, f"the tool crashed ({type(exc).__name__})"
+            return S.IN_DOUBT, texts.english(texts.OUTCOME_CRASHED).format(error=type(exc).__name__)
 
     async def _preview_changed(self, approval: Approval) -> str | None:
         """A reason not to run when what the card showed is no longer what would happen."""
@@ -84,7 +84,7 @@ class Executor:
         try:
             now = await asyncio.wait_for(spec.preview(tool_ctx, approval.args), self.ctx.settings.tool_timeout)
         except Exception as exc:  # noqa: BLE001 - cannot re-check: do not run on a stale promise
-            return f"what it would do could not be checked again ({type(exc).__name__})"
+            return texts.english(texts.PREVIEW_UNCHECKED).format(error=type(exc).__name__)
         if list(now) == list(shown):
             return None
-        return "what it would do changed after the card was shown; it now says: " + " ".join(now)
+        return texts.english(texts.PREVIEW_CHANGED).format(now=" ".join(now))

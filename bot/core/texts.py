@@ -16,6 +16,7 @@ from datetime import datetime
 from functools import cache
 
 from bot.core import i18n
+from tools import phrases
 
 WORKING = "On it…"
 MODEL_FAILED = "Sorry, the language model is not answering right now, so I did nothing. Please try again in a minute."
@@ -95,6 +96,12 @@ CARD_VOTE_RECORDED = "One approval is recorded; {remaining} more approval(s) nee
 CARD_SUCCEEDED = "Done: {detail}"
 CARD_FAILED = "Failed: {detail}"
 CARD_IN_DOUBT = "Outcome unknown: {detail}. Not retried; please check by hand."
+# Why a call ended as it did, stored in English (the model reads them) and shown translated on the card
+OUTCOME_NO_ANSWER = "no answer within {seconds}s"
+OUTCOME_CRASHED = "the tool crashed ({error})"
+OUTCOME_EXECUTOR_LOST = "the process running it stopped answering before it finished"
+PREVIEW_CHANGED = "what it would do changed after the card was shown; it now says: {now}"
+PREVIEW_UNCHECKED = "what it would do could not be checked again ({error})"
 CARD_TRUNCATED = "… [cut: {more} more characters]"
 CARD_SHORTENED = "… [{more} more characters in the full request]"
 CARD_WARN_BIDI = "{field} contains text-direction controls ({codes}), shown as ⟨U+…⟩: elsewhere it may read differently"
@@ -244,30 +251,43 @@ def all_texts() -> dict[str, i18n.Text]:
     return {k: v for k, v in globals().items() if isinstance(v, i18n.Text)}
 
 
+RECOGNISED_LETTERS = 8  # a stored sentence with placeholders is recognised by at least this many letters of its own
+
+
 @cache
-def _patterns() -> list[tuple[i18n.Text, re.Pattern[str]]]:
-    """Each sentence as a pattern (placeholders capture), the longest (most specific) first."""
+def _patterns(_sentences: int) -> list[tuple[i18n.Text | phrases.Sentence, re.Pattern[str]]]:
+    """Each of our sentences and the tools' as a pattern (placeholders capture), the longest (most
+    specific) first. `_sentences`: how many tool sentences are declared (toolsets imported later add more)."""
+    ours: list[tuple[i18n.Text | phrases.Sentence, str]] = [(text, text.source) for text in all_texts().values()]
+    ours += [(sentence, sentence.english) for sentence in phrases.all_sentences().values()]
     found = []
-    for text in sorted(all_texts().values(), key=lambda t: -len(t.source)):
+    for sentence, source in sorted(ours, key=lambda pair: -len(pair[1])):
+        if "{" in source and len(re.sub(r"\{\w+\}|[\W\d_]", "", source)) < RECOGNISED_LETTERS:
+            continue  # "{field}: {detail}" would match anything with a colon in it
         regex, seen = "", set()
-        for i, part in enumerate(re.split(r"\{(\w+)\}", text.source)):
+        for i, part in enumerate(re.split(r"\{(\w+)\}", source)):
             if i % 2 == 0:
                 regex += re.escape(part)
             else:
                 regex += f"(?P={part})" if part in seen else f"(?P<{part}>.+?)"
                 seen.add(part)
-        found.append((text, re.compile(f"^{regex}$", re.DOTALL)))
+        found.append((sentence, re.compile(f"^{regex}$", re.DOTALL)))
     return found
 
 
 def localize(stored: str | None) -> str | None:
-    """A sentence stored in English by code (a cancel reason, a rule) rendered in the current
-    language when it is one of ours; anything else (what people typed) unchanged."""
+    """A sentence stored in English by code (a cancel reason, a rule, a tool's result or failure, see
+    `tools.phrases`) rendered in the current language when it is one of ours, its values too; anything
+    else (what people typed, what an MCP server said) unchanged."""
     if not stored or i18n.current() == i18n.DEFAULT_LANGUAGE:
         return stored
-    for text, pattern in _patterns():
-        if (match := pattern.match(stored)) is not None:
-            return text.format(**match.groupdict())
+    for sentence, pattern in _patterns(len(phrases.all_sentences())):
+        if (match := pattern.match(stored)) is None:
+            continue
+        values = {name: localize(value) if value != stored else value for name, value in match.groupdict().items()}
+        if isinstance(sentence, i18n.Text):
+            return sentence.format(**values)
+        return i18n.localised(sentence(**values))
     return stored
 
 

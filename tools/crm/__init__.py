@@ -42,6 +42,12 @@ LEAD = Sentence("crm.LEAD", "Lead {label}:")
 CHANGE = Sentence("crm.CHANGE", "{field}: {old} → {new}")
 QUOTED = Sentence("crm.QUOTED", "“{value}”")
 EMPTY = Sentence("crm.EMPTY", "(empty)")
+# What a call did (its result's "message", shown on the decided card)
+CREATED = Sentence("crm.CREATED", "Created lead #{lead_id} in {crm}.")
+UPDATED_EXISTING = Sentence("crm.UPDATED_EXISTING", "Updated the existing lead #{lead_id} in {crm}.")
+ALREADY_SO = Sentence("crm.ALREADY_SO", "Lead #{lead_id} in {crm} already had these values.")
+UPDATED = Sentence("crm.UPDATED", "Updated lead #{lead_id}: {fields}.")
+DONE = {"created": CREATED, "updated": UPDATED_EXISTING, "unchanged": ALREADY_SO}
 
 
 def _fields(args: dict[str, Any]) -> LeadFields:
@@ -107,8 +113,8 @@ async def create_crm_lead(
         outcome, lead = await crm.upsert(
             _fields({"name": name, "email": email, "need": need, "company": company}), approval_id=ctx.approval_id
         )
-    said = {"created": "Created lead", "updated": "Updated the existing lead", "unchanged": "The lead already had these values:"}
-    return {"result": outcome, "message": f"{said[outcome]} #{lead.id} in the {crm.name}.", "lead": lead.as_dict()}
+    message = DONE[outcome](lead_id=lead.id, crm=crm.name)
+    return {"result": outcome, "message": message, "lead": lead.as_dict()}
 
 
 @toolset.tool(read_only=True)
@@ -175,4 +181,4 @@ async def update_crm_lead(
     changes = _changes({"status": status, "need": need, "owner": owner})
     async with open_backend(ctx) as crm:
         lead = await crm.update(lead_id, changes)
-    return {"result": "updated", "message": f"Updated lead #{lead.id}: {', '.join(changes)}.", "lead": lead.as_dict()}
+    return {"result": "updated", "message": UPDATED(lead_id=lead.id, fields=", ".join(changes)), "lead": lead.as_dict()}

@@ -10,11 +10,22 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any, Literal, Protocol, get_args
 
+from tools.phrases import Sentence
+
 Outcome = Literal["created", "updated", "unchanged"]
 Status = Literal["new", "open", "in_progress", "open_deal", "unqualified", "attempted_to_contact", "connected", "bad_timing"]
 """Lead statuses: HubSpot's `hs_lead_status` values, lower-cased; the built-in CRM uses the same set."""
 STATUSES: tuple[str, ...] = get_args(Status)
 SEARCH_LIMIT = 20
+
+# What a backend's failures say (the model reads the English; a decided card shows them translated)
+CHANGED_CONCURRENTLY = Sentence("crm.CHANGED_CONCURRENTLY", "Could not save the lead for {email}: it kept changing concurrently.")
+NO_SUCH_LEAD = Sentence("crm.NO_SUCH_LEAD", "There is no lead #{lead_id} in {crm}. Search for the lead first to get its id.")
+BUILTIN_NAME = Sentence("crm.BUILTIN_NAME", "the built-in CRM")
+NO_HUBSPOT_TOKEN = Sentence(
+    "crm.NO_HUBSPOT_TOKEN", "The HubSpot CRM is selected (CHATOPS_CRM=hubspot) but HUBSPOT_TOKEN is not set."
+)
+NO_DATABASE = Sentence("crm.NO_DATABASE", "The built-in CRM has no database in this process.")
 
 
 @dataclass(frozen=True, kw_only=True)

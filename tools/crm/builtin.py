@@ -18,7 +18,16 @@ from sqlmodel import col, select
 from storage.engine import Database
 from storage.models import CrmLead, utcnow
 from storage.sessions import DbSession
-from tools.crm.backend import SEARCH_LIMIT, Lead, LeadFields, Outcome, normalise_email
+from tools.crm.backend import (
+    BUILTIN_NAME,
+    CHANGED_CONCURRENTLY,
+    NO_SUCH_LEAD,
+    SEARCH_LIMIT,
+    Lead,
+    LeadFields,
+    Outcome,
+    normalise_email,
+)
 from tools.errors import ToolError
 
 UPSERT_ATTEMPTS = 2
@@ -32,7 +41,7 @@ def _lead(row: CrmLead) -> Lead:
 class BuiltinCrm:
     """`CrmBackend` over the `crm_lead` table."""
 
-    name = "built-in CRM"
+    name: str = BUILTIN_NAME()
 
     def __init__(self, db: Database) -> None:
         self.db = db
@@ -71,7 +80,7 @@ class BuiltinCrm:
                 return await self._upsert_once(fields, approval_id)
             except IntegrityError:
                 if attempt == UPSERT_ATTEMPTS:
-                    raise ToolError(f"Could not save the lead for {fields.email}: it kept changing concurrently.") from None
+                    raise ToolError(CHANGED_CONCURRENTLY(email=fields.email)) from None
         raise AssertionError("unreachable")
 
     async def _upsert_once(self, fields: LeadFields, approval_id: str | None) -> tuple[Outcome, Lead]:
@@ -112,7 +121,7 @@ class BuiltinCrm:
         async def write(session: DbSession) -> Lead:
             row = await session.get(CrmLead, lead_id)
             if row is None:
-                raise ToolError(f"There is no lead #{lead_id}. Search for the lead first to get its id.")
+                raise ToolError(NO_SUCH_LEAD(lead_id=lead_id, crm=self.name))
             for key, value in changes.items():
                 setattr(row, key, value)
             if changes:

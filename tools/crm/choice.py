@@ -6,7 +6,7 @@ from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import TYPE_CHECKING
 
-from tools.crm.backend import CrmBackend
+from tools.crm.backend import NO_DATABASE, NO_HUBSPOT_TOKEN, CrmBackend
 from tools.crm.builtin import BuiltinCrm
 from tools.crm.hubspot import HubSpotCrm
 from tools.errors import ToolUnavailable
@@ -25,13 +25,13 @@ def open_backend(ctx: ToolContext) -> AbstractAsyncContextManager[CrmBackend]:
 @asynccontextmanager
 async def _builtin(ctx: ToolContext) -> AsyncIterator[CrmBackend]:
     if ctx.db is None:
-        raise ToolUnavailable("The built-in CRM has no database in this process.")
+        raise ToolUnavailable(NO_DATABASE())
     yield BuiltinCrm(ctx.db)
 
 
 @asynccontextmanager
 async def _hubspot(ctx: ToolContext) -> AsyncIterator[CrmBackend]:
     if ctx.crm.hubspot is None:
-        raise ToolUnavailable("The HubSpot CRM is selected (CHATOPS_CRM=hubspot) but HUBSPOT_TOKEN is not set.")
+        raise ToolUnavailable(NO_HUBSPOT_TOKEN())
     async with HubSpotCrm.connect(ctx.crm.hubspot) as crm:
         yield crm

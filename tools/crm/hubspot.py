@@ -29,8 +29,34 @@ import aiohttp
 
 from tools import http
 from tools.config import HubSpotConfig
-from tools.crm.backend import SEARCH_LIMIT, Lead, LeadFields, Outcome, normalise_email
+from tools.crm.backend import NO_SUCH_LEAD, SEARCH_LIMIT, Lead, LeadFields, Outcome, normalise_email
 from tools.errors import ToolError, ToolInDoubt, ToolUnavailable
+from tools.phrases import Sentence
+
+# What HubSpot's failures say (the model reads the English; a decided card shows them translated)
+NOT_REACHED = Sentence("hubspot.NOT_REACHED", "not sent: HubSpot cannot be reached ({reason}). Nothing was changed.")
+NO_ANSWER_WRITE = Sentence(
+    "hubspot.NO_ANSWER_WRITE", "HubSpot did not answer ({reason}); the change may or may not have been applied"
+)
+NO_ANSWER = Sentence("hubspot.NO_ANSWER", "HubSpot did not answer ({reason}).")
+RATE_LIMITED = Sentence(
+    "hubspot.RATE_LIMITED", "HubSpot is rate-limiting us; try again in {seconds} seconds. Nothing was changed."
+)
+UNREADABLE_WRITE = Sentence(
+    "hubspot.UNREADABLE_WRITE", "HubSpot answered {status} with an unreadable body; the change was probably applied"
+)
+UNREADABLE = Sentence("hubspot.UNREADABLE", "HubSpot answered {status} with an unreadable body.")
+TOKEN_REFUSED = Sentence(
+    "hubspot.TOKEN_REFUSED", "HubSpot refused our token ({status}: {detail}). Check HUBSPOT_TOKEN and its scopes."
+)
+FAILED_WRITE = Sentence("hubspot.FAILED_WRITE", "HubSpot failed with {status}; the change may or may not have been applied")
+FAILED = Sentence("hubspot.FAILED", "HubSpot failed with {status}. Try again later.")
+REJECTED = Sentence("hubspot.REJECTED", "HubSpot rejected the request ({status}): {detail}")
+NO_CONTACT_ID = Sentence("hubspot.NO_CONTACT_ID", "HubSpot sent a contact without a usable id: {contact}")
+EXISTS_UNNAMED = Sentence("hubspot.EXISTS_UNNAMED", "HubSpot says a contact with {email} exists but did not say which.")
+EXISTS_UNFOUND = Sentence("hubspot.EXISTS_UNFOUND", "HubSpot says contact {contact_id} has {email} but cannot find it.")
+OWNER_FORM = Sentence("hubspot.OWNER_FORM", "In HubSpot the owner must be an owner id or the owner's e-mail address.")
+NO_OWNER = Sentence("hubspot.NO_OWNER", "No HubSpot owner has the e-mail address {owner}.")
 
 CONTACTS = "/crm/v3/objects/contacts"
 PROPERTIES = ("email", "firstname", "lastname", "company", "message", "hs_lead_status", "hubspot_owner_id")
@@ -44,7 +70,7 @@ def _lead(obj: dict[str, Any]) -> Lead:
     name = " ".join(p for p in (props.get("firstname"), props.get("lastname")) if p)
     status = props.get("hs_lead_status")
     if not str(obj.get("id", "")).isdigit():
-        raise ToolError(f"HubSpot sent a contact without a usable id: {str(obj)[:200]}")
+        raise ToolError(NO_CONTACT_ID(contact=str(obj)[:200]))
     return Lead(
         id=int(obj["id"]),
         name=name,
@@ -109,10 +135,10 @@ class HubSpotCrm:
         except (aiohttp.ClientError, TimeoutError) as exc:
             reason = http.describe(exc)
             if http.never_sent(exc):
-                raise ToolUnavailable(f"not sent: HubSpot cannot be reached ({reason}). Nothing was changed.") from None
+                raise ToolUnavailable(NOT_REACHED(reason=reason)) from None
             if write:
-                raise ToolInDoubt(f"HubSpot did not answer ({reason}); the change may or may not have been applied") from None
-            raise ToolUnavailable(f"HubSpot did not answer ({reason}).") from None
+                raise ToolInDoubt(NO_ANSWER_WRITE(reason=reason)) from None
+            raise ToolUnavailable(NO_ANSWER(reason=reason)) from None
 
     async def _call(
         self, method: str, path: str, *, write: bool, allow: tuple[int, ...] = (), **kwargs: Any
@@ -125,7 +151,7 @@ class HubSpotCrm:
                 return response.status, self._body(response, write=write)
             wait = self._retry_after(response, attempt)
             if wait > MAX_RETRY_AFTER or attempt == ATTEMPTS:
-                raise ToolUnavailable(f"HubSpot is rate-limiting us; try again in {wait:g} seconds. Nothing was changed.")
+                raise ToolUnavailable(RATE_LIMITED(seconds=f"{wait:g}"))
             await asyncio.sleep(wait)
         raise AssertionError("unreachable")
 
@@ -142,24 +168,22 @@ class HubSpotCrm:
         if isinstance(body, dict):
             return body
         if response.is_success and write:
-            raise ToolInDoubt(f"HubSpot answered {response.status} with an unreadable body; the change was probably applied")
+            raise ToolInDoubt(UNREADABLE_WRITE(status=response.status))
         if response.is_success:
-            raise ToolError(f"HubSpot answered {response.status} with an unreadable body.")
+            raise ToolError(UNREADABLE(status=response.status))
         return {}
 
     @staticmethod
     def _check_status(response: _Answer, *, write: bool, allow: tuple[int, ...]) -> None:
         status = response.status
         if status in (401, 403):
-            raise ToolUnavailable(
-                f"HubSpot refused our token ({status}: {response.message()}). Check HUBSPOT_TOKEN and its scopes."
-            )
+            raise ToolUnavailable(TOKEN_REFUSED(status=status, detail=response.message()))
         if status >= 500:
             if write:
-                raise ToolInDoubt(f"HubSpot failed with {status}; the change may or may not have been applied")
-            raise ToolUnavailable(f"HubSpot failed with {status}. Try again later.")
+                raise ToolInDoubt(FAILED_WRITE(status=status))
+            raise ToolUnavailable(FAILED(status=status))
         if status >= 400 and status not in allow:
-            raise ToolError(f"HubSpot rejected the request ({status}): {response.message()}")
+            raise ToolError(REJECTED(status=status, detail=response.message()))
 
     async def _search(self, body: dict[str, Any]) -> list[Lead]:
         _, answer = await self._call("POST", f"{CONTACTS}/search", write=False, json={**body, "properties": list(PROPERTIES)})
@@ -193,10 +217,10 @@ class HubSpotCrm:
             # The search index lags behind creations: HubSpot itself tells us who already has this e-mail.
             match = _EXISTING_ID.search(str(answer.get("message", "")))
             if match is None:
-                raise ToolError(f"HubSpot says a contact with {fields.email} exists but did not say which.")
+                raise ToolError(EXISTS_UNNAMED(email=fields.email))
             existing = await self.get(int(match.group(1)))
             if existing is None:
-                raise ToolError(f"HubSpot says contact {match.group(1)} has {fields.email} but cannot find it.")
+                raise ToolError(EXISTS_UNFOUND(contact_id=match.group(1), email=fields.email))
         changes = fields.changes_for(existing)
         if not changes:
             return "unchanged", existing
@@ -217,7 +241,7 @@ class HubSpotCrm:
                 props[key] = value
         status, answer = await self._call("PATCH", f"{CONTACTS}/{lead_id}", write=True, allow=(404,), json={"properties": props})
         if status == 404:
-            raise ToolError(f"There is no lead #{lead_id} in HubSpot. Search for the lead first to get its id.")
+            raise ToolError(NO_SUCH_LEAD(lead_id=lead_id, crm=self.name))
         return _lead(answer)
 
     async def owner_id(self, owner: str) -> str:
@@ -226,9 +250,9 @@ class HubSpotCrm:
         if owner.isdigit():
             return owner
         if "@" not in owner:
-            raise ToolError("In HubSpot the owner must be an owner id or the owner's e-mail address.")
+            raise ToolError(OWNER_FORM())
         _, answer = await self._call("GET", "/crm/v3/owners/", write=False, params={"email": owner, "limit": 1})
         results = answer.get("results") or []
         if not results:
-            raise ToolError(f"No HubSpot owner has the e-mail address {owner}.")
+            raise ToolError(NO_OWNER(owner=owner))
         return str(results[0]["id"])
