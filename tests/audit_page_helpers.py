@@ -9,6 +9,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 import sqlalchemy as sa
+from aiohttp import ClientResponse
 from aiohttp.test_utils import TestClient, TestServer
 
 from bot.auditweb.reader import make_read_engine
@@ -112,3 +113,20 @@ async def audit_page(url: str, token: str | None = None) -> AsyncIterator[TestCl
     finally:
         await client.close()
         engine.dispose()
+
+
+async def form_token(client: TestClient, path: str = "/") -> str:
+    """The "Verify now" form's token on the page at `path`, as a browser would find it."""
+    html = await (await client.get(path)).text()
+    found = re.search(r'name="csrf" value="([^"]+)"', html)
+    assert found, html[-500:]
+    return found[1]
+
+
+async def post_verify(
+    client: TestClient, token: str | None = None, next_: str = "/", headers: dict[str, str] | None = None
+) -> ClientResponse:
+    """Click "Verify now": post the page's form (with the token of a page just read, unless given)."""
+    token = await form_token(client) if token is None else token
+    data = {"next": next_, "csrf": token}
+    return await client.post("/verify", data=data, headers=headers or {}, allow_redirects=False)

@@ -1,7 +1,9 @@
 """The audit page and `chatops audit` attacked from outside: by a prompt-injected model choosing
 what lands in the log (tool names, arguments), by an outsider on the network (Host header, links
-that bounce through the page), by hostile query strings, and by someone editing the database
-behind a page that has already said "intact". Real servers, real HTTP, real processes."""
+that bounce through the page), by another site the operator visits (cross-site requests to "Verify
+now" and background loads), by many verifications at once, by hostile query strings, and by
+someone editing the database behind a page that has already said "intact". Real servers, real HTTP,
+real processes."""
 
 from __future__ import annotations
 
@@ -10,16 +12,19 @@ import csv
 import io
 import os
 import re
+import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
 
+from bot.auditweb.page import PAGE
 from storage.audit import AuditLog
 from storage.engine import Database, make_sync_engine, normalise_url
 from storage.models import AuditEvent
 from storage.redact import Redactor
-from tests.audit_page_helpers import audit_page, fill_log, tamper
+from tests.audit_page_helpers import audit_page, fill_log, form_token, post_verify, tamper
 from tests.fakes.openai_server import calls, text
 from tests.support_tools import Ledger, notes_toolset
 from tests.test_cli import CHATOPS
@@ -64,10 +69,127 @@ async def test_verify_never_sends_the_browser_off_the_page(filled, next_):
     """`/verify?next=/%09/evil.example/` must not become `Location: //evil.example/` (browsers drop
     tabs and line breaks from URLs, so the check on the raw value is not enough)."""
     async with audit_page(filled.url) as client:
-        response = await client.get("/verify", params={"next": next_}, allow_redirects=False)
+        response = await post_verify(client, next_=next_)
     assert response.status == 303
     location = response.headers["Location"]
     assert location.startswith("/") and not re.match(r"^/[\s/\\]", location), location
+
+
+# --- cross-site requests: "Verify now" is the page's own POST, nothing else -----------------------
+
+
+async def test_opening_verify_changes_nothing(filled):
+    """`<img src="http://127.0.0.1:8765/verify">` on any site ran a whole-chain verification in the
+    operator's browser and changed the badge. A GET now answers 405 and verifies nothing."""
+    async with audit_page(filled.url) as client:
+        opened = await client.get("/verify", params={"next": "/"}, allow_redirects=False)
+        html = await opened.text()
+        after = await (await client.get("/")).text()
+    assert opened.status == 405 and opened.headers["Allow"] == "POST"
+    assert "is a button on the audit page" in html and "changes nothing" in html
+    assert 'data-state="unverified"' in after
+
+
+FORM_POST = {"Sec-Fetch-Mode": "navigate", "Sec-Fetch-Dest": "document"}  # as a submitted form says
+FOREIGN_POSTS = {
+    "another site (fetch metadata)": {**FORM_POST, "Sec-Fetch-Site": "cross-site"},
+    "a sibling site: another port or subdomain": {**FORM_POST, "Sec-Fetch-Site": "same-site"},
+    "another origin": {"Origin": "http://evil.example"},
+    "an opaque origin (sandboxed frame)": {"Origin": "null"},
+    "another port on this machine": {"Origin": "http://127.0.0.1:1"},
+}
+
+
+@pytest.mark.parametrize("headers", FOREIGN_POSTS.values(), ids=FOREIGN_POSTS.keys())
+async def test_a_verification_posted_from_another_site_is_refused(filled, headers):
+    """Even with a valid form token (as an old page of ours could leak), a POST that the browser
+    marks as coming from another site or origin is refused, and the badge does not move."""
+    async with audit_page(filled.url) as client:
+        refused = await post_verify(client, headers=headers)
+        html = await refused.text()
+        after = await (await client.get("/")).text()
+    assert refused.status == 403 and "Verification refused" in html and "click “Verify now” there" in html
+    assert 'data-state="unverified"' in after
+
+
+async def test_a_verification_without_this_pages_form_token_is_refused(filled):
+    """A browser that sends neither fetch metadata nor Origin (an old one, a plugin) is stopped by
+    the token: none, a forged one, or one from another audit page process (another secret)."""
+    async with audit_page(filled.url) as other:
+        elsewhere = await form_token(other)
+    async with audit_page(filled.url) as client:
+        token = await form_token(client)
+        forged = token.rsplit(".", 1)[0] + "." + "0" * 64
+        refused = [await post_verify(client, given) for given in ("", "1.2.3", forged, elsewhere)]
+        bodies = [await r.text() for r in refused]
+        after = await (await client.get("/")).text()
+        own_origin = {"Sec-Fetch-Site": "same-origin", "Origin": f"http://127.0.0.1:{client.port}"}
+        accepted = await post_verify(client, token, headers=own_origin)
+        verified = await (await client.get("/")).text()
+    assert [r.status for r in refused] == [403] * 4
+    assert all("no valid token of this page" in b for b in bodies)
+    assert 'data-state="unverified"' in after
+    assert accepted.status == 303 and 'data-state="intact"' in verified
+
+
+BACKGROUND = {"Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "no-cors", "Sec-Fetch-Dest": "image"}
+
+
+@pytest.mark.parametrize("path", ["/", "/?q=anything", "/export.csv", "/export.jsonl", "/static/audit.css"])
+async def test_another_site_cannot_load_the_pages_in_the_background(filled, path):
+    """Every GET is a database read (a search over all rows' data, a whole-log download): another
+    site's `<img>` loop must not make the operator's browser run them. A link followed still works."""
+    async with audit_page(filled.url) as client:
+        loaded = await client.get(path, headers=BACKGROUND)
+        body = await loaded.text()
+        navigation = {**BACKGROUND, "Sec-Fetch-Mode": "navigate", "Sec-Fetch-Dest": "document"}
+        followed = await client.get(f"/run/{filled.run_id}", headers=navigation)
+    assert loaded.status == 403 and filled.run_id not in body
+    assert followed.status == 200
+
+
+class HeldVerifications:
+    """Counts the verifications that reach the database (each starts with the chain head) and holds
+    the first one there until released: an engine event, seen from outside the page's code."""
+
+    def __init__(self, engine: Any) -> None:
+        self.started, self.armed = 0, True
+        self.first_in, self.release = threading.Event(), threading.Event()
+        sa.event.listen(engine, "before_cursor_execute", self._seen)
+
+    def _seen(self, conn: Any, cursor: Any, statement: str, *rest: Any) -> None:
+        if self.armed and statement.lower().startswith("select max(audit_event.seq)"):
+            self.started += 1
+            if self.started == 1:
+                self.first_in.set()
+                self.release.wait(60)
+
+    def stop(self) -> None:
+        self.armed = False  # (the listener stays: removing it under a running statement breaks that statement)
+        self.release.set()
+
+
+async def test_verifications_are_never_stacked(filled):
+    """Each "Verify now" walked the whole chain in its own thread: N requests, N full verifications
+    at once. While one runs, another request is told so (its page says "verifying since …") and
+    starts none; the one running still records its result."""
+    async with audit_page(filled.url) as client:
+        tokens = [await form_token(client) for _ in range(6)]
+        held = HeldVerifications(client.server.app[PAGE].engine)
+        try:
+            first = asyncio.create_task(post_verify(client, tokens[0]))
+            assert await asyncio.to_thread(held.first_in.wait, 30)
+            others = [await asyncio.wait_for(post_verify(client, token), 30) for token in tokens[1:]]
+            started = held.started
+            running = await (await client.get(others[0].headers["Location"])).text()
+        finally:
+            held.stop()
+        done = await asyncio.wait_for(first, 30)
+        after = await (await client.get("/")).text()
+    assert started == 1, f"{started} verifications ran at once"
+    assert [r.status for r in others] == [303] * 5 and done.status == 303
+    assert "verifying since" in running and 'http-equiv="refresh"' in running  # and it looks again shortly
+    assert 'data-state="intact"' in after and "verifying since" not in after
 
 
 # --- DNS rebinding: the page answers any Host name ------------------------------------------------
@@ -160,7 +282,7 @@ async def test_the_badge_does_not_vouch_for_rows_deleted_after_verification(fill
     """Verify (intact, rows 1–N), then delete the newest rows straight in the database: the page
     must not go on saying "Rows 1–N verified" about rows that are gone."""
     async with audit_page(filled.url) as client:
-        await client.get("/verify")
+        await post_verify(client)
         before = await (await client.get("/")).text()
         engine = make_sync_engine(normalise_url(filled.url))
         with engine.begin() as conn:
@@ -176,7 +298,7 @@ async def test_the_badge_does_not_vouch_for_a_row_edited_after_verification(fill
     """Verify (intact), then edit a row in the database: the list shows the edited value; it must
     not show it under "chain intact" with nothing marking the row."""
     async with audit_page(filled.url) as client:
-        await client.get("/verify")
+        await post_verify(client)
         tamper(filled.url, 3)
         html = await (await client.get("/")).text()
     assert "terminal:local:mallory" in html

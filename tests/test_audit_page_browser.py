@@ -109,6 +109,25 @@ async def test_verification_badge_intact_then_broken_with_screenshot(browser, fi
         await context.close()
 
 
+async def test_verify_now_from_a_page_behind_a_token(browser, filled):
+    """The button is the page's own form: with a token (the cookie) it verifies, and the browser
+    says the POST came from the page itself (under `Referrer-Policy: no-referrer` it would have
+    sent `Origin: null`, and the page would refuse its own form)."""
+    token = "audit-page-token-browser-0123456789"
+    async with audit_page(filled.url, token=token) as client:
+        context, page = await open_page(browser, str(client.make_url("/")) + f"?token={token}&kind=model_call")
+        posted: list[dict[str, str]] = []
+        page.on("request", lambda request: posted.append(request.headers) if request.method == "POST" else None)
+        await page.click("#verify")
+        await page.wait_for_selector('#chain-status .badge[data-state="intact"]')
+        assert page.url == str(client.make_url("/")) + "?kind=model_call"  # back where the button was
+        assert "verified" in await page.locator(".badge-detail").inner_text()
+        await context.close()
+        origin = f"http://127.0.0.1:{client.port}"
+    (headers,) = posted
+    assert headers["origin"] == origin, headers
+
+
 async def test_download_of_the_filtered_rows(browser, filled):
     async with audit_page(filled.url) as client:
         context, page = await open_page(browser, str(client.make_url("/?kind=model_call")))

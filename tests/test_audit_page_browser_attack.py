@@ -1,9 +1,12 @@
 """The audit page's attack findings checked in headless Chromium (Debian's `chromium`, Playwright):
-a "Verify now" link that lands the operator on another site, a page reached under a foreign host
-name (DNS rebinding) whose script then reads the whole log, and the badge after rows were deleted."""
+a "Verify now" that lands the operator on another site, another site's page making the operator's
+browser run "Verify now", a page reached under a foreign host name (DNS rebinding) whose script then
+reads the whole log, and the badge after rows were deleted."""
 
 from __future__ import annotations
 
+import logging
+import re
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -12,7 +15,7 @@ import sqlalchemy as sa
 
 from storage.engine import make_sync_engine, normalise_url
 from storage.models import AuditEvent
-from tests.audit_page_helpers import FilledLog, audit_page, fill_log
+from tests.audit_page_helpers import FilledLog, audit_page, fill_log, form_token
 from tests.test_audit_page_browser import CHROMIUM, VIEWPORT, save_screenshot
 
 playwright_api = pytest.importorskip("playwright.async_api")
@@ -54,20 +57,63 @@ async def filled(terminal_bot, model, sqlite_url) -> FilledLog:
     return await fill_log(terminal_bot, model, sqlite_url)
 
 
-async def test_a_verify_link_does_not_take_the_operator_to_another_site(browser, filled):
+async def test_verify_does_not_take_the_operator_to_another_site(browser, filled):
+    """The form's `next` set to `/<TAB>/evil.example/login` must not become `//evil.example/login`."""
     async with audit_page(filled.url) as client:
         context = await browser.new_context(viewport=VIEWPORT)
         page = await context.new_page()
         asked: list[str] = []
         page.on("request", lambda request: asked.append(request.url))
+        await page.goto(str(client.make_url("/")))
+        await page.locator('#verify-form input[name="next"]').evaluate("(field) => { field.value = '/\\t/evil.example/login'; }")
         try:
-            await page.goto(str(client.make_url("/verify")) + "?next=/%09/evil.example/login")
+            await page.click("#verify")
+            await page.wait_for_selector('#chain-status .badge[data-state="intact"]')
         except playwright_api.Error as exc:  # evil.example does not resolve here: the browser went for it
             asked.append(f"failed: {exc.message.splitlines()[0]}")
         final, home = page.url, str(client.make_url("/"))
         await context.close()
     assert not [url for url in asked if "evil.example" in url.split("?")[0]], asked
     assert final.startswith(home), final
+
+
+ATTACKERS_PAGE = """<h1>cute cats</h1>
+<img id="img" src="{base}/verify?next=/">
+<form id="form" method="post" action="{base}/verify"><input name="next" value="/"><input name="csrf" value="{token}"></form>
+"""
+
+
+async def test_another_site_cannot_make_the_browser_verify(browser_without_pna, filled, caplog):
+    """Any page the operator visits could run "Verify now" through the operator's browser (an image,
+    a background fetch, an auto-submitted form): with no token configured it needed nothing else.
+    Even with a token of ours (leaked from an old page), each is refused and the badge does not move."""
+    caplog.set_level(logging.INFO, logger="chatops.audit")  # the page's access log: what it answered
+    async with audit_page(filled.url) as client:
+        base = str(client.make_url("")).rstrip("/")
+        leaked = await form_token(client)
+        context = await browser_without_pna.new_context(viewport=VIEWPORT)
+
+        async def attackers_document(route):
+            await route.fulfill(status=200, content_type="text/html", body=ATTACKERS_PAGE.format(base=base, token=leaked))
+
+        await context.route("http://evil.example/**", attackers_document)
+        page = await context.new_page()
+        await page.goto("http://evil.example/cats")
+        await page.wait_for_function("document.getElementById('img').complete")
+        fetched = await page.evaluate(
+            "(url) => fetch(url, {method: 'POST', mode: 'no-cors', body: new URLSearchParams({next: '/'})}).then(() => 'sent', () => 'failed')",
+            f"{base}/verify",
+        )
+        await page.evaluate("document.getElementById('form').submit()")
+        await page.wait_for_url(f"{base}/verify")
+        refused = await page.locator("#error").inner_text()
+        await page.goto(f"{base}/")
+        state = await page.locator("#chain-status .badge").get_attribute("data-state")
+        await context.close()
+    answered = re.findall(r'"(GET|POST) /verify" (\d+)', caplog.text)
+    assert fetched == "sent" and sorted(answered) == [("GET", "403"), ("POST", "403"), ("POST", "403")], answered
+    assert "Verification refused" in refused and "another site" in refused
+    assert state == "unverified"
 
 
 async def test_the_page_is_not_served_under_a_foreign_host_name(browser_without_pna, filled):

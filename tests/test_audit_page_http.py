@@ -24,7 +24,7 @@ from bot.core.errors import ChatopsError
 from storage.audit import AuditLog, entry
 from storage.engine import Database, make_sync_engine, normalise_url
 from storage.redact import Redactor
-from tests.audit_page_helpers import HOSTILE_ACTOR, HOSTILE_TEXT, audit_page, fill_log, tamper
+from tests.audit_page_helpers import HOSTILE_ACTOR, HOSTILE_TEXT, audit_page, fill_log, form_token, post_verify, tamper
 from tests.test_cli import CHATOPS
 
 TOKEN = "audit-page-token-0123456789"
@@ -184,12 +184,12 @@ async def test_downloads_hold_exactly_the_filtered_rows(filled):
 async def test_verification_badge_over_http(filled):
     async with audit_page(filled.url) as client:
         before = await (await client.get("/")).text()
-        verified = await client.get("/verify", params={"next": "/?kind=model_call"}, allow_redirects=False)
+        verified = await post_verify(client, next_="/?kind=model_call")
         after = await (await client.get("/")).text()
         tamper(filled.url, 3)
-        await client.get("/verify")
+        await post_verify(client)
         broken = await (await client.get("/")).text()
-        offsite = await client.get("/verify", params={"next": "//evil.example/"}, allow_redirects=False)
+        offsite = await post_verify(client, next_="//evil.example/")
     assert 'data-state="unverified"' in before and "chain not verified" in before
     assert verified.status == 303 and verified.headers["Location"] == "/?kind=model_call"
     assert 'data-state="intact"' in after and f"Rows 1–{filled.rows} verified" in after
@@ -214,7 +214,7 @@ async def test_the_page_reads_while_another_process_holds_the_write_lock(sqlite_
         async with audit_page(filled.url) as client:
             response = await asyncio.wait_for(client.get("/"), 5)  # well under the 10 s busy timeout
             export = await asyncio.wait_for(client.get("/export.csv"), 5)
-            await asyncio.wait_for(client.get("/verify"), 5)
+            await asyncio.wait_for(post_verify(client), 5)
             assert response.status == 200 and export.status == 200
             assert 'data-state="intact"' in await (await client.get("/")).text()
     finally:
@@ -314,10 +314,12 @@ async def test_rows_not_chained_yet_are_counted_not_chained(sqlite_url, terminal
 async def test_a_database_that_cannot_be_read_gives_a_clean_503(sqlite_url, terminal_bot, model):
     filled = await fill_log(terminal_bot, model, sqlite_url)
     async with audit_page(filled.url) as client:
+        token = await form_token(client)
         engine = make_sync_engine(normalise_url(sqlite_url))
         with engine.begin() as conn:
             conn.execute(sa.text("ALTER TABLE audit_event RENAME TO audit_event_moved"))
-        responses = [await client.get(path) for path in ("/", f"/run/{filled.run_id}", "/export.csv", "/verify")]
+        responses = [await client.get(path) for path in ("/", f"/run/{filled.run_id}", "/export.csv")]
+        responses.append(await post_verify(client, token))
         bodies = [await r.text() for r in responses]
         with engine.begin() as conn:  # put it back for the bot's own shutdown
             conn.execute(sa.text("ALTER TABLE audit_event_moved RENAME TO audit_event"))

@@ -4,6 +4,7 @@
 SQLite's write lock is never taken; PostgreSQL: read-only transactions) and runs the filtered,
 paginated queries; `timeline` arranges one run's rows into its phases; `verification` runs and
 describes the chain check; `page` holds the running page's state and renders the Jinja2 templates
-in `templates/`; `server` is the aiohttp application (token check, security headers, pages),
-`downloads` streams CSV/JSONL, and `serve` runs it for `chatops audit serve`.
+in `templates/`; `crosssite` keeps other sites out ("Verify now" is a POST with a form token and an
+origin check; no background loads from elsewhere); `server` is the aiohttp application (token check,
+security headers, pages), `downloads` streams CSV/JSONL, and `serve` runs it for `chatops audit serve`.
 """

@@ -1,6 +1,7 @@
 """The audit page's aiohttp application: the token check, security headers, error pages, the log,
-a run's timeline and "Verify now". Only GET (and HEAD) routes exist; every database access is a
-read transaction run in a worker thread.
+a run's timeline and "Verify now". Every route but one is GET (and HEAD) and changes nothing; the one
+that changes what the page says, "Verify now", is a POST from the page's own form, refused from other
+sites (see `crosssite`). Every database access is a read transaction run in a worker thread.
 """
 
 from __future__ import annotations
@@ -19,10 +20,11 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from bot.auditweb import reader
+from bot.auditweb.crosssite import FIELD, MAX_AGE, foreign_load, foreign_origin
 from bot.auditweb.downloads import export
 from bot.auditweb.page import HERE, PAGE, SECURITY_HEADERS, AuditPage
 from bot.auditweb.timeline import build_timeline
-from bot.auditweb.verification import altered, badge, changed_since, verify
+from bot.auditweb.verification import altered, badge, changed_since
 from bot.cli_audit import run_rows
 from storage.audit_keys import AuditKeys
 
@@ -87,6 +89,10 @@ def _loopback_host(request: web.Request) -> bool:
 
 
 async def _authorised(page: AuditPage, request: web.Request, handler: Handler) -> web.StreamResponse:
+    if foreign_load(request):
+        raise web.HTTPForbidden(
+            text="Another site asked your browser to load this page in the background; it is not served that way."
+        )
     if page.token is None:
         # Without a token only this machine may read the page; a page whose name was made to resolve
         # to 127.0.0.1 (DNS rebinding) would otherwise be same-origin with it and read the whole log.
@@ -147,8 +153,13 @@ async def log_page(request: web.Request) -> web.Response:
         older_url=_url("/", {**params, "before": result.older_before}) if result and result.older_before else None,
         csv_url=_url("/export.csv", filters.as_params()),
         jsonl_url=_url("/export.jsonl", filters.as_params()),
-        verify_url=_url("/verify", {"next": _here(request)}),
+        verify_form=_verify_form(page, request),
     )
+
+
+def _verify_form(page: AuditPage, request: web.Request) -> dict[str, Any]:
+    """What the page's "Verify now" form posts: where to come back to, and this page's form token."""
+    return {"next": _here(request), FIELD: page.forms.issue(), "since": page.verifying_since}
 
 
 def _seq(request: web.Request, name: str) -> int | None:
@@ -190,18 +201,35 @@ async def run_page(request: web.Request) -> web.Response:
         badge=badge(page.last_verification, current_head, changed, edited),
         verification=page.last_verification,
         edited=edited,
-        verify_url=_url("/verify", {"next": _here(request)}),
+        verify_form=_verify_form(page, request),
     )
 
 
 async def verify_now(request: web.Request) -> web.Response:
-    """Verify the whole chain, then go back to the page the user was on."""
+    """Verify the whole chain (unless a verification is running already), then go back to the page
+    the form was on, which shows the result (or that one is still running)."""
     page: AuditPage = request.app[PAGE]
-    page.last_verification = await page.read(lambda session: verify(session, page.keys))
-    target = request.query.get("next", "/")
+    why = foreign_origin(request)
+    form = await request.post() if why is None else {}
+    if why is None and not page.forms.valid(str(form.get(FIELD, ""))):
+        why = f"the form carried no valid token of this page (a page has one for {MAX_AGE // 3600} hours, until a restart)"
+    if why is not None:
+        log.warning("audit page: a verification request was refused: %s", why)
+        raise web.HTTPForbidden(text=f"Verification refused: {why}. Open the audit page and click “Verify now” there.")
+    await page.verify_chain()
+    target = str(form.get("next", "/"))
     if not LOCAL_PATH.fullmatch(target) or "\\" in target:
         target = "/"
     raise web.HTTPSeeOther(target)
+
+
+async def verify_by_get(request: web.Request) -> web.Response:
+    """Opening /verify (a link, an `<img>` on another site) verifies nothing."""
+    raise web.HTTPMethodNotAllowed(
+        request.method,
+        ["POST"],
+        text="“Verify now” is a button on the audit page (a POST from its form); opening /verify changes nothing.",
+    )
 
 
 def make_app(engine: sa.Engine, token: str | None, keys: AuditKeys | None = None) -> web.Application:
@@ -210,7 +238,8 @@ def make_app(engine: sa.Engine, token: str | None, keys: AuditKeys | None = None
     app[PAGE] = AuditPage(engine, token, keys)
     app.router.add_get("/", log_page)
     app.router.add_get("/run/{ref}", run_page)
-    app.router.add_get("/verify", verify_now)
+    app.router.add_post("/verify", verify_now)
+    app.router.add_get("/verify", verify_by_get)
     app.router.add_get("/export.csv", export("csv"))
     app.router.add_get("/export.jsonl", export("jsonl"))
     app.router.add_static("/static/", HERE / "static")
