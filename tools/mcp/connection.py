@@ -3,7 +3,9 @@
 The task enters the transport (a stdio child process or a streamable HTTP client) and the SDK
 `Client`, lists the tools, publishes the client, then waits until the connection is lost (the
 read stream ends, a call saw the connection close, or the transport failed) or the manager
-closes it; it always leaves the SDK's context managers in the task that entered them.
+closes it; it always leaves the SDK's context managers in the task that entered them. While it
+waits, a `notifications/tools/list_changed` from the server makes it list the tools again
+(`listing.py`), within `connect_timeout`; a failure is logged and the tools stay stale.
 A stdio server's stderr is read through a pipe: logged at DEBUG, its last line explains a failure.
 """
 
@@ -28,11 +30,11 @@ from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.exceptions import MCPError
 
 from tools.mcp.config import ServerConfig, shown_url
+from tools.mcp.listing import ToolBook, announces_changes, list_all, listen_for_changes, relist
 
 log = logging.getLogger("chatops.mcp")
 
 CLIENT_INFO = mcp_types.Implementation(name="chatops-agent", version="0.1.0")
-MAX_PAGES = 20
 CLOSE_TIMEOUT = 10.0
 
 
@@ -70,17 +72,6 @@ class _WatchedStream:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
-
-
-def fingerprint(tool: mcp_types.Tool) -> str:
-    """What the bot decided on at start-up about a tool: its description, input schema and annotations."""
-    shown = {
-        "title": tool.title,
-        "description": tool.description,
-        "inputSchema": tool.input_schema,
-        "annotations": tool.annotations.model_dump(mode="json", exclude_none=True) if tool.annotations else None,
-    }
-    return json.dumps(shown, sort_keys=True, ensure_ascii=False, default=str)
 
 
 def call_key(tool: str, arguments: Any) -> str:
@@ -129,7 +120,7 @@ async def _transport(config: ServerConfig, errlog: TextIO | None, lost: asyncio.
         yield _WatchedStream(read, lost), write
 
 
-def _leaf(exc: BaseException) -> BaseException:
+def leaf(exc: BaseException) -> BaseException:
     while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
         exc = exc.exceptions[0]
     return exc
@@ -194,9 +185,9 @@ class Connection:
         self.problem: str | None = None
         self.connects = 0
         self.unsent: list[str] = []  # `call_key`s of calls that failed to connect (HTTP servers only)
-        self.started_with: dict[str, str] | None = None  # tool name -> `fingerprint`, from the first listing
-        self.changed: set[str] = set()  # tools listed differently (or not at all) since: never called
+        self.book = ToolBook(name)  # the tools as first listed, and which changed since
         self._lost = asyncio.Event()
+        self._notice = asyncio.Event()  # a change notification came: list again
         self._closing = asyncio.Event()
         self._changed = asyncio.Condition()
         self._first: asyncio.Future[list[mcp_types.Tool] | None] | None = None
@@ -240,7 +231,7 @@ class Connection:
                     await self._session(stderr.file)
                     problem = "the server exited" if self.config.command else "the connection was lost"
                 except Exception as exc:  # noqa: BLE001 - any failure of a server is reported, then retried
-                    problem = self._explain(_leaf(exc))
+                    problem = self.explain(leaf(exc))
             problem += stderr.last()
             if self._closing.is_set():
                 break
@@ -249,53 +240,96 @@ class Connection:
                 self._first.set_result(None)
                 return
             failures = 0 if self.state == "up" else failures + 1  # "up": it was connected, then lost
-            delay = min(self.backoff_max, self.backoff_initial * 2 ** max(0, failures - 1)) * (0.5 + self._jitter() / 2)
+            delay = self._delay(max(1, failures))
             log.warning("MCP server %s is down (%s); reconnecting in %.1fs", self.name, problem, delay)
             await self._set_state("down", problem)
             with suppress(TimeoutError):
                 await asyncio.wait_for(self._closing.wait(), delay)
         await self._set_state("closed")
 
+    @property
+    def changed(self) -> set[str]:
+        """Tools listed differently (or no longer listed) since start-up: never called until restart."""
+        return self.book.changed
+
     async def _session(self, errlog: TextIO) -> None:
         scope = anyio.CancelScope(deadline=anyio.current_time() + self.connect_timeout)
         with scope:
-            async with Client(
-                _transport(self.config, errlog, self._lost, self.unsent), cache=None, client_info=CLIENT_INFO
-            ) as client:
-                tools: list[mcp_types.Tool] = []
-                cursor: str | None = None
-                for _ in range(MAX_PAGES):
-                    page = await client.list_tools(cursor=cursor)
-                    tools += page.tools
-                    if (cursor := page.next_cursor) is None:
-                        break
+            transport = _transport(self.config, errlog, self._lost, self.unsent)
+            async with Client(transport, cache=None, client_info=CLIENT_INFO, message_handler=self._on_message) as client:
+                notices = self.book.notices
+                tools = await list_all(client)
                 scope.deadline = math.inf  # connected: the start-up deadline no longer applies
-                self._compare(tools)
+                self.book.compare(tools, notices)
                 self.client, self.connects = client, self.connects + 1
                 await self._set_state("up")
                 if self._first is not None and not self._first.done():
                     self._first.set_result(tools)
                 try:
-                    await self._lost.wait()
+                    await self._watch(client)
                 finally:
                     self.client = None
         if scope.cancelled_caught:
             raise TimeoutError(f"no answer within {self.connect_timeout:g}s")
 
-    def _compare(self, tools: list[mcp_types.Tool]) -> None:
-        """Remember the first listing; after a reconnection, note each tool that is no longer the same."""
-        now = {tool.name: fingerprint(tool) for tool in tools}
-        if self.started_with is None:
-            self.started_with = now
-            return
-        self.changed = {name for name, seen in self.started_with.items() if now.get(name) != seen}
-        if self.changed:
-            log.warning(
-                "MCP server %s changed %d tool(s) since start-up (%s); they are refused until the bot restarts",
-                self.name, len(self.changed), ", ".join(sorted(self.changed)[:10]),
-            )  # fmt: skip
+    async def _on_message(self, message: Any) -> None:
+        """The SDK's `message_handler`: it must not block (it runs in the session's read loop)."""
+        if isinstance(message, mcp_types.ToolListChangedNotification):
+            log.debug("MCP server %s says its tools changed; listing them again", self.name)
+            self._noticed()
 
-    def _explain(self, exc: BaseException) -> str:
+    def _noticed(self) -> None:
+        self.book.notice()
+        self._notice.set()
+
+    async def _watch(self, client: Client) -> None:
+        """Until the connection is lost: list again after each change notification (and keep a stream of
+        them open where the protocol asks for one)."""
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(self._relist_on_notice, client)
+            if announces_changes(client):
+                tasks.start_soon(self._listen, client)
+            await self._lost.wait()
+            tasks.cancel_scope.cancel()
+
+    async def _listen(self, client: Client) -> None:
+        await listen_for_changes(client, self.name, opened=self._noticed, closed=self.lost, delay=self._delay)
+
+    async def _relist_on_notice(self, client: Client) -> None:
+        while True:
+            await self._notice.wait()
+            self._notice.clear()
+            try:
+                await self.relist(self.connect_timeout, client)
+            except Exception as exc:  # noqa: BLE001 - logged, never raised: the connection stays up
+                log.warning(
+                    "MCP server %s: listing its tools again failed (%s); each call lists them again first",
+                    self.name, self.explain(leaf(exc)),
+                )  # fmt: skip
+
+    async def relist(self, within: float, client: Client | None = None) -> None:
+        """List the tools again within `within` seconds and compare them with start-up (`book`). Raises when the
+        server is down or the listing fails (a closed connection is also reported as lost)."""
+        client = client or self.client
+        if client is None:
+            raise MCPError(mcp_types.CONNECTION_CLOSED, "the server is down")
+        try:
+            await relist(client, self.book, within)
+        except MCPError as exc:
+            if exc.code == mcp_types.CONNECTION_CLOSED:
+                self.lost()
+            raise
+        async with self._changed:
+            self._changed.notify_all()
+
+    def _delay(self, failures: int) -> float:
+        """The backoff before attempt `failures` + 1 (0: the first delay, without jitter)."""
+        if failures == 0:
+            return self.backoff_initial
+        return min(self.backoff_max, self.backoff_initial * 2.0 ** max(0, failures - 1)) * (0.5 + self._jitter() / 2)
+
+    def explain(self, exc: BaseException) -> str:
+        """A failure of this server in words, without its URL's credentials."""
         if isinstance(exc, MCPError):
             if exc.code == mcp_types.CONNECTION_CLOSED:
                 return "the server closed the connection"

@@ -1,6 +1,6 @@
 """`McpManager`: connects the configured MCP servers, offers their tools, calls them, keeps them alive.
 
-Each server lives in its own long-lived asyncio task (`_Connection.supervise`), because the
+Each server lives in its own long-lived asyncio task (`Connection._supervise`), because the
 SDK's context managers (the stdio process, the HTTP client, the session) must be entered and
 exited in one task. Tool calls come from other tasks and only send requests on the session.
 
@@ -12,9 +12,13 @@ exited in one task. Tool calls come from other tasks and only send requests on t
   `ToolUnavailable`. Over HTTP, a call whose request failed while connecting was never sent:
   `ToolUnavailable` ("not sent"), for a write too. Every call has `call_timeout` (the app sets
   it below CHATOPS_TOOL_TIMEOUT); a write that times out is in doubt too. Protocol errors (unknown tool, invalid params) are `ToolError`: nothing ran.
-- Tools and their classification are fixed at start-up; a reconnection does not change them. A tool
-  the server lists differently after a reconnection (description, schema, annotations) or no longer
-  lists is refused ("not sent") until the bot restarts: the card and the rule were made for the old one.
+- Tools and their classification are fixed at start-up; a reconnection does not change them. The
+  tools are listed again after a reconnection, after the server's `notifications/tools/list_changed`
+  (within `connect_timeout`; a failure is logged), and before every write is sent (within half of
+  `call_timeout`, all pages). A tool listed differently from start-up (title, description, schema,
+  annotations) or no longer listed is refused ("not sent") until the bot restarts: the card and the
+  rule were made for the old one. A write whose server cannot be listed then is "not sent" too, and so
+  is a read while a change notification has not been followed by a listing. New tools are logged only.
 """
 
 from __future__ import annotations
@@ -22,18 +26,20 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
 from pathlib import Path
 from typing import Any
 
 import mcp_types
 from jsonschema.exceptions import SchemaError
+from mcp import Client
 from mcp.shared.exceptions import MCPError
 from pydantic import ValidationError
 
 from tools.context import ToolContext
 from tools.errors import ToolError, ToolInDoubt, ToolUnavailable
 from tools.mcp.config import McpConfig, load_config
-from tools.mcp.connection import Connection
+from tools.mcp.connection import Connection, leaf
 from tools.mcp.specs import build_spec, classify, preview_of, result_of
 from tools.registry import Preview, ToolSpec
 
@@ -129,13 +135,13 @@ class McpManager:
                 f"The MCP server {server} is down ({connection.problem or 'reconnecting'}); "
                 "it is being reconnected. Nothing was run; try again later."
             )
-        if tool in connection.changed:
-            raise ToolUnavailable(
-                f"not sent: the MCP server {server} changed {tool} since the bot started (its description, input "
-                f"schema or annotations differ from what the bot classified and showed); {tool} did not run. "
-                "An operator must restart the bot to accept the new definition."
-            )
+        self._refuse_changed(connection, tool)
         timeout = self.call_timeout
+        if write or connection.book.stale:
+            started = time.monotonic()
+            await self._confirm(connection, client, tool)
+            self._refuse_changed(connection, tool)
+            timeout = round(self.call_timeout - (time.monotonic() - started), 1)
         try:
             result = await client.call_tool(tool, args, read_timeout_seconds=timeout)
         except MCPError as exc:
@@ -167,6 +173,32 @@ class McpManager:
         if result.is_error:
             raise ToolError(text or f"{tool} failed (the server gave no reason)")
         return text
+
+    @staticmethod
+    def _refuse_changed(connection: Connection, tool: str) -> None:
+        if tool in connection.changed:
+            raise ToolUnavailable(
+                f"not sent: the MCP server {connection.name} changed {tool} since the bot started (its description, "
+                "input schema or annotations differ from what the bot classified and showed); "
+                f"{tool} did not run. An operator must restart the bot to accept the new definition."
+            )
+
+    async def _confirm(self, connection: Connection, client: Client, tool: str) -> None:
+        """List the server's tools again (at most half the call's time): `tool` must still be what the bot
+        classified and the card showed. Raises ToolUnavailable ("not sent") when that cannot be known."""
+        try:
+            await connection.relist(self.call_timeout / 2, client)
+        except Exception as exc:  # noqa: BLE001 - any failure to list: the call is not sent
+            failure = leaf(exc)
+            if isinstance(failure, MCPError) and failure.code == mcp_types.CONNECTION_CLOSED:
+                raise ToolUnavailable(
+                    f"not sent: the MCP server {connection.name} cannot be reached; {tool} did not run. Try again once it is back."
+                ) from None
+            why = connection.explain(failure)
+            raise ToolUnavailable(
+                f"not sent: the MCP server {connection.name} could not list its tools to confirm that {tool} is still "
+                f"the tool the bot classified and showed ({why}); {tool} did not run. Try again later."
+            ) from None
 
     async def close(self) -> None:
         """Disconnect every server (stdio processes are stopped)."""

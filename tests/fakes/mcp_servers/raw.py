@@ -11,7 +11,9 @@ Run as `python raw.py`; state lives in the directory named by RAW_STATE:
   `"exit": N` (exit with status N before answering), `"garbage": "text"` (write this line to stdout
   first), `"stderr": "text"` (write this line to stderr first);
 - `crash_initialize`: while this file exists, the server exits on `initialize`;
-- `hang_list`: while this file exists, `tools/list` is never answered.
+- `hang_list`: while this file exists, `tools/list` is never answered;
+- `notify_on_call` (a tool name): after answering a call of that tool, the server sends
+  `notifications/tools/list_changed` on the connection, as a handshake-era server does.
 """
 
 from __future__ import annotations
@@ -62,6 +64,9 @@ def _call(request_id: Any, params: dict[str, Any]) -> None:
         return
     content = act.get("content", [{"type": "text", "text": f"{name} ran with {json.dumps(arguments, sort_keys=True)}"}])
     _send({"jsonrpc": "2.0", "id": request_id, "result": {"content": content, "isError": bool(act.get("is_error"))}})
+    notify = STATE / "notify_on_call"
+    if notify.exists() and notify.read_text() == name:
+        _send({"jsonrpc": "2.0", "method": "notifications/tools/list_changed"})
 
 
 def main() -> None:
