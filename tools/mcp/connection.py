@@ -316,8 +316,8 @@ class Connection:
         try:
             await relist(client, self.book, within)
         except MCPError as exc:
-            if exc.code == mcp_types.CONNECTION_CLOSED:
-                self.lost()
+            if exc.code == mcp_types.CONNECTION_CLOSED and client is self.client:
+                self.lost()  # (an older session's client says nothing about the current one)
             raise
         async with self._changed:
             self._changed.notify_all()
