@@ -64,6 +64,7 @@ def test_a_stored_outcome_is_shown_in_the_readers_language_its_values_too():
     ("已完成：Created lead #3 in the built-in CRM."): the outcome is stored in English, for the model and
     the audit log, and recognised when a card is rendered, like a stored cancel reason."""
     import tools.crm
+    import tools.mcp
     import tools.notify
     import tools.smtp  # noqa: F401 - their sentences are declared at import
 
@@ -75,6 +76,8 @@ def test_a_stored_outcome_is_shown_in_the_readers_language_its_values_too():
             "what it would do changed after the card was shown; it now says: No lead has this e-mail: will create a new lead."
         )
         assert texts.localize(changed) == "卡片展示之后，它将要做的事情变了；现在显示为：没有使用该邮箱的线索：将新建一条线索。"
+        lost = "the MCP server git disconnected during the call; git_push may or may not have run"
+        assert texts.localize(lost) == "调用过程中 MCP 服务器 git 断开了连接；git_push 可能已运行，也可能没有"
         assert texts.localize("deploy failed: disk full") == "deploy failed: disk full"  # an MCP server's own words
     with i18n.speaking("en"):
         assert texts.localize("Created lead #3 in the built-in CRM.") == "Created lead #3 in the built-in CRM."

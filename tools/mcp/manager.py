@@ -41,11 +41,43 @@ from tools.errors import ToolError, ToolInDoubt, ToolUnavailable
 from tools.mcp.config import McpConfig, load_config
 from tools.mcp.connection import Connection, leaf
 from tools.mcp.specs import build_spec, classify, preview_of, result_of
+from tools.phrases import Sentence
 from tools.registry import Preview, ToolSpec
 
 __all__ = ["McpManager"]
 
 log = logging.getLogger("chatops.mcp")
+
+# What a call's failures say (the model reads the English; a decided card shows them translated)
+DOWN = Sentence(
+    "mcp.DOWN", "The MCP server {server} is down ({problem}); it is being reconnected. Nothing was run; try again later."
+)
+UNREACHABLE = Sentence(
+    "mcp.UNREACHABLE", "not sent: the MCP server {server} cannot be reached; {tool} did not run. Try again once it is back."
+)
+LOST_DURING_WRITE = Sentence(
+    "mcp.LOST_DURING_WRITE", "the MCP server {server} disconnected during the call; {tool} may or may not have run"
+)
+LOST_DURING = Sentence("mcp.LOST_DURING", "The MCP server {server} disconnected during the call; try again once it is back.")
+NO_ANSWER_WRITE = Sentence(
+    "mcp.NO_ANSWER_WRITE", "no answer from the MCP server {server} within {seconds}s; {tool} may or may not have run"
+)
+NO_ANSWER = Sentence("mcp.NO_ANSWER", "The MCP server {server} did not answer within {seconds}s.")
+REFUSED = Sentence("mcp.REFUSED", "The MCP server {server} refused the call ({code}): {detail}")
+UNREADABLE_WRITE = Sentence("mcp.UNREADABLE_WRITE", "the MCP server {server} sent an unreadable answer; {tool} may have run")
+UNREADABLE = Sentence("mcp.UNREADABLE", "The MCP server {server} sent an unreadable answer ({count} problems).")
+NO_REASON = Sentence("mcp.NO_REASON", "{tool} failed (the server gave no reason)")
+CHANGED = Sentence(
+    "mcp.CHANGED",
+    "not sent: the MCP server {server} changed {tool} since the bot started (its description, input schema or annotations "
+    "differ from what the bot classified and showed); {tool} did not run. An operator must restart the bot to accept the "
+    "new definition.",
+)
+UNCONFIRMED = Sentence(
+    "mcp.UNCONFIRMED",
+    "not sent: the MCP server {server} could not list its tools to confirm that {tool} is still the tool the bot "
+    "classified and showed ({error}); {tool} did not run. Try again later.",
+)
 
 
 class McpManager:
@@ -131,10 +163,7 @@ class McpManager:
         connection = self._connections[server]
         client = connection.client
         if client is None:
-            raise ToolUnavailable(
-                f"The MCP server {server} is down ({connection.problem or 'reconnecting'}); "
-                "it is being reconnected. Nothing was run; try again later."
-            )
+            raise ToolUnavailable(DOWN(server=server, problem=connection.problem or "reconnecting"))
         self._refuse_changed(connection, tool)
         timeout = self.call_timeout
         if write or connection.book.stale:
@@ -148,40 +177,28 @@ class McpManager:
             if exc.code == mcp_types.CONNECTION_CLOSED:
                 connection.lost()
                 if connection.never_sent(tool, args):
-                    raise ToolUnavailable(
-                        f"not sent: the MCP server {server} cannot be reached; {tool} did not run. Try again once it is back."
-                    ) from None
+                    raise ToolUnavailable(UNREACHABLE(server=server, tool=tool)) from None
                 if write:
-                    raise ToolInDoubt(
-                        f"the MCP server {server} disconnected during the call; {tool} may or may not have run"
-                    ) from None
-                raise ToolUnavailable(
-                    f"The MCP server {server} disconnected during the call; try again once it is back."
-                ) from None
+                    raise ToolInDoubt(LOST_DURING_WRITE(server=server, tool=tool)) from None
+                raise ToolUnavailable(LOST_DURING(server=server)) from None
             if exc.code == mcp_types.REQUEST_TIMEOUT:
                 if write:
-                    raise ToolInDoubt(
-                        f"no answer from the MCP server {server} within {timeout:g}s; {tool} may or may not have run"
-                    ) from None
-                raise ToolUnavailable(f"The MCP server {server} did not answer within {timeout:g}s.") from None
-            raise ToolError(f"The MCP server {server} refused the call ({exc.code}): {exc.message}") from None
+                    raise ToolInDoubt(NO_ANSWER_WRITE(server=server, seconds=f"{timeout:g}", tool=tool)) from None
+                raise ToolUnavailable(NO_ANSWER(server=server, seconds=f"{timeout:g}")) from None
+            raise ToolError(REFUSED(server=server, code=exc.code, detail=exc.message)) from None
         except ValidationError as exc:
             if write:
-                raise ToolInDoubt(f"the MCP server {server} sent an unreadable answer; {tool} may have run") from None
-            raise ToolError(f"The MCP server {server} sent an unreadable answer ({exc.error_count()} problems).") from None
+                raise ToolInDoubt(UNREADABLE_WRITE(server=server, tool=tool)) from None
+            raise ToolError(UNREADABLE(server=server, count=exc.error_count())) from None
         text = result_of(result)
         if result.is_error:
-            raise ToolError(text or f"{tool} failed (the server gave no reason)")
+            raise ToolError(text or NO_REASON(tool=tool))
         return text
 
     @staticmethod
     def _refuse_changed(connection: Connection, tool: str) -> None:
         if tool in connection.changed:
-            raise ToolUnavailable(
-                f"not sent: the MCP server {connection.name} changed {tool} since the bot started (its description, "
-                "input schema or annotations differ from what the bot classified and showed); "
-                f"{tool} did not run. An operator must restart the bot to accept the new definition."
-            )
+            raise ToolUnavailable(CHANGED(server=connection.name, tool=tool))
 
     async def _confirm(self, connection: Connection, client: Client, tool: str) -> None:
         """List the server's tools again (at most half the call's time): `tool` must still be what the bot
@@ -191,14 +208,9 @@ class McpManager:
         except Exception as exc:  # noqa: BLE001 - any failure to list: the call is not sent
             failure = leaf(exc)
             if isinstance(failure, MCPError) and failure.code == mcp_types.CONNECTION_CLOSED:
-                raise ToolUnavailable(
-                    f"not sent: the MCP server {connection.name} cannot be reached; {tool} did not run. Try again once it is back."
-                ) from None
+                raise ToolUnavailable(UNREACHABLE(server=connection.name, tool=tool)) from None
             why = connection.explain(failure)
-            raise ToolUnavailable(
-                f"not sent: the MCP server {connection.name} could not list its tools to confirm that {tool} is still "
-                f"the tool the bot classified and showed ({why}); {tool} did not run. Try again later."
-            ) from None
+            raise ToolUnavailable(UNCONFIRMED(server=connection.name, tool=tool, error=why)) from None
 
     async def close(self) -> None:
         """Disconnect every server (stdio processes are stopped)."""
