@@ -131,8 +131,10 @@ async def test_a_claim_whose_commit_stalled_but_landed_still_runs_the_tool(bots,
     model.responder = lambda body: (
         text("Stored.") if body["messages"][-1]["role"] == "tool" else calls(("store_note", {"topic": "x"}))
     )
+    # The lease outlasts the slow COMMIT (4 s): with a 3 s lease the claim landed already run out, and a
+    # loaded machine's sweeper could mark it in doubt before the retry renewed it (CI failed so once).
     app = await bots.start(
-        toolsets=[stages.toolset()], database_url=postgres_url, CHATOPS_DB_STALL_SECONDS="2", CHATOPS_LEASE_SECONDS="3"
+        toolsets=[stages.toolset()], database_url=postgres_url, CHATOPS_DB_STALL_SECONDS="2", CHATOPS_LEASE_SECONDS="8"
     )
     channel = FaultChannel()
     app.ctx.channels[channel.platform] = channel
