@@ -17,6 +17,11 @@ its thread, no traceback in any chat message, `chatops audit verify`, and alarmi
 
     .venv/bin/python benchmarks/chaos_pg.py [--conversations 300] [--rate 1.5] [--seed 1] [--keep DIR]
 
+`--long-stop S` replaces the chaos with one fault: the server processes inside a transaction that
+have updated rows (they hold those rows' locks) are stopped once, for S s; longer than the retry
+deadline and the outbox claim (75 s, say), it checks that a delivered answer whose "sent" mark meets
+such a lock is still posted once (the mark is recorded beside the row, `bot.core.outbox`).
+
 Exit status 0 when every check held, 1 otherwise. Needs to run as root (it signals PostgreSQL's
 server processes) with PostgreSQL at --postgres-url.
 """

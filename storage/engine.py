@@ -28,6 +28,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import os
 import socket
 import sqlite3
@@ -169,13 +170,15 @@ def make_sync_engine(urls: DatabaseUrls, *, busy_timeout_ms: int = SQLITE_BUSY_T
     return sa.create_engine(urls.sync_url, pool_pre_ping=True, **_json_options())
 
 
-def make_async_engine(urls: DatabaseUrls, pool_size: int = DEFAULT_POOL_SIZE) -> AsyncEngine:
+def make_async_engine(urls: DatabaseUrls, pool_size: int = DEFAULT_POOL_SIZE, stall: float | None = None) -> AsyncEngine:
     """The engine the running bot uses on PostgreSQL (and any other async-capable backend): at most
     `2 * pool_size` connections (half of them opened only under load).
 
     No pre-ping round trip per checkout: a connection found dead fails its attempt, the pool
-    replaces it and the retry layer runs the transaction again."""
-    return create_async_engine(
+    replaces it and the retry layer runs the transaction again. `stall` (PostgreSQL): the bound of
+    this process's transactions; the server ends a session left idle inside a transaction longer
+    than that (`_server_bound`)."""
+    engine = create_async_engine(
         urls.async_url,
         pool_size=pool_size,
         max_overflow=pool_size,
@@ -184,9 +187,39 @@ def make_async_engine(urls: DatabaseUrls, pool_size: int = DEFAULT_POOL_SIZE) ->
         connect_args={"connect_timeout": CONNECT_TIMEOUT},
         **_json_options(),
     )
+    if stall is not None and engine.dialect.name == "postgresql":
+        _server_bound(engine.sync_engine, stall)
+    return engine
+
+
+def _server_bound(sync_engine: sa.Engine, stall: float) -> None:
+    """Every connection tells its server process to end the session when it sits idle inside a
+    transaction longer than a transaction may last here (`idle_in_transaction_session_timeout`): a
+    client that vanished (a network partition, a connection given up as stalled whose words never
+    reached the server) then frees its row locks within that bound instead of holding them until
+    TCP notices. Set once per new connection (one round trip, not one per transaction)."""
+    milliseconds = math.ceil((stall + STALL_BACKSTOP) * 1000)
+
+    @sa.event.listens_for(sync_engine, "connect")
+    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+        cursor = dbapi_conn.cursor()
+        try:
+            cursor.execute(f"SET idle_in_transaction_session_timeout = {milliseconds}")
+        finally:
+            cursor.close()
+        dbapi_conn.commit()  # a SET inside the driver's implicit transaction would be undone by its rollback
 
 
 STALL_BACKSTOP = 1.0  # seconds after the bound before the task itself is cancelled (a step awaiting no statement)
+END_SECONDS = 5.0  # how long ending a stalled connection's server process may take (best effort)
+# A stalled connection's server process is ended from a fresh connection (`pg_terminate_backend`):
+# one that waits on a lock would otherwise stay queued for it, one idle in its transaction keeps its
+# locks. Not one that runs a COMMIT: that may still land (a lagging synchronous standby), and the
+# retry finds what it did.
+_END_STALLED = sa.text(
+    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+    " WHERE pid = :pid AND NOT (state = 'active' AND upper(left(ltrim(query), 6)) = 'COMMIT')"
+)
 
 
 def _shut_socket(session: PostgresSession) -> None:
@@ -197,6 +230,14 @@ def _shut_socket(session: PostgresSession) -> None:
         fd = raw.connection.driver_connection.pgconn.socket  # type: ignore[union-attr]  # a live, checked-out connection
         with socket.socket(fileno=os.dup(fd)) as sock:
             sock.shutdown(socket.SHUT_RDWR)
+
+
+def _backend_pid(session: PostgresSession) -> int | None:
+    """The server process of the transaction's connection, as the driver knows it (no round trip)."""
+    with contextlib.suppress(Exception):
+        raw = session.connection().sync_connection
+        return int(raw.connection.driver_connection.info.backend_pid)  # type: ignore[union-attr]  # a live, checked-out connection
+    return None
 
 
 class LockBusy(Exception):
@@ -227,6 +268,7 @@ class Database:
         self.stall = stall  # PostgreSQL: seconds after which an unfinished transaction is given up
         self._after_commit: dict[str, list[Callable[[Any], None]]] = {}
         self._on_retry: list[Callable[[BaseException], None]] = []
+        self._ending: set[asyncio.Task[None]] = set()  # server processes of stalled connections being ended
         if self.urls.is_sqlite:
             self.sync_engine = make_sync_engine(self.urls, busy_timeout_ms=0, checkpoints=checkpoints)
             self._turnstile = Turnstile(self.urls.sync_url.database)
@@ -241,7 +283,7 @@ class Database:
             # it back cost more than most transactions' statements); closed after any failure.
             self._writer: sa.Connection | None = None
         else:
-            self.engine = make_async_engine(self.urls, pool_size)
+            self.engine = make_async_engine(self.urls, pool_size, stall)
             self.sync_engine = self.engine.sync_engine
             self._sessions = async_sessionmaker(self.engine, expire_on_commit=False)
             self._write_lock = None
@@ -280,28 +322,34 @@ class Database:
 
     @asynccontextmanager
     async def transaction(
-        self, *, urgent: bool = False, read: bool = False, lock_wait: float = URGENT_BUDGET
+        self, *, urgent: bool = False, read: bool = False, lock_wait: float = URGENT_BUDGET, stall: float | None = None
     ) -> AsyncIterator[DbSession]:
         """One transaction: committed on success, rolled back on any exception.
 
         `urgent=True` is for work a platform is waiting on (recording a message, a click): it skips
         the background gate and waits at most `lock_wait` for SQLite's write lock (`LockBusy`).
-        `read=True` never takes the write lock."""
+        `read=True` never takes the write lock. `stall` (PostgreSQL): a shorter bound than this
+        handle's for this transaction."""
         if read:
-            async with self._read(urgent=urgent) as session:
+            async with self._read(urgent=urgent, stall=stall) as session:
                 yield session
             return
         if urgent:
-            async with self._write(lock_wait, urgent=True) as session:
+            async with self._write(lock_wait, urgent=True, stall=stall) as session:
                 yield session
             return
-        async with self._background, self._write(BACKGROUND_LOCK_WAIT) as session:
+        async with self._background, self._write(BACKGROUND_LOCK_WAIT, stall=stall) as session:
             yield session
 
+    def _bound(self, urgent: bool, stall: float | None) -> float:
+        """Seconds a PostgreSQL transaction may take: this handle's bound, an ack's, the caller's."""
+        bound = min(URGENT_STALL_SECONDS, self.stall) if urgent else self.stall
+        return bound if stall is None else min(bound, stall)
+
     @asynccontextmanager
-    async def _read(self, *, urgent: bool = False) -> AsyncIterator[DbSession]:
+    async def _read(self, *, urgent: bool = False, stall: float | None = None) -> AsyncIterator[DbSession]:
         if self.engine is not None:
-            async with self._postgres(min(URGENT_STALL_SECONDS, self.stall) if urgent else self.stall) as session:
+            async with self._postgres(self._bound(urgent, stall)) as session:
                 yield session
             return
         inline = InlineSession(self._read_engine.connect(), self._sync_sessions)
@@ -313,9 +361,9 @@ class Database:
             inline.close()
 
     @asynccontextmanager
-    async def _write(self, wait: float, *, urgent: bool = False) -> AsyncIterator[DbSession]:
+    async def _write(self, wait: float, *, urgent: bool = False, stall: float | None = None) -> AsyncIterator[DbSession]:
         if self.engine is not None:
-            async with self._postgres(min(URGENT_STALL_SECONDS, self.stall) if urgent else self.stall) as session:
+            async with self._postgres(self._bound(urgent, stall)) as session:
                 yield session
             raised = self._raised(session.info)
         else:
@@ -355,6 +403,7 @@ class Database:
         replaced, and `TransactionStalled` raised (transient: the retry layer tries again)."""
         assert self.engine is not None
         session = PostgresSession(await self.engine.connect(), self._sessions)
+        pid = _backend_pid(session)  # read now: a connection found dead is invalidated, its pid with it
         # At the bound the connection's socket is shut: a statement in flight fails at once. Cancelling
         # the task instead made psycopg send a cancel request and wait up to 5 s more for the stalled
         # server process to answer it (an ack's 2.5 s became 7.5 s); the timeout is only a backstop.
@@ -382,6 +431,7 @@ class Database:
         finally:
             if stalled:
                 cut.cancel()
+                self._end_later(pid)
                 await session.drop()
                 # Its neighbours in the pool may sit on the same stalled server: start afresh.
                 with contextlib.suppress(Exception):
@@ -393,6 +443,26 @@ class Database:
                 with contextlib.suppress(Exception):
                     await session.close()
                 cut.cancel()
+
+    def _end_later(self, pid: int | None) -> None:
+        """End a stalled connection's server process from a fresh connection, in the background (an
+        ack must not wait for it), bounded and best effort (`_END_STALLED`)."""
+        if pid is not None:
+            task = asyncio.get_running_loop().create_task(self._end(pid), name="db-end-stalled")
+            self._ending.add(task)
+            task.add_done_callback(self._ending.discard)
+
+    async def _end(self, pid: int) -> None:
+        assert self.engine is not None
+        try:
+            async with asyncio.timeout(END_SECONDS), self.engine.connect() as conn:
+                ended = (await conn.execute(_END_STALLED, {"pid": pid})).scalar()
+                await conn.commit()
+        except Exception as exc:  # noqa: BLE001 - best effort: the server ends it itself (idle_in_transaction_session_timeout)
+            log.warning("the server process %d of a stalled connection could not be ended: %s", pid, type(exc).__name__)
+            return
+        if ended:
+            log.warning("the server process %d of a stalled connection was ended", pid)
 
     def _raised(self, info: dict[Any, Any]) -> list[tuple[str, Any]]:
         """The after-commit keys a committed session set, with their values (taken out of `info`)."""
@@ -489,6 +559,7 @@ class Database:
         urgent: bool = False,
         read: bool = False,
         deadline: float | None = None,
+        stall: float | None = None,
     ) -> T:
         """`step(session)` in one transaction, attempted again from the start on transient faults.
 
@@ -497,23 +568,28 @@ class Database:
         `URGENT_BUDGET`: each waits for the lock only as long as the budget has left.
 
         The first attempt runs outside tenacity (`storage.retrying`); the policy's deadline counts
-        from the step's start."""
+        from the step's start. `stall` (PostgreSQL): each attempt's bound, if shorter than this handle's."""
         loop = asyncio.get_running_loop()
         started = loop.time()
         budget_ends = started + URGENT_BUDGET
         return await first_then_retry(
-            lambda: self._attempt(step, urgent=urgent, read=read, budget_ends=budget_ends),
+            lambda: self._attempt(step, urgent=urgent, read=read, budget_ends=budget_ends, stall=stall),
             lambda: self.attempts(urgent=urgent, deadline=self._limit(urgent, deadline) - (loop.time() - started)),
             is_transient,
         )
 
-    async def _attempt(self, step: Callable[[DbSession], Awaitable[T]], *, urgent: bool, read: bool, budget_ends: float) -> T:
+    async def _attempt(
+        self, step: Callable[[DbSession], Awaitable[T]], *, urgent: bool, read: bool, budget_ends: float, stall: float | None
+    ) -> T:
         lock_wait = max(0.0, budget_ends - asyncio.get_running_loop().time())
-        async with self.transaction(urgent=urgent, read=read, lock_wait=lock_wait) as session:
+        async with self.transaction(urgent=urgent, read=read, lock_wait=lock_wait, stall=stall) as session:
             return await step(session)
 
     async def dispose(self) -> None:
         if self.engine is not None:
+            for task in list(self._ending):
+                task.cancel()
+            await asyncio.gather(*self._ending, return_exceptions=True)
             await self.engine.dispose()
         else:
             writer, self._writer = self._writer, None

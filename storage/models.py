@@ -302,6 +302,19 @@ class OutboxJob(SQLModel, table=True):
     created_at: datetime = _ts(index=True)  # delivered ones are forgotten by it (`CHATOPS_RETENTION_DAYS`)
 
 
+class OutboxSent(SQLModel, table=True):
+    """A delivered job whose row was locked when it was marked sent (a stopped or vanished server
+    process holds it): written instead of waiting, insert-only and without a unique key, so it never
+    waits on a lock; a claim and the look for due jobs skip a job that has one, and the sweeper folds
+    it into the job's row once that row is free (`bot.core.outbox`)."""
+
+    __tablename__ = "outbox_sent"
+    id: int | None = Field(default=None, primary_key=True)
+    job_id: int = Field(index=True)  # no foreign key: its check would lock the job's row
+    message_id: str | None = Field(default=None, max_length=200)
+    sent_at: datetime = _ts()
+
+
 class Quota(SQLModel, table=True):
     """Per-user admission counter (fixed one-minute window), updated by one conditional UPDATE so a
     limit holds under bursts and across replicas; its row lock also serialises pending-approval counts."""

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
+from datetime import timedelta
 
 import pytest
 import sqlalchemy as sa
@@ -178,3 +180,71 @@ async def test_a_click_is_answered_within_slacks_three_seconds_while_the_databas
         took = loop.time() - started
     # The ack's 2.5 s bound, with room for a loaded machine; before, the 5 s background bound and its retries (10 s).
     assert took < 6.0, f"the click was answered after {took:.1f}s"
+
+
+class RowHolder:
+    """A server process that locks the run's answer job row (`FOR UPDATE`), then stops (SIGSTOP)
+    holding it, until `release()`: in the campaign, this replica's own mark, given up as stalled."""
+
+    def __init__(self, postgres_url: str) -> None:
+        self.engine = sa.create_engine(sa.make_url(postgres_url).set(drivername="postgresql+psycopg"))
+        self.conn: sa.Connection | None = None
+        self.pid = 0
+
+    def lock_and_stop(self) -> None:
+        self.conn = self.engine.connect()
+        held = self.conn.execute(sa.text("SELECT id FROM outbox_job WHERE kind = 'answer' FOR UPDATE")).all()
+        assert len(held) == 1, held
+        self.pid = int(self.conn.execute(sa.text("SELECT pg_backend_pid()")).scalar_one())
+        os.kill(self.pid, signal.SIGSTOP)
+
+    def release(self) -> None:
+        if self.pid:
+            os.kill(self.pid, signal.SIGCONT)
+        if self.conn is not None:
+            self.conn.rollback()
+            self.conn.close()
+        self.engine.dispose()
+
+
+async def test_an_answer_whose_sent_mark_meets_a_stopped_lock_holder_is_posted_once(bots, model, postgres_url):
+    """The answer was posted; its "sent" mark then waited on the job row's lock, which a stopped server
+    process held for longer than the retry deadline (in the campaign: this replica's own earlier mark,
+    given up as stalled; dropping a connection does not free its locks while its process is stopped).
+    The mark was given up, the claim ran out, and once the lock was free another replica claimed the
+    job and posted the answer a second time (12 of 120 conversations). Now a mark never waits on the
+    row's lock: the row locked, it is recorded beside it (`outbox_sent`), no claim takes a job so
+    recorded, and the sweeper folds it into the row once the row is free."""
+    from bot.core.outbox import CLAIM_SECONDS
+    from storage.engine import RETRY_DEADLINE
+    from storage.models import OutboxSent, utcnow
+
+    model.script(text("one"))
+    here = await bots.start(database_url=postgres_url, CHATOPS_DB_STALL_SECONDS="2", CHATOPS_SWEEP_INTERVAL="3600")
+    other = await bots.start(database_url=postgres_url, CHATOPS_SWEEP_INTERVAL="3600")
+    mine, theirs = FaultChannel(), FaultChannel()
+    for app, channel in ((here, mine), (other, theirs)):
+        app.ctx.channels[channel.platform] = channel
+        await bots.run(app)
+    holder = RowHolder(postgres_url)
+    mine.before_reply = lambda: asyncio.to_thread(holder.lock_and_stop)
+    try:
+        await deliver(here, message("hi"))
+        await mine.wait_for(lambda: "one" in mine.replies, timeout=30)
+        # Its mark is written at once. Before, it was given up after the retry deadline, while this
+        # replica's own delivery rounds, its claim run out, queued on the lock too: that wait is bounded.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(RETRY_DEADLINE + 5):
+                await here.ctx.tasks.idle()
+        assert holder.pid, "the job's row was never locked"
+    finally:
+        await asyncio.to_thread(holder.release)
+    other.ctx.clock = lambda: utcnow() + timedelta(seconds=CLAIM_SECONDS * 2)  # the claim has long run out
+    await other.core.out.deliver_due()
+    await settle(here)
+
+    assert mine.replies + theirs.replies == ["one"]
+    state = await summary(here)
+    assert state.outbox == {"sent": 1}, state.outbox
+    records = await here.ctx.db.run(lambda s: s.execute(sa.select(sa.func.count()).select_from(OutboxSent)), read=True)
+    assert records.scalar_one() == 0  # folded into the row, then forgotten

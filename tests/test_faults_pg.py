@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -155,3 +155,99 @@ async def test_server_processes_that_stop_answering_are_given_up_and_the_bot_goe
     await settle(app)
     state = await summary(app)
     assert state.stuck == [] and state.runs["done"] == 2
+
+
+HELD = "CREATE TABLE held (id integer PRIMARY KEY, n integer NOT NULL); INSERT INTO held VALUES (1, 0)"
+BUMP = sa.text("UPDATE held SET n = n + 1 WHERE id = 1")
+
+
+def _direct(postgres_url: str) -> sa.Engine:
+    """An engine of the test's own, beside the bot's (same schema)."""
+    return sa.create_engine(sa.make_url(postgres_url).set(drivername="postgresql+psycopg"))
+
+
+def _lock_waiters(postgres_url: str) -> int:
+    """How many of the bot's server processes wait on a lock."""
+    engine = _direct(postgres_url.split("?")[0])
+    try:
+        with engine.connect() as conn:
+            query = sa.text("SELECT count(*) FROM pg_stat_activity WHERE application_name = :a AND wait_event_type = 'Lock'")
+            return int(conn.execute(query, {"a": schema_of(postgres_url)}).scalar_one())
+    finally:
+        engine.dispose()
+
+
+async def _until(predicate: Callable[[], Any], timeout: float) -> None:
+    """Wait (bounded) until the database says `predicate()`, asked again every 50 ms."""
+    async with asyncio.timeout(timeout):
+        while not await asyncio.to_thread(predicate):
+            await asyncio.sleep(0.05)
+
+
+async def test_a_transaction_given_up_while_it_waits_for_a_lock_leaves_the_lock_queue(postgres_url, caplog):
+    """A transaction waiting on a row lock is given up at its bound and its connection dropped; its
+    server process, though, went on waiting in the lock's queue until the holder let go (then ran
+    the statement for nobody, ahead of every live waiter queued behind it). Now the process is ended
+    from a fresh connection (`pg_terminate_backend`), and the log names its pid, nothing more."""
+    from storage.engine import Database, TransactionStalled
+
+    blocker = _direct(postgres_url)
+    with blocker.begin() as conn:
+        conn.exec_driver_sql(HELD)
+    db = Database(postgres_url, stall=1.0)
+    holder = blocker.connect()
+    holder.execute(BUMP)  # the row's lock, held by the test until the end
+    try:
+        with pytest.raises(TransactionStalled):
+            await db.run(lambda s: s.execute(BUMP), deadline=0.5)  # one attempt, given up after 1 s
+        await _until(lambda: _lock_waiters(postgres_url) == 0, timeout=10)
+    finally:
+        holder.rollback()
+        holder.close()
+        blocker.dispose()
+        await db.dispose()
+    assert "stalled connection was ended" in caplog.text
+    assert "postgresql://" not in caplog.text
+
+
+async def test_a_transaction_whose_client_vanished_frees_its_row_locks_within_the_bound(postgres_url):
+    """A client that vanished in the middle of a transaction (a network partition: nothing it says,
+    not even its close, reaches the server) left its server process idle in the transaction, holding
+    its row locks until TCP noticed, hours later; every writer of those rows waited. Ending it from a
+    fresh connection cannot help when that connection goes the same dead way. Now every connection
+    tells its server process to end a session idle inside a transaction for longer than the stall
+    bound (`idle_in_transaction_session_timeout`): the next writer gets the lock within it."""
+    from storage.engine import Database, TransactionStalled
+    from tests.fakes.tcp_proxy import TcpProxy
+
+    direct = _direct(postgres_url)
+    with direct.begin() as conn:
+        conn.exec_driver_sql(HELD)
+    url = sa.make_url(postgres_url)
+    async with TcpProxy(url.host or "127.0.0.1", url.port or 5432) as proxy:
+        db = Database(url.set(port=proxy.port).render_as_string(hide_password=False), stall=1.0)
+
+        async def bump_then_vanish(session: Any) -> None:
+            await session.execute(BUMP)
+            proxy.freeze()
+            await session.execute(sa.text("SELECT 1"))  # never reaches the server
+
+        try:
+            with pytest.raises(TransactionStalled):
+                await db.run(bump_then_vanish, deadline=0.5)
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+
+            def bump_directly() -> None:
+                with direct.begin() as conn:
+                    conn.exec_driver_sql("SET LOCAL lock_timeout = '20s'")
+                    conn.execute(BUMP)
+
+            await asyncio.to_thread(bump_directly)  # before: LockNotAvailable after 20 s
+            took = loop.time() - started
+        finally:
+            proxy.thaw()
+            await db.dispose()
+            direct.dispose()
+    # The 1 s bound (and 1 s of backstop), with room for a loaded machine.
+    assert took < 8.0, f"the lock was free after {took:.1f}s"

@@ -10,6 +10,19 @@ A card that could not be delivered by then is cancelled (nobody can approve what
 the model is told; a reply that could not be delivered is recorded as such. Jobs of one run are
 delivered in order; a job is claimed under a short lease, so two replicas never send it together.
 
+Sent marks: a delivered message is never sent again because its "sent" mark could not be written in
+time, while the process that sent it lives. The mark never waits on the job row's lock (on PostgreSQL
+a stopped server process, or one whose client vanished, may hold it for any time: this process's own
+abandoned mark, say): with the row free it is marked sent; locked, the mark is recorded beside it in
+`outbox_sent` (insert-only, no unique key: nothing to wait on), which the claim and the look for due
+jobs respect (one indexed NOT EXISTS), and the sweeper folds it into the row once the row is free
+(the jobs after it in its thread wait for that). Each mark transaction is bounded at `MARK_STALL`,
+so one whose own server process stopped is tried again on a fresh connection well inside the claim,
+and a mark is tried again until it lands while the process lives (the retry layer giving up does
+not end it). What remains: the process dies, or loses the database for longer than what is left of
+the claim while other replicas reach it, between the post and its mark; then the message may be
+sent once more (at least once, never lost). SQLite has no row locks: the mark is a plain UPDATE.
+
 Progress: a run's `progress` jobs keep ONE message per run up to date (the first is posted, later ones
 edit it; a newer progress or the answer supersedes a waiting one, so a burst of steps costs one edit;
 they give up after `PROGRESS_DEADLINE`, nothing depends on them). The run's `answer` replaces that
@@ -21,9 +34,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import random
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, fields
 from datetime import datetime, timedelta
 from typing import Any, Protocol
@@ -38,9 +52,10 @@ from bot.core.channels import DeliveryFailed
 from bot.core.context import AppContext
 from bot.core.events import Thread, User
 from bot.core.group_commit import GroupCommit
-from storage.models import Approval, ApprovalStatus, CardCopy, OutboxJob, OutboxKind, OutboxStatus, table_of
+from storage.engine import is_transient
+from storage.models import Approval, ApprovalStatus, CardCopy, OutboxJob, OutboxKind, OutboxSent, OutboxStatus, table_of
 from storage.prepared import Prepared
-from storage.sessions import DbSession
+from storage.sessions import DbSession, rowcount
 
 log = logging.getLogger("chatops.outbox")
 
@@ -48,6 +63,10 @@ CLAIM_SECONDS = 30.0
 # One delivery attempt ends within this, well inside its claim: an attempt still in flight when the
 # claim ran out would be sent a second time by whoever claimed it next, and nobody would know.
 ATTEMPT_SECONDS = CLAIM_SECONDS / 2
+# A "sent" mark's transaction is bounded at this (or the database's shorter bound): one whose server
+# process stopped is given up and tried again on a fresh connection well inside what is left of the claim.
+MARK_STALL = CLAIM_SECONDS / 6
+MARK_PAUSE_MAX = 5.0  # seconds between tries of a mark the retry layer gave up on (tried again while the process lives)
 BACKOFF_FIRST, BACKOFF_MAX = 1.0, 60.0
 ERROR_LIMIT = 500
 PROGRESS_DEADLINE = 60.0  # a progress edit older than this is not worth sending
@@ -81,10 +100,59 @@ _NEWEST_PROGRESS = Prepared(
     .order_by(_JOBS.c.id.desc())
     .limit(1)
 )
-_MARK_SENT = Prepared(
+_SENT = table_of(OutboxSent)
+_SENT_VALUES: dict[str, Any] = {
+    "status": OutboxStatus.SENT,
+    "message_id": sa.bindparam("b_message_id"),
+    "lease_until": None,
+    "last_error": None,
+}
+# SQLite (no row locks: a writer holds the whole database).
+_MARK_SENT = Prepared(sa.update(_JOBS).where(_JOBS.c.id == sa.bindparam("b_id")).values(**_SENT_VALUES))
+# PostgreSQL: one statement that never waits on the job row's lock. Its row free, the job is marked
+# sent; locked (by a server process that stopped or whose client vanished, e.g. this process's own
+# abandoned mark), the mark is recorded in `outbox_sent` instead, which the claim and the look for due
+# jobs respect at once, and the sweeper folds into the row once it is free (`Outbox.fold_sent`).
+_UNLOCKED = sa.select(_JOBS.c.id).where(_JOBS.c.id == sa.bindparam("b_id")).with_for_update(skip_locked=True, key_share=True)
+_MARKED = (
+    sa.update(_JOBS).where(_JOBS.c.id.in_(_UNLOCKED.scalar_subquery())).values(**_SENT_VALUES).returning(_JOBS.c.id).cte("marked")
+)
+_MARK_SENT_OR_RECORD = Prepared(
+    sa.insert(_SENT)
+    .from_select(
+        ["job_id", "message_id", "sent_at"],
+        sa.select(
+            sa.bindparam("b_id", type_=_SENT.c.job_id.type),
+            sa.bindparam("b_message_id", type_=_SENT.c.message_id.type),
+            sa.bindparam("b_now", type_=_SENT.c.sent_at.type),
+        ).where(~sa.select(_MARKED.c.id).exists()),
+    )
+    .add_cte(_MARKED, nest_here=True)
+)
+# The sweeper's fold of recorded marks into their (now free) job rows, then of the records that are done.
+_LOCKABLE = _JOBS.alias("lockable")
+_FOLD_SENT = (
     sa.update(_JOBS)
-    .where(_JOBS.c.id == sa.bindparam("b_id"))
-    .values(status=OutboxStatus.SENT, message_id=sa.bindparam("b_message_id"), lease_until=None, last_error=None)
+    .where(
+        _JOBS.c.id.in_(
+            sa.select(_LOCKABLE.c.id)
+            .where(_LOCKABLE.c.id.in_(sa.select(_SENT.c.job_id)), _LOCKABLE.c.status == OutboxStatus.PENDING)
+            .with_for_update(skip_locked=True, key_share=True)
+        )
+    )
+    .values(
+        status=OutboxStatus.SENT,
+        message_id=sa.select(_SENT.c.message_id)
+        .where(_SENT.c.job_id == _JOBS.c.id)
+        .order_by(_SENT.c.id.desc())
+        .limit(1)
+        .scalar_subquery(),
+        lease_until=None,
+        last_error=None,
+    )
+)
+_FORGET_FOLDED = sa.delete(_SENT).where(
+    ~sa.select(_JOBS.c.id).where(_JOBS.c.id == _SENT.c.job_id, _JOBS.c.status == OutboxStatus.PENDING).exists()
 )
 
 # Delivery rounds: jobs due now whose thread has nothing earlier still pending, and the claim of one.
@@ -93,6 +161,7 @@ _CLAIMABLE = (
     _JOBS.c.status == OutboxStatus.PENDING,
     _JOBS.c.next_attempt_at <= sa.bindparam("b_now"),
     sa.or_(_JOBS.c.lease_until.is_(None), _JOBS.c.lease_until < sa.bindparam("b_now")),
+    ~sa.select(_SENT.c.id).where(_SENT.c.job_id == _JOBS.c.id).exists(),  # delivered, its mark recorded beside the row
 )
 _DUE = Prepared(
     sa.select(_JOBS.c.id)
@@ -329,6 +398,7 @@ class Outbox:
         self._kicks = 0  # how many times delivery rounds were asked for
         # Jobs delivered together are marked sent together (a card's bookkeeping has its own transaction).
         self._marks: GroupCommit[dict[str, Any], None] = GroupCommit(ctx.tasks, "outbox-sent", self._mark_sent)
+        self._marking: set[int] = set()  # delivered here, marks not written yet: never claimed again here
 
     def kick(self) -> None:
         """Deliver due jobs now, in a tracked background task (coalesced); the delivery loop is only
@@ -347,7 +417,8 @@ class Outbox:
         earlier jobs of its run, so each round frees the next. Returns how many were tried."""
         tried: set[int] = set()
         for _ in range(rounds):
-            ids = [i for i in await self.ctx.db.run(lambda s: self._due(s, limit), read=True) if i not in tried]
+            due = await self.ctx.db.run(lambda s: self._due(s, limit), read=True)
+            ids = [i for i in due if i not in tried and i not in self._marking]
             if not ids:
                 break
             for job_id in ids:
@@ -380,15 +451,70 @@ class Outbox:
         except Exception as exc:  # noqa: BLE001 - every failure is classified and retried or reported
             await self._failed(job, exc)
             return False
-        if job.kind in (OutboxKind.CARD, OutboxKind.CARD_UPDATE):
-            await self.ctx.db.run(lambda s: self._card_sent(s, job, sent, rendered_at))
-        else:
-            await self._marks.submit({"b_id": job.id, "b_message_id": sent.message_id})
+        self._marking.add(job.id)
+        try:
+            if job.kind in (OutboxKind.CARD, OutboxKind.CARD_UPDATE):
+                await self._card_delivered(job, sent, rendered_at)
+            else:
+                await self._marks.submit(self._mark(job.id, sent.message_id))
+        finally:
+            self._marking.discard(job.id)
         return True
 
+    def _mark(self, job_id: int, message_id: str | None) -> dict[str, Any]:
+        return {"b_id": job_id, "b_message_id": message_id, "b_now": self.ctx.clock()}
+
+    @staticmethod
+    def _marks_statement(session: DbSession) -> Prepared:
+        """Marking sent never waits on a job row's lock (PostgreSQL); SQLite has no row locks."""
+        return _MARK_SENT if session.bind.dialect.name == "sqlite" else _MARK_SENT_OR_RECORD
+
     async def _mark_sent(self, marks: list[dict[str, Any]]) -> list[None]:
-        await self.ctx.db.run(lambda s: _MARK_SENT.run_many(s, marks))
+        await self._until_landed(lambda s: self._marks_statement(s).run_many(s, marks), f"{len(marks)} sent mark(s)")
         return [None] * len(marks)
+
+    async def _until_landed(self, step: Callable[[DbSession], Awaitable[Any]], what: str) -> None:
+        """Run the bookkeeping of a delivered message until it lands, while this process lives: given
+        up, the job's claim would run out and the message be sent a second time. Each transaction is
+        bounded at `MARK_STALL` (a stopped server process is left for a fresh connection in time)."""
+        stall, pause = min(self.ctx.db.stall, MARK_STALL), BACKOFF_FIRST
+        while True:
+            try:
+                await self.ctx.db.run(step, stall=stall)
+                return
+            except Exception as exc:
+                if not is_transient(exc):
+                    raise
+                log.warning("outbox: %s not written yet (%s); trying again", what, type(exc).__name__)
+            await asyncio.sleep(pause)
+            pause = min(MARK_PAUSE_MAX, pause * 2)
+
+    async def _card_delivered(self, job: Job, sent: Sent, rendered_at: datetime) -> None:
+        """A card's bookkeeping (its mark, the approval's message id, the audit row) in one transaction;
+        if that does not land at once (another row's lock, a stalled server), the mark alone is written
+        first and the rest tried again in the background until it lands."""
+        step = functools.partial(self._card_sent, job=job, sent=sent, rendered_at=rendered_at)
+        stall = min(self.ctx.db.stall, MARK_STALL)
+        try:
+            await self.ctx.db.run(step, stall=stall, deadline=stall)
+            return
+        except Exception as exc:
+            if not is_transient(exc):
+                raise
+            log.warning("outbox: the bookkeeping of card job %s did not land (%s); marked sent first", job.id, type(exc).__name__)
+        await self._marks.submit(self._mark(job.id, sent.message_id))
+        self.ctx.tasks.spawn(self._until_landed(step, f"the bookkeeping of card job {job.id}"), name="outbox-card-sent")
+
+    async def fold_sent(self) -> int:
+        """Fold the marks recorded beside locked job rows into those rows once they are free (the
+        sweeper's); returns how many rows were folded."""
+
+        async def fold(session: DbSession) -> int:
+            folded = rowcount(await session.execute(_FOLD_SENT))
+            await session.execute(_FORGET_FOLDED)
+            return folded
+
+        return await self.ctx.db.run(fold)
 
     def deliver_claimed(self, born: BornJobs) -> None:
         """After the commit that stored `born` jobs already claimed by this process: deliver them in
@@ -505,9 +631,9 @@ class Outbox:
         copies = await card_copies.of(session, job.approval_id) if job.kind == OutboxKind.CARD_UPDATE and job.approval_id else []
         return approval, covered.scalar_one_or_none() or 0, copies
 
-    async def _card_sent(self, session: DbSession, job: Job, sent: Sent, rendered_at: datetime) -> None:
+    async def _card_sent(self, session: DbSession, *, job: Job, sent: Sent, rendered_at: datetime) -> None:
         ctx, message_id = self.ctx, sent.message_id
-        await _MARK_SENT.run(session, {"b_id": job.id, "b_message_id": message_id})
+        await self._marks_statement(session).run(session, self._mark(job.id, message_id))
         # Card updates committed before this rendering read the approval show nothing newer than it
         # does: they are done too (not those due later on purpose: a refresh after a click's answer
         # must still come). Ids, not times: a job timed before the read may have committed after it.

@@ -5,7 +5,8 @@ about approvals near their expiry (`ApprovalService.remind_near_expiry`); mark a
 `in_doubt` (reported, never re-run) executions whose lease ran out; execute approvals a decider
 left `approved`; take over runs whose lease ran out, whether or not their owner is alive; resume
 waiting runs whose approvals are all decided; start conversations with queued messages nobody
-holds; hand outbox jobs that are due to the outbox's tracked delivery task. Each part is
+holds; fold "sent" marks recorded beside locked outbox rows into their rows, and hand outbox jobs
+that are due to the outbox's tracked delivery task. Each part is
 independent: one failing is logged and the others still run. After the periodic passes (not the one
 at start-up, which the port waits for), about once an hour, forget what is older than
 `CHATOPS_RETENTION_DAYS` (`retention`).
@@ -202,7 +203,10 @@ class Sweeper:
     async def _deliver(self) -> None:
         """Due outbox jobs (retries, other replicas' leftovers) go to the outbox's one tracked delivery
         task, so whoever waits for this process's background work (a clean stop, a test) waits for
-        them too, instead of delivering here in the sweeper's own loop."""
+        them too, instead of delivering here in the sweeper's own loop. First, "sent" marks recorded
+        beside locked job rows are folded into the rows that are free again (the jobs after them in
+        their threads wait for that)."""
+        await self.core.out.fold_sent()
         self.core.out.kick()
 
     async def _forget(self) -> None:
