@@ -22,7 +22,7 @@ from sqlmodel import col
 
 from bot import lifecycle
 from bot.config import Settings, load_settings, no_model_message, unknown_variables
-from bot.core.errors import ChatopsError
+from bot.core.errors import ChatopsError, StorageError
 from bot.lifecycle import add_channels, stop_on_signals, unless_stopped
 from bot.logsetup import setup_logging
 from bot.sdnotify import ServiceNotifier
@@ -409,9 +409,12 @@ def run(argv: Sequence[str] | None = None) -> int:
     if args.command == "backup":
         return _backup(settings.database_url, args.file)
     if args.command == "db":
-        from storage.migrate import current_revision, upgrade
+        from storage.migrate import SchemaFromNewerVersion, current_revision, upgrade
 
-        upgrade(settings.database_url)
+        try:
+            upgrade(settings.database_url)
+        except SchemaFromNewerVersion as exc:
+            raise StorageError(f"DATABASE_URL: {exc}") from None
         print(f"database is at revision {current_revision(settings.database_url)}")
         return 0
     if args.command == "audit" and args.audit_command == "rotate-key":

@@ -94,7 +94,7 @@ async def check_model(settings: Settings) -> list[Finding]:
 
 # ---------------------------------------------------------------------- storage and policy
 async def check_database(settings: Settings) -> list[Finding]:
-    from storage.migrate import current_revision, head_revision
+    from storage.migrate import current_revision, head_revision, is_known
 
     try:
         current = await asyncio.to_thread(current_revision, settings.database_url)
@@ -102,6 +102,9 @@ async def check_database(settings: Settings) -> list[Finding]:
         detail = Redactor(settings.secret_values()).redact_text(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
         return [Finding("database", FAIL, f"cannot connect ({_short(detail)})", "check DATABASE_URL and that the server runs")]
     head = head_revision()
+    if not is_known(current):
+        fix = "run the chatops version that upgraded it (or restore a backup taken before the upgrade)"
+        return [Finding("database", FAIL, f"schema at {current}, newer than this chatops knows (up to {head})", fix)]
     if current != head:
         return [Finding("database", FAIL, f"schema at {current or 'nothing'}, code expects {head}", "run `chatops db upgrade`")]
     return [Finding("database", OK, f"reachable, migrations current ({head})")]

@@ -247,3 +247,25 @@ async def test_chatops_approval_show_prints_the_card_in_full(model, tmp_path):
     assert (code, err) == (0, "") and approval_id in out and out.count("了解产品") == 400  # every word of it
     code, out, err = await chatops("approval", "show", "ap-nope", env=env, cwd=tmp_path)
     assert code != 0 and "no approval 'ap-nope'" in err and "Traceback" not in err
+
+
+async def test_a_database_upgraded_by_a_newer_version_is_named_in_one_line(tmp_path):
+    """Rolling back the code (or an old replica restarting after a new one migrated) met alembic's
+    `CommandError`: `chatops db upgrade` said "internal error", doctor advised `chatops db upgrade`."""
+    url = f"sqlite:///{tmp_path / 'bot.db'}"
+    code, _, _ = await chatops("db", "upgrade", env={"DATABASE_URL": url}, cwd=tmp_path)
+    assert code == 0
+    engine = make_sync_engine(normalise_url(url))
+    with engine.begin() as conn:
+        conn.execute(sa.text("UPDATE alembic_version SET version_num = '9999'"))
+    engine.dispose()
+    for command in (["db", "upgrade"], ["shell"]):
+        code, _, err = await chatops(
+            *command, env={"DATABASE_URL": url, "CHATOPS_MODEL": "m", "OPENAI_BASE_URL": "http://127.0.0.1:9/v1"}, cwd=tmp_path
+        )
+        assert code == 2 and len(err.strip().splitlines()) == 1, err
+        assert "revision 9999, newer than this chatops knows" in err and "internal error" not in err
+    code, out, _ = await chatops(
+        "doctor", env={"DATABASE_URL": url, "CHATOPS_MODEL": "m", "OPENAI_BASE_URL": "http://127.0.0.1:9/v1"}, cwd=tmp_path
+    )
+    assert code == 1 and "newer than this chatops knows" in out and "chatops db upgrade" not in out
