@@ -100,12 +100,26 @@ def test_compose_runs_migrations_once_then_two_replicas_behind_one_port(compose)
     assert bot["stop_grace_period"] == "15s"  # above the bot's own 10 s stop bound
 
 
+def test_compose_gives_every_replica_the_same_audit_key(compose):
+    """Each container has its own /data volume, so without a shared key each replica made its own key
+    file there; two such serves on one PostgreSQL recorded the first staged row as
+    `audit_staged_tampered` and `chatops audit verify` failed (measured with two `chatops serve`)."""
+    services = compose["services"]
+    for name in ("migrate", "bot"):
+        key = services[name]["environment"].get("CHATOPS_AUDIT_KEY", "")
+        assert key.startswith("${CHATOPS_AUDIT_KEY:?"), name  # one value for all, refused when unset
+        assert "CHATOPS_AUDIT_KEY_FILE" not in services[name]["environment"]
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    compose_steps = readme[readme.index("### Compose") : readme.index("### systemd")]
+    assert "CHATOPS_AUDIT_KEY=" in compose_steps
+
+
 @pytest.mark.skipif(shutil.which("docker") is None, reason="no docker CLI")
 def test_docker_compose_validates_the_file_when_available():
     probe = subprocess.run(["docker", "compose", "version"], capture_output=True, text=True, check=False)
     if probe.returncode != 0:
         pytest.skip("docker compose is not installed here; the structural checks above stand in")
-    env = {**os.environ, "POSTGRES_PASSWORD": "x"}
+    env = {**os.environ, "POSTGRES_PASSWORD": "x", "CHATOPS_AUDIT_KEY": "k" * 32}
     result = subprocess.run(
         ["docker", "compose", "-f", str(ROOT / "compose.yaml"), "config", "-q"],
         capture_output=True,
