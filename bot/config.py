@@ -14,6 +14,8 @@ from urllib.parse import unquote, urlsplit
 
 from dotenv import dotenv_values
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
 
 from bot.core.errors import ConfigError
 from storage.audit_keys import default_key_file
@@ -117,6 +119,19 @@ class Settings(BaseModel):
     def _http_url(cls, value: str | None) -> str | None:
         if value is not None and not value.startswith(("http://", "https://")):
             raise ValueError("must start with http:// or https://")
+        return value
+
+    @field_validator("database_url")
+    @classmethod
+    def _sqlite_or_postgres(cls, value: str) -> str:
+        if value.startswith("postgres://"):  # libpq's (and many hosts') spelling; SQLAlchemy knows only postgresql://
+            value = "postgresql://" + value.removeprefix("postgres://")
+        try:
+            backend = make_url(value).get_backend_name()
+        except ArgumentError:
+            raise ValueError("is not a database URL (sqlite:///chatops.db or postgresql://user:pass@host:5432/db)") from None
+        if backend not in ("sqlite", "postgresql"):
+            raise ValueError(f"must be SQLite (sqlite:///…) or PostgreSQL (postgresql://…), not {backend}")
         return value
 
     @field_validator("log_level", mode="before")
@@ -251,8 +266,10 @@ def load_settings(env_file: Path | None = Path(".env"), environ: dict[str, str] 
         first = exc.errors()[0]
         field = str(first["loc"][0]) if first["loc"] else "configuration"
         alias = Settings.model_fields[field].alias if field in Settings.model_fields else field
-        raise ConfigError(
-            alias or field, f"{first['msg'][:1].lower()}{first['msg'][1:]} (got {values.get(alias or field, '')!r})"
-        ) from None
+        got = values.get(alias or field, "")
+        for credential in url_credentials(got):  # a URL's password stays off the terminal and the journal
+            got = got.replace(credential, "***")
+        message = str(first["msg"]).removeprefix("Value error, ")
+        raise ConfigError(alias or field, f"{message[:1].lower()}{message[1:]} (got {got!r})") from None
     settings.check_channels()
     return settings

@@ -128,6 +128,8 @@ async def test_serve_without_a_model_says_which_variables_to_set(tmp_path):
         ("OPENAI_BASE_URL", "ftp://x"),
         ("SMTP_SECURITY", "tls"),
         ("FEISHU_MODE", "socket"),
+        ("DATABASE_URL", "nonsense"),
+        ("DATABASE_URL", "mysql://bot:hunter2-secret@db/chatops"),
     ],
 )
 async def test_a_bad_variable_stops_start_up_with_one_line_naming_it(tmp_path, variable, value):
@@ -135,6 +137,18 @@ async def test_a_bad_variable_stops_start_up_with_one_line_naming_it(tmp_path, v
     assert code == 2
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"chatops: error: {variable} ")
+    assert "hunter2-secret" not in err and "plugin" not in err and "driver" not in err
+
+
+async def test_a_postgres_scheme_url_is_taken_for_postgresql(tmp_path):
+    """`postgres://` (libpq's spelling, and many hosts') met SQLAlchemy's "Can't load plugin:
+    sqlalchemy.dialects:postgres"."""
+    from bot.config import load_settings
+
+    settings = load_settings(env_file=None, environ={"DATABASE_URL": "postgres://bot:pw@db.internal:5432/chatops"})
+    assert settings.database_url == "postgresql://bot:pw@db.internal:5432/chatops"
+    code, _, err = await chatops("db", "upgrade", env={"DATABASE_URL": "postgres://bot:pw@127.0.0.1:1/chatops"}, cwd=tmp_path)
+    assert code == 2 and "plugin" not in err and "127.0.0.1" in err, err
 
 
 async def test_a_half_configured_channel_fails_closed(tmp_path):
