@@ -145,6 +145,16 @@ def test_the_systemd_unit_runs_serve_and_stops_with_sigterm():
     assert unit["Install"]["WantedBy"] == "multi-user.target"
 
 
+def test_the_units_install_steps_are_the_readmes():
+    """The unit's header said `install -m 600 … /etc/chatops/chatops.env` without -D: on a fresh
+    machine /etc/chatops does not exist and the step failed."""
+    header = (ROOT / "deploy" / "chatops.service").read_text(encoding="utf-8").split("[Unit]")[0]
+    steps = [line.removeprefix("#").strip() for line in header.splitlines() if line.startswith("#   sudo ")]
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    systemd = readme[readme.index("### systemd") : readme.index("### Installing")]
+    assert steps and all(step in systemd for step in steps), steps
+
+
 async def test_backup_copies_a_live_sqlite_database_and_refuses_postgres(tmp_path, terminal_bot):
     from storage.models import CrmLead
     from tests.test_cli import chatops
