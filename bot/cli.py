@@ -267,6 +267,8 @@ def _rotate_key(settings: Settings) -> None:
 def _backup(url: str, target: Path) -> int:
     from storage.backup import NotSqlite, backup_sqlite
 
+    if not target.parent.is_dir():  # SQLite would only say "unable to open database file"
+        raise ChatopsError(f"cannot back up to {target}: the directory {target.parent} does not exist")
     try:
         pages = backup_sqlite(url, target)
     except NotSqlite:

@@ -173,6 +173,9 @@ async def test_backup_copies_a_live_sqlite_database_and_refuses_postgres(tmp_pat
     copy.dispose()
     code, _, err = await chatops("backup", str(tmp_path / "copy.db"), env=env, cwd=tmp_path)
     assert code == 2 and "already exists" in err
+    missing = tmp_path / "backups" / "copy.db"  # the README's /backups/… on a machine without /backups
+    code, _, err = await chatops("backup", str(missing), env=env, cwd=tmp_path)
+    assert code == 2 and f"the directory {missing.parent} does not exist" in err, err
     code, _, err = await chatops(
         "backup", str(tmp_path / "pg.db"), env={"DATABASE_URL": "postgresql://u:pw-secret@127.0.0.1:1/x"}, cwd=tmp_path
     )
