@@ -203,6 +203,8 @@ class RowHolder:
         self.pid = 0
 
     def lock_and_stop(self) -> None:
+        if self.pid:  # once: a second reply must not leave a stopped process behind, unknown to release()
+            return
         self.conn = self.engine.connect()
         held = self.conn.execute(sa.text("SELECT id FROM outbox_job WHERE kind = 'answer' FOR UPDATE")).all()
         assert len(held) == 1, held

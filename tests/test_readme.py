@@ -84,3 +84,11 @@ def test_operate_section_matches_the_endpoints_metrics_and_commands():
         parser.parse_args(command.split())
     for endpoint in ("/healthz", "/readyz", "/metrics"):
         assert f"`GET {endpoint}`" in operate
+
+
+def test_the_doctor_example_names_the_current_schema_revision():
+    """The example said "code expects 0002" while the code expected 0009."""
+    from storage.migrate import head_revision
+
+    (expected,) = re.findall(r"code expects (\w+)", README)
+    assert expected == head_revision()
