@@ -260,9 +260,10 @@ def _link(keys: AuditKeys, head: _Head, staged: Sequence[Any]) -> list[dict[str,
         while staged and not staged[0].seal:
             _append(rows, head, {k: getattr(staged[0], k) for k in RECORDED}, None)
             staged = staged[1:]
-        if head.seq:
-            legacy = {"legacy_rows": head.seq, "legacy_head": head.hash}
-            _append(rows, head, _marker(KEYED_KIND, **legacy), keys.current)
+        # Keyed from here on, an empty chain too: its first row names the key, so a replica started
+        # with another key fails closed at its start instead of sealing rows nobody can verify.
+        legacy = {"legacy_rows": head.seq, "legacy_head": head.hash}
+        _append(rows, head, _marker(KEYED_KIND, **legacy), keys.current)
     elif head.key_id != keys.current_id:
         old = keys.by_id(head.key_id)
         if old is None:

@@ -71,7 +71,7 @@ def test_key_file_is_created_0600_next_to_the_database_and_never_stored(url, mon
     key = key_file.read_text().strip()
     assert _cli(url, monkeypatch, "export") == 0
     exported = capsys.readouterr().out
-    assert len(exported.splitlines()) == 5 and key not in exported
+    assert len(exported.splitlines()) == 1 + 5 and key not in exported  # the chain is keyed first
     assert {r.key_id for r in _rows(url)} == {key_id(key.encode())}
     with _engine(url).connect() as conn:
         dump = "\n".join(conn.connection.driver_connection.iterdump())
@@ -106,7 +106,7 @@ def test_an_edited_staged_row_is_reported_not_chained_silently(url, monkeypatch,
         conn.execute(sa.update(AuditStaged).values(data={"decision": "approved"}))
     assert _cli(url, monkeypatch, "verify") == 1
     out = capsys.readouterr().out
-    assert "row 4 records a staged row altered before chaining (seal mismatch)" in out
+    assert "row 5 records a staged row altered before chaining (seal mismatch)" in out  # after audit_keyed and 3
     row = _rows(url)[-1]
     assert row.kind == TAMPERED_KIND and row.data["found"]["data"] == {"decision": "approved"}
     with _engine(url).begin() as conn:  # an unsealed row slipped into the staging table
@@ -143,18 +143,18 @@ def test_key_rotation_continues_the_chain_under_the_new_key(url, monkeypatch, ca
     assert len(ring) == 2 and ring[0] == old[0] and "back up" in capsys.readouterr().out
     asyncio.run(_fill(url, 3))
     rows = _rows(url)
-    rotation = rows[4]
+    rotation = rows[5]  # after audit_keyed and 4
     assert rotation.kind == ROTATED_KIND and rotation.key_id == key_id(ring[0].encode())
     assert rotation.data == {"previous_key": key_id(ring[0].encode()), "next_key": key_id(ring[1].encode())}
-    assert {r.key_id for r in rows[5:]} == {key_id(ring[1].encode())}
+    assert {r.key_id for r in rows[6:]} == {key_id(ring[1].encode())}
     assert _cli(url, monkeypatch, "verify") == 0
-    assert "OK: 8 rows" in capsys.readouterr().out
+    assert "OK: 9 rows" in capsys.readouterr().out
     monkeypatch.setenv("CHATOPS_AUDIT_KEY", ring[1])  # the old key lost: its rows cannot be checked
     assert _cli(url, monkeypatch, "verify") == 1
     assert "first bad row is 1" in capsys.readouterr().out
     monkeypatch.setenv("CHATOPS_AUDIT_KEY", ring[0])  # the new key lost
     assert _cli(url, monkeypatch, "verify") == 1
-    assert "first bad row is 6" in capsys.readouterr().out
+    assert "first bad row is 7" in capsys.readouterr().out
     monkeypatch.setenv("CHATOPS_AUDIT_KEY", f"{ring[0]} {ring[1]}")  # the ring in the environment
     assert _cli(url, monkeypatch, "verify") == 0
 
@@ -184,6 +184,23 @@ async def test_a_wrong_key_is_detected_and_the_bot_refuses_to_start(url, monkeyp
             await app.start(serve_http=False)
     finally:
         await app.ctx.db.dispose()
+
+
+async def test_a_second_replica_with_another_key_refuses_to_start_before_anything_is_recorded(postgres_url, model):
+    """Two replicas on one database, each with its own key (compose gave each container its own key
+    file): both started, the first row the second one staged was chained as `audit_staged_tampered`,
+    and `audit verify` failed. The first start now keys the empty chain, so the second fails closed."""
+    first = await build_app(make_settings(model.url, postgres_url, CHATOPS_AUDIT_KEY="a" * 40))
+    second = await build_app(make_settings(model.url, postgres_url, CHATOPS_AUDIT_KEY="b" * 40))
+    try:
+        await first.start(serve_http=False)
+        with pytest.raises(ConfigError, match=r"CHATOPS_AUDIT_KEY.*not in the key ring"):
+            await second.start(serve_http=False)
+        (keyed,) = _rows(postgres_url)
+        assert (keyed.kind, keyed.key_id, keyed.data["legacy_rows"]) == (KEYED_KIND, key_id(b"a" * 40), 0)
+    finally:
+        await first.stop()
+        await second.ctx.db.dispose()
 
 
 def _legacy_table(model: type) -> sa.Table:

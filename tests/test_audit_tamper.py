@@ -163,7 +163,7 @@ async def test_verify_and_anchor_commands_detect_edits_truncation_and_rewrites(t
     monkeypatch.setenv("DATABASE_URL", url)
     anchors = tmp_path / "anchors.jsonl"
     assert await asyncio.to_thread(chatops, ["audit", "anchor", "--append", str(anchors)]) == 0
-    assert json.loads(anchors.read_text())["seq"] == 30
+    assert json.loads(anchors.read_text())["seq"] == 1 + 30  # `audit_keyed`, then the 30 steps
     assert await asyncio.to_thread(chatops, ["audit", "verify", "--anchors", str(anchors)]) == 0
 
     engine = make_sync_engine(normalise_url(url))
