@@ -43,6 +43,19 @@ NO_CHANNEL = (
 )
 
 
+CHANNEL_PLATFORMS = ("slack", "feishu", "terminal")
+
+
+def _channel_spec(spec: str) -> str:
+    """`--channel`'s value: a platform the bot speaks on, then (except `terminal`) a channel id."""
+    platform, _, channel = spec.partition(":")
+    if platform not in CHANNEL_PLATFORMS or (platform != "terminal" and not channel):
+        raise argparse.ArgumentTypeError(
+            f"{spec!r} is not PLATFORM:CHANNEL with PLATFORM one of {', '.join(CHANNEL_PLATFORMS)} (e.g. slack:C0SALES)"
+        )
+    return spec
+
+
 def _settings(args: argparse.Namespace, *, logs: bool = True) -> Settings:
     """Load the configuration; commands that run the bot also install the redacting log handler.
     Names that look like settings but are none are reported (by `chatops serve`, not again by each
@@ -87,7 +100,7 @@ async def _serve(
     use_terminal = _uses_terminal(settings, force_terminal)
     service = ServiceNotifier.from_environment()  # systemd's READY / WATCHDOG / STOPPING, when it asks
     watchdog = asyncio.create_task(service.keep_alive())
-    stop = stop_on_signals(service)
+    stop = stop_on_signals(service, "front" if workers > 0 and not use_terminal else "chatops")
     try:
         if workers > 0 and run_dir is not None and not use_terminal:
             from bot.cli_workers import serve_front
@@ -151,7 +164,8 @@ async def _tools(settings: Settings, channel: str | None = None) -> None:
             setup = app.ctx.policy.channel_setup(platform, channel_id)
             specs = setup.specs(app.ctx.registry)
             print(
-                f"channel {channel}: model {setup.model or settings.model}, language {setup.language or 'per person'}, "
+                f"channel {channel}: model {setup.model or settings.model or '(not set)'}, "
+                f"language {setup.language or 'per person'}, "
                 f"system prompt {'own' if setup.system_prompt else 'default'}, {len(specs)} tool(s)"
             )
         header = ("tool", "source", "kind", "rule", "service")
@@ -304,7 +318,9 @@ def build_parser() -> argparse.ArgumentParser:
     tools = sub.add_parser(
         "tools", help="list every tool with its source, read/write, approval rule and whether its service is configured"
     )
-    tools.add_argument("--channel", metavar="PLATFORM:CHANNEL", help="only the tools a channel offers, e.g. slack:C0SALES")
+    tools.add_argument(
+        "--channel", type=_channel_spec, metavar="PLATFORM:CHANNEL", help="only the tools a channel offers, e.g. slack:C0SALES"
+    )
     sub.add_parser("doctor", help="check the configuration against the live services; exit 1 if something needed is broken")
     i18n = sub.add_parser("i18n", help="the gettext catalogues of the bot's texts").add_subparsers(
         dest="i18n_command", required=True, metavar="ACTION"
@@ -402,7 +418,7 @@ def run(argv: Sequence[str] | None = None) -> int:
     if args.command == "policy":
         from bot.core.policy_file import load_policy_file
 
-        policy = load_policy_file(args.file)
+        policy = load_policy_file(args.file, named_by=None)  # the path came from the command line
         print(f"OK: {args.file} is a valid policy ({policy.source})")
         return 0
     if args.command == "audit" and args.audit_command == "serve":

@@ -69,7 +69,7 @@ async def work(settings: Settings, wake_dir: Path, share: Share, ready_fd: int |
     from bot.app import Role, build_app
 
     os.nice(WORKER_NICENESS)  # the front's acks come first when the CPU is short
-    stop = stop_on_signals()
+    stop = stop_on_signals(who=f"worker {share.index}")
     _stop_when_parent_leaves(stop)
     app = await unless_stopped(build_app(settings, migrate=False, role=Role.WORKER, share=share), stop)
     if app is None:

@@ -14,6 +14,7 @@ import smtplib
 import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import aiohttp
@@ -94,8 +95,15 @@ async def check_model(settings: Settings) -> list[Finding]:
 
 # ---------------------------------------------------------------------- storage and policy
 async def check_database(settings: Settings) -> list[Finding]:
+    from storage.engine import normalise_url
     from storage.migrate import current_revision, head_revision, is_known
 
+    urls = normalise_url(settings.database_url)
+    sqlite_file = urls.sync_url.database if urls.is_sqlite else None
+    if sqlite_file and sqlite_file != ":memory:" and not await asyncio.to_thread(Path(sqlite_file).exists):
+        # Looking would create an empty file: a check changes nothing.
+        fix = "run `chatops db upgrade` (or start `chatops serve`, which creates it)"
+        return [Finding("database", FAIL, f"no database file at {sqlite_file} yet, code expects {head_revision()}", fix)]
     try:
         current = await asyncio.to_thread(current_revision, settings.database_url)
     except Exception as exc:  # noqa: BLE001 - reported in one redacted line

@@ -71,16 +71,16 @@ def _hard_exit() -> None:
     os._exit(0)
 
 
-def stop_on_signals(service: ServiceNotifier | None = None) -> asyncio.Event:
+def stop_on_signals(service: ServiceNotifier | None = None, who: str = "chatops") -> asyncio.Event:
     """SIGTERM/SIGINT set the returned event once (and tell systemd `STOPPING=1`); a watchdog then
-    guarantees the exit."""
+    guarantees the exit. `who` names this process in the log line (the front and each worker get it)."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
 
     def on_signal(sig: signal.Signals) -> None:
         if stop.is_set():
             return
-        log.info("%s received: stopping", sig.name)
+        log.info("%s: %s received: stopping (pid %d)", who, sig.name, os.getpid())
         stop.set()
         if service is not None:
             service.notify("STOPPING=1")

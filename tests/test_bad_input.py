@@ -65,6 +65,14 @@ SLACK_MALFORMED = [
     ("null", "application/json"),
     ('{"type": "event_callback", "event": "text"}', "application/json"),
     ('{"type": "event_callback", "event": {"type": "message", "channel": 5, "user": [], "text": {}}}', "application/json"),
+    (
+        '{"type": "event_callback", "event": {"type": "app_mention", "user": "U0ALICE", "text": "<@U0BOT> hi"}}',
+        "application/json",
+    ),
+    (
+        '{"type": "event_callback", "event": {"type": "message", "channel_type": "im", "channel": "D1", "ts": "1.2"}}',
+        "application/json",
+    ),
     ("payload=%7B", "application/x-www-form-urlencoded"),
     ("payload=%5B%5D", "application/x-www-form-urlencoded"),
     ("payload=" + urllib.parse.quote('{"type": "block_actions"}'), "application/x-www-form-urlencoded"),

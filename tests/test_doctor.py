@@ -123,6 +123,7 @@ async def test_doctor_command_prints_a_table_and_exits_non_zero_when_broken(tmp_
     assert any(line.split()[:2] == ["model", "ok"] for line in lines)
     assert any(line.split()[:2] == ["database", "FAIL"] for line in lines) and "fix: run `chatops db upgrade`" in out
     assert "Traceback" not in err and "sk-doctor-key" not in out + err
+    assert not (tmp_path / "fresh.db").exists()  # the check created an empty database file
     code, out, _ = await chatops("db", "upgrade", env=env, cwd=tmp_path)
     code, out, err = await chatops("doctor", env=env, cwd=tmp_path)
     assert code == 0, out + err

@@ -112,6 +112,9 @@ async def test_stops_in_time_while_slack_socket_mode_is_unreachable(tmp_path, si
     code, took = await bot.stop(sig)
     assert code == 0 and took < STOP_BOUND, bot.stderr
     assert "Traceback" not in bot.stderr
+    # Each process says who it is: the line was "SIGTERM received: stopping" from the front and each worker alike.
+    assert f"front: {sig.name} received: stopping (pid {bot.proc.pid})" in bot.stderr, bot.stderr
+    assert re.search(r"worker \d+: SIGTERM received: stopping \(pid \d+\)", bot.stderr), bot.stderr
 
 
 async def test_stops_in_time_while_feishu_is_unreachable(tmp_path):

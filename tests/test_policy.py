@@ -305,12 +305,16 @@ async def test_policy_check_and_tools_commands(tmp_path):
     bad.write_text("[[tools]]\nmatch = 'x'\nrule = 'sometimes'\n", encoding="utf-8")
     code, _, err = await chatops("policy", "check", str(bad), cwd=tmp_path)
     assert code == 2 and f"{bad}:3" in err and "Traceback" not in err
+    code, _, err = await chatops("policy", "check", str(tmp_path / "missing.toml"), cwd=tmp_path)
+    assert code == 2 and err.strip() == f"chatops: error: cannot read {tmp_path / 'missing.toml'}: No such file or directory"
     env = {"CHATOPS_MODEL": "m", "OPENAI_BASE_URL": "http://127.0.0.1:9/v1", "CHATOPS_POLICY": str(bad)}
     code, _, err = await chatops("serve", env=env, cwd=tmp_path)
     assert code == 2 and f"{bad}:3" in err
     code, out, _ = await chatops("tools", env={"CHATOPS_POLICY": str(good)}, cwd=tmp_path)
     lines = {line.split()[0]: line for line in out.splitlines()[1:]}
     assert "deny" in lines["notify_slack"] and "confirm" in lines["search_crm_leads"]
+    code, out, err = await chatops("tools", "--channel", "bogus", cwd=tmp_path)  # was listed as a channel named so
+    assert code == 2 and out == "" and "'bogus' is not PLATFORM:CHANNEL" in err
 
 
 def test_deny_bidi_controls_denies_them_anywhere_in_the_arguments_and_only_when_set():

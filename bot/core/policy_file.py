@@ -185,11 +185,13 @@ def parse_policy(text: str, source: str) -> Policy:
     )
 
 
-def load_policy_file(path: Path) -> Policy:
+def load_policy_file(path: Path, *, named_by: str | None = "CHATOPS_POLICY") -> Policy:
+    """The policy in `path`; `named_by`: where the path came from, for the error line (None: the command line)."""
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
-        raise PolicyError(f"CHATOPS_POLICY: cannot read {path}: {exc.strerror}") from None
+        prefix = f"{named_by}: " if named_by else ""
+        raise PolicyError(f"{prefix}cannot read {path}: {exc.strerror}") from None
     return parse_policy(text, str(path))
 
 

@@ -13,7 +13,7 @@ import json
 import urllib.parse
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
 
 class Malformed(Exception):
@@ -36,6 +36,20 @@ class _Event(_Open):
     team: str | None = None
     user_team: str | None = None
     bot_id: str | None = None
+
+    @model_validator(mode="after")
+    def _a_message_says_where_and_who(self) -> _Event:
+        """A mention, or a person's DM, names its channel, its ts and its author: Slack always sends them,
+        and without them the bot could neither answer nor tell who asked (it was taken with a 200 and
+        recorded for a channel called "None")."""
+        person_dm = self.type == "message" and self.channel_type == "im" and self.subtype is None
+        if self.type == "app_mention" or person_dm:
+            for name in ("channel", "ts"):
+                if not getattr(self, name):
+                    raise ValueError(f"no {name}")
+            if not (self.user or self.bot_id):
+                raise ValueError("no user")
+        return self
 
 
 class _Team(_Open):
