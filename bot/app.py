@@ -27,7 +27,7 @@ from bot.core import metrics
 from bot.core.channels import Channel
 from bot.core.context import AppContext
 from bot.core.engine import Core
-from bot.core.errors import ConfigError, StorageError
+from bot.core.errors import ConfigError, StorageError, StorageUnavailable
 from bot.core.model import ModelClient
 from bot.core.policy import Policy
 from bot.core.run_slots import RunSlots
@@ -37,7 +37,7 @@ from bot.toolsetup import build_tool_services, mcp_call_timeout, operator_errors
 from storage.audit import AuditLog
 from storage.audit_anchor import Anchorer
 from storage.audit_keys import AuditKeyError, AuditKeys, load_keys
-from storage.engine import Database
+from storage.engine import Database, is_transient
 from storage.migrate import upgrade
 from storage.redact import Redactor
 from tools.builtin import builtin_toolsets
@@ -261,7 +261,8 @@ async def build_app(
                 "the extra: pip install 'chatops-agent[postgres]'"
             ) from None
         except Exception as exc:  # noqa: BLE001 - reported to the operator in one line
-            raise StorageError(
+            error = StorageUnavailable if is_transient(exc) else StorageError  # down for now, or wrong
+            raise error(
                 f"DATABASE_URL: cannot open or migrate the database ({redactor.redact_text(str(exc).splitlines()[0])})"
             ) from None
     keys = audit_keys(settings)

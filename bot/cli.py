@@ -1,7 +1,9 @@
 """The `chatops` command line: serve, shell, tools, audit, db, policy.
 
 Every failure an operator can cause (configuration, database, policy file) ends in one line on
-stderr naming the problem and exit status 2; no traceback is printed.
+stderr naming the problem and exit status 2; no traceback is printed. A database that did not answer
+(refused, unreachable: it may come back by itself) exits 75 instead, so systemd starts the bot again
+while it does not restart a configuration mistake (`deploy/chatops.service`).
 """
 
 from __future__ import annotations
@@ -22,12 +24,12 @@ from sqlmodel import col
 
 from bot import lifecycle
 from bot.config import Settings, load_settings, no_model_message, unknown_variables
-from bot.core.errors import ChatopsError, StorageError
+from bot.core.errors import EXIT_CONFIG, EXIT_UNAVAILABLE, ChatopsError, StorageError, StorageUnavailable
 from bot.lifecycle import add_channels, stop_on_signals, unless_stopped
 from bot.logsetup import setup_logging
 from bot.sdnotify import ServiceNotifier
 from storage.audit_keys import AuditKeyError, AuditKeys, append_key, load_keys
-from storage.engine import normalise_url
+from storage.engine import is_transient, normalise_url
 from storage.redact import Redactor
 
 if TYPE_CHECKING:
@@ -465,14 +467,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         code = run(argv)
     except ChatopsError as exc:
         print(f"chatops: error: {exc}", file=sys.stderr)
-        code = 2
+        code = EXIT_UNAVAILABLE if isinstance(exc, StorageUnavailable) else EXIT_CONFIG
     except BrokenPipeError:  # the reader left (`chatops audit list | head`): nothing more to say
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         code = 1
     except SQLAlchemyError as exc:
         detail = Redactor().redact_text(str(exc).splitlines()[0])[:300]
         print(f"chatops: error: DATABASE_URL: the database cannot be used ({detail})", file=sys.stderr)
-        code = 2
+        code = EXIT_UNAVAILABLE if is_transient(exc) else EXIT_CONFIG
     except Exception as exc:
         if os.environ.get("CHATOPS_LOG_LEVEL", "").upper() == "DEBUG":  # asked for: the trace, through the redactor
             # The command's own handler knows the configured secrets; only a command that failed before

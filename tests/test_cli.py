@@ -148,7 +148,20 @@ async def test_a_postgres_scheme_url_is_taken_for_postgresql(tmp_path):
     settings = load_settings(env_file=None, environ={"DATABASE_URL": "postgres://bot:pw@db.internal:5432/chatops"})
     assert settings.database_url == "postgresql://bot:pw@db.internal:5432/chatops"
     code, _, err = await chatops("db", "upgrade", env={"DATABASE_URL": "postgres://bot:pw@127.0.0.1:1/chatops"}, cwd=tmp_path)
-    assert code == 2 and "plugin" not in err and "127.0.0.1" in err, err
+    assert code == 75 and "plugin" not in err and "127.0.0.1" in err, err  # refused: it may come up, try again
+
+
+async def test_a_database_that_does_not_answer_exits_75_so_systemd_tries_again(tmp_path):
+    """Every start-up failure exited 2, and the unit restarted them all every 5 s: a missing variable
+    looped for ever. Now a configuration mistake exits 2 (the unit does not restart it) and a database
+    that refused the connection exits 75 (EX_TEMPFAIL), which the unit starts again."""
+    env = {"CHATOPS_MODEL": "m", "OPENAI_BASE_URL": "http://127.0.0.1:9/v1", "OPENAI_API_KEY": "sk-x"}
+    env["DATABASE_URL"] = "postgresql://postgres@127.0.0.1:1/chatops"
+    code, _, err = await chatops("shell", env=env, stdin="", cwd=tmp_path)
+    lines = err.strip().splitlines()
+    assert code == 75 and len(lines) == 1 and "Connection refused" in lines[0], err
+    code, _, _ = await chatops("serve", env={**env, "CHATOPS_PORT": "abc"}, cwd=tmp_path)
+    assert code == 2
 
 
 async def test_a_half_configured_channel_fails_closed(tmp_path):

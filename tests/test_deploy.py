@@ -141,6 +141,7 @@ def test_the_systemd_unit_runs_serve_and_stops_with_sigterm():
     assert args.command == "serve" and str(args.env_file).startswith("/etc/")
     assert service["KillSignal"] == "SIGTERM" and int(service["TimeoutStopSec"]) > 10
     assert service["User"] != "root" and service["Restart"] == "on-failure"  # a watchdog timeout is a failure
+    assert service["RestartPreventExitStatus"] == "2"  # a configuration mistake (`bot.core.errors.EXIT_CONFIG`) is not looped
     assert service["Type"] == "notify" and int(service["WatchdogSec"]) >= 10  # `bot.sdnotify`, tests/test_sdnotify.py
     assert unit["Install"]["WantedBy"] == "multi-user.target"
 

@@ -35,3 +35,12 @@ class ModelReplyUnusable(ModelUnavailable):
 
 class StorageError(ChatopsError):
     """The database could not be reached or migrated."""
+
+
+class StorageUnavailable(StorageError):
+    """The database did not answer (refused, unreachable, timed out): it may come back without anyone
+    changing the configuration, so `chatops` exits with `EXIT_UNAVAILABLE` and systemd starts it again."""
+
+
+EXIT_CONFIG = 2  # the operator must change something: systemd does not restart (RestartPreventExitStatus=2)
+EXIT_UNAVAILABLE = 75  # EX_TEMPFAIL (sysexits.h): the database did not answer; starting again may work
