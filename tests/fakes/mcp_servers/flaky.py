@@ -10,16 +10,15 @@ down until the test removes it).
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import os
-import socket
 import sys
 from pathlib import Path
 
 from mcp.server.mcpserver import MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
 from mcp.types import ToolAnnotations
+from serving import http_port, serve  # this folder is first on sys.path: the script is started as a file
 
 READ_ONLY = ToolAnnotations(read_only_hint=True, destructive_hint=False)
 server = MCPServer("flaky")
@@ -80,30 +79,12 @@ def crash_during(text: str) -> str:
     os._exit(4)
 
 
-def _serve_http(port: int) -> None:
-    """Listen first, then print the port: a client may connect as soon as it reads the line."""
-    import uvicorn
-
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", port))
-    sock.listen(64)
-    print(sock.getsockname()[1], flush=True)
-    config = uvicorn.Config(server.streamable_http_app(host="127.0.0.1"), log_level="warning")
-    asyncio.run(uvicorn.Server(config).serve(sockets=[sock]))
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--http", type=int, default=None, metavar="PORT", help="serve streamable HTTP (0: any free port)")
-    port = parser.parse_args().http
+    port = http_port()
     if (_state() / "refuse_start").exists():
         sys.exit(5)
     _log("starts.log", str(os.getpid()))
-    if port is None:
-        asyncio.run(server.run_stdio_async())
-    else:
-        _serve_http(port)
+    serve(server, port)
 
 
 if __name__ == "__main__":

@@ -16,10 +16,8 @@ sends `notifications/tools/list_changed`: on the connection for a handshake-era 
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import os
-import socket
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -27,6 +25,7 @@ from typing import Any
 import mcp_types
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.types import ToolAnnotations
+from serving import http_port, serve  # this folder is first on sys.path: the script is started as a file
 
 READ_ONLY = ToolAnnotations(read_only_hint=True, destructive_hint=False)
 WRITES = ToolAnnotations(read_only_hint=False, destructive_hint=False)
@@ -117,29 +116,11 @@ server.add_tool(deploy, name="deploy", annotations=WRITES, structured_output=Fal
 server.add_tool(peek, name="peek", annotations=READ_ONLY, structured_output=False)
 
 
-def _serve_http(port: int) -> None:
-    """Listen first, then print the port: a client may connect as soon as it reads the line."""
-    import uvicorn
-
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", port))
-    sock.listen(64)
-    print(sock.getsockname()[1], flush=True)
-    config = uvicorn.Config(server.streamable_http_app(host="127.0.0.1"), log_level="warning")
-    asyncio.run(uvicorn.Server(config).serve(sockets=[sock]))
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--http", type=int, default=None, metavar="PORT", help="serve streamable HTTP (0: any free port)")
-    port = parser.parse_args().http
+    port = http_port()
     with (_state() / "starts.log").open("a", encoding="utf-8") as f:
         f.write(f"{os.getpid()}\n")
-    if port is None:
-        asyncio.run(server.run_stdio_async())
-    else:
-        _serve_http(port)
+    serve(server, port)
 
 
 if __name__ == "__main__":
