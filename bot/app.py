@@ -37,7 +37,7 @@ from bot.toolsetup import build_tool_services, mcp_call_timeout, operator_errors
 from storage.audit import AuditLog
 from storage.audit_anchor import Anchorer
 from storage.audit_keys import AuditKeyError, AuditKeys, load_keys
-from storage.engine import Database, is_transient
+from storage.engine import Database, is_locked, is_transient
 from storage.migrate import upgrade
 from storage.redact import Redactor
 from tools.builtin import builtin_toolsets
@@ -48,6 +48,8 @@ log = logging.getLogger("chatops")
 CHAIN_DEBOUNCE = 0.1  # seconds: the commits of a busy moment share one chaining pass
 OUTBOX_POLL = 1.0  # seconds between two looks for due outbox jobs (retries, other replicas' leftovers)
 STOP_BUDGET = 7.0  # seconds App.stop may take; SIGTERM must end the process within 10
+LOCKED_START_WAIT = 60.0  # seconds a start waits for an SQLite file another process keeps locked (systemd allows 120)
+LOCKED_START_PAUSE = 1.0  # between two tries (each waits up to storage.engine.SQLITE_BUSY_TIMEOUT_MS itself)
 ACK_GRACE = 3.0  # seconds in-flight HTTP requests (acks) get to finish once stopping starts
 
 
@@ -143,7 +145,9 @@ class App:
         `http_required` is False): an event that arrives finds every channel able to take it, so there
         is no start-up window of refusals."""
         try:  # fail closed when the key ring does not fit the chain
-            await self.ctx.audit.chain(self.ctx.db)
+            async for attempt in self.ctx.db.attempts():  # a held lock or a dropped connection: again
+                with attempt:
+                    await self.ctx.audit.chain(self.ctx.db)
         except AuditKeyError as exc:
             raise ConfigError("CHATOPS_AUDIT_KEY", f"does not fit the audit chain: {exc}") from None
         if self.role != Role.FRONT:
@@ -240,6 +244,25 @@ class App:
             log.warning("stopping: %s failed (%s)", what, type(exc).__name__)
 
 
+async def _upgrade_when_unlocked(url: str) -> None:
+    """Migrate; while another process keeps the SQLite file locked longer than one attempt waits (a
+    backup, an operator's shell, a stopped process), wait for it, logged, up to `LOCKED_START_WAIT`.
+    Exiting at once would leave the start to a supervisor that may not be there."""
+    loop = asyncio.get_running_loop()
+    gives_up = loop.time() + LOCKED_START_WAIT
+    while True:
+        try:
+            await asyncio.to_thread(upgrade, url)
+            return
+        except Exception as exc:
+            if not is_locked(exc) or loop.time() > gives_up:
+                raise
+            log.warning(
+                "the database is locked by another process: waiting for it (up to %gs) before starting", LOCKED_START_WAIT
+            )
+        await asyncio.sleep(LOCKED_START_PAUSE)
+
+
 async def build_app(
     settings: Settings,
     *,
@@ -254,7 +277,7 @@ async def build_app(
     redactor = Redactor(settings.secret_values())
     if migrate:
         try:
-            await asyncio.to_thread(upgrade, settings.database_url)
+            await _upgrade_when_unlocked(settings.database_url)
         except ModuleNotFoundError as exc:  # a postgresql:// URL on an install without the driver
             raise StorageError(
                 f"DATABASE_URL: its driver is not installed ({exc.name}); for PostgreSQL install "

@@ -252,6 +252,11 @@ def _locked(exc: sa.exc.OperationalError) -> bool:
     return "locked" in str(exc.orig).lower() or "busy" in str(exc.orig).lower()
 
 
+def is_locked(exc: BaseException) -> bool:
+    """True when SQLite refused because another connection or process holds its lock."""
+    return isinstance(exc, sa.exc.OperationalError) and _locked(exc)
+
+
 class Database:
     """The database handle the bot's components share (through the context, never a global).
 

@@ -146,8 +146,16 @@ async def smtp() -> AsyncIterator[FakeSmtp]:
 
 
 async def start_bot(
-    tmp_path: Path, db_url: str, model_url: str, fake: FakeSlackApi, smtp: FakeSmtp, workers: int = 2, **env: str
+    tmp_path: Path,
+    db_url: str,
+    model_url: str,
+    fake: FakeSlackApi,
+    smtp: FakeSmtp,
+    workers: int = 2,
+    ready: bool = True,
+    **env: str,
 ) -> Bot:
+    """`chatops serve --workers N`, started; ready (`ready=True`: every worker said so) or still starting."""
     full = {k: v for k, v in os.environ.items() if not k.startswith(("CHATOPS_", "OPENAI_", "SLACK_", "FEISHU_", "PROMETHEUS_"))}
     full |= {"CHATOPS_MODEL": "m", "OPENAI_API_KEY": "sk-workers-test", "OPENAI_BASE_URL": model_url}
     full |= {"DATABASE_URL": db_url, "CHATOPS_PORT": "0", "CHATOPS_SWEEP_INTERVAL": "600"}
@@ -158,7 +166,8 @@ async def start_bot(
         stderr=asyncio.subprocess.PIPE, env=full | env, cwd=tmp_path,
     )  # fmt: skip
     bot = Bot(Serving(proc), fake, workers)
-    await bot.ready()
+    if ready:
+        await bot.ready()
     return bot
 
 
