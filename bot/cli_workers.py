@@ -23,7 +23,8 @@ from bot.lifecycle import add_channels, stop_on_signals, unless_stopped
 from bot.sdnotify import ServiceNotifier
 from bot.supervisor import Workers, WorkersReadiness, forget_metrics_of
 from bot.wake import PgNotifier, SocketListener, SocketNotifier, listen_pg, socket_path
-from storage.engine import normalise_url
+from storage.engine import Database, normalise_url
+from storage.turnstile import write_lock_holder
 
 log = logging.getLogger("chatops")
 WORKERS_STOP_BUDGET = 7.5  # seconds the workers get after SIGTERM (the front's watchdog fires at 8.5)
@@ -47,6 +48,8 @@ async def serve_front(
         if app is None:
             return
         app.ready_sources.append(WorkersReadiness(workers))
+        if urls.is_sqlite:
+            unstick_acks(app.ctx.db, workers)
         chat_channels = add_channels(app, settings)
         await workers.start()
         started = await lifecycle.start(app, stop, serve_http=True)
@@ -61,6 +64,17 @@ async def serve_front(
         await asyncio.gather(*([app.stop()] if app is not None else []), workers.stop(WORKERS_STOP_BUDGET))
         await notifier.close()
         shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def unstick_acks(db: Database, workers: Workers) -> None:
+    """SQLite: when an ack has waited a moment for a write lock that a stopped worker holds, kill that
+    worker (it is restarted), so the lock frees within the ack's budget instead of after the stop."""
+    path = db.urls.sync_url.database
+
+    def look() -> None:
+        workers.kill_if_stopped(write_lock_holder(path))
+
+    db.on_urgent_wait(look)
 
 
 async def work(settings: Settings, wake_dir: Path, share: Share, ready_fd: int | None = None) -> None:

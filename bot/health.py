@@ -39,7 +39,7 @@ async def database_problem(db: Database) -> str | None:
     """None when `SELECT 1` succeeds within `DB_TIMEOUT` on a fresh pool checkout (no write lock)."""
     try:
         if db.is_sqlite:
-            sync_engine = db.sync_engine
+            sync_engine = db.sync_engine.execution_options(chatops_read=True)  # a plain BEGIN: never the write lock
 
             def ping() -> None:
                 # Other processes (workers, replicas) write too: a moment of SQLITE_BUSY while one of

@@ -74,6 +74,16 @@ class Workers:
     def pids(self) -> list[int]:
         return [p.pid for p in self.procs.values() if p.returncode is None]
 
+    def kill_if_stopped(self, pid: int | None) -> bool:
+        """Kill worker `pid` if it is stopped (SIGSTOP: it can neither finish nor let go of what it
+        holds, such as SQLite's write lock); the kernel frees its locks and it is restarted. True if killed."""
+        if pid is None or pid not in self.pids() or _state(pid) != "T":
+            return False
+        log.error("worker pid %d is stopped while holding the database's write lock (acks wait for it): killed", pid)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        return True
+
     async def start(self) -> None:
         for index in range(self.count):
             await self._spawn(index)
@@ -189,6 +199,15 @@ class Workers:
         for proc in self.procs.values():
             if proc.stdin is not None:
                 proc.stdin.close()
+
+
+def _state(pid: int) -> str | None:
+    """A process's state letter from /proc (T: stopped by a signal), None when unknown."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as stat:
+            return stat.read().rpartition(")")[2].split()[0]
+    except (OSError, IndexError):
+        return None
 
 
 class WorkersReadiness:

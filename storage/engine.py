@@ -55,6 +55,7 @@ SQLITE_BUSY_TIMEOUT_MS = 5_000  # the CLI's sync engine (Alembic, audit commands
 URGENT_BUDGET = 1.0  # seconds an ack's database step may take in all: lock waits and retries share it
 BACKGROUND_LOCK_WAIT = 10.0
 LOCK_POLL_FIRST, LOCK_POLL_MAX = 0.001, 0.02
+LOCK_WAIT_NOTICE = 0.3  # seconds an urgent writer waits for another process's lock before `on_urgent_wait`
 COMMIT_WAIT = 30.0  # seconds a cancelled writer still waits for its commit to finish (a stuck disk)
 BACKGROUND_CONNECTIONS = 8
 DEFAULT_POOL_SIZE = 10
@@ -274,6 +275,8 @@ class Database:
         self._after_commit: dict[str, list[Callable[[Any], None]]] = {}
         self._on_retry: list[Callable[[BaseException], None]] = []
         self._ending: set[asyncio.Task[None]] = set()  # server processes of stalled connections being ended
+        # SQLite: called once while an urgent writer has waited `LOCK_WAIT_NOTICE` for another process's lock.
+        self._on_urgent_wait: Callable[[], None] | None = None
         if self.urls.is_sqlite:
             self.sync_engine = make_sync_engine(self.urls, busy_timeout_ms=0, checkpoints=checkpoints)
             self._turnstile = Turnstile(self.urls.sync_url.database)
@@ -301,6 +304,11 @@ class Database:
     @property
     def is_sqlite(self) -> bool:
         return self.urls.is_sqlite
+
+    def on_urgent_wait(self, callback: Callable[[], None]) -> None:
+        """SQLite: call `callback` when an urgent writer (an ack) has waited `LOCK_WAIT_NOTICE` for a
+        write lock another process holds (a front looks whether a worker of its own is stuck holding it)."""
+        self._on_urgent_wait = callback
 
     def after_audit_commit(self, callback: Callable[[], None]) -> None:
         """Call `callback` after every commit that staged audit rows (the chainer's wake-up)."""
@@ -499,7 +507,7 @@ class Database:
         meanwhile) until `deadline`. Urgent work polls at the shortest pause and holds the turnstile
         while it waits; background work begins only while nobody holds it (`storage.turnstile`)."""
         loop = asyncio.get_running_loop()
-        pause = LOCK_POLL_FIRST
+        pause, notice = LOCK_POLL_FIRST, loop.time() + LOCK_WAIT_NOTICE
         try:
             while True:
                 connection = self._try_begin() if urgent or self._turnstile.free() else None
@@ -507,6 +515,9 @@ class Database:
                     return connection
                 if urgent:
                     self._turnstile.hold()  # again at each poll: another front or a passing worker may have had it
+                    if self._on_urgent_wait is not None and loop.time() >= notice:
+                        notice = math.inf
+                        self._on_urgent_wait()
                 if loop.time() + pause > deadline:
                     raise LockBusy("the database is busy")
                 await asyncio.sleep(pause)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import os
+import struct
 import sys
 
 if sys.platform != "win32":  # no flock there: worker processes are POSIX-only anyway
@@ -31,6 +32,9 @@ if sys.platform != "win32":  # no flock there: worker processes are POSIX-only a
 
 
 log = logging.getLogger("chatops.storage")
+# SQLite's WAL write lock: a POSIX lock on byte 120 of `<database>-shm` (unix VFS: UNIX_SHM_BASE + WAL_WRITE_LOCK).
+_WAL_WRITE_LOCK_BYTE = 120
+_FLOCK = "hhqqi4x"  # struct flock on Linux: type, whence, start, len, pid (padded)
 
 
 class Turnstile:
@@ -90,3 +94,22 @@ class Turnstile:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+
+
+def write_lock_holder(database_path: str | None) -> int | None:
+    """The pid of another process holding the SQLite file's write lock (WAL mode), or None (free, held
+    by this process, not found out). Linux only: `F_GETLK` names the holder of a POSIX lock."""
+    if not database_path or not sys.platform.startswith("linux"):
+        return None
+    try:
+        fd = os.open(database_path + "-shm", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        asked = struct.pack(_FLOCK, fcntl.F_WRLCK, os.SEEK_SET, _WAL_WRITE_LOCK_BYTE, 1, 0)
+        kind, _, _, _, pid = struct.unpack(_FLOCK, fcntl.fcntl(fd, fcntl.F_GETLK, asked))
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    return int(pid) if kind != fcntl.F_UNLCK and pid > 0 else None
