@@ -44,6 +44,7 @@ import time
 import urllib.parse
 import uuid
 from collections import Counter, defaultdict
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -468,18 +469,24 @@ class Campaign:
                 return
             await asyncio.sleep(0.05)
 
-    async def chaos(self) -> None:
-        kinds = [
+    CHAOS_PAUSE = (1.5, 5.0)  # seconds between two faults (uniform)
+
+    def fault_kinds(self) -> list[tuple[Callable[[], Awaitable[None]], int]]:
+        """The faults this campaign injects, with their weights."""
+        return [
             (self.fault_stop_backends, 4),
             (self.fault_terminate, 3),
             (self.fault_kill_worker, 2),
             (self.fault_kill_replica, 1),
             (self.fault_slack, 2),
         ]
+
+    async def chaos(self) -> None:
+        kinds = self.fault_kinds()
         running: set[asyncio.Task[None]] = set()
         try:
             while self.chaos_on:
-                await asyncio.sleep(self.rng.uniform(1.5, 5))
+                await asyncio.sleep(self.rng.uniform(*self.CHAOS_PAUSE))
                 if not self.chaos_on:
                     break
                 fn = self.rng.choices([k for k, _ in kinds], weights=[w for _, w in kinds])[0]
@@ -502,22 +509,29 @@ class Campaign:
                 found[int(m.group(1))].append(message)
         return found
 
+    # The dialect's spelling of what the state queries need (SQLite's campaign has its own).
+    SQL_NOW, SQL_SUBJECT, SQL_THREAD_TS = "now()", "args->>'subject'", "thread->>'thread_ts'"
+
+    def enter_schema(self, conn: sa.Connection) -> None:
+        conn.execute(sa.text(f'SET search_path TO "{self.schema}"'))
+
     def db_state(self) -> dict[str, Any]:
+        now = self.SQL_NOW
         with self.admin.connect() as conn:
-            conn.execute(sa.text(f'SET search_path TO "{self.schema}"'))
+            self.enter_schema(conn)
 
             def q(sql: str) -> list[Any]:
                 return list(conn.execute(sa.text(sql)).all())
 
             return {
                 "runs": dict(q("SELECT status, count(*) FROM run GROUP BY 1")),
-                "runs_running_expired": q("SELECT id, owner, lease_until, updated_at FROM run WHERE status='running' AND (lease_until IS NULL OR lease_until < now())"),
+                "runs_running_expired": q(f"SELECT id, owner, lease_until, updated_at FROM run WHERE status='running' AND (lease_until IS NULL OR lease_until < {now})"),
                 "runs_running": q("SELECT id FROM run WHERE status='running'"),
                 "inbox": dict(q("SELECT status, count(*) FROM inbox_event GROUP BY 1")),
                 "approvals": dict(q("SELECT status, count(*) FROM approval GROUP BY 1")),
-                "approvals_rows": q("SELECT id, status, args->>'subject', thread->>'thread_ts', outcome, run_id FROM approval"),
+                "approvals_rows": q(f"SELECT id, status, {self.SQL_SUBJECT}, {self.SQL_THREAD_TS}, outcome, run_id FROM approval"),
                 "outbox": dict(q("SELECT status, count(*) FROM outbox_job GROUP BY 1")),
-                "outbox_due": q("SELECT id, kind, attempts, last_error FROM outbox_job WHERE status='pending' AND next_attempt_at <= now()"),
+                "outbox_due": q(f"SELECT id, kind, attempts, last_error FROM outbox_job WHERE status='pending' AND next_attempt_at <= {now}"),
                 "outbox_gave_up": q("SELECT id, kind, attempts, last_error, thread_key FROM outbox_job WHERE status='gave_up'"),
                 "executed": dict(q("SELECT approval_id, count(*) FROM (SELECT approval_id, kind FROM audit_event UNION ALL "
                                    "SELECT approval_id, kind FROM audit_staged) r WHERE kind='tool_executed' AND approval_id IS NOT NULL GROUP BY 1")),
@@ -611,6 +625,17 @@ class Campaign:
         return found
 
     # -------------------------------------------------------------- main
+    async def send_all(self) -> None:
+        """Start the conversations at the campaign's rate (Poisson) and wait until each is delivered."""
+        senders = []
+        for n in range(1, self.args.conversations + 1):
+            senders.append(asyncio.create_task(self.converse(n)))
+            await asyncio.sleep(self.rng.expovariate(self.args.rate))
+            if n % 50 == 0:
+                log(f"{n} conversations started; {len(self.answers())} answered")
+        await asyncio.gather(*senders)
+        log(f"all {self.args.conversations} delivered; chaos continues {self.args.tail}s")
+
     async def run(self) -> int:
         args = self.args
         self.create_schema()
@@ -636,14 +661,7 @@ class Campaign:
                     chaos = asyncio.create_task(self.long_stop(20, args.long_stop))
                 else:
                     chaos = asyncio.create_task(self.chaos()) if not args.no_chaos else None
-                senders = []
-                for n in range(1, args.conversations + 1):
-                    senders.append(asyncio.create_task(self.converse(n)))
-                    await asyncio.sleep(self.rng.expovariate(args.rate))
-                    if n % 50 == 0:
-                        log(f"{n} conversations started; {len(self.answers())} answered")
-                await asyncio.gather(*senders)
-                log(f"all {args.conversations} delivered; chaos continues {args.tail}s")
+                await self.send_all()
                 await asyncio.sleep(args.tail)
                 self.chaos_on = False
                 if chaos:

@@ -40,7 +40,7 @@ import sys
 import tempfile
 import time
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,7 +52,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.chaos_pg import (  # noqa: E402
-    AUDIT_KEY,
     FINAL,
     Campaign,
     ChaosSlack,
@@ -298,8 +297,10 @@ class SqliteCampaign(Campaign):
         await asyncio.sleep(hold)
         self.model.mode = "ok"
 
-    async def chaos(self) -> None:
-        kinds = [
+    CHAOS_PAUSE = (2.0, 6.0)
+
+    def fault_kinds(self) -> list[tuple[Callable[[], Awaitable[None]], int]]:
+        return [
             (self.fault_lock, 3),
             (self.fault_kill_worker, 2),
             (self.fault_stop_worker, 2),
@@ -308,20 +309,6 @@ class SqliteCampaign(Campaign):
             (self.fault_smtp, 2),
             (self.fault_model, 1),
         ]
-        running: set[asyncio.Task[None]] = set()
-        try:
-            while self.chaos_on:
-                await asyncio.sleep(self.rng.uniform(2, 6))
-                if not self.chaos_on:
-                    break
-                fn = self.rng.choices([k for k, _ in kinds], weights=[w for _, w in kinds])[0]
-                task = asyncio.create_task(fn())
-                running.add(task)
-                task.add_done_callback(running.discard)
-            await asyncio.gather(*running, return_exceptions=True)
-        finally:
-            self.cont_all()
-            self.slack.mode = "ok"
 
     def cont_all(self) -> None:
         super().cont_all()
@@ -343,28 +330,11 @@ class SqliteCampaign(Campaign):
                 found[by_thread[message["thread_ts"]]].append(message)
         return found
 
-    def db_state(self) -> dict[str, Any]:
-        now = "strftime('%Y-%m-%d %H:%M:%f', 'now')"
-        with self.admin.connect() as conn:
+    SQL_NOW = "strftime('%Y-%m-%d %H:%M:%f', 'now')"
+    SQL_SUBJECT, SQL_THREAD_TS = "json_extract(args, '$.subject')", "json_extract(thread, '$.thread_ts')"
 
-            def q(sql: str) -> list[Any]:
-                return list(conn.execute(sa.text(sql)).all())
-
-            return {
-                "runs": dict(q("SELECT status, count(*) FROM run GROUP BY 1")),
-                "runs_running": q("SELECT id FROM run WHERE status='running'"),
-                "inbox": dict(q("SELECT status, count(*) FROM inbox_event GROUP BY 1")),
-                "approvals": dict(q("SELECT status, count(*) FROM approval GROUP BY 1")),
-                "approvals_rows": q("SELECT id, status, json_extract(args, '$.subject'), json_extract(thread, '$.thread_ts'), outcome, run_id FROM approval"),
-                "outbox": dict(q("SELECT status, count(*) FROM outbox_job GROUP BY 1")),
-                "outbox_due": q(f"SELECT id, kind, attempts, last_error FROM outbox_job WHERE status='pending' AND next_attempt_at <= {now}"),
-                "outbox_gave_up": q("SELECT id, kind, attempts, last_error, thread_key FROM outbox_job WHERE status='gave_up'"),
-                "executed": dict(q("SELECT approval_id, count(*) FROM (SELECT approval_id, kind FROM audit_event UNION ALL "
-                                   "SELECT approval_id, kind FROM audit_staged) r WHERE kind='tool_executed' AND approval_id IS NOT NULL GROUP BY 1")),
-                "waiting_decided": q("SELECT r.id FROM run r WHERE r.status='waiting' AND NOT EXISTS (SELECT 1 FROM approval a "
-                                     "WHERE a.run_id=r.id AND a.status IN ('pending','approved','executing'))"),
-                "audit_kinds": dict(q("SELECT kind, count(*) FROM (SELECT kind FROM audit_event UNION ALL SELECT kind FROM audit_staged) r GROUP BY 1")),
-            }  # fmt: skip
+    def enter_schema(self, conn: sa.Connection) -> None:
+        pass  # one file, no schema
 
     def died_before_its_mark(self, n: int) -> bool:
         """A second copy of conversation n's answer, sent (after the job's claim ran out) because the process
@@ -408,13 +378,6 @@ class SqliteCampaign(Campaign):
                     f"{d.what} answered {d.status} after {d.done - d.sent:.2f}s at +{d.sent - self.t0:.1f}s, no excuse"
                 )
         return problems
-
-    def audit_verify(self) -> tuple[int, str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("CHATOPS_")}
-        env.update(DATABASE_URL=self.db_url, CHATOPS_AUDIT_KEY=AUDIT_KEY)
-        argv = [str(Path(sys.executable).with_name("chatops")), "audit", "verify"]
-        done = subprocess.run(argv, env=env, cwd=self.tmp, capture_output=True, text=True, timeout=120)
-        return done.returncode, (done.stdout + done.stderr).strip()[-800:]
 
     # -------------------------------------------------------------- main
     async def run(self) -> int:
@@ -468,16 +431,6 @@ class SqliteCampaign(Campaign):
             if self.replicas and self.serve.alive():
                 self.serve.kill_all()
             self.admin.dispose()
-
-    async def send_all(self) -> None:
-        senders = []
-        for n in range(1, self.args.conversations + 1):
-            senders.append(asyncio.create_task(self.converse(n)))
-            await asyncio.sleep(self.rng.expovariate(self.args.rate))
-            if n % 50 == 0:
-                log(f"{n} conversations started; {len(self.answers())} answered")
-        await asyncio.gather(*senders)
-        log(f"all {self.args.conversations} delivered; chaos continues {self.args.tail}s")
 
     def report_acks(self) -> None:
         ok = sorted(d.done - d.sent for d in self.deliveries if d.status == 200)
