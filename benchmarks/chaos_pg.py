@@ -721,18 +721,24 @@ class Campaign:
         (self.tmp / "faults.log").write_text("\n".join(self.fault_log) + "\n")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--conversations", type=int, default=300)
+def campaign_arguments(doc: str | None, *, conversations: int, settle: float, smtp_delay: float) -> argparse.ArgumentParser:
+    """The options every chaos campaign takes (this one's and `chaos_sqlite.py`'s), with its own defaults."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--conversations", type=int, default=conversations)
     parser.add_argument("--rate", type=float, default=1.5, help="new conversations per second (Poisson)")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--stall", type=float, default=3)
     parser.add_argument("--lease", type=float, default=5)
     parser.add_argument("--tail", type=float, default=20, help="seconds of chaos after the last delivery")
-    parser.add_argument("--settle", type=float, default=240, help="seconds allowed to settle after the chaos")
-    parser.add_argument("--smtp-delay", type=float, default=3, help="each SMTP DATA takes up to this many seconds")
+    parser.add_argument("--settle", type=float, default=settle, help="seconds allowed to settle after the chaos")
+    parser.add_argument("--smtp-delay", type=float, default=smtp_delay, help="each SMTP DATA takes up to this many seconds")
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--no-chaos", action="store_true")
+    return parser
+
+
+def main() -> None:
+    parser = campaign_arguments(__doc__, conversations=300, settle=240, smtp_delay=3)
     parser.add_argument(
         "--long-stop", type=float, default=0, help="instead of the chaos: stop the processes inside a transaction once, this long"
     )

@@ -58,6 +58,7 @@ from benchmarks.chaos_pg import (  # noqa: E402
     Model,
     Replica,
     SlowSmtp,
+    campaign_arguments,
     children_of,
     log,
 )
@@ -473,17 +474,7 @@ def _count(items: Any) -> dict[Any, int]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--conversations", type=int, default=100)
-    parser.add_argument("--rate", type=float, default=1.5, help="new conversations per second (Poisson)")
-    parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--stall", type=float, default=3)
-    parser.add_argument("--lease", type=float, default=5)
-    parser.add_argument("--tail", type=float, default=20, help="seconds of chaos after the last delivery")
-    parser.add_argument("--settle", type=float, default=150, help="seconds allowed to settle after the chaos")
-    parser.add_argument("--smtp-delay", type=float, default=2, help="each SMTP DATA takes up to this many seconds")
-    parser.add_argument("--seed", type=int, default=None)
-    parser.add_argument("--no-chaos", action="store_true")
+    parser = campaign_arguments(__doc__, conversations=100, settle=150, smtp_delay=2)
     parser.add_argument("--keep", type=Path, help="keep the database and logs here")
     args = parser.parse_args()
     with contextlib.nullcontext(str(args.keep)) if args.keep else tempfile.TemporaryDirectory() as tmp:
